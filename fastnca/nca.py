@@ -1,0 +1,356 @@
+"""The NCA decoder: the update network, one step, and the doubling / non-doubling rollouts.
+
+Tensors are ``(B, C, H, W)`` at the API. Inside a rollout the state stays channels-last
+(``torch.channels_last``, physically ``(B, H, W, C)``) from the seed to the final grid, so the fused kernels
+never copy it between steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from fastnca.kernels.reference import UpdateWeights, make_update_mask, nca_step_ref
+
+__all__ = ["UpdateNet", "ResidualBlock", "NCA", "BACKENDS", "resolve_backend", "parse_checkpoint"]
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+class ResidualBlock(nn.Module):
+    """``x + Conv1x1(ELU(Conv1x1(x)))`` on ``(B, h, H, W)``."""
+
+    def __init__(self, channels: int, *, bias: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 1, bias=bias)
+        self.conv2 = nn.Conv2d(channels, channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(nn.functional.elu(self.conv1(x)))
+
+
+class UpdateNet(nn.Module):
+    """The NCA update network f: Conv3x3 (zero padding), residual 1x1 blocks, output Conv1x1.
+
+    Conv2d submodules in registration order: the 3x3 perception conv, the two 1x1 convs of each residual
+    block, the output 1x1 conv (weight and bias zero-initialised, so the first step is the identity).
+    With ``n_blocks=0`` the net is Conv3x3, ELU, Conv1x1 (the non-doubling MNIST model, whose output conv
+    has no bias).
+
+    Args:
+        state_channels: |z|.
+        hidden_channels: h.
+        n_blocks: number of residual blocks.
+        bias: bias on the perception and residual convs.
+        out_bias: bias on the output conv; None means ``bias and n_blocks > 0``.
+    """
+
+    def __init__(
+        self,
+        state_channels: int,
+        hidden_channels: int,
+        n_blocks: int = 4,
+        *,
+        bias: bool = True,
+        out_bias: bool | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("state_channels", state_channels), ("hidden_channels", hidden_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(n_blocks, int) or n_blocks < 0:
+            raise ValueError(f"n_blocks: expected an integer >= 0, got {n_blocks!r}")
+        if out_bias is None:
+            out_bias = bias and n_blocks > 0
+        self.state_channels = state_channels
+        self.hidden_channels = hidden_channels
+        self.perceive = nn.Conv2d(state_channels, hidden_channels, 3, padding=1, bias=bias)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden_channels, bias=bias) for _ in range(n_blocks))
+        self.out = nn.Conv2d(hidden_channels, state_channels, 1, bias=out_bias)
+        nn.init.zeros_(self.out.weight)
+        if self.out.bias is not None:
+            nn.init.zeros_(self.out.bias)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def weights(self) -> UpdateWeights:
+        """The parameters as an :class:`UpdateWeights` (the same tensors, so gradients flow to them)."""
+        blocks = tuple((b.conv1.weight, b.conv1.bias, b.conv2.weight, b.conv2.bias) for b in self.blocks)
+        return UpdateWeights(self.perceive.weight, self.perceive.bias, blocks, self.out.weight, self.out.bias)
+
+    def forward(self, state: Tensor) -> Tensor:
+        """f(z) for ``(B, |z|, H, W) -> (B, |z|, H, W)``."""
+        y = self.perceive(state)
+        if self.n_blocks == 0:
+            y = nn.functional.elu(y)
+        for block in self.blocks:
+            y = block(y)
+        return self.out(y)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' picks the fused Triton kernels on CUDA and the reference elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def parse_checkpoint(policy: str, num_steps: int, doubling: bool, backend: str) -> int:
+    """The checkpoint policy as a segment length: 0 keeps everything ('none'), 1 is 'step', k is 'segments=k'.
+
+    'auto': non-doubling rollouts keep the state every ~sqrt(T) steps (memory ~ 2 sqrt(T) states); doubling
+    rollouts keep every step's input on the fused backend (its autograd already saves only that) and
+    everything on the reference (the reference's own behaviour).
+    """
+    if policy == "none":
+        return 0
+    if policy == "step":
+        return 1
+    if policy.startswith("segments="):
+        k = policy.split("=", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"checkpoint: expected segments=k with an integer k >= 1, got {policy!r}")
+        return int(k)
+    if policy == "auto":
+        if not doubling:
+            return max(1, round(math.sqrt(num_steps)))
+        return 1 if backend == "triton" else 0
+    raise ValueError(f"checkpoint: expected none, step, segments=k or auto, got {policy!r}")
+
+
+class NCA(nn.Module):
+    """The VNCA decoder: seed a grid with z and apply the update network step after step.
+
+    Doubling schedule: a ``seed_size`` x ``seed_size`` seed, M steps, then K x [double, M steps]
+    (the doubling is folded into the first step of each stage). Non-doubling schedule: the seed fills a
+    ``grid_size`` x ``grid_size`` grid and T steps run, T ~ U{min_steps..max_steps} drawn once per batch.
+
+    Args:
+        state_channels, hidden_channels, n_blocks, bias, out_bias: the update network (see UpdateNet).
+        doubling: which schedule.
+        seed_size, n_doublings, steps_per_stage: the doubling schedule (2, K, M).
+        grid_size, min_steps, max_steps: the non-doubling schedule.
+        p_update: probability that a cell updates at a step (1: every cell, no mask work).
+        backend: 'torch' (reference), 'triton' (fused kernels) or 'auto'.
+        precision: 'fp32', 'tf32' or 'bf16' (state dtype and the fused kernels' dot precision).
+        checkpoint: 'none', 'step', 'segments=k' or 'auto' (see parse_checkpoint).
+    """
+
+    def __init__(
+        self,
+        state_channels: int = 256,
+        hidden_channels: int = 256,
+        n_blocks: int = 4,
+        *,
+        bias: bool = True,
+        out_bias: bool | None = None,
+        doubling: bool = True,
+        seed_size: int = 2,
+        n_doublings: int = 4,
+        steps_per_stage: int = 8,
+        grid_size: int = 32,
+        min_steps: int = 32,
+        max_steps: int = 64,
+        p_update: float = 1.0,
+        backend: str = "auto",
+        precision: str = "fp32",
+        checkpoint: str = "auto",
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if precision not in ("fp32", "tf32", "bf16"):
+            raise ValueError(f"precision: expected one of fp32, tf32, bf16, got {precision!r}")
+        if not 0.0 < p_update <= 1.0:
+            raise ValueError(f"p_update: expected a probability in (0, 1], got {p_update!r}")
+        if not 1 <= min_steps <= max_steps:
+            raise ValueError(f"min_steps: expected 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+        parse_checkpoint(checkpoint, 1, doubling, "torch")  # validates
+        self.update_net = UpdateNet(state_channels, hidden_channels, n_blocks, bias=bias, out_bias=out_bias)
+        self.state_channels = state_channels
+        self.doubling = doubling
+        self.seed_size = seed_size
+        self.n_doublings = n_doublings
+        self.steps_per_stage = steps_per_stage
+        self.grid_size = grid_size
+        self.min_steps = min_steps
+        self.max_steps = max_steps
+        self.p_update = p_update
+        self.backend = backend
+        self.precision = precision
+        self.checkpoint = checkpoint
+
+    # ------------------------------------------------------------------------------------------ one step
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def step_fn(self, device: torch.device) -> Callable[..., Tensor]:
+        """The step function of the backend that runs on ``device``: (state, weights, mask, double) -> state."""
+        backend = resolve_backend(self.backend, device)
+        if backend == "torch":
+            return nca_step_ref
+        try:
+            from fastnca.kernels.nca_step import nca_step
+        except ImportError as err:  # pragma: no cover - depends on the installation
+            raise RuntimeError(f"backend='triton' needs Triton and fastnca.kernels.nca_step: {err}") from err
+        input_precision = "tf32" if self.precision == "tf32" else "ieee"
+        return lambda s, w, m, d: nca_step(s, w, m, d, input_precision=input_precision)
+
+    def step(self, state: Tensor, mask: Tensor | None = None, double: bool = False) -> Tensor:
+        """One step ``z + m * f(z)`` on ``(B, |z|, H, W)``; ``double=True`` doubles the state first.
+
+        Args:
+            state: ``(B, |z|, H, W)``.
+            mask: ``(B, 1, H', W')`` 0/1 per cell of the updated grid, or None (every cell updates).
+            double: nearest x2 upsampling before the step (fused into the kernel on the triton backend).
+        """
+        return self.step_fn(state.device)(state, self.update_net.weights(), mask, double)
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def seed(self, z: Tensor, size: int | None = None) -> Tensor:
+        """Every cell of a ``size`` x ``size`` grid starts as z: ``(B, |z|) -> (B, |z|, size, size)``."""
+        if z.dim() != 2 or z.shape[1] != self.state_channels:
+            raise ValueError(f"z: expected shape (B, {self.state_channels}), got {tuple(z.shape)}")
+        if size is None:
+            size = self.seed_size if self.doubling else self.grid_size
+        state = z.to(self.state_dtype)[:, :, None, None].expand(-1, -1, size, size)
+        return state.contiguous(memory_format=torch.channels_last)
+
+    def schedule(self, num_steps: int | None = None) -> list[bool]:
+        """The rollout as a list of per-step 'double first' flags."""
+        if self.doubling:
+            m = self.steps_per_stage
+            return [False] * m + ([True] + [False] * (m - 1)) * self.n_doublings
+        if num_steps is None:
+            raise ValueError("num_steps: a non-doubling schedule needs the number of steps")
+        return [False] * num_steps
+
+    def sample_num_steps(self, generator: torch.Generator | None = None) -> int:
+        """T ~ U{min_steps..max_steps}, drawn once per batch (on the CPU generator given)."""
+        return int(torch.randint(self.min_steps, self.max_steps + 1, (1,), generator=generator).item())
+
+    def run(
+        self,
+        state: Tensor,
+        schedule: list[bool] | int,
+        *,
+        generator: torch.Generator | None = None,
+        return_states: bool = False,
+        checkpoint: str | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Apply the steps of ``schedule`` (or ``schedule`` plain steps when an int) to ``state``.
+
+        Args:
+            state: ``(B, |z|, H, W)``, any memory format (made channels-last once).
+            schedule: a list of per-step doubling flags, or a number of plain steps.
+            generator: draws the update masks when p_update < 1 (on the state's device).
+            return_states: also return the list of states, the input first, then after every step.
+            checkpoint: overrides the module's checkpoint policy.
+
+        Returns:
+            The final state ``(B, |z|, H', W')``, and the list of states when ``return_states``.
+        """
+        if isinstance(schedule, int):
+            schedule = [False] * schedule
+        state = state.to(self.state_dtype).contiguous(memory_format=torch.channels_last)
+        weights = self.update_net.weights()
+        step = self.step_fn(state.device)
+        backend = resolve_backend(self.backend, state.device)
+        seg = parse_checkpoint(checkpoint or self.checkpoint, len(schedule), self.doubling, backend)
+        # masks are drawn up front so that recomputation in backward sees exactly the same cells
+        masks: list[Tensor | None] = []
+        b, _, h, w = state.shape
+        for double in schedule:
+            if double:
+                h, w = 2 * h, 2 * w
+            masks.append(make_update_mask(b, h, w, self.p_update, generator=generator, device=state.device))
+        states = [state] if return_states else []
+        grad_on = torch.is_grad_enabled() and (state.requires_grad or any(p.requires_grad for p in self.parameters()))
+        # The fused backend's autograd saves only each step's input: that is 'step' already.
+        use_ckpt = grad_on and seg > 1 or (grad_on and seg == 1 and backend == "torch")
+        i = 0
+        while i < len(schedule):
+            n = seg if (use_ckpt and seg >= 1) else len(schedule) - i
+            n = max(1, min(n, len(schedule) - i))
+            flags, ms = schedule[i : i + n], masks[i : i + n]
+            if use_ckpt:
+                out = torch_checkpoint(_run_steps, step, state, weights, flags, ms, return_states,
+                                       use_reentrant=False)
+            else:
+                out = _run_steps(step, state, weights, flags, ms, return_states)
+            state, inter = out
+            states.extend(inter)
+            i += n
+        return (state, states) if return_states else state
+
+    def forward(
+        self,
+        z: Tensor,
+        *,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        return_states: bool = False,
+        checkpoint: str | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Grow an image-sized grid of cell states from latents ``z`` ``(B, |z|)``.
+
+        Non-doubling: ``num_steps`` fixes T, otherwise T ~ U{min_steps..max_steps} (drawn with the CPU
+        generator ``generator`` when it is a CPU generator, else torch's global one).
+        """
+        if not self.doubling and num_steps is None:
+            cpu_gen = generator if generator is not None and generator.device.type == "cpu" else None
+            num_steps = self.sample_num_steps(cpu_gen)
+        mask_gen = generator if generator is not None and generator.device == z.device else None
+        return self.run(self.seed(z), self.schedule(num_steps), generator=mask_gen,
+                        return_states=return_states, checkpoint=checkpoint)
+
+    def extra_repr(self) -> str:
+        sched = (f"doubling seed={self.seed_size} K={self.n_doublings} M={self.steps_per_stage}" if self.doubling
+                 else f"non-doubling grid={self.grid_size} T=U{{{self.min_steps}..{self.max_steps}}}")
+        return f"{sched}, p_update={self.p_update}, backend={self.backend}, precision={self.precision}"
+
+
+def _run_steps(
+    step: Callable[..., Tensor],
+    state: Tensor,
+    weights: UpdateWeights,
+    flags: list[bool],
+    masks: list[Tensor | None],
+    keep: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    inter: list[Tensor] = []
+    for double, mask in zip(flags, masks):
+        state = step(state, weights, mask, double)
+        if keep:
+            inter.append(state)
+    return state, inter
+
+
+def nca_from_config(cfg: Any) -> NCA:
+    """Build the NCA of a :class:`fastnca.config.Config`."""
+    return NCA(
+        cfg.state_channels, cfg.hidden_channels, cfg.n_blocks, bias=cfg.bias, out_bias=cfg.out_bias,
+        doubling=cfg.doubling, seed_size=cfg.seed_size, n_doublings=cfg.n_doublings,
+        steps_per_stage=cfg.steps_per_stage, grid_size=cfg.grid_size, min_steps=cfg.min_steps,
+        max_steps=cfg.max_steps, p_update=cfg.p_update, backend=cfg.backend, precision=cfg.precision,
+        checkpoint=cfg.checkpoint,
+    )

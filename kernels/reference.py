@@ -1,0 +1,184 @@
+"""Plain-PyTorch reference of one NCA step: the test oracle, the benchmark baseline and the CPU backend.
+
+Layout: tensors are ``(B, C, H, W)`` at the API; any memory format is accepted and the output keeps the
+input's format (channels-last in, channels-last out).
+
+The update network f (Palm et al., 2022, sec. 2 and the authors' code):
+
+    y = Conv3x3(z)                       # zero padding, |z| -> h
+    y = ELU(y)                           # only when there are no residual blocks (non-doubling MNIST net)
+    y = y + Conv1x1(ELU(Conv1x1(y)))     # n_blocks times
+    f = Conv1x1(y)                       # h -> |z|, zero-initialised in the model
+
+and the step is ``z' = z + m * f(z)`` with a per-cell 0/1 mask m of shape ``(B, 1, H, W)`` (None: every cell
+updates). With ``double=True`` the state is first doubled by nearest-neighbour x2 upsampling (each cell
+copied to a 2x2 block), and the mask lives at the doubled resolution.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "UpdateWeights",
+    "double_ref",
+    "update_ref",
+    "nca_step_ref",
+    "make_update_mask",
+    "check_step_inputs",
+]
+
+
+class UpdateWeights(NamedTuple):
+    """The update network's parameters in ``nn.Conv2d`` layout.
+
+    Attributes:
+        w_perceive: ``(h, C, 3, 3)`` the 3x3 perception conv.
+        b_perceive: ``(h,)`` or None.
+        blocks: one ``(w1, b1, w2, b2)`` per residual block; weights ``(h, h, 1, 1)``, biases ``(h,)`` or None.
+        w_out: ``(C, h, 1, 1)`` the output 1x1 conv.
+        b_out: ``(C,)`` or None.
+    """
+
+    w_perceive: Tensor
+    b_perceive: Tensor | None
+    blocks: tuple[tuple[Tensor, Tensor | None, Tensor, Tensor | None], ...]
+    w_out: Tensor
+    b_out: Tensor | None
+
+    @property
+    def state_channels(self) -> int:
+        return self.w_perceive.shape[1]
+
+    @property
+    def hidden_channels(self) -> int:
+        return self.w_perceive.shape[0]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def perceive_elu(self) -> bool:
+        """An ELU follows the perception conv only in the block-free net (Conv3x3, ELU, Conv1x1)."""
+        return len(self.blocks) == 0
+
+    def flat(self) -> list[Tensor | None]:
+        """All tensors in a fixed order: perceive w, b, then w1, b1, w2, b2 per block, then out w, b."""
+        out: list[Tensor | None] = [self.w_perceive, self.b_perceive]
+        for blk in self.blocks:
+            out.extend(blk)
+        out.extend([self.w_out, self.b_out])
+        return out
+
+    @classmethod
+    def from_flat(cls, tensors: list[Tensor | None] | tuple[Tensor | None, ...]) -> UpdateWeights:
+        n_blocks = (len(tensors) - 4) // 4
+        if len(tensors) != 4 + 4 * n_blocks:
+            raise ValueError(f"from_flat: expected 4 + 4 * n_blocks tensors, got {len(tensors)}")
+        blocks = tuple(tuple(tensors[2 + 4 * i : 6 + 4 * i]) for i in range(n_blocks))
+        return cls(tensors[0], tensors[1], blocks, tensors[-2], tensors[-1])
+
+    def to(self, dtype: torch.dtype) -> UpdateWeights:
+        return UpdateWeights.from_flat([None if t is None else t.to(dtype) for t in self.flat()])
+
+
+def check_step_inputs(state: Tensor, weights: UpdateWeights, mask: Tensor | None, double: bool) -> None:
+    """Raise ValueError/TypeError with the argument's name when the step's inputs do not fit together."""
+    if not isinstance(state, Tensor):
+        raise TypeError(f"state: expected a torch.Tensor, got {type(state).__name__}")
+    if state.dim() != 4:
+        raise ValueError(f"state: expected rank 4 (B, C, H, W), got shape {tuple(state.shape)}")
+    if not state.is_floating_point():
+        raise TypeError(f"state: expected a floating-point dtype, got {state.dtype}")
+    c = weights.state_channels
+    if state.shape[1] != c:
+        raise ValueError(f"state: expected {c} channels (the update network's |z|), got {state.shape[1]}")
+    b, _, h, w = state.shape
+    if double:
+        h, w = 2 * h, 2 * w
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask: expected a torch.Tensor or None, got {type(mask).__name__}")
+        if tuple(mask.shape) != (b, 1, h, w):
+            raise ValueError(f"mask: expected shape {(b, 1, h, w)} (B, 1, H, W) of the updated grid, "
+                             f"got {tuple(mask.shape)}")
+        if mask.is_complex():
+            raise TypeError(f"mask: expected bool, integer or float 0/1 values, got {mask.dtype}")
+
+
+def double_ref(state: Tensor) -> Tensor:
+    """Nearest-neighbour x2 upsampling: ``(B, C, H, W) -> (B, C, 2H, 2W)``, each cell copied to a 2x2 block."""
+    out = state.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    if state.is_contiguous(memory_format=torch.channels_last) and not state.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def update_ref(state: Tensor, weights: UpdateWeights) -> Tensor:
+    """f(z): ``(B, C, H, W) -> (B, C, H, W)``, computed in the state's dtype (weights are cast to it)."""
+    wt = weights.to(state.dtype) if weights.w_perceive.dtype != state.dtype else weights
+    y = F.conv2d(state, wt.w_perceive, wt.b_perceive, padding=1)  # (B, h, H, W)
+    if wt.perceive_elu:
+        y = F.elu(y)
+    for w1, b1, w2, b2 in wt.blocks:
+        y = y + F.conv2d(F.elu(F.conv2d(y, w1, b1)), w2, b2)
+    return F.conv2d(y, wt.w_out, wt.b_out)  # (B, C, H, W)
+
+
+def nca_step_ref(
+    state: Tensor,
+    weights: UpdateWeights,
+    mask: Tensor | None = None,
+    double: bool = False,
+    *,
+    upcast: bool = False,
+) -> Tensor:
+    """One NCA step ``z' = z + m * f(z)``, optionally doubling the state first.
+
+    Args:
+        state: ``(B, C, H, W)``; with ``double=True`` the half-resolution state.
+        weights: the update network's parameters.
+        mask: ``(B, 1, H', W')`` 0/1 per cell at the updated resolution, or None (every cell updates).
+        double: double the state (nearest x2) before the step.
+        upcast: compute in float64 and return float64 (the oracle for parity tests).
+
+    Returns:
+        ``(B, C, H', W')`` with ``H' = 2H`` when doubling, else ``H``.
+    """
+    check_step_inputs(state, weights, mask, double)
+    if upcast:
+        state = state.double()
+        weights = weights.to(torch.float64)
+    if double:
+        state = double_ref(state)
+    update = update_ref(state, weights)
+    if mask is None:
+        return state + update
+    return state + update * mask.to(update.dtype)
+
+
+def make_update_mask(
+    batch: int,
+    height: int,
+    width: int,
+    p_update: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor | None:
+    """The stochastic update mask ``m = U(0, 1) < p_update``, ``(B, 1, H, W)`` bool; None when p_update >= 1.
+
+    Drawn with ``generator`` on ``device`` so that the fused kernels, the reference and the backward pass all
+    use exactly the same cells.
+    """
+    if not 0.0 < p_update <= 1.0:
+        raise ValueError(f"p_update: expected a probability in (0, 1], got {p_update}")
+    if p_update >= 1.0:
+        return None
+    u = torch.rand((batch, 1, height, width), generator=generator, device=device)
+    return u < p_update

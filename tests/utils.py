@@ -1,0 +1,26 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rel_err(ref: Tensor, out: Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64."""
+    ref64, out64 = ref.detach().double(), out.detach().double()
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
+
+
+def assert_close(name: str, ref: Tensor, out: Tensor, *, rtol: float) -> float:
+    """Fail unless ``out`` is finite, has ``ref``'s shape, and its relative error to ``ref`` is below rtol.
+
+    The message gives the max-abs and relative error so that a failure says how far off it was.
+    """
+    assert tuple(out.shape) == tuple(ref.shape), f"{name}: expected shape {tuple(ref.shape)}, got {tuple(out.shape)}"
+    nan = (~torch.isfinite(out)).sum().item()
+    assert nan == 0, f"{name}: expected all finite, got {nan} non-finite elements (unwritten output?)"
+    err = rel_err(ref, out)
+    max_abs = (out.detach().double() - ref.detach().double()).abs().max().item()
+    assert err < rtol, f"{name}: expected relative error < {rtol:g}, got {err:.3g} (max abs {max_abs:.3g})"
+    return err
