@@ -1,0 +1,285 @@
+"""The VNCA: a VAE whose decoder is a neural cellular automaton, and the deep convolutional VAE baseline.
+
+Images are ``(B, C, H, W)`` in the likelihood's data domain: {0, 1} floats for Bernoulli presets,
+[-1, 1] (``2 * uint8 / 255 - 1``) for the discretized logistic mixture.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fastnca.config import Config, get_preset
+from fastnca.likelihoods import (
+    bernoulli_log_prob,
+    bernoulli_mean,
+    bernoulli_sample,
+    dml_log_prob,
+    dml_mean,
+    dml_sample,
+)
+from fastnca.nca import NCA, nca_from_config
+
+__all__ = ["Encoder", "VNCA", "ConvVAE", "build_model", "gaussian_kl", "LOG_2PI"]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+class Encoder(nn.Module):
+    """The paper's encoder: Conv k5 ELU, then 4 x [Conv k5 stride 2 ELU] (32 -> 512 channels), Linear to 2|z|.
+
+    Args:
+        in_channels: image channels.
+        image_size: side of the square input.
+        latent: |z|.
+        channels: first conv's channels (32 in the paper); doubled by each strided conv.
+        first_padding: padding of the first conv (2; 4 for the 28x28 non-doubling MNIST model).
+    """
+
+    def __init__(self, in_channels: int, image_size: int, latent: int, *, channels: int = 32,
+                 first_padding: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 5, padding=first_padding), nn.ELU()]
+        c = channels
+        for _ in range(4):
+            layers += [nn.Conv2d(c, 2 * c, 5, stride=2, padding=2), nn.ELU()]
+            c *= 2
+        self.convs = nn.Sequential(*layers)
+        side = image_size + 2 * first_padding - 4
+        for _ in range(4):
+            side = (side - 1) // 2 + 1
+        self.linear = nn.Linear(c * side * side, 2 * latent)
+        self.in_channels = in_channels
+        self.image_size = image_size
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, C, H, W) -> (mu, log_sigma)``, each ``(B, |z|)``."""
+        h = self.linear(self.convs(x).flatten(1))
+        mu, log_sigma = h.chunk(2, dim=1)
+        return mu, log_sigma
+
+
+def gaussian_kl(mu: Tensor, log_sigma: Tensor) -> Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) summed over latent dimensions: ``(B,)``."""
+    return 0.5 * (mu.pow(2) + torch.exp(2 * log_sigma) - 1 - 2 * log_sigma).sum(1)
+
+
+def _normal_log_prob(z: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
+    return (-0.5 * ((z - mu) * torch.exp(-log_sigma)).pow(2) - log_sigma - 0.5 * LOG_2PI).sum(-1)
+
+
+class _LatentVAE(nn.Module):
+    """What the VNCA and the baseline share: encoder, posterior, likelihood, bounds, sampling."""
+
+    config: Config
+    encoder: Encoder
+
+    # subclasses implement: decode(z, ...) -> decoder output whose first channels parameterise p(x|z)
+    def decode(self, z: Tensor, **kwargs) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def latent_size(self) -> int:
+        return self.config.state_channels
+
+    def check_images(self, x: Tensor, name: str = "x") -> None:
+        cfg = self.config
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point image tensor, got {x.dtype}")
+        want = (cfg.image_channels, cfg.image_size, cfg.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"{name}: expected shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """q(z|x): ``(B, C, H, W) -> (mu, log_sigma)``, each ``(B, |z|)``."""
+        self.check_images(x)
+        return self.encoder(x)
+
+    @staticmethod
+    def sample_posterior(mu: Tensor, log_sigma: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Reparameterised sample ``z = mu + sigma * eps``."""
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(log_sigma) * eps
+
+    @staticmethod
+    def kl(mu: Tensor, log_sigma: Tensor) -> Tensor:
+        return gaussian_kl(mu, log_sigma)
+
+    def log_likelihood(self, x: Tensor, out: Tensor) -> Tensor:
+        """log p(x | decoder output) in nats, ``(B,)``."""
+        if self.config.likelihood == "bernoulli":
+            return bernoulli_log_prob(x, out)
+        return dml_log_prob(x, out, self.config.n_mix)
+
+    def mean_image(self, out: Tensor) -> Tensor:
+        """The likelihood's mean, in the data domain."""
+        c = self.config.image_channels
+        if self.config.likelihood == "bernoulli":
+            return bernoulli_mean(out[:, :c])
+        return dml_mean(out, self.config.n_mix)
+
+    def sample_image(self, out: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        c = self.config.image_channels
+        if self.config.likelihood == "bernoulli":
+            return bernoulli_sample(out[:, :c], generator=generator)
+        return dml_sample(out, self.config.n_mix, generator=generator)
+
+    def to_display(self, x: Tensor) -> Tensor:
+        """Data-domain images to [0, 1] floats for pictures."""
+        x = x.float()
+        return x.clamp(0, 1) if self.config.likelihood == "bernoulli" else ((x + 1) / 2).clamp(0, 1)
+
+    def bits_per_dim(self, nats: Tensor | float) -> Tensor | float:
+        """bits/dim = -log p(x) / (H W C ln 2) for a log-likelihood in nats (sign flipped: lower is better)."""
+        cfg = self.config
+        return -nats / (cfg.image_size**2 * cfg.image_channels * math.log(2))
+
+    def forward(self, x: Tensor, *, beta: float = 1.0, generator: torch.Generator | None = None,
+                **decode_kwargs) -> dict[str, Tensor]:
+        """One-sample beta-ELBO: loss = mean over the batch of ``-log p(x|z) + beta * KL``.
+
+        Returns:
+            dict with loss (scalar), elbo, recon, kl (each ``(B,)``), z ``(B, |z|)`` and state (decoder output).
+        """
+        mu, log_sigma = self.encode(x)
+        z = self.sample_posterior(mu, log_sigma, generator)
+        out = self.decode(z, generator=generator, **decode_kwargs)
+        recon = self.log_likelihood(x, out)
+        kl = self.kl(mu, log_sigma)
+        elbo = recon - beta * kl
+        return {"loss": -elbo.mean(), "elbo": elbo, "recon": recon, "kl": kl, "z": z, "state": out}
+
+    def elbo(self, x: Tensor, beta: float = 1.0, *, generator: torch.Generator | None = None) -> Tensor:
+        """One-sample (analytic KL) beta-ELBO per example in nats, ``(B,)``."""
+        return self.forward(x, beta=beta, generator=generator)["elbo"]
+
+    def log_weights(self, x: Tensor, z: Tensor, mu: Tensor, log_sigma: Tensor,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """log p(x|z) + log p(z) - log q(z|x) for ``z`` ``(B, |z|)``: ``(B,)``."""
+        out = self.decode(z, generator=generator)
+        log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).sum(-1)
+        return self.log_likelihood(x, out) + log_pz - _normal_log_prob(z, mu, log_sigma)
+
+    @torch.no_grad()
+    def iwae(self, x: Tensor, k: int = 128, *, chunk: int | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """Importance-weighted bound on log p(x) with ``k`` samples (Burda et al., 2015), ``(B,)`` nats.
+
+        ``log p(x) >= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log k``, evaluated ``chunk``
+        samples at a time (default: enough to decode about 256 grids at once) so that k = 128 fits in memory.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an integer >= 1 (number of importance samples), got {k!r}")
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk: expected an integer >= 1 or None, got {chunk!r}")
+        mu, log_sigma = self.encode(x)
+        b = x.shape[0]
+        chunk = chunk or max(1, min(k, 256 // max(1, b)))
+        log_w = []
+        for start in range(0, k, chunk):
+            n = min(chunk, k - start)
+            mu_r, ls_r = mu.repeat(n, 1), log_sigma.repeat(n, 1)  # (n B, |z|), sample-major
+            z = self.sample_posterior(mu_r, ls_r, generator)
+            log_w.append(self.log_weights(x.repeat(n, 1, 1, 1), z, mu_r, ls_r, generator).view(n, b))
+        return torch.logsumexp(torch.cat(log_w, 0), dim=0) - math.log(k)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, mode: str = "mean",
+               **decode_kwargs) -> Tensor:
+        """``n`` images from the prior, in the data domain: the likelihood's mean or a sample."""
+        if mode not in ("mean", "sample"):
+            raise ValueError(f"mode: expected 'mean' or 'sample', got {mode!r}")
+        dev = next(self.parameters()).device
+        z = torch.randn((n, self.latent_size), generator=generator, device=dev)
+        out = self.decode(z, generator=generator, **decode_kwargs)
+        return self.mean_image(out) if mode == "mean" else self.sample_image(out, generator)
+
+
+class VNCA(_LatentVAE):
+    """Variational Neural Cellular Automaton (Palm et al., ICLR 2022).
+
+    ``build_model(preset)`` is the usual way to make one. Attributes: ``config``, ``encoder``, ``nca``
+    (the decoder; ``nca.update_net`` is the update network).
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = Encoder(config.image_channels, config.image_size, config.state_channels,
+                               channels=config.enc_channels, first_padding=config.enc_first_padding)
+        self.nca: NCA = nca_from_config(config)
+
+    def decode(self, z: Tensor, *, num_steps: int | None = None, generator: torch.Generator | None = None,
+               return_states: bool = False, checkpoint: str | None = None):
+        """Grow the final state ``(B, |z|, H, W)`` from ``z`` ``(B, |z|)`` (and every state on request)."""
+        return self.nca(z, num_steps=num_steps, generator=generator, return_states=return_states,
+                        checkpoint=checkpoint)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, mode: str = "mean",
+               num_steps: int | None = None, return_states: bool = False):
+        """Prior samples; with ``return_states`` also the images of every step (a growth sequence)."""
+        if not return_states:
+            return super().sample(n, generator=generator, mode=mode, num_steps=num_steps)
+        dev = next(self.parameters()).device
+        z = torch.randn((n, self.latent_size), generator=generator, device=dev)
+        final, states = self.decode(z, num_steps=num_steps, generator=generator, return_states=True)
+        img = self.mean_image if mode == "mean" else lambda s: self.sample_image(s, generator)
+        return img(final), [img(s) for s in states]
+
+
+class ConvVAE(_LatentVAE):
+    """The deep convolutional VAE baseline of appendix A.6: the same encoder, a transposed-conv decoder.
+
+    Decoder: Linear(|z|, 1024 * 2 * 2) ELU, then log2(S / 2) x [ConvTranspose k5 s2 ELU] halving channels
+    from 1024, then ConvTranspose k5 s1 to the likelihood's channels (1 for Bernoulli, 10 n_mix for DML).
+    28 px images are decoded at 32 px and cropped.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = Encoder(config.image_channels, config.image_size, config.state_channels,
+                               channels=config.enc_channels, first_padding=config.enc_first_padding)
+        size = 32 if config.image_size == 28 else config.image_size
+        n_up = int(round(math.log2(size / 2)))
+        if 2 * 2**n_up != size:
+            raise ValueError(f"image_size: the baseline needs 28, 32 or 64 px images, got {config.image_size}")
+        self.decoder_linear = nn.Sequential(nn.Linear(config.state_channels, 1024 * 4), nn.ELU())
+        layers: list[nn.Module] = []
+        c = 1024
+        for _ in range(n_up):
+            layers += [nn.ConvTranspose2d(c, c // 2, 5, stride=2, padding=2, output_padding=1), nn.ELU()]
+            c //= 2
+        out_c = config.image_channels if config.likelihood == "bernoulli" else 10 * config.n_mix
+        layers.append(nn.ConvTranspose2d(c, out_c, 5, stride=1, padding=2))
+        self.decoder = nn.Sequential(*layers)
+        self.crop = (size - config.image_size) // 2
+
+    def decode(self, z: Tensor, **_unused) -> Tensor:
+        h = self.decoder_linear(z).view(-1, 1024, 2, 2)
+        out = self.decoder(h)
+        if self.crop:
+            out = out[:, :, self.crop : -self.crop, self.crop : -self.crop]
+        return out
+
+
+def build_model(preset: str | Config = "mnist-doubling", /, **overrides) -> VNCA:
+    """Build a VNCA from a preset name (see ``fastnca.config.PRESETS``) or a Config, with overrides.
+
+    Example: ``build_model("mnist-doubling", backend="torch")``.
+    """
+    if isinstance(preset, Config):
+        cfg = preset.replace(**overrides) if overrides else preset
+    elif isinstance(preset, str):
+        cfg = get_preset(preset, **overrides)
+    else:
+        raise TypeError(f"preset: expected a preset name or a Config, got {type(preset).__name__}")
+    return VNCA(cfg)
