@@ -7,7 +7,7 @@ and every checkpoint stores the whole config.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Config", "PRESETS", "get_preset", "preset_names", "parse_value"]

@@ -145,9 +145,9 @@ def dml_log_prob(x: Tensor, params: Tensor, n_mix: int) -> Tensor:
 def dml_sample(params: Tensor, n_mix: int, *, generator: torch.Generator | None = None) -> Tensor:
     """A sample ``(B, 3, H, W)`` in [-1, 1], quantised to the 256 bins."""
     logit_probs, means, log_scales, coeffs = dml_split(params, n_mix)
-    b, _, h, w = logit_probs.shape
     dev = params.device
-    gumbel = -torch.log(-torch.log(torch.rand(logit_probs.shape, generator=generator, device=dev).clamp(1e-7, 1 - 1e-7)))
+    u_mix = torch.rand(logit_probs.shape, generator=generator, device=dev).clamp(1e-7, 1 - 1e-7)
+    gumbel = -torch.log(-torch.log(u_mix))
     k = (logit_probs + gumbel).argmax(dim=1)  # (B, H, W)
     onehot = F.one_hot(k, n_mix).permute(0, 3, 1, 2).unsqueeze(1).float()  # (B, 1, n_mix, H, W)
     mu = (means * onehot).sum(2)  # (B, 3, H, W)
