@@ -1,0 +1,399 @@
+"""Fused forward NCA step: ``z' = z + m * f(z)`` in one Triton launch, with its autograd wrapper and custom op.
+
+Layout: the state is ``(B, C, H, W)`` at the API and channels-last in memory (``torch.channels_last``,
+physically ``(B, H, W, C)``); the output is channels-last too. The update network f is described in
+``kernels/reference.py``: a 3x3 perception conv with zero padding (|z| -> h), an ELU only when there are no
+residual blocks, ``n_blocks`` residual 1x1 blocks ``y + W2 ELU(W1 y + b1) + b2`` and an output 1x1 conv
+(h -> |z|).
+
+One program computes the whole step for ``BLOCK_M`` consecutive cells (flattened over B, H, W): the state
+is read through nine shifted, masked loads (the neighbours' re-reads hit cache), all activations stay in
+registers / shared memory, the weights stream from L2 in the compute dtype, and the new state is written
+once. With ``double=True`` the input is the half-resolution state, read through the nearest-neighbour map
+``(row // 2, col // 2)``, so the doubled state never exists in memory.
+
+Dtype policy: the state is fp32 or bf16; the weights (fp32 or bf16) are packed once per call into the state's
+dtype, biases into fp32. Dots accumulate in fp32 (fp32 operands with ``input_precision`` "ieee" or "tf32").
+The residual stream ``y`` stays in fp32 registers; it is rounded to the compute dtype only as a dot operand.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import UpdateWeights, check_step_inputs, nca_step_ref
+
+__all__ = [
+    "SUPPORTED_CHANNELS",
+    "NCAStepFunction",
+    "StepConfig",
+    "nca_step",
+    "nca_step_fwd",
+    "pack_weights",
+    "step_config",
+]
+
+# Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+SUPPORTED_CHANNELS = "multiples of 16 from 16 to 256 (|z| and h)"
+_DTYPES = (torch.float32, torch.bfloat16)
+_PRECISIONS = ("ieee", "tf32")
+
+
+# --------------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _elu(x):
+    # exp of the clamped value so the discarded branch never overflows
+    return tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """x.to(dtype); EMULATE_RNE rounds fp32 -> bf16 to nearest even by hand (the interpreter truncates)."""
+    if EMULATE_RNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; UPCAST_DOT computes bf16 operands in fp32 (the interpreter's bf16
+    dot is wrong, see docs/KERNELS.md)."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _nca_step_fwd_kernel(
+    z_ptr,  # (B, H_in, W_in, C) input state, channels-last, compute dtype
+    out_ptr,  # (B, H, W, C) output state, channels-last, compute dtype
+    mask_ptr,  # (B, H, W) uint8 update mask (read only when HAS_MASK)
+    w3_ptr,  # (9, C, HID) perception weight, tap-major then K-major, compute dtype
+    b3_ptr,  # (HID,) fp32 perception bias (read only when HAS_B3)
+    w1_ptr,  # (N_BLOCKS, HID, HID) first 1x1 of each block, [blk, k, n] = W1[n, k], compute dtype
+    b1_ptr,  # (N_BLOCKS, HID) fp32 (zeros for a block without bias)
+    w2_ptr,  # (N_BLOCKS, HID, HID) second 1x1 of each block, [blk, k, n] = W2[n, k], compute dtype
+    b2_ptr,  # (N_BLOCKS, HID) fp32
+    wout_ptr,  # (HID, C) output 1x1, [k, n] = Wout[n, k], compute dtype
+    bout_ptr,  # (C,) fp32 output bias (read only when HAS_BOUT)
+    M,  # number of output cells B * H * W
+    H,  # output grid height
+    W,  # output grid width
+    C: tl.constexpr,  # |z|
+    HID: tl.constexpr,  # h
+    N_BLOCKS: tl.constexpr,
+    DOUBLE: tl.constexpr,  # read the (B, H/2, W/2, C) input through (row // 2, col // 2)
+    HAS_MASK: tl.constexpr,
+    HAS_B3: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    HAS_BOUT: tl.constexpr,
+    PERCEIVE_ELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
+    UPCAST_DOT: tl.constexpr,  # interpreter + bf16 only: dots in fp32, fp32 -> bf16 rounding emulated (RNE)
+    BLOCK_M: tl.constexpr,  # cells per program
+    BLOCK_K: tl.constexpr,  # K chunk of the 3x3 conv (over C) and hidden chunk of the residual blocks
+    BLOCK_N: tl.constexpr,  # output channels per chunk of the output conv
+):
+    """One NCA step for ``BLOCK_M`` cells.
+
+    Grid: ``(cdiv(B * H * W, BLOCK_M),)``; program ``pid`` owns output cells ``pid * BLOCK_M + [0, BLOCK_M)`` in
+    (B, H, W) row-major order and computes, entirely on chip:
+
+        y   = sum_{tap, k-chunk} z[shifted cells, k-chunk] @ W3[tap, k-chunk, :] (+ b3)    (zero padding)
+        y   = ELU(y)                                   if PERCEIVE_ELU
+        y   = y + sum_j ELU(y @ W1[:, j] + b1[j]) @ W2[j, :] + b2     per block, j over BLOCK_K hidden chunks
+        z'[:, n] = z[:, n] + m * (y @ Wout[:, n] + bout[n])            per BLOCK_N output chunk n
+
+    Dtypes: operands in the state's dtype (fp32 or bf16), every accumulation and the residual stream in fp32,
+    one rounding to the state's dtype on store.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    if DOUBLE:
+        H_in = H // 2
+        W_in = W // 2
+    else:
+        H_in = H
+        W_in = W
+
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
+    mask_m = offs_m < M
+    hw = H * W
+    bat = offs_m // hw
+    rem = offs_m % hw
+    row = rem // W
+    col = rem % W
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_h = tl.arange(0, HID)
+
+    # ---- 3x3 perception conv: 9 taps x C/BLOCK_K chunks, one pipelined loop
+    K_CHUNKS: tl.constexpr = C // BLOCK_K
+    acc = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
+    for it in range(9 * K_CHUNKS):
+        tap = it // K_CHUNKS
+        k0 = (it % K_CHUNKS) * BLOCK_K
+        r = row + (tap // 3 - 1)
+        c = col + (tap % 3 - 1)
+        ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+        if DOUBLE:
+            r = r // 2
+            c = c // 2
+        src = (bat * H_in + r) * W_in + c  # (BLOCK_M,) input cell ids; out-of-grid ones are masked
+        b_z = tl.load(z_ptr + src[:, None] * C + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
+        b_w = tl.load(w3_ptr + (tap * C + k0 + offs_k)[:, None] * HID + offs_h[None, :])
+        acc = _mma(b_z, b_w, acc, UPCAST_DOT, INPUT_PRECISION)
+    if HAS_B3:
+        acc += tl.load(b3_ptr + offs_h)[None, :]
+    if PERCEIVE_ELU:
+        acc = _elu(acc)
+    y = acc  # (BLOCK_M, HID) fp32 residual stream
+
+    # ---- residual blocks: K-chunk the second dot so no register tensor is ever sliced
+    for blk in range(N_BLOCKS):
+        y_a = _round(y, z_ptr.dtype.element_ty, UPCAST_DOT)
+        if HAS_B2:
+            acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
+        else:
+            acc = y
+        for j in range(0, HID, BLOCK_K):
+            b_w1 = tl.load(w1_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
+            t = _mma(y_a, b_w1, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+            if HAS_B1:
+                t += tl.load(b1_ptr + blk * HID + j + offs_k)[None, :]
+            t = _elu(t)
+            b_w2 = tl.load(w2_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
+            acc = _mma(_round(t, z_ptr.dtype.element_ty, UPCAST_DOT), b_w2, acc, UPCAST_DOT, INPUT_PRECISION)
+        y = acc
+
+    # ---- output 1x1 conv, N-chunked, fused with the masked residual update and the store
+    y_a = _round(y, z_ptr.dtype.element_ty, UPCAST_DOT)
+    if HAS_MASK:
+        upd = tl.load(mask_ptr + offs_m, mask=mask_m, other=0) != 0
+    if DOUBLE:
+        center = (bat * H_in + row // 2) * W_in + col // 2
+    else:
+        center = offs_m
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(0, C, BLOCK_N):
+        b_wo = tl.load(wout_ptr + offs_h[:, None] * C + (n0 + offs_n)[None, :])
+        f = _mma(y_a, b_wo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+        if HAS_BOUT:
+            f += tl.load(bout_ptr + n0 + offs_n)[None, :]
+        b_z = tl.load(z_ptr + center[:, None] * C + (n0 + offs_n)[None, :], mask=mask_m[:, None], other=0.0)
+        new = b_z.to(tl.float32) + f
+        if HAS_MASK:
+            new = tl.where(upd[:, None], new, b_z.to(tl.float32))
+        tl.store(out_ptr + offs_m[:, None] * C + (n0 + offs_n)[None, :], _round(new, out_ptr.dtype.element_ty, UPCAST_DOT),
+                 mask=mask_m[:, None])
+
+
+# ------------------------------------------------------------------------------------------------- launcher
+class StepConfig(NamedTuple):
+    """Tiling of one launch: cells per program, K/hidden chunk, output-channel chunk, warps, pipeline stages."""
+
+    block_m: int
+    block_k: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _padded_hidden(hidden: int) -> int:
+    """h rounded up to a power of two (``tl.arange`` needs one); the padded channels carry exact zeros."""
+    return triton.next_power_of_2(hidden)
+
+
+def _largest_divisor(n: int, options: tuple[int, ...]) -> int:
+    return next(o for o in options if n % o == 0)
+
+
+def step_config(
+    state_channels: int,
+    hidden_channels: int,
+    dtype: torch.dtype,
+    *,
+    input_precision: str = "ieee",
+    num_cells: int | None = None,
+    interpret: bool = _INTERPRET,
+) -> StepConfig:
+    """The tiling shipped for a network shape and dtype (the fit numbers in kernels/README.md come from these).
+
+    On the GPU every chunk is 64 wide; at h = 256 the tile is 64 cells x 8 warps, which keeps the fp32
+    residual stream and its block accumulator (2 x 64 registers per thread) on chip without spills.
+    The interpreter takes one config sized to the problem (fewer, larger programs run faster in numpy).
+    """
+    hid = _padded_hidden(hidden_channels)
+    block_k = _largest_divisor(state_channels, (64, 32, 16))
+    block_k = min(block_k, hid)
+    block_n = _largest_divisor(state_channels, (64, 32, 16))
+    if interpret:
+        block_m = 64 if num_cells is None else max(16, min(64, triton.next_power_of_2(num_cells)))
+        return StepConfig(block_m, block_k, block_n, 4, 1)
+    fp32 = dtype == torch.float32
+    if hid >= 256:
+        return StepConfig(64, 32 if fp32 else 64, block_n, 8, 2)
+    if hid >= 128:
+        return StepConfig(64, 32 if fp32 else 64, block_n, 4, 2)
+    return StepConfig(64, block_k, block_n, 4, 2)
+
+
+def _check_device(name: str, t: Tensor, device: torch.device | None = None) -> None:
+    if device is not None:
+        if t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (the state's device), got {t.device}")
+        return
+    if _INTERPRET and t.device.type != "cpu":
+        raise ValueError(f"{name}: expected a CPU tensor in interpreter mode (TRITON_INTERPRET=1), got {t.device}")
+    if not _INTERPRET and t.device.type != "cuda":
+        raise ValueError(f"{name}: expected a CUDA tensor (set TRITON_INTERPRET=1 to run on the CPU), got {t.device}")
+
+
+def _check_channels(name: str, what: str, n: int) -> None:
+    if n % 16 != 0 or not 16 <= n <= 256:
+        raise ValueError(f"{name}: {what} = {n} is not supported; supported: {SUPPORTED_CHANNELS}")
+
+
+def _check_inputs(
+    state: Tensor, weights: UpdateWeights, mask: Tensor | None, double: bool, input_precision: str
+) -> None:
+    """Every check of the fused step, with the argument's name in each message."""
+    if not isinstance(weights, UpdateWeights):
+        raise TypeError(f"weights: expected an UpdateWeights, got {type(weights).__name__}")
+    if not isinstance(weights.w_perceive, Tensor) or weights.w_perceive.dim() != 4:
+        raise ValueError("weights.w_perceive: expected a tensor of shape (h, |z|, 3, 3)")
+    check_step_inputs(state, weights, mask, double)
+    if input_precision not in _PRECISIONS:
+        raise ValueError(f"input_precision: expected one of {_PRECISIONS}, got {input_precision!r}")
+    if state.dtype not in _DTYPES:
+        raise TypeError(f"state: expected float32 or bfloat16, got {state.dtype}")
+    _check_device("state", state)
+    c, h = weights.state_channels, weights.hidden_channels
+    _check_channels("weights.w_perceive", "|z|", c)
+    _check_channels("weights.w_perceive", "h", h)
+    expected = {"w_perceive": (h, c, 3, 3), "b_perceive": (h,), "w_out": (c, h, 1, 1), "b_out": (c,)}
+    named: list[tuple[str, Tensor | None, tuple[int, ...]]] = [
+        (f"weights.{k}", getattr(weights, k), v) for k, v in expected.items()
+    ]
+    for i, blk in enumerate(weights.blocks):
+        if len(blk) != 4:
+            raise ValueError(f"weights.blocks[{i}]: expected (w1, b1, w2, b2), got {len(blk)} entries")
+        for name, t, shape in zip(("w1", "b1", "w2", "b2"), blk, ((h, h, 1, 1), (h,), (h, h, 1, 1), (h,))):
+            named.append((f"weights.blocks[{i}].{name}", t, shape))
+    for name, t, shape in named:
+        if t is None:
+            if not name.split(".")[-1].startswith("b"):
+                raise TypeError(f"{name}: expected a tensor, got None")
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: expected float32 or bfloat16 (cast to the state's {state.dtype}), got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        _check_device(name, t, state.device)
+    if mask is not None:
+        _check_device("mask", mask, state.device)
+
+
+def _stack(ts: list[Tensor | None], shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Biases of the blocks as one fp32 tensor, zeros where a block has none."""
+    return torch.stack([torch.zeros(shape, device=device) if t is None else t.detach().float() for t in ts])
+
+
+def pack_weights(weights: UpdateWeights, dtype: torch.dtype) -> dict[str, Tensor | None]:
+    """The kernel's K-major, contiguous weight buffers in ``dtype``; biases in fp32; h zero-padded to a power of 2.
+
+    Returns:
+        ``w3 (9, C, hp)``, ``b3 (hp,)``, ``w1 / w2 (n_blocks, hp, hp)`` with ``[blk, k, n] = W[n, k]``,
+        ``b1 / b2 (n_blocks, hp)``, ``wout (hp, C)``, ``bout (C,)``; absent biases and empty block stacks are None.
+    """
+    c, h, nb = weights.state_channels, weights.hidden_channels, weights.n_blocks
+    hp = _padded_hidden(h)
+    pad = hp - h
+    dev = weights.w_perceive.device
+    w3 = weights.w_perceive.detach().to(dtype).permute(2, 3, 1, 0).reshape(9, c, h)  # [ky*3+kx, k, n]
+    out: dict[str, Tensor | None] = {
+        "w3": torch.nn.functional.pad(w3, (0, pad)).contiguous(),
+        "b3": None if weights.b_perceive is None else torch.nn.functional.pad(weights.b_perceive.detach().float(),
+                                                                              (0, pad)),
+        "wout": torch.nn.functional.pad(weights.w_out.detach().to(dtype)[:, :, 0, 0].t(), (0, 0, 0, pad)).contiguous(),
+        "bout": None if weights.b_out is None else weights.b_out.detach().float().contiguous(),
+        "w1": None, "b1": None, "w2": None, "b2": None,
+    }
+    if nb:
+        for i, name in ((0, "w1"), (2, "w2")):
+            w = torch.stack([blk[i].detach() for blk in weights.blocks]).to(dtype)[:, :, :, 0, 0]  # (nb, n, k)
+            out[name] = torch.nn.functional.pad(w.transpose(1, 2), (0, pad, 0, pad)).contiguous()  # (nb, k, n)
+        for i, name in ((1, "b1"), (3, "b2")):
+            bs = [blk[i] for blk in weights.blocks]
+            if any(b is not None for b in bs):
+                out[name] = torch.nn.functional.pad(_stack(bs, (h,), dev), (0, pad)).contiguous()
+    return out
+
+
+def nca_step_fwd(
+    state: Tensor,
+    weights: UpdateWeights,
+    mask: Tensor | None = None,
+    double: bool = False,
+    *,
+    input_precision: str = "ieee",
+    config: StepConfig | None = None,
+) -> Tensor:
+    """Check, allocate and launch the fused step (no autograd).
+
+    Args:
+        state: ``(B, |z|, H, W)`` fp32 or bf16, channels-last (other layouts are made channels-last once);
+            with ``double=True`` the half-resolution state.
+        weights: the update network; fp32 or bf16, cast to the state's dtype.
+        mask: ``(B, 1, H', W')`` 0/1 per output cell (bool, integer or float), or None: every cell updates.
+        double: read the state through the nearest x2 map; the output is ``(B, |z|, 2H, 2W)``.
+        input_precision: "ieee" or "tf32", for fp32 dots.
+        config: override the shipped tiling (for fit/benchmark sweeps).
+
+    Returns:
+        ``(B, |z|, H', W')`` in the state's dtype, channels-last.
+    """
+    _check_inputs(state, weights, mask, double, input_precision)
+    b, c, h_in, w_in = state.shape
+    h_out, w_out = (2 * h_in, 2 * w_in) if double else (h_in, w_in)
+    num_cells = b * h_out * w_out
+    dtype = state.dtype
+    state = state.contiguous(memory_format=torch.channels_last)  # (B, H, W, C) in memory; no copy if already
+    if mask is not None:
+        mask = (mask != 0).to(torch.uint8).reshape(b, h_out, w_out).contiguous()  # (B, H, W) one byte per cell
+
+    out = torch.empty((b, h_out, w_out, c), dtype=dtype, device=state.device).permute(0, 3, 1, 2)
+    if num_cells == 0:
+        return out
+    cfg = config or step_config(c, weights.hidden_channels, dtype, input_precision=input_precision,
+                                num_cells=num_cells)
+    p = pack_weights(weights, dtype)
+    dummy = p["w3"]  # any valid pointer for the buffers a constexpr flag switches off
+    grid = (triton.cdiv(num_cells, cfg.block_m),)
+    _nca_step_fwd_kernel[grid](
+        z_ptr=state, out_ptr=out, mask_ptr=dummy if mask is None else mask,
+        w3_ptr=p["w3"], b3_ptr=p["b3"] if p["b3"] is not None else dummy,
+        w1_ptr=p["w1"] if p["w1"] is not None else dummy, b1_ptr=p["b1"] if p["b1"] is not None else dummy,
+        w2_ptr=p["w2"] if p["w2"] is not None else dummy, b2_ptr=p["b2"] if p["b2"] is not None else dummy,
+        wout_ptr=p["wout"], bout_ptr=p["bout"] if p["bout"] is not None else dummy,
+        M=num_cells, H=h_out, W=w_out,
+        C=c, HID=_padded_hidden(weights.hidden_channels), N_BLOCKS=weights.n_blocks, DOUBLE=bool(double),
+        HAS_MASK=mask is not None, HAS_B3=p["b3"] is not None, HAS_B1=p["b1"] is not None,
+        HAS_B2=p["b2"] is not None, HAS_BOUT=p["bout"] is not None, PERCEIVE_ELU=weights.perceive_elu,
+        INPUT_PRECISION=input_precision, UPCAST_DOT=_INTERPRET and dtype == torch.bfloat16,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
