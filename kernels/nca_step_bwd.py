@@ -1,0 +1,864 @@
+"""Fused Triton backward of one NCA step ``z' = z + m * f(z)``: the state gradient and every weight gradient.
+
+Layout: the state is ``(B, C, H, W)`` at the API and channels-last in memory (``torch.channels_last``,
+physically ``(B, H, W, C)``); the returned state gradient is channels-last too. The update network f is the one
+in ``kernels/reference.py``: a 3x3 perception conv with zero padding (|z| -> h), an ELU only when there are no
+residual blocks, ``n_blocks`` residual 1x1 blocks ``y + W2 ELU(W1 y + b1) + b2`` and an output 1x1 conv
+(h -> |z|). With ``double=True`` the input is the half-resolution state, read through the nearest-neighbour
+map ``(row // 2, col // 2)``; the mask, the upstream gradient and every activation live on the doubled grid.
+
+Three kernels (design, buffers and fit numbers in ``kernels/BACKWARD.md``):
+
+1. ``_nca_step_bwd_kernel``, one program per ``BLOCK_M`` cells: recomputes the forward on chip (perception
+   conv, then each block, writing each block's input ``y_i`` and pre-activation ``a_i`` to per-cell buffers),
+   then backpropagates ``g = m * grad_out`` through the output conv and the blocks in reverse, writing each
+   block's output gradient ``dy_{i+1}``, ``da_i``, ``g`` and the perception conv's output gradient ``dpre``.
+2. ``_nca_step_bwd_dstate_kernel``, one program per ``BLOCK_M`` input cells: the state gradient, ``grad_out``
+   (identity path, summed over each 2x2 block when doubling) plus the transposed 3x3 conv of ``dpre``, which
+   gathers the neighbours' ``dpre`` (the doubling's 2x2 sum is folded into a 4x4 effective kernel).
+3. ``_nca_step_bwd_wgrad_kernel``: every weight gradient is a GEMM over cells, ``dW = A^T B`` with A and B
+   per-cell buffers (B gathered from the shifted state for the 3x3 conv). The cells are cut into a fixed number
+   of splits that depends only on the shapes; each program writes its fp32 partial tile and torch sums the
+   partials over splits. No atomics: the result is bitwise the same on every run.
+
+Dtype policy: the state is fp32 or bf16 and sets the compute dtype; weights (fp32 or bf16) are packed once per
+call into it, biases into fp32. Dots accumulate in fp32 (fp32 operands with ``input_precision`` "ieee" or
+"tf32"); the per-cell buffers hold the compute dtype; weight gradients are accumulated in fp32 and returned in
+each weight's own dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import UpdateWeights, check_step_inputs
+
+__all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
+
+# Read once, like @triton.jit does when it decorates a kernel (tests/conftest.py sets it without a GPU).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_DTYPES = (torch.float32, torch.bfloat16)
+_PRECISIONS = ("ieee", "tf32")
+_MAX_CHANNELS = 256
+
+# Weight-gradient GEMMs cut the cells into at most _MAX_SPLITS splits of at least _MIN_CELLS_PER_SPLIT cells.
+# The split count depends only on the number of cells, never on the device, so results are reproducible.
+_MAX_SPLITS = 32
+_MIN_CELLS_PER_SPLIT = 1024
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _elu(x):
+    # exp of the clamped value so the discarded branch never overflows
+    return tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
+
+
+@triton.jit
+def _elu_grad(x):
+    """elu'(x) = 1 if x > 0 else exp(x)."""
+    return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; UPCAST_DOT computes bf16 operands in fp32 (the interpreter's bf16 dot
+    is wrong, see docs/KERNELS.md)."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _nca_step_bwd_kernel(
+    z_ptr,  # (B, H_in, W_in, C) input state, channels-last, compute dtype
+    gout_ptr,  # (B, H, W, C) upstream gradient dL/dz', channels-last, compute dtype
+    mask_ptr,  # (B, H, W) uint8 update mask (read only when HAS_MASK)
+    w3_ptr,  # (9, C, HID) perception weight, [tap, c, o] = Wp[o, c, ky, kx], tap = 3 ky + kx
+    b3_ptr,  # (HID,) fp32 perception bias (read only when HAS_B3)
+    w1t_ptr,  # (N_BLOCKS, HID, HID) [blk, k, n] = W1[n, k] (forward operand)
+    w1_ptr,  # (N_BLOCKS, HID, HID) [blk, n, k] = W1[n, k] (backward operand)
+    b1_ptr,  # (N_BLOCKS, HID) fp32, zeros for a block without bias
+    w2t_ptr,  # (N_BLOCKS, HID, HID) [blk, k, n] = W2[n, k]
+    w2_ptr,  # (N_BLOCKS, HID, HID) [blk, n, k] = W2[n, k]
+    b2_ptr,  # (N_BLOCKS, HID) fp32, zeros for a block without bias
+    wout_ptr,  # (C, HID) output 1x1 weight Wout[c, k]
+    y_ptr,  # out (N_BLOCKS + 1, M, HID): block inputs y_i, then the output conv's input
+    a_ptr,  # out (N_BLOCKS, M, HID): pre-activations a_i = y_i W1^T + b1
+    da_ptr,  # out (N_BLOCKS, M, HID): dL/da_i
+    dy_ptr,  # out (N_BLOCKS, M, HID): dL/dy_{i+1}, the gradient of block i's output
+    g_ptr,  # out (M, C): g = m * grad_out, the output conv's output gradient
+    dpre_ptr,  # out (M, HID): dL/d(perception conv output, before its ELU)
+    M,  # number of cells B * H * W on the (doubled) grid
+    H,  # grid height (doubled when DOUBLE)
+    W,  # grid width (doubled when DOUBLE)
+    C: tl.constexpr,  # |z|
+    HID: tl.constexpr,  # h
+    N_BLOCKS: tl.constexpr,
+    DOUBLE: tl.constexpr,  # read the (B, H/2, W/2, C) input through (row // 2, col // 2)
+    HAS_MASK: tl.constexpr,
+    HAS_B3: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    PERCEIVE_ELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
+    UPCAST_DOT: tl.constexpr,  # interpreter only: compute bf16 dots in fp32
+    BLOCK_M: tl.constexpr,  # cells per program
+    BLOCK_K: tl.constexpr,  # hidden-channel chunk of the residual blocks
+    BLOCK_C: tl.constexpr,  # state-channel chunk of the perception conv and the output conv
+):
+    """Recompute the forward and backpropagate to the perception conv's output for ``BLOCK_M`` cells.
+
+    Grid: ``(cdiv(B * H * W, BLOCK_M),)``; program ``pid`` owns cells ``pid * BLOCK_M + [0, BLOCK_M)`` in
+    (B, H, W) row-major order of the (doubled) grid. Forward, on chip, writing y_i and a_i:
+
+        pre = sum_{tap, c-chunk} z[shifted cells, c-chunk] @ W3[tap, c-chunk, :] (+ b3)     (zero padding)
+        y_0 = ELU(pre) if PERCEIVE_ELU else pre
+        a_i = y_i @ W1_i^T + b1_i,  y_{i+1} = y_i + ELU(a_i) @ W2_i^T + b2_i     (hidden chunks of BLOCK_K)
+
+    Backward, with elu'(a) = 1 if a > 0 else exp(a):
+
+        g = m * grad_out,  dy_nb = g @ Wout                               (chunks of BLOCK_C over |z|)
+        da_i = (dy_{i+1} @ W2_i) * elu'(a_i),  dy_i = dy_{i+1} + da_i @ W1_i   (hidden chunks, i = nb-1 .. 0)
+        dpre = dy_0 * elu'(pre) if PERCEIVE_ELU else dy_0
+
+    Every dot is chunked so that whole register tensors are only ever used as dot operands, never sliced.
+    Dtypes: operands in the state's dtype, accumulation and the residual streams y, dy in fp32, the buffers in
+    the state's dtype.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    if DOUBLE:
+        H_in = H // 2
+        W_in = W // 2
+    else:
+        H_in = H
+        W_in = W
+    dt = z_ptr.dtype.element_ty
+
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
+    mask_m = offs_m < M
+    hw = H * W
+    bat = offs_m // hw
+    rem = offs_m % hw
+    row = rem // W
+    col = rem % W
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, HID)
+    cells_h = offs_m[:, None] * HID + offs_h[None, :]  # (BLOCK_M, HID) offsets into an (M, HID) buffer
+    cells_k = offs_m[:, None] * HID + offs_k[None, :]  # (BLOCK_M, BLOCK_K) offsets of hidden chunk 0
+    buf_stride = M * HID
+
+    # ---- forward: 3x3 perception conv, 9 taps x C/BLOCK_C chunks
+    C_CHUNKS: tl.constexpr = C // BLOCK_C
+    acc = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
+    for it in range(9 * C_CHUNKS):
+        tap = it // C_CHUNKS
+        c0 = (it % C_CHUNKS) * BLOCK_C
+        r = row + (tap // 3 - 1)
+        c = col + (tap % 3 - 1)
+        ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+        if DOUBLE:
+            r = r // 2
+            c = c // 2
+        src = (bat * H_in + r) * W_in + c  # (BLOCK_M,) input cell ids; out-of-grid ones are masked
+        b_z = tl.load(z_ptr + src[:, None] * C + (c0 + offs_c)[None, :], mask=ok[:, None], other=0.0)
+        b_w = tl.load(w3_ptr + (tap * C + c0 + offs_c)[:, None] * HID + offs_h[None, :])
+        acc = _mma(b_z, b_w, acc, UPCAST_DOT, INPUT_PRECISION)
+    if HAS_B3:
+        acc += tl.load(b3_ptr + offs_h)[None, :]
+    if PERCEIVE_ELU:
+        pre = acc
+        y = _elu(acc)
+    else:
+        y = acc  # (BLOCK_M, HID) fp32 residual stream
+
+    # ---- forward through the blocks, saving each block's input and pre-activation
+    for blk in range(N_BLOCKS):
+        tl.store(y_ptr + blk * buf_stride + cells_h, y.to(dt), mask=mask_m[:, None])
+        y_a = y.to(dt)
+        if HAS_B2:
+            acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
+        else:
+            acc = y
+        for j in range(0, HID, BLOCK_K):
+            b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
+            t = _mma(y_a, b_w1t, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+            if HAS_B1:
+                t += tl.load(b1_ptr + blk * HID + j + offs_k)[None, :]
+            tl.store(a_ptr + blk * buf_stride + j + cells_k, t.to(dt), mask=mask_m[:, None])
+            b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
+            acc = _mma(_elu(t).to(dt), b_w2t, acc, UPCAST_DOT, INPUT_PRECISION)
+        y = acc
+    tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, y.to(dt), mask=mask_m[:, None])
+    # the backward re-reads a_i written by other threads of this program
+    tl.debug_barrier()
+
+    # ---- backward through the output conv: g = m * grad_out, dy = g @ Wout
+    if HAS_MASK:
+        upd = tl.load(mask_ptr + offs_m, mask=mask_m, other=0) != 0
+    dy = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cells_c = offs_m[:, None] * C + (c0 + offs_c)[None, :]
+        b_g = tl.load(gout_ptr + cells_c, mask=mask_m[:, None], other=0.0)
+        if HAS_MASK:
+            b_g = tl.where(upd[:, None], b_g, 0.0).to(dt)
+        tl.store(g_ptr + cells_c, b_g, mask=mask_m[:, None])
+        b_wo = tl.load(wout_ptr + (c0 + offs_c)[:, None] * HID + offs_h[None, :])
+        dy = _mma(b_g, b_wo, dy, UPCAST_DOT, INPUT_PRECISION)
+
+    # ---- backward through the blocks in reverse
+    for i in range(N_BLOCKS):
+        blk = N_BLOCKS - 1 - i
+        tl.store(dy_ptr + blk * buf_stride + cells_h, dy.to(dt), mask=mask_m[:, None])
+        dy_a = dy.to(dt)
+        acc = dy
+        for j in range(0, HID, BLOCK_K):
+            b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
+            du = _mma(dy_a, b_w2, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+            b_a = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
+            da = du * _elu_grad(b_a.to(tl.float32))
+            tl.store(da_ptr + blk * buf_stride + j + cells_k, da.to(dt), mask=mask_m[:, None])
+            b_w1 = tl.load(w1_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
+            acc = _mma(da.to(dt), b_w1, acc, UPCAST_DOT, INPUT_PRECISION)
+        dy = acc
+    if PERCEIVE_ELU:
+        dy = dy * _elu_grad(pre)
+    tl.store(dpre_ptr + cells_h, dy.to(dt), mask=mask_m[:, None])
+
+
+@triton.jit
+def _nca_step_bwd_dstate_kernel(
+    dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
+    wb_ptr,  # (KS * KS, HID, C) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
+    gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
+    dz_ptr,  # out (B, H_in, W_in, C) state gradient, compute dtype
+    M_in,  # number of input cells B * H_in * W_in
+    H,  # grid height (doubled when DOUBLE)
+    W,  # grid width (doubled when DOUBLE)
+    C: tl.constexpr,  # |z|
+    HID: tl.constexpr,  # h
+    DOUBLE: tl.constexpr,  # the input is the half-resolution state
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # input cells per program
+    BLOCK_K: tl.constexpr,  # hidden-channel chunk
+):
+    """State gradient ``dz = S(grad_out + conv3x3^T(dpre))`` for ``BLOCK_M`` input cells.
+
+    Grid: ``(cdiv(B * H_in * W_in, BLOCK_M),)``; program ``pid`` owns input cells ``pid * BLOCK_M + [0, BLOCK_M)``.
+    Without doubling S is the identity and, with zero padding,
+
+        dz[p, q] = grad_out[p, q] + sum_{i, j in 0..2} dpre[p + i - 1, q + j - 1] @ Wp[:, :, 2 - i, 2 - j]
+
+    With doubling S sums each 2x2 block; the four 3x3 windows of a block cover a 4x4 window, so
+
+        dz[p, q] = sum_{2x2} grad_out + sum_{i, j in 0..3} dpre[2p + i - 1, 2q + j - 1] @ Weff[i, j]
+
+    where Weff[i, j] sums the taps Wp[:, :, dy + 2 - i, dx + 2 - j] over the block offsets dy, dx in {0, 1}.
+    Dtypes: operands in the compute dtype, fp32 accumulation, one rounding on store.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    KS: tl.constexpr = 4 if DOUBLE else 3  # taps per axis of the (effective) transposed kernel
+    SCALE: tl.constexpr = 2 if DOUBLE else 1
+    H_in = H // SCALE
+    W_in = W // SCALE
+
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 input cell ids
+    mask_m = offs_m < M_in
+    hw = H_in * W_in
+    bat = offs_m // hw
+    rem = offs_m % hw
+    row = rem // W_in
+    col = rem % W_in
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, C)
+
+    # identity path of z' = z + m * f(z)
+    if DOUBLE:
+        acc = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+        for q in tl.static_range(4):
+            src = (bat * H + SCALE * row + q // 2) * W + SCALE * col + q % 2
+            acc += tl.load(gout_ptr + src[:, None] * C + offs_n[None, :], mask=mask_m[:, None], other=0.0)
+    else:
+        acc = tl.load(gout_ptr + offs_m[:, None] * C + offs_n[None, :], mask=mask_m[:, None], other=0.0)
+        acc = acc.to(tl.float32)
+
+    # transposed 3x3 conv: gather the neighbours' dpre, KS x KS taps x HID/BLOCK_K chunks
+    K_CHUNKS: tl.constexpr = HID // BLOCK_K
+    for it in range(KS * KS * K_CHUNKS):
+        tap = it // K_CHUNKS
+        k0 = (it % K_CHUNKS) * BLOCK_K
+        r = SCALE * row + (tap // KS - 1)
+        c = SCALE * col + (tap % KS - 1)
+        ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+        src = (bat * H + r) * W + c  # (BLOCK_M,) full-grid cell ids; out-of-grid ones are masked
+        b_d = tl.load(dpre_ptr + src[:, None] * HID + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
+        b_w = tl.load(wb_ptr + (tap * HID + k0 + offs_k)[:, None] * C + offs_n[None, :])
+        acc = _mma(b_d, b_w, acc, UPCAST_DOT, INPUT_PRECISION)
+    tl.store(dz_ptr + offs_m[:, None] * C + offs_n[None, :], acc.to(dz_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+@triton.jit
+def _nca_step_bwd_wgrad_kernel(
+    a_ptr,  # (N_MAT, M, NA) left operand, one row per cell, compute dtype
+    b_ptr,  # (N_MAT, M, NB) right operand; when GATHER the (B, H_in, W_in, NB) state
+    dw_ptr,  # out (S, N_MAT, T, NA, NB) fp32 partial sums over each split's cells
+    db_ptr,  # out (S, N_MAT, NA) fp32 partial column sums of a (written only when WITH_DB)
+    M,  # number of cells (rows of a)
+    H,  # grid height (doubled when DOUBLE), used when GATHER
+    W,  # grid width (doubled when DOUBLE), used when GATHER
+    cells_per_split,  # a multiple of BLOCK_CELLS
+    S,  # number of splits
+    N_MAT,  # number of matrices (stacked along a, b and dw)
+    NA: tl.constexpr,
+    NB: tl.constexpr,
+    T: tl.constexpr,  # 9 taps when GATHER, else 1
+    GATHER: tl.constexpr,  # b is the state read at the 3x3 tap's shifted cells (zero padding)
+    DOUBLE: tl.constexpr,  # the gathered state is at half resolution: read (row // 2, col // 2)
+    B_ELU: tl.constexpr,  # apply ELU to b as it is loaded (b holds pre-activations)
+    WITH_DB: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_A: tl.constexpr,  # rows of the dW tile (over NA)
+    BLOCK_B: tl.constexpr,  # columns of the dW tile (over NB)
+    BLOCK_CELLS: tl.constexpr,  # cells per step of the reduction
+):
+    """Partial weight gradients ``dW[s, mat, tap] = a[cells of s]^T @ b_tap[cells of s]`` and ``db[s, mat]``.
+
+    Grid: ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)``; a program owns one ``(BLOCK_A, BLOCK_B)`` tile of one
+    tap of one matrix and reduces it over the cells ``[s * cells_per_split, (s + 1) * cells_per_split)``. The
+    tap-0, column-0 programs also write the column sums of a (the bias gradient). Partials are fp32 and summed
+    over s by the caller in a fixed order: deterministic, no atomics. With GATHER,
+    ``b_tap[cell] = z[row + ky - 1, col + kx - 1]`` (tap = 3 ky + kx, zero outside the grid), so the partials of
+    the perception weight are ``dWp[o, c, ky, kx] = sum_cells dpre[cell, o] z[cell + (ky - 1, kx - 1), c]``.
+    """
+    pid_a = tl.program_id(0)
+    pid_tb = tl.program_id(1)
+    pid_sm = tl.program_id(2).to(tl.int64)
+    B_TILES: tl.constexpr = NB // BLOCK_B
+    tap = pid_tb // B_TILES
+    pid_b = pid_tb % B_TILES
+    s = pid_sm % S
+    mat = pid_sm // S
+
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_l = tl.arange(0, BLOCK_CELLS)
+    a_base = a_ptr + mat * M * NA
+    b_base = b_ptr + mat * M * NB
+    if GATHER:
+        if DOUBLE:
+            H_in = H // 2
+            W_in = W // 2
+        else:
+            H_in = H
+            W_in = W
+        hw = H * W
+        dr = tap // 3 - 1
+        dc = tap % 3 - 1
+
+    start = s * cells_per_split
+    end = tl.minimum(start + cells_per_split, M)
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    for l0 in range(start, end, BLOCK_CELLS):
+        offs_cell = l0 + offs_l  # int64 cell ids
+        ok = offs_cell < end
+        b_at = tl.load(a_base + offs_cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
+        if GATHER:
+            bat = offs_cell // hw
+            rem = offs_cell % hw
+            r = rem // W + dr
+            c = rem % W + dc
+            ok_g = ok & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            if DOUBLE:
+                r = r // 2
+                c = c // 2
+            src = (bat * H_in + r) * W_in + c
+            b_b = tl.load(b_ptr + src[:, None] * NB + offs_b[None, :], mask=ok_g[:, None], other=0.0)
+        else:
+            b_b = tl.load(b_base + offs_cell[:, None] * NB + offs_b[None, :], mask=ok[:, None], other=0.0)
+        if B_ELU:
+            b_b = _elu(b_b.to(tl.float32)).to(b_at.dtype)
+        acc = _mma(b_at, b_b, acc, UPCAST_DOT, INPUT_PRECISION)
+        if WITH_DB:
+            colsum += tl.sum(b_at.to(tl.float32), axis=1)
+    slot = (s * N_MAT + mat) * T + tap
+    tl.store(dw_ptr + (slot * NA + offs_a[:, None]) * NB + offs_b[None, :], acc)
+    if WITH_DB:
+        if (pid_b == 0) & (tap == 0):
+            tl.store(db_ptr + (s * N_MAT + mat) * NA + offs_a, colsum)
+
+
+# --------------------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class BwdConfig:
+    """Tile sizes and launch options of the three backward kernels for one (|z|, h, dtype)."""
+
+    block_m: int  # cells per program of the main kernel
+    block_k: int  # hidden chunk of the main kernel
+    block_c: int  # state-channel chunk of the main kernel
+    warps: int
+    stages: int
+    ds_block_m: int  # input cells per program of the state-gradient kernel
+    ds_block_k: int
+    ds_warps: int
+    ds_stages: int
+    wg_block: int  # max tile edge of the weight-gradient kernel
+    wg_block_cells: int
+    wg_warps: int
+    wg_stages: int
+
+
+def _chunk(n: int, cap: int) -> int:
+    """The largest of cap, cap/2, ..., 16 that divides n (n is a multiple of 16)."""
+    b = cap
+    while n % b:
+        b //= 2
+    return b
+
+
+def bwd_config(state_channels: int, hidden_channels: int, dtype: torch.dtype) -> BwdConfig:
+    """The shipped tile configuration; ``tests/kernels/test_fit_bwd.py`` compiles each one for sm_90.
+
+    In the interpreter the tiles are small, so that tests run many programs and partial tiles quickly.
+    """
+    c, h = state_channels, hidden_channels
+    if _INTERPRET:
+        return BwdConfig(16, _chunk(h, 32), _chunk(c, 32), 4, 1, 16, _chunk(h, 32), 4, 1, 32, 16, 4, 1)
+    bf16 = dtype == torch.bfloat16
+    wide = max(c, h) > 128
+    return BwdConfig(
+        block_m=64,
+        block_k=_chunk(h, 64 if bf16 or not wide else 32),
+        block_c=_chunk(c, 64 if bf16 or not wide else 32),
+        warps=8 if wide else 4,
+        stages=2,
+        ds_block_m=64,
+        ds_block_k=_chunk(h, 64 if bf16 or not wide else 32),
+        ds_warps=8 if wide else 4,
+        ds_stages=2,
+        wg_block=128,
+        wg_block_cells=64 if bf16 else 32,
+        wg_warps=8,
+        wg_stages=3,
+    )
+
+
+def _splits(m: int, block_cells: int) -> tuple[int, int]:
+    """(cells per split, number of splits) for m cells: a function of m only, so results are reproducible."""
+    per = max(_MIN_CELLS_PER_SPLIT, triton.cdiv(m, _MAX_SPLITS))
+    per = triton.cdiv(per, block_cells) * block_cells
+    return per, triton.cdiv(m, per)
+
+
+_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel launch as compiled: for the sm_90 fit test (signature types and constexpr values)."""
+
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+
+def bwd_kernel_specs(
+    state_channels: int,
+    hidden_channels: int,
+    n_blocks: int,
+    dtype: torch.dtype,
+    *,
+    double: bool = False,
+    mask: bool = True,
+    bias: bool = True,
+    input_precision: str = "ieee",
+) -> list[KernelSpec]:
+    """Every kernel variant ``nca_step_bwd`` launches for these shapes, as :class:`KernelSpec` (for fit tests)."""
+    cfg = bwd_config(state_channels, hidden_channels, dtype)
+    c, h = state_channels, hidden_channels
+    ty = _TL_DTYPE[dtype]
+
+    def sig(fn: Any, ptrs: dict[str, str], consts: dict[str, Any]) -> dict[str, str]:
+        out = {}
+        for name in fn.arg_names:
+            out[name] = "constexpr" if name in consts else ptrs.get(name, "i32")
+        return out
+
+    main_ptrs = {
+        n: f"*{ty}"
+        for n in (
+            "z_ptr",
+            "gout_ptr",
+            "w3_ptr",
+            "w1t_ptr",
+            "w1_ptr",
+            "w2t_ptr",
+            "w2_ptr",
+            "wout_ptr",
+            "y_ptr",
+            "a_ptr",
+            "da_ptr",
+            "dy_ptr",
+            "g_ptr",
+            "dpre_ptr",
+        )
+    }
+    main_ptrs.update(mask_ptr="*u8", b3_ptr="*fp32", b1_ptr="*fp32", b2_ptr="*fp32")
+    main_consts = dict(
+        C=c,
+        HID=h,
+        N_BLOCKS=n_blocks,
+        DOUBLE=double,
+        HAS_MASK=mask,
+        HAS_B3=bias,
+        HAS_B1=bias,
+        HAS_B2=bias,
+        PERCEIVE_ELU=n_blocks == 0,
+        INPUT_PRECISION=input_precision,
+        UPCAST_DOT=False,
+        BLOCK_M=cfg.block_m,
+        BLOCK_K=cfg.block_k,
+        BLOCK_C=cfg.block_c,
+    )
+    ds_ptrs = {n: f"*{ty}" for n in ("dpre_ptr", "wb_ptr", "gout_ptr", "dz_ptr")}
+    ds_consts = dict(
+        C=c,
+        HID=h,
+        DOUBLE=double,
+        INPUT_PRECISION=input_precision,
+        UPCAST_DOT=False,
+        BLOCK_M=cfg.ds_block_m,
+        BLOCK_K=cfg.ds_block_k,
+    )
+    wg_ptrs = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+    specs = [
+        KernelSpec(
+            "main",
+            _nca_step_bwd_kernel,
+            sig(_nca_step_bwd_kernel, main_ptrs, main_consts),
+            main_consts,
+            cfg.warps,
+            cfg.stages,
+        ),
+        KernelSpec(
+            "dstate",
+            _nca_step_bwd_dstate_kernel,
+            sig(_nca_step_bwd_dstate_kernel, ds_ptrs, ds_consts),
+            ds_consts,
+            cfg.ds_warps,
+            cfg.ds_stages,
+        ),
+    ]
+    for name, na, nb, t, gather, b_elu in _wgrad_variants(c, h, n_blocks):
+        consts = dict(
+            NA=na,
+            NB=nb,
+            T=t,
+            GATHER=gather,
+            DOUBLE=double and gather,
+            B_ELU=b_elu,
+            WITH_DB=bias,
+            INPUT_PRECISION=input_precision,
+            UPCAST_DOT=False,
+            BLOCK_A=_chunk(na, cfg.wg_block),
+            BLOCK_B=_chunk(nb, cfg.wg_block),
+            BLOCK_CELLS=cfg.wg_block_cells,
+        )
+        specs.append(
+            KernelSpec(
+                f"wgrad-{name}",
+                _nca_step_bwd_wgrad_kernel,
+                sig(_nca_step_bwd_wgrad_kernel, wg_ptrs, consts),
+                consts,
+                cfg.wg_warps,
+                cfg.wg_stages,
+            )
+        )
+    return specs
+
+
+def _wgrad_variants(c: int, h: int, n_blocks: int) -> list[tuple[str, int, int, int, bool, bool]]:
+    """(name, NA, NB, T, GATHER, B_ELU) of each weight-gradient GEMM."""
+    out = [("perceive", h, c, 9, True, False), ("out", c, h, 1, False, False)]
+    if n_blocks:
+        out += [("w1", h, h, 1, False, False), ("w2", h, h, 1, False, True)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- launcher
+def _check_bwd_inputs(
+    state: Tensor, weights: UpdateWeights, mask: Tensor | None, double: bool, grad_out: Tensor, input_precision: str
+) -> None:
+    if not isinstance(weights, UpdateWeights):
+        raise TypeError(f"weights: expected an UpdateWeights, got {type(weights).__name__}")
+    if not isinstance(double, bool):
+        raise TypeError(f"double: expected a bool, got {type(double).__name__}")
+    check_step_inputs(state, weights, mask, double)
+    if state.dtype not in _DTYPES:
+        raise TypeError(f"state: expected float32 or bfloat16, got {state.dtype}")
+    if input_precision not in _PRECISIONS:
+        raise ValueError(f"input_precision: expected one of {_PRECISIONS}, got {input_precision!r}")
+    c, h = weights.state_channels, weights.hidden_channels
+    for name, n in (("|z| (state channels)", c), ("h (hidden channels)", h)):
+        if n % 16 or not 16 <= n <= _MAX_CHANNELS:
+            raise ValueError(f"weights: {name} must be a multiple of 16 in [16, {_MAX_CHANNELS}], got {n}")
+    wshape, bshape = (h, h, 1, 1), (h,)
+    expected = [("w_perceive", (h, c, 3, 3), False), ("b_perceive", bshape, True)]
+    for i in range(weights.n_blocks):
+        expected += [
+            (f"blocks[{i}].w1", wshape, False),
+            (f"blocks[{i}].b1", bshape, True),
+            (f"blocks[{i}].w2", wshape, False),
+            (f"blocks[{i}].b2", bshape, True),
+        ]
+    expected += [("w_out", (c, h, 1, 1), False), ("b_out", (c,), True)]
+    for (name, shape, is_bias), t in zip(expected, weights.flat(), strict=True):
+        if t is None:
+            if not is_bias:
+                raise TypeError(f"weights.{name}: expected a tensor, got None")
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"weights.{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"weights.{name}: expected shape {shape}, got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"weights.{name}: expected float32 or bfloat16, got {t.dtype}")
+        if t.device != state.device:
+            raise ValueError(f"weights.{name}: expected device {state.device}, got {t.device}")
+    if not isinstance(grad_out, Tensor):
+        raise TypeError(f"grad_out: expected a torch.Tensor, got {type(grad_out).__name__}")
+    b, _, hh, ww = state.shape
+    out_shape = (b, c, 2 * hh, 2 * ww) if double else (b, c, hh, ww)
+    if tuple(grad_out.shape) != out_shape:
+        raise ValueError(f"grad_out: expected shape {out_shape} (the step's output), got {tuple(grad_out.shape)}")
+    if grad_out.dtype != state.dtype:
+        raise TypeError(f"grad_out: expected the state's dtype {state.dtype}, got {grad_out.dtype}")
+    if grad_out.device != state.device:
+        raise ValueError(f"grad_out: expected device {state.device}, got {grad_out.device}")
+    if mask is not None and mask.device != state.device:
+        raise ValueError(f"mask: expected device {state.device}, got {mask.device}")
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` -> its ``(B, H, W, C)`` contiguous view (a copy only if x is not channels-last)."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _transposed_conv_weights(w_perceive: Tensor, double: bool, dtype: torch.dtype) -> Tensor:
+    """``(KS * KS, h, C)`` weights of the state-gradient kernel's gather (see its docstring), in ``dtype``.
+
+    Without doubling, ``[3 i + j] = Wp[:, :, 2 - i, 2 - j]``; with doubling, the 4x4 effective kernel
+    ``Weff[i, j] = sum_{dy, dx in {0, 1}} Wp[:, :, dy + 2 - i, dx + 2 - j]`` (taps outside 0..2 are skipped),
+    summed in fp32 and rounded once.
+    """
+    wflip = w_perceive.float().flip(2, 3).permute(2, 3, 0, 1)  # (3, 3, h, C): [i, j] = Wp[:, :, 2 - i, 2 - j]
+    if not double:
+        return wflip.reshape(9, *wflip.shape[2:]).to(dtype).contiguous()
+    weff = wflip.new_zeros(4, 4, *wflip.shape[2:])
+    for dy in (0, 1):
+        for dx in (0, 1):
+            weff[dy : dy + 3, dx : dx + 3] += wflip
+    return weff.reshape(16, *wflip.shape[2:]).to(dtype).contiguous()
+
+
+def nca_step_bwd(
+    state: Tensor,
+    weights: UpdateWeights,
+    mask: Tensor | None,
+    double: bool,
+    grad_out: Tensor,
+    *,
+    input_precision: str = "ieee",
+) -> tuple[Tensor, list[Tensor | None]]:
+    """Gradients of one step ``z' = z + m * f(z)`` (optionally doubling z first) given ``grad_out = dL/dz'``.
+
+    Recomputes the step's activations on chip from ``state`` (nothing from the forward is needed), in the
+    state's dtype with fp32 accumulation.
+
+    Args:
+        state: ``(B, |z|, H, W)`` fp32 or bf16, the step's input (half resolution when ``double``); any memory
+            format, channels-last avoids a copy.
+        weights: the update network's parameters (fp32 or bf16, packed into the state's dtype).
+        mask: ``(B, 1, H', W')`` 0/1 per cell of the updated grid, or None (every cell updates).
+        double: the step doubled the state (nearest x2) first.
+        grad_out: ``(B, |z|, H', W')`` in the state's dtype, ``H' = 2H`` when doubling, else ``H``.
+        input_precision: "ieee" or "tf32", for fp32 dot operands.
+
+    Returns:
+        ``(grad_state, grads)``: grad_state ``(B, |z|, H, W)`` in the state's dtype, channels-last; grads in
+        ``weights.flat()`` order, each in its weight's dtype, None where the bias is None.
+    """
+    _check_bwd_inputs(state, weights, mask, double, grad_out, input_precision)
+    dt = state.dtype
+    dev = state.device
+    b, c, h_in, w_in = state.shape
+    h = weights.hidden_channels
+    nb = weights.n_blocks
+    hh, ww = (2 * h_in, 2 * w_in) if double else (h_in, w_in)
+    m = b * hh * ww
+    cfg = bwd_config(c, h, dt)
+    upcast = _INTERPRET and dt == torch.bfloat16
+
+    # ---- pack
+    z = _channels_last(state)  # (B, H_in, W_in, C)
+    gout = _channels_last(grad_out)  # (B, H, W, C)
+    mask_u8 = (mask != 0).reshape(m).to(torch.uint8) if mask is not None else z
+    wp = weights.w_perceive
+    w3 = wp.to(dt).permute(2, 3, 1, 0).reshape(9, c, h).contiguous()  # (9, C, h): [3 ky + kx, c, o]
+    wb = _transposed_conv_weights(wp, double, dt)  # (9 or 16, h, C)
+    f32 = dict(dtype=torch.float32, device=dev)
+    has_b3 = weights.b_perceive is not None
+    b3 = weights.b_perceive.float().contiguous() if has_b3 else torch.zeros(1, **f32)
+    if nb:
+        w1 = torch.stack([blk[0].reshape(h, h) for blk in weights.blocks]).to(dt).contiguous()  # (nb, h, h)
+        w2 = torch.stack([blk[2].reshape(h, h) for blk in weights.blocks]).to(dt).contiguous()
+        w1t = w1.transpose(1, 2).contiguous()
+        w2t = w2.transpose(1, 2).contiguous()
+        b1 = torch.stack([torch.zeros(h, **f32) if blk[1] is None else blk[1].float() for blk in weights.blocks])
+        b2 = torch.stack([torch.zeros(h, **f32) if blk[3] is None else blk[3].float() for blk in weights.blocks])
+    else:
+        w1 = w2 = w1t = w2t = w3
+        b1 = b2 = b3
+    has_b1 = any(blk[1] is not None for blk in weights.blocks)
+    has_b2 = any(blk[3] is not None for blk in weights.blocks)
+    wout = weights.w_out.reshape(c, h).to(dt).contiguous()  # (C, h)
+
+    # ---- allocate per-cell buffers (every row < m is written by the main kernel)
+    ybuf = torch.empty((nb + 1, m, h), dtype=dt, device=dev)
+    abuf = torch.empty((max(nb, 1), m, h), dtype=dt, device=dev)
+    dabuf = torch.empty((max(nb, 1), m, h), dtype=dt, device=dev)
+    dybuf = torch.empty((max(nb, 1), m, h), dtype=dt, device=dev)
+    gbuf = torch.empty((m, c), dtype=dt, device=dev)
+    dpre = torch.empty((m, h), dtype=dt, device=dev)
+    dz = torch.empty((b, h_in, w_in, c), dtype=dt, device=dev)
+
+    # ---- launch: recompute + backprop to dpre, then the state gradient, then the weight-gradient GEMMs
+    _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+        z_ptr=z,
+        gout_ptr=gout,
+        mask_ptr=mask_u8,
+        w3_ptr=w3,
+        b3_ptr=b3,
+        w1t_ptr=w1t,
+        w1_ptr=w1,
+        b1_ptr=b1,
+        w2t_ptr=w2t,
+        w2_ptr=w2,
+        b2_ptr=b2,
+        wout_ptr=wout,
+        y_ptr=ybuf,
+        a_ptr=abuf,
+        da_ptr=dabuf,
+        dy_ptr=dybuf,
+        g_ptr=gbuf,
+        dpre_ptr=dpre,
+        M=m,
+        H=hh,
+        W=ww,
+        C=c,
+        HID=h,
+        N_BLOCKS=nb,
+        DOUBLE=double,
+        HAS_MASK=mask is not None,
+        HAS_B3=has_b3,
+        HAS_B1=has_b1,
+        HAS_B2=has_b2,
+        PERCEIVE_ELU=nb == 0,
+        INPUT_PRECISION=input_precision,
+        UPCAST_DOT=upcast,
+        BLOCK_M=cfg.block_m,
+        BLOCK_K=cfg.block_k,
+        BLOCK_C=cfg.block_c,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
+    )
+    m_in = b * h_in * w_in
+    _nca_step_bwd_dstate_kernel[(triton.cdiv(m_in, cfg.ds_block_m),)](
+        dpre_ptr=dpre,
+        wb_ptr=wb,
+        gout_ptr=gout,
+        dz_ptr=dz,
+        M_in=m_in,
+        H=hh,
+        W=ww,
+        C=c,
+        HID=h,
+        DOUBLE=double,
+        INPUT_PRECISION=input_precision,
+        UPCAST_DOT=upcast,
+        BLOCK_M=cfg.ds_block_m,
+        BLOCK_K=cfg.ds_block_k,
+        num_warps=cfg.ds_warps,
+        num_stages=cfg.ds_stages,
+    )
+
+    per_split, n_splits = _splits(m, cfg.wg_block_cells)
+
+    def wgrad(a: Tensor, bmat: Tensor, n_mat: int, taps: int, gather: bool, b_elu: bool) -> tuple[Tensor, Tensor]:
+        """fp32 ``(n_mat, taps, NA, NB)`` sums of a^T b over all cells and ``(n_mat, NA)`` column sums of a."""
+        na, nbc = a.shape[-1], bmat.shape[-1]
+        block_a, block_b = _chunk(na, cfg.wg_block), _chunk(nbc, cfg.wg_block)
+        dw = torch.empty((n_splits, n_mat, taps, na, nbc), **f32)
+        db = torch.empty((n_splits, n_mat, na), **f32)
+        grid = (na // block_a, taps * (nbc // block_b), n_mat * n_splits)
+        _nca_step_bwd_wgrad_kernel[grid](
+            a_ptr=a,
+            b_ptr=bmat,
+            dw_ptr=dw,
+            db_ptr=db,
+            M=m,
+            H=hh,
+            W=ww,
+            cells_per_split=per_split,
+            S=n_splits,
+            N_MAT=n_mat,
+            NA=na,
+            NB=nbc,
+            T=taps,
+            GATHER=gather,
+            DOUBLE=double and gather,
+            B_ELU=b_elu,
+            WITH_DB=True,
+            INPUT_PRECISION=input_precision,
+            UPCAST_DOT=upcast,
+            BLOCK_A=block_a,
+            BLOCK_B=block_b,
+            BLOCK_CELLS=cfg.wg_block_cells,
+            num_warps=cfg.wg_warps,
+            num_stages=cfg.wg_stages,
+        )
+        return dw.sum(0), db.sum(0)
+
+    dwp, dbp = wgrad(dpre, z, 1, 9, True, False)  # (1, 9, h, C): [3 ky + kx, o, c]
+    dwo, dbo = wgrad(gbuf, ybuf[nb], 1, 1, False, False)  # (1, 1, C, h)
+    if nb:
+        dw1, db1 = wgrad(dabuf, ybuf, nb, 1, False, False)  # (nb, 1, h, h): dW1[n, k] = sum da[:, n] y[:, k]
+        dw2, db2 = wgrad(dybuf, abuf, nb, 1, False, True)  # (nb, 1, h, h): dW2[n, k] = sum dy'[:, n] u[:, k]
+
+    # ---- unpack in weights.flat() order, each in its weight's dtype
+    def like(g: Tensor, t: Tensor | None) -> Tensor | None:
+        return None if t is None else g.reshape(t.shape).to(t.dtype)
+
+    grads: list[Tensor | None] = [
+        like(dwp[0].permute(1, 2, 0).reshape(h, c, 3, 3), wp),  # (h, C, 3, 3)
+        like(dbp[0], weights.b_perceive),
+    ]
+    for i, (w1_i, b1_i, w2_i, b2_i) in enumerate(weights.blocks):
+        grads += [like(dw1[i, 0], w1_i), like(db1[i], b1_i), like(dw2[i, 0], w2_i), like(db2[i], b2_i)]
+    grads += [like(dwo[0, 0], weights.w_out), like(dbo[0], weights.b_out)]
+    return dz.permute(0, 3, 1, 2), grads
