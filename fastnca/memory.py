@@ -1,0 +1,132 @@
+"""A memory model: the predicted peak training memory of a preset under a checkpoint policy.
+
+peak = parameters, gradients and Adam moments (fp32)
+     + encoder activations (kept for backward)
+     + stored rollout states (what the checkpoint policy keeps) x state bytes
+     + the working set of one step's backward (recomputed activations, gradient buffers)
+     + the likelihood's activations on the final state.
+The pool's own storage (pool_size final states and their images) is reported beside it, not inside it.
+
+It is a model, not a measurement: benchmarks compare it with ``torch.cuda.max_memory_allocated`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastnca.config import Config, get_preset
+from fastnca.nca import parse_checkpoint
+
+__all__ = ["predict_peak_memory", "rollout_state_sizes", "GIB"]
+
+GIB = 1024**3
+
+
+def _param_count(cfg: Config) -> tuple[int, int]:
+    """(encoder, NCA) parameter counts, computed from the config without building the model."""
+    c0 = cfg.enc_channels
+    enc = cfg.image_channels * c0 * 25 + c0
+    c = c0
+    for _ in range(4):
+        enc += c * 2 * c * 25 + 2 * c
+        c *= 2
+    side = cfg.image_size + 2 * cfg.enc_first_padding - 4
+    for _ in range(4):
+        side = (side - 1) // 2 + 1
+    enc += c * side * side * 2 * cfg.state_channels + 2 * cfg.state_channels
+    zc, h, nb = cfg.state_channels, cfg.hidden_channels, cfg.n_blocks
+    nca = 9 * zc * h + (h if cfg.bias else 0) + nb * 2 * (h * h + (h if cfg.bias else 0))
+    nca += h * zc + (zc if cfg.use_out_bias else 0)
+    return enc, nca
+
+
+def rollout_state_sizes(cfg: Config, num_steps: int | None = None) -> list[int]:
+    """Number of cells (per example) of each step's output grid, in rollout order."""
+    if cfg.doubling:
+        sizes = []
+        side = cfg.seed_size
+        for stage in range(cfg.n_doublings + 1):
+            if stage:
+                side *= 2
+            sizes += [side * side] * cfg.steps_per_stage
+        return sizes
+    t = cfg.max_steps if num_steps is None else num_steps
+    return [cfg.grid_size**2] * t
+
+
+def predict_peak_memory(
+    cfg: Config | str,
+    *,
+    checkpoint: str | None = None,
+    num_steps: int | None = None,
+    backend: str = "triton",
+    batch_size: int | None = None,
+    partial_programs: int = 132,
+) -> dict[str, Any]:
+    """Predict the peak memory of one training iteration, in bytes.
+
+    Args:
+        cfg: a Config or a preset name.
+        checkpoint: the rollout's policy ('none', 'step', 'segments=k', 'auto'); default the config's.
+        num_steps: T for non-doubling rollouts (default: max_steps, the worst case).
+        backend: 'triton' (fused step: saves only each step's input) or 'torch' (reference ops).
+        batch_size: default the config's.
+        partial_programs: how many per-program fp32 weight-gradient partials the fused backward keeps
+            (one per SM of an H100 for a persistent grid).
+
+    Returns:
+        dict with the components (bytes), 'total', 'stored_states' (how many grids the policy keeps at the
+        peak), 'pool' (the pool's own storage, reported beside the total) and 'total_gib'.
+    """
+    if isinstance(cfg, str):
+        cfg = get_preset(cfg)
+    b = cfg.batch_size if batch_size is None else batch_size
+    elem = 2 if cfg.precision == "bf16" else 4
+    zc, h, nb = cfg.state_channels, cfg.hidden_channels, cfg.n_blocks
+    sizes = rollout_state_sizes(cfg, num_steps)
+    steps = len(sizes)
+    policy = checkpoint or cfg.checkpoint
+    seg = parse_checkpoint(policy, steps, cfg.doubling, backend)
+
+    enc_params, nca_params = _param_count(cfg)
+    params = 4 * (enc_params + nca_params)
+    optimiser = 2 * params  # Adam's two moments
+    grads = params
+
+    # Encoder activations saved for backward: input, then each conv's output and its ELU (2 tensors per layer).
+    enc_act = b * cfg.image_channels * cfg.image_size**2 * 4
+    side, c = cfg.image_size + 2 * cfg.enc_first_padding - 4, cfg.enc_channels
+    enc_act += 2 * b * c * side * side * 4
+    for _ in range(4):
+        side, c = (side - 1) // 2 + 1, 2 * c
+        enc_act += 2 * b * c * side * side * 4
+
+    # One step's activations as the reference keeps them for autograd, per cell: input state, perception output,
+    # per block conv1 out, ELU out, conv2 out and the residual sum, the output conv and the masked update.
+    ref_step_per_cell = (2 * zc + h + (h if nb == 0 else 0) + 4 * h * nb + zc) * elem
+    state_cells = [b * n for n in sizes]
+    if seg == 0:  # keep everything
+        per_cell = elem * zc if backend == "triton" else ref_step_per_cell
+        stored = sum(state_cells) * per_cell
+        n_stored = steps
+        recompute = 0
+    else:
+        n_stored = math.ceil(steps / seg) + (seg if seg > 1 else 0)
+        biggest = max(state_cells)
+        stored = (math.ceil(steps / seg) + (seg if seg > 1 else 0)) * biggest * elem * zc
+        # recomputing one step with the reference keeps its activations; the fused step keeps its input only
+        recompute = biggest * (ref_step_per_cell if backend == "torch" else 0)
+    # The fused backward's working set for the largest step: the gradient of the perception output (fp32),
+    # gradient in and out of the state, and the per-program fp32 weight-gradient partials.
+    biggest = max(state_cells)
+    work = biggest * (4 * h + 2 * 4 * zc) + (partial_programs * 4 * nca_params if backend == "triton" else 0)
+    final = b * (cfg.output_size**2) * (zc * elem + 12 * 4 * max(1, cfg.n_mix if cfg.likelihood == "dml" else 1))
+    total = params + grads + optimiser + enc_act + stored + recompute + work + final
+    pool = cfg.pool_size * (zc * cfg.output_size**2 * elem + cfg.image_channels * cfg.image_size**2)
+    return {
+        "params": params, "grads": grads, "optimiser": optimiser, "encoder_activations": enc_act,
+        "rollout_states": stored, "recompute": recompute, "step_working_set": work, "likelihood": final,
+        "total": total, "total_gib": total / GIB, "stored_states": n_stored, "pool": pool, "pool_gib": pool / GIB,
+        "policy": policy, "segment": seg, "num_steps": steps, "backend": backend,
+    }

@@ -1,0 +1,46 @@
+"""The memory model: the policies' ordering, sub-linear growth in T, and the headline goals' predictions."""
+
+import pytest
+import torch
+
+import fastnca
+from fastnca.memory import GIB, predict_peak_memory
+
+
+def test_parameter_bytes_match_the_built_model():
+    for preset in ("mnist-doubling", "mnist-nondoubling", "celeba-nondoubling-256"):
+        n = sum(p.numel() for p in fastnca.build_model(preset).parameters())
+        assert predict_peak_memory(preset)["params"] == 4 * n, preset
+
+
+def test_checkpointing_keeps_fewer_states_than_keeping_everything():
+    kw = dict(num_steps=128)
+    none = predict_peak_memory("celeba-nondoubling-256", checkpoint="none", backend="torch", **kw)
+    step = predict_peak_memory("celeba-nondoubling-256", checkpoint="step", backend="torch", **kw)
+    seg = predict_peak_memory("celeba-nondoubling-256", checkpoint="segments=11", **kw)
+    assert none["total"] > step["total"] > seg["total"]
+    assert none["total"] > 50 * GIB, "the reference without checkpointing needs on the order of 100s of GB here"
+    assert seg["stored_states"] == 12 + 11
+
+
+def test_memory_grows_sublinearly_with_T_under_the_default_policy():
+    small = predict_peak_memory("celeba-nondoubling-256", num_steps=128)
+    big = predict_peak_memory("celeba-nondoubling-256", num_steps=1024)
+    assert big["rollout_states"] < 4 * small["rollout_states"], "expected ~sqrt(T) growth: 8x steps, < 4x states"
+    assert big["total"] <= 8 * GIB and small["total"] <= 6 * GIB
+    assert small["pool_gib"] == pytest.approx(1024 * 256 * 62 * 62 * 2 / GIB, rel=0.01)
+
+
+@pytest.mark.gpu
+def test_prediction_is_within_30_percent_of_the_measured_peak():
+    model = fastnca.build_model("celeba-nondoubling-256", backend="triton", batch_size=8).cuda()
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.rand(8, 3, 62, 62, device="cuda") * 2 - 1
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        model(x, num_steps=64)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated()
+    predicted = predict_peak_memory(model.config, num_steps=64, batch_size=8)["total"]
+    assert 0.7 < predicted / measured < 1.3, f"predicted {predicted / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB"
