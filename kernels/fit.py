@@ -7,7 +7,8 @@ Usage::
 
 For each configuration the kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (no GPU
 needed), and the cubin is read with the ``cuobjdump`` / ``nvdisasm`` that ship in ``triton/backends/nvidia/bin``:
-registers and local memory (spills) per thread, shared memory per program, and the count of Hopper warpgroup
+registers and local memory per thread (spills: ptxas reports them as STACK, so STACK + LOCAL is
+counted, with the STL/LDL instructions), shared memory per program, and the count of Hopper warpgroup
 (HGMMA) and older (HMMA) tensor-core instructions.
 
 With ``TRITON_INTERPRET=1`` (set by tests/conftest.py without a GPU) ``@triton.jit`` has already produced an
@@ -55,7 +56,8 @@ class FitResult(NamedTuple):
     num_warps: int
     num_stages: int
     registers: int
-    spills: int  # bytes of local memory per thread
+    spills: int  # bytes of local memory per thread: cuobjdump's STACK + LOCAL (ptxas spills land in STACK)
+    spill_ops: int  # STL/LDL instructions in the SASS
     shared: int  # bytes per program
     hgmma: int
     hmma: int
@@ -125,11 +127,13 @@ def _fit_in_process(spec: FitSpec, config: tuple[int, ...] | None = None) -> Fit
         sass = subprocess.run([_bin("nvdisasm"), str(cubin)], capture_output=True, text=True, check=True).stdout
     reg = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
-    if reg is None or local is None:
+    stack = re.search(r"STACK:(\d+)", usage)
+    if reg is None or local is None or stack is None:
         raise RuntimeError(f"fit: cannot parse cuobjdump output:\n{usage}")
     return FitResult(
         name=spec.name, block_m=cfg.block_m, block_k=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, registers=int(reg.group(1)), spills=int(local.group(1)),
+        num_stages=cfg.num_stages, registers=int(reg.group(1)),
+        spills=int(stack.group(1)) + int(local.group(1)), spill_ops=len(re.findall(r"\b(?:STL|LDL)\b", sass)),
         shared=int(compiled.metadata.shared), hgmma=len(re.findall(r"\bHGMMA\b", sass)),
         hmma=len(re.findall(r"\bHMMA\b", sass)), compile_s=round(seconds, 1),
     )
@@ -157,11 +161,12 @@ def fit_many(specs: list[FitSpec] | tuple[FitSpec, ...],
 
 def format_table(results: list[FitResult]) -> str:
     """A markdown table of fit results."""
-    head = "| config | BLOCK_M | BLOCK_K | warps | stages | registers | spills (B) | shared (B) | HGMMA | HMMA |"
-    rows = [head, "|" + "---|" * 10]
+    head = ("| config | BLOCK_M | BLOCK_K | warps | stages | registers | spills (B) | STL+LDL | shared (B) "
+            "| HGMMA | HMMA |")
+    rows = [head, "|" + "---|" * 11]
     for r in results:
         rows.append(f"| {r.name} | {r.block_m} | {r.block_k} | {r.num_warps} | {r.num_stages} | {r.registers} | "
-                     f"{r.spills} | {r.shared} | {r.hgmma} | {r.hmma} |")
+                     f"{r.spills} | {r.spill_ops} | {r.shared} | {r.hgmma} | {r.hmma} |")
     return "\n".join(rows)
 
 

@@ -20,7 +20,7 @@ The residual stream ``y`` stays in fp32 registers; it is rounded to the compute 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -194,8 +194,8 @@ def _nca_step_fwd_kernel(
         new = b_z.to(tl.float32) + f
         if HAS_MASK:
             new = tl.where(upd[:, None], new, b_z.to(tl.float32))
-        tl.store(out_ptr + offs_m[:, None] * C + (n0 + offs_n)[None, :], _round(new, out_ptr.dtype.element_ty, UPCAST_DOT),
-                 mask=mask_m[:, None])
+        new = _round(new, out_ptr.dtype.element_ty, UPCAST_DOT)
+        tl.store(out_ptr + offs_m[:, None] * C + (n0 + offs_n)[None, :], new, mask=mask_m[:, None])
 
 
 # ------------------------------------------------------------------------------------------------- launcher
@@ -229,23 +229,29 @@ def step_config(
 ) -> StepConfig:
     """The tiling shipped for a network shape and dtype (the fit numbers in kernels/README.md come from these).
 
-    On the GPU every chunk is 64 wide; at h = 256 the tile is 64 cells x 8 warps, which keeps the fp32
-    residual stream and its block accumulator (2 x 64 registers per thread) on chip without spills.
-    The interpreter takes one config sized to the problem (fewer, larger programs run faster in numpy).
+    Chosen with ``python -m fastnca.kernels.fit`` (sm_90 compile, no spills, shared memory <= 227 KiB):
+    bf16 at h = 256 takes 128 cells x 8 warps with 32-wide hidden chunks, which halves the weight bytes
+    streamed from L2 per FLOP against 64 cells and still fits the fp32 block accumulator in registers;
+    fp32 "ieee" (FFMA) needs smaller tiles to avoid spills. The interpreter takes one config sized to the
+    problem (fewer, larger programs run faster in numpy).
     """
     hid = _padded_hidden(hidden_channels)
-    block_k = _largest_divisor(state_channels, (64, 32, 16))
-    block_k = min(block_k, hid)
+    base_k = min(_largest_divisor(state_channels, (64, 32, 16)), hid)
     block_n = _largest_divisor(state_channels, (64, 32, 16))
     if interpret:
         block_m = 64 if num_cells is None else max(16, min(64, triton.next_power_of_2(num_cells)))
-        return StepConfig(block_m, block_k, block_n, 4, 1)
-    fp32 = dtype == torch.float32
+        return StepConfig(block_m, base_k, block_n, 4, 1)
+    if dtype == torch.bfloat16:
+        if hid >= 256:
+            return StepConfig(128, min(32, base_k), block_n, 8, 3)
+        if hid >= 128:
+            return StepConfig(128, base_k, block_n, 8, 2)
+        return StepConfig(64, base_k, block_n, 4, 2)
     if hid >= 256:
-        return StepConfig(64, 32 if fp32 else 64, block_n, 8, 2)
-    if hid >= 128:
-        return StepConfig(64, 32 if fp32 else 64, block_n, 4, 2)
-    return StepConfig(64, block_k, block_n, 4, 2)
+        return StepConfig(64, min(32, base_k), block_n, 8, 2)
+    if input_precision == "tf32":
+        return StepConfig(64, min(32, base_k), block_n, 4, 2)
+    return StepConfig(32, min(32, base_k), block_n, 8, 2)
 
 
 def _check_device(name: str, t: Tensor, device: torch.device | None = None) -> None:
@@ -397,3 +403,136 @@ def nca_step_fwd(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+# ------------------------------------------------------------------------------------------------- autograd
+class NCAStepFunction(torch.autograd.Function):
+    """Fused forward; backward by recomputation. Saves only the input state and the mask (and the weights,
+    which are inputs anyway), never the activations.
+
+    ``apply(state, mask, double, input_precision, *weights.flat())``.
+    """
+
+    @staticmethod
+    def forward(ctx, state: Tensor, mask: Tensor | None, double: bool, input_precision: str,
+                *flat: Tensor | None) -> Tensor:
+        out = nca_step_fwd(state, UpdateWeights.from_flat(flat), mask, double, input_precision=input_precision)
+        ctx.save_for_backward(state, mask, *flat)
+        ctx.double = double
+        ctx.input_precision = input_precision
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        state, mask, *flat = ctx.saved_tensors
+        grad_state, grad_weights = NCAStepFunction._backward_ref(
+            state, UpdateWeights.from_flat(flat), mask, ctx.double, grad_out, input_precision=ctx.input_precision)
+        return (grad_state, None, None, None, *grad_weights)
+
+    @staticmethod
+    def _backward_ref(
+        state: Tensor,
+        weights: UpdateWeights,
+        mask: Tensor | None,
+        double: bool,
+        grad_out: Tensor,
+        *,
+        input_precision: str = "ieee",
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Gradients of the step by recomputing it with the reference ops in the state's dtype.
+
+        Same contract as ``kernels/nca_step_bwd.py::nca_step_bwd``: returns the state's gradient and one
+        gradient per entry of ``weights.flat()`` (None where a bias is None), each in its tensor's dtype.
+        """
+        flat = weights.flat()
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in flat]
+        state_leaf = state.detach().requires_grad_(True)
+        inputs = [state_leaf] + [t for t in leaves if t is not None]
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        try:
+            # "ieee" must not silently become tf32 in cuDNN's convolutions (their default allows it)
+            torch.backends.cudnn.allow_tf32 = input_precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = input_precision == "tf32"
+            with torch.enable_grad():
+                out = nca_step_ref(state_leaf, UpdateWeights.from_flat(leaves), mask, double)
+                grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        it = iter(grads[1:])
+        return grads[0], [None if t is None else next(it) for t in leaves]
+
+
+# ------------------------------------------------------------------------------------------- custom op
+# Weights cross the op boundary as the present tensors of ``UpdateWeights.flat()`` plus one flag per entry:
+# register_autograd does not take a list of optional tensors.
+def _join(tensors: list[Tensor], present: list[bool]) -> UpdateWeights:
+    it = iter(tensors)
+    return UpdateWeights.from_flat([next(it) if p else None for p in present])
+
+
+@torch.library.custom_op("fastnca::nca_step", mutates_args=())
+def _nca_step_op(
+    state: Tensor, tensors: list[Tensor], present: list[bool], mask: Optional[Tensor], double: bool,  # noqa: UP045
+    input_precision: str,
+) -> Tensor:
+    """``fastnca::nca_step``: the fused forward as an opaque op for torch.compile."""
+    return nca_step_fwd(state, _join(tensors, present), mask, double, input_precision=input_precision)
+
+
+@_nca_step_op.register_fake
+def _nca_step_fake(state, tensors, present, mask, double, input_precision):
+    b, c, h, w = state.shape
+    if double:
+        h, w = 2 * h, 2 * w
+    return state.new_empty((b, h, w, c)).permute(0, 3, 1, 2)  # channels-last, like the kernel's output
+
+
+def _nca_step_setup_context(ctx, inputs, output) -> None:
+    state, tensors, present, mask, double, input_precision = inputs
+    ctx.save_for_backward(state, mask, *tensors)
+    ctx.present = present
+    ctx.double = double
+    ctx.input_precision = input_precision
+
+
+def _nca_step_backward(ctx, grad_out):
+    state, mask, *tensors = ctx.saved_tensors
+    grad_state, grad_weights = NCAStepFunction._backward_ref(
+        state, _join(tensors, ctx.present), mask, ctx.double, grad_out, input_precision=ctx.input_precision)
+    return grad_state, [g for g in grad_weights if g is not None], None, None, None, None
+
+
+_nca_step_op.register_autograd(_nca_step_backward, setup_context=_nca_step_setup_context)
+
+
+def nca_step(
+    state: Tensor,
+    weights: UpdateWeights,
+    mask: Tensor | None = None,
+    double: bool = False,
+    *,
+    input_precision: str = "ieee",
+) -> Tensor:
+    """One fused NCA step ``z' = z + m * f(z)``, differentiable, traceable by torch.compile.
+
+    Runs the fused Triton forward (the op ``torch.ops.fastnca.nca_step``) and, in backward, recomputes the
+    step with the reference ops. Works on CUDA tensors, and on CPU tensors in interpreter mode
+    (``TRITON_INTERPRET=1``).
+
+    Args:
+        state: ``(B, |z|, H, W)`` fp32 or bf16, channels-last in memory (physically ``(B, H, W, |z|)``; other
+            layouts are made channels-last once); with ``double=True`` the half-resolution state.
+        weights: the update network (fp32 or bf16; cast to the state's dtype). |z| and h: multiples of 16
+            from 16 to 256.
+        mask: ``(B, 1, H', W')`` 0/1 per cell of the output grid (bool, integer or float), or None: every cell
+            updates. Not differentiated.
+        double: nearest-neighbour x2 upsampling of the state, fused into the step's reads.
+        input_precision: "ieee" or "tf32" for fp32 dots (bf16 always accumulates in fp32).
+
+    Returns:
+        ``(B, |z|, H', W')`` in the state's dtype, channels-last; ``H' = 2H`` when doubling, else ``H``.
+    """
+    _check_inputs(state, weights, mask, double, input_precision)
+    flat = weights.flat()
+    return _nca_step_op(state, [t for t in flat if t is not None], [t is not None for t in flat], mask, bool(double),
+                        input_precision)
