@@ -196,16 +196,21 @@ def _mnist_rows(data_dir: Path) -> tuple[dict[str, np.ndarray], Path]:
                     raise DataError(f"{npz}: expected keys train, valid, test; missing {missing}; {_HOW_TO_GET}")
                 return {k: _check_mnist(npz, k, f[k]) for k in ("train", "valid", "test")}, npz
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise DataError(f"{npz}: not a readable .npz archive ({err}); expected keys train/valid/test "
-                            f"with (N, 784) uint8 arrays; {_HOW_TO_GET}") from err
+            raise DataError(
+                f"{npz}: not a readable .npz archive ({err}); expected keys train/valid/test "
+                f"with (N, 784) uint8 arrays; {_HOW_TO_GET}"
+            ) from err
     amats = {s: data_dir / MNIST_AMAT.format(split=s) for s in ("train", "valid", "test")}
     if all(p.is_file() for p in amats.values()):
         key = "mnist-amat-" + _fingerprint(list(amats.values()), "v1")
         stacked = _cached(key, lambda: np.concatenate([_check_mnist(p, s, _read_amat(p)) for s, p in amats.items()]))
         n_train = sum(1 for _ in open(amats["train"], "rb"))
         n_valid = sum(1 for _ in open(amats["valid"], "rb"))
-        rows = {"train": stacked[:n_train], "valid": stacked[n_train : n_train + n_valid],
-                "test": stacked[n_train + n_valid :]}
+        rows = {
+            "train": stacked[:n_train],
+            "valid": stacked[n_train : n_train + n_valid],
+            "test": stacked[n_train + n_valid :],
+        }
         return rows, amats["train"].parent
     missing = [str(p) for p in amats.values() if not p.is_file()]
     raise DataError(
@@ -269,8 +274,14 @@ def _decode_all(files: list[Path], image_size: int, on_white: bool, desc: str) -
     from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(workers) as pool:
-        for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, unit="img", leave=False,
-                      disable=len(files) < 2000):
+        for _ in tqdm(
+            pool.map(work, range(len(files))),
+            total=len(files),
+            desc=desc,
+            unit="img",
+            leave=False,
+            disable=len(files) < 2000,
+        ):
             pass
     return out
 
@@ -293,8 +304,10 @@ def load_emoji(data_dir: str | os.PathLike[str] | None = None, *, image_size: in
     root = resolve_data_dir(data_dir)
     folder = root / EMOJI_DIR / "128"
     if not folder.is_dir():
-        raise DataError(f"Noto Emoji not found: expected the folder {folder} with 128x128 RGBA PNGs "
-                        f"(png/128 of googlefonts/noto-emoji at tag {EMOJI_TAG}); {_HOW_TO_GET}")
+        raise DataError(
+            f"Noto Emoji not found: expected the folder {folder} with 128x128 RGBA PNGs "
+            f"(png/128 of googlefonts/noto-emoji at tag {EMOJI_TAG}); {_HOW_TO_GET}"
+        )
     files = _image_files(folder)
     if not files:
         raise DataError(f"{folder}: expected *.png emoji images, found none; {_HOW_TO_GET}")
@@ -311,8 +324,10 @@ def _celeba_torchvision(root: Path) -> tuple[list[Path], list[Path]] | None:
     if not images.is_dir():
         return None
     if not partition.is_file():
-        raise DataError(f"{partition}: expected CelebA's official partition file (lines 'NNNNNN.jpg 0|1|2') beside "
-                        f"{images}; {_HOW_TO_GET}")
+        raise DataError(
+            f"{partition}: expected CelebA's official partition file (lines 'NNNNNN.jpg 0|1|2') beside "
+            f"{images}; {_HOW_TO_GET}"
+        )
     train: list[Path] = []
     test: list[Path] = []
     for line in partition.read_text().splitlines():
@@ -375,8 +390,10 @@ def load_for_config(cfg, data_dir: str | os.PathLike[str] | None = None) -> Spli
     """The dataset of a :class:`fastnca.config.Config`, checked against its image channels."""
     splits = load_dataset(cfg.dataset, image_size=cfg.image_size, data_dir=data_dir)
     if splits.shape[0] != cfg.image_channels:
-        raise ValueError(f"image_channels: the {cfg.dataset} images have {splits.shape[0]} channels, "
-                         f"the config says {cfg.image_channels}")
+        raise ValueError(
+            f"image_channels: the {cfg.dataset} images have {splits.shape[0]} channels, "
+            f"the config says {cfg.image_channels}"
+        )
     return splits
 
 
@@ -491,8 +508,9 @@ def _download_celeba(root: Path, log: Callable[[str], None]) -> None:
     CelebA(str(root), split="all", target_type=[], download=True)
 
 
-def download(data_dir: str | os.PathLike[str], names: tuple[str, ...] = DATASETS,
-             log: Callable[[str], None] = print) -> None:
+def download(
+    data_dir: str | os.PathLike[str], names: tuple[str, ...] = DATASETS, log: Callable[[str], None] = print
+) -> None:
     """Download the public datasets into ``data_dir`` (created if needed): MNIST .amat files, Noto Emoji at
     tag v2.028 (only its png/128 folder is kept), CelebA through torchvision. Needs internet.
     """
