@@ -1,0 +1,154 @@
+"""The dataset loaders on the real data in $FASTNCA_DATA (set by tests/conftest.py): shapes, ranges, splits, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastnca import data
+from fastnca.config import get_preset
+
+DATA_DIR = Path(os.environ.get("FASTNCA_DATA", "")) if os.environ.get("FASTNCA_DATA") else None
+needs_data = pytest.mark.skipif(DATA_DIR is None or not DATA_DIR.is_dir(), reason="FASTNCA_DATA not available")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Decoded-image caches go to a temp folder, so each test run decodes the folders for real once."""
+    old = os.environ.get(data.CACHE_ENV)
+    os.environ[data.CACHE_ENV] = str(tmp_path_factory.mktemp("fastnca-cache"))
+    yield
+    if old is None:
+        os.environ.pop(data.CACHE_ENV, None)
+    else:
+        os.environ[data.CACHE_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def mnist32():
+    return data.load_mnist(image_size=32)
+
+
+@needs_data
+def test_mnist_splits_shapes_values(mnist32):
+    assert mnist32.train.shape == (60_000, 1, 32, 32), "train+valid"
+    assert mnist32.test.shape == (10_000, 1, 32, 32)
+    assert mnist32.train.dtype == torch.uint8
+    assert set(mnist32.test.unique().tolist()) == {0, 1}
+    # the 2-pixel zero padding of the doubling models
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert mnist32.train[:, :, border].sum() == 0
+    # documented pixel mean of the test split (../shared/data/README.md)
+    assert abs(mnist32.test[:, :, 2:30, 2:30].float().mean().item() - 0.13251) < 5e-5
+
+
+@needs_data
+def test_mnist_row_order_and_28px(mnist32):
+    m28 = data.load_mnist(image_size=28)
+    assert m28.train.shape == (60_000, 1, 28, 28) and m28.test.shape == (10_000, 1, 28, 28)
+    assert torch.equal(m28.test, mnist32.test[:, :, 2:30, 2:30])
+    with np.load(DATA_DIR / "binarized_mnist.npz") as f:
+        assert np.array_equal(m28.test[0, 0].numpy().ravel(), f["test"][0])
+        assert np.array_equal(m28.train[50_000, 0].numpy().ravel(), f["valid"][0]), "valid follows train"
+
+
+def test_mnist_from_amat_files(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = {s: rng.integers(0, 2, (n, 784)) for s, n in (("train", 5), ("valid", 3), ("test", 4))}
+    for s, r in rows.items():
+        np.savetxt(tmp_path / f"binarized_mnist_{s}.amat", r, fmt="%d")
+    m = data.load_mnist(tmp_path, image_size=28)
+    assert m.train.shape == (8, 1, 28, 28) and m.test.shape == (4, 1, 28, 28)
+    assert np.array_equal(m.train[5, 0].numpy().ravel(), rows["valid"][0])
+    assert np.array_equal(m.test[3, 0].numpy().ravel(), rows["test"][3])
+
+
+def test_mnist_missing_and_corrupt_files_are_named(tmp_path):
+    with pytest.raises(data.DataError, match="binarized_mnist.npz") as err:
+        data.load_mnist(tmp_path)
+    assert "binarized_mnist_train.amat" in str(err.value) and "--download" in str(err.value)
+    (tmp_path / "binarized_mnist.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(data.DataError, match=r"binarized_mnist\.npz.*expected keys train/valid/test"):
+        data.load_mnist(tmp_path)
+    np.savez(tmp_path / "binarized_mnist.npz", train=np.zeros((2, 784), np.uint8))
+    with pytest.raises(data.DataError, match=r"missing \['valid', 'test'\]"):
+        data.load_mnist(tmp_path)
+
+
+def test_missing_data_dir_is_named(tmp_path):
+    with pytest.raises(data.DataError, match="nowhere.*does not exist"):
+        data.resolve_data_dir(tmp_path / "nowhere")
+
+
+@needs_data
+def test_emoji_split_and_compositing():
+    before = sorted(os.listdir(DATA_DIR))
+    e = data.load_emoji(image_size=64)
+    assert e.train.shape == (2656, 3, 64, 64) and e.test.shape == (664, 3, 64, 64)
+    assert e.train.dtype == torch.uint8
+    # transparent corners composite to white for almost every emoji
+    corners = torch.cat([e.train[:, :, 0, 0], e.train[:, :, -1, -1]])
+    assert (corners == 255).all(1).float().mean() > 0.9
+    # the split is a fixed function of the sorted names: a second load (from the cache) is identical
+    e2 = data.load_emoji(image_size=64)
+    assert torch.equal(e.train, e2.train) and torch.equal(e.test, e2.test)
+    assert sorted(os.listdir(DATA_DIR)) == before, "nothing may be written into the data directory"
+
+
+@needs_data
+def test_celeba_folder_split_and_speed():
+    t0 = time.perf_counter()
+    c = data.load_celeba(image_size=64)
+    took = time.perf_counter() - t0
+    assert c.train.shape == (5400, 3, 64, 64) and c.test.shape == (600, 3, 64, 64), "last 10% of names = test"
+    assert c.train.dtype == torch.uint8 and c.train.max() > 200 and c.train.min() < 30
+    assert took < 60, f"decoding 6000 JPEGs took {took:.1f} s"
+    c32 = data.load_celeba(image_size=32)
+    assert c32.test.shape == (600, 3, 32, 32)
+
+
+def test_image_folders_missing_or_corrupt(tmp_path):
+    with pytest.raises(data.DataError, match=r"noto-emoji-v2\.028/128"):
+        data.load_emoji(tmp_path)
+    with pytest.raises(data.DataError, match=r"celeba-subset/images"):
+        data.load_celeba(tmp_path)
+    folder = tmp_path / "noto-emoji-v2.028" / "128"
+    folder.mkdir(parents=True)
+    (folder / "emoji_u0000.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(data.DataError, match=r"emoji_u0000\.png: expected a readable image"):
+        data.load_emoji(tmp_path)
+
+
+@needs_data
+def test_celeba_torchvision_layout(tmp_path):
+    src = sorted((DATA_DIR / "celeba-subset" / "images").iterdir())[:6]
+    images = tmp_path / "celeba" / "img_align_celeba"
+    images.mkdir(parents=True)
+    lines = []
+    for i, f in enumerate(src):
+        shutil.copy(f, images / f.name)
+        lines.append(f"{f.name} {[0, 0, 0, 1, 2, 2][i]}")
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    c = data.load_celeba(tmp_path, image_size=32)
+    assert c.train.shape == (3, 3, 32, 32) and c.test.shape == (2, 3, 32, 32), "official train (0) and test (2)"
+
+
+def test_to_model_domains():
+    x = torch.tensor([0, 1], dtype=torch.uint8)
+    assert torch.equal(data.to_model(x, "bernoulli"), torch.tensor([0.0, 1.0]))
+    y = data.to_model(torch.tensor([0, 255], dtype=torch.uint8), "dml")
+    assert y.dtype == torch.float32 and torch.equal(y, torch.tensor([-1.0, 1.0]))
+
+
+@needs_data
+def test_load_for_config_nondoubling_mnist():
+    s = data.load_for_config(get_preset("mnist-nondoubling"))
+    assert s.shape == (1, 28, 28)
+    assert "mnist" in "\n".join(data.describe())
