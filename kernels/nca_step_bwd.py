@@ -428,28 +428,40 @@ def _chunk(n: int, cap: int) -> int:
     return b
 
 
-def bwd_config(state_channels: int, hidden_channels: int, dtype: torch.dtype) -> BwdConfig:
+def bwd_config(
+    state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee"
+) -> BwdConfig:
     """The shipped tile configuration; ``tests/kernels/test_fit_bwd.py`` compiles each one for sm_90.
 
+    Chosen by compiling for sm_90 (numbers in ``kernels/BACKWARD.md``): the main kernel keeps two fp32
+    ``(BLOCK_M, h)`` tensors live (the dot operand of the residual stream and its accumulator), so wide networks
+    take small hidden chunks; fp32 "ieee" dots run on FMA units with register operands and take 32-cell tiles.
     In the interpreter the tiles are small, so that tests run many programs and partial tiles quickly.
     """
     c, h = state_channels, hidden_channels
     if _INTERPRET:
         return BwdConfig(16, _chunk(h, 32), _chunk(c, 32), 4, 1, 16, _chunk(h, 32), 4, 1, 32, 16, 4, 1)
-    bf16 = dtype == torch.bfloat16
     wide = max(c, h) > 128
+    ieee = dtype == torch.float32 and input_precision == "ieee"
+    # (BLOCK_M, BLOCK_K, BLOCK_C, warps, stages) of the main kernel, (BLOCK_M, BLOCK_K, warps) of the state kernel
+    if dtype == torch.bfloat16:
+        main, dstate = ((64, 32, 32, 8, 2), (64, 64, 8)) if wide else ((64, 64, 64, 8, 2), (64, 64, 4))
+    elif input_precision == "tf32":
+        main, dstate = ((64, 16, 32, 8, 1), (64, 32, 8)) if wide else ((64, 32, 32, 8, 2), (64, 32, 4))
+    else:
+        main, dstate = ((16, 16, 16, 4, 2), (16, 16, 4)) if wide else ((32, 32, 32, 4, 2), (32, 32, 4))
     return BwdConfig(
-        block_m=64,
-        block_k=_chunk(h, 64 if bf16 or not wide else 32),
-        block_c=_chunk(c, 64 if bf16 or not wide else 32),
-        warps=8 if wide else 4,
-        stages=2,
-        ds_block_m=64,
-        ds_block_k=_chunk(h, 64 if bf16 or not wide else 32),
-        ds_warps=8 if wide else 4,
+        block_m=main[0],
+        block_k=_chunk(h, main[1]),
+        block_c=_chunk(c, main[2]),
+        warps=main[3],
+        stages=main[4],
+        ds_block_m=dstate[0],
+        ds_block_k=_chunk(h, dstate[1]),
+        ds_warps=dstate[2],
         ds_stages=2,
-        wg_block=128,
-        wg_block_cells=64 if bf16 else 32,
+        wg_block=64 if ieee else 128,
+        wg_block_cells=64 if dtype == torch.bfloat16 else 32,
         wg_warps=8,
         wg_stages=3,
     )
@@ -489,7 +501,7 @@ def bwd_kernel_specs(
     input_precision: str = "ieee",
 ) -> list[KernelSpec]:
     """Every kernel variant ``nca_step_bwd`` launches for these shapes, as :class:`KernelSpec` (for fit tests)."""
-    cfg = bwd_config(state_channels, hidden_channels, dtype)
+    cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision)
     c, h = state_channels, hidden_channels
     ty = _TL_DTYPE[dtype]
 
@@ -711,7 +723,7 @@ def nca_step_bwd(
     nb = weights.n_blocks
     hh, ww = (2 * h_in, 2 * w_in) if double else (h_in, w_in)
     m = b * hh * ww
-    cfg = bwd_config(c, h, dt)
+    cfg = bwd_config(c, h, dt, input_precision)
     upcast = _INTERPRET and dt == torch.bfloat16
 
     # ---- pack
