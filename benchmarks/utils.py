@@ -118,7 +118,7 @@ class NvmlMonitor:
     """
 
     device: torch.device
-    interval_s: float = 0.01
+    interval_s: float = 0.02
     power_w: list[float] = field(default_factory=list)
     mem_used_max: int | None = None
     energy_j: float | None = None

@@ -1,0 +1,141 @@
+"""The runner end to end at tiny sizes on the CPU: JSON and markdown with the expected fields, the
+unavailable and time-budget paths, the summary of a gpu_check folder, and the import shim gpu_check.sh uses.
+
+No speed claims: these check code paths only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import cases, runner
+from benchmarks.summarize import compare_losses, pytest_line, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_FIELDS = {"case", "kind", "backend", "impl", "precision", "status", "checkpoint", "parity", "time_ms", "cost",
+              "cell_updates_per_s", "tflops_model", "tflops_executed", "frac_peak", "floor_ms", "power", "speedup"}
+META_FIELDS = {"date_utc", "torch", "triton", "commit", "gpu", "sm_count", "driver", "mode", "python"}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, subprocess.CompletedProcess]:
+    """One real `python -m benchmarks` run in a subprocess (TRITON_INTERPRET set by the package itself)."""
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "benchmarks", "--tiny", "--device", "cpu", "--out", str(out), "--cases", "step",
+           "train-mnist-doubling", "--backends", "torch-fp32", "torch-bf16-cl", "triton-bf16", "torch-fp32@step"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), proc
+
+
+def test_cli_writes_json_with_expected_fields(cli_run) -> None:
+    result, _, _ = cli_run
+    assert META_FIELDS <= set(result["meta"]), META_FIELDS - set(result["meta"])
+    assert result["meta"]["speed_claim"] is False and result["meta"]["triton_interpret"] is True
+    assert {"matmul_bf16", "copy"} <= set(result["peaks"])
+    rows = {(r["case"], r["backend"]): r for r in result["rows"]}
+    assert set(rows) == {("step", b) for b in ("torch-fp32", "torch-bf16-cl", "triton-bf16", "torch-fp32@step")} | {
+        ("train-mnist-doubling", b) for b in ("torch-fp32", "torch-bf16-cl", "triton-bf16", "torch-fp32@step")}
+    for key, r in rows.items():
+        if cases.triton_unavailable(torch.device("cpu")) and r["impl"] == "triton":
+            assert r["status"].startswith("unavailable"), (key, r["status"])
+            continue
+        assert r["status"] == "ok", (key, r["status"])
+        assert ROW_FIELDS <= set(r), (key, ROW_FIELDS - set(r))
+        assert r["parity"]["ok"] and r["parity"]["rel_err"] <= r["parity"]["tol"]
+        assert r["time_ms"]["p20"] <= r["time_ms"]["median"] <= r["time_ms"]["p80"]
+        assert r["cost"]["flops_model"] > 0 and r["cell_updates_per_s"] > 0
+    assert rows[("step", "torch-fp32")]["speedup"]["vs torch-fp32"] == pytest.approx(1.0)
+    train = rows[("train-mnist-doubling", "torch-fp32@step")]
+    assert train["checkpoint"] == "step" and train["cost"]["flops_executed"] > train["cost"]["flops_model"]
+    assert rows[("train-mnist-doubling", "torch-fp32")]["checkpoint"] == "auto -> none"
+    assert "predicted_memory" in train
+
+
+def test_cli_writes_markdown_and_prints_parity_first(cli_run) -> None:
+    _, md, proc = cli_run
+    assert "no speed claim" in md
+    assert "| case | backend | ckpt | parity rel err (tol) | median ms [p20, p80] |" in md
+    assert md.count("\n| step |") == 4 and md.count("\n| train-mnist-doubling |") == 4
+    out = proc.stdout
+    assert out.index("parity torch-fp32") < out.index("time   torch-fp32")
+
+
+def test_unavailable_backend_and_time_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cases, "triton_unavailable", lambda device: "no fused kernel in this test")
+    res = runner.run([("step", ["triton-fp32", "compile-fp32"]), ("rollout-mnist-doubling", ["compile-fp32"])],
+                     device=torch.device("cpu"), out=tmp_path, tiny=True, quick=False, peaks=False, quiet=True)
+    st = [r["status"] for r in res["rows"]]
+    assert st[0] == "unavailable: ModuleNotFoundError: no fused kernel in this test"
+    assert st[1] == "ok"
+    assert st[2].startswith("unavailable: NotImplementedError: torch.compile is benchmarked per step only")
+    assert (tmp_path / "bench.md").is_file()
+    res = runner.run([("step", ["torch-fp32"])], device=torch.device("cpu"), out=tmp_path, tiny=True, quick=True,
+                     time_budget_s=1e-9, peaks=False, quiet=True)
+    assert res["rows"][0]["status"] == "skipped: time budget spent"
+
+
+def test_plan_selection() -> None:
+    plan = runner._select(runner.QUICK_PLAN, ["train-mnist-doubling"], ["triton-bf16", "compile-fp32"])
+    assert plan == [("train-mnist-doubling", ["triton-bf16"])]
+    assert [c for c, _ in runner._select(runner.default_plan(), None, None)] == list(cases.CASES)
+    with pytest.raises(SystemExit):
+        runner._select(runner.QUICK_PLAN, ["nope"], None)
+    with pytest.raises(ValueError, match="backend"):
+        cases.parse_backend("cuda-fp64")
+    b = cases.parse_backend("torch-bf16-cl@segments=4")
+    assert b.autocast and b.checkpoint == "segments=4" and b.model_precision == "fp32"
+
+
+def test_summarize_gpu_check_folder(tmp_path: Path, cli_run) -> None:
+    result, _, _ = cli_run
+    (tmp_path / "bench.json").write_text(json.dumps(result))
+    (tmp_path / "tests.txt").write_text("....\n==== 12 passed, 1 skipped in 41.2s ====\n")
+    rows = [{"step": s, "split": "train", "loss": 500.0 - s, "it_per_s": 5.0, "elapsed_s": s / 5} for s in (10, 20)]
+    (tmp_path / "train_triton.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken")
+    (tmp_path / "train_torch.jsonl").write_text(json.dumps({**rows[0], "loss": 491.0, "it_per_s": 2.0,
+                                                            "elapsed_s": 5.0}) + "\n")
+    text = summarize(tmp_path, {"tests": "0"}, note="import: test")
+    assert (tmp_path / "summary.md").read_text() == text
+    assert "12 passed, 1 skipped in 41.2s" in text and "import: test" in text
+    assert "step 10: triton 490.0000 vs torch 491.0000" in text
+    assert "| step | triton-bf16 |" in text or "| step | torch-fp32 |" in text
+    assert pytest_line("no summary here") == "no summary here"
+    assert compare_losses([], rows) == {"common_steps": 0}
+    empty = summarize(tmp_path / "nothing")
+    assert "missing: tests.txt" in empty and "missing: bench.json" in empty and "no metrics rows" in empty
+
+
+def test_import_shim_serves_fastnca_kernels(tmp_path: Path) -> None:
+    """gpu_check.sh's fallback: with only PYTHONPATH (no editable install), fastnca.kernels still imports."""
+    code = ("import sys; sys.path[:0] = [{shim!r}, {root!r}] + {sp!r}; import sitecustomize; "
+            "import fastnca.kernels.reference as r; print(r.__file__)").format(
+        shim=str(ROOT / "benchmarks" / "_import_shim"), root=str(ROOT), sp=site.getsitepackages())
+    # -S: no site-packages .pth files, so the project's own editable-install finder is not active
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(ROOT / "kernels" / "reference.py")
+
+
+def test_gpu_check_script_setup_and_summary_only(tmp_path: Path) -> None:
+    """The script's setup and summary on the CPU (no stages): 7 files at most, summary printed last."""
+    env = {**os.environ, "GPU_CHECK_STAGES": "", "GPU_CHECK_IMPORT": "shim", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["gpu_check.log", "summary.md"], files
+    assert proc.stdout.rstrip().endswith("no step logged by both runs")
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "import: PYTHONPATH + benchmarks/_import_shim" in log
