@@ -69,10 +69,25 @@ def _elu_grad(x):
 
 
 @triton.jit
-def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; UPCAST_DOT computes bf16 operands in fp32 (the interpreter's bf16 dot
+def _rne(x, INTERP_BF16: tl.constexpr):
+    """x (fp32), rounded to bf16's precision to nearest-even when INTERP_BF16, so the cast that follows is exact.
+
+    The interpreter truncates fp32 -> bf16 casts (checked with triton 3.8) where the GPU rounds to nearest-even;
+    truncation's one-sided error adds up over cells and would make the CPU tests' bf16 errors a few times those of
+    the GPU. A no-op on the GPU, where INTERP_BF16 is False.
+    """
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _mma(a, b, acc, INTERP_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; INTERP_BF16 computes bf16 operands in fp32 (the interpreter's bf16 dot
     is wrong, see docs/KERNELS.md)."""
-    if UPCAST_DOT:
+    if INTERP_BF16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -102,7 +117,7 @@ def _nca_step_bwd_kernel(
     H,  # grid height (doubled when DOUBLE)
     W,  # grid width (doubled when DOUBLE)
     C: tl.constexpr,  # |z|
-    HID: tl.constexpr,  # h
+    HID: tl.constexpr,  # h (a power of two: the launcher pads the hidden channels with zero weights)
     N_BLOCKS: tl.constexpr,
     DOUBLE: tl.constexpr,  # read the (B, H/2, W/2, C) input through (row // 2, col // 2)
     HAS_MASK: tl.constexpr,
@@ -111,7 +126,7 @@ def _nca_step_bwd_kernel(
     HAS_B2: tl.constexpr,
     PERCEIVE_ELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
-    UPCAST_DOT: tl.constexpr,  # interpreter only: compute bf16 dots in fp32
+    INTERP_BF16: tl.constexpr,  # interpreter with bf16: dots in fp32, casts rounded to nearest (see _rne)
     BLOCK_M: tl.constexpr,  # cells per program
     BLOCK_K: tl.constexpr,  # hidden-channel chunk of the residual blocks
     BLOCK_C: tl.constexpr,  # state-channel chunk of the perception conv and the output conv
@@ -173,7 +188,7 @@ def _nca_step_bwd_kernel(
         src = (bat * H_in + r) * W_in + c  # (BLOCK_M,) input cell ids; out-of-grid ones are masked
         b_z = tl.load(z_ptr + src[:, None] * C + (c0 + offs_c)[None, :], mask=ok[:, None], other=0.0)
         b_w = tl.load(w3_ptr + (tap * C + c0 + offs_c)[:, None] * HID + offs_h[None, :])
-        acc = _mma(b_z, b_w, acc, UPCAST_DOT, INPUT_PRECISION)
+        acc = _mma(b_z, b_w, acc, INTERP_BF16, INPUT_PRECISION)
     if HAS_B3:
         acc += tl.load(b3_ptr + offs_h)[None, :]
     if PERCEIVE_ELU:
@@ -184,22 +199,22 @@ def _nca_step_bwd_kernel(
 
     # ---- forward through the blocks, saving each block's input and pre-activation
     for blk in range(N_BLOCKS):
-        tl.store(y_ptr + blk * buf_stride + cells_h, y.to(dt), mask=mask_m[:, None])
-        y_a = y.to(dt)
+        tl.store(y_ptr + blk * buf_stride + cells_h, _rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
+        y_a = _rne(y, INTERP_BF16).to(dt)
         if HAS_B2:
             acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
         else:
             acc = y
         for j in range(0, HID, BLOCK_K):
             b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
-            t = _mma(y_a, b_w1t, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+            t = _mma(y_a, b_w1t, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
             if HAS_B1:
                 t += tl.load(b1_ptr + blk * HID + j + offs_k)[None, :]
-            tl.store(a_ptr + blk * buf_stride + j + cells_k, t.to(dt), mask=mask_m[:, None])
+            tl.store(a_ptr + blk * buf_stride + j + cells_k, _rne(t, INTERP_BF16).to(dt), mask=mask_m[:, None])
             b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
-            acc = _mma(_elu(t).to(dt), b_w2t, acc, UPCAST_DOT, INPUT_PRECISION)
+            acc = _mma(_rne(_elu(t), INTERP_BF16).to(dt), b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
         y = acc
-    tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, y.to(dt), mask=mask_m[:, None])
+    tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, _rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
     # the backward re-reads a_i written by other threads of this program
     tl.debug_barrier()
 
@@ -214,42 +229,43 @@ def _nca_step_bwd_kernel(
             b_g = tl.where(upd[:, None], b_g, 0.0).to(dt)
         tl.store(g_ptr + cells_c, b_g, mask=mask_m[:, None])
         b_wo = tl.load(wout_ptr + (c0 + offs_c)[:, None] * HID + offs_h[None, :])
-        dy = _mma(b_g, b_wo, dy, UPCAST_DOT, INPUT_PRECISION)
+        dy = _mma(b_g, b_wo, dy, INTERP_BF16, INPUT_PRECISION)
 
     # ---- backward through the blocks in reverse
     for i in range(N_BLOCKS):
         blk = N_BLOCKS - 1 - i
-        tl.store(dy_ptr + blk * buf_stride + cells_h, dy.to(dt), mask=mask_m[:, None])
-        dy_a = dy.to(dt)
+        tl.store(dy_ptr + blk * buf_stride + cells_h, _rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
+        dy_a = _rne(dy, INTERP_BF16).to(dt)
         acc = dy
         for j in range(0, HID, BLOCK_K):
             b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
-            du = _mma(dy_a, b_w2, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+            du = _mma(dy_a, b_w2, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
             b_a = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
             da = du * _elu_grad(b_a.to(tl.float32))
-            tl.store(da_ptr + blk * buf_stride + j + cells_k, da.to(dt), mask=mask_m[:, None])
+            tl.store(da_ptr + blk * buf_stride + j + cells_k, _rne(da, INTERP_BF16).to(dt), mask=mask_m[:, None])
             b_w1 = tl.load(w1_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
-            acc = _mma(da.to(dt), b_w1, acc, UPCAST_DOT, INPUT_PRECISION)
+            acc = _mma(_rne(da, INTERP_BF16).to(dt), b_w1, acc, INTERP_BF16, INPUT_PRECISION)
         dy = acc
     if PERCEIVE_ELU:
         dy = dy * _elu_grad(pre)
-    tl.store(dpre_ptr + cells_h, dy.to(dt), mask=mask_m[:, None])
+    tl.store(dpre_ptr + cells_h, _rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
 
 
 @triton.jit
 def _nca_step_bwd_dstate_kernel(
     dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
-    wb_ptr,  # (KS * KS, HID, C) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
+    wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
     gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
     dz_ptr,  # out (B, H_in, W_in, C) state gradient, compute dtype
     M_in,  # number of input cells B * H_in * W_in
     H,  # grid height (doubled when DOUBLE)
     W,  # grid width (doubled when DOUBLE)
     C: tl.constexpr,  # |z|
-    HID: tl.constexpr,  # h
+    C_PAD: tl.constexpr,  # |z| rounded up to a power of two (the columns of wb)
+    HID: tl.constexpr,  # h (a power of two: the launcher pads the hidden channels)
     DOUBLE: tl.constexpr,  # the input is the half-resolution state
     INPUT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,  # input cells per program
     BLOCK_K: tl.constexpr,  # hidden-channel chunk
 ):
@@ -281,16 +297,17 @@ def _nca_step_bwd_dstate_kernel(
     row = rem // W_in
     col = rem % W_in
     offs_k = tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, C)
+    offs_n = tl.arange(0, C_PAD)
+    mask_mn = mask_m[:, None] & (offs_n < C)[None, :]
 
     # identity path of z' = z + m * f(z)
     if DOUBLE:
-        acc = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, C_PAD), dtype=tl.float32)
         for q in tl.static_range(4):
             src = (bat * H + SCALE * row + q // 2) * W + SCALE * col + q % 2
-            acc += tl.load(gout_ptr + src[:, None] * C + offs_n[None, :], mask=mask_m[:, None], other=0.0)
+            acc += tl.load(gout_ptr + src[:, None] * C + offs_n[None, :], mask=mask_mn, other=0.0)
     else:
-        acc = tl.load(gout_ptr + offs_m[:, None] * C + offs_n[None, :], mask=mask_m[:, None], other=0.0)
+        acc = tl.load(gout_ptr + offs_m[:, None] * C + offs_n[None, :], mask=mask_mn, other=0.0)
         acc = acc.to(tl.float32)
 
     # transposed 3x3 conv: gather the neighbours' dpre, KS x KS taps x HID/BLOCK_K chunks
@@ -303,9 +320,11 @@ def _nca_step_bwd_dstate_kernel(
         ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
         src = (bat * H + r) * W + c  # (BLOCK_M,) full-grid cell ids; out-of-grid ones are masked
         b_d = tl.load(dpre_ptr + src[:, None] * HID + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
-        b_w = tl.load(wb_ptr + (tap * HID + k0 + offs_k)[:, None] * C + offs_n[None, :])
-        acc = _mma(b_d, b_w, acc, UPCAST_DOT, INPUT_PRECISION)
-    tl.store(dz_ptr + offs_m[:, None] * C + offs_n[None, :], acc.to(dz_ptr.dtype.element_ty), mask=mask_m[:, None])
+        b_w = tl.load(wb_ptr + (tap * HID + k0 + offs_k)[:, None] * C_PAD + offs_n[None, :])
+        acc = _mma(b_d, b_w, acc, INTERP_BF16, INPUT_PRECISION)
+    tl.store(
+        dz_ptr + offs_m[:, None] * C + offs_n[None, :], _rne(acc, INTERP_BF16).to(dz_ptr.dtype.element_ty), mask=mask_mn
+    )
 
 
 @triton.jit
@@ -328,7 +347,7 @@ def _nca_step_bwd_wgrad_kernel(
     B_ELU: tl.constexpr,  # apply ELU to b as it is loaded (b holds pre-activations)
     WITH_DB: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     BLOCK_A: tl.constexpr,  # rows of the dW tile (over NA)
     BLOCK_B: tl.constexpr,  # columns of the dW tile (over NB)
     BLOCK_CELLS: tl.constexpr,  # cells per step of the reduction
@@ -389,8 +408,8 @@ def _nca_step_bwd_wgrad_kernel(
         else:
             b_b = tl.load(b_base + offs_cell[:, None] * NB + offs_b[None, :], mask=ok[:, None], other=0.0)
         if B_ELU:
-            b_b = _elu(b_b.to(tl.float32)).to(b_at.dtype)
-        acc = _mma(b_at, b_b, acc, UPCAST_DOT, INPUT_PRECISION)
+            b_b = _rne(_elu(b_b.to(tl.float32)), INTERP_BF16).to(b_at.dtype)
+        acc = _mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
         if WITH_DB:
             colsum += tl.sum(b_at.to(tl.float32), axis=1)
     slot = (s * N_MAT + mat) * T + tap
@@ -501,7 +520,7 @@ def bwd_kernel_specs(
     input_precision: str = "ieee",
 ) -> list[KernelSpec]:
     """Every kernel variant ``nca_step_bwd`` launches for these shapes, as :class:`KernelSpec` (for fit tests)."""
-    cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision)
+    cfg = bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision)
     c, h = state_channels, hidden_channels
     ty = _TL_DTYPE[dtype]
 
@@ -531,9 +550,10 @@ def bwd_kernel_specs(
         )
     }
     main_ptrs.update(mask_ptr="*u8", b3_ptr="*fp32", b1_ptr="*fp32", b2_ptr="*fp32")
+    hp, cp = triton.next_power_of_2(h), triton.next_power_of_2(c)
     main_consts = dict(
         C=c,
-        HID=h,
+        HID=hp,
         N_BLOCKS=n_blocks,
         DOUBLE=double,
         HAS_MASK=mask,
@@ -542,7 +562,7 @@ def bwd_kernel_specs(
         HAS_B2=bias,
         PERCEIVE_ELU=n_blocks == 0,
         INPUT_PRECISION=input_precision,
-        UPCAST_DOT=False,
+        INTERP_BF16=False,
         BLOCK_M=cfg.block_m,
         BLOCK_K=cfg.block_k,
         BLOCK_C=cfg.block_c,
@@ -550,10 +570,11 @@ def bwd_kernel_specs(
     ds_ptrs = {n: f"*{ty}" for n in ("dpre_ptr", "wb_ptr", "gout_ptr", "dz_ptr")}
     ds_consts = dict(
         C=c,
-        HID=h,
+        C_PAD=cp,
+        HID=hp,
         DOUBLE=double,
         INPUT_PRECISION=input_precision,
-        UPCAST_DOT=False,
+        INTERP_BF16=False,
         BLOCK_M=cfg.ds_block_m,
         BLOCK_K=cfg.ds_block_k,
     )
@@ -576,7 +597,7 @@ def bwd_kernel_specs(
             cfg.ds_stages,
         ),
     ]
-    for name, na, nb, t, gather, b_elu in _wgrad_variants(c, h, n_blocks):
+    for name, na, nb, t, gather, b_elu in _wgrad_variants(c, hp, n_blocks):
         consts = dict(
             NA=na,
             NB=nb,
@@ -586,7 +607,7 @@ def bwd_kernel_specs(
             B_ELU=b_elu,
             WITH_DB=bias,
             INPUT_PRECISION=input_precision,
-            UPCAST_DOT=False,
+            INTERP_BF16=False,
             BLOCK_A=_chunk(na, cfg.wg_block),
             BLOCK_B=_chunk(nb, cfg.wg_block),
             BLOCK_CELLS=cfg.wg_block_cells,
@@ -671,21 +692,24 @@ def _channels_last(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _transposed_conv_weights(w_perceive: Tensor, double: bool, dtype: torch.dtype) -> Tensor:
-    """``(KS * KS, h, C)`` weights of the state-gradient kernel's gather (see its docstring), in ``dtype``.
+def _transposed_conv_weights(w_perceive: Tensor, double: bool, dtype: torch.dtype, hp: int, cp: int) -> Tensor:
+    """``(KS * KS, hp, cp)`` weights of the state-gradient kernel's gather (see its docstring), in ``dtype``,
+    zero-padded from ``(h, C)``.
 
     Without doubling, ``[3 i + j] = Wp[:, :, 2 - i, 2 - j]``; with doubling, the 4x4 effective kernel
     ``Weff[i, j] = sum_{dy, dx in {0, 1}} Wp[:, :, dy + 2 - i, dx + 2 - j]`` (taps outside 0..2 are skipped),
     summed in fp32 and rounded once.
     """
+    h, c = w_perceive.shape[:2]
     wflip = w_perceive.float().flip(2, 3).permute(2, 3, 0, 1)  # (3, 3, h, C): [i, j] = Wp[:, :, 2 - i, 2 - j]
+    ks = 4 if double else 3
+    out = wflip.new_zeros(ks, ks, hp, cp)
     if not double:
-        return wflip.reshape(9, *wflip.shape[2:]).to(dtype).contiguous()
-    weff = wflip.new_zeros(4, 4, *wflip.shape[2:])
-    for dy in (0, 1):
+        out[:, :, :h, :c] = wflip
+    for dy in (0, 1) if double else ():
         for dx in (0, 1):
-            weff[dy : dy + 3, dx : dx + 3] += wflip
-    return weff.reshape(16, *wflip.shape[2:]).to(dtype).contiguous()
+            out[dy : dy + 3, dx : dx + 3, :h, :c] += wflip
+    return out.reshape(ks * ks, hp, cp).to(dtype)
 
 
 def nca_step_bwd(
@@ -723,40 +747,52 @@ def nca_step_bwd(
     nb = weights.n_blocks
     hh, ww = (2 * h_in, 2 * w_in) if double else (h_in, w_in)
     m = b * hh * ww
-    cfg = bwd_config(c, h, dt, input_precision)
+    cfg = bwd_config(c, triton.next_power_of_2(h), dt, input_precision)
     upcast = _INTERPRET and dt == torch.bfloat16
 
     # ---- pack
     z = _channels_last(state)  # (B, H_in, W_in, C)
     gout = _channels_last(grad_out)  # (B, H, W, C)
     mask_u8 = (mask != 0).reshape(m).to(torch.uint8) if mask is not None else z
-    wp = weights.w_perceive
-    w3 = wp.to(dt).permute(2, 3, 1, 0).reshape(9, c, h).contiguous()  # (9, C, h): [3 ky + kx, c, o]
-    wb = _transposed_conv_weights(wp, double, dt)  # (9 or 16, h, C)
+    # the hidden channels are padded to a power of two (tl.arange) with zero weights and biases: the padded
+    # channels stay zero through the forward and the backward, and their gradients are dropped
+    hp, cp = triton.next_power_of_2(h), triton.next_power_of_2(c)
     f32 = dict(dtype=torch.float32, device=dev)
+
+    def pad(t: Tensor, *shape: int, dtype: torch.dtype = dt) -> Tensor:
+        out = torch.zeros(shape, dtype=dtype, device=dev)
+        out[tuple(slice(0, n) for n in t.shape)] = t
+        return out
+
+    wp = weights.w_perceive
+    w3 = pad(wp.permute(2, 3, 1, 0).reshape(9, c, h), 9, c, hp)  # (9, C, hp): [3 ky + kx, c, o]
+    wb = _transposed_conv_weights(wp, double, dt, hp, cp)  # (9 or 16, hp, cp)
     has_b3 = weights.b_perceive is not None
-    b3 = weights.b_perceive.float().contiguous() if has_b3 else torch.zeros(1, **f32)
+    b3 = pad(weights.b_perceive, hp, dtype=torch.float32) if has_b3 else torch.zeros(1, **f32)
     if nb:
-        w1 = torch.stack([blk[0].reshape(h, h) for blk in weights.blocks]).to(dt).contiguous()  # (nb, h, h)
-        w2 = torch.stack([blk[2].reshape(h, h) for blk in weights.blocks]).to(dt).contiguous()
+        w1 = pad(torch.stack([blk[0].reshape(h, h) for blk in weights.blocks]), nb, hp, hp)  # (nb, hp, hp)
+        w2 = pad(torch.stack([blk[2].reshape(h, h) for blk in weights.blocks]), nb, hp, hp)
         w1t = w1.transpose(1, 2).contiguous()
         w2t = w2.transpose(1, 2).contiguous()
-        b1 = torch.stack([torch.zeros(h, **f32) if blk[1] is None else blk[1].float() for blk in weights.blocks])
-        b2 = torch.stack([torch.zeros(h, **f32) if blk[3] is None else blk[3].float() for blk in weights.blocks])
+        zero = torch.zeros(h, **f32)
+        b1 = pad(torch.stack([zero if blk[1] is None else blk[1].float() for blk in weights.blocks]), nb, hp,
+                 dtype=torch.float32)  # fmt: skip
+        b2 = pad(torch.stack([zero if blk[3] is None else blk[3].float() for blk in weights.blocks]), nb, hp,
+                 dtype=torch.float32)  # fmt: skip
     else:
         w1 = w2 = w1t = w2t = w3
         b1 = b2 = b3
     has_b1 = any(blk[1] is not None for blk in weights.blocks)
     has_b2 = any(blk[3] is not None for blk in weights.blocks)
-    wout = weights.w_out.reshape(c, h).to(dt).contiguous()  # (C, h)
+    wout = pad(weights.w_out.reshape(c, h), c, hp)  # (C, hp)
 
     # ---- allocate per-cell buffers (every row < m is written by the main kernel)
-    ybuf = torch.empty((nb + 1, m, h), dtype=dt, device=dev)
-    abuf = torch.empty((max(nb, 1), m, h), dtype=dt, device=dev)
-    dabuf = torch.empty((max(nb, 1), m, h), dtype=dt, device=dev)
-    dybuf = torch.empty((max(nb, 1), m, h), dtype=dt, device=dev)
+    ybuf = torch.empty((nb + 1, m, hp), dtype=dt, device=dev)
+    abuf = torch.empty((max(nb, 1), m, hp), dtype=dt, device=dev)
+    dabuf = torch.empty((max(nb, 1), m, hp), dtype=dt, device=dev)
+    dybuf = torch.empty((max(nb, 1), m, hp), dtype=dt, device=dev)
     gbuf = torch.empty((m, c), dtype=dt, device=dev)
-    dpre = torch.empty((m, h), dtype=dt, device=dev)
+    dpre = torch.empty((m, hp), dtype=dt, device=dev)
     dz = torch.empty((b, h_in, w_in, c), dtype=dt, device=dev)
 
     # ---- launch: recompute + backprop to dpre, then the state gradient, then the weight-gradient GEMMs
@@ -783,7 +819,7 @@ def nca_step_bwd(
         H=hh,
         W=ww,
         C=c,
-        HID=h,
+        HID=hp,
         N_BLOCKS=nb,
         DOUBLE=double,
         HAS_MASK=mask is not None,
@@ -792,7 +828,7 @@ def nca_step_bwd(
         HAS_B2=has_b2,
         PERCEIVE_ELU=nb == 0,
         INPUT_PRECISION=input_precision,
-        UPCAST_DOT=upcast,
+        INTERP_BF16=upcast,
         BLOCK_M=cfg.block_m,
         BLOCK_K=cfg.block_k,
         BLOCK_C=cfg.block_c,
@@ -809,10 +845,11 @@ def nca_step_bwd(
         H=hh,
         W=ww,
         C=c,
-        HID=h,
+        C_PAD=cp,
+        HID=hp,
         DOUBLE=double,
         INPUT_PRECISION=input_precision,
-        UPCAST_DOT=upcast,
+        INTERP_BF16=upcast,
         BLOCK_M=cfg.ds_block_m,
         BLOCK_K=cfg.ds_block_k,
         num_warps=cfg.ds_warps,
@@ -847,7 +884,7 @@ def nca_step_bwd(
             B_ELU=b_elu,
             WITH_DB=True,
             INPUT_PRECISION=input_precision,
-            UPCAST_DOT=upcast,
+            INTERP_BF16=upcast,
             BLOCK_A=block_a,
             BLOCK_B=block_b,
             BLOCK_CELLS=cfg.wg_block_cells,
@@ -856,21 +893,22 @@ def nca_step_bwd(
         )
         return dw.sum(0), db.sum(0)
 
-    dwp, dbp = wgrad(dpre, z, 1, 9, True, False)  # (1, 9, h, C): [3 ky + kx, o, c]
-    dwo, dbo = wgrad(gbuf, ybuf[nb], 1, 1, False, False)  # (1, 1, C, h)
+    dwp, dbp = wgrad(dpre, z, 1, 9, True, False)  # (1, 9, hp, C): [3 ky + kx, o, c]
+    dwo, dbo = wgrad(gbuf, ybuf[nb], 1, 1, False, False)  # (1, 1, C, hp)
     if nb:
-        dw1, db1 = wgrad(dabuf, ybuf, nb, 1, False, False)  # (nb, 1, h, h): dW1[n, k] = sum da[:, n] y[:, k]
-        dw2, db2 = wgrad(dybuf, abuf, nb, 1, False, True)  # (nb, 1, h, h): dW2[n, k] = sum dy'[:, n] u[:, k]
+        dw1, db1 = wgrad(dabuf, ybuf, nb, 1, False, False)  # (nb, 1, hp, hp): dW1[n, k] = sum da[:, n] y[:, k]
+        dw2, db2 = wgrad(dybuf, abuf, nb, 1, False, True)  # (nb, 1, hp, hp): dW2[n, k] = sum dy'[:, n] u[:, k]
 
     # ---- unpack in weights.flat() order, each in its weight's dtype
     def like(g: Tensor, t: Tensor | None) -> Tensor | None:
         return None if t is None else g.reshape(t.shape).to(t.dtype)
 
     grads: list[Tensor | None] = [
-        like(dwp[0].permute(1, 2, 0).reshape(h, c, 3, 3), wp),  # (h, C, 3, 3)
-        like(dbp[0], weights.b_perceive),
+        like(dwp[0, :, :h].permute(1, 2, 0).reshape(h, c, 3, 3), wp),  # (h, C, 3, 3)
+        like(dbp[0, :h], weights.b_perceive),
     ]
     for i, (w1_i, b1_i, w2_i, b2_i) in enumerate(weights.blocks):
-        grads += [like(dw1[i, 0], w1_i), like(db1[i], b1_i), like(dw2[i, 0], w2_i), like(db2[i], b2_i)]
-    grads += [like(dwo[0, 0], weights.w_out), like(dbo[0], weights.b_out)]
+        grads += [like(dw1[i, 0, :h, :h], w1_i), like(db1[i, :h], b1_i)]
+        grads += [like(dw2[i, 0, :h, :h], w2_i), like(db2[i, :h], b2_i)]
+    grads += [like(dwo[0, 0, :, :h], weights.w_out), like(dbo[0], weights.b_out)]
     return dz.permute(0, 3, 1, 2), grads
