@@ -239,7 +239,7 @@ def step_config(
     base_k = min(_largest_divisor(state_channels, (64, 32, 16)), hid)
     block_n = _largest_divisor(state_channels, (64, 32, 16))
     if interpret:
-        block_m = 64 if num_cells is None else max(16, min(64, triton.next_power_of_2(num_cells)))
+        block_m = 64 if num_cells is None else max(16, min(128, triton.next_power_of_2(num_cells)))
         return StepConfig(block_m, base_k, block_n, 4, 1)
     if dtype == torch.bfloat16:
         if hid >= 256:
