@@ -24,6 +24,7 @@ __all__ = [
     "growth_sequence",
     "growth_figure",
     "growth_gif",
+    "reconstruction_figure",
     "damage_cells",
     "damage_rollouts",
     "damage_figure",
@@ -98,6 +99,27 @@ def sample_grid(
     """``n`` prior samples as a grid."""
     images = model.sample(n, generator=generator, mode=mode)
     return save_grid(model.to_display(images), path, nrow=nrow or max(1, int(round(n**0.5))))
+
+
+@torch.no_grad()
+def reconstruction_figure(
+    model: Any, images: Tensor, path: str | os.PathLike[str], *, generator: torch.Generator | None = None
+) -> Path:
+    """Test images (top row) and their reconstructions from one posterior sample (likelihood means, below).
+
+    Args:
+        images: ``(n, C, H, W)`` uint8 test images.
+    """
+    from fastnca.data import to_model
+
+    device = next(model.parameters()).device
+    x = to_model(images, model.config.likelihood, device=device)
+    mu, log_sigma = model.encode(x)
+    z = model.sample_posterior(mu, log_sigma, generator)
+    state = model.decode(z, generator=generator)
+    side = x.shape[-1]
+    rows = [("data", model.to_display(x)), ("reconstruction", model.to_display(model.mean_image(state)))]
+    return labeled_rows(rows, path, scale=max(1, 64 // side))
 
 
 def _grow_z(model: Any, n: int, generator: torch.Generator | None) -> Tensor:

@@ -512,6 +512,7 @@ class Trainer:
         window: list[dict[str, float]] = []
         window_t0 = time.perf_counter()
         elapsed_at_start = self.elapsed_s
+        eval_s = 0.0  # periodic evaluation time this session, kept out of elapsed_s (but not out of time_limit)
         bar = tqdm(
             total=cfg.iterations,
             initial=self.step,
@@ -531,7 +532,7 @@ class Trainer:
                         else "no checkpoint was written yet"
                     )
                     raise NonFiniteLossError(f"{err}; training stopped, {where}", err.step) from None
-                self.elapsed_s = elapsed_at_start + time.perf_counter() - session_start
+                self.elapsed_s = elapsed_at_start + time.perf_counter() - session_start - eval_s
                 window.append(stats)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
@@ -557,6 +558,7 @@ class Trainer:
                         f"({last_eval['bpd']:.4f} bits/dim)"
                     )
                     window_t0 += last_eval["eval_s"]
+                    eval_s += last_eval["eval_s"]
                 if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
                     self.save()
                 if self.time_limit is not None and time.perf_counter() - session_start >= self.time_limit:
