@@ -757,6 +757,8 @@ def nca_step_bwd(
     # the hidden channels are padded to a power of two (tl.arange) with zero weights and biases: the padded
     # channels stay zero through the forward and the backward, and their gradients are dropped
     hp, cp = triton.next_power_of_2(h), triton.next_power_of_2(c)
+    if (nb + 1) * m * hp >= 2**31:  # the main kernel's buffer offsets blk * M * hp are 32-bit
+        raise ValueError(f"state: {m} cells x {nb + 1} buffers x {hp} channels exceed 2**31 elements; split the batch")
     f32 = dict(dtype=torch.float32, device=dev)
 
     def pad(t: Tensor, *shape: int, dtype: torch.dtype = dt) -> Tensor:
