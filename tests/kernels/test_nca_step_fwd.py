@@ -127,6 +127,24 @@ def test_step_tf32_and_layouts():
     torch.testing.assert_close(tri_nchw, nca_step_fwd(state, weights), rtol=0, atol=0)
 
 
+def test_pack_cache(monkeypatch):
+    """Packed weights are reused for the same unmodified tensors, and repacked after an in-place update."""
+    calls = []
+    real_pack = ns.pack_weights
+    monkeypatch.setattr(ns, "pack_weights", lambda *a, **k: calls.append(1) or real_pack(*a, **k))
+    weights = make_weights(16, 32, 1)
+    state = make_state(1, 16, 3, 3)
+    for _ in range(3):
+        nca_step_fwd(state, weights)
+    assert len(calls) == 1
+    with torch.no_grad():
+        weights.blocks[0][0].mul_(-1.5)  # bumps its version counter
+    check_step("after in-place update", nca_step_fwd(state, weights), state, weights, None, False, torch.float32)
+    other = make_weights(16, 32, 1, seed=3)  # new tensors: never served from the cache
+    check_step("new weights", nca_step_fwd(state, other), state, other, None, False, torch.float32)
+    assert len(calls) == 3
+
+
 def test_empty_batch():
     weights = make_weights(16, 32, 1)
     out = nca_step_fwd(make_state(0, 16, 3, 3), weights, None, True)
