@@ -75,19 +75,26 @@ FIELDS = [
 ]
 
 
-def git_commit() -> str:
+def git_commit(device: torch.device) -> str:
+    """HEAD's short sha, with '-dirty' when a file this run executes differs from it.
+
+    Several engineers share the checkout: on the CPU only the library, the reference step and this script run,
+    so uncommitted work on the fused kernels does not mark a CPU run dirty.
+    """
+    if device.type == "cuda":
+        paths = ["fastnca", "kernels", "experiments"]
+    else:
+        paths = ["fastnca", "kernels/reference.py", "experiments/run.py"]
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        git = ["git", "-C", str(ROOT)]
+        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", *paths],
             capture_output=True,
             text=True,
             check=True,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     paper_value, paper_unit = PAPER.get(args.preset, (None, ""))
     row = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-        "commit": git_commit(),
+        "commit": git_commit(device),
         "preset": args.preset,
         "iterations": int(ckpt["step"]),
         "train_s": round(float(ckpt.get("elapsed_s", 0.0)), 1),
