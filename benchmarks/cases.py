@@ -442,9 +442,9 @@ class CaseContext:
                 opt.step()
 
             ckpt = _ckpt_words(policy, seg, b.model_backend)
-            extra["predicted_memory"] = _predicted_memory(cfg.replace(backend=b.model_backend,
-                                                                      precision=b.model_precision), policy,
-                                                          self.num_steps)
+            extra["predicted_memory"] = _predicted_memory(
+                cfg.replace(backend=b.model_backend, precision=b.model_precision), policy, self.num_steps,
+                b.model_backend)
         return Prepared(fn, lambda: self._model_outputs(b, self.parity_batch), cost, ckpt, extra)
 
     # ------------------------------------------------------------------------------------------- public
@@ -464,13 +464,17 @@ class CaseContext:
         return self._prepare_step(b) if self.spec.kind.startswith("step") else self._prepare_model(b)
 
 
-def _predicted_memory(cfg, policy: str, num_steps: int | None) -> dict[str, Any] | str:
+def _predicted_memory(cfg, policy: str, num_steps: int | None, backend: str) -> dict[str, Any] | str:
+    """fastnca.memory's prediction for this row (it models the fused and the reference backends, not autocast)."""
     try:
         from fastnca.memory import predict_peak_memory
     except Exception as err:
         return f"unavailable: fastnca.memory.predict_peak_memory not importable ({type(err).__name__})"
     try:
-        pred = predict_peak_memory(cfg, checkpoint=policy, num_steps=num_steps)
-        return {k: (int(v) if isinstance(v, (int, float)) else v) for k, v in dict(pred).items()}
+        try:
+            pred = predict_peak_memory(cfg, checkpoint=policy, num_steps=num_steps, backend=backend)
+        except TypeError:  # an older signature without backend
+            pred = predict_peak_memory(cfg, checkpoint=policy, num_steps=num_steps)
+        return {k: v if isinstance(v, (int, float, str)) else repr(v) for k, v in dict(pred).items()}
     except Exception as err:
         return f"error: {type(err).__name__}: {err}"

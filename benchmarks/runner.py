@@ -90,7 +90,7 @@ def default_plan_for(case: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- one row
 def _timing_args(kind: str, tiny: bool, quick: bool) -> dict[str, Any]:
     if tiny:
-        return dict(warmup=0, min_reps=2, max_reps=2, target_s=0.0)
+        return dict(warmup=0, min_reps=1, max_reps=1, target_s=0.0)
     if kind.startswith("step"):
         return dict(warmup=5, min_reps=10, max_reps=200, target_s=1.0 if quick else 2.0)
     if kind == "train" or kind == "iwae":
@@ -244,8 +244,8 @@ def to_markdown(result: dict[str, Any]) -> str:
             parts.append(f"d2d copy {peaks['copy']['tbps']:.2f} TB/s (read+write)")
         lines.append("- peaks measured in this run: " + ", ".join(parts))
     lines += ["", "| case | backend | ckpt | parity rel err (tol) | median ms [p20, p80] | Mcell/s | TFLOP/s "
-              "| % peak | floor ms | speed-up vs fp32 / bf16 ref | peak mem GiB torch / NVML | avg W | J/call "
-              "| status |", "|" + "---|" * 14]
+              "| % peak | floor ms | speed-up vs fp32 / bf16 ref | peak mem GiB torch / NVML / predicted "
+              "| avg W | J/call | status |", "|" + "---|" * 14]
     for r in result["rows"]:
         par = r.get("parity", {})
         perr = f"{par['rel_err']:.2g} ({par['tol']:g})" if "rel_err" in par else "-"
@@ -255,20 +255,23 @@ def to_markdown(result: dict[str, Any]) -> str:
         spcol = " / ".join(_fmt(sp.get(f"vs {k}"), ".2f") for k in BASELINES)
         mem = r.get("mem", {})
         pw = r.get("power", {})
+        pm = r.get("predicted_memory")
+        pred = _gib(pm.get("total")) if isinstance(pm, dict) else "-"
         mcell = r["cell_updates_per_s"] / 1e6 if "cell_updates_per_s" in r else None
         frac = r["frac_peak"] * 100 if "frac_peak" in r else None
         lines.append(
             f"| {r['case']} | {r['backend']} | {r.get('checkpoint', '-')} | {perr} | {tcol} | {_fmt(mcell, '.4g')} "
             f"| {_fmt(r.get('tflops_model'), '.3g')} | {_fmt(frac, '.1f')} | {_fmt(r.get('floor_ms'), '.3g')} "
-            f"| {spcol} | {_gib(mem.get('torch_peak_bytes'))} / {_gib(mem.get('nvml_used_max_bytes'))} "
+            f"| {spcol} | {_gib(mem.get('torch_peak_bytes'))} / {_gib(mem.get('nvml_used_max_bytes'))} / {pred} "
             f"| {_fmt(pw.get('avg_w'), '.0f')} | {_fmt(pw.get('energy_j_per_call'), '.3g')} | {r['status']} |")
     extra = [r for r in result["rows"] if "samples_per_s" in r]
     for r in extra:
         lines.append(f"\n{r['case']} {r['backend']}: {r['samples_per_s']:.4g} IWAE samples/s")
     lines += ["", "TFLOP/s counts model FLOPs (forward, + 2x forward for backward; benchmarks/flops.py); "
               "% peak is of the matmul peak of the row's dtype measured above; floor = max(FLOPs/peak, bytes "
-              "floor/copy bandwidth). Peak memory: torch.cuda.max_memory_allocated and NVML's device-wide used "
-              "memory (includes the caching allocator's reserve and the CUDA context)."]
+              "floor/copy bandwidth). Peak memory: torch.cuda.max_memory_allocated, NVML's device-wide used "
+              "memory (includes the caching allocator's reserve and the CUDA context) and "
+              "fastnca.memory.predict_peak_memory's total (training rows; it does not model autocast)."]
     return "\n".join(lines) + "\n"
 
 
