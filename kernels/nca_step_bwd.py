@@ -644,6 +644,8 @@ def _check_bwd_inputs(
     check_step_inputs(state, weights, mask, double)
     if state.dtype not in _DTYPES:
         raise TypeError(f"state: expected float32 or bfloat16, got {state.dtype}")
+    if state.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"state: expected a CUDA tensor (or TRITON_INTERPRET=1 before import), got {state.device}")
     if input_precision not in _PRECISIONS:
         raise ValueError(f"input_precision: expected one of {_PRECISIONS}, got {input_precision!r}")
     c, h = weights.state_channels, weights.hidden_channels
