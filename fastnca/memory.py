@@ -62,7 +62,7 @@ def predict_peak_memory(
     num_steps: int | None = None,
     backend: str = "triton",
     batch_size: int | None = None,
-    partial_programs: int = 132,
+    partial_splits: int = 32,
 ) -> dict[str, Any]:
     """Predict the peak memory of one training iteration, in bytes.
 
@@ -72,8 +72,7 @@ def predict_peak_memory(
         num_steps: T for non-doubling rollouts (default: max_steps, the worst case).
         backend: 'triton' (fused step: saves only each step's input) or 'torch' (reference ops).
         batch_size: default the config's.
-        partial_programs: how many per-program fp32 weight-gradient partials the fused backward keeps
-            (one per SM of an H100 for a persistent grid).
+        partial_splits: how many fp32 weight-gradient partials the fused backward keeps (splits of the cells).
 
     Returns:
         dict with the components (bytes), 'total', 'stored_states' (how many grids the policy keeps at the
@@ -117,10 +116,15 @@ def predict_peak_memory(
         stored = (math.ceil(steps / seg) + (seg if seg > 1 else 0)) * biggest * elem * zc
         # recomputing one step with the reference keeps its activations; the fused step keeps its input only
         recompute = biggest * (ref_step_per_cell if backend == "torch" else 0)
-    # The fused backward's working set for the largest step: the gradient of the perception output (fp32),
-    # gradient in and out of the state, and the per-program fp32 weight-gradient partials.
+    # The fused backward's working set for the largest step (kernels/BACKWARD.md): per-cell buffers of
+    # (4 nb + 2) h + C values in the state's dtype, the gradient in and out of the state, and fp32 weight-gradient
+    # partials for `partial_splits` splits of the cells.
     biggest = max(state_cells)
-    work = biggest * (4 * h + 2 * 4 * zc) + (partial_programs * 4 * nca_params if backend == "triton" else 0)
+    if backend == "triton":
+        work = biggest * (((4 * nb + 2) * h + zc) * elem + 2 * zc * elem)
+        work += partial_splits * 4 * (10 * zc * h + 2 * nb * h * h)
+    else:
+        work = biggest * 2 * zc * elem
     final = b * (cfg.output_size**2) * (zc * elem + 12 * 4 * max(1, cfg.n_mix if cfg.likelihood == "dml" else 1))
     total = params + grads + optimiser + enc_act + stored + recompute + work + final
     pool = cfg.pool_size * (zc * cfg.output_size**2 * elem + cfg.image_channels * cfg.image_size**2)
