@@ -367,15 +367,19 @@ class CaseContext:
         self.x = _fake_images(self.cfg, self.batch, self.device, self.gen)
 
     def _configure(self, backend: str, precision: str, checkpoint: str) -> None:
-        """Point the shared model at a backend (the NCA reads these attributes at every run)."""
+        """Reset the shared model's weights and point it at a backend (the NCA reads these at every run)."""
         self.model.load_state_dict(self.init_state)
+        self._point(backend, precision, checkpoint)
+
+    def _point(self, backend: str, precision: str, checkpoint: str) -> None:
         self.nca.backend, self.nca.precision, self.nca.checkpoint = backend, precision, checkpoint
         if hasattr(self.model, "config"):
             self.model.config = self.model.config.replace(backend=backend, precision=precision,
                                                           checkpoint=checkpoint)
 
     def _model_outputs(self, b: Backend | None, batch: int) -> list[Tensor]:
-        """Forward outputs at ``batch`` with a fixed seed: the final state (rollout), loss terms or IWAE."""
+        """Forward outputs at ``batch`` with a fixed seed: the final state (rollout), the decoder's final state
+        and the loss terms (train; the summed terms alone can round a small state difference away), or IWAE."""
         dev = self.device
         g = torch.Generator(device=dev).manual_seed(7)
         kind = self.spec.kind
@@ -385,7 +389,7 @@ class CaseContext:
             if kind == "train":
                 kw = {"num_steps": self.num_steps} if self.num_steps else {}
                 out = self.model(self.x[:batch], beta=self.cfg.beta, generator=g, **kw)
-                return [out["recon"].float(), out["kl"].float()]
+                return [out["state"].float(), out["recon"].float(), out["kl"].float()]
             return [self.model.iwae(self.x[:batch], self.iwae_k, generator=g).float()]
 
     def _model_reference(self) -> list[Tensor]:
@@ -445,7 +449,17 @@ class CaseContext:
             extra["predicted_memory"] = _predicted_memory(
                 cfg.replace(backend=b.model_backend, precision=b.model_precision), policy, self.num_steps,
                 b.model_backend)
-        return Prepared(fn, lambda: self._model_outputs(b, self.parity_batch), cost, ckpt, extra)
+        point = (b.model_backend, b.model_precision, policy)
+
+        def run_fn() -> Any:
+            self._point(*point)
+            return fn()
+
+        def parity() -> list[Tensor]:
+            self._point(*point)
+            return self._model_outputs(b, self.parity_batch)
+
+        return Prepared(run_fn, parity, cost, ckpt, extra)
 
     # ------------------------------------------------------------------------------------------- public
     def reference(self) -> list[Tensor]:

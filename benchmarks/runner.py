@@ -131,6 +131,7 @@ def _run_row(ctx, spec, bspec: str, device: torch.device, peaks: dict[str, Any],
         return row
     _free(device)
     try:
+        ref = ctx.reference()  # before prepare: the model cases share one model between backends
         prep = ctx.prepare(b)
     except Exception as err:
         row["status"] = _status_of(err)
@@ -142,7 +143,6 @@ def _run_row(ctx, spec, bspec: str, device: torch.device, peaks: dict[str, Any],
     # ---- parity before any timing
     tol = tolerance(b, spec.kind)
     try:
-        ref = ctx.reference()
         outs = prep.parity()
         errs = [rel_err(r, o) for r, o in zip(ref, outs)]
         err = max(errs)

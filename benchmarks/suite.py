@@ -36,11 +36,12 @@ def run_benchmark(benchmark: Any, case: str, backend: str, device: torch.device,
     """
     ctx = context(case, device, tiny)
     b = parse_backend(backend)
+    ref = ctx.reference()  # before prepare: the model cases share one model between backends
     try:
         prep = ctx.prepare(b)
     except (NotImplementedError, ImportError) as err:
         pytest.skip(f"unavailable: {type(err).__name__}: {err}")
-    ref, outs = ctx.reference(), prep.parity()
+    outs = prep.parity()
     errs = [rel_err(r, o) for r, o in zip(ref, outs)]
     tol = tolerance(b, CASES[case].kind)
     assert max(errs) <= tol, f"{case} {backend}: expected parity rel err <= {tol:g}, got {errs}"

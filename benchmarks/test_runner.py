@@ -139,3 +139,14 @@ def test_gpu_check_script_setup_and_summary_only(tmp_path: Path) -> None:
     assert proc.stdout.rstrip().endswith("no step logged by both runs")
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert "import: PYTHONPATH + benchmarks/_import_shim" in log
+
+
+def test_first_backend_of_a_model_case_runs_on_its_backend(tmp_path: Path) -> None:
+    """Regression: computing the fp32 reference must not leave the shared model on the reference backend."""
+    if cases.triton_unavailable(torch.device("cpu")):
+        pytest.skip("fused step not importable")
+    res = runner.run([("train-mnist-doubling", ["triton-fp32"])], device=torch.device("cpu"), out=tmp_path,
+                     tiny=True, quick=False, peaks=False, quiet=True)
+    row = res["rows"][0]
+    assert row["status"] == "ok", row["status"]
+    assert 0 < row["parity"]["rel_err"] < 1e-5  # fused fp32 differs from the reference by rounding only
