@@ -33,7 +33,7 @@ import torch
 
 from fastnca.cli import parse_overrides
 from fastnca.config import get_preset, preset_names
-from fastnca.evaluate import CHECKPOINT_NAME, evaluate_iwae, load_checkpoint
+from fastnca.evaluate import CHECKPOINT_NAME, evaluate_iwae, load_checkpoint, resolve_device
 from fastnca.figures import damage_figure, growth_figure, reconstruction_figure, sample_grid
 from fastnca.train import Trainer
 
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.iterations is not None:
         overrides["iterations"] = args.iterations
     out = Path(args.out or ROOT / "runs" / "experiments" / args.preset)
+    commit = git_commit(resolve_device(args.device))  # the code as it is when the run starts
     if not args.eval_only:
         kwargs = dict(data_dir=args.data_dir, device=args.device, time_limit=args.time_limit, final_outputs=False)
         if (out / CHECKPOINT_NAME).exists():
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = lambda s: torch.Generator(device=device).manual_seed(s)  # noqa: E731
     sample_grid(model, figs / "samples.png", n=64, generator=gen(1))
     growth_figure(model, figs / "growth.png", n=8, generator=gen(2))
-    reconstruction_figure(model, splits.test[:16], figs / "reconstructions.png", generator=gen(3))
+    shown = torch.randperm(splits.test.shape[0], generator=torch.Generator().manual_seed(0))[:16]
+    reconstruction_figure(model, splits.test[shown], figs / "reconstructions.png", generator=gen(3))
     for kind in ("half", "square"):
         damage_figure(
             model,
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     paper_value, paper_unit = PAPER.get(args.preset, (None, ""))
     row = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-        "commit": git_commit(device),
+        "commit": commit,
         "preset": args.preset,
         "iterations": int(ckpt["step"]),
         "train_s": round(float(ckpt.get("elapsed_s", 0.0)), 1),
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "paper_value": "" if paper_value is None else paper_value,
         "paper_unit": paper_unit,
         "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()),
-        "run_dir": str(out),
+        "run_dir": str(out.resolve().relative_to(ROOT)) if out.resolve().is_relative_to(ROOT) else str(out),
         "notes": args.notes,
     }
     (out / "result.json").write_text(json.dumps({**row, "eval_s": round(eval_s, 1)}, indent=2) + "\n")

@@ -20,6 +20,7 @@ from fastnca.data import to_model
 __all__ = ["evaluate_iwae", "read_checkpoint", "load_checkpoint", "resolve_device", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+SUBSET_SEED = 0  # which test images a partial evaluation (batches > 0) uses: the same ones in every run
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -54,7 +55,8 @@ def evaluate_iwae(
         images: ``(N, C, H, W)`` uint8 test images (the model's data domain is applied here).
         k: importance samples per image (the paper: 128).
         batch_size: images per batch.
-        batches: how many batches to use; 0 means the whole split.
+        batches: how many batches to use; 0 means the whole split. A partial evaluation uses a fixed random
+            subset of ``batches * batch_size`` images (the same in every run and for every model).
         seed: seeds the evaluation's own generator, so that evaluation never moves the training RNG streams.
         progress: show a tqdm bar.
 
@@ -69,8 +71,12 @@ def evaluate_iwae(
     generator = torch.Generator(device=device).manual_seed(seed)
     n = images.shape[0]
     n_batches = math.ceil(n / batch_size)
-    if batches > 0:
-        n_batches = min(n_batches, batches)
+    if 0 < batches < n_batches:
+        # a subset: a fixed random one, since test splits can be ordered (binarized MNIST's test set is sorted
+        # by class, so its first images are all zeros)
+        n_batches = batches
+        subset = torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[: n_batches * batch_size]
+        images = images[subset.sort().values]
     total, count = 0.0, 0
     bar = tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False)
     for i in bar:

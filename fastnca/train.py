@@ -55,6 +55,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "fastnca-checkpoint-v1"
 METRICS_NAME = "metrics.jsonl"
+STAT_KEYS = ("loss", "recon", "kl", "elbo", "grad_norm")  # per-step training statistics, in this order
 EVAL_SEED_OFFSET = 1_000_003  # the evaluation generator's seed is cfg.seed + this, apart from the training streams
 
 
@@ -367,30 +368,39 @@ class Trainer:
         elbo = recon - cfg.beta * kl
         return {"loss": -elbo.mean(), "recon": recon, "kl": kl, "elbo": elbo, "state": state, "x": x}
 
-    def train_step(self) -> dict[str, float]:
-        """One optimiser step. Raises NonFiniteLossError (and leaves the parameters untouched) on NaN/inf."""
+    def train_step(self) -> Tensor:
+        """One optimiser step.
+
+        Returns:
+            The step's statistics ``STAT_KEYS`` as one fp32 tensor on the training device. They are not read
+            back here, so a GPU keeps its queue full; :meth:`sync_stats` reads them in one transfer and raises
+            :class:`NonFiniteLossError` for the first step with a NaN or infinite value (before any checkpoint).
+        """
         x = to_model(self.next_batch(), self.cfg.likelihood, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.loss_terms(x)
         loss = out["loss"]
-        step = self.step + 1
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {step}", step)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm.item()}) at step {step}", step)
         self.optimizer.step()
         if self.cfg.pool_size > 0:
             self.pool.add(out["x"], out["state"], generator=self.gen)
-        self.step = step
-        return {
-            "loss": loss.item(),
-            "recon": out["recon"].mean().item(),
-            "kl": out["kl"].mean().item(),
-            "elbo": out["elbo"].mean().item(),
-            "grad_norm": grad_norm.item(),
-        }
+        self.step += 1
+        stats = [loss, out["recon"].mean(), out["kl"].mean(), out["elbo"].mean(), grad_norm]
+        return torch.stack([v.detach().float() for v in stats])
+
+    def sync_stats(self, pending: list[Tensor], first_step: int) -> list[dict[str, float]]:
+        """Read the statistics of steps ``first_step, first_step + 1, ...`` back; raise on the first non-finite."""
+        if not pending:
+            return []
+        rows = torch.stack(pending).tolist()
+        for i, vals in enumerate(rows):
+            bad = [k for k, v in zip(STAT_KEYS, vals) if not math.isfinite(v)]
+            if bad:
+                what = "loss" if "loss" in bad else bad[0].replace("_", " ")
+                value = vals[STAT_KEYS.index("loss" if "loss" in bad else bad[0])]
+                raise NonFiniteLossError(f"non-finite {what} ({value}) at step {first_step + i}", first_step + i)
+        return [dict(zip(STAT_KEYS, vals)) for vals in rows]
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @property
@@ -509,10 +519,40 @@ class Trainer:
         stopped = "done"
         last_train: dict[str, Any] = {}
         last_eval: dict[str, Any] | None = None
-        window: list[dict[str, float]] = []
+        pending: list[Tensor] = []  # device-side stats of steps not yet read back
+        window: list[dict[str, float]] = []  # read-back stats of the current logging window
         window_t0 = time.perf_counter()
         elapsed_at_start = self.elapsed_s
         eval_s = 0.0  # periodic evaluation time this session, kept out of elapsed_s (but not out of time_limit)
+
+        def sync() -> None:
+            nonlocal pending
+            first = self.step - len(pending) + 1
+            try:
+                window.extend(self.sync_stats(pending, first))
+            except NonFiniteLossError as err:
+                where = (
+                    f"the last good checkpoint is {self.checkpoint_path}"
+                    if self.checkpoint_path.is_file()
+                    else "no checkpoint was written yet"
+                )
+                raise NonFiniteLossError(f"{err}; training stopped, {where}", err.step) from None
+            pending = []
+
+        def log_window() -> dict[str, Any]:
+            nonlocal window, window_t0
+            dt = time.perf_counter() - window_t0
+            row = {
+                "step": self.step,
+                "split": "train",
+                **{k: sum(s[k] for s in window) / len(window) for k in STAT_KEYS},
+                "it_per_s": round(len(window) / dt, 3) if dt > 0 else None,
+                "elapsed_s": round(self.elapsed_s, 3),
+            }
+            self.write_metrics(row)
+            window, window_t0 = [], time.perf_counter()
+            return row
+
         bar = tqdm(
             total=cfg.iterations,
             initial=self.step,
@@ -523,35 +563,19 @@ class Trainer:
         )
         try:
             while self.step < cfg.iterations:
-                try:
-                    stats = self.train_step()
-                except NonFiniteLossError as err:
-                    where = (
-                        f"the last good checkpoint is {self.checkpoint_path}"
-                        if self.checkpoint_path.is_file()
-                        else "no checkpoint was written yet"
-                    )
-                    raise NonFiniteLossError(f"{err}; training stopped, {where}", err.step) from None
+                pending.append(self.train_step())
                 self.elapsed_s = elapsed_at_start + time.perf_counter() - session_start - eval_s
-                window.append(stats)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
-                    dt = time.perf_counter() - window_t0
-                    last_train = {
-                        "step": self.step,
-                        "split": "train",
-                        **{k: sum(s[k] for s in window) / len(window) for k in window[0]},
-                        "it_per_s": round(len(window) / dt, 3) if dt > 0 else None,
-                        "elapsed_s": round(self.elapsed_s, 3),
-                    }
-                    self.write_metrics(last_train)
+                    sync()
+                    last_train = log_window()
                     bar.set_postfix(
                         loss=f"{last_train['loss']:.2f}",
                         kl=f"{last_train['kl']:.2f}",
                         its=f"{last_train['it_per_s']:.2f}",
                     )
-                    window, window_t0 = [], time.perf_counter()
                 if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.iterations:
+                    sync()
                     last_eval = self.evaluate(progress=False)
                     bar.write(
                         f"step {self.step}: test IWAE({cfg.eval_samples}) {last_eval['iwae']:.2f} nats "
@@ -560,12 +584,15 @@ class Trainer:
                     window_t0 += last_eval["eval_s"]
                     eval_s += last_eval["eval_s"]
                 if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
+                    sync()
                     self.save()
                 if self.time_limit is not None and time.perf_counter() - session_start >= self.time_limit:
                     stopped = "time_limit"
                     break
+            sync()
         except KeyboardInterrupt:
             bar.close()
+            sync()
             self.save()
             self.log(
                 f"interrupted at step {self.step}; checkpoint written to {self.checkpoint_path} "
@@ -574,16 +601,8 @@ class Trainer:
             raise
         finally:
             bar.close()
-        if window:  # the rows of a time-limited stop between log points
-            dt = time.perf_counter() - window_t0
-            last_train = {
-                "step": self.step,
-                "split": "train",
-                **{k: sum(s[k] for s in window) / len(window) for k in window[0]},
-                "it_per_s": round(len(window) / dt, 3) if dt > 0 else None,
-                "elapsed_s": round(self.elapsed_s, 3),
-            }
-            self.write_metrics(last_train)
+        if window:  # the steps of a time-limited stop between log points
+            last_train = log_window()
         self.save()
         if stopped == "time_limit":
             self.log(f"time limit of {self.time_limit:g} s reached at step {self.step}; checkpoint written")
