@@ -288,7 +288,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         bad = [n for n in names if n not in DATASETS]
         if bad:
             raise CLIError(f"--datasets: unknown {bad}; expected a comma-separated subset of {list(DATASETS)}")
-        download(target, names)
+        try:
+            download(target, names)
+        except OSError as err:  # no network, a moved URL, a full disk: say so instead of a traceback
+            raise CLIError(
+                f"download into {target!r} failed: {err}; files that arrived completely are kept, "
+                "re-running resumes with the rest"
+            ) from None
         args.data_dir = target
     print("\n".join(describe(args.data_dir)))
     return 0
