@@ -240,3 +240,35 @@ def test_time_limit_stops_cleanly(tmp_path, mnist_small):
     assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "generators"}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1 and rows[-1]["split"] == "train"
+
+
+def test_partial_evaluation_uses_a_fixed_spread_subset():
+    """MNIST's test split is sorted by class: a partial evaluation must not just take its first images."""
+    from types import SimpleNamespace
+
+    from fastnca.evaluate import evaluate_iwae
+
+    class Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.config = SimpleNamespace(likelihood="bernoulli")
+            self.seen: list[torch.Tensor] = []
+
+        def iwae(self, x, k, generator=None):
+            self.seen.append(x[:, 0, 0, 0].clone())
+            return -x[:, 0, 0, 0]
+
+        def bits_per_dim(self, nats):
+            return -nats
+
+    images = torch.arange(100, dtype=torch.uint8)[:, None, None, None]  # image i holds the value i
+    model = Recorder()
+    res = evaluate_iwae(model, images, k=1, batch_size=10, batches=2)
+    first = torch.cat(model.seen)
+    assert res["n_images"] == 20 and len(first.unique()) == 20 and first.max() >= 50, "spread over the split"
+    model.seen.clear()
+    evaluate_iwae(model, images, k=1, batch_size=10, batches=2)
+    assert torch.equal(torch.cat(model.seen), first), "the same subset every time"
+    model.seen.clear()
+    assert evaluate_iwae(model, images, k=1, batch_size=10)["n_images"] == 100
