@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights, check_step_inputs, nca_step_ref
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
 
 # Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Which backward the autograd Function and the custom op run: "fused" (the Triton kernels of nca_step_bwd.py)
+# or "reference" (recompute with the reference ops; kept as an oracle and a fallback). FASTNCA_BACKWARD overrides.
+BACKWARD = os.environ.get("FASTNCA_BACKWARD", "fused")
 
 SUPPORTED_CHANNELS = "multiples of 16 from 16 to 256 (|z| and h)"
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -446,8 +450,8 @@ def nca_step_fwd(
 
 # ------------------------------------------------------------------------------------------------- autograd
 class NCAStepFunction(torch.autograd.Function):
-    """Fused forward; backward by recomputation. Saves only the input state and the mask (and the weights,
-    which are inputs anyway), never the activations.
+    """Fused forward; fused backward that recomputes the step's activations on chip. Saves only the input
+    state and the mask (and the weights, which are inputs anyway), never the activations.
 
     ``apply(state, mask, double, input_precision, *weights.flat())``.
     """
@@ -464,9 +468,27 @@ class NCAStepFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         state, mask, *flat = ctx.saved_tensors
-        grad_state, grad_weights = NCAStepFunction._backward_ref(
+        grad_state, grad_weights = NCAStepFunction._backward(
             state, UpdateWeights.from_flat(flat), mask, ctx.double, grad_out, input_precision=ctx.input_precision)
         return (grad_state, None, None, None, *grad_weights)
+
+    @staticmethod
+    def _backward(
+        state: Tensor,
+        weights: UpdateWeights,
+        mask: Tensor | None,
+        double: bool,
+        grad_out: Tensor,
+        *,
+        input_precision: str = "ieee",
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """The step's gradients: the fused Triton backward, or the reference recompute when BACKWARD says so."""
+        if BACKWARD == "reference":
+            return NCAStepFunction._backward_ref(state, weights, mask, double, grad_out,
+                                                 input_precision=input_precision)
+        if BACKWARD != "fused":
+            raise ValueError(f"FASTNCA_BACKWARD: expected 'fused' or 'reference', got {BACKWARD!r}")
+        return nca_step_bwd(state, weights, mask, double, grad_out.to(state.dtype), input_precision=input_precision)
 
     @staticmethod
     def _backward_ref(
@@ -534,11 +556,37 @@ def _nca_step_setup_context(ctx, inputs, output) -> None:
     ctx.input_precision = input_precision
 
 
+@torch.library.custom_op("fastnca::nca_step_backward", mutates_args=())
+def _nca_step_bwd_op(
+    state: Tensor, tensors: list[Tensor], present: list[bool], mask: Optional[Tensor], double: bool,  # noqa: UP045
+    input_precision: str, grad_out: Tensor,
+) -> list[Tensor]:
+    """``fastnca::nca_step_backward``: the step's gradients, [state, *present weights], as an opaque op, so that
+    torch.compile traces the backward graph without launching kernels on fake tensors."""
+    grad_state, grad_weights = NCAStepFunction._backward(
+        state, _join(tensors, present), mask, double, grad_out, input_precision=input_precision)
+    outs = [grad_state] + [g for g in grad_weights if g is not None]
+    # A custom op's outputs may not share storage with its inputs or each other; the backward returns some
+    # gradients as views of one buffer (e.g. the bias gradients), so those few small ones are copied.
+    seen = {t.untyped_storage().data_ptr() for t in (state, grad_out, *tensors)}
+    for i, g in enumerate(outs):
+        ptr = g.untyped_storage().data_ptr()
+        if ptr in seen:
+            outs[i] = g = g.clone()
+            ptr = g.untyped_storage().data_ptr()
+        seen.add(ptr)
+    return outs
+
+
+@_nca_step_bwd_op.register_fake
+def _nca_step_bwd_fake(state, tensors, present, mask, double, input_precision, grad_out):
+    return [torch.empty_like(state)] + [torch.empty_like(t) for t in tensors]
+
+
 def _nca_step_backward(ctx, grad_out):
     state, mask, *tensors = ctx.saved_tensors
-    grad_state, grad_weights = NCAStepFunction._backward_ref(
-        state, _join(tensors, ctx.present), mask, ctx.double, grad_out, input_precision=ctx.input_precision)
-    return grad_state, [g for g in grad_weights if g is not None], None, None, None, None
+    grads = _nca_step_bwd_op(state, list(tensors), ctx.present, mask, ctx.double, ctx.input_precision, grad_out)
+    return grads[0], list(grads[1:]), None, None, None, None
 
 
 _nca_step_op.register_autograd(_nca_step_backward, setup_context=_nca_step_setup_context)
@@ -554,8 +602,9 @@ def nca_step(
 ) -> Tensor:
     """One fused NCA step ``z' = z + m * f(z)``, differentiable, traceable by torch.compile.
 
-    Runs the fused Triton forward (the op ``torch.ops.fastnca.nca_step``) and, in backward, recomputes the
-    step with the reference ops. Works on CUDA tensors, and on CPU tensors in interpreter mode
+    Runs the fused Triton forward (the op ``torch.ops.fastnca.nca_step``) and, in backward, the fused Triton
+    backward (``nca_step_bwd``: recompute on chip, then backprop; ``FASTNCA_BACKWARD=reference`` recomputes
+    with the reference ops instead). Works on CUDA tensors, and on CPU tensors in interpreter mode
     (``TRITON_INTERPRET=1``).
 
     Args:
