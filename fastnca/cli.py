@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop cleanly after S seconds of training (checkpoint, final evaluation, pictures)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-final-eval",
+        action="store_true",
+        help="skip the evaluation at the end (timed benchmark runs; add --set eval_every=0 for none at all)",
+    )
     _add_common(p)
 
     p = sub.add_parser("eval", help="importance-weighted log-likelihood on the test split")
@@ -148,7 +153,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastnca.train import NonFiniteLossError, Trainer
 
     overrides = parse_overrides(args.overrides)
-    kwargs = dict(data_dir=args.data_dir, device=args.device, time_limit=args.time_limit, progress=not args.no_progress)
+    kwargs = dict(
+        data_dir=args.data_dir,
+        device=args.device,
+        time_limit=args.time_limit,
+        progress=not args.no_progress,
+        final_eval=not args.no_final_eval,
+    )
     if args.resume:
         if not args.out:
             raise CLIError("--resume needs --out, the run directory to continue")

@@ -257,6 +257,7 @@ class Trainer:
         progress: show a tqdm bar.
         log: where messages go.
         final_outputs: evaluate and draw samples at the end.
+        final_eval: the evaluation at the end (False: only the pictures; for short timed benchmark runs).
     """
 
     def __init__(
@@ -271,6 +272,7 @@ class Trainer:
         progress: bool = True,
         log: Callable[[str], None] | None = None,
         final_outputs: bool = True,
+        final_eval: bool = True,
     ) -> None:
         from fastnca.vae import VNCA
 
@@ -289,6 +291,7 @@ class Trainer:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.final_outputs = final_outputs
+        self.final_eval = final_eval
         self.splits = splits if splits is not None else load_for_config(config, data_dir)
         if self.splits.shape != (config.image_channels, config.image_size, config.image_size):
             raise ValueError(
@@ -606,12 +609,13 @@ class Trainer:
         self.save()
         if stopped == "time_limit":
             self.log(f"time limit of {self.time_limit:g} s reached at step {self.step}; checkpoint written")
-        if self.final_outputs:
+        if self.final_outputs and self.final_eval:
             last_eval = self.evaluate()
             self.log(
                 f"step {self.step}: test IWAE({cfg.eval_samples}, {last_eval['n_images']} images) "
                 f"{last_eval['iwae']:.2f} nats ({last_eval['bpd']:.4f} bits/dim)"
             )
+        if self.final_outputs:
             self.draw()
         summary = {
             "step": self.step,

@@ -161,3 +161,15 @@ def test_data_lists_datasets(capsys):
     assert main(["data"]) == 0
     out = capsys.readouterr().out
     assert "mnist   ok" in out and "emoji   ok" in out and "celeba  ok" in out
+
+
+@needs_data
+def test_time_limited_run_without_final_eval(tmp_path):
+    out = tmp_path / "timed"
+    argv = ["train", "--preset", "small", "--out", str(out), "--time-limit", "0.001", "--no-final-eval", *TINY]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "time_limit" and summary["step"] == 1 and summary["eval"] is None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["split"] == "train" for r in rows)
+    assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
