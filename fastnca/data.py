@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastnca.utils import atomic_write
+
 __all__ = [
     "DATASETS",
     "DataError",
@@ -153,17 +155,7 @@ def _cached(key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
     array = build()
     if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.save(f, array, allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
         except OSError:
             pass  # a read-only home or full disk only costs the next run the decoding time
     return array

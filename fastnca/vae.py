@@ -74,8 +74,12 @@ def _normal_log_prob(z: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
 class _LatentVAE(nn.Module):
     """What the VNCA and the baseline share: encoder, posterior, likelihood, bounds, sampling."""
 
-    config: Config
-    encoder: Encoder
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = Encoder(config.image_channels, config.image_size, config.state_channels,
+                               channels=config.enc_channels, first_padding=config.enc_first_padding)
 
     # subclasses implement: decode(z, ...) -> decoder output whose first channels parameterise p(x|z)
     def decode(self, z: Tensor, **kwargs) -> Tensor:  # pragma: no cover - abstract
@@ -208,11 +212,7 @@ class VNCA(_LatentVAE):
     """
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
-        self.encoder = Encoder(config.image_channels, config.image_size, config.state_channels,
-                               channels=config.enc_channels, first_padding=config.enc_first_padding)
+        super().__init__(config)
         self.nca: NCA = nca_from_config(config)
 
     def decode(self, z: Tensor, *, num_steps: int | None = None, generator: torch.Generator | None = None,
@@ -243,11 +243,7 @@ class ConvVAE(_LatentVAE):
     """
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
-        self.encoder = Encoder(config.image_channels, config.image_size, config.state_channels,
-                               channels=config.enc_channels, first_padding=config.enc_first_padding)
+        super().__init__(config)
         size = 32 if config.image_size == 28 else config.image_size
         n_up = int(round(math.log2(size / 2)))
         if 2 * 2**n_up != size:
