@@ -131,6 +131,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
     CaseSpec("train-celeba-doubling", "train", "celeba-doubling", description="fwd+bwd+clip+Adam, B=32"),
     CaseSpec("train-celeba-nondoubling-256-T128", "train", "celeba-nondoubling-256", 128,
              description="fwd+bwd+clip+Adam, B=32, T=128 (peak memory)"),
+    CaseSpec("train-celeba-nondoubling-256-T1024", "train", "celeba-nondoubling-256", 1024,
+             description="fwd+bwd+clip+Adam, B=32, T=1024 (memory under sqrt(T) segments; goal <= 8 GB)"),
     CaseSpec("iwae-mnist-doubling", "iwae", "mnist-doubling", batch=8,
              description="IWAE k=128 on 8 images (samples/s)"),
 ]}
@@ -345,7 +347,7 @@ class CaseContext:
         self.cfg = get_preset(spec.preset, **over)
         self.num_steps = spec.num_steps
         if self.tiny and self.num_steps is not None:
-            self.num_steps = max(2, self.num_steps // 16)
+            self.num_steps = max(2, min(8, self.num_steps // 16))
         self.batch = (2 if self.tiny else spec.batch) if spec.batch else self.cfg.batch_size
         self.iwae_k = 4 if self.tiny else spec.iwae_k
         torch.manual_seed(0)
