@@ -28,13 +28,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .fit import KernelSpec
 from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights, check_step_inputs, nca_step_ref
+from .utils import cast_rne, elu, mma, perceive_conv3x3
 
 __all__ = [
     "SUPPORTED_CHANNELS",
     "NCAStepFunction",
     "StepConfig",
+    "fwd_kernel_spec",
     "nca_step",
     "nca_step_fwd",
     "pack_weights",
@@ -53,32 +56,6 @@ _PRECISIONS = ("ieee", "tf32")
 
 
 # --------------------------------------------------------------------------------------------------- kernel
-@triton.jit
-def _elu(x):
-    # exp of the clamped value so the discarded branch never overflows
-    return tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """x.to(dtype); EMULATE_RNE rounds fp32 -> bf16 to nearest even by hand (the interpreter truncates)."""
-    if EMULATE_RNE:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; UPCAST_DOT computes bf16 operands in fp32 (the interpreter's bf16
-    dot is wrong, see docs/KERNELS.md)."""
-    if UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
 @triton.jit
 def _nca_step_fwd_kernel(
     z_ptr,  # (B, H_in, W_in, C) input state, channels-last, compute dtype
@@ -143,46 +120,31 @@ def _nca_step_fwd_kernel(
     offs_h = tl.arange(0, HID)
 
     # ---- 3x3 perception conv: 9 taps x C/BLOCK_K chunks, one pipelined loop
-    K_CHUNKS: tl.constexpr = C // BLOCK_K
-    acc = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
-    for it in range(9 * K_CHUNKS):
-        tap = it // K_CHUNKS
-        k0 = (it % K_CHUNKS) * BLOCK_K
-        r = row + (tap // 3 - 1)
-        c = col + (tap % 3 - 1)
-        ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-        if DOUBLE:
-            r = r // 2
-            c = c // 2
-        src = (bat * H_in + r) * W_in + c  # (BLOCK_M,) input cell ids; out-of-grid ones are masked
-        b_z = tl.load(z_ptr + src[:, None] * C + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
-        b_w = tl.load(w3_ptr + (tap * C + k0 + offs_k)[:, None] * HID + offs_h[None, :])
-        acc = _mma(b_z, b_w, acc, UPCAST_DOT, INPUT_PRECISION)
-    if HAS_B3:
-        acc += tl.load(b3_ptr + offs_h)[None, :]
+    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, DOUBLE, HAS_B3,
+                           BLOCK_M, BLOCK_K, UPCAST_DOT, INPUT_PRECISION)
     if PERCEIVE_ELU:
-        acc = _elu(acc)
+        acc = elu(acc)
     y = acc  # (BLOCK_M, HID) fp32 residual stream
 
     # ---- residual blocks: K-chunk the second dot so no register tensor is ever sliced
     for blk in range(N_BLOCKS):
-        y_a = _round(y, z_ptr.dtype.element_ty, UPCAST_DOT)
+        y_a = cast_rne(y, z_ptr.dtype.element_ty, UPCAST_DOT)
         if HAS_B2:
             acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
         else:
             acc = y
         for j in range(0, HID, BLOCK_K):
             b_w1 = tl.load(w1_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
-            t = _mma(y_a, b_w1, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+            t = mma(y_a, b_w1, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
             if HAS_B1:
                 t += tl.load(b1_ptr + blk * HID + j + offs_k)[None, :]
-            t = _elu(t)
+            t = elu(t)
             b_w2 = tl.load(w2_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
-            acc = _mma(_round(t, z_ptr.dtype.element_ty, UPCAST_DOT), b_w2, acc, UPCAST_DOT, INPUT_PRECISION)
+            acc = mma(cast_rne(t, z_ptr.dtype.element_ty, UPCAST_DOT), b_w2, acc, UPCAST_DOT, INPUT_PRECISION)
         y = acc
 
     # ---- output 1x1 conv, N-chunked, fused with the masked residual update and the store
-    y_a = _round(y, z_ptr.dtype.element_ty, UPCAST_DOT)
+    y_a = cast_rne(y, z_ptr.dtype.element_ty, UPCAST_DOT)
     if HAS_MASK:
         upd = tl.load(mask_ptr + offs_m, mask=mask_m, other=0) != 0
     if DOUBLE:
@@ -192,14 +154,14 @@ def _nca_step_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(0, C, BLOCK_N):
         b_wo = tl.load(wout_ptr + offs_h[:, None] * C + (n0 + offs_n)[None, :])
-        f = _mma(y_a, b_wo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+        f = mma(y_a, b_wo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
         if HAS_BOUT:
             f += tl.load(bout_ptr + n0 + offs_n)[None, :]
         b_z = tl.load(z_ptr + center[:, None] * C + (n0 + offs_n)[None, :], mask=mask_m[:, None], other=0.0)
         new = b_z.to(tl.float32) + f
         if HAS_MASK:
             new = tl.where(upd[:, None], new, b_z.to(tl.float32))
-        new = _round(new, out_ptr.dtype.element_ty, UPCAST_DOT)
+        new = cast_rne(new, out_ptr.dtype.element_ty, UPCAST_DOT)
         tl.store(out_ptr + offs_m[:, None] * C + (n0 + offs_n)[None, :], new, mask=mask_m[:, None])
 
 
@@ -257,6 +219,36 @@ def step_config(
     if input_precision == "tf32":
         return StepConfig(64, min(32, base_k), block_n, 4, 2)
     return StepConfig(32, min(32, base_k), block_n, 8, 2)
+
+
+def fwd_kernel_spec(
+    state_channels: int,
+    hidden_channels: int,
+    n_blocks: int,
+    dtype: torch.dtype,
+    *,
+    input_precision: str = "ieee",
+    bias: bool = True,
+    out_bias: bool = True,
+    double: bool = False,
+    mask: bool = False,
+    config: StepConfig | None = None,
+) -> KernelSpec:
+    """The forward kernel as ``nca_step_fwd`` launches it on the GPU for these shapes (for the sm_90 fit,
+    ``kernels/fit.py``); ``config`` overrides the shipped tiling."""
+    cfg = config or step_config(state_channels, hidden_channels, dtype, input_precision=input_precision,
+                                interpret=False)
+    t = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+    pointers = {"z_ptr": t, "out_ptr": t, "mask_ptr": "*u8", "w3_ptr": t, "b3_ptr": "*fp32", "w1_ptr": t,
+                "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32"}
+    constexprs = {
+        "C": state_channels, "HID": _padded_hidden(hidden_channels), "N_BLOCKS": n_blocks, "DOUBLE": double,
+        "HAS_MASK": mask, "HAS_B3": bias, "HAS_B1": bias and n_blocks > 0, "HAS_B2": bias and n_blocks > 0,
+        "HAS_BOUT": out_bias, "PERCEIVE_ELU": n_blocks == 0, "INPUT_PRECISION": input_precision, "UPCAST_DOT": False,
+        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
+    }
+    signature = {**pointers, "M": "i32", "H": "i32", "W": "i32", **{k: "constexpr" for k in constexprs}}
+    return KernelSpec("fwd", _nca_step_fwd_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages)
 
 
 def _check_device(name: str, t: Tensor, device: torch.device | None = None) -> None:

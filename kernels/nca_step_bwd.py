@@ -38,7 +38,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .fit import KernelSpec
 from .reference import UpdateWeights, check_step_inputs
+from .utils import elu, elu_grad, mma, perceive_conv3x3, rne
 
 __all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
 
@@ -56,43 +58,6 @@ _MIN_CELLS_PER_SPLIT = 1024
 
 
 # --------------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _elu(x):
-    # exp of the clamped value so the discarded branch never overflows
-    return tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
-
-
-@triton.jit
-def _elu_grad(x):
-    """elu'(x) = 1 if x > 0 else exp(x)."""
-    return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
-
-
-@triton.jit
-def _rne(x, INTERP_BF16: tl.constexpr):
-    """x (fp32), rounded to bf16's precision to nearest-even when INTERP_BF16, so the cast that follows is exact.
-
-    The interpreter truncates fp32 -> bf16 casts (checked with triton 3.8) where the GPU rounds to nearest-even;
-    truncation's one-sided error adds up over cells and would make the CPU tests' bf16 errors a few times those of
-    the GPU. A no-op on the GPU, where INTERP_BF16 is False.
-    """
-    if INTERP_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x
-
-
-@triton.jit
-def _mma(a, b, acc, INTERP_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; INTERP_BF16 computes bf16 operands in fp32 (the interpreter's bf16 dot
-    is wrong, see docs/KERNELS.md)."""
-    if INTERP_BF16:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
 @triton.jit
 def _nca_step_bwd_kernel(
     z_ptr,  # (B, H_in, W_in, C) input state, channels-last, compute dtype
@@ -126,7 +91,7 @@ def _nca_step_bwd_kernel(
     HAS_B2: tl.constexpr,
     PERCEIVE_ELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
-    INTERP_BF16: tl.constexpr,  # interpreter with bf16: dots in fp32, casts rounded to nearest (see _rne)
+    INTERP_BF16: tl.constexpr,  # interpreter with bf16: dots in fp32, casts rounded to nearest (see utils.rne)
     BLOCK_M: tl.constexpr,  # cells per program
     BLOCK_K: tl.constexpr,  # hidden-channel chunk of the residual blocks
     BLOCK_C: tl.constexpr,  # state-channel chunk of the perception conv and the output conv
@@ -174,47 +139,32 @@ def _nca_step_bwd_kernel(
     buf_stride = M * HID
 
     # ---- forward: 3x3 perception conv, 9 taps x C/BLOCK_C chunks
-    C_CHUNKS: tl.constexpr = C // BLOCK_C
-    acc = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
-    for it in range(9 * C_CHUNKS):
-        tap = it // C_CHUNKS
-        c0 = (it % C_CHUNKS) * BLOCK_C
-        r = row + (tap // 3 - 1)
-        c = col + (tap % 3 - 1)
-        ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-        if DOUBLE:
-            r = r // 2
-            c = c // 2
-        src = (bat * H_in + r) * W_in + c  # (BLOCK_M,) input cell ids; out-of-grid ones are masked
-        b_z = tl.load(z_ptr + src[:, None] * C + (c0 + offs_c)[None, :], mask=ok[:, None], other=0.0)
-        b_w = tl.load(w3_ptr + (tap * C + c0 + offs_c)[:, None] * HID + offs_h[None, :])
-        acc = _mma(b_z, b_w, acc, INTERP_BF16, INPUT_PRECISION)
-    if HAS_B3:
-        acc += tl.load(b3_ptr + offs_h)[None, :]
+    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, DOUBLE, HAS_B3,
+                           BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION)
     if PERCEIVE_ELU:
         pre = acc
-        y = _elu(acc)
+        y = elu(acc)
     else:
         y = acc  # (BLOCK_M, HID) fp32 residual stream
 
     # ---- forward through the blocks, saving each block's input and pre-activation
     for blk in range(N_BLOCKS):
-        tl.store(y_ptr + blk * buf_stride + cells_h, _rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
-        y_a = _rne(y, INTERP_BF16).to(dt)
+        tl.store(y_ptr + blk * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
+        y_a = rne(y, INTERP_BF16).to(dt)
         if HAS_B2:
             acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
         else:
             acc = y
         for j in range(0, HID, BLOCK_K):
             b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
-            t = _mma(y_a, b_w1t, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
+            t = mma(y_a, b_w1t, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
             if HAS_B1:
                 t += tl.load(b1_ptr + blk * HID + j + offs_k)[None, :]
-            tl.store(a_ptr + blk * buf_stride + j + cells_k, _rne(t, INTERP_BF16).to(dt), mask=mask_m[:, None])
+            tl.store(a_ptr + blk * buf_stride + j + cells_k, rne(t, INTERP_BF16).to(dt), mask=mask_m[:, None])
             b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
-            acc = _mma(_rne(_elu(t), INTERP_BF16).to(dt), b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
+            acc = mma(rne(elu(t), INTERP_BF16).to(dt), b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
         y = acc
-    tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, _rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
+    tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
     # the backward re-reads a_i written by other threads of this program
     tl.debug_barrier()
 
@@ -229,26 +179,26 @@ def _nca_step_bwd_kernel(
             b_g = tl.where(upd[:, None], b_g, 0.0).to(dt)
         tl.store(g_ptr + cells_c, b_g, mask=mask_m[:, None])
         b_wo = tl.load(wout_ptr + (c0 + offs_c)[:, None] * HID + offs_h[None, :])
-        dy = _mma(b_g, b_wo, dy, INTERP_BF16, INPUT_PRECISION)
+        dy = mma(b_g, b_wo, dy, INTERP_BF16, INPUT_PRECISION)
 
     # ---- backward through the blocks in reverse
     for i in range(N_BLOCKS):
         blk = N_BLOCKS - 1 - i
-        tl.store(dy_ptr + blk * buf_stride + cells_h, _rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
-        dy_a = _rne(dy, INTERP_BF16).to(dt)
+        tl.store(dy_ptr + blk * buf_stride + cells_h, rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
+        dy_a = rne(dy, INTERP_BF16).to(dt)
         acc = dy
         for j in range(0, HID, BLOCK_K):
             b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
-            du = _mma(dy_a, b_w2, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
+            du = mma(dy_a, b_w2, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
             b_a = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
-            da = du * _elu_grad(b_a.to(tl.float32))
-            tl.store(da_ptr + blk * buf_stride + j + cells_k, _rne(da, INTERP_BF16).to(dt), mask=mask_m[:, None])
+            da = du * elu_grad(b_a.to(tl.float32))
+            tl.store(da_ptr + blk * buf_stride + j + cells_k, rne(da, INTERP_BF16).to(dt), mask=mask_m[:, None])
             b_w1 = tl.load(w1_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
-            acc = _mma(_rne(da, INTERP_BF16).to(dt), b_w1, acc, INTERP_BF16, INPUT_PRECISION)
+            acc = mma(rne(da, INTERP_BF16).to(dt), b_w1, acc, INTERP_BF16, INPUT_PRECISION)
         dy = acc
     if PERCEIVE_ELU:
-        dy = dy * _elu_grad(pre)
-    tl.store(dpre_ptr + cells_h, _rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
+        dy = dy * elu_grad(pre)
+    tl.store(dpre_ptr + cells_h, rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
 
 
 @triton.jit
@@ -321,9 +271,9 @@ def _nca_step_bwd_dstate_kernel(
         src = (bat * H + r) * W + c  # (BLOCK_M,) full-grid cell ids; out-of-grid ones are masked
         b_d = tl.load(dpre_ptr + src[:, None] * HID + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
         b_w = tl.load(wb_ptr + (tap * HID + k0 + offs_k)[:, None] * C_PAD + offs_n[None, :])
-        acc = _mma(b_d, b_w, acc, INTERP_BF16, INPUT_PRECISION)
+        acc = mma(b_d, b_w, acc, INTERP_BF16, INPUT_PRECISION)
     tl.store(
-        dz_ptr + offs_m[:, None] * C + offs_n[None, :], _rne(acc, INTERP_BF16).to(dz_ptr.dtype.element_ty), mask=mask_mn
+        dz_ptr + offs_m[:, None] * C + offs_n[None, :], rne(acc, INTERP_BF16).to(dz_ptr.dtype.element_ty), mask=mask_mn
     )
 
 
@@ -408,8 +358,8 @@ def _nca_step_bwd_wgrad_kernel(
         else:
             b_b = tl.load(b_base + offs_cell[:, None] * NB + offs_b[None, :], mask=ok[:, None], other=0.0)
         if B_ELU:
-            b_b = _rne(_elu(b_b.to(tl.float32)), INTERP_BF16).to(b_at.dtype)
-        acc = _mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
+            b_b = rne(elu(b_b.to(tl.float32)), INTERP_BF16).to(b_at.dtype)
+        acc = mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
         if WITH_DB:
             colsum += tl.sum(b_at.to(tl.float32), axis=1)
     slot = (s * N_MAT + mat) * T + tap
@@ -448,17 +398,23 @@ def _chunk(n: int, cap: int) -> int:
 
 
 def bwd_config(
-    state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee"
+    state_channels: int,
+    hidden_channels: int,
+    dtype: torch.dtype,
+    input_precision: str = "ieee",
+    *,
+    interpret: bool = _INTERPRET,
 ) -> BwdConfig:
-    """The shipped tile configuration; ``tests/kernels/test_fit_bwd.py`` compiles each one for sm_90.
+    """The shipped tile configuration; ``python -m fastnca.kernels.fit`` compiles each one for sm_90.
 
     Chosen by compiling for sm_90 (numbers in ``kernels/BACKWARD.md``): the main kernel keeps two fp32
     ``(BLOCK_M, h)`` tensors live (the dot operand of the residual stream and its accumulator), so wide networks
     take small hidden chunks; fp32 "ieee" dots run on FMA units with register operands and take 32-cell tiles.
-    In the interpreter the tiles are small, so that tests run many programs and partial tiles quickly.
+    In the interpreter (``interpret``, by default whether TRITON_INTERPRET=1 was set at import) the tiles are small,
+    so that tests run many programs and partial tiles quickly.
     """
     c, h = state_channels, hidden_channels
-    if _INTERPRET:
+    if interpret:
         return BwdConfig(16, _chunk(h, 32), _chunk(c, 32), 4, 1, 16, _chunk(h, 32), 4, 1, 32, 16, 4, 1)
     wide = max(c, h) > 128
     ieee = dtype == torch.float32 and input_precision == "ieee"
@@ -496,18 +452,6 @@ def _splits(m: int, block_cells: int) -> tuple[int, int]:
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-@dataclass(frozen=True)
-class KernelSpec:
-    """One kernel launch as compiled: for the sm_90 fit test (signature types and constexpr values)."""
-
-    name: str
-    fn: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    num_warps: int
-    num_stages: int
-
-
 def bwd_kernel_specs(
     state_channels: int,
     hidden_channels: int,
@@ -519,8 +463,9 @@ def bwd_kernel_specs(
     bias: bool = True,
     input_precision: str = "ieee",
 ) -> list[KernelSpec]:
-    """Every kernel variant ``nca_step_bwd`` launches for these shapes, as :class:`KernelSpec` (for fit tests)."""
-    cfg = bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision)
+    """Every kernel variant ``nca_step_bwd`` launches on the GPU for these shapes, as ``fit.KernelSpec`` s (for the
+    sm_90 fit, ``kernels/fit.py``)."""
+    cfg = bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision, interpret=False)
     c, h = state_channels, hidden_channels
     ty = _TL_DTYPE[dtype]
 

@@ -1,0 +1,112 @@
+"""``@triton.jit`` helpers shared by the fused forward (``nca_step.py``) and backward (``nca_step_bwd.py``) kernels.
+
+Triton inlines jit functions into the kernel that calls them, so the compiled code is the same as if each kernel
+wrote them out (checked with the sm_90 fit: ``python -m fastnca.kernels.fit``).
+
+Two constexpr flags work around interpreter defects (docs/KERNELS.md); both are False on the GPU:
+
+- ``UPCAST_DOT``: the interpreter computes a bf16 ``tl.dot`` wrongly, so :func:`mma` upcasts its operands to fp32.
+- ``EMULATE_RNE``: the interpreter truncates fp32 -> bf16 casts (checked with triton 3.8) where the GPU rounds to
+  nearest even; truncation's one-sided error adds up over cells, so :func:`rne` rounds by hand before the cast.
+
+Kernels pass one flag for both (``UPCAST_DOT`` in the forward, ``INTERP_BF16`` in the backward): interpreter and
+bf16.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["cast_rne", "elu", "elu_grad", "mma", "perceive_conv3x3", "rne"]
+
+
+@triton.jit
+def elu(x):
+    """ELU with alpha = 1: x if x > 0 else exp(x) - 1."""
+    # exp of the clamped value so the discarded branch never overflows
+    return tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
+
+
+@triton.jit
+def elu_grad(x):
+    """elu'(x) = 1 if x > 0 else exp(x)."""
+    return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
+
+
+@triton.jit
+def rne(x, EMULATE_RNE: tl.constexpr):
+    """x (fp32), rounded to bf16's precision to nearest-even when EMULATE_RNE, so the cast that follows is exact."""
+    if EMULATE_RNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """x.to(dtype), fp32 -> bf16 rounded to nearest even also in the interpreter (see :func:`rne`)."""
+    return rne(x, EMULATE_RNE).to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; UPCAST_DOT computes bf16 operands in fp32 (the interpreter's bf16 dot
+    is wrong, see docs/KERNELS.md)."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def perceive_conv3x3(
+    z_ptr,  # (B, H_in, W_in, C) state, channels-last, compute dtype
+    w3_ptr,  # (9, C, HID) perception weight, [tap, c, o] = Wp[o, c, ky, kx], tap = 3 ky + kx
+    b3_ptr,  # (HID,) fp32 perception bias (read only when HAS_B3)
+    bat,  # (BLOCK_M,) batch index of each output cell
+    row,  # (BLOCK_M,) row of each output cell on the (doubled) grid
+    col,  # (BLOCK_M,) column of each output cell on the (doubled) grid
+    mask_m,  # (BLOCK_M,) which cells exist (the last program's tail is masked)
+    H,  # grid height (doubled when DOUBLE)
+    W,  # grid width (doubled when DOUBLE)
+    H_in,  # height of the state (H // 2 when DOUBLE, else H)
+    W_in,  # width of the state
+    C: tl.constexpr,  # |z|
+    HID: tl.constexpr,  # h (a power of two)
+    DOUBLE: tl.constexpr,  # read the state through (row // 2, col // 2)
+    HAS_B3: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # state-channel chunk (divides C)
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The perception conv's pre-activation for ``BLOCK_M`` cells, an fp32 ``(BLOCK_M, HID)`` tensor:
+
+        pre = sum_{tap, c-chunk} z[shifted cells, c-chunk] @ W3[tap, c-chunk, :] (+ b3)     (zero padding)
+
+    One pipelined loop over 9 taps x ``C / BLOCK_C`` chunks; each iteration loads the cells' neighbours for that
+    tap with a shifted, masked load (masked = zero padding; the re-reads of neighbours hit cache). The caller
+    applies the ELU if the network has one here.
+    """
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, HID)
+    C_CHUNKS: tl.constexpr = C // BLOCK_C
+    acc = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
+    for it in range(9 * C_CHUNKS):
+        tap = it // C_CHUNKS
+        c0 = (it % C_CHUNKS) * BLOCK_C
+        r = row + (tap // 3 - 1)
+        c = col + (tap % 3 - 1)
+        ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+        if DOUBLE:
+            r = r // 2
+            c = c // 2
+        src = (bat * H_in + r) * W_in + c  # (BLOCK_M,) input cell ids; out-of-grid ones are masked
+        b_z = tl.load(z_ptr + src[:, None] * C + (c0 + offs_c)[None, :], mask=ok[:, None], other=0.0)
+        b_w = tl.load(w3_ptr + (tap * C + c0 + offs_c)[:, None] * HID + offs_h[None, :])
+        acc = mma(b_z, b_w, acc, UPCAST_DOT, INPUT_PRECISION)
+    if HAS_B3:
+        acc += tl.load(b3_ptr + offs_h)[None, :]
+    return acc
