@@ -452,6 +452,29 @@ def _splits(m: int, block_cells: int) -> tuple[int, int]:
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
+def _main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
+                     has_b2: bool, input_precision: str, interp_bf16: bool, cfg: BwdConfig) -> dict[str, Any]:
+    """The main kernel's constexprs: one builder for the launch and the sm_90 fit, so the two cannot drift."""
+    return dict(C=c, HID=hp, N_BLOCKS=n_blocks, DOUBLE=double, HAS_MASK=has_mask, HAS_B3=has_b3, HAS_B1=has_b1,
+                HAS_B2=has_b2, PERCEIVE_ELU=n_blocks == 0, INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16,
+                BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c)
+
+
+def _dstate_constexprs(c: int, hp: int, *, double: bool, input_precision: str, interp_bf16: bool,
+                       cfg: BwdConfig) -> dict[str, Any]:
+    """The state-gradient kernel's constexprs (launch and fit)."""
+    return dict(C=c, C_PAD=triton.next_power_of_2(c), HID=hp, DOUBLE=double, INPUT_PRECISION=input_precision,
+                INTERP_BF16=interp_bf16, BLOCK_M=cfg.ds_block_m, BLOCK_K=cfg.ds_block_k)
+
+
+def _wgrad_constexprs(na: int, nb: int, taps: int, *, gather: bool, double: bool, b_elu: bool, input_precision: str,
+                      interp_bf16: bool, cfg: BwdConfig) -> dict[str, Any]:
+    """A weight-gradient GEMM's constexprs (launch and fit); the column sums (bias gradients) are always made."""
+    return dict(NA=na, NB=nb, T=taps, GATHER=gather, DOUBLE=double and gather, B_ELU=b_elu, WITH_DB=True,
+                INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, BLOCK_A=_chunk(na, cfg.wg_block),
+                BLOCK_B=_chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells)
+
+
 def bwd_kernel_specs(
     state_channels: int,
     hidden_channels: int,
@@ -495,34 +518,11 @@ def bwd_kernel_specs(
         )
     }
     main_ptrs.update(mask_ptr="*u8", b3_ptr="*fp32", b1_ptr="*fp32", b2_ptr="*fp32")
-    hp, cp = triton.next_power_of_2(h), triton.next_power_of_2(c)
-    main_consts = dict(
-        C=c,
-        HID=hp,
-        N_BLOCKS=n_blocks,
-        DOUBLE=double,
-        HAS_MASK=mask,
-        HAS_B3=bias,
-        HAS_B1=bias,
-        HAS_B2=bias,
-        PERCEIVE_ELU=n_blocks == 0,
-        INPUT_PRECISION=input_precision,
-        INTERP_BF16=False,
-        BLOCK_M=cfg.block_m,
-        BLOCK_K=cfg.block_k,
-        BLOCK_C=cfg.block_c,
-    )
+    hp = triton.next_power_of_2(h)
+    main_consts = _main_constexprs(c, hp, n_blocks, double=double, has_mask=mask, has_b3=bias, has_b1=bias,
+                                   has_b2=bias, input_precision=input_precision, interp_bf16=False, cfg=cfg)
     ds_ptrs = {n: f"*{ty}" for n in ("dpre_ptr", "wb_ptr", "gout_ptr", "dz_ptr")}
-    ds_consts = dict(
-        C=c,
-        C_PAD=cp,
-        HID=hp,
-        DOUBLE=double,
-        INPUT_PRECISION=input_precision,
-        INTERP_BF16=False,
-        BLOCK_M=cfg.ds_block_m,
-        BLOCK_K=cfg.ds_block_k,
-    )
+    ds_consts = _dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=False, cfg=cfg)
     wg_ptrs = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
     specs = [
         KernelSpec(
@@ -543,20 +543,8 @@ def bwd_kernel_specs(
         ),
     ]
     for name, na, nb, t, gather, b_elu in _wgrad_variants(c, hp, n_blocks):
-        consts = dict(
-            NA=na,
-            NB=nb,
-            T=t,
-            GATHER=gather,
-            DOUBLE=double and gather,
-            B_ELU=b_elu,
-            WITH_DB=bias,
-            INPUT_PRECISION=input_precision,
-            INTERP_BF16=False,
-            BLOCK_A=_chunk(na, cfg.wg_block),
-            BLOCK_B=_chunk(nb, cfg.wg_block),
-            BLOCK_CELLS=cfg.wg_block_cells,
-        )
+        consts = _wgrad_constexprs(na, nb, t, gather=gather, double=double, b_elu=b_elu,
+                                   input_precision=input_precision, interp_bf16=False, cfg=cfg)
         specs.append(
             KernelSpec(
                 f"wgrad-{name}",
@@ -767,20 +755,8 @@ def nca_step_bwd(
         M=m,
         H=hh,
         W=ww,
-        C=c,
-        HID=hp,
-        N_BLOCKS=nb,
-        DOUBLE=double,
-        HAS_MASK=mask is not None,
-        HAS_B3=has_b3,
-        HAS_B1=has_b1,
-        HAS_B2=has_b2,
-        PERCEIVE_ELU=nb == 0,
-        INPUT_PRECISION=input_precision,
-        INTERP_BF16=upcast,
-        BLOCK_M=cfg.block_m,
-        BLOCK_K=cfg.block_k,
-        BLOCK_C=cfg.block_c,
+        **_main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=has_b3, has_b1=has_b1,
+                           has_b2=has_b2, input_precision=input_precision, interp_bf16=upcast, cfg=cfg),
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
@@ -793,14 +769,7 @@ def nca_step_bwd(
         M_in=m_in,
         H=hh,
         W=ww,
-        C=c,
-        C_PAD=cp,
-        HID=hp,
-        DOUBLE=double,
-        INPUT_PRECISION=input_precision,
-        INTERP_BF16=upcast,
-        BLOCK_M=cfg.ds_block_m,
-        BLOCK_K=cfg.ds_block_k,
+        **_dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=upcast, cfg=cfg),
         num_warps=cfg.ds_warps,
         num_stages=cfg.ds_stages,
     )
@@ -810,7 +779,7 @@ def nca_step_bwd(
     def wgrad(a: Tensor, bmat: Tensor, n_mat: int, taps: int, gather: bool, b_elu: bool) -> tuple[Tensor, Tensor]:
         """fp32 ``(n_mat, taps, NA, NB)`` sums of a^T b over all cells and ``(n_mat, NA)`` column sums of a."""
         na, nbc = a.shape[-1], bmat.shape[-1]
-        block_a, block_b = _chunk(na, cfg.wg_block), _chunk(nbc, cfg.wg_block)
+        block_a, block_b = _chunk(na, cfg.wg_block), _chunk(nbc, cfg.wg_block)  # as in _wgrad_constexprs
         dw = torch.empty((n_splits, n_mat, taps, na, nbc), **f32)
         db = torch.empty((n_splits, n_mat, na), **f32)
         grid = (na // block_a, taps * (nbc // block_b), n_mat * n_splits)
@@ -825,18 +794,8 @@ def nca_step_bwd(
             cells_per_split=per_split,
             S=n_splits,
             N_MAT=n_mat,
-            NA=na,
-            NB=nbc,
-            T=taps,
-            GATHER=gather,
-            DOUBLE=double and gather,
-            B_ELU=b_elu,
-            WITH_DB=True,
-            INPUT_PRECISION=input_precision,
-            INTERP_BF16=upcast,
-            BLOCK_A=block_a,
-            BLOCK_B=block_b,
-            BLOCK_CELLS=cfg.wg_block_cells,
+            **_wgrad_constexprs(na, nbc, taps, gather=gather, double=double, b_elu=b_elu,
+                                input_precision=input_precision, interp_bf16=upcast, cfg=cfg),
             num_warps=cfg.wg_warps,
             num_stages=cfg.wg_stages,
         )
