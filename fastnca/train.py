@@ -318,23 +318,16 @@ class Trainer:
         return x, pool_states, n_damaged
 
     def loss_terms(self, x: Tensor) -> dict[str, Tensor]:
-        """Forward pass of one training step on a data-domain batch, pool included: loss, recon, kl, elbo, state."""
-        cfg, model = self.cfg, self.model
+        """Forward pass of one training step on a data-domain batch, pool included: the model's own loss.
+
+        Returns:
+            The model's loss dict (loss, recon, kl, elbo, state: the final NCA states) plus ``x``, the batch
+            actually used (pool images in its last rows).
+        """
         x, pool_states, _ = self.pool_batch(x)
-        mu, log_sigma = model.encode(x)
-        z = model.sample_posterior(mu, log_sigma, self.dev_gen)
-        num_steps = None if cfg.doubling else model.nca.sample_num_steps(self.gen)
-        if pool_states is None:
-            state = model.decode(z, num_steps=num_steps, generator=self.dev_gen)
-        else:
-            n_fresh = x.shape[0] - pool_states.shape[0]
-            seeds = model.nca.seed(z[:n_fresh])
-            start = torch.cat([seeds, pool_states.to(seeds.dtype)])
-            state = model.nca.run(start, num_steps, generator=self.dev_gen)
-        recon = model.log_likelihood(x, state)
-        kl = model.kl(mu, log_sigma)
-        elbo = recon - cfg.beta * kl
-        return {"loss": -elbo.mean(), "recon": recon, "kl": kl, "elbo": elbo, "state": state, "x": x}
+        out = self.model(x, beta=self.cfg.beta, generator=self.dev_gen, steps_generator=self.gen,
+                         start_states=pool_states)
+        return {**out, "x": x}
 
     def train_step(self) -> Tensor:
         """One optimiser step.
