@@ -39,6 +39,7 @@ from torch import Tensor
 from fastnca.config import Config
 from fastnca.data import Splits, load_for_config, to_model
 from fastnca.evaluate import CHECKPOINT_NAME, evaluate_iwae, read_checkpoint, resolve_device
+from fastnca.graphs import train_graph_for
 from fastnca.utils import atomic_write
 
 __all__ = [
@@ -284,6 +285,8 @@ class Trainer:
         self.elapsed_s = 0.0  # training wall time over all sessions (evaluation excluded)
         self.perm = torch.randperm(self.splits.train.shape[0], generator=self.gen)
         self.pos = 0
+        # CUDA: the whole iteration of a fixed-schedule model replays as a graph; None where it runs eagerly
+        self.train_graph = train_graph_for(self)
 
     # ------------------------------------------------------------------------------------------ data
     def next_batch(self) -> Tensor:
@@ -338,6 +341,9 @@ class Trainer:
             :class:`NonFiniteLossError` for the first step with a NaN or infinite value (before any checkpoint).
         """
         x = to_model(self.next_batch(), self.cfg.likelihood, device=self.device)
+        if self.train_graph is not None:  # the same iteration, captured (fastnca/graphs.py)
+            self.step += 1
+            return self.train_graph(x)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.loss_terms(x)
         loss = out["loss"]
