@@ -42,6 +42,7 @@ What makes the captured region safe (``torch.cuda.graphs`` used directly):
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -190,7 +191,13 @@ class GraphCache:
             if self.prepare is not None:
                 self.prepare()
             static = entry.inputs
-            entry.graph, entry.outputs, executed = self.backend.capture(lambda: fn(*static), self.generators)
+            try:
+                entry.graph, entry.outputs, executed = self.backend.capture(lambda: fn(*static), self.generators)
+            except RuntimeError as err:
+                del self.entries[key]
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise RuntimeError(f"CUDA graph capture failed ({first}); run with --set cuda_graphs=false "
+                                   "(Config.cuda_graphs=False) to train and evaluate eagerly") from err
             if executed:
                 return tuple(o.clone() for o in entry.outputs)
         else:
@@ -240,7 +247,10 @@ def capturable_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[None]:
                 state = optimizer.state.get(p)
                 if state and torch.is_tensor(state.get("step")) and state["step"].device != p.device:
                     state["step"] = state["step"].to(p.device)
-        yield
+        with warnings.catch_warnings():
+            # torch warns that a capturable optimizer stepping outside a capture is slower: the warm-up is that
+            warnings.filterwarnings("ignore", message=".*capturable=True.*", category=UserWarning)
+            yield
     finally:
         for group, flag in zip(optimizer.param_groups, saved):
             if flag is not None:

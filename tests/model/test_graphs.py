@@ -159,6 +159,17 @@ def test_graph_cache_warms_up_captures_once_per_key_and_replays():
     assert backend.log[-1] == "eager" and not cache.captured("a")
 
 
+def test_a_failed_capture_says_how_to_turn_graphs_off():
+    class FailingCapture(ReplayByCalling):
+        def capture(self, fn, generators):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    cache = GraphCache(warmup=0, backend=FailingCapture())
+    with pytest.raises(RuntimeError, match=r"capture failed \(operation not permitted .*\); .*cuda_graphs=false"):
+        cache("k", lambda x: (x + 1,), (torch.ones(2),))
+    assert "k" not in cache.entries, "a failed capture leaves no half-made graph behind"
+
+
 @needs_data
 def test_train_graph_with_a_stand_in_backend_trains_bitwise_like_eager(tmp_path, mnist_small):
     cfg = doubling_config()
