@@ -267,7 +267,8 @@ class TrainGraph:
         loss_fn: ``x -> dict`` with loss (scalar), recon, kl, elbo (``(B,)``): the model's loss
             (``Trainer.loss_terms``).
         grad_clip: the gradient-norm bound.
-        generator: the device generator of the posterior noise and the update masks.
+        generator: the device generator of the posterior noise and the update masks (None: the loss draws
+            from the default CUDA generator, which every graph registers by itself).
         warmup: eager iterations before the capture.
         backend: :class:`CudaGraphBackend` by default.
 
@@ -282,7 +283,7 @@ class TrainGraph:
         loss_fn: Callable[[Tensor], dict[str, Tensor]],
         *,
         grad_clip: float,
-        generator: torch.Generator,
+        generator: torch.Generator | None = None,
         warmup: int = WARMUP_CALLS,
         backend: GraphBackend | None = None,
     ) -> None:
@@ -291,7 +292,7 @@ class TrainGraph:
         self.loss_fn = loss_fn
         self.grad_clip = grad_clip
         self.cache = GraphCache(
-            generators=(generator,),
+            generators=() if generator is None else (generator,),
             warmup=warmup,
             fingerprint=lambda: _param_pointers(model),
             prepare=self._prepare,
@@ -365,15 +366,21 @@ class IwaeGraph:
             raise RuntimeError("IwaeGraph: its model no longer exists")
         return model
 
-    def __call__(self, x: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-        """The bound ``(B,)`` in nats, as ``model.iwae(x, k, generator=generator)``."""
+    def __call__(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """The bound ``(B,)`` in nats, as ``model.iwae(x, k, generator=generator)``.
+
+        ``generator=None`` draws from the default generator of the model's device (registered by every graph).
+        """
         model = self.model
-        if generator is None or generator.device != self.generator.device:
-            return model.iwae(x, k, generator=generator)
-        key = (tuple(x.shape), x.dtype, k, model.training)
-        self.generator.set_state(generator.get_state())
-        (log_px,) = self.cache(key, lambda xs: (model.iwae(xs, k, generator=self.generator),), (x,))
-        generator.set_state(self.generator.get_state())
+        if generator is not None and generator.device != self.generator.device:
+            return model.iwae(x, k, generator=generator)  # a generator the graphs cannot draw from
+        own = None if generator is None else self.generator
+        key = (tuple(x.shape), x.dtype, k, model.training, own is None)
+        if own is not None:
+            own.set_state(generator.get_state())
+        (log_px,) = self.cache(key, lambda xs: (model.iwae(xs, k, generator=own),), (x,))
+        if own is not None:
+            generator.set_state(own.get_state())
         return log_px
 
 

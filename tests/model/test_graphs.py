@@ -312,7 +312,16 @@ def test_graph_replay_iwae_matches_eager_and_follows_the_weights():
         b = graph(x, 8, g_graph)
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=lambda m, i=i: f"batch {i}: {m}")
         assert torch.equal(g_eager.get_state().cpu(), g_graph.get_state().cpu())
-    assert graph.cache.captured(((8, 1, 32, 32), torch.float32, 8, False)), "the batch shape was captured"
+    assert graph.cache.captured(((8, 1, 32, 32), torch.float32, 8, False, False)), "the batch shape was captured"
+    # the default generator (generator=None) is registered by the graph itself
+    x = (torch.rand(8, 1, 32, 32, device=CUDA) < 0.3).float()
+    torch.cuda.manual_seed(7)
+    want = [model.iwae(x, 8) for _ in range(3)]
+    torch.cuda.manual_seed(7)
+    got = [graph(x, 8) for _ in range(3)]
+    for i, (a, b) in enumerate(zip(want, got)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=lambda m, i=i: f"default generator, call {i}: {m}")
+    assert not torch.equal(got[1], got[2]), "each replay draws new samples"
 
 
 @pytest.mark.gpu
