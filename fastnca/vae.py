@@ -236,7 +236,7 @@ class VNCA(_LatentVAE):
             steps_generator: the CPU generator that draws T (the trainer's data generator).
             start_states: ``(n, |z|, H, W)`` final-grid states (pool training, non-doubling models only): the
                 last n rows continue from these instead of growing from their seeds; their z are not used by
-                the decoder (the KL of the whole batch still counts them, as in the authors' code).
+                the decoder (the loss's KL still counts every row).
         """
         if start_states is None and steps_generator is None:
             return self.nca(z, num_steps=num_steps, generator=generator, return_states=return_states,
