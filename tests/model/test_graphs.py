@@ -285,7 +285,7 @@ def test_graph_replay_training_matches_eager_on_cuda(tmp_path, mnist_small):
     for (name, p), q in zip(graphed.model.named_parameters(), eager.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     assert torch.equal(graphed.dev_gen.get_state(), eager.dev_gen.get_state()), "replays advance the generator"
-    # eager work after replays sees the current weights (the pack cache was invalidated after each replay)
+    # eager work after replays (samples, an eager batch) sees the weights the replays wrote
     twin = VNCA(cfg).to(CUDA).eval()
     twin.load_state_dict(graphed.model.state_dict())
     graphed.model.eval()
