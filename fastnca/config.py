@@ -59,6 +59,7 @@ class Config:
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
+    cuda_graphs: bool = True  # on CUDA, replay the training step and the IWAE as CUDA graphs (docs/TRAINING.md)
     notes: str = ""
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fastnca.config import Config
 from fastnca.data import to_model
+from fastnca.graphs import iwae_graph_for
 
 __all__ = ["evaluate_iwae", "read_checkpoint", "load_checkpoint", "resolve_device", "CHECKPOINT_NAME"]
 
@@ -77,11 +78,12 @@ def evaluate_iwae(
         n_batches = batches
         subset = torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[: n_batches * batch_size]
         images = images[subset.sort().values]
+    graph = iwae_graph_for(model)  # CUDA: captured per batch shape for fixed-schedule models, else None
     total, count = 0.0, 0
     bar = tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False)
     for i in bar:
         x = to_model(images[i * batch_size : (i + 1) * batch_size], model.config.likelihood, device=device)
-        log_px = model.iwae(x, k, generator=generator)
+        log_px = model.iwae(x, k, generator=generator) if graph is None else graph(x, k, generator)
         total += log_px.double().sum().item()
         count += x.shape[0]
         bar.set_postfix(nats=f"{total / count:.2f}")

@@ -39,6 +39,7 @@ from torch import Tensor
 from fastnca.config import Config
 from fastnca.data import Splits, load_for_config, to_model
 from fastnca.evaluate import CHECKPOINT_NAME, evaluate_iwae, read_checkpoint, resolve_device
+from fastnca.graphs import train_graph_for
 from fastnca.utils import atomic_write
 
 __all__ = [
@@ -284,6 +285,8 @@ class Trainer:
         self.elapsed_s = 0.0  # training wall time over all sessions (evaluation excluded)
         self.perm = torch.randperm(self.splits.train.shape[0], generator=self.gen)
         self.pos = 0
+        # CUDA: the whole iteration of a fixed-schedule model replays as a graph; None where it runs eagerly
+        self.train_graph = train_graph_for(self)
 
     # ------------------------------------------------------------------------------------------ data
     def next_batch(self) -> Tensor:
@@ -318,23 +321,16 @@ class Trainer:
         return x, pool_states, n_damaged
 
     def loss_terms(self, x: Tensor) -> dict[str, Tensor]:
-        """Forward pass of one training step on a data-domain batch, pool included: loss, recon, kl, elbo, state."""
-        cfg, model = self.cfg, self.model
+        """Forward pass of one training step on a data-domain batch, pool included: the model's own loss.
+
+        Returns:
+            The model's loss dict (loss, recon, kl, elbo, state: the final NCA states) plus ``x``, the batch
+            actually used (pool images in its last rows).
+        """
         x, pool_states, _ = self.pool_batch(x)
-        mu, log_sigma = model.encode(x)
-        z = model.sample_posterior(mu, log_sigma, self.dev_gen)
-        num_steps = None if cfg.doubling else model.nca.sample_num_steps(self.gen)
-        if pool_states is None:
-            state = model.decode(z, num_steps=num_steps, generator=self.dev_gen)
-        else:
-            n_fresh = x.shape[0] - pool_states.shape[0]
-            seeds = model.nca.seed(z[:n_fresh])
-            start = torch.cat([seeds, pool_states.to(seeds.dtype)])
-            state = model.nca.run(start, num_steps, generator=self.dev_gen)
-        recon = model.log_likelihood(x, state)
-        kl = model.kl(mu, log_sigma)
-        elbo = recon - cfg.beta * kl
-        return {"loss": -elbo.mean(), "recon": recon, "kl": kl, "elbo": elbo, "state": state, "x": x}
+        out = self.model(x, beta=self.cfg.beta, generator=self.dev_gen, steps_generator=self.gen,
+                         start_states=pool_states)
+        return {**out, "x": x}
 
     def train_step(self) -> Tensor:
         """One optimiser step.
@@ -345,6 +341,9 @@ class Trainer:
             :class:`NonFiniteLossError` for the first step with a NaN or infinite value (before any checkpoint).
         """
         x = to_model(self.next_batch(), self.cfg.likelihood, device=self.device)
+        if self.train_graph is not None:  # the same iteration, captured (fastnca/graphs.py)
+            self.step += 1
+            return self.train_graph(x)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.loss_terms(x)
         loss = out["loss"]

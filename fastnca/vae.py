@@ -147,8 +147,12 @@ class _LatentVAE(nn.Module):
                 **decode_kwargs) -> dict[str, Tensor]:
         """One-sample beta-ELBO: loss = mean over the batch of ``-log p(x|z) + beta * KL``.
 
+        This is the training loss; the trainer calls it as is. ``decode_kwargs`` go to :meth:`decode` (the
+        VNCA's: ``num_steps``, ``steps_generator``, ``start_states`` for pool training, ``checkpoint``).
+
         Returns:
-            dict with loss (scalar), elbo, recon, kl (each ``(B,)``), z ``(B, |z|)`` and state (decoder output).
+            dict with loss (scalar), elbo, recon, kl (each ``(B,)``), z ``(B, |z|)`` and state (decoder output;
+            the VNCA's final NCA state, which pool training stores).
         """
         mu, log_sigma = self.encode(x)
         z = self.sample_posterior(mu, log_sigma, generator)
@@ -158,9 +162,10 @@ class _LatentVAE(nn.Module):
         elbo = recon - beta * kl
         return {"loss": -elbo.mean(), "elbo": elbo, "recon": recon, "kl": kl, "z": z, "state": out}
 
-    def elbo(self, x: Tensor, beta: float = 1.0, *, generator: torch.Generator | None = None) -> Tensor:
+    def elbo(self, x: Tensor, beta: float = 1.0, *, generator: torch.Generator | None = None,
+             **decode_kwargs) -> Tensor:
         """One-sample (analytic KL) beta-ELBO per example in nats, ``(B,)``."""
-        return self.forward(x, beta=beta, generator=generator)["elbo"]
+        return self.forward(x, beta=beta, generator=generator, **decode_kwargs)["elbo"]
 
     def log_weights(self, x: Tensor, z: Tensor, mu: Tensor, log_sigma: Tensor,
                     generator: torch.Generator | None = None) -> Tensor:
@@ -216,10 +221,46 @@ class VNCA(_LatentVAE):
         self.nca: NCA = nca_from_config(config)
 
     def decode(self, z: Tensor, *, num_steps: int | None = None, generator: torch.Generator | None = None,
-               return_states: bool = False, checkpoint: str | None = None):
-        """Grow the final state ``(B, |z|, H, W)`` from ``z`` ``(B, |z|)`` (and every state on request)."""
-        return self.nca(z, num_steps=num_steps, generator=generator, return_states=return_states,
-                        checkpoint=checkpoint)
+               return_states: bool = False, checkpoint: str | None = None,
+               steps_generator: torch.Generator | None = None, start_states: Tensor | None = None):
+        """Grow the final state ``(B, |z|, H, W)`` from ``z`` ``(B, |z|)`` (and every state on request).
+
+        Args:
+            z: ``(B, |z|)`` latents; row i seeds the grid of example i.
+            num_steps: T of a non-doubling rollout; None draws T ~ U{min_steps..max_steps} after the posterior
+                sample, on ``steps_generator`` (else on ``generator`` when it is a CPU generator, else on
+                torch's global RNG).
+            generator: draws the update masks (on z's device).
+            return_states: also return every step's state.
+            checkpoint: overrides the rollout checkpoint policy.
+            steps_generator: the CPU generator that draws T (the trainer's data generator).
+            start_states: ``(n, |z|, H, W)`` final-grid states (pool training, non-doubling models only): the
+                last n rows continue from these instead of growing from their seeds; their z are not used by
+                the decoder (the loss's KL still counts every row).
+        """
+        if start_states is None and steps_generator is None:
+            return self.nca(z, num_steps=num_steps, generator=generator, return_states=return_states,
+                            checkpoint=checkpoint)
+        nca = self.nca
+        if not nca.doubling and num_steps is None:
+            if steps_generator is None and generator is not None and generator.device.type == "cpu":
+                steps_generator = generator
+            num_steps = nca.sample_num_steps(steps_generator)
+        if start_states is None:
+            return nca(z, num_steps=num_steps, generator=generator, return_states=return_states,
+                       checkpoint=checkpoint)
+        if nca.doubling:
+            raise ValueError("start_states: pool states live on the final grid; they need a non-doubling model")
+        n_fresh = z.shape[0] - start_states.shape[0]
+        grid = (nca.state_channels, nca.grid_size, nca.grid_size)
+        if start_states.dim() != 4 or tuple(start_states.shape[1:]) != grid or n_fresh < 0:
+            raise ValueError(f"start_states: expected shape (n <= {z.shape[0]}, {grid[0]}, {grid[1]}, {grid[2]}), "
+                             f"got {tuple(start_states.shape)}")
+        seeds = nca.seed(z[:n_fresh])
+        start = torch.cat([seeds, start_states.to(seeds.dtype)])
+        mask_gen = generator if generator is not None and generator.device == z.device else None
+        return nca.run(start, nca.schedule(num_steps), generator=mask_gen, return_states=return_states,
+                       checkpoint=checkpoint)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, mode: str = "mean",
