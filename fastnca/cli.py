@@ -196,7 +196,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastnca.evaluate import CHECKPOINT_NAME
     from fastnca.train import NonFiniteLossError, Trainer
 
-    overrides = parse_overrides(args.overrides)
+    file_preset, overrides = None, {}
+    if args.config:
+        from fastnca.configfile import load_config_file
+
+        file_preset, overrides = load_config_file(args.config)
+    overrides.update(parse_overrides(args.overrides))  # --set applies on top of the file
+    args.preset = args.preset or file_preset or (None if not args.config or args.resume else "custom")
     kwargs = dict(
         data_dir=args.data_dir,
         device=args.device,
@@ -219,7 +225,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.preset:
             raise CLIError("train: --preset NAME is required (or --resume --out DIR); see `fastnca presets`")
         try:
-            cfg = get_preset(args.preset, **overrides)
+            if args.preset == "custom":  # a config file without a preset: Config's defaults under its fields
+                from fastnca.config import Config
+
+                cfg = Config().replace(**overrides)
+            else:
+                cfg = get_preset(args.preset, **overrides)
         except ValueError as err:
             raise CLIError(str(err)) from None
         out = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -229,6 +240,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         trainer = Trainer(cfg, out, **kwargs)
         print(f"training {args.preset} on {trainer.device} -> {out}", file=sys.stderr)
+    if args.tensorboard:
+        from fastnca.tracking import TENSORBOARD_DIR, TensorBoardTracker
+
+        try:
+            trainer.tracker = TensorBoardTracker(trainer.out_dir / TENSORBOARD_DIR, seed=trainer.cfg.seed)
+        except ImportError as err:
+            raise CLIError(str(err)) from None
     try:
         summary = trainer.fit()
     except NonFiniteLossError as err:

@@ -260,8 +260,11 @@ def _gif_frame(images: Tensor, nrow: int, title: str) -> Image.Image:
     return frame
 
 
-def _save_gif(pics: list[Image.Image], path: str | os.PathLike[str], frame_ms: int) -> Path:
+def _save_gif(pics: list[Image.Image], path: str | os.PathLike[str], frame_ms: int, hold: int | None = None) -> Path:
+    """Frames ``frame_ms`` apart; the last (and frame ``hold``, when given) shown 10 times as long."""
     durations = [frame_ms] * (len(pics) - 1) + [frame_ms * 10]
+    if hold is not None:
+        durations[hold] = frame_ms * 10
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pics[0].save(path, save_all=True, append_images=pics[1:], duration=durations, loop=0)
@@ -526,8 +529,7 @@ def regrowth_gif(
     for frame, title in zip(frames, titles):
         frame = F.interpolate(frame.float(), scale_factor=scale, mode="nearest") if scale > 1 else frame
         pics.append(_gif_frame(frame, nrow, words.get(title, f"regrowth {title} steps")))
-    pics = pics[:2] + pics[1:2] * 4 + pics[2:]  # hold the damaged frame so it is seen
-    return _save_gif(pics, path, frame_ms)
+    return _save_gif(pics, path, frame_ms, hold=1)  # the damaged frame held long enough to be seen
 
 
 # ---------------------------------------------------------------------------------------------- latent space
@@ -776,7 +778,7 @@ def inpaint(
     for frame, title in zip(frames, titles):
         big = F.interpolate(frame.float(), scale_factor=max(1, 128 // side), mode="nearest")
         pics.append(_gif_frame(big, 1, words.get(title, f"regrowth {title}")))
-    written.append(_save_gif(pics[:2] + pics[1:2] * 4 + pics[2:], out / "inpaint.gif", 120))
+    written.append(_save_gif(pics, out / "inpaint.gif", 120, hold=1))
     return written
 
 
@@ -899,7 +901,7 @@ def make_figures(
                         "Growth of prior samples: growth.png has 8 samples (rows), one column per NCA step "
                         "(number over each column, 0 = the seed; the cell grid's size over the seed and each "
                         "doubling; a red bar marks a doubling); growth.gif animates 16 samples, one frame per step "
-                        "(the first 8 are the rows of growth.png).",
+                        "titled with the step and the grid size.",
                     )
                 )
             elif name == "interpolation":
@@ -1007,7 +1009,7 @@ def make_figures(
                         f"Damage and regrowth: prior samples grown in full (column 'grown'), the right half of the "
                         f"cells zeroed ('damaged'), then {steps} steps of regrowth (columns '+t': steps after the "
                         "damage, evenly spaced to the last). regrowth.png: 8 samples; regrowth.gif: 16 samples, "
-                        "every step (the first 8 are the rows of regrowth.png).",
+                        "every step.",
                         _DAMAGE_NOTE + ".",
                     )
                 )

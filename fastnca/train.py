@@ -284,6 +284,7 @@ class Trainer:
         self.elapsed_s = 0.0  # training wall time over all sessions (evaluation excluded)
         self.perm = torch.randperm(self.splits.train.shape[0], generator=self.gen)
         self.pos = 0
+        self.tracker: Any = None  # e.g. fastnca.tracking.TensorBoardTracker: mirrors every metrics row
 
     # ------------------------------------------------------------------------------------------ data
     def next_batch(self) -> Tensor:
@@ -433,6 +434,8 @@ class Trainer:
     def write_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_row(row, self.model)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop rows logged after ``step`` by an interrupted session, so a resumed run's log has no duplicates."""
@@ -591,6 +594,8 @@ class Trainer:
             "out_dir": str(self.out_dir),
         }
         _write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.tracker is not None:
+            self.tracker.close()
         return summary
 
     def draw(self, n: int = 64) -> None:
