@@ -14,7 +14,8 @@ from fastnca.cli import main
 needs_data = pytest.mark.skipif(not os.environ.get("FASTNCA_DATA"), reason="FASTNCA_DATA not set")
 
 TINY = ["--set", "iterations=3", "--set", "batch_size=8", "--set", "eval_batches=1", "--set", "eval_samples=2",
-        "--set", "log_every=1", "--set", "eval_every=2", "--no-final-eval", "--no-progress", "--threads", "1"]  # fmt: skip
+        "--set", "log_every=1", "--set", "eval_every=2", "--no-final-eval",
+        "--no-progress", "--threads", "1"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
