@@ -3,8 +3,11 @@ same for a seed, captioned; inpainting a user's image; the MNIST labels the t-SN
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +253,49 @@ def test_inpaint_user_image_with_mask(run_dir, tmp_path):
     n_frames, _ = _gif_frames(out / "inpaint.gif")
     assert n_frames == 2 + M
     assert main(["damage", "--checkpoint", str(run_dir), "--out", str(out), "--mask", "m.png"]) == 2
+
+
+@needs_data
+def test_nondoubling_run_figures(tmp_path):
+    """A non-doubling model (figs. 9, 10): growth on the full grid, damage then max_steps of regrowth."""
+    cfg = get_preset(
+        "mnist-nondoubling",
+        state_channels=8,
+        hidden_channels=8,
+        enc_channels=4,
+        batch_size=8,
+        min_steps=2,
+        max_steps=3,
+        pool_size=16,
+        iterations=2,
+        eval_every=0,
+        ckpt_every=0,
+        log_every=1,
+    )
+    run = tmp_path / "run"
+    Trainer(cfg, run, progress=False, final_outputs=False, log=lambda m: None).fit()
+    out = tmp_path / "figs"
+    written, skipped = make_figures(run, out, only=["growth", "damage", "regrowth"], device="cpu")
+    assert skipped == {} and set(written) == {"growth", "damage", "regrowth"}
+    side, gap = 28, 1
+    assert _size(out / "growth.png") == ((3 + 1) * (side + gap) + gap, HEADER_H + 8 * (side + gap) + gap)
+    scale = 64 // side
+    assert _size(out / "damage_half.png")[1] == 3 * (side * scale + 2) + 2 + figures.FOOTER_H, "3 rows"
+    assert _gif_frames(out / "regrowth.gif")[0] == 2 + 3, "grown, damaged, max_steps steps of regrowth"
+    assert "after 3 more steps" in (out / "damage_half.txt").read_text()
+
+
+@needs_data
+def test_experiment_runner_draws_the_figures(tmp_path):
+    path = Path(__file__).resolve().parents[2] / "experiments" / "run.py"
+    spec = importlib.util.spec_from_file_location("experiments_run", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    out = tmp_path / "exp"
+    args = ["--preset", "small", "--iterations", "2", "--eval-batches", "1", "--k", "2", "--no-record"]
+    args += ["--set", "batch_size=8", "--set", "eval_every=0", "--threads", "1", "--out", str(out)]
+    assert run.main([*args, "--figures", "samples", "growth"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["figures"] == ["growth", "samples"] and result["figures_skipped"] == {}, result
+    for name in ("samples.png", "samples.txt", "growth.png", "growth.gif", "growth.txt"):
+        assert (out / "figures" / name).is_file(), name
