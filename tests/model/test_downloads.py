@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastnca import downloads
+from fastnca.cli import main
 from fastnca.downloads import (
     EMOJI_FILE_COUNT,
     EMOJI_FOLDER_SHA256,
@@ -200,3 +202,14 @@ def test_recorded_emoji_digest_matches_the_data_folder():
     if folder is None or not folder.is_dir():
         pytest.skip("needs noto-emoji-v2.028/128 in FASTNCA_DATA")
     assert folder_digest(folder) == (EMOJI_FOLDER_SHA256, EMOJI_FILE_COUNT)
+
+
+def test_cli_download_reports_a_bad_checksum(server, tmp_path, monkeypatch, capsys):
+    server.files["/test.amat"] = b"1 0\n"
+    bad = {"test": RemoteFile(f"{server.url}/test.amat", "binarized_mnist_test.amat", "f" * 64, 4)}
+    monkeypatch.setattr(downloads, "MNIST_FILES", bad)
+    assert main(["data", "--download", "--data-dir", str(tmp_path), "--datasets", "mnist"]) == 2
+    err = capsys.readouterr().err
+    got = hashlib.sha256(b"1 0\n").hexdigest()
+    assert "binarized_mnist_test.amat" in err and "f" * 64 in err and got in err, err
+    assert not (tmp_path / "binarized_mnist_test.amat").exists()
