@@ -152,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.png",
         help="inpainting: encode this image, damage it (--mask, else --kind) and show the regrowth",
     )
-    p.add_argument(
-        "--mask", default=None, metavar="FILE.png", help="with --image: light pixels mark the cells to zero"
-    )
+    p.add_argument("--mask", default=None, metavar="FILE.png", help="with --image: light pixels mark the cells to zero")
     p.add_argument("--invert", action="store_true", help="with --image on MNIST models: dark strokes on light")
     p.add_argument("--steps", type=int, default=None, help="with --image: regrowth steps (default: as in figures)")
     p.add_argument("--seed", type=int, default=0)
