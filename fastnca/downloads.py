@@ -206,6 +206,8 @@ def fetch_verified(
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as err:
             if isinstance(err, urllib.error.HTTPError) and err.code == 416 and part.is_file():
                 part.unlink()  # our partial file is not a prefix the server can continue: start over
+            elif isinstance(err, urllib.error.HTTPError) and 400 <= err.code < 500 and err.code not in (408, 429):
+                raise DownloadError(f"{dest.name}: {url} answered HTTP {err.code} ({err.reason})") from err
             if attempt == retries:
                 raise DownloadError(
                     f"{dest.name}: download from {url} failed after {retries + 1} attempts ({err!r}); "

@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import os
+import socket
 import tarfile
 import threading
 from pathlib import Path
@@ -124,12 +125,25 @@ def test_server_without_range_support_restarts_cleanly(server, tmp_path):
     assert dest.read_bytes() == GOOD, "expected the whole file after a restart from byte 0"
 
 
-def test_failed_download_names_the_file_and_leaves_no_final_file(server, tmp_path):
-    """A URL that keeps failing (here a 404) ends in a DownloadError after the retries."""
+def test_missing_file_fails_at_once_naming_it(server, tmp_path):
+    """A 404 is not retried: the message names the file and the HTTP status."""
     with pytest.raises(DownloadError) as err:
-        _fetch(server, "/missing.bin", tmp_path / "data.bin", retries=1)
-    assert "data.bin" in str(err.value) and "2 attempts" in str(err.value), str(err.value)
+        _fetch(server, "/missing.bin", tmp_path / "data.bin", retries=3)
+    assert "data.bin" in str(err.value) and "404" in str(err.value), str(err.value)
+    assert len(server.hits) == 1, f"expected one request, got {server.hits}"
     assert not (tmp_path / "data.bin").exists(), "expected no file under the final name"
+
+
+def test_connection_that_keeps_failing_gives_up_after_the_retries(tmp_path):
+    """Nothing listens on the port: every attempt fails, the error says how many were made."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: connections are refused
+    with pytest.raises(DownloadError) as err:
+        fetch_verified(f"http://127.0.0.1:{port}/x.bin", tmp_path / "x.bin", sha256=GOOD_SHA, retries=2,
+                       backoff_s=0.0, progress=False, log=lambda m: None)  # fmt: skip
+    assert "x.bin" in str(err.value) and "3 attempts" in str(err.value), str(err.value)
+    assert not (tmp_path / "x.bin").exists()
 
 
 def test_mnist_download_verifies_each_file(server, tmp_path):
