@@ -200,7 +200,6 @@ def test_mnist_labels_inferred_from_position_match_the_data():
         mnist_test_labels(9999)
 
 
-@pytest.mark.slow
 def test_tsne_figure(run_dir):
     pytest.importorskip("sklearn", reason="scikit-learn is not installed: the t-SNE figure is an optional extra")
     out = run_dir / "figs-tsne"
