@@ -657,9 +657,7 @@ def tsne_figure(
         ) from err
     mu = encode_means(model, images).double().numpy()
     n = mu.shape[0]
-    emb = TSNE(
-        n_components=2, perplexity=min(perplexity, (n - 1) / 3), init="pca", random_state=seed, max_iter=1000
-    ).fit_transform(mu)
+    emb = TSNE(n_components=2, perplexity=min(perplexity, (n - 1) / 3), init="pca", random_state=seed).fit_transform(mu)
     emb = torch.from_numpy(emb)
     lo, hi = emb.min(0).values, emb.max(0).values
     margin = 12
