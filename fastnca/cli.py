@@ -358,7 +358,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     import torch
 
     from fastnca.evaluate import load_checkpoint
-    from fastnca.figures import image_from_file, inpaint, mask_from_file
+    from fastnca.figures import DAMAGE_NOTE, image_from_file, inpaint, mask_from_file
 
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
     if args.steps is not None and args.steps < 1:
@@ -385,7 +385,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         f"Inpainting: {args.image} encoded (posterior mean), grown, cells zeroed by {damage}, then regrown; "
         f"columns: the image, its reconstruction, the damaged state, regrowth steps (+t).\n"
         f"checkpoint: {args.checkpoint} (step {int(ckpt['step'])}); seed {args.seed}\n"
-        "flat grey = zeroed (damaged) cells: an all-zero state decodes to p = 0.5 / mid-grey.\n"
+        f"{DAMAGE_NOTE}.\n"
     )
     print("wrote " + " ".join(str(p) for p in [*written, caption]))
     return 0

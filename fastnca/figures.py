@@ -45,6 +45,7 @@ __all__ = [
     "mask_from_file",
     "inpaint",
     "encode_means",
+    "DAMAGE_NOTE",
     "FIGURES",
     "make_figures",
 ]
@@ -52,7 +53,7 @@ __all__ = [
 _SEPARATOR = (220, 60, 60)  # the column gap that marks a doubling in growth pictures
 _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
-_DAMAGE_NOTE = "flat grey = zeroed (damaged) cells: an all-zero state decodes to p = 0.5 / mid-grey"
+DAMAGE_NOTE = "flat grey = zeroed (damaged) cells: an all-zero state decodes to p = 0.5 / mid-grey"
 
 
 def _to_uint8_hwc(x: Tensor) -> Tensor:
@@ -380,7 +381,7 @@ def damage_figure(
     """Write a labelled damage-recovery figure (see :func:`damage_rollouts`)."""
     rows = damage_rollouts(model, n, kind=kind, size=size, generator=generator, cpu_generator=cpu_generator)
     side = rows[0][1].shape[-1]
-    return labeled_rows(rows, path, scale=scale or max(1, 64 // side), footer=_DAMAGE_NOTE)
+    return labeled_rows(rows, path, scale=scale or max(1, 64 // side), footer=DAMAGE_NOTE)
 
 
 # ---------------------------------------------------------------------------------------------- regrowth
@@ -502,7 +503,7 @@ def regrowth_figure(
         [titles[c] for c in cols],
         path,
         scale=scale or max(1, 64 // side),
-        footer=_DAMAGE_NOTE,
+        footer=DAMAGE_NOTE,
     )
 
 
@@ -768,7 +769,7 @@ def inpaint(
             ["image"] + ["reconstr." if c == 0 else titles[c] for c in cols],
             out / "inpaint.png",
             scale=max(1, 128 // side),
-            footer=_DAMAGE_NOTE,
+            footer=DAMAGE_NOTE,
         )
     ]
     words = {"grown": "reconstruction", "damaged": "damaged: grey = zeroed cells"}
@@ -978,7 +979,7 @@ def make_figures(
                             f"Damage recovery (figs. 9, 10): 8 prior samples after {cfg.max_steps} steps, the same "
                             f"with {where} of the cells zeroed, and after {cfg.max_steps} more steps."
                         )
-                    files.append(caption(stem, what, _DAMAGE_NOTE + "."))
+                    files.append(caption(stem, what, DAMAGE_NOTE + "."))
             elif name == "regrowth":
                 steps = _recover_steps(model, None)
                 files.append(
@@ -1008,7 +1009,7 @@ def make_figures(
                         f"cells zeroed ('damaged'), then {steps} steps of regrowth (columns '+t': steps after the "
                         "damage, evenly spaced to the last). regrowth.png: 8 samples; regrowth.gif: 16 samples, "
                         "every step.",
-                        _DAMAGE_NOTE + ".",
+                        DAMAGE_NOTE + ".",
                     )
                 )
             written[name] = files

@@ -148,7 +148,7 @@ def test_regrowth_grid_and_gif(drawn):
     n_cols = 2 + M  # grown, damaged, +1..+M (a doubling model regrows for M steps)
     width, height = _size(out / "regrowth.png")
     assert height == HEADER_H + 8 * (64 + 2) + 2 + figures.FOOTER_H
-    assert width == max(n_cols * (64 + 2) + 2, figures._text_width(figures._DAMAGE_NOTE) + 8)
+    assert width == max(n_cols * (64 + 2) + 2, figures._text_width(figures.DAMAGE_NOTE) + 8)
     px = _pixels(out / "regrowth.png")
     damaged_col = px[HEADER_H + 2 : HEADER_H + 2 + 64, 2 + (64 + 2) + 40]  # right half of the 'damaged' column
     assert (damaged_col == 128).all(), "expected zeroed cells as flat grey (p = 0.5) in the damaged column"
