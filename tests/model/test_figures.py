@@ -298,3 +298,14 @@ def test_experiment_runner_draws_the_figures(tmp_path):
     assert result["figures"] == ["growth", "samples"] and result["figures_skipped"] == {}, result
     for name in ("samples.png", "samples.txt", "growth.png", "growth.gif", "growth.txt"):
         assert (out / "figures" / name).is_file(), name
+
+
+def test_figures_needing_test_images_are_skipped_without_data(run_dir, tmp_path):
+    messages = []
+    written, skipped = make_figures(
+        run_dir, tmp_path / "figs", only=["samples", "reconstructions"], data_dir=tmp_path / "nowhere",
+        device="cpu", log=messages.append,
+    )  # fmt: skip
+    assert list(written) == ["samples"], "figures drawn from the prior need no data"
+    assert "nowhere" in skipped["reconstructions"], f"expected the missing folder named: {skipped}"
+    assert any("skipped reconstructions" in m for m in messages), messages
