@@ -254,10 +254,20 @@ def _download_emoji(
             f"emoji: {folder} holds {n} PNGs with folder digest {digest}, expected {expected[1]} with "
             f"{expected[0]}; move it away and re-run to download a fresh copy"
         )
+    # the archive's .part file sits in the data directory, so an interrupted download resumes on the next run
+    archive = root / f".noto-emoji-{EMOJI_TAG}.tar.gz"
+    log(f"emoji: {url}")
+    fetch_verified(url, archive, sha256=None, progress=progress, log=log)
+    try:
+        _extract_emoji(archive, root, folder, url, expected)
+    finally:
+        archive.unlink(missing_ok=True)  # verified and extracted, or not usable: either way not kept
+    log(f"emoji: {expected[1]} verified images in {folder}")
+
+
+def _extract_emoji(archive: Path, root: Path, folder: Path, url: str, expected: tuple[str, int]) -> None:
+    """Extract png/128 (and LICENSE) of the archive into a staging folder, verify it, move it into place."""
     with tempfile.TemporaryDirectory(dir=root, prefix=".emoji-download-") as tmp:
-        archive = Path(tmp) / f"noto-emoji-{EMOJI_TAG}.tar.gz"
-        log(f"emoji: {url}")
-        fetch_verified(url, archive, sha256=None, progress=progress, log=log)
         staging = Path(tmp) / "128"
         staging.mkdir()
         license_text = None
@@ -289,7 +299,6 @@ def _download_emoji(
         if license_text is not None:
             (root / EMOJI_DIR / "LICENSE").write_bytes(license_text)
         shutil.move(str(staging), folder)
-    log(f"emoji: {n} verified images in {folder}")
 
 
 def _download_celeba(root: Path, log: Callable[[str], None]) -> None:

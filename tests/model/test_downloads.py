@@ -227,3 +227,15 @@ def test_cli_download_reports_a_bad_checksum(server, tmp_path, monkeypatch, caps
     got = hashlib.sha256(b"1 0\n").hexdigest()
     assert "binarized_mnist_test.amat" in err and "f" * 64 in err and got in err, err
     assert not (tmp_path / "binarized_mnist_test.amat").exists()
+
+
+def test_emoji_archive_download_resumes_from_an_earlier_run(server, tmp_path):
+    pngs = {"emoji_u0030.png": b"zero"}
+    listing = "".join(f"{hashlib.sha256(v).hexdigest()}  {k}\n" for k, v in pngs.items())
+    archive = _emoji_archive(pngs)
+    server.files["/e.tar.gz"] = archive
+    (tmp_path / ".noto-emoji-v2.028.tar.gz.part").write_bytes(archive[:100])  # left by an interrupted run
+    download(tmp_path, ("emoji",), log=lambda m: None, progress=False, emoji_url=server.url + "/e.tar.gz",
+             emoji_expected=(hashlib.sha256(listing.encode()).hexdigest(), 1))  # fmt: skip
+    assert server.hits == [("/e.tar.gz", "bytes=100-")], f"expected one resumed request, got {server.hits}"
+    assert [p.name for p in tmp_path.iterdir()] == ["noto-emoji-v2.028"], "expected the archive removed"
