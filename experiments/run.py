@@ -10,11 +10,11 @@ Usage::
 
 Presets: mnist-doubling, celeba-doubling, celeba-doubling-beta100, emoji-doubling, mnist-nondoubling,
 celeba-nondoubling, celeba-nondoubling-256 (and small). The run directory (default
-``runs/experiments/PRESET``) gets the trainer's files plus ``figures/`` (samples, growth, reconstructions,
-damage) and ``result.json``; one CSV row per run is appended to ``experiments/results.csv`` beside the
-paper's number. An existing run directory is resumed (continue a run with a larger ``--iterations``).
-A row records exactly what ran: iterations, images evaluated, k, hardware, commit, date. Do not copy numbers
-into experiments/RESULTS.md without such a row behind them.
+``runs/experiments/PRESET``) gets the trainer's files plus ``figures/`` (every paper figure that applies to the
+run, with a caption file each: ``fastnca figures``) and ``result.json``; one CSV row per run is appended to
+``experiments/results.csv`` beside the paper's number. An existing run directory is resumed (continue a run
+with a larger ``--iterations``). A row records exactly what ran: iterations, images evaluated, k, hardware,
+commit, date. Do not copy numbers into experiments/RESULTS.md without such a row behind them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from fastnca.cli import parse_overrides
 from fastnca.config import get_preset, preset_names
 from fastnca.evaluate import CHECKPOINT_NAME, evaluate_iwae, load_checkpoint, resolve_device
-from fastnca.figures import damage_figure, growth_figure, reconstruction_figure, sample_grid
+from fastnca.figures import FIGURES, make_figures
 from fastnca.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the run directory's model")
     p.add_argument("--notes", default="", help="free text for the results row")
     p.add_argument("--no-record", action="store_true", help="do not append to experiments/results.csv")
+    p.add_argument(
+        "--figures",
+        nargs="*",
+        default=None,
+        choices=list(FIGURES),
+        metavar="NAME",
+        help=f"draw only these figures (default: all that apply: {', '.join(FIGURES)}); none with no names",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,20 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_s = time.perf_counter() - t0
 
     figs = out / "figures"
-    gen = lambda s: torch.Generator(device=device).manual_seed(s)  # noqa: E731
-    sample_grid(model, figs / "samples.png", n=64, generator=gen(1))
-    growth_figure(model, figs / "growth.png", n=8, generator=gen(2))
-    shown = torch.randperm(splits.test.shape[0], generator=torch.Generator().manual_seed(0))[:16]
-    reconstruction_figure(model, splits.test[shown], figs / "reconstructions.png", generator=gen(3))
-    for kind in ("half", "square"):
-        damage_figure(
-            model,
-            figs / f"damage_{kind}.png",
-            n=8,
-            kind=kind,
-            size=cfg.damage_size or None,
-            generator=gen(4),
-            cpu_generator=torch.Generator().manual_seed(4),
+    figures_written, figures_skipped = {}, {}
+    if args.figures != []:  # None: every figure that applies; []: none
+        figures_written, figures_skipped = make_figures(
+            out, figs, only=args.figures, seed=0, data_dir=args.data_dir, device=args.device or "auto"
         )
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -216,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         "run_dir": str(out.resolve().relative_to(ROOT)) if out.resolve().is_relative_to(ROOT) else str(out),
         "notes": args.notes,
     }
-    (out / "result.json").write_text(json.dumps({**row, "eval_s": round(eval_s, 1)}, indent=2) + "\n")
+    result = {**row, "eval_s": round(eval_s, 1), "figures": sorted(figures_written), "figures_skipped": figures_skipped}
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_record:
         append_row(row)
     unit_value = f"{row['iwae_nats']:.2f} nats" if paper_unit == "nats" else f"{row['bpd']:.4f} bits/dim"

@@ -5,9 +5,12 @@ Usage::
     fastnca train --preset small --out runs/small                 # a few minutes on a laptop CPU
     fastnca train --preset mnist-doubling --set batch_size=64 --set lr=2e-4 --out runs/mnist
     fastnca train --out runs/mnist --resume [--set iterations=200000]
+    fastnca train --config run.toml [--set lr=3e-4] [--tensorboard]   # a preset and overrides from a file
     fastnca eval --checkpoint runs/small/checkpoint.pt --k 128 [--units bpd] [--batches 10] [--json out.json]
     fastnca sample --checkpoint runs/small/checkpoint.pt --out figs [--n 64] [--gif]
     fastnca damage --checkpoint runs/small/checkpoint.pt --out figs [--kind half|square]
+    fastnca damage --checkpoint runs/small --out figs --image digit.png [--mask mask.png]   # inpainting
+    fastnca figures --checkpoint runs/small [--out DIR] [--only growth tsne ...]     # the paper's figures
     fastnca data [--data-dir DIR] [--download]
     fastnca presets
 
@@ -25,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "build_parser", "parse_overrides"]
+
+
+# fastnca.figures.FIGURES' names, here so that parsing arguments does not import torch (a test keeps them equal)
+FIGURE_NAMES = ("samples", "reconstructions", "growth", "interpolation", "tsne", "damage", "regrowth")
 
 
 class CLIError(Exception):
@@ -71,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set iterations=500 (repeatable)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a .toml or .json file with a preset name and config overrides (a run's config.json works); "
+        "--preset and --set apply on top",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log scalars and growth images to OUT/tensorboard (needs the tensorboard package)",
     )
     p.add_argument("--out", default=None, help="run directory (default: runs/PRESET-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -127,8 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--size", type=int, default=None, help="side of the square (default: the config's damage_size or half the grid)"
     )
+    p.add_argument(
+        "--image",
+        default=None,
+        metavar="FILE.png",
+        help="inpainting: encode this image, damage it (--mask, else --kind) and show the regrowth",
+    )
+    p.add_argument("--mask", default=None, metavar="FILE.png", help="with --image: light pixels mark the cells to zero")
+    p.add_argument("--invert", action="store_true", help="with --image on MNIST models: dark strokes on light")
+    p.add_argument("--steps", type=int, default=None, help="with --image: regrowth steps (default: as in figures)")
     p.add_argument("--seed", type=int, default=0)
     _add_common(p, data=False)
+
+    p = sub.add_parser("figures", help="every figure of the paper that applies to a run, with captions")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/figures)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="draw only these: " + ", ".join(FIGURE_NAMES),
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tsne-images", type=int, default=5000, help="test images in the t-SNE (the paper: 5000)")
+    _add_common(p)
 
     p = sub.add_parser("data", help="list the datasets found in the data directory; --download fetches them")
     p.add_argument("--data-dir", default=None, help="data directory (default: $FASTNCA_DATA, else ./data)")
@@ -152,7 +194,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastnca.evaluate import CHECKPOINT_NAME
     from fastnca.train import NonFiniteLossError, Trainer
 
-    overrides = parse_overrides(args.overrides)
+    file_preset, overrides = None, {}
+    if args.config:
+        from fastnca.configfile import load_config_file
+
+        file_preset, overrides = load_config_file(args.config)
+    overrides.update(parse_overrides(args.overrides))  # --set applies on top of the file
+    args.preset = args.preset or file_preset or (None if not args.config or args.resume else "custom")
     kwargs = dict(
         data_dir=args.data_dir,
         device=args.device,
@@ -175,7 +223,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.preset:
             raise CLIError("train: --preset NAME is required (or --resume --out DIR); see `fastnca presets`")
         try:
-            cfg = get_preset(args.preset, **overrides)
+            if args.preset == "custom":  # a config file without a preset: Config's defaults under its fields
+                from fastnca.config import Config
+
+                cfg = Config().replace(**overrides)
+            else:
+                cfg = get_preset(args.preset, **overrides)
         except ValueError as err:
             raise CLIError(str(err)) from None
         out = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -185,6 +238,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         trainer = Trainer(cfg, out, **kwargs)
         print(f"training {args.preset} on {trainer.device} -> {out}", file=sys.stderr)
+    if args.tensorboard:
+        from fastnca.tracking import TENSORBOARD_DIR, TensorBoardTracker
+
+        try:
+            trainer.tracker = TensorBoardTracker(trainer.out_dir / TENSORBOARD_DIR, seed=trainer.cfg.seed)
+        except ImportError as err:
+            raise CLIError(str(err)) from None
     try:
         summary = trainer.fit()
     except NonFiniteLossError as err:
@@ -262,6 +322,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_damage(args: argparse.Namespace) -> int:
     import torch
 
+    if args.image:
+        return cmd_inpaint(args)
+    if args.mask:
+        raise CLIError("--mask needs --image (the picture to inpaint)")
+
     from fastnca.evaluate import load_checkpoint
     from fastnca.figures import damage_figure
 
@@ -286,6 +351,66 @@ def cmd_damage(args: argparse.Namespace) -> int:
         )
     print("wrote " + " ".join(str(p) for p in written))
     return 0
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    """``fastnca damage --image FILE``: encode a user's image, zero cells, show the regrowth."""
+    import torch
+
+    from fastnca.evaluate import load_checkpoint
+    from fastnca.figures import DAMAGE_NOTE, image_from_file, inpaint, mask_from_file
+
+    model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps: expected an integer >= 1, got {args.steps}")
+    cfg = model.config
+    device = next(model.parameters()).device
+    image = image_from_file(args.image, cfg, invert=args.invert)
+    mask = mask_from_file(args.mask, cfg.image_size) if args.mask else None
+    kind = "half" if args.kind == "both" else args.kind
+    written = inpaint(
+        model,
+        image,
+        args.out,
+        mask=mask,
+        kind=kind,
+        size=args.size or (cfg.damage_size or None),
+        steps=args.steps,
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+        cpu_generator=torch.Generator().manual_seed(args.seed),
+    )
+    damage = f"the mask {args.mask}" if args.mask else f"damage '{kind}'"
+    caption = Path(args.out) / "inpaint.txt"
+    caption.write_text(
+        f"Inpainting: {args.image} encoded (posterior mean), grown, cells zeroed by {damage}, then regrown; "
+        f"columns: the image, its reconstruction, the damaged state, regrowth steps (+t).\n"
+        f"checkpoint: {args.checkpoint} (step {int(ckpt['step'])}); seed {args.seed}\n"
+        f"{DAMAGE_NOTE}.\n"
+    )
+    print("wrote " + " ".join(str(p) for p in [*written, caption]))
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from fastnca.figures import make_figures
+
+    if args.tsne_images < 10:
+        raise CLIError(f"--tsne-images: expected an integer >= 10, got {args.tsne_images}")
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "figures"
+    written, skipped = make_figures(
+        args.checkpoint,
+        out,
+        only=args.only,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        device=args.device or "auto",
+        tsne_images=args.tsne_images,
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
+    for name, files in written.items():
+        print(f"{name}: " + " ".join(str(p) for p in files))
+    return 0 if written or not skipped else 2
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -334,6 +459,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "sample": cmd_sample,
     "damage": cmd_damage,
+    "figures": cmd_figures,
     "data": cmd_data,
     "presets": cmd_presets,
 }

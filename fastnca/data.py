@@ -24,10 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tarfile
-import tempfile
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -433,83 +429,13 @@ def describe(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     return lines
 
 
-def _fetch(url: str, dest: Path) -> None:
-    """Download ``url`` to ``dest`` through a temporary file, so an interrupted download leaves nothing behind."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 - fixed https/http URLs
-            shutil.copyfileobj(r, f, length=1 << 20)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _download_mnist(root: Path, log: Callable[[str], None]) -> None:
-    if (root / MNIST_NPZ).is_file():
-        log(f"mnist: {root / MNIST_NPZ} is there, skipping")
-        return
-    for split in ("train", "valid", "test"):
-        dest = root / MNIST_AMAT.format(split=split)
-        if dest.is_file():
-            log(f"mnist: {dest} is there, skipping")
-            continue
-        log(f"mnist: downloading {MNIST_URL.format(split=split)}")
-        _fetch(MNIST_URL.format(split=split), dest)
-
-
-def _download_emoji(root: Path, log: Callable[[str], None]) -> None:
-    folder = root / EMOJI_DIR / "128"
-    if folder.is_dir() and any(folder.iterdir()):
-        log(f"emoji: {folder} is there, skipping")
-        return
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        archive = Path(tmp) / f"noto-emoji-{EMOJI_TAG}.tar.gz"
-        log(f"emoji: downloading {EMOJI_URL}")
-        _fetch(EMOJI_URL, archive)
-        staging = Path(tmp) / "128"
-        staging.mkdir()
-        license_text = None
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar:
-                parts = Path(member.name).parts  # ('noto-emoji-2.028', 'png', '128', 'emoji_u1f600.png')
-                if len(parts) == 4 and parts[1:3] == ("png", "128") and member.isfile() and parts[3].endswith(".png"):
-                    src = tar.extractfile(member)
-                    if src is not None:
-                        (staging / parts[3]).write_bytes(src.read())
-                elif len(parts) == 2 and parts[1] == "LICENSE" and member.isfile():
-                    src = tar.extractfile(member)
-                    license_text = src.read() if src is not None else None
-        (root / EMOJI_DIR).mkdir(parents=True, exist_ok=True)
-        if license_text is not None:
-            (root / EMOJI_DIR / "LICENSE").write_bytes(license_text)
-        if folder.exists():
-            shutil.rmtree(folder)
-        shutil.move(str(staging), folder)
-    log(f"emoji: {len(_image_files(folder))} images in {folder}")
-
-
-def _download_celeba(root: Path, log: Callable[[str], None]) -> None:
-    if (root / CELEBA_TV_DIR / "img_align_celeba").is_dir():
-        log(f"celeba: {root / CELEBA_TV_DIR} is there, skipping")
-        return
-    log("celeba: downloading through torchvision.datasets.CelebA (Google Drive; needs the gdown package)")
-    from torchvision.datasets import CelebA
-
-    CelebA(str(root), split="all", target_type=[], download=True)
-
-
 def download(
     data_dir: str | os.PathLike[str], names: tuple[str, ...] = DATASETS, log: Callable[[str], None] = print
 ) -> None:
-    """Download the public datasets into ``data_dir`` (created if needed): MNIST .amat files, Noto Emoji at
-    tag v2.028 (only its png/128 folder is kept), CelebA through torchvision. Needs internet.
+    """Download the public datasets into ``data_dir`` (created if needed), each file checked against its
+    recorded SHA-256: MNIST .amat files, Noto Emoji at tag v2.028 (only its png/128 folder is kept), CelebA
+    through torchvision. Needs internet. See :mod:`fastnca.downloads`.
     """
-    root = Path(data_dir).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    steps = {"mnist": _download_mnist, "emoji": _download_emoji, "celeba": _download_celeba}
-    for name in names:
-        if name not in steps:
-            raise ValueError(f"dataset: expected one of {DATASETS}, got {name!r}")
-        steps[name](root, log)
+    from fastnca.downloads import download as _download
+
+    _download(data_dir, names, log)

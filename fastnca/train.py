@@ -287,6 +287,7 @@ class Trainer:
         self.pos = 0
         # CUDA: the whole iteration of a fixed-schedule model replays as a graph; None where it runs eagerly
         self.train_graph = train_graph_for(self)
+        self.tracker: Any = None  # e.g. fastnca.tracking.TensorBoardTracker: mirrors every metrics row
 
     # ------------------------------------------------------------------------------------------ data
     def next_batch(self) -> Tensor:
@@ -432,6 +433,8 @@ class Trainer:
     def write_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_row(row, self.model)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop rows logged after ``step`` by an interrupted session, so a resumed run's log has no duplicates."""
@@ -590,6 +593,8 @@ class Trainer:
             "out_dir": str(self.out_dir),
         }
         _write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.tracker is not None:
+            self.tracker.close()
         return summary
 
     def draw(self, n: int = 64) -> None:
