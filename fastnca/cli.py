@@ -150,7 +150,7 @@ def _threads(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from fastnca.config import get_preset
     from fastnca.evaluate import CHECKPOINT_NAME
-    from fastnca.train import NonFiniteLossError, Trainer
+    from fastnca.train import NonFiniteLossError, Trainer, TrainingInterrupted
 
     overrides = parse_overrides(args.overrides)
     kwargs = dict(
@@ -190,6 +190,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"fastnca: error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"fastnca: {err}", file=sys.stderr)
+        return err.exit_status
     ev = summary.get("eval")
     line = f"done: step {summary['step']} ({summary['stopped']}), {summary['elapsed_s']:.1f} s of training"
     if ev:
@@ -340,7 +343,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 training diverged, 2 bad input or missing data)."""
+    """Run the CLI; returns the exit status.
+
+    0 ok, 1 training diverged (NaN/inf), 2 bad input, missing data or an unusable output folder, 130 / 143 training
+    stopped by SIGINT / SIGTERM after writing a checkpoint (130 also for a Ctrl-C outside training).
+    """
     from fastnca.data import DataError
 
     parser = build_parser()

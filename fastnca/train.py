@@ -26,7 +26,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +47,7 @@ __all__ = [
     "Trainer",
     "Pool",
     "NonFiniteLossError",
+    "TrainingInterrupted",
     "damage",
     "damage_masks",
     "save_checkpoint",
@@ -65,6 +68,56 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM stopped training at a step boundary, after a checkpoint was written.
+
+    ``exit_status`` is the shell's convention for a process ended by the signal: 130 for SIGINT, 143 for SIGTERM.
+    """
+
+    def __init__(self, message: str, step: int, signum: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _StopRequests:
+    """Signal handlers for the training loop: the first SIGINT or SIGTERM asks for a stop at the next step boundary.
+
+    A KeyboardInterrupt raised in the middle of a step would leave the model updated (or the data position and
+    the RNGs advanced) without the step counted, so a checkpoint written then cannot resume exactly. The handlers
+    only record the request; the loop finishes the step in flight and checkpoints at the boundary. A second signal
+    stops at once (KeyboardInterrupt, no new checkpoint). The handlers are installed explicitly, so a run started
+    in the background (where the shell sets SIGINT to be ignored) is stopped the same way.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
 
 
 # ---------------------------------------------------------------------------------------------- pool and damage
@@ -284,6 +337,7 @@ class Trainer:
         self.elapsed_s = 0.0  # training wall time over all sessions (evaluation excluded)
         self.perm = torch.randperm(self.splits.train.shape[0], generator=self.gen)
         self.pos = 0
+        self.window: list[dict[str, float]] = []  # read-back stats of the current logging window (checkpointed)
 
     # ------------------------------------------------------------------------------------------ data
     def next_batch(self) -> Tensor:
@@ -387,6 +441,7 @@ class Trainer:
             "pool": self.pool.state_dict() if self.cfg.pool_size > 0 else None,
             "data": {"perm": self.perm, "pos": self.pos},
             "elapsed_s": self.elapsed_s,
+            "log_window": [[row[k] for k in STAT_KEYS] for row in self.window],
             "torch_version": str(torch.__version__),
         }
 
@@ -407,6 +462,7 @@ class Trainer:
         self.pos = int(ckpt["data"]["pos"])
         self.step = int(ckpt["step"])
         self.elapsed_s = float(ckpt.get("elapsed_s", 0.0))
+        self.window = [dict(zip(STAT_KEYS, vals)) for vals in ckpt.get("log_window", [])]
 
     @classmethod
     def resume(
@@ -477,6 +533,8 @@ class Trainer:
 
         Raises:
             NonFiniteLossError: the last good checkpoint on disk is kept; the message says where it is.
+            TrainingInterrupted: SIGINT or SIGTERM; the step in flight was finished and checkpointed.
+            KeyboardInterrupt: a second signal; no new checkpoint (the last one on disk is kept).
         """
         from tqdm.auto import tqdm
 
@@ -488,7 +546,8 @@ class Trainer:
         last_train: dict[str, Any] = {}
         last_eval: dict[str, Any] | None = None
         pending: list[Tensor] = []  # device-side stats of steps not yet read back
-        window: list[dict[str, float]] = []  # read-back stats of the current logging window
+        window = self.window  # read-back stats of the current logging window (an interrupted one is resumed)
+        carried = len(window)  # steps of the window done by an earlier session: not in this session's it/s
         window_t0 = time.perf_counter()
         elapsed_at_start = self.elapsed_s
         eval_s = 0.0  # periodic evaluation time this session, kept out of elapsed_s (but not out of time_limit)
@@ -508,17 +567,18 @@ class Trainer:
             pending = []
 
         def log_window() -> dict[str, Any]:
-            nonlocal window, window_t0
+            nonlocal window_t0, carried
             dt = time.perf_counter() - window_t0
             row = {
                 "step": self.step,
                 "split": "train",
                 **{k: sum(s[k] for s in window) / len(window) for k in STAT_KEYS},
-                "it_per_s": round(len(window) / dt, 3) if dt > 0 else None,
+                "it_per_s": round((len(window) - carried) / dt, 3) if dt > 0 and len(window) > carried else None,
                 "elapsed_s": round(self.elapsed_s, 3),
             }
             self.write_metrics(row)
-            window, window_t0 = [], time.perf_counter()
+            window.clear()
+            window_t0, carried = time.perf_counter(), 0
             return row
 
         bar = tqdm(
@@ -529,7 +589,9 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
+        stop = _StopRequests()
         try:
+            stop.__enter__()
             while self.step < cfg.iterations:
                 pending.append(self.train_step())
                 self.elapsed_s = elapsed_at_start + time.perf_counter() - session_start - eval_s
@@ -540,7 +602,7 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{last_train['loss']:.2f}",
                         kl=f"{last_train['kl']:.2f}",
-                        its=f"{last_train['it_per_s']:.2f}",
+                        its=f"{last_train['it_per_s'] or 0:.2f}",
                     )
                 if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.iterations:
                     sync()
@@ -557,17 +619,30 @@ class Trainer:
                 if self.time_limit is not None and time.perf_counter() - session_start >= self.time_limit:
                     stopped = "time_limit"
                     break
+                if stop.signum is not None:
+                    break
             sync()
+            if stop.signum is not None:
+                bar.close()
+                self.save()  # at a step boundary, with the unlogged window, so --resume continues exactly
+                name = signal.Signals(stop.signum).name
+                raise TrainingInterrupted(
+                    f"{name} at step {self.step}: checkpoint written to {self.checkpoint_path} "
+                    "(continue with --resume)",
+                    self.step,
+                    stop.signum,
+                )
         except KeyboardInterrupt:
             bar.close()
-            sync()
-            self.save()
-            self.log(
-                f"interrupted at step {self.step}; checkpoint written to {self.checkpoint_path} "
-                "(continue with --resume)"
+            where = (
+                f"the last checkpoint is {self.checkpoint_path}"
+                if self.checkpoint_path.is_file()
+                else "no checkpoint was written yet"
             )
+            self.log(f"stopped at once during step {self.step + 1}, without a new checkpoint; {where}")
             raise
         finally:
+            stop.__exit__()
             bar.close()
         if window:  # the steps of a time-limited stop between log points
             last_train = log_window()

@@ -173,3 +173,50 @@ def test_time_limited_run_without_final_eval(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["split"] == "train" for r in rows)
     assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
+
+
+def _wait_for(predicate, proc, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended early (status {proc.returncode}): {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "the run did not reach its first logged step in time"
+        time.sleep(0.1)
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "signame, status, background",
+    [("SIGTERM", 143, False), ("SIGINT", 130, True)],
+    ids=["sigterm", "sigint-background"],
+)
+def test_signal_checkpoints_at_a_step_boundary_and_exits_with_its_status(tmp_path, signame, status, background):
+    """SIGTERM (schedulers, kill) and SIGINT, also for a background run whose shell set SIGINT to be ignored."""
+    import signal
+
+    signum = getattr(signal, signame)
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "small", "--out", str(out), *TINY, "--set", "iterations=100000"]
+    argv += ["--set", "eval_every=0", "--no-final-eval"]
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastnca", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ignore_sigint,
+    )
+    try:
+        metrics = out / "metrics.jsonl"
+        _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, proc, timeout=120)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == status, f"expected exit status {status} after {signame}, got {proc.returncode}: {err}"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    last_logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert ckpt["step"] >= last_logged >= 2, f"checkpoint at step {ckpt['step']}, last logged step {last_logged}"
+    assert f"{signame} at step {ckpt['step']}: checkpoint written" in err and "--resume" in err, err

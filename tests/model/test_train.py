@@ -272,3 +272,47 @@ def test_partial_evaluation_uses_a_fixed_spread_subset():
     assert torch.equal(torch.cat(model.seen), first), "the same subset every time"
     model.seen.clear()
     assert evaluate_iwae(model, images, k=1, batch_size=10)["n_images"] == 100
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+def _interrupt_during_step(tr: Trainer, step: int, signum: int) -> None:
+    """Send ``signum`` to this process in the middle of training step ``step`` (inside its forward pass)."""
+    real = tr.model.log_likelihood
+
+    def interrupting(x, state):
+        if tr.step == step - 1:
+            os.kill(os.getpid(), signum)
+        return real(x, state)
+
+    tr.model.log_likelihood = interrupting
+
+
+@needs_data
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_resume_after_an_interrupt_mid_step_is_bitwise_exact(tmp_path, mnist_small, signame):
+    import signal
+
+    signum = getattr(signal, signame)
+    cfg = pool_config(iterations=6, log_every=2)
+    straight = make_trainer(cfg, tmp_path / "straight", mnist_small)
+    straight.fit()
+    run = make_trainer(cfg, tmp_path / "split", mnist_small)
+    _interrupt_during_step(run, 3, signum)
+    with pytest.raises(train_mod.TrainingInterrupted) as err:
+        run.fit()
+    assert err.value.step == 3 and err.value.signum == signum, "the step in flight finishes, then training stops"
+    ckpt = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3, f"expected the interrupt checkpoint at step 3, got step {ckpt['step']}"
+    resumed = Trainer.resume(
+        tmp_path / "split", splits=mnist_small[cfg.image_size], progress=False, final_outputs=False, log=lambda m: None
+    )
+    resumed.fit()
+    a, b = _params(straight), _params(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"parameter {k} differs between the straight and the interrupted run"
+    assert torch.equal(straight.pool.states, resumed.pool.states), "pool states differ after the interrupt"
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in straight_rows], (
+        "the metrics log of the interrupted and resumed run should equal the straight run's"
+    )
