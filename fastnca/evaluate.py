@@ -17,7 +17,16 @@ from torch import Tensor
 from fastnca.config import Config
 from fastnca.data import to_model
 
-__all__ = ["evaluate_iwae", "read_checkpoint", "load_checkpoint", "resolve_device", "CHECKPOINT_NAME"]
+__all__ = [
+    "evaluate_iwae",
+    "read_checkpoint",
+    "checkpoint_config",
+    "checkpoint_file",
+    "load_weights",
+    "load_checkpoint",
+    "resolve_device",
+    "CHECKPOINT_NAME",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SUBSET_SEED = 0  # which test images a partial evaluation (batches > 0) uses: the same ones in every run
@@ -95,9 +104,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     ``path`` may be the checkpoint file or the run directory holding ``checkpoint.pt``.
     """
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT_NAME
+    p = checkpoint_file(path)
     if not p.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(p)!r} not found: expected a file written by `fastnca train` (OUT/{CHECKPOINT_NAME})"
@@ -112,6 +119,46 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ckpt
 
 
+def _first_line(err: BaseException) -> str:
+    """The error's first line (and the next one when the first only announces a list, as torch's often do)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint file that ``path`` names: the file itself, or ``checkpoint.pt`` in a run directory."""
+    p = Path(path)
+    return p / CHECKPOINT_NAME if p.is_dir() else p
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> Config:
+    """The Config a checkpoint was trained with; a ValueError naming the file when it is missing or malformed."""
+    d = ckpt.get("config")
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its config is not a dict of Config fields (got {type(d).__name__})"
+        )
+    try:
+        return Config.from_dict(d)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its config is not a valid fastnca config ({_first_line(err)})"
+        ) from None
+
+
+def load_weights(module: Any, state: Any, path: str | os.PathLike[str], what: str = "model") -> None:
+    """``module.load_state_dict(state)`` (a model or a Trainer); a ValueError naming the file when it does not fit."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its {what} state does not fit the model its config describes "
+            f"({_first_line(err)})"
+        ) from None
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device | None = "cpu") -> tuple[Any, dict]:
     """Load a training checkpoint (``weights_only=True``) and rebuild its model on ``device``.
 
@@ -122,12 +169,13 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device | N
     """
     from fastnca.vae import VNCA
 
+    path = checkpoint_file(path)
     ckpt = read_checkpoint(path)
-    cfg = Config.from_dict(ckpt["config"])
+    cfg = checkpoint_config(ckpt, path)
     dev = resolve_device(device)
     if dev.type != "cuda" and cfg.backend == "triton":
         cfg = cfg.replace(backend="auto")
     model = VNCA(cfg)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     model.to(dev).eval()
     return model, ckpt

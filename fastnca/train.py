@@ -40,7 +40,14 @@ from torch import Tensor
 
 from fastnca.config import Config
 from fastnca.data import Splits, load_for_config, to_model
-from fastnca.evaluate import CHECKPOINT_NAME, evaluate_iwae, read_checkpoint, resolve_device
+from fastnca.evaluate import (
+    CHECKPOINT_NAME,
+    checkpoint_config,
+    evaluate_iwae,
+    load_weights,
+    read_checkpoint,
+    resolve_device,
+)
 from fastnca.utils import atomic_write
 
 __all__ = [
@@ -60,6 +67,26 @@ CHECKPOINT_FORMAT = "fastnca-checkpoint-v1"
 METRICS_NAME = "metrics.jsonl"
 STAT_KEYS = ("loss", "recon", "kl", "elbo", "grad_norm")  # per-step training statistics, in this order
 EVAL_SEED_OFFSET = 1_000_003  # the evaluation generator's seed is cfg.seed + this, apart from the training streams
+# Config fields a resumed run cannot change: they fix the model's shapes, the data, or the run's random streams.
+RESUME_FIXED = (
+    "dataset",
+    "image_size",
+    "image_channels",
+    "likelihood",
+    "n_mix",
+    "enc_channels",
+    "enc_first_padding",
+    "state_channels",
+    "hidden_channels",
+    "n_blocks",
+    "bias",
+    "out_bias",
+    "doubling",
+    "seed_size",
+    "n_doublings",
+    "grid_size",
+    "seed",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -453,6 +480,7 @@ class Trainer:
             raise ValueError(f"checkpoint: expected format {CHECKPOINT_FORMAT!r}, got {ckpt.get('format')!r}")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._apply_optimizer_config()
         gens = {"gen": self.gen} if self.dev_gen is self.gen else {"gen": self.gen, "dev_gen": self.dev_gen}
         set_rng_state(ckpt["rng"], gens)
         if ckpt.get("pool") is not None and self.cfg.pool_size > 0:
@@ -464,6 +492,11 @@ class Trainer:
         self.elapsed_s = float(ckpt.get("elapsed_s", 0.0))
         self.window = [dict(zip(STAT_KEYS, vals)) for vals in ckpt.get("log_window", [])]
 
+    def _apply_optimizer_config(self) -> None:
+        """Settings the optimiser state owns (the learning rate) follow the config, also after loading a state."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr
+
     @classmethod
     def resume(
         cls, out_dir: str | os.PathLike[str], *, overrides: dict[str, Any] | None = None, **kwargs: Any
@@ -473,11 +506,18 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}; start the run without --resume")
         ckpt = read_checkpoint(path)
-        cfg = Config.from_dict(ckpt["config"])
+        cfg = checkpoint_config(ckpt, path)
+        fixed = {k: v for k, v in (overrides or {}).items() if k in RESUME_FIXED and v != getattr(cfg, k)}
+        if fixed:
+            key, value = next(iter(fixed.items()))
+            raise ValueError(
+                f"--set {key}={value}: {key} cannot change on --resume (the checkpoint's model, data and random "
+                f"streams were made with {key}={getattr(cfg, key)!r}); start a new run with another --out"
+            )
         if overrides:
             cfg = cfg.replace(**overrides)
         trainer = cls(cfg, out_dir, **kwargs)
-        trainer.load_state_dict(ckpt)
+        load_weights(trainer, ckpt, path, what="training")
         trainer._truncate_metrics(trainer.step)
         return trainer
 

@@ -220,3 +220,57 @@ def test_signal_checkpoints_at_a_step_boundary_and_exits_with_its_status(tmp_pat
     last_logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert ckpt["step"] >= last_logged >= 2, f"checkpoint at step {ckpt['step']}, last logged step {last_logged}"
     assert f"{signame} at step {ckpt['step']}: checkpoint written" in err and "--resume" in err, err
+
+
+def _fastnca(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m fastnca ARGV`` in a child process (exit status and messages as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fastnca", *argv], capture_output=True, text=True, env=dict(os.environ), timeout=timeout
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode == 2, f"expected exit status 2, got {proc.returncode}: {proc.stderr}"
+    assert "Traceback" not in proc.stderr, f"expected a one-line message, got a traceback: {proc.stderr}"
+    assert re.search(pattern, proc.stderr), f"expected a message matching {pattern!r}, got: {proc.stderr}"
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        ("state_channels=16", r"state_channels cannot change on --resume"),
+        ("dataset=emoji", r"dataset cannot change on --resume"),
+    ],
+    ids=["model-shape", "dataset"],
+)
+def test_resume_with_a_changed_model_or_dataset_is_refused(run_dir, tmp_path, change, pattern):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    _one_line_error(_fastnca("train", "--resume", "--out", str(out), "--set", change, "--no-progress"), pattern)
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "config, pattern",
+    [
+        ("not a config", r"checkpoint '.*checkpoint.pt': its config is not a dict"),
+        ({"state_channels": "lots"}, r"checkpoint '.*checkpoint.pt': its config is not a valid fastnca config"),
+        ("mnist-doubling", r"checkpoint '.*checkpoint.pt': its \w+ state does not fit the model its config describes"),
+    ],
+    ids=["not-a-dict", "malformed", "another-preset"],
+)
+def test_a_checkpoint_with_a_bad_config_is_refused_with_a_message(run_dir, tmp_path, config, pattern):
+    import shutil
+
+    from fastnca.config import get_preset
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["config"] = get_preset(config).to_dict() if config == "mnist-doubling" else config
+    torch.save(ckpt, out / "checkpoint.pt")
+    _one_line_error(_fastnca("eval", "--checkpoint", str(out), "--k", "1", "--batches", "1"), pattern)
+    _one_line_error(_fastnca("train", "--resume", "--out", str(out), "--no-progress"), pattern)

@@ -316,3 +316,37 @@ def test_resume_after_an_interrupt_mid_step_is_bitwise_exact(tmp_path, mnist_sma
     assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in straight_rows], (
         "the metrics log of the interrupted and resumed run should equal the straight run's"
     )
+
+
+# ---------------------------------------------------------------------------------------------- resume overrides
+@needs_data
+def test_resume_applies_a_new_learning_rate_to_the_optimiser(tmp_path, mnist_small):
+    cfg = doubling_config(iterations=2, lr=1e-3)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    resumed = Trainer.resume(
+        tmp_path,
+        overrides={"iterations": 3, "lr": 2e-4},
+        splits=mnist_small[cfg.image_size],
+        progress=False,
+        final_outputs=False,
+        log=lambda m: None,
+    )
+    lrs = [g["lr"] for g in resumed.optimizer.param_groups]
+    assert lrs == [2e-4] * len(lrs), f"expected the optimiser to use the new lr 2e-4 after resume, got {lrs}"
+    resumed.fit()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved = [g["lr"] for g in ckpt["optimizer"]["param_groups"]]
+    assert saved == [2e-4] * len(saved) and ckpt["config"]["lr"] == 2e-4, f"checkpoint records lr {saved}"
+
+
+@needs_data
+@pytest.mark.parametrize("key, value", [("state_channels", 16), ("dataset", "emoji"), ("seed", 5)])
+def test_resume_refuses_overrides_that_cannot_change(tmp_path, mnist_small, key, value):
+    cfg = doubling_config(iterations=1)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    with pytest.raises(ValueError, match=rf"--set {key}={value}: {key} cannot change on --resume"):
+        Trainer.resume(tmp_path, overrides={key: value}, splits=mnist_small[cfg.image_size], progress=False)
+    resumed = Trainer.resume(
+        tmp_path, overrides={key: getattr(cfg, key)}, splits=mnist_small[cfg.image_size], progress=False
+    )
+    assert resumed.step == 1, "an override equal to the checkpoint's value is accepted"
