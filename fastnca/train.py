@@ -67,6 +67,7 @@ CHECKPOINT_FORMAT = "fastnca-checkpoint-v1"
 METRICS_NAME = "metrics.jsonl"
 STAT_KEYS = ("loss", "recon", "kl", "elbo", "grad_norm")  # per-step training statistics, in this order
 EVAL_SEED_OFFSET = 1_000_003  # the evaluation generator's seed is cfg.seed + this, apart from the training streams
+PROBE_SEED_OFFSET = 2_000_003  # the checkpoint probe's generator, apart from the training and evaluation streams
 # Config fields a resumed run cannot change: they fix the model's shapes, the data, or the run's random streams.
 RESUME_FIXED = (
     "dataset",
@@ -473,7 +474,39 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Write the checkpoint, after :meth:`check_parameters` (a diverged model never replaces a good one)."""
+        self.check_parameters()
         return save_checkpoint(self.state_dict(), self.checkpoint_path)
+
+    @torch.no_grad()
+    def check_parameters(self) -> None:
+        """Raise NonFiniteLossError unless the current parameters are finite and give a finite loss.
+
+        A step's loss is computed before its update, so a finite loss does not show that the updated parameters
+        are good (a huge learning rate gives finite but exploding weights). The probe is one forward pass on the
+        first training batch with its own generator (the training RNG streams do not move), run at each
+        checkpoint only.
+        """
+        cfg = self.cfg
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            what = f"parameter {bad[0]} holds NaN or inf"
+        else:
+            x = to_model(self.train_images[: cfg.batch_size], cfg.likelihood, device=self.device)
+            gen = torch.Generator(device=self.device).manual_seed(cfg.seed + PROBE_SEED_OFFSET)
+            steps = {} if cfg.doubling else {"num_steps": cfg.max_steps}
+            loss = float(self.model(x, beta=cfg.beta, generator=gen, **steps)["loss"])
+            if math.isfinite(loss):
+                return
+            what = f"they give a non-finite loss ({loss}) on the first training batch"
+        where = (
+            f"the last good checkpoint is {self.checkpoint_path}"
+            if self.checkpoint_path.is_file()
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(
+            f"the parameters after step {self.step} diverged ({what}); training stopped, {where}", self.step
+        )
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("format") != CHECKPOINT_FORMAT:

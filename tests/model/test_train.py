@@ -219,7 +219,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, mnist_sma
 
     def poisoned(x, state):
         out = real(x, state)
-        return out * float("nan") if tr.step >= 2 else out  # the third step's loss is NaN
+        # the third step's loss is NaN (training steps only: the parameters themselves stay good)
+        return out * float("nan") if tr.step >= 2 and torch.is_grad_enabled() else out
 
     tr.model.log_likelihood = poisoned
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3.*last good checkpoint") as err:
@@ -350,3 +351,24 @@ def test_resume_refuses_overrides_that_cannot_change(tmp_path, mnist_small, key,
         tmp_path, overrides={key: getattr(cfg, key)}, splits=mnist_small[cfg.image_size], progress=False
     )
     assert resumed.step == 1, "an override equal to the checkpoint's value is accepted"
+
+
+@needs_data
+def test_checkpoint_kept_after_a_divergence_continues_with_a_finite_loss(tmp_path, mnist_small):
+    """lr=1e3 diverges: the checkpoint left behind must hold parameters whose next step is finite."""
+    cfg = doubling_config(iterations=2, ckpt_every=1)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    diverging = Trainer.resume(
+        tmp_path,
+        overrides={"lr": 1e3, "iterations": 30},
+        splits=mnist_small[cfg.image_size],
+        progress=False,
+        final_outputs=False,
+        log=lambda m: None,
+    )
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is"):
+        diverging.fit()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    resumed = Trainer.resume(tmp_path, splits=mnist_small[cfg.image_size], progress=False, log=lambda m: None)
+    stats = resumed.sync_stats([resumed.train_step()], ckpt["step"] + 1)  # raises NonFiniteLossError if not finite
+    assert all(torch.isfinite(torch.tensor(list(stats[0].values())))), f"step after the checkpoint: {stats}"
