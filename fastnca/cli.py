@@ -210,6 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--k: expected an integer >= 1, got {args.k}")
     if args.batches < 0:
         raise CLIError(f"--batches: expected an integer >= 0, got {args.batches}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
     cfg = model.config
     splits = load_for_config(cfg, args.data_dir)
@@ -218,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model,
         splits.test,
         k=args.k,
-        batch_size=args.batch_size or cfg.batch_size,
+        batch_size=cfg.batch_size if args.batch_size is None else args.batch_size,
         batches=args.batches,
         seed=args.seed,
         progress=True,

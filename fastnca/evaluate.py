@@ -71,14 +71,25 @@ def evaluate_iwae(
 
     Returns:
         dict with iwae (mean nats per image), bpd (bits/dim), k, n_images.
+
+    Raises:
+        ValueError: an evaluation over zero images (an empty split, ``batch_size`` < 1, ``batches`` < 0) or k < 1.
     """
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1 images per evaluation batch, got {batch_size}")
+    if batches < 0:
+        raise ValueError(f"batches: expected an integer >= 0 (0: the whole split), got {batches}")
+    if k < 1:
+        raise ValueError(f"k: expected an integer >= 1 importance samples, got {k}")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("evaluation: the test split holds no images; a bound over zero images means nothing")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    n = images.shape[0]
     n_batches = math.ceil(n / batch_size)
     if 0 < batches < n_batches:
         # a subset: a fixed random one, since test splits can be ordered (binarized MNIST's test set is sorted
@@ -95,7 +106,7 @@ def evaluate_iwae(
         count += x.shape[0]
         bar.set_postfix(nats=f"{total / count:.2f}")
     model.train(was_training)
-    nats = total / max(count, 1)
+    nats = total / count
     return {"iwae": nats, "bpd": float(model.bits_per_dim(nats)), "k": k, "n_images": count}
 
 

@@ -274,3 +274,11 @@ def test_a_checkpoint_with_a_bad_config_is_refused_with_a_message(run_dir, tmp_p
     torch.save(ckpt, out / "checkpoint.pt")
     _one_line_error(_fastnca("eval", "--checkpoint", str(out), "--k", "1", "--batches", "1"), pattern)
     _one_line_error(_fastnca("train", "--resume", "--out", str(out), "--no-progress"), pattern)
+
+
+@needs_data
+@pytest.mark.parametrize("size", ["-5", "0"])
+def test_eval_over_zero_images_is_an_error(run_dir, size):
+    proc = _fastnca("eval", "--checkpoint", str(run_dir), "--k", "1", "--batch-size", size, "--threads", "1")
+    _one_line_error(proc, rf"--batch-size: expected an integer >= 1, got {size}")
+    assert "nats" not in proc.stdout, f"no bound may be printed for zero images: {proc.stdout}"

@@ -372,3 +372,23 @@ def test_checkpoint_kept_after_a_divergence_continues_with_a_finite_loss(tmp_pat
     resumed = Trainer.resume(tmp_path, splits=mnist_small[cfg.image_size], progress=False, log=lambda m: None)
     stats = resumed.sync_stats([resumed.train_step()], ckpt["step"] + 1)  # raises NonFiniteLossError if not finite
     assert all(torch.isfinite(torch.tensor(list(stats[0].values())))), f"step after the checkpoint: {stats}"
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(batch_size=-5), "batch_size: expected an integer >= 1"),
+        (dict(batch_size=0), "batch_size: expected an integer >= 1"),
+        (dict(batch_size=4, batches=-1), "batches: expected an integer >= 0"),
+        (dict(batch_size=4, n_images=0), "holds no images"),
+    ],
+    ids=["negative-batch", "zero-batch", "negative-batches", "empty-split"],
+)
+def test_evaluation_over_zero_images_is_an_error(kwargs, pattern):
+    from fastnca.evaluate import evaluate_iwae
+    from fastnca.vae import build_model
+
+    model = build_model("small")
+    images = torch.zeros(kwargs.pop("n_images", 8), 1, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=pattern):
+        evaluate_iwae(model, images, k=1, **kwargs)
