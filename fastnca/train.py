@@ -564,14 +564,27 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop rows logged after ``step`` by an interrupted session, so a resumed run's log has no duplicates."""
+        """Drop rows logged after ``step`` by an interrupted session, so a resumed run's log has no duplicates.
+
+        A damaged last line (a crash in the middle of writing it) is dropped with a warning; a damaged line
+        anywhere else is an error that names the file and the line.
+        """
         if not self.metrics_path.is_file():
             return
-        kept = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        lines = [(i, line) for i, line in enumerate(self.metrics_path.read_text().splitlines(), 1) if line.strip()]
+        kept = []
+        for i, line in lines:
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as err:
+                if i == lines[-1][0]:
+                    self.log(f"warning: {self.metrics_path}: dropped its damaged last line {i} ({err})")
+                    break
+                raise ValueError(f"{self.metrics_path}: line {i} is not a metrics row ({err})") from None
+            if row.get("step", 0) <= step:
+                kept.append(line)
         _write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def evaluate(self, *, progress: bool | None = None) -> dict[str, Any]:

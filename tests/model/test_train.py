@@ -392,3 +392,35 @@ def test_evaluation_over_zero_images_is_an_error(kwargs, pattern):
     images = torch.zeros(kwargs.pop("n_images", 8), 1, 32, 32, dtype=torch.uint8)
     with pytest.raises(ValueError, match=pattern):
         evaluate_iwae(model, images, k=1, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- metrics file
+def _resume_quietly(out, splits, messages=None, **kw) -> Trainer:
+    log = messages.append if messages is not None else (lambda m: None)
+    return Trainer.resume(out, splits=splits, progress=False, final_outputs=False, log=log, **kw)
+
+
+@needs_data
+def test_resume_drops_a_damaged_last_metrics_line_with_a_warning(tmp_path, mnist_small):
+    cfg = doubling_config(iterations=2)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    metrics = tmp_path / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 3, "split": "tra')  # a crash in the middle of writing a row
+    messages: list[str] = []
+    resumed = _resume_quietly(tmp_path, mnist_small[32], messages, overrides={"iterations": 3})
+    assert metrics.read_text() == good, "expected the damaged last line dropped and the good rows kept"
+    assert any("metrics.jsonl" in m and "damaged last line 3" in m for m in messages), messages
+    resumed.fit()
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+@needs_data
+def test_a_damaged_metrics_line_before_the_last_names_the_file(tmp_path, mnist_small):
+    cfg = doubling_config(iterations=2)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    metrics = tmp_path / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([rows[0], "{not json", *rows[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a metrics row"):
+        _resume_quietly(tmp_path, mnist_small[32])
