@@ -147,6 +147,24 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _check_new_run_folder(out: Path, checkpoint_name: str) -> None:
+    """A new run needs an empty (or new) --out: its files would mix with, or overwrite, another run's."""
+    if (out / checkpoint_name).exists():
+        raise CLIError(
+            f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue it, or choose another --out"
+        )
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a folder: choose another --out")
+    if out.is_dir():
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise CLIError(
+                f"--out {str(out)!r} is not empty (it holds {shown}): a new run needs an empty folder; "
+                "pass --resume to continue a run that wrote a checkpoint there, or choose another --out"
+            )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fastnca.config import get_preset
     from fastnca.evaluate import CHECKPOINT_NAME
@@ -179,10 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise CLIError(str(err)) from None
         out = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (out / CHECKPOINT_NAME).exists():
-            raise CLIError(
-                f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue it, or choose another --out"
-            )
+        _check_new_run_folder(out, CHECKPOINT_NAME)
         trainer = Trainer(cfg, out, **kwargs)
         print(f"training {args.preset} on {trainer.device} -> {out}", file=sys.stderr)
     try:

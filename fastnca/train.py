@@ -58,6 +58,7 @@ __all__ = [
     "damage",
     "damage_masks",
     "save_checkpoint",
+    "remove_orphan_temps",
     "rng_state",
     "set_rng_state",
     "CHECKPOINT_FORMAT",
@@ -287,6 +288,25 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, "config.json", "summary.json")  # the files a run writes atomically
+
+
+def remove_orphan_temps(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files (``.checkpoint.pt.*.tmp``, ...) that a crash in the middle of a write left in a run folder.
+
+    Only the run's own atomic-write temps are touched. Returns the removed paths.
+    """
+    removed = []
+    for name in RUN_FILES:
+        for tmp in Path(out_dir).glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(tmp)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -626,6 +646,10 @@ class Trainer:
 
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        orphans = remove_orphan_temps(self.out_dir)
+        if orphans:
+            self.log(f"removed {len(orphans)} temporary file(s) left in {self.out_dir} by an interrupted write")
+        self._truncate_metrics(self.step)  # a fresh run (step 0) starts a fresh metrics file
         _write_text_atomic(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         session_start = time.perf_counter()
         stopped = "done"

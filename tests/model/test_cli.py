@@ -282,3 +282,14 @@ def test_eval_over_zero_images_is_an_error(run_dir, size):
     proc = _fastnca("eval", "--checkpoint", str(run_dir), "--k", "1", "--batch-size", size, "--threads", "1")
     _one_line_error(proc, rf"--batch-size: expected an integer >= 1, got {size}")
     assert "nats" not in proc.stdout, f"no bound may be printed for zero images: {proc.stdout}"
+
+
+@needs_data
+def test_a_new_run_in_a_non_empty_folder_is_refused(tmp_path):
+    out = tmp_path / "crashed"  # a run that crashed before its first checkpoint
+    out.mkdir()
+    (out / "config.json").write_text("{}\n")
+    (out / "metrics.jsonl").write_text('{"step": 10, "split": "train"}\n')
+    proc = _fastnca("train", "--preset", "small", "--out", str(out), *TINY)
+    _one_line_error(proc, r"--out '.*crashed' is not empty \(it holds config.json, metrics.jsonl\).*--resume")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 10, "split": "train"}\n', "the old files are untouched"

@@ -424,3 +424,27 @@ def test_a_damaged_metrics_line_before_the_last_names_the_file(tmp_path, mnist_s
     metrics.write_text("\n".join([rows[0], "{not json", *rows[1:]]) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a metrics row"):
         _resume_quietly(tmp_path, mnist_small[32])
+
+
+@needs_data
+def test_a_fresh_trainer_starts_a_fresh_metrics_file(tmp_path, mnist_small):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n{"step": 7}\n')
+    make_trainer(doubling_config(iterations=2), tmp_path, mnist_small).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 1.0, f"expected only this run's rows: {rows}"
+
+
+@needs_data
+def test_start_up_removes_orphan_temporary_checkpoints(tmp_path, mnist_small):
+    cfg = doubling_config(iterations=1)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    orphans = [tmp_path / ".checkpoint.pt.k2j4_x.tmp", tmp_path / ".metrics.jsonl.abc.tmp"]
+    for p in orphans:
+        p.write_bytes(b"half a file")  # what a crash in the middle of an atomic write leaves
+    unrelated = tmp_path / ".notes.tmp"
+    unrelated.write_text("not ours")
+    messages: list[str] = []
+    _resume_quietly(tmp_path, mnist_small[32], messages, overrides={"iterations": 2}).fit()
+    assert not any(p.exists() for p in orphans), f"expected the orphan temps removed: {sorted(tmp_path.iterdir())}"
+    assert unrelated.exists(), "files that are not the run's own temps are left alone"
+    assert any("removed 2 temporary file(s)" in m for m in messages), messages
