@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -141,10 +142,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- commands
 def _threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise CLIError(f"--threads: expected an integer >= 1, got {threads}")
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
+
+
+def _check_writable(folder: Path, flag: str = "--out") -> None:
+    """Create ``folder`` and write a probe file into it, so an unusable output folder is named before any work."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastnca-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CLIError(f"{flag} {str(folder)!r}: cannot write there ({err.strerror or err})") from None
+
+
+def _os_error_message(err: OSError) -> str:
+    """One line for a failed file operation: what failed and on which file."""
+    if err.filename and err.strerror:
+        return f"{err.strerror}: {str(err.filename)!r}"
+    return err.strerror or str(err)
 
 
 def _check_new_run_folder(out: Path, checkpoint_name: str) -> None:
@@ -181,6 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise CLIError("--resume needs --out, the run directory to continue")
+        if Path(args.out, CHECKPOINT_NAME).is_file():
+            _check_writable(Path(args.out))
         trainer = Trainer.resume(args.out, overrides=overrides, **kwargs)
         if args.preset and args.preset != "custom":
             print(
@@ -198,6 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CLIError(str(err)) from None
         out = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         _check_new_run_folder(out, CHECKPOINT_NAME)
+        _check_writable(out)
         trainer = Trainer(cfg, out, **kwargs)
         print(f"training {args.preset} on {trainer.device} -> {out}", file=sys.stderr)
     try:
@@ -252,8 +280,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     other = f"{res['bpd']:.4f} bits/dim" if units == "nats" else f"{res['iwae']:.2f} nats"
     print(f"test log p(x) >= {value} ({other}; IWAE k={args.k}, {res['n_images']} images, step {res['step']})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        from fastnca.utils import atomic_write
+
+        text = json.dumps(res, indent=2) + "\n"
+        atomic_write(args.json, lambda f: f.write(text), binary=False)
     return 0
 
 
@@ -264,7 +294,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastnca.figures import growth_figure, growth_gif, sample_grid
 
     if args.n < 1 or args.growth_n < 1:
-        raise CLIError("--n and --growth-n: expected integers >= 1")
+        raise CLIError(f"--n and --growth-n: expected integers >= 1, got {args.n} and {args.growth_n}")
+    _check_writable(Path(args.out))
     model, _ = load_checkpoint(args.checkpoint, args.device or "auto")
     device = next(model.parameters()).device
     out = Path(args.out)
@@ -285,6 +316,11 @@ def cmd_damage(args: argparse.Namespace) -> int:
     from fastnca.evaluate import load_checkpoint
     from fastnca.figures import damage_figure
 
+    if args.n < 1:
+        raise CLIError(f"--n: expected an integer >= 1, got {args.n}")
+    if args.size is not None and args.size < 1:
+        raise CLIError(f"--size: expected an integer >= 1, got {args.size}")
+    _check_writable(Path(args.out))
     model, _ = load_checkpoint(args.checkpoint, args.device or "auto")
     device = next(model.parameters()).device
     size = args.size or (model.config.damage_size or None)
@@ -377,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (CLIError, DataError, FileNotFoundError, ValueError) as err:
         print(f"fastnca {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only or vanished folder: one line, not a traceback
+        print(f"fastnca {args.command}: error: {_os_error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastnca: interrupted", file=sys.stderr)

@@ -33,10 +33,15 @@ SUBSET_SEED = 0  # which test images a partial evaluation (batches > 0) uses: th
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None) is CUDA when available, else the CPU."""
+    """'auto' (or None) is CUDA when available, else the CPU; anything but auto, cpu, cuda, cuda:N is refused."""
     if device is None or str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {str(device)!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {str(device)!r} was asked for but CUDA is not available here; use --device cpu")

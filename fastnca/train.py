@@ -309,6 +309,18 @@ def remove_orphan_temps(out_dir: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def _check_backend(cfg: Config, device: torch.device) -> None:
+    """Refuse, before any data is loaded or step is run, a fused backend that cannot run on ``device``."""
+    from fastnca.nca import resolve_backend
+
+    if resolve_backend(cfg.backend, device) == "triton" and device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend: 'triton' needs a CUDA device, and {device} is not one (TRITON_INTERPRET=1 runs the fused "
+                "kernels in the Triton interpreter on the CPU, slowly); use --set backend=auto or backend=torch"
+            )
+
+
 # ---------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     """Trains a VNCA on its config's dataset and writes metrics, checkpoints and pictures to ``out_dir``.
@@ -353,6 +365,7 @@ class Trainer:
         self.cfg = config
         self.out_dir = Path(out_dir)
         self.device = resolve_device(device or config.device)
+        _check_backend(config, self.device)
         self.time_limit = time_limit
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -494,9 +507,20 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write the checkpoint, after :meth:`check_parameters` (a diverged model never replaces a good one)."""
+        """Write the checkpoint, after :meth:`check_parameters` (a diverged model never replaces a good one).
+
+        Raises:
+            OSError: the write failed (a full disk, a read-only folder); the message names the checkpoint and says
+                that the previous one is unchanged.
+        """
         self.check_parameters()
-        return save_checkpoint(self.state_dict(), self.checkpoint_path)
+        try:
+            return save_checkpoint(self.state_dict(), self.checkpoint_path)
+        except OSError as err:
+            before = "the previous checkpoint is unchanged" if self.checkpoint_path.is_file() else "none was written"
+            raise OSError(
+                err.errno, f"checkpoint {self.checkpoint_path} could not be written ({err.strerror or err}); {before}"
+            ) from err
 
     @torch.no_grad()
     def check_parameters(self) -> None:

@@ -293,3 +293,86 @@ def test_a_new_run_in_a_non_empty_folder_is_refused(tmp_path):
     proc = _fastnca("train", "--preset", "small", "--out", str(out), *TINY)
     _one_line_error(proc, r"--out '.*crashed' is not empty \(it holds config.json, metrics.jsonl\).*--resume")
     assert (out / "metrics.jsonl").read_text() == '{"step": 10, "split": "train"}\n', "the old files are untouched"
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["train", "--preset", "small", "--threads", "-1"], r"--threads: expected an integer >= 1, got -1"),
+        (["train", "--preset", "small", "--device", "tpu"], r"device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["damage", "--checkpoint", "CKPT", "--out", "FIGS", "--n", "-2"], r"--n: expected an integer >= 1, got -2"),
+    ],
+    ids=["threads", "device", "damage-n"],
+)
+def test_bad_flags_exit_2_with_one_line(tmp_path, argv, pattern):
+    argv = [a.replace("CKPT", str(tmp_path / "none.pt")).replace("FIGS", str(tmp_path / "figs")) for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "out"), "--no-progress"]
+    _one_line_error(_fastnca(*argv), pattern)
+
+
+@needs_data
+def test_an_out_path_under_a_regular_file_is_refused(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = _fastnca("train", "--preset", "small", "--out", str(blocker / "run"), *TINY)
+    _one_line_error(proc, r"--out '.*a-file/run': cannot write there \(Not a directory\)")
+
+
+def _fastnca_patched(patch: str, *argv: str) -> subprocess.CompletedProcess:
+    """The CLI in a child process after ``patch`` (Python source) ran there: failures a test cannot cause for real."""
+    code = f"import sys\n{patch}\nfrom fastnca.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=dict(os.environ), timeout=300
+    )
+
+
+@needs_data
+def test_a_read_only_out_folder_is_refused_before_training(tmp_path):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    # root ignores the mode bits: make the child see what any other user sees there
+    patch = (
+        "import errno, os, tempfile\n"
+        f"READ_ONLY = {str(out)!r}\n"
+        "real = tempfile.mkstemp\n"
+        "def mkstemp(*a, dir=None, **k):\n"
+        "    if dir is not None and os.path.abspath(dir).startswith(READ_ONLY):\n"
+        "        raise PermissionError(errno.EACCES, 'Permission denied', dir)\n"
+        "    return real(*a, dir=dir, **k)\n"
+        "tempfile.mkstemp = mkstemp\n"
+    )
+    proc = _fastnca_patched(patch, "train", "--preset", "small", "--out", str(out), *TINY)
+    _one_line_error(proc, r"--out '.*read-only': cannot write there \(Permission denied\)")
+    assert "%|" not in proc.stderr, "expected the refusal before the progress bar"
+
+
+@needs_data
+def test_a_full_disk_while_saving_a_checkpoint_exits_2_with_a_message(tmp_path):
+    out = tmp_path / "run"
+    patch = (
+        "import errno, torch\n"
+        "def save(obj, f, *a, **k):\n"
+        "    f.write(b'part of a checkpoint')\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "torch.save = save\n"
+    )
+    proc = _fastnca_patched(patch, "train", "--preset", "small", "--out", str(out), *TINY)
+    _one_line_error(proc, r"checkpoint .*checkpoint.pt could not be written \(No space left on device\); none")
+    assert not list(out.glob(".checkpoint.pt.*")), "expected no temp file left behind"
+
+
+@needs_data
+def test_the_triton_backend_without_a_gpu_or_the_interpreter_fails_before_training(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastnca", "train", "--preset", "small", "--out", str(out), "--set", "backend=triton"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    _one_line_error(proc, r"backend: 'triton' needs a CUDA device.*TRITON_INTERPRET=1.*backend=auto")
+    assert "%|" not in proc.stderr and not (out / "metrics.jsonl").exists(), "expected no training to start"
