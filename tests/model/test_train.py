@@ -448,3 +448,30 @@ def test_start_up_removes_orphan_temporary_checkpoints(tmp_path, mnist_small):
     assert not any(p.exists() for p in orphans), f"expected the orphan temps removed: {sorted(tmp_path.iterdir())}"
     assert unrelated.exists(), "files that are not the run's own temps are left alone"
     assert any("removed 2 temporary file(s)" in m for m in messages), messages
+
+
+# ---------------------------------------------------------------------------------------------- file modes
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def test_atomic_write_respects_the_umask(tmp_path, umask_027):
+    from fastnca.utils import atomic_write
+
+    path = atomic_write(tmp_path / "f.txt", lambda f: f.write("x"), binary=False)
+    mode = path.stat().st_mode & 0o777
+    assert mode == umask_027, f"expected mode {umask_027:o} (0666 under umask 027), got {mode:o}"
+
+
+@needs_data
+def test_run_files_respect_the_umask_also_after_resume(tmp_path, mnist_small, umask_027):
+    cfg = doubling_config(iterations=1)
+    tr = Trainer(cfg, tmp_path, splits=mnist_small[32], progress=False, final_outputs=False, log=lambda m: None)
+    tr.fit()
+    _resume_quietly(tmp_path, mnist_small[32], overrides={"iterations": 2}).fit()
+    for name in ("checkpoint.pt", "config.json", "summary.json", "metrics.jsonl"):
+        mode = (tmp_path / name).stat().st_mode & 0o777
+        assert mode == umask_027, f"{name}: expected mode {umask_027:o} under umask 027, got {mode:o}"
