@@ -241,7 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ev:
         line += f"; test IWAE({ev['k']}) {ev['iwae']:.2f} nats = {ev['bpd']:.4f} bits/dim"
     print(line)
-    print(f"outputs in {trainer.out_dir}: config.json metrics.jsonl checkpoint.pt samples.png growth.png")
+    names = ["config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "samples.png", "growth.png"]
+    print(f"outputs in {trainer.out_dir}: " + " ".join(n for n in names if (trainer.out_dir / n).is_file()))
     return 0
 
 

@@ -785,7 +785,7 @@ class Trainer:
             self.log(f"time limit of {self.time_limit:g} s reached at step {self.step}; checkpoint written")
         if self.final_outputs and self.final_eval:
             last_eval = self.evaluate()
-            self.log(
+            tqdm.write(  # results go to stdout, like the periodic evaluations' lines (messages go to self.log)
                 f"step {self.step}: test IWAE({cfg.eval_samples}, {last_eval['n_images']} images) "
                 f"{last_eval['iwae']:.2f} nats ({last_eval['bpd']:.4f} bits/dim)"
             )

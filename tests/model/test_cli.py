@@ -376,3 +376,18 @@ def test_the_triton_backend_without_a_gpu_or_the_interpreter_fails_before_traini
     )
     _one_line_error(proc, r"backend: 'triton' needs a CUDA device.*TRITON_INTERPRET=1.*backend=auto")
     assert "%|" not in proc.stderr and not (out / "metrics.jsonl").exists(), "expected no training to start"
+
+
+@needs_data
+def test_results_go_to_stdout_and_the_outputs_line_lists_every_file(tmp_path):
+    out = tmp_path / "run"
+    proc = _fastnca("train", "--preset", "small", "--out", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr
+    final = re.search(r"step 3: test IWAE\(2, 8 images\) -?\d+\.\d+ nats", proc.stdout)
+    assert final, f"expected the final test-IWAE line on stdout, got stdout={proc.stdout!r} stderr={proc.stderr!r}"
+    assert "test IWAE(2, 8 images)" not in proc.stderr, "the final result should not go to stderr"
+    listed = re.search(r"outputs in .*: (.*)", proc.stdout)
+    assert listed, proc.stdout
+    names = listed.group(1).split()
+    assert "summary.json" in names, f"expected summary.json in the outputs line, got {names}"
+    assert sorted(names) == sorted(p.name for p in out.iterdir()), f"the outputs line lists {names}"
