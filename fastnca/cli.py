@@ -246,6 +246,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+CPU_EVAL_WARN_S = 60.0  # warn when an evaluation on the CPU is estimated to take longer than this
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
+
+
+def _cpu_eval_warning(k: int, batch_size: int) -> Any:
+    """An ``on_first_batch`` hook: warn with the estimated time and the quicker ``--batches N`` alternative."""
+
+    def warn(first_s: float, n_batches: int) -> None:
+        estimate = first_s * n_batches
+        if estimate < CPU_EVAL_WARN_S:
+            return
+        from tqdm.auto import tqdm
+
+        quick = max(1, int(CPU_EVAL_WARN_S // max(first_s, 1e-9)))
+        tqdm.write(
+            f"warning: on the CPU this evaluation takes about {_duration(estimate)} ({n_batches} batches of "
+            f"{batch_size} images, k={k}, {first_s:.1f} s per batch); --batches {quick} estimates the bound on "
+            f"{quick * batch_size} images in about {_duration(quick * first_s)} (or use a smaller --k, or a GPU)",
+            file=sys.stderr,
+        )
+
+    return warn
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastnca.data import load_for_config
     from fastnca.evaluate import evaluate_iwae, load_checkpoint
@@ -259,16 +289,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
     cfg = model.config
     splits = load_for_config(cfg, args.data_dir)
+    batch_size = cfg.batch_size if args.batch_size is None else args.batch_size
+    on_cpu = next(model.parameters()).device.type == "cpu"
     t0 = time.perf_counter()
     res = evaluate_iwae(
         model,
         splits.test,
         k=args.k,
-        batch_size=cfg.batch_size if args.batch_size is None else args.batch_size,
+        batch_size=batch_size,
         batches=args.batches,
         seed=args.seed,
         progress=True,
         desc=f"IWAE k={args.k}",
+        on_first_batch=_cpu_eval_warning(args.k, batch_size) if on_cpu else None,
     )
     res.update(
         checkpoint=str(args.checkpoint),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,7 @@ def evaluate_iwae(
     seed: int = 0,
     progress: bool = False,
     desc: str = "eval",
+    on_first_batch: Callable[[float, int], None] | None = None,
 ) -> dict[str, float]:
     """The importance-weighted bound on log p(x), averaged over held-out images.
 
@@ -73,6 +76,8 @@ def evaluate_iwae(
             subset of ``batches * batch_size`` images (the same in every run and for every model).
         seed: seeds the evaluation's own generator, so that evaluation never moves the training RNG streams.
         progress: show a tqdm bar.
+        on_first_batch: called once after the first batch with its seconds and the number of batches (to warn
+            about a long evaluation).
 
     Returns:
         dict with iwae (mean nats per image), bpd (bits/dim), k, n_images.
@@ -104,12 +109,15 @@ def evaluate_iwae(
         images = images[subset.sort().values]
     total, count = 0.0, 0
     bar = tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False)
+    t0 = time.perf_counter()
     for i in bar:
         x = to_model(images[i * batch_size : (i + 1) * batch_size], model.config.likelihood, device=device)
         log_px = model.iwae(x, k, generator=generator)
         total += log_px.double().sum().item()
         count += x.shape[0]
         bar.set_postfix(nats=f"{total / count:.2f}")
+        if i == 0 and on_first_batch is not None:
+            on_first_batch(time.perf_counter() - t0, n_batches)
     model.train(was_training)
     nats = total / count
     return {"iwae": nats, "bpd": float(model.bits_per_dim(nats)), "k": k, "n_images": count}

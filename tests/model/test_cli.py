@@ -391,3 +391,31 @@ def test_results_go_to_stdout_and_the_outputs_line_lists_every_file(tmp_path):
     names = listed.group(1).split()
     assert "summary.json" in names, f"expected summary.json in the outputs line, got {names}"
     assert sorted(names) == sorted(p.name for p in out.iterdir()), f"the outputs line lists {names}"
+
+
+@needs_data
+def test_a_long_cpu_evaluation_warns_with_its_estimate_and_the_batches_alternative(run_dir):
+    import threading
+    import time
+
+    argv = ["eval", "--checkpoint", str(run_dir), "--k", "128", "--batch-size", "2", "--threads", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastnca", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    try:
+        while "(or use a smaller --k" not in "".join(err) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = "".join(err)
+    # 10,000 test images (in batches of 2, so the first one is quick) with k=128 on the small model: hours on a CPU
+    pattern = r"warning: on the CPU this evaluation takes about \d+ (min|h)\b.*\(5000 batches .*--batches \d+ estimates"
+    assert re.search(pattern, text), f"expected a warning matching {pattern!r} early on, got: {text[-2000:]}"
