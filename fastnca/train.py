@@ -730,7 +730,7 @@ class Trainer:
                 pending.append(self.train_step())
                 self.elapsed_s = elapsed_at_start + time.perf_counter() - session_start - eval_s
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                if (cfg.log_every > 0 and self.step % cfg.log_every == 0) or self.step == cfg.iterations:
                     sync()
                     last_train = log_window()
                     bar.set_postfix(

@@ -475,3 +475,12 @@ def test_run_files_respect_the_umask_also_after_resume(tmp_path, mnist_small, um
     for name in ("checkpoint.pt", "config.json", "summary.json", "metrics.jsonl"):
         mode = (tmp_path / name).stat().st_mode & 0o777
         assert mode == umask_027, f"{name}: expected mode {umask_027:o} under umask 027, got {mode:o}"
+
+
+@needs_data
+def test_log_every_zero_logs_only_the_last_step(tmp_path, mnist_small):
+    tr = make_trainer(doubling_config(iterations=3), tmp_path, mnist_small)
+    tr.cfg.log_every = 0  # set after validation: the trainer itself must not divide by it
+    tr.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3], f"expected one train row at the last step, got {rows}"
