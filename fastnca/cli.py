@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -183,16 +184,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- commands
 def _threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise CLIError(f"--threads: expected an integer >= 1, got {threads}")
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
+
+
+def _check_writable(folder: Path, flag: str = "--out") -> None:
+    """Create ``folder`` and write a probe file into it, so an unusable output folder is named before any work."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastnca-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CLIError(f"{flag} {str(folder)!r}: cannot write there ({err.strerror or err})") from None
+
+
+def _os_error_message(err: OSError) -> str:
+    """One line for a failed file operation: what failed and on which file."""
+    if err.filename and err.strerror:
+        return f"{err.strerror}: {str(err.filename)!r}"
+    return err.strerror or str(err)
+
+
+def _check_new_run_folder(out: Path, checkpoint_name: str) -> None:
+    """A new run needs an empty (or new) --out: its files would mix with, or overwrite, another run's."""
+    if (out / checkpoint_name).exists():
+        raise CLIError(
+            f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue it, or choose another --out"
+        )
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a folder: choose another --out")
+    if out.is_dir():
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise CLIError(
+                f"--out {str(out)!r} is not empty (it holds {shown}): a new run needs an empty folder; "
+                "pass --resume to continue a run that wrote a checkpoint there, or choose another --out"
+            )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fastnca.config import get_preset
     from fastnca.evaluate import CHECKPOINT_NAME
-    from fastnca.train import NonFiniteLossError, Trainer
+    from fastnca.train import NonFiniteLossError, Trainer, TrainingInterrupted
 
     file_preset, overrides = None, {}
     if args.config:
@@ -211,6 +254,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise CLIError("--resume needs --out, the run directory to continue")
+        if Path(args.out, CHECKPOINT_NAME).is_file():
+            _check_writable(Path(args.out))
         trainer = Trainer.resume(args.out, overrides=overrides, **kwargs)
         if args.preset and args.preset != "custom":
             print(
@@ -232,10 +277,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise CLIError(str(err)) from None
         out = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (out / CHECKPOINT_NAME).exists():
-            raise CLIError(
-                f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue it, or choose another --out"
-            )
+        _check_new_run_folder(out, CHECKPOINT_NAME)
+        _check_writable(out)
         trainer = Trainer(cfg, out, **kwargs)
         print(f"training {args.preset} on {trainer.device} -> {out}", file=sys.stderr)
     if args.tensorboard:
@@ -250,13 +293,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"fastnca: error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"fastnca: {err}", file=sys.stderr)
+        return err.exit_status
     ev = summary.get("eval")
     line = f"done: step {summary['step']} ({summary['stopped']}), {summary['elapsed_s']:.1f} s of training"
     if ev:
         line += f"; test IWAE({ev['k']}) {ev['iwae']:.2f} nats = {ev['bpd']:.4f} bits/dim"
     print(line)
-    print(f"outputs in {trainer.out_dir}: config.json metrics.jsonl checkpoint.pt samples.png growth.png")
+    names = ["config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "samples.png", "growth.png"]
+    print(f"outputs in {trainer.out_dir}: " + " ".join(n for n in names if (trainer.out_dir / n).is_file()))
     return 0
+
+
+CPU_EVAL_WARN_S = 60.0  # warn when an evaluation on the CPU is estimated to take longer than this
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
+
+
+def _cpu_eval_warning(k: int, batch_size: int) -> Any:
+    """An ``on_first_batch`` hook: warn with the estimated time and the quicker ``--batches N`` alternative."""
+
+    def warn(first_s: float, n_batches: int) -> None:
+        estimate = first_s * n_batches
+        if estimate < CPU_EVAL_WARN_S:
+            return
+        from tqdm.auto import tqdm
+
+        quick = max(1, int(CPU_EVAL_WARN_S // max(first_s, 1e-9)))
+        tqdm.write(
+            f"warning: on the CPU this evaluation takes about {_duration(estimate)} ({n_batches} batches of "
+            f"{batch_size} images, k={k}, {first_s:.1f} s per batch); --batches {quick} estimates the bound on "
+            f"{quick * batch_size} images in about {_duration(quick * first_s)} (or use a smaller --k, or a GPU)",
+            file=sys.stderr,
+        )
+
+    return warn
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -267,19 +344,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--k: expected an integer >= 1, got {args.k}")
     if args.batches < 0:
         raise CLIError(f"--batches: expected an integer >= 0, got {args.batches}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
     cfg = model.config
     splits = load_for_config(cfg, args.data_dir)
+    batch_size = cfg.batch_size if args.batch_size is None else args.batch_size
+    on_cpu = next(model.parameters()).device.type == "cpu"
     t0 = time.perf_counter()
     res = evaluate_iwae(
         model,
         splits.test,
         k=args.k,
-        batch_size=args.batch_size or cfg.batch_size,
+        batch_size=batch_size,
         batches=args.batches,
         seed=args.seed,
         progress=True,
         desc=f"IWAE k={args.k}",
+        on_first_batch=_cpu_eval_warning(args.k, batch_size) if on_cpu else None,
     )
     res.update(
         checkpoint=str(args.checkpoint),
@@ -292,8 +374,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     other = f"{res['bpd']:.4f} bits/dim" if units == "nats" else f"{res['iwae']:.2f} nats"
     print(f"test log p(x) >= {value} ({other}; IWAE k={args.k}, {res['n_images']} images, step {res['step']})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        from fastnca.utils import atomic_write
+
+        text = json.dumps(res, indent=2) + "\n"
+        atomic_write(args.json, lambda f: f.write(text), binary=False)
     return 0
 
 
@@ -304,7 +388,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastnca.figures import growth_figure, growth_gif, sample_grid
 
     if args.n < 1 or args.growth_n < 1:
-        raise CLIError("--n and --growth-n: expected integers >= 1")
+        raise CLIError(f"--n and --growth-n: expected integers >= 1, got {args.n} and {args.growth_n}")
+    _check_writable(Path(args.out))
     model, _ = load_checkpoint(args.checkpoint, args.device or "auto")
     device = next(model.parameters()).device
     out = Path(args.out)
@@ -330,6 +415,11 @@ def cmd_damage(args: argparse.Namespace) -> int:
     from fastnca.evaluate import load_checkpoint
     from fastnca.figures import damage_figure
 
+    if args.n < 1:
+        raise CLIError(f"--n: expected an integer >= 1, got {args.n}")
+    if args.size is not None and args.size < 1:
+        raise CLIError(f"--size: expected an integer >= 1, got {args.size}")
+    _check_writable(Path(args.out))
     model, _ = load_checkpoint(args.checkpoint, args.device or "auto")
     device = next(model.parameters()).device
     size = args.size or (model.config.damage_size or None)
@@ -466,7 +556,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 training diverged, 2 bad input or missing data)."""
+    """Run the CLI; returns the exit status.
+
+    0 ok, 1 training diverged (NaN/inf), 2 bad input, missing data or an unusable output folder, 130 / 143 training
+    stopped by SIGINT / SIGTERM after writing a checkpoint (130 also for a Ctrl-C outside training).
+    """
     from fastnca.data import DataError
 
     parser = build_parser()
@@ -479,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (CLIError, DataError, FileNotFoundError, ValueError) as err:
         print(f"fastnca {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only or vanished folder: one line, not a traceback
+        print(f"fastnca {args.command}: error: {_os_error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastnca: interrupted", file=sys.stderr)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +20,31 @@ from fastnca.config import Config
 from fastnca.data import to_model
 from fastnca.graphs import iwae_graph_for
 
-__all__ = ["evaluate_iwae", "read_checkpoint", "load_checkpoint", "resolve_device", "CHECKPOINT_NAME"]
+__all__ = [
+    "evaluate_iwae",
+    "read_checkpoint",
+    "checkpoint_config",
+    "checkpoint_file",
+    "load_weights",
+    "load_checkpoint",
+    "resolve_device",
+    "CHECKPOINT_NAME",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SUBSET_SEED = 0  # which test images a partial evaluation (batches > 0) uses: the same ones in every run
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None) is CUDA when available, else the CPU."""
+    """'auto' (or None) is CUDA when available, else the CPU; anything but auto, cpu, cuda, cuda:N is refused."""
     if device is None or str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {str(device)!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {str(device)!r} was asked for but CUDA is not available here; use --device cpu")
@@ -48,6 +64,7 @@ def evaluate_iwae(
     seed: int = 0,
     progress: bool = False,
     desc: str = "eval",
+    on_first_batch: Callable[[float, int], None] | None = None,
 ) -> dict[str, float]:
     """The importance-weighted bound on log p(x), averaged over held-out images.
 
@@ -60,17 +77,30 @@ def evaluate_iwae(
             subset of ``batches * batch_size`` images (the same in every run and for every model).
         seed: seeds the evaluation's own generator, so that evaluation never moves the training RNG streams.
         progress: show a tqdm bar.
+        on_first_batch: called once after the first batch with its seconds and the number of batches (to warn
+            about a long evaluation).
 
     Returns:
         dict with iwae (mean nats per image), bpd (bits/dim), k, n_images.
+
+    Raises:
+        ValueError: an evaluation over zero images (an empty split, ``batch_size`` < 1, ``batches`` < 0) or k < 1.
     """
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1 images per evaluation batch, got {batch_size}")
+    if batches < 0:
+        raise ValueError(f"batches: expected an integer >= 0 (0: the whole split), got {batches}")
+    if k < 1:
+        raise ValueError(f"k: expected an integer >= 1 importance samples, got {k}")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("evaluation: the test split holds no images; a bound over zero images means nothing")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    n = images.shape[0]
     n_batches = math.ceil(n / batch_size)
     if 0 < batches < n_batches:
         # a subset: a fixed random one, since test splits can be ordered (binarized MNIST's test set is sorted
@@ -81,14 +111,17 @@ def evaluate_iwae(
     graph = iwae_graph_for(model)  # CUDA: captured per batch shape for fixed-schedule models, else None
     total, count = 0.0, 0
     bar = tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False)
+    t0 = time.perf_counter()
     for i in bar:
         x = to_model(images[i * batch_size : (i + 1) * batch_size], model.config.likelihood, device=device)
         log_px = model.iwae(x, k, generator=generator) if graph is None else graph(x, k, generator)
         total += log_px.double().sum().item()
         count += x.shape[0]
         bar.set_postfix(nats=f"{total / count:.2f}")
+        if i == 0 and on_first_batch is not None:
+            on_first_batch(time.perf_counter() - t0, n_batches)
     model.train(was_training)
-    nats = total / max(count, 1)
+    nats = total / count
     return {"iwae": nats, "bpd": float(model.bits_per_dim(nats)), "k": k, "n_images": count}
 
 
@@ -97,9 +130,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     ``path`` may be the checkpoint file or the run directory holding ``checkpoint.pt``.
     """
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT_NAME
+    p = checkpoint_file(path)
     if not p.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(p)!r} not found: expected a file written by `fastnca train` (OUT/{CHECKPOINT_NAME})"
@@ -114,6 +145,46 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ckpt
 
 
+def _first_line(err: BaseException) -> str:
+    """The error's first line (and the next one when the first only announces a list, as torch's often do)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint file that ``path`` names: the file itself, or ``checkpoint.pt`` in a run directory."""
+    p = Path(path)
+    return p / CHECKPOINT_NAME if p.is_dir() else p
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> Config:
+    """The Config a checkpoint was trained with; a ValueError naming the file when it is missing or malformed."""
+    d = ckpt.get("config")
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its config is not a dict of Config fields (got {type(d).__name__})"
+        )
+    try:
+        return Config.from_dict(d)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its config is not a valid fastnca config ({_first_line(err)})"
+        ) from None
+
+
+def load_weights(module: Any, state: Any, path: str | os.PathLike[str], what: str = "model") -> None:
+    """``module.load_state_dict(state)`` (a model or a Trainer); a ValueError naming the file when it does not fit."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its {what} state does not fit the model its config describes "
+            f"({_first_line(err)})"
+        ) from None
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device | None = "cpu") -> tuple[Any, dict]:
     """Load a training checkpoint (``weights_only=True``) and rebuild its model on ``device``.
 
@@ -124,12 +195,13 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device | N
     """
     from fastnca.vae import VNCA
 
+    path = checkpoint_file(path)
     ckpt = read_checkpoint(path)
-    cfg = Config.from_dict(ckpt["config"])
+    cfg = checkpoint_config(ckpt, path)
     dev = resolve_device(device)
     if dev.type != "cuda" and cfg.backend == "triton":
         cfg = cfg.replace(backend="auto")
     model = VNCA(cfg)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     model.to(dev).eval()
     return model, ckpt

@@ -26,7 +26,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +40,14 @@ from torch import Tensor
 
 from fastnca.config import Config
 from fastnca.data import Splits, load_for_config, to_model
-from fastnca.evaluate import CHECKPOINT_NAME, evaluate_iwae, read_checkpoint, resolve_device
+from fastnca.evaluate import (
+    CHECKPOINT_NAME,
+    checkpoint_config,
+    evaluate_iwae,
+    load_weights,
+    read_checkpoint,
+    resolve_device,
+)
 from fastnca.graphs import train_graph_for
 from fastnca.utils import atomic_write
 
@@ -46,9 +55,11 @@ __all__ = [
     "Trainer",
     "Pool",
     "NonFiniteLossError",
+    "TrainingInterrupted",
     "damage",
     "damage_masks",
     "save_checkpoint",
+    "remove_orphan_temps",
     "rng_state",
     "set_rng_state",
     "CHECKPOINT_FORMAT",
@@ -58,6 +69,27 @@ CHECKPOINT_FORMAT = "fastnca-checkpoint-v1"
 METRICS_NAME = "metrics.jsonl"
 STAT_KEYS = ("loss", "recon", "kl", "elbo", "grad_norm")  # per-step training statistics, in this order
 EVAL_SEED_OFFSET = 1_000_003  # the evaluation generator's seed is cfg.seed + this, apart from the training streams
+PROBE_SEED_OFFSET = 2_000_003  # the checkpoint probe's generator, apart from the training and evaluation streams
+# Config fields a resumed run cannot change: they fix the model's shapes, the data, or the run's random streams.
+RESUME_FIXED = (
+    "dataset",
+    "image_size",
+    "image_channels",
+    "likelihood",
+    "n_mix",
+    "enc_channels",
+    "enc_first_padding",
+    "state_channels",
+    "hidden_channels",
+    "n_blocks",
+    "bias",
+    "out_bias",
+    "doubling",
+    "seed_size",
+    "n_doublings",
+    "grid_size",
+    "seed",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,6 +98,56 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM stopped training at a step boundary, after a checkpoint was written.
+
+    ``exit_status`` is the shell's convention for a process ended by the signal: 130 for SIGINT, 143 for SIGTERM.
+    """
+
+    def __init__(self, message: str, step: int, signum: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _StopRequests:
+    """Signal handlers for the training loop: the first SIGINT or SIGTERM asks for a stop at the next step boundary.
+
+    A KeyboardInterrupt raised in the middle of a step would leave the model updated (or the data position and
+    the RNGs advanced) without the step counted, so a checkpoint written then cannot resume exactly. The handlers
+    only record the request; the loop finishes the step in flight and checkpoints at the boundary. A second signal
+    stops at once (KeyboardInterrupt, no new checkpoint). The handlers are installed explicitly, so a run started
+    in the background (where the shell sets SIGINT to be ignored) is stopped the same way.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
 
 
 # ---------------------------------------------------------------------------------------------- pool and damage
@@ -209,6 +291,37 @@ def _write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
 
 
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, "config.json", "summary.json")  # the files a run writes atomically
+
+
+def remove_orphan_temps(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files (``.checkpoint.pt.*.tmp``, ...) that a crash in the middle of a write left in a run folder.
+
+    Only the run's own atomic-write temps are touched. Returns the removed paths.
+    """
+    removed = []
+    for name in RUN_FILES:
+        for tmp in Path(out_dir).glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(tmp)
+    return removed
+
+
+def _check_backend(cfg: Config, device: torch.device) -> None:
+    """Refuse, before any data is loaded or step is run, a fused backend that cannot run on ``device``."""
+    from fastnca.nca import resolve_backend
+
+    if resolve_backend(cfg.backend, device) == "triton" and device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend: 'triton' needs a CUDA device, and {device} is not one (TRITON_INTERPRET=1 runs the fused "
+                "kernels in the Triton interpreter on the CPU, slowly); use --set backend=auto or backend=torch"
+            )
+
+
 # ---------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     """Trains a VNCA on its config's dataset and writes metrics, checkpoints and pictures to ``out_dir``.
@@ -253,6 +366,7 @@ class Trainer:
         self.cfg = config
         self.out_dir = Path(out_dir)
         self.device = resolve_device(device or config.device)
+        _check_backend(config, self.device)
         self.time_limit = time_limit
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -285,6 +399,7 @@ class Trainer:
         self.elapsed_s = 0.0  # training wall time over all sessions (evaluation excluded)
         self.perm = torch.randperm(self.splits.train.shape[0], generator=self.gen)
         self.pos = 0
+        self.window: list[dict[str, float]] = []  # read-back stats of the current logging window (checkpointed)
         # CUDA: the whole iteration of a fixed-schedule model replays as a graph; None where it runs eagerly
         self.train_graph = train_graph_for(self)
         self.tracker: Any = None  # e.g. fastnca.tracking.TensorBoardTracker: mirrors every metrics row
@@ -387,17 +502,62 @@ class Trainer:
             "pool": self.pool.state_dict() if self.cfg.pool_size > 0 else None,
             "data": {"perm": self.perm, "pos": self.pos},
             "elapsed_s": self.elapsed_s,
+            "log_window": [[row[k] for k in STAT_KEYS] for row in self.window],
             "torch_version": str(torch.__version__),
         }
 
     def save(self) -> Path:
-        return save_checkpoint(self.state_dict(), self.checkpoint_path)
+        """Write the checkpoint, after :meth:`check_parameters` (a diverged model never replaces a good one).
+
+        Raises:
+            OSError: the write failed (a full disk, a read-only folder); the message names the checkpoint and says
+                that the previous one is unchanged.
+        """
+        self.check_parameters()
+        try:
+            return save_checkpoint(self.state_dict(), self.checkpoint_path)
+        except OSError as err:
+            before = "the previous checkpoint is unchanged" if self.checkpoint_path.is_file() else "none was written"
+            raise OSError(
+                err.errno, f"checkpoint {self.checkpoint_path} could not be written ({err.strerror or err}); {before}"
+            ) from err
+
+    @torch.no_grad()
+    def check_parameters(self) -> None:
+        """Raise NonFiniteLossError unless the current parameters are finite and give a finite loss.
+
+        A step's loss is computed before its update, so a finite loss does not show that the updated parameters
+        are good (a huge learning rate gives finite but exploding weights). The probe is one forward pass on the
+        first training batch with its own generator (the training RNG streams do not move), run at each
+        checkpoint only.
+        """
+        cfg = self.cfg
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            what = f"parameter {bad[0]} holds NaN or inf"
+        else:
+            x = to_model(self.train_images[: cfg.batch_size], cfg.likelihood, device=self.device)
+            gen = torch.Generator(device=self.device).manual_seed(cfg.seed + PROBE_SEED_OFFSET)
+            steps = {} if cfg.doubling else {"num_steps": cfg.max_steps}
+            loss = float(self.model(x, beta=cfg.beta, generator=gen, **steps)["loss"])
+            if math.isfinite(loss):
+                return
+            what = f"they give a non-finite loss ({loss}) on the first training batch"
+        where = (
+            f"the last good checkpoint is {self.checkpoint_path}"
+            if self.checkpoint_path.is_file()
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(
+            f"the parameters after step {self.step} diverged ({what}); training stopped, {where}", self.step
+        )
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint: expected format {CHECKPOINT_FORMAT!r}, got {ckpt.get('format')!r}")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._apply_optimizer_config()
         gens = {"gen": self.gen} if self.dev_gen is self.gen else {"gen": self.gen, "dev_gen": self.dev_gen}
         set_rng_state(ckpt["rng"], gens)
         if ckpt.get("pool") is not None and self.cfg.pool_size > 0:
@@ -407,6 +567,12 @@ class Trainer:
         self.pos = int(ckpt["data"]["pos"])
         self.step = int(ckpt["step"])
         self.elapsed_s = float(ckpt.get("elapsed_s", 0.0))
+        self.window = [dict(zip(STAT_KEYS, vals)) for vals in ckpt.get("log_window", [])]
+
+    def _apply_optimizer_config(self) -> None:
+        """Settings the optimiser state owns (the learning rate) follow the config, also after loading a state."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr
 
     @classmethod
     def resume(
@@ -417,11 +583,18 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}; start the run without --resume")
         ckpt = read_checkpoint(path)
-        cfg = Config.from_dict(ckpt["config"])
+        cfg = checkpoint_config(ckpt, path)
+        fixed = {k: v for k, v in (overrides or {}).items() if k in RESUME_FIXED and v != getattr(cfg, k)}
+        if fixed:
+            key, value = next(iter(fixed.items()))
+            raise ValueError(
+                f"--set {key}={value}: {key} cannot change on --resume (the checkpoint's model, data and random "
+                f"streams were made with {key}={getattr(cfg, key)!r}); start a new run with another --out"
+            )
         if overrides:
             cfg = cfg.replace(**overrides)
         trainer = cls(cfg, out_dir, **kwargs)
-        trainer.load_state_dict(ckpt)
+        load_weights(trainer, ckpt, path, what="training")
         trainer._truncate_metrics(trainer.step)
         return trainer
 
@@ -437,14 +610,27 @@ class Trainer:
             self.tracker.log_row(row, self.model)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop rows logged after ``step`` by an interrupted session, so a resumed run's log has no duplicates."""
+        """Drop rows logged after ``step`` by an interrupted session, so a resumed run's log has no duplicates.
+
+        A damaged last line (a crash in the middle of writing it) is dropped with a warning; a damaged line
+        anywhere else is an error that names the file and the line.
+        """
         if not self.metrics_path.is_file():
             return
-        kept = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        lines = [(i, line) for i, line in enumerate(self.metrics_path.read_text().splitlines(), 1) if line.strip()]
+        kept = []
+        for i, line in lines:
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as err:
+                if i == lines[-1][0]:
+                    self.log(f"warning: {self.metrics_path}: dropped its damaged last line {i} ({err})")
+                    break
+                raise ValueError(f"{self.metrics_path}: line {i} is not a metrics row ({err})") from None
+            if row.get("step", 0) <= step:
+                kept.append(line)
         _write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def evaluate(self, *, progress: bool | None = None) -> dict[str, Any]:
@@ -479,18 +665,25 @@ class Trainer:
 
         Raises:
             NonFiniteLossError: the last good checkpoint on disk is kept; the message says where it is.
+            TrainingInterrupted: SIGINT or SIGTERM; the step in flight was finished and checkpointed.
+            KeyboardInterrupt: a second signal; no new checkpoint (the last one on disk is kept).
         """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        orphans = remove_orphan_temps(self.out_dir)
+        if orphans:
+            self.log(f"removed {len(orphans)} temporary file(s) left in {self.out_dir} by an interrupted write")
+        self._truncate_metrics(self.step)  # a fresh run (step 0) starts a fresh metrics file
         _write_text_atomic(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         session_start = time.perf_counter()
         stopped = "done"
         last_train: dict[str, Any] = {}
         last_eval: dict[str, Any] | None = None
         pending: list[Tensor] = []  # device-side stats of steps not yet read back
-        window: list[dict[str, float]] = []  # read-back stats of the current logging window
+        window = self.window  # read-back stats of the current logging window (an interrupted one is resumed)
+        carried = len(window)  # steps of the window done by an earlier session: not in this session's it/s
         window_t0 = time.perf_counter()
         elapsed_at_start = self.elapsed_s
         eval_s = 0.0  # periodic evaluation time this session, kept out of elapsed_s (but not out of time_limit)
@@ -510,17 +703,18 @@ class Trainer:
             pending = []
 
         def log_window() -> dict[str, Any]:
-            nonlocal window, window_t0
+            nonlocal window_t0, carried
             dt = time.perf_counter() - window_t0
             row = {
                 "step": self.step,
                 "split": "train",
                 **{k: sum(s[k] for s in window) / len(window) for k in STAT_KEYS},
-                "it_per_s": round(len(window) / dt, 3) if dt > 0 else None,
+                "it_per_s": round((len(window) - carried) / dt, 3) if dt > 0 and len(window) > carried else None,
                 "elapsed_s": round(self.elapsed_s, 3),
             }
             self.write_metrics(row)
-            window, window_t0 = [], time.perf_counter()
+            window.clear()
+            window_t0, carried = time.perf_counter(), 0
             return row
 
         bar = tqdm(
@@ -531,18 +725,20 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
+        stop = _StopRequests()
         try:
+            stop.__enter__()
             while self.step < cfg.iterations:
                 pending.append(self.train_step())
                 self.elapsed_s = elapsed_at_start + time.perf_counter() - session_start - eval_s
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                if (cfg.log_every > 0 and self.step % cfg.log_every == 0) or self.step == cfg.iterations:
                     sync()
                     last_train = log_window()
                     bar.set_postfix(
                         loss=f"{last_train['loss']:.2f}",
                         kl=f"{last_train['kl']:.2f}",
-                        its=f"{last_train['it_per_s']:.2f}",
+                        its=f"{last_train['it_per_s'] or 0:.2f}",
                     )
                 if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.iterations:
                     sync()
@@ -559,17 +755,30 @@ class Trainer:
                 if self.time_limit is not None and time.perf_counter() - session_start >= self.time_limit:
                     stopped = "time_limit"
                     break
+                if stop.signum is not None:
+                    break
             sync()
+            if stop.signum is not None:
+                bar.close()
+                self.save()  # at a step boundary, with the unlogged window, so --resume continues exactly
+                name = signal.Signals(stop.signum).name
+                raise TrainingInterrupted(
+                    f"{name} at step {self.step}: checkpoint written to {self.checkpoint_path} "
+                    "(continue with --resume)",
+                    self.step,
+                    stop.signum,
+                )
         except KeyboardInterrupt:
             bar.close()
-            sync()
-            self.save()
-            self.log(
-                f"interrupted at step {self.step}; checkpoint written to {self.checkpoint_path} "
-                "(continue with --resume)"
+            where = (
+                f"the last checkpoint is {self.checkpoint_path}"
+                if self.checkpoint_path.is_file()
+                else "no checkpoint was written yet"
             )
+            self.log(f"stopped at once during step {self.step + 1}, without a new checkpoint; {where}")
             raise
         finally:
+            stop.__exit__()
             bar.close()
         if window:  # the steps of a time-limited stop between log points
             last_train = log_window()
@@ -578,7 +787,7 @@ class Trainer:
             self.log(f"time limit of {self.time_limit:g} s reached at step {self.step}; checkpoint written")
         if self.final_outputs and self.final_eval:
             last_eval = self.evaluate()
-            self.log(
+            tqdm.write(  # results go to stdout, like the periodic evaluations' lines (messages go to self.log)
                 f"step {self.step}: test IWAE({cfg.eval_samples}, {last_eval['n_images']} images) "
                 f"{last_eval['iwae']:.2f} nats ({last_eval['bpd']:.4f} bits/dim)"
             )

@@ -173,3 +173,249 @@ def test_time_limited_run_without_final_eval(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["split"] == "train" for r in rows)
     assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
+
+
+def _wait_for(predicate, proc, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended early (status {proc.returncode}): {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "the run did not reach its first logged step in time"
+        time.sleep(0.1)
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "signame, status, background",
+    [("SIGTERM", 143, False), ("SIGINT", 130, True)],
+    ids=["sigterm", "sigint-background"],
+)
+def test_signal_checkpoints_at_a_step_boundary_and_exits_with_its_status(tmp_path, signame, status, background):
+    """SIGTERM (schedulers, kill) and SIGINT, also for a background run whose shell set SIGINT to be ignored."""
+    import signal
+
+    signum = getattr(signal, signame)
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "small", "--out", str(out), *TINY, "--set", "iterations=100000"]
+    argv += ["--set", "eval_every=0", "--no-final-eval"]
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastnca", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ignore_sigint,
+    )
+    try:
+        metrics = out / "metrics.jsonl"
+        _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, proc, timeout=120)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == status, f"expected exit status {status} after {signame}, got {proc.returncode}: {err}"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    last_logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert ckpt["step"] >= last_logged >= 2, f"checkpoint at step {ckpt['step']}, last logged step {last_logged}"
+    assert f"{signame} at step {ckpt['step']}: checkpoint written" in err and "--resume" in err, err
+
+
+def _fastnca(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m fastnca ARGV`` in a child process (exit status and messages as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fastnca", *argv], capture_output=True, text=True, env=dict(os.environ), timeout=timeout
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode == 2, f"expected exit status 2, got {proc.returncode}: {proc.stderr}"
+    assert "Traceback" not in proc.stderr, f"expected a one-line message, got a traceback: {proc.stderr}"
+    assert re.search(pattern, proc.stderr), f"expected a message matching {pattern!r}, got: {proc.stderr}"
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        ("state_channels=16", r"state_channels cannot change on --resume"),
+        ("dataset=emoji", r"dataset cannot change on --resume"),
+    ],
+    ids=["model-shape", "dataset"],
+)
+def test_resume_with_a_changed_model_or_dataset_is_refused(run_dir, tmp_path, change, pattern):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    _one_line_error(_fastnca("train", "--resume", "--out", str(out), "--set", change, "--no-progress"), pattern)
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "config, pattern",
+    [
+        ("not a config", r"checkpoint '.*checkpoint.pt': its config is not a dict"),
+        ({"state_channels": "lots"}, r"checkpoint '.*checkpoint.pt': its config is not a valid fastnca config"),
+        ("mnist-doubling", r"checkpoint '.*checkpoint.pt': its \w+ state does not fit the model its config describes"),
+    ],
+    ids=["not-a-dict", "malformed", "another-preset"],
+)
+def test_a_checkpoint_with_a_bad_config_is_refused_with_a_message(run_dir, tmp_path, config, pattern):
+    import shutil
+
+    from fastnca.config import get_preset
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["config"] = get_preset(config).to_dict() if config == "mnist-doubling" else config
+    torch.save(ckpt, out / "checkpoint.pt")
+    _one_line_error(_fastnca("eval", "--checkpoint", str(out), "--k", "1", "--batches", "1"), pattern)
+    _one_line_error(_fastnca("train", "--resume", "--out", str(out), "--no-progress"), pattern)
+
+
+@needs_data
+@pytest.mark.parametrize("size", ["-5", "0"])
+def test_eval_over_zero_images_is_an_error(run_dir, size):
+    proc = _fastnca("eval", "--checkpoint", str(run_dir), "--k", "1", "--batch-size", size, "--threads", "1")
+    _one_line_error(proc, rf"--batch-size: expected an integer >= 1, got {size}")
+    assert "nats" not in proc.stdout, f"no bound may be printed for zero images: {proc.stdout}"
+
+
+@needs_data
+def test_a_new_run_in_a_non_empty_folder_is_refused(tmp_path):
+    out = tmp_path / "crashed"  # a run that crashed before its first checkpoint
+    out.mkdir()
+    (out / "config.json").write_text("{}\n")
+    (out / "metrics.jsonl").write_text('{"step": 10, "split": "train"}\n')
+    proc = _fastnca("train", "--preset", "small", "--out", str(out), *TINY)
+    _one_line_error(proc, r"--out '.*crashed' is not empty \(it holds config.json, metrics.jsonl\).*--resume")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 10, "split": "train"}\n', "the old files are untouched"
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["train", "--preset", "small", "--threads", "-1"], r"--threads: expected an integer >= 1, got -1"),
+        (["train", "--preset", "small", "--device", "tpu"], r"device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["damage", "--checkpoint", "CKPT", "--out", "FIGS", "--n", "-2"], r"--n: expected an integer >= 1, got -2"),
+    ],
+    ids=["threads", "device", "damage-n"],
+)
+def test_bad_flags_exit_2_with_one_line(tmp_path, argv, pattern):
+    argv = [a.replace("CKPT", str(tmp_path / "none.pt")).replace("FIGS", str(tmp_path / "figs")) for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "out"), "--no-progress"]
+    _one_line_error(_fastnca(*argv), pattern)
+
+
+@needs_data
+def test_an_out_path_under_a_regular_file_is_refused(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = _fastnca("train", "--preset", "small", "--out", str(blocker / "run"), *TINY)
+    _one_line_error(proc, r"--out '.*a-file/run': cannot write there \(Not a directory\)")
+
+
+def _fastnca_patched(patch: str, *argv: str) -> subprocess.CompletedProcess:
+    """The CLI in a child process after ``patch`` (Python source) ran there: failures a test cannot cause for real."""
+    code = f"import sys\n{patch}\nfrom fastnca.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=dict(os.environ), timeout=300
+    )
+
+
+@needs_data
+def test_a_read_only_out_folder_is_refused_before_training(tmp_path):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    # root ignores the mode bits: make the child see what any other user sees there
+    patch = (
+        "import errno, os, tempfile\n"
+        f"READ_ONLY = {str(out)!r}\n"
+        "real = tempfile.mkstemp\n"
+        "def mkstemp(*a, dir=None, **k):\n"
+        "    if dir is not None and os.path.abspath(dir).startswith(READ_ONLY):\n"
+        "        raise PermissionError(errno.EACCES, 'Permission denied', dir)\n"
+        "    return real(*a, dir=dir, **k)\n"
+        "tempfile.mkstemp = mkstemp\n"
+    )
+    proc = _fastnca_patched(patch, "train", "--preset", "small", "--out", str(out), *TINY)
+    _one_line_error(proc, r"--out '.*read-only': cannot write there \(Permission denied\)")
+    assert "%|" not in proc.stderr, "expected the refusal before the progress bar"
+
+
+@needs_data
+def test_a_full_disk_while_saving_a_checkpoint_exits_2_with_a_message(tmp_path):
+    out = tmp_path / "run"
+    patch = (
+        "import errno, torch\n"
+        "def save(obj, f, *a, **k):\n"
+        "    f.write(b'part of a checkpoint')\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "torch.save = save\n"
+    )
+    proc = _fastnca_patched(patch, "train", "--preset", "small", "--out", str(out), *TINY)
+    _one_line_error(proc, r"checkpoint .*checkpoint.pt could not be written \(No space left on device\); none")
+    assert not list(out.glob(".checkpoint.pt.*")), "expected no temp file left behind"
+
+
+@needs_data
+def test_the_triton_backend_without_a_gpu_or_the_interpreter_fails_before_training(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastnca", "train", "--preset", "small", "--out", str(out), "--set", "backend=triton"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    _one_line_error(proc, r"backend: 'triton' needs a CUDA device.*TRITON_INTERPRET=1.*backend=auto")
+    assert "%|" not in proc.stderr and not (out / "metrics.jsonl").exists(), "expected no training to start"
+
+
+@needs_data
+def test_results_go_to_stdout_and_the_outputs_line_lists_every_file(tmp_path):
+    out = tmp_path / "run"
+    proc = _fastnca("train", "--preset", "small", "--out", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr
+    final = re.search(r"step 3: test IWAE\(2, 8 images\) -?\d+\.\d+ nats", proc.stdout)
+    assert final, f"expected the final test-IWAE line on stdout, got stdout={proc.stdout!r} stderr={proc.stderr!r}"
+    assert "test IWAE(2, 8 images)" not in proc.stderr, "the final result should not go to stderr"
+    listed = re.search(r"outputs in .*: (.*)", proc.stdout)
+    assert listed, proc.stdout
+    names = listed.group(1).split()
+    assert "summary.json" in names, f"expected summary.json in the outputs line, got {names}"
+    assert sorted(names) == sorted(p.name for p in out.iterdir()), f"the outputs line lists {names}"
+
+
+@needs_data
+def test_a_long_cpu_evaluation_warns_with_its_estimate_and_the_batches_alternative(run_dir):
+    import threading
+    import time
+
+    argv = ["eval", "--checkpoint", str(run_dir), "--k", "128", "--batch-size", "2", "--threads", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastnca", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    try:
+        while "(or use a smaller --k" not in "".join(err) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = "".join(err)
+    # 10,000 test images (in batches of 2, so the first one is quick) with k=128 on the small model: hours on a CPU
+    pattern = r"warning: on the CPU this evaluation takes about \d+ (min|h)\b.*\(5000 batches .*--batches \d+ estimates"
+    assert re.search(pattern, text), f"expected a warning matching {pattern!r} early on, got: {text[-2000:]}"

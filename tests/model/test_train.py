@@ -219,7 +219,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, mnist_sma
 
     def poisoned(x, state):
         out = real(x, state)
-        return out * float("nan") if tr.step >= 2 else out  # the third step's loss is NaN
+        # the third step's loss is NaN (training steps only: the parameters themselves stay good)
+        return out * float("nan") if tr.step >= 2 and torch.is_grad_enabled() else out
 
     tr.model.log_likelihood = poisoned
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3.*last good checkpoint") as err:
@@ -272,3 +273,214 @@ def test_partial_evaluation_uses_a_fixed_spread_subset():
     assert torch.equal(torch.cat(model.seen), first), "the same subset every time"
     model.seen.clear()
     assert evaluate_iwae(model, images, k=1, batch_size=10)["n_images"] == 100
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+def _interrupt_during_step(tr: Trainer, step: int, signum: int) -> None:
+    """Send ``signum`` to this process in the middle of training step ``step`` (inside its forward pass)."""
+    real = tr.model.log_likelihood
+
+    def interrupting(x, state):
+        if tr.step == step - 1:
+            os.kill(os.getpid(), signum)
+        return real(x, state)
+
+    tr.model.log_likelihood = interrupting
+
+
+@needs_data
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_resume_after_an_interrupt_mid_step_is_bitwise_exact(tmp_path, mnist_small, signame):
+    import signal
+
+    signum = getattr(signal, signame)
+    cfg = pool_config(iterations=6, log_every=2)
+    straight = make_trainer(cfg, tmp_path / "straight", mnist_small)
+    straight.fit()
+    run = make_trainer(cfg, tmp_path / "split", mnist_small)
+    _interrupt_during_step(run, 3, signum)
+    with pytest.raises(train_mod.TrainingInterrupted) as err:
+        run.fit()
+    assert err.value.step == 3 and err.value.signum == signum, "the step in flight finishes, then training stops"
+    ckpt = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3, f"expected the interrupt checkpoint at step 3, got step {ckpt['step']}"
+    resumed = Trainer.resume(
+        tmp_path / "split", splits=mnist_small[cfg.image_size], progress=False, final_outputs=False, log=lambda m: None
+    )
+    resumed.fit()
+    a, b = _params(straight), _params(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"parameter {k} differs between the straight and the interrupted run"
+    assert torch.equal(straight.pool.states, resumed.pool.states), "pool states differ after the interrupt"
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in straight_rows], (
+        "the metrics log of the interrupted and resumed run should equal the straight run's"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- resume overrides
+@needs_data
+def test_resume_applies_a_new_learning_rate_to_the_optimiser(tmp_path, mnist_small):
+    cfg = doubling_config(iterations=2, lr=1e-3)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    resumed = Trainer.resume(
+        tmp_path,
+        overrides={"iterations": 3, "lr": 2e-4},
+        splits=mnist_small[cfg.image_size],
+        progress=False,
+        final_outputs=False,
+        log=lambda m: None,
+    )
+    lrs = [g["lr"] for g in resumed.optimizer.param_groups]
+    assert lrs == [2e-4] * len(lrs), f"expected the optimiser to use the new lr 2e-4 after resume, got {lrs}"
+    resumed.fit()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved = [g["lr"] for g in ckpt["optimizer"]["param_groups"]]
+    assert saved == [2e-4] * len(saved) and ckpt["config"]["lr"] == 2e-4, f"checkpoint records lr {saved}"
+
+
+@needs_data
+@pytest.mark.parametrize("key, value", [("state_channels", 16), ("dataset", "emoji"), ("seed", 5)])
+def test_resume_refuses_overrides_that_cannot_change(tmp_path, mnist_small, key, value):
+    cfg = doubling_config(iterations=1)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    with pytest.raises(ValueError, match=rf"--set {key}={value}: {key} cannot change on --resume"):
+        Trainer.resume(tmp_path, overrides={key: value}, splits=mnist_small[cfg.image_size], progress=False)
+    resumed = Trainer.resume(
+        tmp_path, overrides={key: getattr(cfg, key)}, splits=mnist_small[cfg.image_size], progress=False
+    )
+    assert resumed.step == 1, "an override equal to the checkpoint's value is accepted"
+
+
+@needs_data
+def test_checkpoint_kept_after_a_divergence_continues_with_a_finite_loss(tmp_path, mnist_small):
+    """lr=1e3 diverges: the checkpoint left behind must hold parameters whose next step is finite."""
+    cfg = doubling_config(iterations=2, ckpt_every=1)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    diverging = Trainer.resume(
+        tmp_path,
+        overrides={"lr": 1e3, "iterations": 30},
+        splits=mnist_small[cfg.image_size],
+        progress=False,
+        final_outputs=False,
+        log=lambda m: None,
+    )
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is"):
+        diverging.fit()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    resumed = Trainer.resume(tmp_path, splits=mnist_small[cfg.image_size], progress=False, log=lambda m: None)
+    stats = resumed.sync_stats([resumed.train_step()], ckpt["step"] + 1)  # raises NonFiniteLossError if not finite
+    assert all(torch.isfinite(torch.tensor(list(stats[0].values())))), f"step after the checkpoint: {stats}"
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(batch_size=-5), "batch_size: expected an integer >= 1"),
+        (dict(batch_size=0), "batch_size: expected an integer >= 1"),
+        (dict(batch_size=4, batches=-1), "batches: expected an integer >= 0"),
+        (dict(batch_size=4, n_images=0), "holds no images"),
+    ],
+    ids=["negative-batch", "zero-batch", "negative-batches", "empty-split"],
+)
+def test_evaluation_over_zero_images_is_an_error(kwargs, pattern):
+    from fastnca.evaluate import evaluate_iwae
+    from fastnca.vae import build_model
+
+    model = build_model("small")
+    images = torch.zeros(kwargs.pop("n_images", 8), 1, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=pattern):
+        evaluate_iwae(model, images, k=1, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- metrics file
+def _resume_quietly(out, splits, messages=None, **kw) -> Trainer:
+    log = messages.append if messages is not None else (lambda m: None)
+    return Trainer.resume(out, splits=splits, progress=False, final_outputs=False, log=log, **kw)
+
+
+@needs_data
+def test_resume_drops_a_damaged_last_metrics_line_with_a_warning(tmp_path, mnist_small):
+    cfg = doubling_config(iterations=2)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    metrics = tmp_path / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 3, "split": "tra')  # a crash in the middle of writing a row
+    messages: list[str] = []
+    resumed = _resume_quietly(tmp_path, mnist_small[32], messages, overrides={"iterations": 3})
+    assert metrics.read_text() == good, "expected the damaged last line dropped and the good rows kept"
+    assert any("metrics.jsonl" in m and "damaged last line 3" in m for m in messages), messages
+    resumed.fit()
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+@needs_data
+def test_a_damaged_metrics_line_before_the_last_names_the_file(tmp_path, mnist_small):
+    cfg = doubling_config(iterations=2)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    metrics = tmp_path / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([rows[0], "{not json", *rows[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a metrics row"):
+        _resume_quietly(tmp_path, mnist_small[32])
+
+
+@needs_data
+def test_a_fresh_trainer_starts_a_fresh_metrics_file(tmp_path, mnist_small):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n{"step": 7}\n')
+    make_trainer(doubling_config(iterations=2), tmp_path, mnist_small).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 1.0, f"expected only this run's rows: {rows}"
+
+
+@needs_data
+def test_start_up_removes_orphan_temporary_checkpoints(tmp_path, mnist_small):
+    cfg = doubling_config(iterations=1)
+    make_trainer(cfg, tmp_path, mnist_small).fit()
+    orphans = [tmp_path / ".checkpoint.pt.k2j4_x.tmp", tmp_path / ".metrics.jsonl.abc.tmp"]
+    for p in orphans:
+        p.write_bytes(b"half a file")  # what a crash in the middle of an atomic write leaves
+    unrelated = tmp_path / ".notes.tmp"
+    unrelated.write_text("not ours")
+    messages: list[str] = []
+    _resume_quietly(tmp_path, mnist_small[32], messages, overrides={"iterations": 2}).fit()
+    assert not any(p.exists() for p in orphans), f"expected the orphan temps removed: {sorted(tmp_path.iterdir())}"
+    assert unrelated.exists(), "files that are not the run's own temps are left alone"
+    assert any("removed 2 temporary file(s)" in m for m in messages), messages
+
+
+# ---------------------------------------------------------------------------------------------- file modes
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def test_atomic_write_respects_the_umask(tmp_path, umask_027):
+    from fastnca.utils import atomic_write
+
+    path = atomic_write(tmp_path / "f.txt", lambda f: f.write("x"), binary=False)
+    mode = path.stat().st_mode & 0o777
+    assert mode == umask_027, f"expected mode {umask_027:o} (0666 under umask 027), got {mode:o}"
+
+
+@needs_data
+def test_run_files_respect_the_umask_also_after_resume(tmp_path, mnist_small, umask_027):
+    cfg = doubling_config(iterations=1)
+    tr = Trainer(cfg, tmp_path, splits=mnist_small[32], progress=False, final_outputs=False, log=lambda m: None)
+    tr.fit()
+    _resume_quietly(tmp_path, mnist_small[32], overrides={"iterations": 2}).fit()
+    for name in ("checkpoint.pt", "config.json", "summary.json", "metrics.jsonl"):
+        mode = (tmp_path / name).stat().st_mode & 0o777
+        assert mode == umask_027, f"{name}: expected mode {umask_027:o} under umask 027, got {mode:o}"
+
+
+@needs_data
+def test_log_every_zero_logs_only_the_last_step(tmp_path, mnist_small):
+    tr = make_trainer(doubling_config(iterations=3), tmp_path, mnist_small)
+    tr.cfg.log_every = 0  # set after validation: the trainer itself must not divide by it
+    tr.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3], f"expected one train row at the last step, got {rows}"
