@@ -32,7 +32,7 @@
 #   PYTHON (default python3).
 set -u
 usage="usage: bash benchmarks/gpu_check.sh OUTDIR [--data-dir DIR] [--tiny]"
-OUT=${1:?$usage}
+OUTDIR=${1:?$usage}
 shift
 DATA_DIR=${FASTNCA_DATA:-}
 TINY=0
@@ -45,14 +45,14 @@ while (($#)); do
   esac
 done
 [[ -n $DATA_DIR ]] && DATA_DIR=$(cd "$DATA_DIR" 2>/dev/null && pwd || echo "$DATA_DIR")
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
 PY=${PYTHON:-python3}
 DEADLINE=${GPU_CHECK_DEADLINE_S:-530}
 STAGES=${GPU_CHECK_STAGES-env fit tests bench launches profile train ncu}
 TRAIN_S=${GPU_CHECK_TRAIN_S:-40}
-LOG=$OUT/gpu_check.log
+LOG=$OUTDIR/gpu_check.log
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 PARTS=$TMP/parts
 mkdir -p "$PARTS"
@@ -82,24 +82,26 @@ stage_done() {
 }
 
 : >"$LOG"
-log "fastnca gpu_check in $ROOT -> $OUT (deadline ${DEADLINE}s, stages: $STAGES$( ((TINY)) && echo '; tiny CPU dry run'))"
+log "fastnca gpu_check in $ROOT -> $OUTDIR (deadline ${DEADLINE}s, stages: $STAGES$( ((TINY)) && echo '; tiny CPU dry run'))"
 
-# ---- setup: make `fastnca` and `fastnca.kernels` importable without downloads
+# ---- setup: make `fastnca` and `fastnca.kernels` of this checkout importable, without installing anything
+# (auto: use an install of this checkout if there is one, else PYTHONPATH plus benchmarks/_import_shim, whose
+# sitecustomize maps fastnca.kernels to kernels/ as pyproject's package-dir does; editable: pip install -e .)
 IMPORT_MODE=${GPU_CHECK_IMPORT:-auto}
 IMPORT=failed
-check_import() { (cd "$TMP" && $PY -c "import fastnca, fastnca.kernels.reference") >>"$LOG" 2>&1; }
-if [[ $IMPORT_MODE == auto ]] && check_import && (cd "$TMP" && $PY -c "
-import fastnca, pathlib, sys; sys.exit(pathlib.Path(fastnca.__file__).resolve().parents[1] != pathlib.Path('$ROOT'))"
-); then
+check_import() { (cd "$TMP" && $PY -c "
+import pathlib, sys, fastnca, fastnca.kernels.reference as r
+sys.exit(pathlib.Path(r.__file__).resolve().parents[1] != pathlib.Path(sys.argv[1]).resolve())" "$ROOT") >>"$LOG" 2>&1
+}
+if [[ $IMPORT_MODE == auto ]] && check_import; then
   IMPORT="already installed from this checkout"
 fi
-if [[ $IMPORT == failed && $IMPORT_MODE != shim ]] &&
+if [[ $IMPORT == failed && $IMPORT_MODE == editable ]] &&
   timeout 60 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e "$ROOT" >>"$LOG" 2>&1 &&
   check_import; then
   IMPORT="pip install --no-deps -e ."
 fi
-if [[ $IMPORT == failed && $IMPORT_MODE != editable ]]; then
-  # kernels/ is mapped to fastnca.kernels by pyproject's package-dir; the shim's sitecustomize does the same
+if [[ $IMPORT == failed ]]; then
   export PYTHONPATH="$ROOT/benchmarks/_import_shim:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   check_import && IMPORT="PYTHONPATH + benchmarks/_import_shim"
 fi
@@ -119,8 +121,10 @@ if has_stage env; then
   } >"$PARTS/nvidia-smi.txt" 2>&1
   cat "$PARTS/nvidia-smi.txt" >>"$LOG"
   timeout 60 $PY -c "import sys; from benchmarks.summarize import write_env; write_env(sys.argv[1], sys.argv[2])" \
-    "$PARTS/env.json" "$DEV" >>"$LOG" 2>&1
-  stage_done env $? $((SECONDS - t)) "$(head -c 300 "$PARTS/env.json" 2>/dev/null | tr -d '{}"' | cut -c1-200)"
+    "$PARTS/env.json" "$DEV" >"$TMP/env.out" 2>&1
+  rc=$?
+  cat "$TMP/env.out" >>"$LOG"
+  stage_done env $rc $((SECONDS - t)) "$(tail -n 1 "$TMP/env.out")"
 fi
 
 # ---- fit: CPU-only compiles, in the background from here on (its own cap)
@@ -158,15 +162,15 @@ fit_wait() {
 if has_stage tests; then
   t=$SECONDS
   TT=$(cap 90 360)
-  if ((TINY)); then TARGS=${GPU_CHECK_TESTS:-tests/kernels/test_nca_step_fwd.py -k "bad_input or empty_batch"}
+  if ((TINY)); then TARGS=${GPU_CHECK_TESTS:-"tests/kernels/test_nca_step_fwd.py -k 'bad_input or empty_batch'"}
   else TARGS=${GPU_CHECK_TESTS:-tests/kernels}; fi
   log "tests: python -m pytest $TARGS (timeout ${TT}s)"
-  eval "timeout $TT $PY -m pytest $TARGS -q -p no:cacheprovider -rfEs" >"$OUT/tests.txt" 2>&1
+  eval "timeout $TT $PY -m pytest $TARGS -q -p no:cacheprovider -rfEs" >"$OUTDIR/tests.txt" 2>&1
   rc=$?
-  ((rc == 124)) && echo "gpu_check: tests stopped by the ${TT}s timeout" >>"$OUT/tests.txt"
-  tail -n 15 "$OUT/tests.txt" >>"$LOG"
+  ((rc == 124)) && echo "gpu_check: tests stopped by the ${TT}s timeout" >>"$OUTDIR/tests.txt"
+  tail -n 15 "$OUTDIR/tests.txt" >>"$LOG"
   stage_done tests $rc $((SECONDS - t)) "$($PY -c "import sys; from benchmarks.summarize import pytest_line
-print(pytest_line(open(sys.argv[1]).read()))" "$OUT/tests.txt" 2>/dev/null)"
+print(pytest_line(open(sys.argv[1]).read()))" "$OUTDIR/tests.txt" 2>/dev/null)"
 fi
 
 # ---- bench: the quick benchmark (rows not started within its time budget are recorded as skipped)
@@ -176,7 +180,7 @@ if has_stage bench; then
   if ((TINY)); then BARGS="--tiny --device cpu --no-peaks --cases step --backends torch-fp32 triton-bf16"
   else BARGS="--quick --time-budget $((BT - 60 > 10 ? BT - 60 : 10))"; fi
   log "bench: python -m benchmarks $BARGS (timeout ${BT}s)"
-  timeout "$BT" $PY -m benchmarks $BARGS --out "$OUT" >>"$LOG" 2>&1
+  timeout "$BT" $PY -m benchmarks $BARGS --out "$OUTDIR" >>"$LOG" 2>&1
   stage_done bench $? $((SECONDS - t)) ""
 fi
 
@@ -218,8 +222,11 @@ if has_stage train; then
   ((left / 2 - 25 < TL)) && TL=$((left / 2 - 25))
   ((TL < 5)) && TL=5
   ((TINY)) && TL=${GPU_CHECK_TRAIN_S:-4}
-  if ((TINY)); then TPRESET=small; TSETS="--set log_every=2 --threads 1"
-  else TPRESET=mnist-doubling; TSETS="--set log_every=5"; fi
+  TPRESET=mnist-doubling
+  if ((TINY)); then
+    TSETS="--set state_channels=16 --set hidden_channels=16 --set n_blocks=1 --set enc_channels=4 \
+      --set batch_size=2 --set steps_per_stage=2 --set log_every=1 --threads 1"
+  else TSETS="--set log_every=5"; fi
   for backend in triton torch; do
     t=$SECONDS
     TT=$((TL + 60))
@@ -269,8 +276,8 @@ fit_wait
 
 # ---- summary: check.json, details.md, summary.md; printed last
 log "done in $((SECONDS - T0))s"
-$PY -m benchmarks.summarize "$OUT" --parts "$PARTS" \
+$PY -m benchmarks.summarize "$OUTDIR" --parts "$PARTS" \
   --note "import: $IMPORT; total $((SECONDS - T0)) s; stages: $STAGES$( ((TINY)) && echo '; tiny CPU dry run')" \
   >>"$LOG" 2>&1 || log "summarize failed (see above)"
-cat "$OUT/summary.md" 2>/dev/null || echo "gpu_check: no summary.md (see gpu_check.log)"
+cat "$OUTDIR/summary.md" 2>/dev/null || echo "gpu_check: no summary.md (see gpu_check.log)"
 rm -rf "$TMP"

@@ -106,6 +106,9 @@ def write_env(path: str | Path, device: str = "cuda") -> dict[str, Any]:
         env["pynvml"] = False
     Path(path).write_text(json.dumps(env, indent=1, default=str))
     print(json.dumps(env, default=str))
+    print(f"{env.get('gpu') or 'no CUDA device'}, driver {env.get('driver')}, torch {env.get('torch')}, "
+          f"triton {env.get('triton')}, commit {str(env.get('commit'))[:12]}, ncu {env.get('ncu') or 'absent'}, "
+          f"pynvml {'yes' if env['pynvml'] else 'absent'}, pytest-benchmark {env.get('pytest_benchmark') or 'absent'}")
     return env
 
 
