@@ -49,7 +49,8 @@ mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
 PY=${PYTHON:-python3}
-DEADLINE=${GPU_CHECK_DEADLINE_S:-530}
+DEADLINE=${GPU_CHECK_DEADLINE_S:-$( ((TINY)) && echo 900 || echo 530)}
+SLOW=$( ((TINY)) && echo 3 || echo 1) # the dry run's interpreted kernels on a small CPU: caps x 3
 STAGES=${GPU_CHECK_STAGES-env fit tests bench launches profile train ncu}
 TRAIN_S=${GPU_CHECK_TRAIN_S:-40}
 LOG=$OUTDIR/gpu_check.log
@@ -69,7 +70,7 @@ fi
 log() { echo "[gpu_check +$((SECONDS - T0))s] $*" | tee -a "$LOG"; }
 # cap WANT RESERVE: WANT seconds, or fewer so that RESERVE seconds remain for the later stages before DEADLINE
 cap() {
-  local want=$1 left=$((DEADLINE - (SECONDS - T0) - $2))
+  local want=$(($1 * SLOW)) left=$((DEADLINE - (SECONDS - T0) - $2 * SLOW))
   ((left < want)) && want=$left
   ((want < 10)) && want=10
   echo "$want"
@@ -77,7 +78,9 @@ cap() {
 has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
 # stage_done NAME RC SECONDS NOTE: one line per stage for the summary (rc: an exit code, "skipped" or "note")
 stage_done() {
-  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$(echo "$4" | tr '\t\n' '  ' | cut -c1-300)" >>"$PARTS/stages.tsv"
+  local note
+  note=$(printf '%s' "$4" | tr '\t\n' '  ' | sed 's/ *$//' | cut -c1-300)
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$note" >>"$PARTS/stages.tsv"
   log "$1: rc $2 (${3}s)${4:+ - $4}"
 }
 
@@ -217,19 +220,20 @@ fit_wait # the fit's compiles are done (or capped) before the timed training run
 
 # ---- train: time to quality, fused then reference, the same wall-clock budget each (same seed and data)
 if has_stage train; then
-  left=$((DEADLINE - (SECONDS - T0) - 70))
+  left=$((DEADLINE - (SECONDS - T0) - 70 * SLOW))
   TL=$TRAIN_S
   ((left / 2 - 25 < TL)) && TL=$((left / 2 - 25))
   ((TL < 5)) && TL=5
   ((TINY)) && TL=${GPU_CHECK_TRAIN_S:-4}
   TPRESET=mnist-doubling
   if ((TINY)); then
-    TSETS="--set state_channels=16 --set hidden_channels=16 --set n_blocks=1 --set enc_channels=4 \
-      --set batch_size=2 --set steps_per_stage=2 --set log_every=1 --threads 1"
+    # the fused kernels are interpreted: the smallest net that still runs every stage of the doubling schedule
+    TSETS="--set state_channels=16 --set hidden_channels=16 --set n_blocks=0 --set enc_channels=4 \
+      --set batch_size=1 --set steps_per_stage=1 --set log_every=1 --threads 1"
   else TSETS="--set log_every=5"; fi
   for backend in triton torch; do
     t=$SECONDS
-    TT=$((TL + 60))
+    TT=$((TL + 60 * SLOW))
     log "train: --preset $TPRESET --set backend=$backend --time-limit $TL (timeout ${TT}s)"
     timeout "$TT" $PY -m fastnca train --preset "$TPRESET" --set backend=$backend $TSETS --set eval_every=0 \
       --set ckpt_every=0 --out "$TMP/train_$backend" ${DATA_DIR:+--data-dir "$DATA_DIR"} --time-limit "$TL" \

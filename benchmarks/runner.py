@@ -256,7 +256,8 @@ def to_markdown(result: dict[str, Any]) -> str:
             par, tm = r.get("parity", {}), r.get("time_ms")
             perr = f"{par['rel_err']:.2g} ({par['tol']:g})" if "rel_err" in par else "-"
             tcol = f"{tm['median']:.3f} [{tm['p20']:.3f}, {tm['p80']:.3f}]" if tm else "-"
-            lines.append(f"| {r['case']} | {r['backend']} | {r.get('sizes', '-')} | {r.get('checkpoint', '-')} "
+            sizes = str(r.get("sizes", "-")).replace("|", "\\|")
+            lines.append(f"| {r['case']} | {r['backend']} | {sizes} | {r.get('checkpoint', '-')} "
                          f"| {perr} | {tcol} | {r['status']} |")
         lines += ["", "Tiny sizes on the CPU (fused kernels in the Triton interpreter): parity and code paths only; "
                   "the times measure the interpreter and numpy, not the kernels."]

@@ -269,6 +269,11 @@ def time_to_quality(fused: list[dict[str, Any]], ref: list[dict[str, Any]]) -> d
     return out
 
 
+def _md(s: str) -> str:
+    """Text for a markdown table cell (a '|' would end the cell)."""
+    return str(s).replace("|", "\\|")
+
+
 def _g(x: Any, f: str = ".4g") -> str:
     return "-" if x is None else format(x, f)
 
@@ -321,7 +326,7 @@ def _bench_rows(bench: dict[str, Any]) -> list[str]:
         for r in bench.get("rows", []):
             tm, par = r.get("time_ms"), r.get("parity", {})
             ms = f"{tm['median']:.3f}" if tm else "-"
-            out.append(f"| {r['case']} | {r['backend']} | {r.get('sizes', '-')} | {ms} "
+            out.append(f"| {r['case']} | {r['backend']} | {_md(r.get('sizes', '-'))} | {ms} "
                        f"| {_g(par.get('rel_err'), '.2g')} | {r['status']} |")
         return out
     if "matmul_bf16" in peaks and "copy" in peaks:
@@ -406,7 +411,7 @@ def _headline(check: dict[str, Any]) -> list[str]:
     rows.append(("time to quality", ttq_line(check.get("time_to_quality") or {})))
     tests = stages.get("tests")
     rows.append(("kernel tests (compiled)", f"{tests['note']} (rc {tests['rc']})" if tests else "not run"))
-    return ["| | |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows]
+    return ["| | |", "|---|---|"] + [f"| {k} | {_md(v)} |" for k, v in rows]
 
 
 def launches_note_from(d: dict[str, Any]) -> str:
@@ -445,7 +450,7 @@ def summarize(out_dir: Path, parts: Path | None = None, note: str = "") -> str:
         lines += [note, ""]
     lines += _headline(check)
     lines += ["", "## stages", "| stage | rc | s | note |", "|---|---|---:|---|"]
-    lines += [f"| {s['stage']} | {s['rc']} | {s['seconds']} | {s['note'].replace('|', '/')} |" for s in check["stages"]]
+    lines += [f"| {s['stage']} | {s['rc']} | {s['seconds']} | {_md(s['note'])} |" for s in check["stages"]]
     lines += ["", "## quick benchmark"]
     lines += _bench_rows(check["bench"]) if check["bench"] else ["- missing: bench.json"]
     cmp_ = check["loss_at_equal_iterations"]

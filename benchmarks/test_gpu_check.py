@@ -28,13 +28,13 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.
     """`bash benchmarks/gpu_check.sh OUT --tiny` with this interpreter (no GPU, no ncu on the PATH)."""
     out = tmp_path_factory.mktemp("gpu_check") / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", GPU_CHECK_DEADLINE_S="400",
+    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="",
                PATH=os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                     if not (Path(p) / "ncu").exists()))
     cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny"]
     if env.get("FASTNCA_DATA"):
         cmd += ["--data-dir", env["FASTNCA_DATA"]]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=560)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=960)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
