@@ -173,13 +173,16 @@ def read_launches(parts: Path) -> dict[str, Any] | None:
         return obj if isinstance(obj, dict) else None
     except json.JSONDecodeError:
         pass
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
+    lines = text.splitlines()
+    for i in reversed(range(len(lines))):  # the last JSON object: one line, or indented over the lines after it
+        if lines[i].lstrip().startswith("{"):
+            for chunk in (lines[i], "\n".join(lines[i:])):
+                try:
+                    obj = json.loads(chunk)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict):
+                    return obj
     return None
 
 

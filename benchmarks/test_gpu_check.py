@@ -200,3 +200,14 @@ def test_profile_markdown_of_a_gpu_result() -> None:
 def test_record_refuses_a_folder_without_check_json(tmp_path: Path) -> None:
     with pytest.raises(record.RecordError, match="check.json"):
         record.section(tmp_path)
+
+
+def test_launch_count_is_read_from_the_cli_output(tmp_path: Path) -> None:
+    d = {"triton": 40, "aten": 120, "total": 160, "by_op": {"nca_step": 40}}
+    for text in (json.dumps(d), "counting...\n" + json.dumps(d) + "\n", "log line\n" + json.dumps(d, indent=1)):
+        (tmp_path / "launches.out").write_text(text)
+        assert summarize.read_launches(tmp_path) == d, text
+        assert summarize.launches_note(tmp_path) == "160 kernel launches per training iteration (triton 40, aten 120)"
+    (tmp_path / "launches.out").write_text("Traceback ...\nValueError: x\n")
+    assert summarize.read_launches(tmp_path) is None
+    assert summarize.launches_note(tmp_path) == "no launch count in fastnca.launches' output"
