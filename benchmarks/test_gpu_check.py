@@ -34,7 +34,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.
     cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny"]
     if env.get("FASTNCA_DATA"):
         cmd += ["--data-dir", env["FASTNCA_DATA"]]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=960)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1650)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -55,7 +55,7 @@ def test_dry_run_every_stage_ran_or_left_a_one_line_note(dry_run) -> None:
     out, _ = dry_run
     check = json.loads((out / "check.json").read_text())
     stages = {s["stage"]: s for s in check["stages"]}
-    assert list(stages) == STAGES, f"expected stages {STAGES}, got {list(stages)}"
+    assert sorted(stages) == sorted(STAGES), f"expected stages {STAGES}, got {list(stages)}"
     for name, s in stages.items():
         assert "\n" not in s["note"], (name, s["note"])
         assert s["rc"] in ("0", "note"), f"stage {name}: expected rc 0 or a note, got {s}"
