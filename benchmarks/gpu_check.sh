@@ -263,17 +263,25 @@ if has_stage ncu; then
     stage_done ncu note 0 "no CUDA device: ncu not run"
   else
     log "ncu: $(ncu --version 2>/dev/null | tail -n 1) (timeout ${NT}s)"
-    timeout "$NT" ncu --profile-from-start off --csv --page raw --section SpeedOfLight --section Occupancy \
+    timeout "$NT" ncu --target-processes all --profile-from-start off --csv --page raw --section SpeedOfLight \
+      --section Occupancy \
       --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
       --log-file "$PARTS/ncu.csv" $PY -m benchmarks.profiling --ncu-target >>"$LOG" 2>&1
     rc=$?
+    [[ -f $PARTS/ncu.csv ]] && tail -n 3 "$PARTS/ncu.csv" >>"$LOG"
     if grep -qs "ERR_NVGPUCTRPERM" "$PARTS/ncu.csv" "$LOG"; then
-      stage_done ncu "$rc" $((SECONDS - t)) "ncu refused: no permission to read GPU performance counters (ERR_NVGPUCTRPERM)"
+      note="ncu refused: no permission to read GPU performance counters (ERR_NVGPUCTRPERM)"
+    elif [[ ! -s $PARTS/ncu.csv ]]; then
+      note="ncu wrote no output: $(tail -n 1 "$LOG" | cut -c1-200)"
     else
       $PY -m benchmarks.profiling --ncu-csv "$PARTS/ncu.csv" --json "$PARTS/ncu.json" --md "$PARTS/ncu.md" \
         >>"$LOG" 2>&1
-      stage_done ncu "$rc" $((SECONDS - t)) "$( ((rc == 124)) && echo "stopped by its ${NT}s timeout")"
+      note=$($PY -c "import json, sys; print(len(json.load(open(sys.argv[1]))['ncu']), 'kernels profiled')" \
+        "$PARTS/ncu.json" 2>/dev/null)
+      ((rc == 124)) && note="stopped by its ${NT}s timeout; $note"
+      ((rc != 0 && rc != 124)) && note="ncu rc $rc: $(grep -h "==ERROR==" "$PARTS/ncu.csv" | head -n 1 | cut -c1-200); $note"
     fi
+    stage_done ncu "$rc" $((SECONDS - t)) "$note"
   fi
 fi
 

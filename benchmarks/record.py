@@ -56,7 +56,7 @@ def _stamp(check: dict[str, Any]) -> dict[str, str]:
         "day": date[:10],
         "card": gpu + (f" (sm_{str(env['capability']).replace('.', '')}, {env.get('sm_count')} SMs)"
                        if env.get("capability") else ""),
-        "driver": str(env.get("driver") or smi.get("driver_version") or "-"),
+        "driver": str(smi.get("driver_version") or env.get("driver") or "-"),
         "versions": f"CUDA {env.get('cuda')}, torch {env.get('torch')}, triton {env.get('triton')}, "
                     f"python {env.get('python')}",
         "commit": commit + (" (dirty tree)" if env.get("dirty") else ""),

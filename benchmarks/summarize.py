@@ -366,7 +366,8 @@ def _headline(check: dict[str, Any]) -> list[str]:
         card += (f", SM clock {smi.get('clocks.current.sm [MHz]', smi.get('clocks.sm [MHz]', '?'))}"
                  f" (max {smi.get('clocks.max.sm [MHz]', '?')})")
     rows.append(("card", card))
-    rows.append(("driver, versions", f"driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, "
+    driver = smi.get("driver_version") or env.get("driver")
+    rows.append(("driver, versions", f"driver {driver}, CUDA {env.get('cuda')}, torch {env.get('torch')}, "
                  f"triton {env.get('triton')}, python {env.get('python')}"))
     rows.append(("commit, date", f"{env.get('commit')}{' (dirty)' if env.get('dirty') else ''}, {env.get('date_utc')}"))
     bench = check.get("bench") or {}

@@ -211,3 +211,35 @@ def test_launch_count_is_read_from_the_cli_output(tmp_path: Path) -> None:
     (tmp_path / "launches.out").write_text("Traceback ...\nValueError: x\n")
     assert summarize.read_launches(tmp_path) is None
     assert summarize.launches_note(tmp_path) == "no launch count in fastnca.launches' output"
+
+
+def test_record_of_a_gpu_run_is_stamped_from_its_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"date_utc": "2031-01-02T03:04:05+00:00", "device_type": "cuda", "gpu": "NVIDIA H100 80GB HBM3",
+           "capability": "9.0", "sm_count": 132, "driver": "unavailable: no NVML", "cuda": "12.8",
+           "torch": "2.11.0", "triton": "3.6.0", "python": "3.12.1", "commit": "abcdef1234567890", "dirty": False}
+    check = {"env": env, "nvidia_smi": {"driver_version": "570.86"}, "stages": [{"stage": "bench", "rc": "0"}]}
+    (out / "check.json").write_text(json.dumps(check))
+    (out / "summary.md").write_text("# gpu_check summary\n\n| | |\n|---|---|\n| card | x |\n\n## stages\n")
+    (out / "bench.md").write_text("## Benchmark run x (quick)\n\n| case |\n|---|\n| step |\n")
+    (out / "details.md").write_text("# gpu_check details\n\n## Fit on the installed Triton\n\n| pass |\n")
+    results = tmp_path / "RESULTS.md"
+    shutil.copy(ROOT / "benchmarks" / "RESULTS.md", results)
+    record.record(out, results)
+    doc = results.read_text()
+    sec = doc[doc.index(record.MARKER):]
+    assert sec.split("\n")[2] == "### 2031-01-02: NVIDIA H100 80GB HBM3 (sm_90, 132 SMs), commit abcdef123456"
+    assert ("- card: NVIDIA H100 80GB HBM3 (sm_90, 132 SMs); driver 570.86; CUDA 12.8, torch 2.11.0, triton 3.6.0, "
+            "python 3.12.1") in sec
+    assert "- run: 2031-01-02T03:04:05+00:00, commit abcdef1234567890;" in sec
+    assert "##### stages" in sec and "#### Fit on the installed Triton" in sec and "| step |" in sec
+    assert "**No GPU measurement yet.**" not in doc
+    assert doc.rstrip().endswith("- 2031-01-02: gpu_check on NVIDIA H100 80GB HBM3 (sm_90, 132 SMs) at commit "
+                                 "abcdef123456 recorded (stages: bench 0).")
+    # newest first: a later run goes above this one
+    env2 = {**env, "date_utc": "2031-02-01T00:00:00+00:00"}
+    (out / "check.json").write_text(json.dumps({**check, "env": env2}))
+    record.record(out, results)
+    doc = results.read_text()
+    assert doc.index("### 2031-02-01") < doc.index("### 2031-01-02")
