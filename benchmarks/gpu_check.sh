@@ -18,6 +18,7 @@
 #   launches  python -m fastnca.launches --preset mnist-doubling --json (kernel launches per training iteration)
 #   profile   python -m benchmarks.profiling (torch.profiler: top kernels, GPU-busy vs wall time)
 #   train     time to quality: mnist-doubling, fused then reference backend, the same wall-clock budget each
+#             (python -m benchmarks.ttq: fastnca's Trainer without the final evaluation and pictures)
 #   ncu       Nsight Compute on the fused step forward + backward (only where ncu exists and is permitted)
 #
 # Writes 7 files into OUTDIR (no sub-folders; each well under 16 MiB):
@@ -236,15 +237,14 @@ if has_stage train; then
     t=$SECONDS
     TT=$((TL + 60 * SLOW))
     log "train: --preset $TPRESET --set backend=$backend --time-limit $TL (timeout ${TT}s)"
-    timeout "$TT" $PY -m fastnca train --preset "$TPRESET" --set backend=$backend $TSETS --set eval_every=0 \
+    timeout "$TT" $PY -m benchmarks.ttq --preset "$TPRESET" --backend $backend $TSETS --set eval_every=0 \
       --set ckpt_every=0 --out "$TMP/train_$backend" ${DATA_DIR:+--data-dir "$DATA_DIR"} --time-limit "$TL" \
-      --device "$DEV" --no-progress --no-final-eval >"$TMP/train_$backend.log" 2>&1
+      --device "$DEV" >"$TMP/train_$backend.log" 2>&1
     rc=$?
     cat "$TMP/train_$backend.log" >>"$LOG"
     [[ -f $TMP/train_$backend/metrics.jsonl ]] && cp "$TMP/train_$backend/metrics.jsonl" "$PARTS/train_$backend.jsonl"
-    note="time limit ${TL}s"
-    if ((rc != 0)) && grep -qiE "binarized_mnist|no such file|not found|FileNotFoundError|data dir" \
-      "$TMP/train_$backend.log"; then
+    note="time limit ${TL}s; $(grep -h '^ttq: done' "$TMP/train_$backend.log" | cut -c 6-)"
+    if ((rc == 3)); then
       note="no MNIST data found: pass --data-dir DIR (a folder with binarized_mnist.npz) or set FASTNCA_DATA"
     elif ((rc != 0)); then
       note="failed: $(grep -v '^\s*$' "$TMP/train_$backend.log" | tail -n 1 | cut -c1-200)"
