@@ -402,7 +402,11 @@ def _headline(check: dict[str, Any]) -> list[str]:
     if not prof:
         rows.append(("profile", stages.get("profile", {}).get("note") or "no profile"))
     fit = stages.get("fit", {})
-    rows.append(("fit on the installed Triton", fit.get("note") or "not run"))
+    fit_text = fit.get("note") or "not run"
+    cap = str(env.get("capability") or "")
+    if fit and cap and cap != "9.0":
+        fit_text += f" (the GPU present is sm_{cap.replace('.', '')}: fastnca.kernels.fit compiles for sm_90 only)"
+    rows.append(("fit on the installed Triton", fit_text))
     ncu = check.get("ncu") or []
     if ncu:
         top = sorted(ncu, key=lambda r: -(r.get("duration_us") or 0))[:3]

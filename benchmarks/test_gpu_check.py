@@ -243,3 +243,42 @@ def test_record_of_a_gpu_run_is_stamped_from_its_files(tmp_path: Path) -> None:
     record.record(out, results)
     doc = results.read_text()
     assert doc.index("### 2031-02-01") < doc.index("### 2031-01-02")
+
+
+def test_summary_of_a_gpu_run_holds_the_headline_table(tmp_path: Path) -> None:
+    """The GPU rendering path on hand-made stage outputs (a CPU cannot produce them)."""
+    env = {"date_utc": "2031-01-02T03:04:05+00:00", "device_type": "cuda", "gpu": "NVIDIA H100", "capability": "9.0",
+           "sm_count": 132, "driver": "570.86", "cuda": "12.8", "torch": "2.11.0", "triton": "3.6.0",
+           "python": "3.12.1", "commit": "abc", "dirty": False}
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    (tmp_path / "nvidia-smi.txt").write_text("name, driver_version, clocks.current.sm [MHz], clocks.max.sm [MHz]\n"
+                                             "NVIDIA H100, 570.86, 1755 MHz, 1980 MHz\n")
+    (tmp_path / "stages.tsv").write_text("fit\t0\t80\t11 fwd configs + 60 bwd kernels compiled for sm_90; no spills\n"
+                                         "ncu\t0\t50\t7 kernels profiled\n")
+    row = {"case": "step", "backend": "triton-bf16", "impl": "triton", "checkpoint": "none", "status": "ok",
+           "time_ms": {"median": 0.5, "p20": 0.49, "p80": 0.51}, "tflops_model": 600.0, "frac_peak": 0.75,
+           "peak_used": "matmul_bf16", "speedup": {"vs torch-fp32": 20.0, "vs torch-bf16-cl": 5.0},
+           "mem": {"torch_peak_bytes": 2**30}, "parity": {"rel_err": 1e-3, "tol": 0.03, "ok": True}}
+    bench = {"meta": {"speed_claim": True, "gpu": "NVIDIA H100"}, "peaks": {"matmul_bf16": {"tflops": 800.0},
+             "copy": {"tbps": 3.0}}, "rows": [row]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    (tmp_path / "launches.out").write_text(json.dumps({"triton": 80, "aten": 300, "total": 380, "by_op": {}}))
+    prof = {"device": "cuda", "targets": [{"label": "train mnist-doubling fused bf16", "sizes": "B=32",
+            "wall_plain_ms": 10.0, "wall_profiled_ms": 12.0, "launches": 380, "distinct_kernels": 20,
+            "gpu_busy_ms": 4.0, "busy_share": 0.4, "idle_share": 0.6, "top": []}]}
+    (tmp_path / "profile.json").write_text(json.dumps(prof))
+    (tmp_path / "ncu.json").write_text(json.dumps({"ncu": profiling.parse_ncu_csv(NCU_CSV)}))
+    (tmp_path / "train_triton.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(10.0, 100.0, 20)))
+    (tmp_path / "train_torch.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(2.5, 100.0, 5)))
+    text = summarize.summarize(tmp_path, tmp_path)
+    assert "| card | NVIDIA H100, sm_90, 132 SMs, SM clock 1755 MHz (max 1980 MHz) |" in text
+    assert ("| step triton-bf16 | 0.500 ms; speed-up 20.00x vs eager fp32, 5.00x vs eager bf16; 75.0 % of the "
+            "run's matmul_bf16 peak |") in text
+    assert "| launches / training iteration | 380 (triton 80, aten 300) |" in text
+    assert "| GPU busy: train mnist-doubling fused bf16 | 40.0 % of 10.000 ms wall (idle 60.0 % = host" in text
+    assert "| fit on the installed Triton | 11 fwd configs + 60 bwd kernels compiled for sm_90; no spills |" in text
+    assert "_nca_step_bwd_kernel: tensor pipe - %" in text and "_nca_step_fwd_kernel: tensor pipe 61.3 %" in text
+    assert "| time to quality | fused 10.00 it/s vs reference 2.50 it/s (4.00x)" in text
+    assert "No CUDA device" not in text and "WARNING" not in text
+    details = (tmp_path / "details.md").read_text()
+    assert "## Nsight Compute" in details and "## Time to quality" in details
