@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m benchmarks                       # every case x backend (GPU: ~15-25 min)
-    python -m benchmarks --quick               # headline rows, <= 6 min on one H100 including compilation
+    python -m benchmarks                       # every case x backend (no GPU timing measured yet)
+    python -m benchmarks --quick               # headline rows; rows not started within 330 s are skipped
     python -m benchmarks --cases step train-mnist-doubling --backends torch-fp32 triton-bf16 --out runs/bench
     python -m benchmarks --tiny                # tiny sizes (the default without a GPU): code-path check only
 
@@ -364,7 +364,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks", description="fastnca benchmark runner",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--quick", action="store_true", help="headline rows only (<= 6 min on one H100)")
+    p.add_argument("--quick", action="store_true", help="headline rows only (time budget 330 s)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (default without a GPU); no speed claim")
     p.add_argument("--cases", nargs="+", metavar="CASE", help=f"subset of {list(CASES)}")
     p.add_argument("--backends", nargs="+", metavar="BACKEND", help=f"subset of {list(BACKENDS)}, each [@ckpt]")
