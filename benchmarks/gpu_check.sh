@@ -13,7 +13,7 @@
 #   env       GPU, clocks, driver, torch/triton versions, optional tools
 #   fit       python -m fastnca.kernels.fit --json (every shipped fwd/bwd config compiled for sm_90 with the
 #             installed Triton: registers, spills, shared memory, HGMMA); runs in the background from the start
-#   tests     python -m pytest tests/kernels (compiled kernels, TRITON_INTERPRET unset)
+#   tests     python -m pytest tests/kernels (compiled kernels, TRITON_INTERPRET unset; the fit tests are the fit stage)
 #   bench     python -m benchmarks --quick
 #   launches  python -m fastnca.launches --preset mnist-doubling --json (kernel launches per training iteration)
 #   profile   python -m benchmarks.profiling (torch.profiler: top kernels, GPU-busy vs wall time)
@@ -168,7 +168,8 @@ if has_stage tests; then
   t=$SECONDS
   TT=$(cap 90 360)
   if ((TINY)); then TARGS=${GPU_CHECK_TESTS:-"tests/kernels/test_nca_step_fwd.py -k 'bad_input or empty_batch'"}
-  else TARGS=${GPU_CHECK_TESTS:-tests/kernels}; fi
+  # the sm_90 fit tests compile what the fit stage compiles (and reports) in the background: not twice
+  else TARGS=${GPU_CHECK_TESTS:-"tests/kernels --ignore=tests/kernels/test_fit.py --ignore=tests/kernels/test_fit_bwd.py"}; fi
   log "tests: python -m pytest $TARGS (timeout ${TT}s)"
   eval "timeout $TT $PY -m pytest $TARGS -q -p no:cacheprovider -rfEs" >"$OUTDIR/tests.txt" 2>&1
   rc=$?
