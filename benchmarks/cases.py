@@ -464,6 +464,24 @@ class CaseContext:
         return Prepared(run_fn, parity, cost, ckpt, extra)
 
     # ------------------------------------------------------------------------------------------- public
+    def sizes(self) -> str:
+        """The sizes this context actually runs (tiny mode shrinks the GPU case of the description)."""
+
+        def net(c: int, h: int, nb: int) -> str:
+            zh = f"|z|=h={c}" if c == h else f"|z|={c}, h={h}"
+            return f"{zh}, {nb} block{'s' if nb != 1 else ''}"
+
+        if self.spec.kind.startswith("step"):
+            return f"B={self.batch}, {self.side}x{self.side}, {net(*self.dims)}"
+        cfg = self.cfg
+        shape = net(cfg.state_channels, cfg.hidden_channels, cfg.n_blocks)
+        out = f"B={self.batch}, {cfg.image_size}x{cfg.image_size} px, {shape}"
+        if self.num_steps is not None:
+            out += f", T={self.num_steps}"
+        if self.spec.kind == "iwae":
+            out += f", k={self.iwae_k}"
+        return out
+
     def reference(self) -> list[Tensor]:
         """The parity oracle (computed once per case)."""
         if self._reference is None:

@@ -5,8 +5,15 @@ TRITON_INTERPRET rule: ``@triton.jit`` reads the variable when it decorates a ke
 """
 
 import os
+from pathlib import Path
 
 import torch
+
+# The data directory, as tests/conftest.py sets it: CI sets FASTNCA_DATA to ../shared/data; this default serves a
+# local checkout (the GPU check's dry run trains on it).
+_shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "FASTNCA_DATA" not in os.environ and _shared.is_dir():
+    os.environ["FASTNCA_DATA"] = str(_shared)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

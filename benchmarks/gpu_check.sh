@@ -1,127 +1,297 @@
 #!/usr/bin/env bash
-# One-call GPU check of fastnca on a lent GPU (H100/H200): compiled kernel tests, the quick benchmark, and two
-# 1-minute mnist-doubling training runs (fused vs reference). Finishes inside ~9 minutes.
+# One-command GPU check of fastnca: measures, profiles and records in <= 9 minutes on one CUDA GPU.
 #
-# Usage:  bash benchmarks/gpu_check.sh OUTDIR
-#   device tool: run(command="bash benchmarks/gpu_check.sh $OUT", carry=["gpu_data"], timeout_s=600)
-#   before the call, here:  mkdir -p gpu_data && cp /work/shared/data/binarized_mnist.npz gpu_data/ &&
-#                           git rev-parse HEAD > gpu_data/COMMIT
+# Usage:  bash benchmarks/gpu_check.sh OUTDIR [--data-dir DIR] [--tiny]
 #
-# Writes 7 files into OUTDIR (the device tool brings back at most 8, at most 2 folders down):
-#   gpu_check.log  everything the stages printed, with timestamps      tests.txt  pytest output (tests/kernels)
-#   bench.json / bench.md  the quick benchmark (python -m benchmarks --quick)
-#   train_triton.jsonl / train_torch.jsonl  metrics rows of the two training runs
-#   summary.md  the short table printed last
-# Environment knobs: GPU_CHECK_DEADLINE_S (default 555: every stage is capped to end by then),
-#   GPU_CHECK_STAGES (default "tests bench train"), GPU_CHECK_IMPORT (auto | editable | shim), PYTHON (python3).
-# The image has no package registry: nothing is downloaded. Missing pytest-benchmark or nvidia-ml-py only
-# removes the rows/columns that need them.
+# Needs: a CUDA GPU, Python with PyTorch >= 2.11 and Triton >= 3.6 installed; no network, no package index.
+# Data: --data-dir DIR (a folder holding binarized_mnist.npz), else $FASTNCA_DATA, else fastnca's default.
+# Commit: read with git; in a copy without .git, set FASTNCA_COMMIT=<sha> so that the results name it.
+# --tiny: the CPU dry run (tiny sizes, Triton interpreter, no ncu): checks every stage's code path.
+#
+# Stages (each capped; the whole run ends by GPU_CHECK_DEADLINE_S, default 530 s; a failing stage does not stop
+# the others, and a missing tool turns its stage into a one-line note):
+#   env       GPU, clocks, driver, torch/triton versions, optional tools
+#   fit       python -m fastnca.kernels.fit --json (every shipped fwd/bwd config compiled for sm_90 with the
+#             installed Triton: registers, spills, shared memory, HGMMA); runs in the background from the start
+#   tests     python -m pytest tests/kernels (compiled kernels, TRITON_INTERPRET unset; the fit tests are the fit stage)
+#   bench     python -m benchmarks --quick
+#   launches  python -m fastnca.launches --preset mnist-doubling --json (kernel launches per training iteration)
+#   profile   python -m benchmarks.profiling (torch.profiler: top kernels, GPU-busy vs wall time)
+#   train     time to quality: mnist-doubling, fused then reference backend, the same wall-clock budget each
+#             (python -m benchmarks.ttq: fastnca's Trainer without the final evaluation and pictures)
+#   ncu       Nsight Compute on the fused step forward + backward (only where ncu exists and is permitted)
+#
+# Writes 7 files into OUTDIR (no sub-folders; each well under 16 MiB):
+#   summary.md   the headline table (printed last)        check.json  everything, machine-readable
+#   details.md   fit table, profile tables, ncu counters,  time-to-quality curves
+#   gpu_check.log  every stage's output with timestamps   tests.txt  pytest output of tests/kernels
+#   bench.json / bench.md  the quick benchmark
+# Record the run:  python -m benchmarks.record OUTDIR   (appends a dated section to benchmarks/RESULTS.md)
+#
+# Knobs: GPU_CHECK_DEADLINE_S, GPU_CHECK_STAGES (default "env fit tests bench launches profile train ncu"),
+#   GPU_CHECK_TRAIN_S (seconds of training per backend, default 40), GPU_CHECK_IMPORT (auto | editable | shim),
+#   PYTHON (default python3).
 set -u
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+usage="usage: bash benchmarks/gpu_check.sh OUTDIR [--data-dir DIR] [--tiny]"
+OUTDIR=${1:?$usage}
+shift
+DATA_DIR=${FASTNCA_DATA:-}
+TINY=0
+while (($#)); do
+  case $1 in
+    --data-dir) DATA_DIR=${2:?$usage}; shift 2 ;;
+    --data-dir=*) DATA_DIR=${1#*=}; shift ;;
+    --tiny) TINY=1; shift ;;
+    *) echo "$usage" >&2; exit 2 ;;
+  esac
+done
+[[ -n $DATA_DIR ]] && DATA_DIR=$(cd "$DATA_DIR" 2>/dev/null && pwd || echo "$DATA_DIR")
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
 PY=${PYTHON:-python3}
-DEADLINE=${GPU_CHECK_DEADLINE_S:-555}
-STAGES=${GPU_CHECK_STAGES-tests bench train}
-LOG=$OUT/gpu_check.log
-TMP=$(mktemp -d /tmp/gpu_check.XXXXXX)
+# (the dry run's caps and deadline are x3: upper bounds for a slow CPU, not what it takes)
+DEADLINE=${GPU_CHECK_DEADLINE_S:-$( ((TINY)) && echo 1590 || echo 530)}
+SLOW=$( ((TINY)) && echo 3 || echo 1) # the dry run's interpreted kernels on a small CPU: caps x 3
+STAGES=${GPU_CHECK_STAGES-env fit tests bench launches profile train ncu}
+TRAIN_S=${GPU_CHECK_TRAIN_S:-40}
+LOG=$OUTDIR/gpu_check.log
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+PARTS=$TMP/parts
+mkdir -p "$PARTS"
 T0=$SECONDS
 export PYTHONUNBUFFERED=1 FASTNCA_CACHE=$TMP/cache
-unset TRITON_INTERPRET  # the kernels must be compiled for the GPU, not interpreted
+if ((TINY)); then
+  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+  DEV=cpu
+else
+  unset TRITON_INTERPRET # the kernels must be compiled for the GPU, not interpreted
+  DEV=cuda
+fi
 
 log() { echo "[gpu_check +$((SECONDS - T0))s] $*" | tee -a "$LOG"; }
 # cap WANT RESERVE: WANT seconds, or fewer so that RESERVE seconds remain for the later stages before DEADLINE
 cap() {
-  local want=$1 left=$((DEADLINE - (SECONDS - T0) - $2))
+  local want=$(($1 * SLOW)) left=$((DEADLINE - (SECONDS - T0) - $2 * SLOW))
   ((left < want)) && want=$left
   ((want < 10)) && want=10
   echo "$want"
 }
 has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
+# stage_done NAME RC SECONDS NOTE: one line per stage for the summary (rc: an exit code, "skipped" or "note")
+stage_done() {
+  local note
+  note=$(printf '%s' "$4" | tr '\t\n' '  ' | sed 's/ *$//' | cut -c1-300)
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$note" >>"$PARTS/stages.tsv"
+  log "$1: rc $2 (${3}s)${4:+ - $4}"
+}
 
 : >"$LOG"
-log "fastnca gpu_check in $ROOT -> $OUT (deadline ${DEADLINE}s, stages: $STAGES)"
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.sm,clocks.max.sm --format=csv
-  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
-'| triton', triton.__version__, '| cuda available', torch.cuda.is_available())"
-  $PY -c "import pytest_benchmark; print('pytest-benchmark', pytest_benchmark.__version__)" ||
-    echo "pytest-benchmark missing: the bench_*.py suites skip; the runner does not need it"
-  $PY -c "import pynvml; pynvml.nvmlInit(); print('nvidia-ml-py ok')" ||
-    echo "nvidia-ml-py/NVML missing: power, energy and NVML memory columns stay empty"
-} >>"$LOG" 2>&1
-[[ -f gpu_data/COMMIT && -z "${FASTNCA_COMMIT:-}" ]] && ! git rev-parse HEAD >/dev/null 2>&1 &&
-  export FASTNCA_COMMIT="$(head -c 200 gpu_data/COMMIT | tr '\n' ' ')"
+log "fastnca gpu_check in $ROOT -> $OUTDIR (deadline ${DEADLINE}s, stages: $STAGES$( ((TINY)) && echo '; tiny CPU dry run'))"
 
-# ---- 1. make `fastnca` and `fastnca.kernels` importable without downloads
+# ---- setup: make `fastnca` and `fastnca.kernels` of this checkout importable, without installing anything
+# (auto: use an install of this checkout if there is one, else PYTHONPATH plus benchmarks/_import_shim, whose
+# sitecustomize maps fastnca.kernels to kernels/ as pyproject's package-dir does; editable: pip install -e .)
 IMPORT_MODE=${GPU_CHECK_IMPORT:-auto}
 IMPORT=failed
-check_import() { (cd "$TMP" && $PY -c "import fastnca, fastnca.kernels.reference") >>"$LOG" 2>&1; }
-if [[ $IMPORT_MODE != shim ]] &&
-  timeout 120 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e "$ROOT" >>"$LOG" 2>&1 &&
+check_import() { (cd "$TMP" && $PY -c "
+import pathlib, sys, fastnca, fastnca.kernels.reference as r
+sys.exit(pathlib.Path(r.__file__).resolve().parents[1] != pathlib.Path(sys.argv[1]).resolve())" "$ROOT") >>"$LOG" 2>&1
+}
+if [[ $IMPORT_MODE == auto ]] && check_import; then
+  IMPORT="already installed from this checkout"
+fi
+if [[ $IMPORT == failed && $IMPORT_MODE == editable ]] &&
+  timeout 60 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e "$ROOT" >>"$LOG" 2>&1 &&
   check_import; then
   IMPORT="pip install --no-deps -e ."
 fi
-if [[ $IMPORT == failed && $IMPORT_MODE != editable ]]; then
-  # kernels/ is mapped to fastnca.kernels by pyproject's package-dir; the shim's sitecustomize does the same
+if [[ $IMPORT == failed ]]; then
   export PYTHONPATH="$ROOT/benchmarks/_import_shim:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   check_import && IMPORT="PYTHONPATH + benchmarks/_import_shim"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 log "import: $IMPORT"
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" >>"$LOG" 2>&1 ||
-  log "WARNING: torch sees no CUDA device; the stages below run on the CPU and prove nothing about the GPU"
+if ((!TINY)) && ! $PY -c "import torch; assert torch.cuda.is_available()" >>"$LOG" 2>&1; then
+  log "WARNING: torch sees no CUDA device: the stages below prove nothing about a GPU"
+  DEV=cpu
+fi
 
-RC_TESTS=skipped RC_BENCH=skipped RC_TRITON=skipped RC_TORCH=skipped
+# ---- env
+if has_stage env; then
+  t=$SECONDS
+  {
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,temperature.gpu --format=csv
+    command -v nvidia-smi >/dev/null || echo "nvidia-smi: not found"
+  } >"$PARTS/nvidia-smi.txt" 2>&1
+  cat "$PARTS/nvidia-smi.txt" >>"$LOG"
+  timeout 60 $PY -c "import sys; from benchmarks.summarize import write_env; write_env(sys.argv[1], sys.argv[2])" \
+    "$PARTS/env.json" "$DEV" >"$TMP/env.out" 2>&1
+  rc=$?
+  cat "$TMP/env.out" >>"$LOG"
+  stage_done env $rc $((SECONDS - t)) "$(tail -n 1 "$TMP/env.out")"
+fi
 
-# ---- 2. kernel parity tests, compiled (tests/conftest.py sets TRITON_INTERPRET only without CUDA)
+# ---- fit: CPU-only compiles, in the background from here on (its own cap)
+FIT_PID=
+if has_stage fit; then
+  FIT_T=$SECONDS
+  FIT_CAP=$(cap 150 40)
+  FIT_ARGS=${GPU_CHECK_FIT_ARGS:-$( ((TINY)) && echo "--only fwd")}
+  log "fit: python -m fastnca.kernels.fit --json $FIT_ARGS (background, timeout ${FIT_CAP}s)"
+  (
+    # the fit compiles with triton.compile; under the interpreter it starts its own child without it
+    timeout "$FIT_CAP" $PY -m fastnca.kernels.fit --json $FIT_ARGS >"$PARTS/fit.jsonl" 2>"$PARTS/fit.err"
+    echo $? >"$PARTS/fit.rc"
+  ) &
+  FIT_PID=$!
+fi
+fit_wait() {
+  [[ -z $FIT_PID ]] && return
+  wait "$FIT_PID"
+  FIT_PID=
+  local rc note
+  rc=$(cat "$PARTS/fit.rc" 2>/dev/null || echo missing)
+  tail -n 5 "$PARTS/fit.err" >>"$LOG" 2>/dev/null
+  note=$($PY -c "import sys; from benchmarks.summarize import fit_note; print(fit_note(sys.argv[1]))" \
+    "$PARTS" 2>>"$LOG")
+  [[ $rc == 124 ]] && note="stopped by its timeout; $note"
+  [[ $rc != 0 && $rc != 124 ]] && note="failed: $(tail -n 1 "$PARTS/fit.err" 2>/dev/null | cut -c1-200); $note"
+  stage_done fit "$rc" $((SECONDS - FIT_T)) "$note"
+  if grep -q "SPILL" <<<"$note"; then
+    log "!!!!!!!! REGISTER SPILLS on this Triton: $note !!!!!!!!"
+  fi
+}
+
+# ---- tests: the kernel parity tests, compiled (tests/conftest.py sets TRITON_INTERPRET only without CUDA)
 if has_stage tests; then
-  TT=$(cap 120 370)
-  log "tests: python -m pytest tests/kernels -q (timeout ${TT}s)"
-  timeout "$TT" $PY -m pytest tests/kernels -q -p no:cacheprovider -rfEs >"$OUT/tests.txt" 2>&1
-  RC_TESTS=$?
-  ((RC_TESTS == 124)) && echo "gpu_check: tests stopped by the ${TT}s timeout" >>"$OUT/tests.txt"
-  tail -n 25 "$OUT/tests.txt" >>"$LOG"
-  log "tests: rc $RC_TESTS"
+  t=$SECONDS
+  TT=$(cap 90 360)
+  if ((TINY)); then TARGS=${GPU_CHECK_TESTS:-"tests/kernels/test_nca_step_fwd.py -k 'bad_input or empty_batch'"}
+  # the sm_90 fit tests compile what the fit stage compiles (and reports) in the background: not twice
+  else TARGS=${GPU_CHECK_TESTS:-"tests/kernels --ignore=tests/kernels/test_fit.py --ignore=tests/kernels/test_fit_bwd.py"}; fi
+  log "tests: python -m pytest $TARGS (timeout ${TT}s)"
+  eval "timeout $TT $PY -m pytest $TARGS -q -p no:cacheprovider -rfEs" >"$OUTDIR/tests.txt" 2>&1
+  rc=$?
+  ((rc == 124)) && echo "gpu_check: tests stopped by the ${TT}s timeout" >>"$OUTDIR/tests.txt"
+  tail -n 15 "$OUTDIR/tests.txt" >>"$LOG"
+  stage_done tests $rc $((SECONDS - t)) "$($PY -c "import sys; from benchmarks.summarize import pytest_line
+print(pytest_line(open(sys.argv[1]).read()))" "$OUTDIR/tests.txt" 2>/dev/null)"
 fi
 
-# ---- 3. quick benchmark (rows not started within its time budget are recorded as skipped)
+# ---- bench: the quick benchmark (rows not started within its time budget are recorded as skipped)
 if has_stage bench; then
-  BT=$(cap 270 185)
-  log "bench: python -m benchmarks --quick (timeout ${BT}s, row budget $((BT - 75))s)"
-  timeout "$BT" $PY -m benchmarks --quick --out "$OUT" --time-budget $((BT - 75)) >>"$LOG" 2>&1
-  RC_BENCH=$?
-  log "bench: rc $RC_BENCH"
+  t=$SECONDS
+  BT=$(cap 150 200)
+  if ((TINY)); then BARGS="--tiny --device cpu --no-peaks --cases step --backends torch-fp32 triton-bf16"
+  else BARGS="--quick --time-budget $((BT - 60 > 10 ? BT - 60 : 10))"; fi
+  log "bench: python -m benchmarks $BARGS (timeout ${BT}s)"
+  timeout "$BT" $PY -m benchmarks $BARGS --out "$OUTDIR" >>"$LOG" 2>&1
+  stage_done bench $? $((SECONDS - t)) ""
 fi
 
-# ---- 4. mnist-doubling training, fused then reference: same seed and data, so losses match step by step
-if has_stage train; then
-  if [[ ! -f gpu_data/binarized_mnist.npz ]]; then
-    log "train: gpu_data/binarized_mnist.npz missing (copy /work/shared/data/binarized_mnist.npz there and carry gpu_data)"
-    RC_TRITON=no-data RC_TORCH=no-data
+# ---- launches: kernel launches per training iteration (fastnca.launches, if this checkout has it)
+if has_stage launches; then
+  t=$SECONDS
+  LT=$(cap 40 160)
+  if ! (cd "$TMP" && $PY -c "import fastnca.launches") >>"$TMP/launches.err" 2>&1; then
+    stage_done launches note 0 "fastnca.launches is not in this checkout: no launch count"
   else
-    for backend in triton torch; do
-      reserve=$([[ $backend == triton ]] && echo 95 || echo 8)
-      TT=$(cap 95 "$reserve")
-      TL=$((TT - 35 < 60 ? TT - 35 : 60))
-      ((TL < 5)) && TL=5
-      log "train: --set backend=$backend --time-limit $TL (timeout ${TT}s)"
-      timeout "$TT" $PY -m fastnca train --preset mnist-doubling --set backend=$backend --set log_every=10 \
-        --set eval_every=0 --set ckpt_every=0 --set eval_samples=8 --set eval_batches=1 \
-        --out "$TMP/train_$backend" --data-dir gpu_data --time-limit "$TL" --device cuda --no-progress \
-        >>"$LOG" 2>&1
-      rc=$?
-      [[ -f $TMP/train_$backend/metrics.jsonl ]] && cp "$TMP/train_$backend/metrics.jsonl" "$OUT/train_$backend.jsonl"
-      if [[ $backend == triton ]]; then RC_TRITON=$rc; else RC_TORCH=$rc; fi
-      log "train $backend: rc $rc"
-    done
+    LP=$( ((TINY)) && echo small || echo mnist-doubling)
+    log "launches: python -m fastnca.launches --preset $LP --device $DEV --json (timeout ${LT}s)"
+    timeout "$LT" $PY -m fastnca.launches --preset "$LP" --device "$DEV" --json >"$PARTS/launches.out" 2>>"$LOG"
+    rc=$?
+    cat "$PARTS/launches.out" >>"$LOG"
+    stage_done launches $rc $((SECONDS - t)) "$($PY -c "import sys; from benchmarks.summarize import launches_note
+print(launches_note(sys.argv[1]))" "$PARTS" 2>>"$LOG")"
   fi
 fi
 
-# ---- 5. summary, printed last
+# ---- profile: torch.profiler over a training iteration (bf16, fp32) and the headline step fwd+bwd
+if has_stage profile; then
+  t=$SECONDS
+  PT=$(cap 60 130)
+  PARGS=$( ((TINY)) && echo "--tiny --device cpu")
+  log "profile: python -m benchmarks.profiling $PARGS (timeout ${PT}s)"
+  timeout "$PT" $PY -m benchmarks.profiling $PARGS --json "$PARTS/profile.json" --md "$PARTS/profile.md" \
+    >>"$LOG" 2>&1
+  rc=$?
+  stage_done profile $rc $((SECONDS - t)) "$( ((rc == 124)) && echo "stopped by its ${PT}s timeout")"
+fi
+
+fit_wait # the fit's compiles are done (or capped) before the timed training runs
+
+# ---- train: time to quality, fused then reference, the same wall-clock budget each (same seed and data)
+if has_stage train; then
+  left=$((DEADLINE - (SECONDS - T0) - 70 * SLOW))
+  TL=$TRAIN_S
+  ((left / 2 - 25 < TL)) && TL=$((left / 2 - 25))
+  ((TL < 5)) && TL=5
+  ((TINY)) && TL=${GPU_CHECK_TRAIN_S:-4}
+  TPRESET=mnist-doubling
+  if ((TINY)); then
+    # the fused kernels are interpreted: the smallest net that still runs every stage of the doubling schedule
+    TSETS="--set state_channels=16 --set hidden_channels=16 --set n_blocks=0 --set enc_channels=4 \
+      --set batch_size=1 --set steps_per_stage=1 --set log_every=1 --threads 1"
+  else TSETS="--set log_every=5"; fi
+  for backend in triton torch; do
+    t=$SECONDS
+    TT=$((TL + 60 * SLOW))
+    log "train: --preset $TPRESET --set backend=$backend --time-limit $TL (timeout ${TT}s)"
+    timeout "$TT" $PY -m benchmarks.ttq --preset "$TPRESET" --backend $backend $TSETS --set eval_every=0 \
+      --set ckpt_every=0 --out "$TMP/train_$backend" ${DATA_DIR:+--data-dir "$DATA_DIR"} --time-limit "$TL" \
+      --device "$DEV" >"$TMP/train_$backend.log" 2>&1
+    rc=$?
+    cat "$TMP/train_$backend.log" >>"$LOG"
+    [[ -f $TMP/train_$backend/metrics.jsonl ]] && cp "$TMP/train_$backend/metrics.jsonl" "$PARTS/train_$backend.jsonl"
+    note="time limit ${TL}s; $(grep -h '^ttq: done' "$TMP/train_$backend.log" | cut -c 6-)"
+    if ((rc == 3)); then
+      note="no MNIST data found: pass --data-dir DIR (a folder with binarized_mnist.npz) or set FASTNCA_DATA"
+    elif ((rc != 0)); then
+      note="failed: $(grep -v '^\s*$' "$TMP/train_$backend.log" | tail -n 1 | cut -c1-200)"
+    fi
+    stage_done "train_$backend" $rc $((SECONDS - t)) "$note"
+  done
+fi
+
+# ---- ncu: hardware counters of the fused step forward + backward at the headline shape
+if has_stage ncu; then
+  t=$SECONDS
+  NT=$(cap 75 15)
+  if ! command -v ncu >/dev/null 2>&1; then
+    stage_done ncu note 0 "ncu (Nsight Compute) not found: no hardware counters"
+  elif [[ $DEV != cuda ]]; then
+    stage_done ncu note 0 "no CUDA device: ncu not run"
+  else
+    log "ncu: $(ncu --version 2>/dev/null | tail -n 1) (timeout ${NT}s)"
+    timeout "$NT" ncu --target-processes all --profile-from-start off --csv --page raw --section SpeedOfLight \
+      --section Occupancy \
+      --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --log-file "$PARTS/ncu.csv" $PY -m benchmarks.profiling --ncu-target >>"$LOG" 2>&1
+    rc=$?
+    [[ -f $PARTS/ncu.csv ]] && tail -n 3 "$PARTS/ncu.csv" >>"$LOG"
+    if grep -qs "ERR_NVGPUCTRPERM" "$PARTS/ncu.csv" "$LOG"; then
+      note="ncu refused: no permission to read GPU performance counters (ERR_NVGPUCTRPERM)"
+    elif [[ ! -s $PARTS/ncu.csv ]]; then
+      note="ncu wrote no output: $(tail -n 1 "$LOG" | cut -c1-200)"
+    else
+      $PY -m benchmarks.profiling --ncu-csv "$PARTS/ncu.csv" --json "$PARTS/ncu.json" --md "$PARTS/ncu.md" \
+        >>"$LOG" 2>&1
+      note=$($PY -c "import json, sys; print(len(json.load(open(sys.argv[1]))['ncu']), 'kernels profiled')" \
+        "$PARTS/ncu.json" 2>/dev/null)
+      ((rc == 124)) && note="stopped by its ${NT}s timeout; $note"
+      ((rc != 0 && rc != 124)) && note="ncu rc $rc: $(grep -h "==ERROR==" "$PARTS/ncu.csv" | head -n 1 | cut -c1-200); $note"
+    fi
+    stage_done ncu "$rc" $((SECONDS - t)) "$note"
+  fi
+fi
+
+fit_wait
+
+# ---- summary: check.json, details.md, summary.md; printed last
 log "done in $((SECONDS - T0))s"
-$PY -m benchmarks.summarize "$OUT" --rc tests=$RC_TESTS bench=$RC_BENCH train_triton=$RC_TRITON \
-  train_torch=$RC_TORCH --note "import: $IMPORT; total $((SECONDS - T0)) s; stages: $STAGES" >>"$LOG" 2>&1
-cat "$OUT/summary.md" 2>/dev/null || echo "gpu_check: no summary.md (see gpu_check.log)"
+$PY -m benchmarks.summarize "$OUTDIR" --parts "$PARTS" \
+  --note "import: $IMPORT; total $((SECONDS - T0)) s; stages: $STAGES$( ((TINY)) && echo '; tiny CPU dry run')" \
+  >>"$LOG" 2>&1 || log "summarize failed (see above)"
+cat "$OUTDIR/summary.md" 2>/dev/null || echo "gpu_check: no summary.md (see gpu_check.log)"
 rm -rf "$TMP"

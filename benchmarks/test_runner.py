@@ -65,10 +65,23 @@ def test_cli_writes_json_with_expected_fields(cli_run) -> None:
 def test_cli_writes_markdown_and_prints_parity_first(cli_run) -> None:
     _, md, proc = cli_run
     assert "no speed claim" in md
-    assert "| case | backend | ckpt | parity rel err (tol) | median ms [p20, p80] |" in md
+    assert "| case | backend | sizes run | ckpt | parity rel err (tol) | median ms [p20, p80] | status |" in md
     assert md.count("\n| step |") == 4 and md.count("\n| train-mnist-doubling |") == 4
     out = proc.stdout
     assert out.index("parity torch-fp32") < out.index("time   torch-fp32")
+
+
+def test_cpu_run_shows_the_sizes_it_ran_and_no_speed_columns(cli_run) -> None:
+    """A tiny CPU run must not print the GPU case sizes nor peak fractions / speed-ups (issue 12)."""
+    result, md, proc = cli_run
+    assert "sizes run: B=2, 8x8, |z|=h=16, 1 block" in proc.stdout
+    assert "| step | torch-fp32 | B=2, 8x8, \\|z\\|=h=16, 1 block |" in md
+    for gpu_only in ("B=32", "64x64", "|z|=h=256", "% peak", "speed-up", "floor ms", "TFLOP/s"):
+        assert gpu_only not in md, f"{gpu_only!r} in the markdown of a CPU run"
+        assert gpu_only not in proc.stdout.split("## Benchmark run")[-1], f"{gpu_only!r} in the printed table"
+    assert "B=32" not in proc.stdout, "the GPU case size was printed for a tiny run"
+    train = next(r for r in result["rows"] if r["case"] == "train-mnist-doubling")
+    assert train["sizes"].startswith("B=2, 16x16 px, |z|=h=16, 1 block"), train["sizes"]
 
 
 def test_unavailable_backend_and_time_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,19 +114,24 @@ def test_summarize_gpu_check_folder(tmp_path: Path, cli_run) -> None:
     result, _, _ = cli_run
     (tmp_path / "bench.json").write_text(json.dumps(result))
     (tmp_path / "tests.txt").write_text("....\n==== 12 passed, 1 skipped in 41.2s ====\n")
+    (tmp_path / "stages.tsv").write_text("tests\t0\t42\t12 passed, 1 skipped in 41.2s\nncu\tnote\t0\tncu not found\n")
     rows = [{"step": s, "split": "train", "loss": 500.0 - s, "it_per_s": 5.0, "elapsed_s": s / 5} for s in (10, 20)]
     (tmp_path / "train_triton.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken")
     (tmp_path / "train_torch.jsonl").write_text(json.dumps({**rows[0], "loss": 491.0, "it_per_s": 2.0,
                                                             "elapsed_s": 5.0}) + "\n")
-    text = summarize(tmp_path, {"tests": "0"}, note="import: test")
+    text = summarize(tmp_path, note="import: test")
     assert (tmp_path / "summary.md").read_text() == text
-    assert "12 passed, 1 skipped in 41.2s" in text and "import: test" in text
+    assert "| kernel tests (compiled) | 12 passed, 1 skipped in 41.2s (rc 0) |" in text and "import: test" in text
+    assert "| ncu | note | 0 | ncu not found |" in text
     assert "step 10: triton 490.0000 vs torch 491.0000" in text
     assert "| step | triton-bf16 |" in text or "| step | torch-fp32 |" in text
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["train"]["triton"] == rows and check["tests"] == "12 passed, 1 skipped in 41.2s"
     assert pytest_line("no summary here") == "no summary here"
     assert compare_losses([], rows) == {"common_steps": 0}
     empty = summarize(tmp_path / "nothing")
-    assert "missing: tests.txt" in empty and "missing: bench.json" in empty and "no metrics rows" in empty
+    assert "missing: bench.json" in empty and "| kernel tests (compiled) | not run |" in empty
+    assert "no metrics rows from the fused run" in empty
 
 
 def test_import_shim_serves_fastnca_kernels(tmp_path: Path) -> None:
@@ -129,13 +147,14 @@ def test_import_shim_serves_fastnca_kernels(tmp_path: Path) -> None:
 
 
 def test_gpu_check_script_setup_and_summary_only(tmp_path: Path) -> None:
-    """The script's setup and summary on the CPU (no stages): 7 files at most, summary printed last."""
-    env = {**os.environ, "GPU_CHECK_STAGES": "", "GPU_CHECK_IMPORT": "shim", "CUDA_VISIBLE_DEVICES": ""}
+    """The script's setup and summary on the CPU (no stages): the summary files only, summary printed last."""
+    env = {**os.environ, "GPU_CHECK_STAGES": "", "GPU_CHECK_IMPORT": "shim", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["gpu_check.log", "summary.md"], files
+    assert files == ["check.json", "details.md", "gpu_check.log", "summary.md"], files
     assert proc.stdout.rstrip().endswith("no step logged by both runs")
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert "import: PYTHONPATH + benchmarks/_import_shim" in log

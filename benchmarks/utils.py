@@ -65,13 +65,13 @@ def quantile(xs: list[float], q: float) -> float:
 
 
 def git_commit() -> dict[str, Any]:
-    """The commit being measured: $FASTNCA_COMMIT, else ``git`` in the checkout, else gpu_data/COMMIT.
+    """The commit being measured: $FASTNCA_COMMIT, else ``git`` in the checkout, else "unknown".
 
-    The device machine receives a copy of the working tree without ``.git``; the caller writes the commit
-    into ``gpu_data/COMMIT`` (see benchmarks/README.md) so that the results still name it.
+    A copy of the checkout without ``.git`` (e.g. a working tree copied onto a GPU machine) names its commit
+    through FASTNCA_COMMIT (see benchmarks/README.md).
     """
     if os.environ.get("FASTNCA_COMMIT"):
-        return {"commit": os.environ["FASTNCA_COMMIT"], "source": "env"}
+        return {"commit": os.environ["FASTNCA_COMMIT"].strip(), "source": "FASTNCA_COMMIT"}
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
@@ -80,11 +80,7 @@ def git_commit() -> dict[str, Any]:
         return {"commit": sha, "dirty": bool(dirty), "source": "git"}
     except (OSError, subprocess.SubprocessError):
         pass
-    f = REPO_ROOT / "gpu_data" / "COMMIT"
-    if f.is_file():
-        lines = f.read_text().split()
-        return {"commit": lines[0] if lines else "unknown", "note": " ".join(lines[1:]), "source": str(f)}
-    return {"commit": "unknown", "source": "none"}
+    return {"commit": "unknown", "source": "none (no git checkout; set FASTNCA_COMMIT)"}
 
 
 # ----------------------------------------------------------------------------------------------- NVML
