@@ -10,6 +10,7 @@ Usage::
     fastnca damage --checkpoint runs/small/checkpoint.pt --out figs [--kind half|square]
     fastnca data [--data-dir DIR] [--download]
     fastnca presets
+    torchrun --nproc-per-node 4 -m fastnca train ...   # data-parallel (DDP) training; `eval` likewise
 
 The data directory comes from ``--data-dir``, else ``$FASTNCA_DATA``, else ``./data``. ``--set key=value``
 overrides any field of ``fastnca.config.Config`` (its type is checked). ``python -m fastnca`` works too.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+def _is_main() -> bool:
+    from fastnca import distributed
+
+    ctx = distributed.active()
+    return ctx is None or ctx.is_main
+
+
+def _info(message: str) -> None:
+    """A progress message on stderr, from rank 0 only under torchrun."""
+    if _is_main():
+        print(message, file=sys.stderr)
+
+
 def _threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None):
         import torch
@@ -165,12 +180,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CLIError("--resume needs --out, the run directory to continue")
         trainer = Trainer.resume(args.out, overrides=overrides, **kwargs)
         if args.preset and args.preset != "custom":
-            print(
-                f"resuming {args.out} at step {trainer.step} (its checkpoint's config; --preset is ignored)",
-                file=sys.stderr,
-            )
+            _info(f"resuming {args.out} at step {trainer.step} (its checkpoint's config; --preset is ignored)")
         else:
-            print(f"resuming {args.out} at step {trainer.step}", file=sys.stderr)
+            _info(f"resuming {args.out} at step {trainer.step}")
     else:
         if not args.preset:
             raise CLIError("train: --preset NAME is required (or --resume --out DIR); see `fastnca presets`")
@@ -184,7 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue it, or choose another --out"
             )
         trainer = Trainer(cfg, out, **kwargs)
-        print(f"training {args.preset} on {trainer.device} -> {out}", file=sys.stderr)
+        ranks = f" x {trainer.dist.world_size} ranks (DDP)" if trainer.dist is not None else ""
+        _info(f"training {args.preset} on {trainer.device}{ranks} -> {out}")
     try:
         summary = trainer.fit()
     except NonFiniteLossError as err:
@@ -231,7 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     value = f"{res['iwae']:.2f} nats" if units == "nats" else f"{res['bpd']:.4f} bits/dim"
     other = f"{res['bpd']:.4f} bits/dim" if units == "nats" else f"{res['iwae']:.2f} nats"
     print(f"test log p(x) >= {value} ({other}; IWAE k={args.k}, {res['n_images']} images, step {res['step']})")
-    if args.json:
+    if args.json and _is_main():
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0
@@ -329,6 +342,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+DISTRIBUTED_COMMANDS = ("train", "eval")  # the commands that run data-parallel under torchrun
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -348,8 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse prints its own message
         return int(exc.code or 0)
+    from fastnca import distributed
+
     try:
         _threads(args)
+        if args.command in DISTRIBUTED_COMMANDS:  # under torchrun: join the process group, rank = device
+            _, args.device = distributed.setup(args.device)
+            if not _is_main():  # results are printed by rank 0; errors still go to every rank's stderr
+                sys.stdout = open(os.devnull, "w")  # for the rest of this process
         return COMMANDS[args.command](args)
     except (CLIError, DataError, FileNotFoundError, ValueError) as err:
         print(f"fastnca {args.command}: error: {err}", file=sys.stderr)
@@ -357,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastnca: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

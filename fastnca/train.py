@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastnca import distributed
 from fastnca.config import Config
 from fastnca.data import Splits, load_for_config, to_model
 from fastnca.evaluate import CHECKPOINT_NAME, evaluate_iwae, read_checkpoint, resolve_device
@@ -248,14 +249,19 @@ class Trainer:
                 "pool_size: pool and damage training needs a non-doubling model (doubling=False); "
                 "pool states live on the final grid, which a doubling rollout only reaches at its end"
             )
+        self.dist = distributed.active()  # None in one process; under torchrun: rank, world size (DDP)
+        distributed.check_config(config, self.dist)
         if time_limit is not None and time_limit <= 0:
             raise ValueError(f"time_limit: expected a positive number of seconds, got {time_limit}")
         self.cfg = config
         self.out_dir = Path(out_dir)
         self.device = resolve_device(device or config.device)
         self.time_limit = time_limit
-        self.progress = progress
+        self.is_main = self.dist is None or self.dist.is_main  # rank 0 alone logs and writes files
+        self.progress = progress and self.is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        if not self.is_main:
+            self.log = lambda msg: None
         self.final_outputs = final_outputs
         self.final_eval = final_eval
         self.splits = splits if splits is not None else load_for_config(config, data_dir)
@@ -280,13 +286,21 @@ class Trainer:
         self.dev_gen = (
             self.gen if self.device.type == "cpu" else torch.Generator(device=self.device).manual_seed(config.seed + 1)
         )
-        self.pool = Pool(config.pool_size)
+        self.pool = Pool(config.pool_size // (1 if self.dist is None else self.dist.world_size))
         self.step = 0
         self.elapsed_s = 0.0  # training wall time over all sessions (evaluation excluded)
         self.perm = torch.randperm(self.splits.train.shape[0], generator=self.gen)
         self.pos = 0
-        # CUDA: the whole iteration of a fixed-schedule model replays as a graph; None where it runs eagerly
-        self.train_graph = train_graph_for(self)
+        # the model's loss: the VNCA itself, or under torchrun its DDP wrapper on this rank's rows
+        self.loss_module: Callable[..., dict[str, Tensor]] = self.model
+        self.train_graph = None
+        if self.dist is not None:
+            self.loss_module = distributed.ShardedLoss(self.model, self.dist, self.dev_gen, self.device)
+            if self.device.type == "cuda" and config.cuda_graphs:
+                self.log("CUDA graphs are off under DDP (torchrun): training and evaluation run eagerly")
+        else:
+            # CUDA: the whole iteration of a fixed-schedule model replays as a graph; None where it runs eagerly
+            self.train_graph = train_graph_for(self)
 
     # ------------------------------------------------------------------------------------------ data
     def next_batch(self) -> Tensor:
@@ -297,6 +311,9 @@ class Trainer:
             self.pos = 0
         idx = self.perm[self.pos : self.pos + b]
         self.pos += b
+        if self.dist is not None:  # this rank's rows of the global batch
+            local = b // self.dist.world_size
+            idx = idx[self.dist.rank * local : (self.dist.rank + 1) * local]
         return self.train_images[idx.to(self.train_images.device)]
 
     # ------------------------------------------------------------------------------------------ one step
@@ -328,7 +345,7 @@ class Trainer:
             actually used (pool images in its last rows).
         """
         x, pool_states, _ = self.pool_batch(x)
-        out = self.model(x, beta=self.cfg.beta, generator=self.dev_gen, steps_generator=self.gen,
+        out = self.loss_module(x, beta=self.cfg.beta, generator=self.dev_gen, steps_generator=self.gen,
                          start_states=pool_states)
         return {**out, "x": x}
 
@@ -360,7 +377,11 @@ class Trainer:
         """Read the statistics of steps ``first_step, first_step + 1, ...`` back; raise on the first non-finite."""
         if not pending:
             return []
-        rows = torch.stack(pending).tolist()
+        rows = torch.stack(pending)
+        if self.dist is not None:  # global-batch means of loss, recon, kl, elbo (grad_norm is already global)
+            n_mean = STAT_KEYS.index("grad_norm")
+            rows = torch.cat([distributed.mean_over_ranks(rows[:, :n_mean], self.dist), rows[:, n_mean:]], 1)
+        rows = rows.tolist()
         for i, vals in enumerate(rows):
             bad = [k for k, v in zip(STAT_KEYS, vals) if not math.isfinite(v)]
             if bad:
@@ -390,7 +411,12 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return save_checkpoint(self.state_dict(), self.checkpoint_path)
+        state = self.state_dict()
+        if self.dist is not None:  # every rank's RNG states and pool shard, gathered to rank 0 (a collective)
+            state = distributed.gather_checkpoint(state, self.dist)
+            if state is None:
+                return self.checkpoint_path
+        return save_checkpoint(state, self.checkpoint_path)
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -406,6 +432,7 @@ class Trainer:
         self.pos = int(ckpt["data"]["pos"])
         self.step = int(ckpt["step"])
         self.elapsed_s = float(ckpt.get("elapsed_s", 0.0))
+        distributed.restore_rank_state(self, ckpt, self.dist, self.log)
 
     @classmethod
     def resume(
@@ -430,12 +457,14 @@ class Trainer:
         return self.out_dir / METRICS_NAME
 
     def write_metrics(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop rows logged after ``step`` by an interrupted session, so a resumed run's log has no duplicates."""
-        if not self.metrics_path.is_file():
+        if not self.is_main or not self.metrics_path.is_file():
             return
         kept = [
             line
@@ -481,7 +510,8 @@ class Trainer:
 
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if self.is_main:
+            _write_text_atomic(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         session_start = time.perf_counter()
         stopped = "done"
         last_train: dict[str, Any] = {}
@@ -553,7 +583,9 @@ class Trainer:
                 if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
                     sync()
                     self.save()
-                if self.time_limit is not None and time.perf_counter() - session_start >= self.time_limit:
+                if self.time_limit is not None and distributed.any_rank(  # every rank stops at the same step
+                    time.perf_counter() - session_start >= self.time_limit, self.dist, self.device
+                ):
                     stopped = "time_limit"
                     break
             sync()
@@ -589,13 +621,16 @@ class Trainer:
             "eval": last_eval,
             "out_dir": str(self.out_dir),
         }
-        _write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.is_main:
+            _write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
     def draw(self, n: int = 64) -> None:
         """samples.png (prior samples, likelihood means) and growth.png (every step of 8 samples)."""
         from fastnca.figures import growth_figure, sample_grid
 
+        if not self.is_main:
+            return
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7)
         sample_grid(self.model, self.out_dir / "samples.png", n=n, generator=gen)
         growth_figure(self.model, self.out_dir / "growth.png", n=8, generator=gen)
