@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -218,6 +219,10 @@ class ShardedLoss:
         self.ctx = ctx
         self.generator = generator
         ids = [device.index] if device.type == "cuda" else None
+        # the 1x1 convolutions' weight gradients come out with channels-last strides; DDP then copies them into
+        # its contiguous buckets (one copy of those weights per iteration) and warns on every rank: the copy is
+        # cheap next to the rollout, the warning is noise
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.ddp = DistributedDataParallel(model, device_ids=ids, output_device=None if ids is None else ids[0])
 
     def __call__(self, x: Tensor, **kwargs: Any) -> Any:
