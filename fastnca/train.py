@@ -346,7 +346,7 @@ class Trainer:
         """
         x, pool_states, _ = self.pool_batch(x)
         out = self.loss_module(x, beta=self.cfg.beta, generator=self.dev_gen, steps_generator=self.gen,
-                         start_states=pool_states)
+                               start_states=pool_states)
         return {**out, "x": x}
 
     def train_step(self) -> Tensor:
