@@ -4,6 +4,7 @@ Usage (on a node with several GPUs)::
 
     python benchmarks/bench_ddp.py --gpus 1,2,4 --preset celeba-doubling --seconds 60
     python benchmarks/bench_ddp.py --gpus 1,2 --preset small --seconds 20 --csv runs/ddp.csv
+    python benchmarks/bench_ddp.py --gpus 1,2 --preset small --seconds 20 --device cpu   # the script's code path
 
 Each world size W runs ``torchrun --nproc-per-node W -m fastnca train --preset P --time-limit S`` (no evaluation,
 CUDA graphs off in every row so that W = 1 runs the same eager iteration as the DDP ranks) and reads the
@@ -25,12 +26,18 @@ from pathlib import Path
 import torch
 
 
-def run_one(world: int, preset: str, seconds: float, sets: list[str], root: Path, port: int) -> dict:
+def run_one(world: int, preset: str, seconds: float, sets: list[str], root: Path, port: int, device: str,
+            data_dir: str | None) -> dict:
     out = root / f"w{world}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
            "--master-addr", "127.0.0.1", "--master-port", str(port),
            "-m", "fastnca", "train", "--preset", preset, "--out", str(out), "--time-limit", str(seconds),
-           "--no-progress", "--no-final-eval", "--set", "eval_every=0", "--set", "cuda_graphs=false"]
+           "--no-progress", "--no-final-eval", "--set", "eval_every=0", "--set", "cuda_graphs=false",
+           "--device", device]
+    if device == "cpu":
+        cmd += ["--threads", "1"]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True, timeout=seconds + 600)
@@ -51,18 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="training time per world size")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--port", type=int, default=29511)
+    p.add_argument("--data-dir", default=None, help="data directory (default: $FASTNCA_DATA, else ./data)")
     p.add_argument("--csv", default=None, help="append the rows to this CSV file")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: gloo ranks (no speed claim)")
     args = p.parse_args(argv)
     worlds = [int(w) for w in args.gpus.split(",")]
-    if max(worlds) > torch.cuda.device_count():
+    if args.device == "cuda" and max(worlds) > torch.cuda.device_count():
         print(f"bench_ddp: {max(worlds)} GPUs asked for, {torch.cuda.device_count()} visible", file=sys.stderr)
         return 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, w in enumerate(worlds):
-            rows.append(run_one(w, args.preset, args.seconds, args.sets, Path(tmp), args.port + i))
+            rows.append(run_one(w, args.preset, args.seconds, args.sets, Path(tmp), args.port + i, args.device,
+                                args.data_dir))
     base = next((r for r in rows if r["world_size"] == 1), None)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (no speed claim)"
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"| preset | GPU | W | global batch | it/s | images/s | speedup | efficiency |  ({stamp})")
     for r in rows:
