@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def test_ddp_eval_matches_one_process(ddp_small_run, tmp_path):
 
     The same random draws reach every image (GlobalBatchDraws, one process's chunking), so the ranks differ from
     one process only in fp32 summation order within smaller batches and in the float64 all-reduce of the sums:
-    measured 6.5e-6 nats on a mean of -364 nats. A rank drawing its own noise differs by whole nats.
+    measured 6.5e-6 nats on a mean of -364 nats.
     """
     out = tmp_path / "eval.json"
     proc = torchrun(["-m", "fastnca", "eval", "--checkpoint", str(ddp_small_run), "--k", "8", "--batches", "3",
@@ -229,6 +230,21 @@ def test_ddp_resume_with_the_same_world_size_is_exact(tmp_path):
     for r in range(2):
         ga, gb = a["distributed"]["rng"][r]["generators"], b["distributed"]["rng"][r]["generators"]
         assert all(torch.equal(ga[k], gb[k]) for k in ga), f"rank {r}: generator states differ after the resume"
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_ddp_checkpoint_resumes_in_one_process_with_a_warning(ddp_small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ddp_small_run, run)
+    messages: list[str] = []
+    torch.set_num_threads(1)
+    trainer = Trainer.resume(run, overrides={"iterations": 12}, progress=False, final_outputs=False,
+                             log=messages.append)
+    assert any("written by 2 process(es), resuming on 1: the trajectory changes" in m for m in messages), (
+        f"expected the world-size warning, got {messages}"
+    )
+    assert trainer.fit()["step"] == 12, "expected the one-process resume to continue to step 12"
 
 
 FAILING_SCRIPT = """
