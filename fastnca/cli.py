@@ -13,6 +13,7 @@ Usage::
     fastnca figures --checkpoint runs/small [--out DIR] [--only growth tsne ...]     # the paper's figures
     fastnca data [--data-dir DIR] [--download]
     fastnca presets
+    torchrun --nproc-per-node 4 -m fastnca train ...   # data-parallel (DDP) training; `eval` likewise
 
 The data directory comes from ``--data-dir``, else ``$FASTNCA_DATA``, else ``./data``. ``--set key=value``
 overrides any field of ``fastnca.config.Config`` (its type is checked). ``python -m fastnca`` works too.
@@ -183,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+def _is_main() -> bool:
+    from fastnca import distributed
+
+    ctx = distributed.active()
+    return ctx is None or ctx.is_main
+
+
+def _info(message: str) -> None:
+    """A progress message on stderr, from rank 0 only under torchrun."""
+    if _is_main():
+        print(message, file=sys.stderr)
+
+
 def _threads(args: argparse.Namespace) -> None:
     threads = getattr(args, "threads", None)
     if threads is None:
@@ -258,12 +272,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             _check_writable(Path(args.out))
         trainer = Trainer.resume(args.out, overrides=overrides, **kwargs)
         if args.preset and args.preset != "custom":
-            print(
-                f"resuming {args.out} at step {trainer.step} (its checkpoint's config; --preset is ignored)",
-                file=sys.stderr,
-            )
+            _info(f"resuming {args.out} at step {trainer.step} (its checkpoint's config; --preset is ignored)")
         else:
-            print(f"resuming {args.out} at step {trainer.step}", file=sys.stderr)
+            _info(f"resuming {args.out} at step {trainer.step}")
     else:
         if not args.preset:
             raise CLIError("train: --preset NAME is required (or --resume --out DIR); see `fastnca presets`")
@@ -280,8 +291,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _check_new_run_folder(out, CHECKPOINT_NAME)
         _check_writable(out)
         trainer = Trainer(cfg, out, **kwargs)
-        print(f"training {args.preset} on {trainer.device} -> {out}", file=sys.stderr)
-    if args.tensorboard:
+        ranks = f" x {trainer.dist.world_size} ranks (DDP)" if trainer.dist is not None else ""
+        _info(f"training {args.preset} on {trainer.device}{ranks} -> {out}")
+    if args.tensorboard and _is_main():  # rank 0 writes every run file under torchrun
         from fastnca.tracking import TENSORBOARD_DIR, TensorBoardTracker
 
         try:
@@ -373,7 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     value = f"{res['iwae']:.2f} nats" if units == "nats" else f"{res['bpd']:.4f} bits/dim"
     other = f"{res['bpd']:.4f} bits/dim" if units == "nats" else f"{res['iwae']:.2f} nats"
     print(f"test log p(x) >= {value} ({other}; IWAE k={args.k}, {res['n_images']} images, step {res['step']})")
-    if args.json:
+    if args.json and _is_main():
         from fastnca.utils import atomic_write
 
         text = json.dumps(res, indent=2) + "\n"
@@ -544,6 +556,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+DISTRIBUTED_COMMANDS = ("train", "eval")  # the commands that run data-parallel under torchrun
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -568,8 +581,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse prints its own message
         return int(exc.code or 0)
+    from fastnca import distributed
+
     try:
         _threads(args)
+        if args.command in DISTRIBUTED_COMMANDS:  # under torchrun: join the process group, rank = device
+            _, args.device = distributed.setup(args.device)
+            if not _is_main():  # results are printed by rank 0; errors still go to every rank's stderr
+                sys.stdout = open(os.devnull, "w")  # for the rest of this process
         return COMMANDS[args.command](args)
     except (CLIError, DataError, FileNotFoundError, ValueError) as err:
         print(f"fastnca {args.command}: error: {err}", file=sys.stderr)
@@ -580,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastnca: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

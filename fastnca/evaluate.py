@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastnca import distributed
 from fastnca.config import Config
 from fastnca.data import to_model
 from fastnca.graphs import iwae_graph_for
@@ -80,6 +81,11 @@ def evaluate_iwae(
         on_first_batch: called once after the first batch with its seconds and the number of batches (to warn
             about a long evaluation).
 
+    Under torchrun (a process group of W > 1 ranks) every rank calls this: each test batch is split over the
+    ranks, each rank draws one process's random numbers for the whole batch and keeps its rows
+    (:class:`fastnca.distributed.GlobalBatchDraws`), and the sums are all-reduced, so every rank returns one
+    process's result (up to float reduction order). CUDA graphs are not used then.
+
     Returns:
         dict with iwae (mean nats per image), bpd (bits/dim), k, n_images.
 
@@ -108,20 +114,37 @@ def evaluate_iwae(
         n_batches = batches
         subset = torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[: n_batches * batch_size]
         images = images[subset.sort().values]
-    graph = iwae_graph_for(model)  # CUDA: captured per batch shape for fixed-schedule models, else None
+    ctx = distributed.active()
+    # CUDA: captured per batch shape for fixed-schedule models, else None (and None under torchrun)
+    graph = iwae_graph_for(model) if ctx is None else None
     total, count = 0.0, 0
-    bar = tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False)
+    show = progress and (ctx is None or ctx.is_main)
+    bar = tqdm(range(n_batches), desc=desc, unit="batch", disable=not show, leave=False)
     t0 = time.perf_counter()
     for i in bar:
-        x = to_model(images[i * batch_size : (i + 1) * batch_size], model.config.likelihood, device=device)
-        log_px = model.iwae(x, k, generator=generator) if graph is None else graph(x, k, generator)
+        batch = images[i * batch_size : (i + 1) * batch_size]
+        if ctx is None:
+            x = to_model(batch, model.config.likelihood, device=device)
+            log_px = model.iwae(x, k, generator=generator) if graph is None else graph(x, k, generator)
+        else:
+            start, stop = distributed.shard_bounds(batch.shape[0], ctx)
+            if stop == start:  # a last batch with fewer images than ranks
+                continue
+            x = to_model(batch[start:stop], model.config.likelihood, device=device)
+            # one process's chunking of this batch (VNCA.iwae's default for the whole batch), so the draws match
+            chunk = max(1, min(k, 256 // batch.shape[0]))
+            with distributed.GlobalBatchDraws(generator, start, stop, batch.shape[0]):
+                log_px = model.iwae(x, k, chunk=chunk, generator=generator)
         total += log_px.double().sum().item()
         count += x.shape[0]
         bar.set_postfix(nats=f"{total / count:.2f}")
         if i == 0 and on_first_batch is not None:
             on_first_batch(time.perf_counter() - t0, n_batches)
     model.train(was_training)
-    nats = total / count
+    if ctx is not None:
+        total, n = distributed.sum_over_ranks([total, count], ctx, device)
+        count = int(round(n))
+    nats = total / count  # count > 0: an evaluation over zero images was refused above
     return {"iwae": nats, "bpd": float(model.bits_per_dim(nats)), "k": k, "n_images": count}
 
 

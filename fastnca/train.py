@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastnca import distributed
 from fastnca.config import Config
 from fastnca.data import Splits, load_for_config, to_model
 from fastnca.evaluate import (
@@ -361,6 +362,8 @@ class Trainer:
                 "pool_size: pool and damage training needs a non-doubling model (doubling=False); "
                 "pool states live on the final grid, which a doubling rollout only reaches at its end"
             )
+        self.dist = distributed.active()  # None in one process; under torchrun: rank, world size (DDP)
+        distributed.check_config(config, self.dist)
         if time_limit is not None and time_limit <= 0:
             raise ValueError(f"time_limit: expected a positive number of seconds, got {time_limit}")
         self.cfg = config
@@ -368,8 +371,11 @@ class Trainer:
         self.device = resolve_device(device or config.device)
         _check_backend(config, self.device)
         self.time_limit = time_limit
-        self.progress = progress
+        self.is_main = self.dist is None or self.dist.is_main  # rank 0 alone logs and writes files
+        self.progress = progress and self.is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        if not self.is_main:
+            self.log = lambda msg: None
         self.final_outputs = final_outputs
         self.final_eval = final_eval
         self.splits = splits if splits is not None else load_for_config(config, data_dir)
@@ -394,15 +400,23 @@ class Trainer:
         self.dev_gen = (
             self.gen if self.device.type == "cpu" else torch.Generator(device=self.device).manual_seed(config.seed + 1)
         )
-        self.pool = Pool(config.pool_size)
+        self.pool = Pool(config.pool_size // (1 if self.dist is None else self.dist.world_size))
         self.step = 0
         self.elapsed_s = 0.0  # training wall time over all sessions (evaluation excluded)
         self.perm = torch.randperm(self.splits.train.shape[0], generator=self.gen)
         self.pos = 0
         self.window: list[dict[str, float]] = []  # read-back stats of the current logging window (checkpointed)
-        # CUDA: the whole iteration of a fixed-schedule model replays as a graph; None where it runs eagerly
-        self.train_graph = train_graph_for(self)
         self.tracker: Any = None  # e.g. fastnca.tracking.TensorBoardTracker: mirrors every metrics row
+        # the model's loss: the VNCA itself, or under torchrun its DDP wrapper on this rank's rows
+        self.loss_module: Callable[..., dict[str, Tensor]] = self.model
+        self.train_graph = None
+        if self.dist is not None:
+            self.loss_module = distributed.ShardedLoss(self.model, self.dist, self.dev_gen, self.device)
+            if self.device.type == "cuda" and config.cuda_graphs:
+                self.log("CUDA graphs are off under DDP (torchrun): training and evaluation run eagerly")
+        else:
+            # CUDA: the whole iteration of a fixed-schedule model replays as a graph; None where it runs eagerly
+            self.train_graph = train_graph_for(self)
 
     # ------------------------------------------------------------------------------------------ data
     def next_batch(self) -> Tensor:
@@ -413,6 +427,9 @@ class Trainer:
             self.pos = 0
         idx = self.perm[self.pos : self.pos + b]
         self.pos += b
+        if self.dist is not None:  # this rank's rows of the global batch
+            local = b // self.dist.world_size
+            idx = idx[self.dist.rank * local : (self.dist.rank + 1) * local]
         return self.train_images[idx.to(self.train_images.device)]
 
     # ------------------------------------------------------------------------------------------ one step
@@ -444,8 +461,8 @@ class Trainer:
             actually used (pool images in its last rows).
         """
         x, pool_states, _ = self.pool_batch(x)
-        out = self.model(x, beta=self.cfg.beta, generator=self.dev_gen, steps_generator=self.gen,
-                         start_states=pool_states)
+        out = self.loss_module(x, beta=self.cfg.beta, generator=self.dev_gen, steps_generator=self.gen,
+                               start_states=pool_states)
         return {**out, "x": x}
 
     def train_step(self) -> Tensor:
@@ -476,7 +493,11 @@ class Trainer:
         """Read the statistics of steps ``first_step, first_step + 1, ...`` back; raise on the first non-finite."""
         if not pending:
             return []
-        rows = torch.stack(pending).tolist()
+        rows = torch.stack(pending)
+        if self.dist is not None:  # global-batch means of loss, recon, kl, elbo (grad_norm is already global)
+            n_mean = STAT_KEYS.index("grad_norm")
+            rows = torch.cat([distributed.mean_over_ranks(rows[:, :n_mean], self.dist), rows[:, n_mean:]], 1)
+        rows = rows.tolist()
         for i, vals in enumerate(rows):
             bad = [k for k, v in zip(STAT_KEYS, vals) if not math.isfinite(v)]
             if bad:
@@ -509,13 +530,21 @@ class Trainer:
     def save(self) -> Path:
         """Write the checkpoint, after :meth:`check_parameters` (a diverged model never replaces a good one).
 
+        Under torchrun every rank calls this (a collective): rank 0 gathers every rank's RNG states and pool shard
+        and writes the file.
+
         Raises:
             OSError: the write failed (a full disk, a read-only folder); the message names the checkpoint and says
                 that the previous one is unchanged.
         """
         self.check_parameters()
+        state = self.state_dict()
+        if self.dist is not None:
+            state = distributed.gather_checkpoint(state, self.dist)
+            if state is None:  # not rank 0
+                return self.checkpoint_path
         try:
-            return save_checkpoint(self.state_dict(), self.checkpoint_path)
+            return save_checkpoint(state, self.checkpoint_path)
         except OSError as err:
             before = "the previous checkpoint is unchanged" if self.checkpoint_path.is_file() else "none was written"
             raise OSError(
@@ -529,7 +558,7 @@ class Trainer:
         A step's loss is computed before its update, so a finite loss does not show that the updated parameters
         are good (a huge learning rate gives finite but exploding weights). The probe is one forward pass on the
         first training batch with its own generator (the training RNG streams do not move), run at each
-        checkpoint only.
+        checkpoint only (on every rank under torchrun: the parameters are the same everywhere, so is the verdict).
         """
         cfg = self.cfg
         bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -568,6 +597,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.elapsed_s = float(ckpt.get("elapsed_s", 0.0))
         self.window = [dict(zip(STAT_KEYS, vals)) for vals in ckpt.get("log_window", [])]
+        distributed.restore_rank_state(self, ckpt, self.dist, self.log)
 
     def _apply_optimizer_config(self) -> None:
         """Settings the optimiser state owns (the learning rate) follow the config, also after loading a state."""
@@ -604,6 +634,8 @@ class Trainer:
         return self.out_dir / METRICS_NAME
 
     def write_metrics(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tracker is not None:
@@ -613,9 +645,9 @@ class Trainer:
         """Drop rows logged after ``step`` by an interrupted session, so a resumed run's log has no duplicates.
 
         A damaged last line (a crash in the middle of writing it) is dropped with a warning; a damaged line
-        anywhere else is an error that names the file and the line.
+        anywhere else is an error that names the file and the line. Rank 0 alone writes run files under torchrun.
         """
-        if not self.metrics_path.is_file():
+        if not self.is_main or not self.metrics_path.is_file():
             return
         lines = [(i, line) for i, line in enumerate(self.metrics_path.read_text().splitlines(), 1) if line.strip()]
         kept = []
@@ -672,11 +704,12 @@ class Trainer:
 
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        orphans = remove_orphan_temps(self.out_dir)
-        if orphans:
-            self.log(f"removed {len(orphans)} temporary file(s) left in {self.out_dir} by an interrupted write")
-        self._truncate_metrics(self.step)  # a fresh run (step 0) starts a fresh metrics file
-        _write_text_atomic(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if self.is_main:  # rank 0 alone writes run files under torchrun
+            orphans = remove_orphan_temps(self.out_dir)
+            if orphans:
+                self.log(f"removed {len(orphans)} temporary file(s) left in {self.out_dir} by an interrupted write")
+            self._truncate_metrics(self.step)  # a fresh run (step 0) starts a fresh metrics file
+            _write_text_atomic(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         session_start = time.perf_counter()
         stopped = "done"
         last_train: dict[str, Any] = {}
@@ -726,6 +759,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         stop = _StopRequests()
+        interrupted = False
         try:
             stop.__enter__()
             while self.step < cfg.iterations:
@@ -752,21 +786,23 @@ class Trainer:
                 if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
                     sync()
                     self.save()
-                if self.time_limit is not None and time.perf_counter() - session_start >= self.time_limit:
+                if self.time_limit is not None and self._time_up(session_start):
                     stopped = "time_limit"
                     break
-                if stop.signum is not None:
+                if self._stop_requested(stop):
+                    interrupted = True
                     break
             sync()
-            if stop.signum is not None:
+            if interrupted:
                 bar.close()
                 self.save()  # at a step boundary, with the unlogged window, so --resume continues exactly
-                name = signal.Signals(stop.signum).name
+                signum = stop.signum if stop.signum is not None else signal.SIGTERM  # another rank's signal
+                name = signal.Signals(signum).name
                 raise TrainingInterrupted(
                     f"{name} at step {self.step}: checkpoint written to {self.checkpoint_path} "
                     "(continue with --resume)",
                     self.step,
-                    stop.signum,
+                    signum,
                 )
         except KeyboardInterrupt:
             bar.close()
@@ -801,15 +837,38 @@ class Trainer:
             "eval": last_eval,
             "out_dir": str(self.out_dir),
         }
-        _write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.is_main:
+            _write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.tracker is not None:
             self.tracker.close()
         return summary
+
+    def _stop_requested(self, stop: _StopRequests) -> bool:
+        """A SIGINT/SIGTERM asked to stop. Under torchrun every rank must stop at the same step (a rank that
+        stopped alone would leave the others waiting in the next all-reduce), so the ranks agree at log points
+        only (one sync per window): the stop then lands on the next multiple of log_every."""
+        requested = stop.signum is not None
+        if self.dist is None:
+            return requested
+        if self.cfg.log_every > 0 and self.step % self.cfg.log_every != 0 and self.step < self.cfg.iterations:
+            return False
+        return distributed.any_rank(requested, self.dist, self.device)
+
+    def _time_up(self, session_start: float) -> bool:
+        """The time limit is reached; under torchrun every rank agrees, at log points only (one sync per window)."""
+        up = time.perf_counter() - session_start >= (self.time_limit or math.inf)
+        if self.dist is None:
+            return up
+        if self.cfg.log_every > 0 and self.step % self.cfg.log_every != 0 and self.step < self.cfg.iterations:
+            return False
+        return distributed.any_rank(up, self.dist, self.device)
 
     def draw(self, n: int = 64) -> None:
         """samples.png (prior samples, likelihood means) and growth.png (every step of 8 samples)."""
         from fastnca.figures import growth_figure, sample_grid
 
+        if not self.is_main:
+            return
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7)
         sample_grid(self.model, self.out_dir / "samples.png", n=n, generator=gen)
         growth_figure(self.model, self.out_dir / "growth.png", n=8, generator=gen)
