@@ -11,7 +11,8 @@ Usage::
     fastnca data [--data-dir DIR] [--download]
     fastnca presets
 
-The data directory comes from ``--data-dir``, else ``$FASTNCA_DATA``, else ``./data``. ``--set key=value``
+The data directory comes from ``--data-dir``, else ``$FASTNCA_DATA``, else ``./data``; with neither of the
+first two, MNIST presets use the binarized MNIST shipped in the package. ``--set key=value``
 overrides any field of ``fastnca.config.Config`` (its type is checked). ``python -m fastnca`` works too.
 """
 
@@ -147,6 +148,15 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _say_if_embedded(splits) -> None:  # noqa: ANN001 - fastnca.data.Splits, imported lazily
+    """One stderr line when the data is the MNIST copy shipped in the package (no data directory was given)."""
+    from fastnca.data import embedded_note
+
+    note = embedded_note(splits)
+    if note:
+        print(note, file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fastnca.config import get_preset
     from fastnca.evaluate import CHECKPOINT_NAME
@@ -185,6 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         trainer = Trainer(cfg, out, **kwargs)
         print(f"training {args.preset} on {trainer.device} -> {out}", file=sys.stderr)
+    _say_if_embedded(trainer.splits)
     try:
         summary = trainer.fit()
     except NonFiniteLossError as err:
@@ -210,6 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
     cfg = model.config
     splits = load_for_config(cfg, args.data_dir)
+    _say_if_embedded(splits)
     t0 = time.perf_counter()
     res = evaluate_iwae(
         model,
