@@ -15,7 +15,8 @@ Usage::
     fastnca presets
     torchrun --nproc-per-node 4 -m fastnca train ...   # data-parallel (DDP) training; `eval` likewise
 
-The data directory comes from ``--data-dir``, else ``$FASTNCA_DATA``, else ``./data``. ``--set key=value``
+The data directory comes from ``--data-dir``, else ``$FASTNCA_DATA``, else ``./data``; with neither of the
+first two, MNIST presets use the binarized MNIST shipped in the package. ``--set key=value``
 overrides any field of ``fastnca.config.Config`` (its type is checked). ``python -m fastnca`` works too.
 """
 
@@ -246,6 +247,15 @@ def _check_new_run_folder(out: Path, checkpoint_name: str) -> None:
             )
 
 
+def _say_if_embedded(splits) -> None:  # noqa: ANN001 - fastnca.data.Splits, imported lazily
+    """One stderr line when the data is the MNIST copy shipped in the package (no data directory was given)."""
+    from fastnca.data import embedded_note
+
+    note = embedded_note(splits)
+    if note:
+        _info(note)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fastnca.config import get_preset
     from fastnca.evaluate import CHECKPOINT_NAME
@@ -293,6 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, out, **kwargs)
         ranks = f" x {trainer.dist.world_size} ranks (DDP)" if trainer.dist is not None else ""
         _info(f"training {args.preset} on {trainer.device}{ranks} -> {out}")
+    _say_if_embedded(trainer.splits)
     if args.tensorboard and _is_main():  # rank 0 writes every run file under torchrun
         from fastnca.tracking import TENSORBOARD_DIR, TensorBoardTracker
 
@@ -361,6 +372,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
     cfg = model.config
     splits = load_for_config(cfg, args.data_dir)
+    _say_if_embedded(splits)
     batch_size = cfg.batch_size if args.batch_size is None else args.batch_size
     on_cpu = next(model.parameters()).device.type == "cpu"
     t0 = time.perf_counter()

@@ -1,11 +1,13 @@
 """The paper's datasets, decoded once into uint8 tensors held in memory.
 
-Datasets (see ../shared/data/README.md and docs/TRAINING.md):
+Datasets (see docs/TRAINING.md):
 
 - ``mnist``: statically binarized MNIST (Larochelle & Murray, 2011) from ``binarized_mnist.npz`` (keys
   train/valid/test, ``(N, 784)`` uint8) or the original ``binarized_mnist_{train,valid,test}.amat`` files.
   Training uses train+valid (60,000 images), test 10,000. Zero-padded to 32x32 for the doubling models,
-  28x28 for the non-doubling model. Values {0, 1}.
+  28x28 for the non-doubling model. Values {0, 1}. A copy ships inside the package
+  (``fastnca/datasets/binarized_mnist.npz``, checksummed on every load) and is used when no data directory is
+  given (no ``data_dir`` argument, no ``$FASTNCA_DATA``), so MNIST needs no set-up.
 - ``emoji``: Noto Emoji v2.028, ``noto-emoji-v2.028/128/*.png`` (128x128 RGBA), composited onto white, resized,
   and split 80/20 over the sorted file names with a seeded permutation (2656 train / 664 test), as the
   authors' code did with ``random_split(..., generator=Generator().manual_seed(0))``.
@@ -41,6 +43,9 @@ __all__ = [
     "DataError",
     "Splits",
     "resolve_data_dir",
+    "EMBEDDED_MNIST",
+    "uses_embedded_mnist",
+    "embedded_note",
     "cache_dir",
     "load_mnist",
     "load_emoji",
@@ -68,6 +73,14 @@ CELEBA_TV_DIR = "celeba"  # torchvision.datasets.CelebA(root=data_dir) keeps its
 CELEBA_FOLDER = "celeba-subset/images"
 CELEBA_FOLDER_TEST_FRACTION = 0.1
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+# The binarized MNIST shipped as package data, and the sha256 of each array's bytes (fastnca/datasets/README.md).
+EMBEDDED_MNIST = Path(__file__).resolve().parent / "datasets" / MNIST_NPZ
+EMBEDDED_MNIST_SHA256 = {
+    "train": "43490d4d6ac9002727af4426d8748609fdb7e4094fa65ad8d681ea60082a7a5a",
+    "valid": "069b4f0beb389b776478c3e872b4df71c95ac4be64d7cbe6d32e24ebac8e6d5e",
+    "test": "ca0294c3b8d984c7a1dc891015a8eea6f37bae59a34e35ea0fc8c47110a8dd86",
+}
 
 _HOW_TO_GET = "get it with `fastnca data --download --data-dir DIR` (needs internet) or see docs/TRAINING.md"
 
@@ -119,6 +132,22 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
             f"and {_HOW_TO_GET}"
         )
     return path
+
+
+def uses_embedded_mnist(data_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether :func:`load_mnist` reads the copy shipped in the package: no ``data_dir``, no ``$FASTNCA_DATA``,
+    and this install has the file. A data directory, when given, always wins."""
+    return data_dir is None and not os.environ.get(DATA_ENV) and EMBEDDED_MNIST.is_file()
+
+
+def embedded_note(splits: Splits) -> str | None:
+    """The one start-up line saying that ``splits`` came from the embedded MNIST, else None."""
+    if splits.source != str(EMBEDDED_MNIST):
+        return None
+    return (
+        f"data: binarized MNIST embedded in the package ({EMBEDDED_MNIST}, checksums verified); "
+        f"--data-dir DIR or ${DATA_ENV} selects another data directory"
+    )
 
 
 def cache_dir() -> Path | None:
@@ -174,20 +203,38 @@ def _check_mnist(path: Path, split: str, rows: np.ndarray) -> np.ndarray:
     return rows.astype(np.uint8, copy=False)
 
 
+def _read_mnist_npz(npz: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(npz, allow_pickle=False) as f:
+            missing = [k for k in ("train", "valid", "test") if k not in f.files]
+            if missing:
+                raise DataError(f"{npz}: expected keys train, valid, test; missing {missing}; {_HOW_TO_GET}")
+            return {k: _check_mnist(npz, k, f[k]) for k in ("train", "valid", "test")}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(
+            f"{npz}: not a readable .npz archive ({err}); expected keys train/valid/test "
+            f"with (N, 784) uint8 arrays; {_HOW_TO_GET}"
+        ) from err
+
+
+def _embedded_mnist_rows() -> dict[str, np.ndarray]:
+    """The package's own copy, refused unless every array's sha256 matches the one it was shipped with."""
+    rows = _read_mnist_npz(EMBEDDED_MNIST)
+    for key, expected in EMBEDDED_MNIST_SHA256.items():
+        got = hashlib.sha256(memoryview(np.ascontiguousarray(rows[key]))).hexdigest()
+        if got != expected:
+            raise DataError(
+                f"{EMBEDDED_MNIST}: split {key!r} has sha256 {got}, expected {expected}: the installed copy is "
+                f"damaged; reinstall fastnca, or pass --data-dir DIR (or set {DATA_ENV}) to a folder holding "
+                f"{MNIST_NPZ}"
+            )
+    return rows
+
+
 def _mnist_rows(data_dir: Path) -> tuple[dict[str, np.ndarray], Path]:
     npz = data_dir / MNIST_NPZ
     if npz.is_file():
-        try:
-            with np.load(npz, allow_pickle=False) as f:
-                missing = [k for k in ("train", "valid", "test") if k not in f.files]
-                if missing:
-                    raise DataError(f"{npz}: expected keys train, valid, test; missing {missing}; {_HOW_TO_GET}")
-                return {k: _check_mnist(npz, k, f[k]) for k in ("train", "valid", "test")}, npz
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise DataError(
-                f"{npz}: not a readable .npz archive ({err}); expected keys train/valid/test "
-                f"with (N, 784) uint8 arrays; {_HOW_TO_GET}"
-            ) from err
+        return _read_mnist_npz(npz), npz
     amats = {s: data_dir / MNIST_AMAT.format(split=s) for s in ("train", "valid", "test")}
     if all(p.is_file() for p in amats.values()):
         key = "mnist-amat-" + _fingerprint(list(amats.values()), "v1")
@@ -211,7 +258,8 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, image_size: in
     """Statically binarized MNIST: train+valid (60k) for training, test (10k).
 
     Args:
-        data_dir: the data directory (see :func:`resolve_data_dir`).
+        data_dir: the data directory (see :func:`resolve_data_dir`). When neither it nor ``$FASTNCA_DATA`` is
+            given, the copy shipped in the package is read (see :func:`uses_embedded_mnist`).
         image_size: 28 (as stored) or 32 (zero-padded by 2 on each side, for the doubling models).
 
     Returns:
@@ -219,7 +267,10 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, image_size: in
     """
     if image_size not in (28, 32):
         raise ValueError(f"image_size: expected 28 or 32 for MNIST, got {image_size}")
-    rows, source = _mnist_rows(resolve_data_dir(data_dir))
+    if uses_embedded_mnist(data_dir):
+        rows, source = _embedded_mnist_rows(), EMBEDDED_MNIST
+    else:
+        rows, source = _mnist_rows(resolve_data_dir(data_dir))
     pad = (image_size - 28) // 2
 
     def images(a: np.ndarray) -> Tensor:
@@ -402,11 +453,24 @@ def to_model(x: Tensor, likelihood: str, *, device: torch.device | str | None = 
 # ---------------------------------------------------------------------------------------------- listing, download
 def describe(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """Human-readable lines saying which datasets the data directory holds (nothing is decoded)."""
-    root = resolve_data_dir(data_dir)
+    embedded = uses_embedded_mnist(data_dir)
+    try:
+        root = resolve_data_dir(data_dir)
+    except DataError:
+        if not embedded:
+            raise
+        return [
+            f"data directory: none (no --data-dir, no ${DATA_ENV}, no ./data)",
+            f"  mnist   ok       {EMBEDDED_MNIST} (embedded in the package)",
+            "  emoji   missing  needs a data directory: --data-dir DIR or " + DATA_ENV,
+            "  celeba  missing  needs a data directory: --data-dir DIR or " + DATA_ENV,
+        ]
     lines = [f"data directory: {root}"]
     npz = root / MNIST_NPZ
     amats = [root / MNIST_AMAT.format(split=s) for s in ("train", "valid", "test")]
-    if npz.is_file():
+    if embedded:
+        lines.append(f"  mnist   ok       {EMBEDDED_MNIST} (embedded in the package; no data directory was given)")
+    elif npz.is_file():
         lines.append(f"  mnist   ok       {npz} ({npz.stat().st_size / 2**20:.1f} MiB)")
     elif all(p.is_file() for p in amats):
         lines.append(f"  mnist   ok       {root}/binarized_mnist_{{train,valid,test}}.amat")

@@ -1,6 +1,10 @@
 """Test setup: interpreter mode without a GPU, seeded tests, and the data directory.
 
 Runs before ``fastnca.kernels`` is imported: ``@triton.jit`` reads TRITON_INTERPRET when it decorates a kernel.
+
+Tests that read real data say which datasets with ``@pytest.mark.data("mnist", ...)``. MNIST is always there:
+from the data directory when one is set, else from the copy shipped in the package. Emoji and CelebA need a data
+directory (``FASTNCA_DATA``; CI sets it to ``../shared/data``); without one those tests skip and say why.
 """
 
 import os
@@ -11,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Tests read the real datasets; CI sets FASTNCA_DATA to ../shared/data, this default serves a local checkout.
+# CI sets FASTNCA_DATA to ../shared/data; this default serves a local checkout with shared/ beside it.
 _shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "FASTNCA_DATA" not in os.environ and _shared.is_dir():
     os.environ["FASTNCA_DATA"] = str(_shared)
@@ -28,10 +32,28 @@ def _seed_everything():
     yield
 
 
+def _missing_data_reason(names: tuple[str, ...]) -> str | None:
+    """Why a test needing the datasets ``names`` cannot run here, or None when it can."""
+    from fastnca.data import DATASETS, EMBEDDED_MNIST
+
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        raise ValueError(f"@pytest.mark.data: unknown datasets {unknown}; expected names from {DATASETS}")
+    env = os.environ.get("FASTNCA_DATA")
+    if env:
+        return None if Path(env).is_dir() else f"FASTNCA_DATA={env!r} is not a directory"
+    need_dir = [n for n in names if n != "mnist" or not EMBEDDED_MNIST.is_file()]
+    if need_dir:
+        return f"needs a data directory holding {', '.join(need_dir)}: set FASTNCA_DATA (see docs/TRAINING.md)"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        names = tuple(n for mark in item.iter_markers("data") for n in mark.args)
+        reason = _missing_data_reason(names) if names else None
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))

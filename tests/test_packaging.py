@@ -1,23 +1,86 @@
-"""The package installs as a plain (non-editable) wheel with fastnca.kernels inside it."""
+"""The package installs from a plain (non-editable) wheel with fastnca.kernels and the embedded MNIST inside it,
+and a fresh virtual environment holding only that wheel trains the small preset with no data directory.
 
+Both tests work whatever the running interpreter is (a venv with or without system site-packages, a system
+Python): the wheel's copy of fastnca is put ahead of any other, and the fresh venv reaches torch and the other
+dependencies through a .pth file naming the running interpreter's site-packages folders, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_plain_install_ships_and_imports_fastnca_kernels(tmp_path):
-    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
-                    "-w", str(wheel_dir)], check=True, cwd=tmp_path)
-    wheel = next(wheel_dir.glob("fastnca-*.whl"))
+                    "-w", str(out)], check=True, cwd=out, timeout=300)
+    return next(out.glob("fastnca-*.whl"))
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment minus everything that could point at this checkout or at a data directory."""
+    drop = ("PYTHONPATH", "PYTHONHOME", "FASTNCA_DATA", "VIRTUAL_ENV")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONNOUSERSITE": "1", **extra}
+
+
+def test_wheel_ships_the_kernels_and_the_embedded_mnist(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("fastnca/kernels/reference.py", "fastnca/datasets/binarized_mnist.npz", "fastnca/datasets/README.md"):
+        assert name in names, f"expected {name} in {wheel.name}"
+
+
+def test_plain_install_ships_and_imports_fastnca_kernels(wheel, tmp_path):
+    target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, cwd=tmp_path)
+                   check=True, cwd=tmp_path, timeout=300)
+    # PYTHONPATH puts the plain install ahead of site-packages (where an editable install of this checkout may
+    # live); the working directory is not the checkout, so the checkout itself is not on sys.path either.
     code = "import fastnca, fastnca.kernels.reference as r; print(fastnca.__file__); print(r.__file__)"
-    env = {**os.environ, "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1"}
-    out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = [{str(target)!r}] + "
-                          f"__import__('site').getsitepackages(); {code}"],
-                         check=True, cwd=tmp_path, env=env, capture_output=True, text=True).stdout.split()
-    assert all(p.startswith(str(target)) for p in out), f"expected both modules from the plain install, got {out}"
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=_clean_env(PYTHONPATH=str(target)),
+                         capture_output=True, text=True, timeout=300).stdout.split()
+    assert len(out) == 2 and all(p.startswith(str(target)) for p in out), \
+        f"expected both modules from the plain install in {target}, got {out}"
+
+
+@pytest.mark.slow
+def test_fresh_venv_from_the_wheel_trains_small_with_no_data_directory(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
+                    str(wheel)], check=True, cwd=tmp_path, timeout=300)
+    # torch, numpy, ... from the running interpreter's site-packages folders, listed after the venv's own
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+    deps = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    Path(site, "_fastnca_test_deps.pth").write_text("\n".join(deps) + "\n")
+
+    work = tmp_path / "work"  # no ./data here, no FASTNCA_DATA: only the embedded MNIST can serve the preset
+    work.mkdir()
+    env = _clean_env(FASTNCA_CACHE=str(tmp_path / "cache"))
+    where = subprocess.run([str(py), "-c", "import fastnca; print(fastnca.__file__)"], check=True, cwd=work, env=env,
+                           capture_output=True, text=True, timeout=300).stdout.strip()
+    assert where.startswith(str(venv)), f"expected fastnca from the fresh venv {venv}, got {where}"
+
+    run = subprocess.run([str(venv / "bin" / "fastnca"), "train", "--preset", "small", "--set", "iterations=5",
+                          "--out", "run", "--threads", "1", "--no-progress"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"expected exit status 0, got {run.returncode}:\n{run.stderr[-3000:]}"
+    embedded = [line for line in run.stderr.splitlines() if "embedded in the package" in line]
+    assert len(embedded) == 1 and str(venv) in embedded[0], \
+        f"expected one start-up line naming the venv's embedded MNIST, got stderr:\n{run.stderr[-3000:]}"
+    steps = [json.loads(line)["step"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 5, f"expected a run of 5 steps, metrics.jsonl has steps {steps}"
+    for name in ("checkpoint.pt", "samples.png", "growth.png"):
+        assert (work / "run" / name).is_file(), f"expected {name} in the run folder"

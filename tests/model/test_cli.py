@@ -13,7 +13,7 @@ import torch
 
 from fastnca.cli import main
 
-needs_data = pytest.mark.skipif(not os.environ.get("FASTNCA_DATA"), reason="FASTNCA_DATA not set")
+needs_data = pytest.mark.data("mnist")  # the embedded copy when no data directory is set (tests/conftest.py)
 
 TINY = [
     "--set",
@@ -156,7 +156,7 @@ def test_python_m_fastnca_subprocess(tmp_path):
     assert bad.returncode == 2 and "unknown preset 'nope'" in bad.stderr
 
 
-@needs_data
+@pytest.mark.data("mnist", "emoji", "celeba")
 def test_data_lists_datasets(capsys):
     assert main(["data"]) == 0
     out = capsys.readouterr().out

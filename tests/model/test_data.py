@@ -1,4 +1,8 @@
-"""The dataset loaders on the real data in $FASTNCA_DATA (set by tests/conftest.py): shapes, ranges, splits, errors."""
+"""The dataset loaders on the real data: shapes, ranges, splits, errors, and the MNIST shipped in the package.
+
+MNIST comes from $FASTNCA_DATA when set (tests/conftest.py sets it to ../shared/data when that exists), else from
+the package's embedded copy; the emoji and CelebA tests need a data directory and skip without one.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ from fastnca import data
 from fastnca.config import get_preset
 
 DATA_DIR = Path(os.environ.get("FASTNCA_DATA", "")) if os.environ.get("FASTNCA_DATA") else None
-needs_data = pytest.mark.skipif(DATA_DIR is None or not DATA_DIR.is_dir(), reason="FASTNCA_DATA not available")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,7 +38,7 @@ def mnist32():
     return data.load_mnist(image_size=32)
 
 
-@needs_data
+@pytest.mark.data("mnist")
 def test_mnist_splits_shapes_values(mnist32):
     assert mnist32.train.shape == (60_000, 1, 32, 32), "train+valid"
     assert mnist32.test.shape == (10_000, 1, 32, 32)
@@ -45,16 +48,16 @@ def test_mnist_splits_shapes_values(mnist32):
     border = torch.ones(32, 32, dtype=torch.bool)
     border[2:30, 2:30] = False
     assert mnist32.train[:, :, border].sum() == 0
-    # documented pixel mean of the test split (../shared/data/README.md)
+    # documented pixel mean of the test split (the data README)
     assert abs(mnist32.test[:, :, 2:30, 2:30].float().mean().item() - 0.13251) < 5e-5
 
 
-@needs_data
+@pytest.mark.data("mnist")
 def test_mnist_row_order_and_28px(mnist32):
     m28 = data.load_mnist(image_size=28)
     assert m28.train.shape == (60_000, 1, 28, 28) and m28.test.shape == (10_000, 1, 28, 28)
     assert torch.equal(m28.test, mnist32.test[:, :, 2:30, 2:30])
-    with np.load(DATA_DIR / "binarized_mnist.npz") as f:
+    with np.load(m28.source) as f:
         assert np.array_equal(m28.test[0, 0].numpy().ravel(), f["test"][0])
         assert np.array_equal(m28.train[50_000, 0].numpy().ravel(), f["valid"][0]), "valid follows train"
 
@@ -87,7 +90,7 @@ def test_missing_data_dir_is_named(tmp_path):
         data.resolve_data_dir(tmp_path / "nowhere")
 
 
-@needs_data
+@pytest.mark.data("emoji")
 def test_emoji_split_and_compositing():
     before = sorted(os.listdir(DATA_DIR))
     e = data.load_emoji(image_size=64)
@@ -102,7 +105,7 @@ def test_emoji_split_and_compositing():
     assert sorted(os.listdir(DATA_DIR)) == before, "nothing may be written into the data directory"
 
 
-@needs_data
+@pytest.mark.data("celeba")
 def test_celeba_folder_split_and_speed():
     t0 = time.perf_counter()
     c = data.load_celeba(image_size=64)
@@ -126,7 +129,7 @@ def test_image_folders_missing_or_corrupt(tmp_path):
         data.load_emoji(tmp_path)
 
 
-@needs_data
+@pytest.mark.data("celeba")
 def test_celeba_torchvision_layout(tmp_path):
     src = sorted((DATA_DIR / "celeba-subset" / "images").iterdir())[:6]
     images = tmp_path / "celeba" / "img_align_celeba"
@@ -147,8 +150,58 @@ def test_to_model_domains():
     assert y.dtype == torch.float32 and torch.equal(y, torch.tensor([-1.0, 1.0]))
 
 
-@needs_data
+@pytest.mark.data("mnist")
 def test_load_for_config_nondoubling_mnist():
     s = data.load_for_config(get_preset("mnist-nondoubling"))
     assert s.shape == (1, 28, 28)
     assert "mnist" in "\n".join(data.describe())
+
+
+# ---------------------------------------------------------------------------------------------- embedded MNIST
+@pytest.fixture
+def no_data_dir(tmp_path, monkeypatch):
+    """No $FASTNCA_DATA and a working directory without ./data: nothing tells fastnca where data lives."""
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_embedded_mnist_is_read_when_no_data_directory_is_given(no_data_dir):
+    assert data.uses_embedded_mnist(), f"expected the package to ship {data.EMBEDDED_MNIST}"
+    m = data.load_mnist(image_size=28)
+    assert m.source == str(data.EMBEDDED_MNIST), f"expected the embedded copy, got {m.source}"
+    assert m.train.shape == (60_000, 1, 28, 28) and m.test.shape == (10_000, 1, 28, 28)
+    # documented pixel mean of the test split: the same data as the data directory's copy
+    assert abs(m.test.float().mean().item() - 0.13251) < 5e-5
+    note = data.embedded_note(m)
+    assert note is not None and "embedded" in note and "--data-dir" in note and "\n" not in note
+    lines = "\n".join(data.describe())
+    assert "mnist   ok" in lines and "embedded" in lines and "emoji   missing" in lines, lines
+
+
+def test_data_directory_wins_over_the_embedded_copy(no_data_dir, tmp_path, monkeypatch):
+    rows = {s: np.full((n, 784), i % 2, np.uint8) for i, (s, n) in enumerate((("train", 3), ("valid", 2), ("test", 1)))}
+    np.savez(tmp_path / "binarized_mnist.npz", **rows)
+    explicit = data.load_mnist(tmp_path, image_size=28)
+    assert explicit.source == str(tmp_path / "binarized_mnist.npz") and explicit.test.shape[0] == 1
+    assert data.embedded_note(explicit) is None, "no embedded-data line for a data directory's copy"
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    assert not data.uses_embedded_mnist()
+    assert data.load_mnist(image_size=28).source == str(tmp_path / "binarized_mnist.npz"), "$FASTNCA_DATA wins"
+
+
+def test_damaged_embedded_copy_is_refused(no_data_dir, tmp_path, monkeypatch):
+    with np.load(data.EMBEDDED_MNIST) as f:
+        rows = {k: f[k].copy() for k in ("train", "valid", "test")}
+    rows["test"][123, 456] ^= 1  # one flipped pixel: still valid binarized MNIST, but not the shipped data
+    damaged = tmp_path / "damaged.npz"
+    np.savez(damaged, **rows)
+    monkeypatch.setattr(data, "EMBEDDED_MNIST", damaged)
+    with pytest.raises(data.DataError, match=r"damaged\.npz: split 'test' has sha256 .*expected ca0294c3") as err:
+        data.load_mnist()
+    assert "--data-dir" in str(err.value)
+
+
+def test_emoji_and_celeba_still_need_a_data_directory(no_data_dir):
+    for load in (data.load_emoji, data.load_celeba):
+        with pytest.raises(data.DataError, match=r"'data' \(from the default ./data\) does not exist.*--data-dir"):
+            load()

@@ -13,7 +13,7 @@ from fastnca.config import get_preset
 from fastnca.data import Splits, load_mnist
 from fastnca.train import NonFiniteLossError, Pool, Trainer, damage, damage_masks, save_checkpoint
 
-needs_data = pytest.mark.skipif(not os.environ.get("FASTNCA_DATA"), reason="FASTNCA_DATA not set")
+needs_data = pytest.mark.data("mnist")  # the embedded copy when no data directory is set (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True)
