@@ -12,8 +12,8 @@ The update network f (Palm et al., 2022, sec. 2 and the authors' code):
 
 and the step is ``z' = z + m * f(z)`` with a per-cell 0/1 mask m of shape ``(B, 1, H, W)`` (None: every cell
 updates). The mask is bool, or an integer/float tensor holding only 0 and 1; any other value is refused with a
-ValueError on every backend (:func:`check_step_inputs`). With ``double=True`` the state is first doubled by nearest-neighbour x2 upsampling (each cell
-copied to a 2x2 block), and the mask lives at the doubled resolution.
+ValueError on every backend (:func:`check_step_inputs`). With ``double=True`` the state is first doubled by
+nearest-neighbour x2 upsampling (each cell copied to a 2x2 block), and the mask lives at the doubled resolution.
 """
 
 from __future__ import annotations
