@@ -177,7 +177,7 @@ def _mb(x: int) -> str:
 def floor_table() -> str:
     """Markdown table of the benchmark cases at their GPU sizes: cells, FLOPs and byte floors.
 
-    The per-row "floor at 800 TFLOP/s" uses the bf16 matmul rate docs/KERNELS.md quotes for this workplace's
+    The per-row "floor at 800 TFLOP/s" uses the bf16 matmul rate docs/KERNELS.md quotes for an
     H100; a run measures its own peak and reports fractions of that.
     """
     from fastnca.config import get_preset

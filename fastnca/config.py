@@ -1,4 +1,4 @@
-"""Typed configuration and the presets, one per experiment of the VNCA paper (see ../shared/docs/PAPER.md).
+"""Typed configuration and the presets, one per experiment of the VNCA paper (see docs/PAPER.md).
 
 One flat dataclass holds the model and the training settings so that ``--set key=value`` maps onto a field
 and every checkpoint stores the whole config.

@@ -45,7 +45,7 @@ def test_mnist_splits_shapes_values(mnist32):
     border = torch.ones(32, 32, dtype=torch.bool)
     border[2:30, 2:30] = False
     assert mnist32.train[:, :, border].sum() == 0
-    # documented pixel mean of the test split (../shared/data/README.md)
+    # the known pixel mean of the binarized MNIST test split (28x28 part)
     assert abs(mnist32.test[:, :, 2:30, 2:30].float().mean().item() - 0.13251) < 5e-5
 
 
