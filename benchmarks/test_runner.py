@@ -38,6 +38,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, subpro
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), proc
 
 
+@pytest.mark.slow
 def test_cli_writes_json_with_expected_fields(cli_run) -> None:
     result, _, _ = cli_run
     assert META_FIELDS <= set(result["meta"]), META_FIELDS - set(result["meta"])
@@ -62,6 +63,7 @@ def test_cli_writes_json_with_expected_fields(cli_run) -> None:
     assert "predicted_memory" in train
 
 
+@pytest.mark.slow
 def test_cli_writes_markdown_and_prints_parity_first(cli_run) -> None:
     _, md, proc = cli_run
     assert "no speed claim" in md
@@ -110,6 +112,7 @@ def test_plan_selection() -> None:
     assert b.autocast and b.checkpoint == "segments=4" and b.model_precision == "fp32"
 
 
+@pytest.mark.slow
 def test_summarize_gpu_check_folder(tmp_path: Path, cli_run) -> None:
     result, _, _ = cli_run
     (tmp_path / "bench.json").write_text(json.dumps(result))
@@ -160,6 +163,7 @@ def test_gpu_check_script_setup_and_summary_only(tmp_path: Path) -> None:
     assert "import: PYTHONPATH + benchmarks/_import_shim" in log
 
 
+@pytest.mark.slow
 def test_first_backend_of_a_model_case_runs_on_its_backend(tmp_path: Path) -> None:
     """Regression: computing the fp32 reference must not leave the shared model on the reference backend."""
     if cases.triton_unavailable(torch.device("cpu")):

@@ -1,4 +1,4 @@
-"""Typed configuration and the presets, one per experiment of the VNCA paper (see ../shared/docs/PAPER.md).
+"""Typed configuration and the presets, one per experiment of the VNCA paper (see docs/PAPER.md).
 
 One flat dataclass holds the model and the training settings so that ``--set key=value`` maps onto a field
 and every checkpoint stores the whole config.
@@ -7,6 +7,7 @@ and every checkpoint stores the whole config.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,10 @@ class Config:
     notes: str = ""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # whole numbers are fine for float fields: store them as floats
+            v = getattr(self, f.name)
+            if f.type == "float" and type(v) is int:
+                setattr(self, f.name, float(v))
         self.validate()
 
     @property
@@ -76,34 +81,72 @@ class Config:
             return self.seed_size * 2**self.n_doublings
         return self.grid_size
 
+    def _check_types(self) -> None:
+        """Each field has its declared type: real bools, ints that are not bools or floats, finite-or-not floats."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "bool":
+                ok, expected = isinstance(v, bool), "True or False"
+            elif f.type == "bool | None":
+                ok, expected = v is None or isinstance(v, bool), "True, False or None"
+            elif f.type == "int":
+                ok = isinstance(v, int) and not isinstance(v, bool)
+                expected = "an integer (not a float, bool or string)"
+            elif f.type == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                expected = "a number (int or float, not a bool or string)"
+            elif f.type == "str":
+                ok, expected = isinstance(v, str), "a string"
+            else:  # pragma: no cover - a new field with a type this check does not know
+                raise TypeError(f"{f.name}: Config.validate has no check for type {f.type!r}")
+            if not ok:
+                raise ValueError(f"{f.name}: expected {expected}, got {v!r} ({type(v).__name__})")
+
     def validate(self) -> None:
+        """Raise ValueError naming the first field whose type or value is wrong, and what was expected."""
+        self._check_types()
+
         def need(cond: bool, key: str, expected: str) -> None:
             if not cond:
                 raise ValueError(f"{key}: expected {expected}, got {getattr(self, key)!r}")
 
+        finite = lambda v: math.isfinite(v)  # noqa: E731
         need(self.dataset in ("mnist", "emoji", "celeba"), "dataset", "one of mnist, emoji, celeba")
         need(self.likelihood in ("bernoulli", "dml"), "likelihood", "'bernoulli' or 'dml'")
+        need(self.image_size >= 1, "image_size", "an integer >= 1")
         need(self.image_channels in (1, 3), "image_channels", "1 or 3")
         need(self.n_mix >= 1, "n_mix", "an integer >= 1")
+        need(self.enc_channels >= 1, "enc_channels", "a positive integer")
+        need(self.enc_first_padding >= 0, "enc_first_padding", "an integer >= 0")
+        need(self.image_size + 2 * self.enc_first_padding >= 5, "enc_first_padding",
+             f"image_size + 2 * enc_first_padding >= 5 (the encoder's first 5x5 conv), with image_size="
+             f"{self.image_size}")
         need(self.state_channels >= 1, "state_channels", "a positive integer")
         need(self.hidden_channels >= 1, "hidden_channels", "a positive integer")
         need(0 <= self.n_blocks <= 16, "n_blocks", "an integer in 0..16")
-        need(self.enc_channels >= 1, "enc_channels", "a positive integer")
         need(self.seed_size >= 1, "seed_size", "a positive integer")
         need(self.n_doublings >= 0, "n_doublings", "an integer >= 0")
         need(self.steps_per_stage >= 1, "steps_per_stage", "an integer >= 1")
+        need(self.grid_size >= 1, "grid_size", "a positive integer")
         need(1 <= self.min_steps <= self.max_steps, "min_steps", f"1 <= min_steps <= max_steps={self.max_steps}")
         need(0.0 < self.p_update <= 1.0, "p_update", "a probability in (0, 1]")
         need(self.backend in ("torch", "triton", "auto"), "backend", "one of torch, triton, auto")
         need(self.precision in ("fp32", "tf32", "bf16"), "precision", "one of fp32, tf32, bf16")
         need(self.batch_size >= 1, "batch_size", "a positive integer")
-        need(self.lr > 0, "lr", "a positive number")
-        need(self.beta >= 0, "beta", "a number >= 0")
-        need(self.grad_clip > 0, "grad_clip", "a positive number")
+        need(self.lr > 0 and finite(self.lr), "lr", "a finite positive number")
+        need(self.beta >= 0 and finite(self.beta), "beta", "a finite number >= 0")
+        need(self.grad_clip > 0, "grad_clip", "a positive number (inf: no clipping)")
         need(self.iterations >= 0, "iterations", "an integer >= 0")
         need(self.pool_size >= 0, "pool_size", "an integer >= 0")
-        need(self.damage_size >= 0, "damage_size", "an integer >= 0")
+        side = self.output_size
+        need(0 <= self.damage_size <= side, "damage_size", f"an integer in 0..{side} (the side of the final grid)")
+        need(self.eval_every >= 0, "eval_every", "an integer >= 0 (0: no periodic evaluation)")
         need(self.eval_samples >= 1, "eval_samples", "an integer >= 1")
+        need(self.eval_batches >= 0, "eval_batches", "an integer >= 0 (0: the whole test set)")
+        need(self.ckpt_every >= 0, "ckpt_every", "an integer >= 0 (0: no periodic checkpoints)")
+        need(self.log_every >= 1, "log_every", "an integer >= 1")
+        need(self.seed >= 0, "seed", "an integer >= 0")
+        need(self.device.strip() != "", "device", "a device name such as auto, cpu, cuda or cuda:1")
         c = self.checkpoint
         ok = c in ("none", "step", "auto") or (c.startswith("segments=") and c[9:].isdigit() and int(c[9:]) >= 1)
         need(ok, "checkpoint", "none, step, auto or segments=k with k >= 1")

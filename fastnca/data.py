@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -168,16 +169,31 @@ def _fingerprint(files: list[Path], extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _cached(key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """Load ``key``.npy from the cache, or build it and try to store it (atomically; failures are ignored)."""
+def _cached(key: str, build: Callable[[], np.ndarray], shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+    """Load ``key``.npy from the cache, or build it and try to store it (atomically; failures are ignored).
+
+    ``key`` carries the fingerprint of the source files (names, sizes, modification times), so changed sources
+    miss the cache. A readable entry whose array is not ``shape`` and ``dtype`` (a stale or foreign file under
+    the same name) is not trusted: it is rebuilt, with a warning, and replaced.
+    """
     folder = cache_dir()
     path = folder / f"{key}.npy" if folder is not None else None
     if path is not None and path.is_file():
         try:
-            return np.load(path, allow_pickle=False)
+            array = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             pass  # a damaged cache entry is rebuilt below
+        else:
+            if array.shape == tuple(shape) and array.dtype == np.dtype(dtype):
+                return array
+            warnings.warn(
+                f"{path}: cached decoded images do not match their source: expected shape {tuple(shape)} "
+                f"{np.dtype(dtype)}, got {array.shape} {array.dtype}; rebuilding the cache entry",
+                stacklevel=3,
+            )
     array = build()
+    if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+        raise DataError(f"{key}: decoded {array.shape} {array.dtype}, expected {tuple(shape)} {np.dtype(dtype)}")
     if path is not None:
         try:
             atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
@@ -187,6 +203,12 @@ def _cached(key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- MNIST
+def _count_lines(path: Path) -> int:
+    """Non-empty lines of a text file (one image per line in the .amat files)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _read_amat(path: Path) -> np.ndarray:
     try:
         rows = np.loadtxt(path, dtype=np.uint8)
@@ -238,9 +260,9 @@ def _mnist_rows(data_dir: Path) -> tuple[dict[str, np.ndarray], Path]:
     amats = {s: data_dir / MNIST_AMAT.format(split=s) for s in ("train", "valid", "test")}
     if all(p.is_file() for p in amats.values()):
         key = "mnist-amat-" + _fingerprint(list(amats.values()), "v1")
-        stacked = _cached(key, lambda: np.concatenate([_check_mnist(p, s, _read_amat(p)) for s, p in amats.items()]))
-        n_train = sum(1 for _ in open(amats["train"], "rb"))
-        n_valid = sum(1 for _ in open(amats["valid"], "rb"))
+        n_train, n_valid, n_test = (_count_lines(amats[s]) for s in ("train", "valid", "test"))
+        stacked = _cached(key, lambda: np.concatenate([_check_mnist(p, s, _read_amat(p)) for s, p in amats.items()]),
+                          (n_train + n_valid + n_test, 784))
         rows = {
             "train": stacked[:n_train],
             "valid": stacked[n_train : n_train + n_valid],
@@ -331,7 +353,8 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _load_folder(name: str, files: list[Path], image_size: int, on_white: bool) -> np.ndarray:
     key = f"{name}-{image_size}-" + _fingerprint(files, f"v1 on_white={on_white}")
-    return _cached(key, lambda: _decode_all(files, image_size, on_white, f"decoding {name}"))
+    return _cached(key, lambda: _decode_all(files, image_size, on_white, f"decoding {name}"),
+                   (len(files), 3, image_size, image_size))
 
 
 def load_emoji(data_dir: str | os.PathLike[str] | None = None, *, image_size: int = 64) -> Splits:

@@ -461,8 +461,10 @@ class Trainer:
             actually used (pool images in its last rows).
         """
         x, pool_states, _ = self.pool_batch(x)
+        # the batch comes from to_model (in the likelihood's domain by construction): no per-step value check,
+        # which would read back from the device every step
         out = self.loss_module(x, beta=self.cfg.beta, generator=self.dev_gen, steps_generator=self.gen,
-                               start_states=pool_states)
+                               start_states=pool_states, check_values=False)
         return {**out, "x": x}
 
     def train_step(self) -> Tensor:

@@ -89,20 +89,43 @@ class _LatentVAE(nn.Module):
     def latent_size(self) -> int:
         return self.config.state_channels
 
-    def check_images(self, x: Tensor, name: str = "x") -> None:
+    def check_images(self, x: Tensor, name: str = "x", *, values: bool = True) -> Tensor:
+        """Check a batch of images and return it in the model's dtype.
+
+        Any floating-point dtype is accepted and converted to the encoder's (float64, float16 and bfloat16 inputs
+        give the float32 model's result). With ``values`` the batch must lie in the likelihood's data domain:
+        {0, 1} for Bernoulli, [-1, 1] for the discretized logistic mixture (one reduction, i.e. one host sync,
+        per call); anything else would give a finite but meaningless loss, so it raises ValueError.
+        """
         cfg = self.config
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point image tensor, got {x.dtype}")
+            raise TypeError(f"{name}: expected a floating-point image tensor, got {x.dtype} "
+                            "(fastnca.data.to_model maps uint8 batches to the data domain)")
         want = (cfg.image_channels, cfg.image_size, cfg.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"{name}: expected shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+        dtype = self.encoder.linear.weight.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        # the value check reads back from the device: skipped inside a CUDA-graph capture, where a read-back is
+        # illegal (the captured callers feed batches made by fastnca.data.to_model, in the domain by construction)
+        if values and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if cfg.likelihood == "bernoulli":
+                bad = (x != 0) & (x != 1)
+                domain = "binary images with values in {0, 1} (Bernoulli likelihood)"
+            else:
+                bad = ~((x >= -1) & (x <= 1))  # NaN is outside too
+                domain = "images in [-1, 1], i.e. 2 * uint8 / 255 - 1 (discretized logistic likelihood)"
+            if bool(bad.any()):
+                value = x[bad].flatten()[0].item()
+                raise ValueError(f"{name}: expected {domain}; got {value!r} in {int(bad.sum())} pixel(s)")
+        return x
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """q(z|x): ``(B, C, H, W) -> (mu, log_sigma)``, each ``(B, |z|)``."""
-        self.check_images(x)
-        return self.encoder(x)
+        """q(z|x): ``(B, C, H, W) -> (mu, log_sigma)``, each ``(B, |z|)`` (shape and dtype checked, not values)."""
+        return self.encoder(self.check_images(x, values=False))
 
     @staticmethod
     def sample_posterior(mu: Tensor, log_sigma: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -144,17 +167,22 @@ class _LatentVAE(nn.Module):
         return -nats / (cfg.image_size**2 * cfg.image_channels * math.log(2))
 
     def forward(self, x: Tensor, *, beta: float = 1.0, generator: torch.Generator | None = None,
-                **decode_kwargs) -> dict[str, Tensor]:
+                check_values: bool = True, **decode_kwargs) -> dict[str, Tensor]:
         """One-sample beta-ELBO: loss = mean over the batch of ``-log p(x|z) + beta * KL``.
 
         This is the training loss; the trainer calls it as is. ``decode_kwargs`` go to :meth:`decode` (the
         VNCA's: ``num_steps``, ``steps_generator``, ``start_states`` for pool training, ``checkpoint``).
+        ``x`` is converted to the model's dtype and, with ``check_values``, must lie in the likelihood's domain
+        (see :meth:`check_images`; that check reads a value back from the device, so the trainer, whose batches
+        come from :func:`fastnca.data.to_model`, turns it off: no host sync per step, and CUDA graphs can capture
+        the step).
 
         Returns:
             dict with loss (scalar), elbo, recon, kl (each ``(B,)``), z ``(B, |z|)`` and state (decoder output;
             the VNCA's final NCA state, which pool training stores).
         """
-        mu, log_sigma = self.encode(x)
+        x = self.check_images(x, values=check_values)
+        mu, log_sigma = self.encoder(x)
         z = self.sample_posterior(mu, log_sigma, generator)
         out = self.decode(z, generator=generator, **decode_kwargs)
         recon = self.log_likelihood(x, out)
@@ -186,7 +214,8 @@ class _LatentVAE(nn.Module):
             raise ValueError(f"k: expected an integer >= 1 (number of importance samples), got {k!r}")
         if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk: expected an integer >= 1 or None, got {chunk!r}")
-        mu, log_sigma = self.encode(x)
+        x = self.check_images(x)
+        mu, log_sigma = self.encoder(x)
         b = x.shape[0]
         chunk = chunk or max(1, min(k, 256 // max(1, b)))
         log_w = []

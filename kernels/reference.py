@@ -11,8 +11,9 @@ The update network f (Palm et al., 2022, sec. 2 and the authors' code):
     f = Conv1x1(y)                       # h -> |z|, zero-initialised in the model
 
 and the step is ``z' = z + m * f(z)`` with a per-cell 0/1 mask m of shape ``(B, 1, H, W)`` (None: every cell
-updates). With ``double=True`` the state is first doubled by nearest-neighbour x2 upsampling (each cell
-copied to a 2x2 block), and the mask lives at the doubled resolution.
+updates). The mask is bool, or an integer/float tensor holding only 0 and 1; any other value is refused with a
+ValueError on every backend (:func:`check_step_inputs`). With ``double=True`` the state is first doubled by
+nearest-neighbour x2 upsampling (each cell copied to a 2x2 block), and the mask lives at the doubled resolution.
 """
 
 from __future__ import annotations
@@ -109,6 +110,15 @@ def check_step_inputs(state: Tensor, weights: UpdateWeights, mask: Tensor | None
                              f"got {tuple(mask.shape)}")
         if mask.is_complex():
             raise TypeError(f"mask: expected bool, integer or float 0/1 values, got {mask.dtype}")
+        # Contract: a cell updates fully (1) or not at all (0). Bool masks (what the model draws) hold nothing
+        # else and are not read; other dtypes are checked here, one reduction and one host sync per call. While
+        # torch.compile traces, the check is skipped (the fused op still checks when it runs).
+        if mask.dtype != torch.bool and not torch.compiler.is_compiling():
+            bad = (mask != 0) & (mask != 1)
+            if bool(bad.any()):
+                value = mask[bad].flatten()[0].item()
+                raise ValueError(f"mask: expected values in {{0, 1}} (or a bool mask): a cell updates fully or not "
+                                 f"at all; got {value!r} in {int(bad.sum())} cell(s)")
 
 
 def double_ref(state: Tensor) -> Tensor:

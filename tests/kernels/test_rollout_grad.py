@@ -55,6 +55,7 @@ CASES = [  # (B, C, h, blocks, bias, doubling, p_update, steps): 33 steps, odd g
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("case", CASES, ids=["B1-7x7-nb2-bias-mask-T33", "B2-2to8-nb0-nobias-doubling-T33"])
 def test_rollout_gradients_match_float64_reference_under_every_policy(case, policy):

@@ -205,3 +205,43 @@ def test_emoji_and_celeba_still_need_a_data_directory(no_data_dir):
     for load in (data.load_emoji, data.load_celeba):
         with pytest.raises(data.DataError, match=r"'data' \(from the default ./data\) does not exist.*--data-dir"):
             load()
+
+
+def _tiny_emoji_folder(root: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder = root / "noto-emoji-v2.028" / "128"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGBA", (8, 8), (20 * i, 0, 0, 255)).save(folder / f"emoji_u{i:04x}.png")
+    return folder
+
+
+def test_a_cached_array_of_the_wrong_shape_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    _tiny_emoji_folder(tmp_path, 10)
+    first = data.load_emoji(tmp_path, image_size=8)
+    (entry,) = (tmp_path / "cache").glob("emoji-8-*.npy")
+    cached = np.load(entry)
+    assert cached.shape == (10, 3, 8, 8)
+    np.save(entry, cached[:5])  # readable, but 5 images for a 10-file folder
+    with pytest.warns(UserWarning, match=r"expected shape \(10, 3, 8, 8\).*got \(5, 3, 8, 8\).*rebuilding"):
+        again = data.load_emoji(tmp_path, image_size=8)
+    assert torch.equal(again.train, first.train) and torch.equal(again.test, first.test)
+    assert np.load(entry).shape == (10, 3, 8, 8), "expected the rebuilt array to replace the wrong cache entry"
+    np.save(entry, cached.astype(np.float32))  # right shape, wrong dtype
+    with pytest.warns(UserWarning, match=r"expected .*uint8.*rebuilding"):
+        assert torch.equal(data.load_emoji(tmp_path, image_size=8).train, first.train)
+
+
+def test_a_wrong_mnist_amat_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("valid", 2), ("test", 3)):
+        np.savetxt(tmp_path / f"binarized_mnist_{split}.amat", rng.integers(0, 2, (n, 784)), fmt="%d")
+    first = data.load_mnist(tmp_path, image_size=28)
+    (entry,) = (tmp_path / "cache").glob("mnist-amat-*.npy")
+    np.save(entry, np.ones((2, 784), np.uint8))
+    with pytest.warns(UserWarning, match=r"expected shape \(9, 784\).*rebuilding"):
+        again = data.load_mnist(tmp_path, image_size=28)
+    assert torch.equal(again.train, first.train) and torch.equal(again.test, first.test)

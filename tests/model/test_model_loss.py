@@ -3,8 +3,6 @@ trainer-side ELBO bitwise (CPU), and the start_states hook does what it says."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ from fastnca.data import Splits, load_mnist
 from fastnca.train import Trainer
 from fastnca.vae import VNCA
 
-needs_data = pytest.mark.skipif(not os.environ.get("FASTNCA_DATA"), reason="FASTNCA_DATA not set")
+needs_data = pytest.mark.data("mnist")  # the embedded copy when no data directory is set
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +141,24 @@ def test_start_states_are_checked():
         model(torch.zeros(4, 1, 28, 28), start_states=torch.zeros(2, 8, 14, 14))
     with pytest.raises(ValueError, match="start_states: expected shape"):
         model(torch.zeros(4, 1, 28, 28), start_states=torch.zeros(5, 8, 28, 28))
+
+
+@needs_data
+def test_trainer_skips_the_per_step_value_check_that_would_read_back_from_the_device(tmp_path, mnist_small):
+    """The model's loss checks image values (one device read-back) unless told not to; the trainer's batches come
+    from to_model, so it turns the check off: no host sync per step, and a CUDA graph can capture the step."""
+    tr = make_trainer(doubling_config(), tmp_path, mnist_small)
+    seen = []
+    real = tr.model.check_images
+
+    def recording(x, name="x", *, values=True):
+        seen.append(values)
+        return real(x, name, values=values)
+
+    tr.model.check_images = recording
+    tr.train_step()
+    assert seen == [False], f"expected one check_images call without the value check, got values={seen}"
+    bad = torch.full((2, 1, 32, 32), 0.5)
+    with pytest.raises(ValueError, match=r"\{0, 1\}"):
+        tr.model(bad)
+    tr.model(bad, check_values=False)  # the caller vouches for the values

@@ -19,6 +19,7 @@ def test_auto_backend_picks_the_reference_on_the_cpu():
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["small", "mnist-nondoubling"])
 def test_training_step_matches_the_reference_backend(preset):
     overrides = dict(state_channels=32, hidden_channels=32, enc_channels=8, p_update=0.5)
@@ -45,6 +46,7 @@ def test_training_step_matches_the_reference_backend(preset):
 
 
 @pytest.mark.data("mnist")
+@pytest.mark.slow
 def test_small_preset_trains_on_the_fused_backend(tmp_path):
     cfg = get_preset("small", backend="triton", batch_size=2, steps_per_stage=1, iterations=2)
     trainer = Trainer(cfg, tmp_path, splits=load_for_config(cfg), progress=False, final_outputs=False)
@@ -55,6 +57,7 @@ def test_small_preset_trains_on_the_fused_backend(tmp_path):
 
 
 @pytest.mark.data("celeba")
+@pytest.mark.slow
 def test_headline_preset_trains_with_pool_and_damage_on_the_fused_path_at_reduced_size(tmp_path):
     # celeba-nondoubling-256 (bf16 state, 4 blocks, pool and damage, T ~ U{64..128}) shrunk to fit the interpreter
     cfg = get_preset("celeba-nondoubling-256", backend="triton", state_channels=32, hidden_channels=32,

@@ -146,3 +146,34 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="lr: expected"):
         parse_value("lr", "fast")
     assert parse_value("bias", "false") is False and parse_value("lr", "3e-4") == 3e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_images_of_any_float_dtype_are_converted_to_the_models(dtype):
+    model, x = _small(), _binary(2)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    want = model(x, generator=g())["loss"]
+    got = model(x.to(dtype), generator=g())["loss"]  # {0, 1} is exact in every float dtype
+    assert got.dtype == torch.float32 and torch.allclose(got, want), f"expected the float32 loss {want}, got {got}"
+    assert model.iwae(x.to(dtype), k=2, generator=g()).shape == (2,)
+
+
+@pytest.mark.parametrize("value", [0.5, -1.0, 2.0, float("nan")])
+def test_bernoulli_images_outside_0_1_are_refused(value):
+    model, x = _small(), _binary(2)
+    x[1, 0, 3, 4] = value
+    with pytest.raises(ValueError, match=r"x: expected binary images with values in \{0, 1\}"):
+        model(x)
+    with pytest.raises(ValueError, match=r"x: expected binary images"):
+        model.iwae(x, k=2)
+
+
+@pytest.mark.parametrize("value", [1.5, -1.01, 255.0, float("nan")])
+def test_dml_images_outside_minus1_1_are_refused(value):
+    model = fastnca.build_model("celeba-doubling", backend="torch", state_channels=32, hidden_channels=32, n_blocks=1,
+                                enc_channels=8, n_doublings=3, image_size=16, steps_per_stage=2)
+    x = torch.randint(0, 256, (2, 3, 16, 16)).float() * 2 / 255 - 1
+    model(x)  # the data domain itself is fine
+    x[0, 2, 5, 5] = value
+    with pytest.raises(ValueError, match=r"x: expected images in \[-1, 1\]"):
+        model(x)
