@@ -1,21 +1,26 @@
 """Every shipped configuration of the fused step fits the H100: compiled for sm_90 on the CPU (no GPU needed).
 
 Checks: no spills (cuobjdump's STACK + LOCAL is 0 and there are no STL/LDL), shared memory within 227 KiB, and
-the bf16 and tf32 paths on Hopper's warpgroup tensor-core instructions (HGMMA). One child-process compile of
-all configurations per session (a few seconds each, cached by Triton afterwards).
+the bf16 and tf32 paths on Hopper's warpgroup tensor-core instructions (HGMMA). Each check runs under this
+process's Triton (CI's) and under the GPU machines' Triton 3.6 (``fit_releases.py``; skipped unless
+FASTNCA_FIT_PYTHONS names an interpreter with it). One child-process compile of all configurations per release
+(a few seconds each, cached by Triton afterwards).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from fastnca.kernels.fit import SHIPPED, SMEM_LIMIT, fit_many, format_table
+from fastnca.kernels.fit import SHIPPED, SMEM_LIMIT, fit_many, format_table, triton_version
+
+from .fit_releases import RELEASES, release_python
 
 
-@pytest.fixture(scope="module")
-def fits():
-    results = fit_many(SHIPPED)
-    print("\n" + format_table(results))
+@pytest.fixture(scope="module", params=RELEASES)
+def fits(request):
+    python = release_python(request.param)
+    results = fit_many(SHIPPED, python=python)
+    print(f"\ntriton {triton_version(python)}\n" + format_table(results))
     return {r.name: r for r in results}
 
 

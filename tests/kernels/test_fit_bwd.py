@@ -1,5 +1,6 @@
 """Fit of the fused backward on the H100, checked on the CPU: every shipped kernel configuration compiles for sm_90
-with no local-memory spills and fits in shared memory.
+with no local-memory spills and fits in shared memory, under this process's Triton (CI's) and under the GPU
+machines' Triton 3.6 (``fit_releases.py``; skipped unless FASTNCA_FIT_PYTHONS names an interpreter with it).
 
 The compiles and the cubin reading live in ``kernels/fit.py`` (with ``TRITON_INTERPRET=1``, set by
 tests/conftest.py, they run once per module in a child process). For the table::
@@ -11,14 +12,26 @@ from __future__ import annotations
 
 import pytest
 
-from fastnca.kernels.fit import BWD_SHIPPED, SMEM_LIMIT, BwdFitResult, BwdFitSpec, fit_bwd, format_bwd_table
+from fastnca.kernels.fit import (
+    BWD_SHIPPED,
+    SMEM_LIMIT,
+    BwdFitResult,
+    BwdFitSpec,
+    fit_bwd,
+    format_bwd_table,
+    triton_version,
+)
+
+from .fit_releases import RELEASES, release_python
 
 
-@pytest.fixture(scope="module")
-def shipped_rows() -> dict[str, list[BwdFitResult]]:
-    """All shipped configurations compiled once per module (about a minute cold, seconds with Triton's cache)."""
-    rows = fit_bwd(BWD_SHIPPED)
-    print("\n" + format_bwd_table(rows))
+@pytest.fixture(scope="module", params=RELEASES)
+def shipped_rows(request) -> dict[str, list[BwdFitResult]]:
+    """All shipped configurations compiled once per module and release (about a minute cold, seconds with
+    Triton's cache)."""
+    python = release_python(request.param)
+    rows = fit_bwd(BWD_SHIPPED, python=python)
+    print(f"\ntriton {triton_version(python)}\n" + format_bwd_table(rows))
     by_config: dict[str, list[BwdFitResult]] = {}
     for row in rows:
         by_config.setdefault(row.config, []).append(row)
