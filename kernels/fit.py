@@ -32,12 +32,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -91,6 +93,14 @@ class KernelFit(NamedTuple):
     hgmma: int  # Hopper warpgroup MMA instructions (static count)
     hmma: int  # pre-Hopper tensor-core MMA instructions
     compile_s: float
+    hgmma_shapes: dict[str, int] = {}  # static HGMMA count per instruction shape "MxNxK" (one warpgroup's work)
+    copy_widths: dict[str, int] = {}  # static LDGSTS (cp.async global -> shared) count per width in bytes
+
+
+def _copy_width(op: str) -> str:
+    """Bytes one LDGSTS moves per thread: a ``.128`` / ``.64`` modifier, else 4 (``LTC128B`` is an L2 hint)."""
+    mods = op.split(".")[1:]
+    return "16" if "128" in mods else "8" if "64" in mods else "4"
 
 
 def _bin(tool: str) -> str:
@@ -139,7 +149,39 @@ def compile_sm90(
         hgmma=len(re.findall(r"\bHGMMA\b", sass)),
         hmma=len(re.findall(r"\bHMMA\b", sass)),
         compile_s=round(seconds, 1),
+        hgmma_shapes=dict(sorted(Counter(re.findall(r"\bHGMMA\.(\d+x\d+x\d+)", sass)).items())),
+        copy_widths=dict(sorted(Counter(_copy_width(op) for op in re.findall(r"\bLDGSTS(?:\.\w+)*", sass)).items())),
     )
+
+
+def tensor_flops(shapes: dict[str, int], num_warps: int) -> int:
+    """FLOPs of one pass through the SASS's HGMMAs by the whole program: each warpgroup (4 warps) runs every one."""
+    per_warpgroup = sum(n * 2 * math.prod(int(x) for x in shape.split("x")) for shape, n in shapes.items())
+    return per_warpgroup * (num_warps // 4)
+
+
+def needed_flops(spec: KernelSpec) -> int | None:
+    """FLOPs the tile needs in one pass through the kernel's dot sites (each site once, as the SASS holds it when no
+    loop is unrolled or peeled): sum of 2 M N K over the kernel's ``tl.dot`` s. None for fp32 "ieee" (no tensor
+    cores). The dot sites are read off the kernel bodies (nca_step.py, nca_step_bwd.py, utils.perceive_conv3x3)."""
+    c = spec.constexprs
+    operand = next(spec.signature[p] for p in ("z_ptr", "dpre_ptr", "a_ptr") if p in spec.signature)
+    if operand == "*fp32" and c["INPUT_PRECISION"] == "ieee":
+        return None
+    if spec.name == "fwd":
+        m, k, hid = c["BLOCK_M"], c["BLOCK_K"], c["HID"]
+        sites = [(m, hid, k)] + [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0) + [(m, c["BLOCK_N"], hid)]
+    elif spec.name == "main":
+        m, k, cc, hid = c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_C"], c["HID"]
+        blocks = [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0)
+        sites = [(m, hid, cc), *blocks, (m, hid, cc), *blocks]  # recompute, then the backward
+    elif spec.name == "dstate":
+        sites = [(c["BLOCK_M"], c["C_PAD"], c["BLOCK_K"])]
+    elif spec.name.startswith("wgrad"):
+        sites = [(c["BLOCK_A"], c["BLOCK_B"], c["BLOCK_CELLS"])]
+    else:
+        raise ValueError(f"needed_flops: no dot sites known for kernel {spec.name!r}")
+    return sum(2 * m * n * k for m, n, k in sites)
 
 
 def _job(spec: KernelSpec) -> dict[str, Any]:
@@ -277,6 +319,10 @@ class FitResult(NamedTuple):
     hgmma: int
     hmma: int
     compile_s: float
+    hgmma_shapes: dict[str, int]
+    copy_widths: dict[str, int]
+    tensor_flops: int  # FLOPs of the SASS's HGMMAs over all warpgroups, one pass through the dot sites
+    needed_flops: int | None  # what the tile's dots need in that pass (None: fp32 "ieee", FFMA)
 
 
 # The networks the presets run (docs/PAPER.md): 256/256 x 4 blocks (doubling MNIST, CelebA, emoji),
@@ -334,27 +380,40 @@ def fit_many(
         for s, c in zip(specs, configs)
     ]
     return [
-        FitResult(s.name, k.constexprs["BLOCK_M"], k.constexprs["BLOCK_K"], k.num_warps, k.num_stages, *f)
+        FitResult(s.name, k.constexprs["BLOCK_M"], k.constexprs["BLOCK_K"], k.num_warps, k.num_stages, *f,
+                  tensor_flops(f.hgmma_shapes, k.num_warps), needed_flops(k))
         for s, k, f in zip(specs, kernels, fit_kernels(kernels, python))
     ]
 
 
+def _work(r: Any) -> str:
+    """HGMMA work over what the tile needs, e.g. "1" or "1.33" ("-" for fp32 "ieee")."""
+    return "-" if r.needed_flops is None else f"{r.tensor_flops / r.needed_flops:.3g}"
+
+
+def _widths(r: Any) -> str:
+    """The LDGSTS widths in bytes, e.g. "16" or "4,16"."""
+    return ",".join(sorted(r.copy_widths, key=int)) or "-"
+
+
 def _cells(rows: tuple[Any, ...], *fields: str) -> list[str]:
     """One table cell per field: the value, or the values of each release joined by " / " (same row, several
-    Triton releases)."""
-    return [" / ".join(str(getattr(r, f)) for r in rows) for f in fields]
+    Triton releases). Fields "work" and "copies" are :func:`_work` and :func:`_widths`."""
+    get = {"work": _work, "copies": _widths}
+    return [" / ".join(str(get[f](r) if f in get else getattr(r, f)) for r in rows) for f in fields]
 
 
 def format_table(results: list[FitResult], *others: list[FitResult]) -> str:
     """A markdown table of forward fit results; ``others``: the same rows compiled by other Triton releases,
     shown as ``this / other`` in each measured column."""
     head = (
-        "| config | BLOCK_M | BLOCK_K | warps | stages | registers | spills (B) | STL+LDL | shared (B) | HGMMA | HMMA |"
+        "| config | BLOCK_M | BLOCK_K | warps | stages | registers | spills (B) | STL+LDL | shared (B) | HGMMA | HMMA "
+        "| tensor work | LDGSTS (B) |"
     )
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 13]
     for same in zip(results, *others):
         r = same[0]
-        measured = _cells(same, "registers", "spills", "spill_ops", "shared", "hgmma", "hmma")
+        measured = _cells(same, "registers", "spills", "spill_ops", "shared", "hgmma", "hmma", "work", "copies")
         rows.append(f"| {r.name} | {r.block_m} | {r.block_k} | {r.num_warps} | {r.num_stages} | "
                     + " | ".join(measured) + " |")
     return "\n".join(rows)
@@ -387,6 +446,10 @@ class BwdFitResult(NamedTuple):
     hgmma: int
     hmma: int
     compile_s: float
+    hgmma_shapes: dict[str, int]
+    copy_widths: dict[str, int]
+    tensor_flops: int
+    needed_flops: int | None
 
 
 # The networks the presets train (docs/PAPER.md): 256/256 x 4 blocks (doubling MNIST, CelebA, emoji), 256/128 and
@@ -435,6 +498,8 @@ def fit_bwd(
             k.num_stages,
             {c: v for c, v in k.constexprs.items() if c.startswith("BLOCK_")},
             *f,
+            tensor_flops(f.hgmma_shapes, k.num_warps),
+            needed_flops(k),
         )
         for (name, k), f in zip(named, results)
     ]
@@ -442,12 +507,15 @@ def fit_bwd(
 
 def format_bwd_table(rows: list[BwdFitResult], *others: list[BwdFitResult]) -> str:
     """A markdown table of backward fit results, one row per kernel; ``others`` as in :func:`format_table`."""
-    head = "| config | kernel | warps/stages | tiles | regs | spills (B) | STL+LDL | smem (B) | HGMMA | HMMA |"
-    lines = [head, "|" + "---|" * 10]
+    head = (
+        "| config | kernel | warps/stages | tiles | regs | spills (B) | STL+LDL | smem (B) | HGMMA | HMMA "
+        "| tensor work | LDGSTS (B) |"
+    )
+    lines = [head, "|" + "---|" * 12]
     for same in zip(rows, *others):
         r = same[0]
         tiles = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in r.tiles.items())
-        measured = _cells(same, "registers", "spills", "spill_ops", "shared", "hgmma", "hmma")
+        measured = _cells(same, "registers", "spills", "spill_ops", "shared", "hgmma", "hmma", "work", "copies")
         lines.append(f"| {r.config} | {r.kernel} | {r.warps}/{r.stages} | {tiles} | " + " | ".join(measured) + " |")
     return "\n".join(lines)
 
