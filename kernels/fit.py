@@ -5,6 +5,7 @@ Usage::
     python -m fastnca.kernels.fit              # forward and backward tables of every shipped configuration
     python -m fastnca.kernels.fit --only bwd   # one of them ("fwd" or "bwd")
     python -m fastnca.kernels.fit --json       # the same as JSON lines
+    python -m fastnca.kernels.fit --python .ci/.venv-triton36/bin/python   # compiled by another Triton release
 
 Every kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (no GPU needed)
 (:func:`compile_sm90`), and the cubin is read with the ``cuobjdump`` / ``nvdisasm`` that ship in
@@ -18,6 +19,12 @@ a list of them. With ``TRITON_INTERPRET=1`` (set by tests/conftest.py without a 
 produced an interpreter function that ``triton.compile`` cannot take, so :func:`fit_kernels` then compiles in
 one child process with TRITON_INTERPRET removed from its environment (the function is found there by module
 and name). Results are kept for the rest of the process, and Triton caches the compiles on disk.
+
+Tiles must fit every Triton release the kernels run under: CI's (the one installed with torch) and the GPU
+machines' (3.6, ``GPU_TRITON``), which allocates registers differently. ``python=`` (``--python``) compiles in
+a child process of another interpreter, e.g. a virtual environment with ``triton==3.6.0`` beside this torch
+(``.ci/run`` makes one); the child imports this very checkout's kernels (checked). The tests find such
+interpreters in the environment variable ``FASTNCA_FIT_PYTHONS`` (paths separated by ``os.pathsep``).
 """
 
 from __future__ import annotations
@@ -25,17 +32,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
 __all__ = [
     "BWD_SHIPPED",
+    "FIT_PYTHONS_ENV",
+    "GPU_TRITON",
     "SHIPPED",
     "SMEM_LIMIT",
     "BwdFitResult",
@@ -49,11 +60,15 @@ __all__ = [
     "fit_bwd",
     "fit_kernels",
     "fit_many",
+    "fit_pythons",
     "format_bwd_table",
     "format_table",
+    "triton_version",
 ]
 
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 program may use (227 KiB)
+GPU_TRITON = "3.6"  # the Triton release of the GPU machines (PyTorch 2.11); CI has the one torch 2.14 brings
+FIT_PYTHONS_ENV = "FASTNCA_FIT_PYTHONS"  # interpreters with other Triton releases to fit under (os.pathsep list)
 
 
 # ----------------------------------------------------------------------------------------- generic sm_90 fit
@@ -78,6 +93,14 @@ class KernelFit(NamedTuple):
     hgmma: int  # Hopper warpgroup MMA instructions (static count)
     hmma: int  # pre-Hopper tensor-core MMA instructions
     compile_s: float
+    hgmma_shapes: dict[str, int] = {}  # static HGMMA count per instruction shape "MxNxK" (one warpgroup's work)
+    copy_widths: dict[str, int] = {}  # static LDGSTS (cp.async global -> shared) count per width in bytes
+
+
+def _copy_width(op: str) -> str:
+    """Bytes one LDGSTS moves per thread: a ``.128`` / ``.64`` modifier, else 4 (``LTC128B`` is an L2 hint)."""
+    mods = op.split(".")[1:]
+    return "16" if "128" in mods else "8" if "64" in mods else "4"
 
 
 def _bin(tool: str) -> str:
@@ -126,7 +149,39 @@ def compile_sm90(
         hgmma=len(re.findall(r"\bHGMMA\b", sass)),
         hmma=len(re.findall(r"\bHMMA\b", sass)),
         compile_s=round(seconds, 1),
+        hgmma_shapes=dict(sorted(Counter(re.findall(r"\bHGMMA\.(\d+x\d+x\d+)", sass)).items())),
+        copy_widths=dict(sorted(Counter(_copy_width(op) for op in re.findall(r"\bLDGSTS(?:\.\w+)*", sass)).items())),
     )
+
+
+def tensor_flops(shapes: dict[str, int], num_warps: int) -> int:
+    """FLOPs of one pass through the SASS's HGMMAs by the whole program: each warpgroup (4 warps) runs every one."""
+    per_warpgroup = sum(n * 2 * math.prod(int(x) for x in shape.split("x")) for shape, n in shapes.items())
+    return per_warpgroup * (num_warps // 4)
+
+
+def needed_flops(spec: KernelSpec) -> int | None:
+    """FLOPs the tile needs in one pass through the kernel's dot sites (each site once, as the SASS holds it when no
+    loop is unrolled or peeled): sum of 2 M N K over the kernel's ``tl.dot`` s. None for fp32 "ieee" (no tensor
+    cores). The dot sites are read off the kernel bodies (nca_step.py, nca_step_bwd.py, utils.perceive_conv3x3)."""
+    c = spec.constexprs
+    operand = next(spec.signature[p] for p in ("z_ptr", "dpre_ptr", "a_ptr") if p in spec.signature)
+    if operand == "*fp32" and c["INPUT_PRECISION"] == "ieee":
+        return None
+    if spec.name == "fwd":
+        m, k, hid = c["BLOCK_M"], c["BLOCK_K"], c["HID"]
+        sites = [(m, hid, k)] + [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0) + [(m, c["BLOCK_N"], hid)]
+    elif spec.name == "main":
+        m, k, cc, hid = c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_C"], c["HID"]
+        blocks = [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0)
+        sites = [(m, hid, cc), *blocks, (m, hid, cc), *blocks]  # recompute, then the backward
+    elif spec.name == "dstate":
+        sites = [(c["BLOCK_M"], c["C_PAD"], c["BLOCK_K"])]
+    elif spec.name.startswith("wgrad"):
+        sites = [(c["BLOCK_A"], c["BLOCK_B"], c["BLOCK_CELLS"])]
+    else:
+        raise ValueError(f"needed_flops: no dot sites known for kernel {spec.name!r}")
+    return sum(2 * m * n * k for m, n, k in sites)
 
 
 def _job(spec: KernelSpec) -> dict[str, Any]:
@@ -147,37 +202,92 @@ def _compile_job(job: dict[str, Any]) -> KernelFit:
     return compile_sm90(fn, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"])
 
 
-_FITS: dict[str, KernelFit] = {}  # compiled this process: json of the job -> fit
+_FITS: dict[tuple[str, str], KernelFit] = {}  # compiled this process: (python, json of the job) -> fit
+_KERNELS_DIR = Path(__file__).resolve().parent
 
 
-def fit_kernels(specs: list[KernelSpec] | tuple[KernelSpec, ...]) -> list[KernelFit]:
-    """Compile kernels for sm_90; in one child process without TRITON_INTERPRET when it is set here.
+def _child_env() -> dict[str, str]:
+    """The environment of a compiling child: no TRITON_INTERPRET, and this checkout first on its import path.
 
-    Each distinct kernel is compiled once per process (identical specs, e.g. the backward's weight-gradient GEMMs
-    of equal shapes, share one compile).
+    pyproject maps ``fastnca.kernels`` to ``kernels/``; from a source checkout the child gets the checkout and
+    ``benchmarks/_import_shim`` (a sitecustomize that serves ``fastnca.kernels`` from ``kernels/``) on PYTHONPATH,
+    so that another interpreter compiles exactly these kernels whatever it has installed.
     """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = _KERNELS_DIR.parent
+    shim = root / "benchmarks" / "_import_shim"
+    if _KERNELS_DIR.name == "kernels" and (root / "fastnca" / "__init__.py").is_file() and shim.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join([str(shim), str(root), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _run_child(python: str, todo: list[str]) -> list[KernelFit]:
+    """Compile the JSON jobs in a child ``python -m fastnca.kernels.fit --jobs-stdin``; check it read our kernels."""
+    proc = subprocess.run(
+        [python, "-m", "fastnca.kernels.fit", "--jobs-stdin"],
+        env=_child_env(),
+        input="[" + ",".join(todo) + "]",
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"fit: the sm_90 compile under {python} failed:\n{proc.stderr[-4000:]}")
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines or "kernels" not in lines[0]:
+        raise RuntimeError(f"fit: no header from the child {python}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    if Path(lines[0]["kernels"]).resolve() != _KERNELS_DIR:
+        raise RuntimeError(f"fit: {python} imported the kernels from {lines[0]['kernels']}, not {_KERNELS_DIR}")
+    results = [KernelFit(**line) for line in lines[1:]]
+    if len(results) != len(todo):
+        raise RuntimeError(f"fit: expected {len(todo)} results from the child {python}, got {len(results)}")
+    return results
+
+
+def fit_kernels(specs: list[KernelSpec] | tuple[KernelSpec, ...], python: str | None = None) -> list[KernelFit]:
+    """Compile kernels for sm_90: in this process, or in one child process (of ``python``, another interpreter
+    with its own Triton release, or of this one without TRITON_INTERPRET when that is set here).
+
+    Each distinct kernel is compiled once per process and interpreter (identical specs, e.g. the backward's
+    weight-gradient GEMMs of equal shapes, share one compile).
+    """
+    who = str(python) if python else ""
     keys = [json.dumps(_job(s), sort_keys=True) for s in specs]
-    todo = list(dict.fromkeys(k for k in keys if k not in _FITS))
-    if todo and os.environ.get("TRITON_INTERPRET") != "1":
+    todo = list(dict.fromkeys(k for k in keys if (who, k) not in _FITS))
+    if todo and not python and os.environ.get("TRITON_INTERPRET") != "1":
         for k in todo:
-            _FITS[k] = _compile_job(json.loads(k))
+            _FITS[who, k] = _compile_job(json.loads(k))
     elif todo:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        _FITS.update(zip(((who, k) for k in todo), _run_child(python or sys.executable, todo)))
+    return [_FITS[who, k] for k in keys]
+
+
+_VERSIONS: dict[str, str] = {}
+
+
+def triton_version(python: str | None = None) -> str:
+    """The Triton release of ``python`` (None: this process's)."""
+    if not python:
+        import triton
+
+        return triton.__version__
+    if python not in _VERSIONS:
         proc = subprocess.run(
-            [sys.executable, "-m", "fastnca.kernels.fit", "--jobs-stdin"],
-            env=env,
-            input="[" + ",".join(todo) + "]",
+            [python, "-c", "import triton; print(triton.__version__)"],
+            env=_child_env(),
             capture_output=True,
             text=True,
-            timeout=1800,
+            timeout=300,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"fit: the sm_90 compile failed:\n{proc.stderr[-4000:]}")
-        results = [KernelFit(**json.loads(line)) for line in proc.stdout.splitlines() if line.startswith("{")]
-        if len(results) != len(todo):
-            raise RuntimeError(f"fit: expected {len(todo)} results from the child, got {len(results)}")
-        _FITS.update(zip(todo, results))
-    return [_FITS[k] for k in keys]
+            raise RuntimeError(f"fit: cannot import triton with {python}:\n{proc.stderr[-2000:]}")
+        _VERSIONS[python] = proc.stdout.strip().splitlines()[-1]
+    return _VERSIONS[python]
+
+
+def fit_pythons() -> list[str]:
+    """The interpreters named by ``FASTNCA_FIT_PYTHONS`` (``os.pathsep``-separated; empty when unset)."""
+    return [p for p in os.environ.get(FIT_PYTHONS_ENV, "").split(os.pathsep) if p]
 
 
 # --------------------------------------------------------------------------------------------------- forward
@@ -209,6 +319,10 @@ class FitResult(NamedTuple):
     hgmma: int
     hmma: int
     compile_s: float
+    hgmma_shapes: dict[str, int]
+    copy_widths: dict[str, int]
+    tensor_flops: int  # FLOPs of the SASS's HGMMAs over all warpgroups, one pass through the dot sites
+    needed_flops: int | None  # what the tile's dots need in that pass (None: fp32 "ieee", FFMA)
 
 
 # The networks the presets run (docs/PAPER.md): 256/256 x 4 blocks (doubling MNIST, CelebA, emoji),
@@ -234,15 +348,19 @@ def _torch_dtype(name: str) -> Any:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def fit(spec: FitSpec, config: tuple[int, ...] | None = None) -> FitResult:
+def fit(spec: FitSpec, config: tuple[int, ...] | None = None, *, python: str | None = None) -> FitResult:
     """Compile one configuration for sm_90 (``config``: a ``StepConfig`` tuple overriding the shipped tiling)."""
-    return fit_many([spec], [config])[0]
+    return fit_many([spec], [config], python=python)[0]
 
 
 def fit_many(
-    specs: list[FitSpec] | tuple[FitSpec, ...], configs: list[tuple[int, ...] | None] | None = None
+    specs: list[FitSpec] | tuple[FitSpec, ...],
+    configs: list[tuple[int, ...] | None] | None = None,
+    *,
+    python: str | None = None,
 ) -> list[FitResult]:
-    """Compile several configurations of the forward kernel (see :func:`fit_kernels`)."""
+    """Compile several configurations of the forward kernel (see :func:`fit_kernels`; ``python``: compile with
+    another interpreter's Triton)."""
     from . import nca_step as ns
 
     configs = list(configs) if configs is not None else [None] * len(specs)
@@ -262,22 +380,42 @@ def fit_many(
         for s, c in zip(specs, configs)
     ]
     return [
-        FitResult(s.name, k.constexprs["BLOCK_M"], k.constexprs["BLOCK_K"], k.num_warps, k.num_stages, *f)
-        for s, k, f in zip(specs, kernels, fit_kernels(kernels))
+        FitResult(s.name, k.constexprs["BLOCK_M"], k.constexprs["BLOCK_K"], k.num_warps, k.num_stages, *f,
+                  tensor_flops(f.hgmma_shapes, k.num_warps), needed_flops(k))
+        for s, k, f in zip(specs, kernels, fit_kernels(kernels, python))
     ]
 
 
-def format_table(results: list[FitResult]) -> str:
-    """A markdown table of forward fit results."""
+def _work(r: Any) -> str:
+    """HGMMA work over what the tile needs, e.g. "1" or "1.33" ("-" for fp32 "ieee")."""
+    return "-" if r.needed_flops is None else f"{r.tensor_flops / r.needed_flops:.3g}"
+
+
+def _widths(r: Any) -> str:
+    """The LDGSTS widths in bytes, e.g. "16" or "4,16"."""
+    return ",".join(sorted(r.copy_widths, key=int)) or "-"
+
+
+def _cells(rows: tuple[Any, ...], *fields: str) -> list[str]:
+    """One table cell per field: the value, or the values of each release joined by " / " (same row, several
+    Triton releases). Fields "work" and "copies" are :func:`_work` and :func:`_widths`."""
+    get = {"work": _work, "copies": _widths}
+    return [" / ".join(str(get[f](r) if f in get else getattr(r, f)) for r in rows) for f in fields]
+
+
+def format_table(results: list[FitResult], *others: list[FitResult]) -> str:
+    """A markdown table of forward fit results; ``others``: the same rows compiled by other Triton releases,
+    shown as ``this / other`` in each measured column."""
     head = (
-        "| config | BLOCK_M | BLOCK_K | warps | stages | registers | spills (B) | STL+LDL | shared (B) | HGMMA | HMMA |"
+        "| config | BLOCK_M | BLOCK_K | warps | stages | registers | spills (B) | STL+LDL | shared (B) | HGMMA | HMMA "
+        "| tensor work | LDGSTS (B) |"
     )
-    rows = [head, "|" + "---|" * 11]
-    for r in results:
-        rows.append(
-            f"| {r.name} | {r.block_m} | {r.block_k} | {r.num_warps} | {r.num_stages} | {r.registers} | "
-            f"{r.spills} | {r.spill_ops} | {r.shared} | {r.hgmma} | {r.hmma} |"
-        )
+    rows = [head, "|" + "---|" * 13]
+    for same in zip(results, *others):
+        r = same[0]
+        measured = _cells(same, "registers", "spills", "spill_ops", "shared", "hgmma", "hmma", "work", "copies")
+        rows.append(f"| {r.name} | {r.block_m} | {r.block_k} | {r.num_warps} | {r.num_stages} | "
+                    + " | ".join(measured) + " |")
     return "\n".join(rows)
 
 
@@ -308,6 +446,10 @@ class BwdFitResult(NamedTuple):
     hgmma: int
     hmma: int
     compile_s: float
+    hgmma_shapes: dict[str, int]
+    copy_widths: dict[str, int]
+    tensor_flops: int
+    needed_flops: int | None
 
 
 # The networks the presets train (docs/PAPER.md): 256/256 x 4 blocks (doubling MNIST, CelebA, emoji), 256/128 and
@@ -327,8 +469,11 @@ BWD_SHIPPED: tuple[BwdFitSpec, ...] = (
 )
 
 
-def fit_bwd(fits: list[BwdFitSpec] | tuple[BwdFitSpec, ...] = BWD_SHIPPED) -> list[BwdFitResult]:
-    """Compile every kernel the backward launches for each configuration (see :func:`fit_kernels`)."""
+def fit_bwd(
+    fits: list[BwdFitSpec] | tuple[BwdFitSpec, ...] = BWD_SHIPPED, *, python: str | None = None
+) -> list[BwdFitResult]:
+    """Compile every kernel the backward launches for each configuration (see :func:`fit_kernels`; ``python``:
+    compile with another interpreter's Triton)."""
     from . import nca_step_bwd as nb
 
     named = [
@@ -344,7 +489,7 @@ def fit_bwd(fits: list[BwdFitSpec] | tuple[BwdFitSpec, ...] = BWD_SHIPPED) -> li
             input_precision=f.input_precision,
         )
     ]
-    results = fit_kernels([k for _, k in named])
+    results = fit_kernels([k for _, k in named], python)
     return [
         BwdFitResult(
             name,
@@ -353,21 +498,25 @@ def fit_bwd(fits: list[BwdFitSpec] | tuple[BwdFitSpec, ...] = BWD_SHIPPED) -> li
             k.num_stages,
             {c: v for c, v in k.constexprs.items() if c.startswith("BLOCK_")},
             *f,
+            tensor_flops(f.hgmma_shapes, k.num_warps),
+            needed_flops(k),
         )
         for (name, k), f in zip(named, results)
     ]
 
 
-def format_bwd_table(rows: list[BwdFitResult]) -> str:
-    """A markdown table of backward fit results, one row per kernel."""
-    head = "| config | kernel | warps/stages | tiles | regs | spills (B) | smem (B) | HGMMA | HMMA |"
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
+def format_bwd_table(rows: list[BwdFitResult], *others: list[BwdFitResult]) -> str:
+    """A markdown table of backward fit results, one row per kernel; ``others`` as in :func:`format_table`."""
+    head = (
+        "| config | kernel | warps/stages | tiles | regs | spills (B) | STL+LDL | smem (B) | HGMMA | HMMA "
+        "| tensor work | LDGSTS (B) |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for same in zip(rows, *others):
+        r = same[0]
         tiles = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in r.tiles.items())
-        lines.append(
-            f"| {r.config} | {r.kernel} | {r.warps}/{r.stages} | {tiles} | {r.registers} | {r.spills} | "
-            f"{r.shared} | {r.hgmma} | {r.hmma} |"
-        )
+        measured = _cells(same, "registers", "spills", "spill_ops", "shared", "hgmma", "hmma", "work", "copies")
+        lines.append(f"| {r.config} | {r.kernel} | {r.warps}/{r.stages} | {tiles} | " + " | ".join(measured) + " |")
     return "\n".join(lines)
 
 
@@ -376,27 +525,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of tables")
     parser.add_argument("--only", choices=("fwd", "bwd"), help="only the forward or only the backward")
+    parser.add_argument(
+        "--python",
+        action="append",
+        help=f"compile with this interpreter's Triton (e.g. a venv with triton=={GPU_TRITON}.0); repeat it to "
+        "compare releases side by side ('self': this interpreter), e.g. --python self --python PATH",
+    )
     parser.add_argument("--jobs-stdin", action="store_true", help="internal: compile the JSON job list on stdin")
     args = parser.parse_args()
     if args.jobs_stdin:
+        import triton
+
+        print(json.dumps({"triton": triton.__version__, "kernels": str(_KERNELS_DIR)}), flush=True)
         for job in json.loads(sys.stdin.read()):
             print(json.dumps(_compile_job(job)._asdict()), flush=True)
         return
-    fwd = fit_many(SHIPPED) if args.only != "bwd" else []
-    bwd = fit_bwd(BWD_SHIPPED) if args.only != "fwd" else []
+    pythons = [None if p == "self" else p for p in args.python or ["self"]]
+    fwd = [fit_many(SHIPPED, python=p) if args.only != "bwd" else [] for p in pythons]
+    bwd = [fit_bwd(BWD_SHIPPED, python=p) if args.only != "fwd" else [] for p in pythons]
     if args.json:
-        for r in fwd:
-            print(json.dumps({"pass": "fwd", **r._asdict()}))
-        for r in bwd:
-            print(json.dumps({"pass": "bwd", **r._asdict()}))
+        for p, f, b in zip(pythons, fwd, bwd):
+            release = triton_version(p)
+            for r in f:
+                print(json.dumps({"pass": "fwd", "triton": release, **r._asdict()}))
+            for r in b:
+                print(json.dumps({"pass": "bwd", "triton": release, **r._asdict()}))
         return
-    import triton
-
-    print(f"sm_90 fit, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}")
-    if fwd:
-        print("\nforward (nca_step.py)\n" + format_table(fwd))
-    if bwd:
-        print("\nbackward (nca_step_bwd.py)\n" + format_bwd_table(bwd))
+    releases = " / ".join(triton_version(p) for p in pythons)
+    print(f"sm_90 fit, triton {releases}, {time.strftime('%Y-%m-%d')}")
+    if fwd[0]:
+        print("\nforward (nca_step.py)\n" + format_table(*fwd))
+    if bwd[0]:
+        print("\nbackward (nca_step_bwd.py)\n" + format_bwd_table(*bwd))
 
 
 if __name__ == "__main__":

@@ -196,11 +196,13 @@ def step_config(
 ) -> StepConfig:
     """The tiling shipped for a network shape and dtype (the fit numbers in kernels/README.md come from these).
 
-    Chosen with ``python -m fastnca.kernels.fit`` (sm_90 compile, no spills, shared memory <= 227 KiB):
-    bf16 at h = 256 takes 128 cells x 8 warps with 32-wide hidden chunks, which halves the weight bytes
-    streamed from L2 per FLOP against 64 cells and still fits the fp32 block accumulator in registers;
-    fp32 "ieee" (FFMA) needs smaller tiles to avoid spills. The interpreter takes one config sized to the
-    problem (fewer, larger programs run faster in numpy).
+    Chosen with ``python -m fastnca.kernels.fit`` (sm_90 compile, no spills, shared memory <= 227 KiB) under
+    both Triton releases that matter: CI's (3.8) and the GPU machines' (3.6, ``--python``); a tile must fit
+    both. bf16 at h = 256 takes 128 cells x 8 warps, which halves the weight bytes streamed from L2 per FLOP
+    against 64 cells and still fits the fp32 block accumulator in registers; its hidden chunk is 16 wide because
+    32 spills 16 B under Triton 3.6 (254 registers under 3.8). fp32 state takes 32-wide output chunks at h <= 128
+    (64 spill under 3.6) and "ieee" (FFMA) 16-wide K chunks at h = 256 (32 spill 304 B under 3.6). The
+    interpreter takes one config sized to the problem (fewer, larger programs run faster in numpy).
     """
     hid = _padded_hidden(hidden_channels)
     base_k = min(_largest_divisor(state_channels, (64, 32, 16)), hid)
@@ -210,15 +212,15 @@ def step_config(
         return StepConfig(block_m, base_k, block_n, 4, 1)
     if dtype == torch.bfloat16:
         if hid >= 256:
-            return StepConfig(128, min(32, base_k), block_n, 8, 3)
+            return StepConfig(128, min(16, base_k), block_n, 8, 3)
         if hid >= 128:
             return StepConfig(128, base_k, block_n, 8, 2)
         return StepConfig(64, base_k, block_n, 4, 2)
     if hid >= 256:
-        return StepConfig(64, min(32, base_k), block_n, 8, 2)
+        return StepConfig(64, min(32 if input_precision == "tf32" else 16, base_k), block_n, 8, 2)
     if input_precision == "tf32":
-        return StepConfig(64, min(32, base_k), block_n, 4, 2)
-    return StepConfig(32, min(32, base_k), block_n, 8, 2)
+        return StepConfig(64, min(32, base_k), min(32, block_n), 4, 2)
+    return StepConfig(32, min(32, base_k), min(32, block_n), 8, 2)
 
 
 def fwd_kernel_spec(

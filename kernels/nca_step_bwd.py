@@ -403,6 +403,7 @@ def bwd_config(
     dtype: torch.dtype,
     input_precision: str = "ieee",
     *,
+    n_blocks: int | None = None,
     interpret: bool = _INTERPRET,
 ) -> BwdConfig:
     """The shipped tile configuration; ``python -m fastnca.kernels.fit`` compiles each one for sm_90.
@@ -412,6 +413,11 @@ def bwd_config(
     take small hidden chunks; fp32 "ieee" dots run on FMA units with register operands and take 32-cell tiles.
     In the interpreter (``interpret``, by default whether TRITON_INTERPRET=1 was set at import) the tiles are small,
     so that tests run many programs and partial tiles quickly.
+
+    ``n_blocks`` (None: not known, taken as 0) picks the main kernel's rows: with residual blocks and h <= 128 the
+    tensor-core paths take 128 cells x 8 warps, so that each warpgroup computes its own 64 rows. On 64 rows the
+    hidden-chunk dots are chained dots laid out [8,1] and both warpgroups compute them (4/3 of the needed tensor
+    work, see kernels/BACKWARD.md); at h = 256, or without blocks, 128 rows spill, so those keep 64.
     """
     c, h = state_channels, hidden_channels
     if interpret:
@@ -419,12 +425,16 @@ def bwd_config(
     wide = max(c, h) > 128
     ieee = dtype == torch.float32 and input_precision == "ieee"
     # (BLOCK_M, BLOCK_K, BLOCK_C, warps, stages) of the main kernel, (BLOCK_M, BLOCK_K, warps) of the state kernel
+    # Every tile fits (no spills) under Triton 3.8 (CI) and 3.6 (the GPU machines); see kernels/BACKWARD.md.
+    own_rows = bool(n_blocks) and h <= 128  # 128 cells x 8 warps: no warpgroup repeats the other's chained dots
     if dtype == torch.bfloat16:
         main, dstate = ((64, 32, 32, 8, 2), (64, 64, 8)) if wide else ((64, 64, 64, 8, 2), (64, 64, 4))
+        main = (128, 32, 32, 8, 2) if own_rows else main
     elif input_precision == "tf32":
-        main, dstate = ((64, 16, 32, 8, 1), (64, 32, 8)) if wide else ((64, 32, 32, 8, 2), (64, 32, 4))
+        main, dstate = ((64, 16, 32, 8, 2), (64, 32, 8)) if wide else ((64, 32, 32, 8, 2), (64, 32, 4))
+        main = (128, 16, 32, 8, 2) if own_rows else main
     else:
-        main, dstate = ((16, 16, 16, 4, 2), (16, 16, 4)) if wide else ((32, 32, 32, 4, 2), (32, 32, 4))
+        main, dstate = ((16, 16, 16, 8, 2), (16, 16, 4)) if wide else ((32, 32, 16, 4, 2), (32, 32, 4))
     return BwdConfig(
         block_m=main[0],
         block_k=_chunk(h, main[1]),
@@ -488,7 +498,8 @@ def bwd_kernel_specs(
 ) -> list[KernelSpec]:
     """Every kernel variant ``nca_step_bwd`` launches on the GPU for these shapes, as ``fit.KernelSpec`` s (for the
     sm_90 fit, ``kernels/fit.py``)."""
-    cfg = bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision, interpret=False)
+    cfg = bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision,
+                     n_blocks=n_blocks, interpret=False)
     c, h = state_channels, hidden_channels
     ty = _TL_DTYPE[dtype]
 
@@ -682,7 +693,7 @@ def nca_step_bwd(
     nb = weights.n_blocks
     hh, ww = (2 * h_in, 2 * w_in) if double else (h_in, w_in)
     m = b * hh * ww
-    cfg = bwd_config(c, triton.next_power_of_2(h), dt, input_precision)
+    cfg = bwd_config(c, triton.next_power_of_2(h), dt, input_precision, n_blocks=nb)
     upcast = _INTERPRET and dt == torch.bfloat16
 
     # ---- pack
