@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .spec import KernelSpec
+
 __all__ = [
     "BWD_SHIPPED",
     "SHIPPED",
@@ -57,17 +59,6 @@ SMEM_LIMIT = 232448  # bytes of shared memory one H100 program may use (227 KiB)
 
 
 # ----------------------------------------------------------------------------------------- generic sm_90 fit
-class KernelSpec(NamedTuple):
-    """One kernel launch as compiled: the jit function, its signature types and constexpr values, launch options."""
-
-    name: str
-    fn: Any  # a @triton.jit function (a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1)
-    signature: dict[str, str]  # every argument: "*bf16", "i32", ... or "constexpr"
-    constexprs: dict[str, Any]
-    num_warps: int
-    num_stages: int
-
-
 class KernelFit(NamedTuple):
     """What the sm_90 machine code of one kernel uses."""
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fit import KernelSpec
+from .spec import KernelSpec
 from .reference import UpdateWeights, check_step_inputs
 from .utils import elu, elu_grad, mma, perceive_conv3x3, rne
 
@@ -202,7 +202,8 @@ def _nca_step_bwd_kernel(
 
 
 @triton.jit
-def _nca_step_bwd_dstate_kernel(
+def _dstate_tile(
+    pid,  # int64 program index over input-cell tiles
     dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
     wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
     gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
@@ -221,7 +222,7 @@ def _nca_step_bwd_dstate_kernel(
 ):
     """State gradient ``dz = S(grad_out + conv3x3^T(dpre))`` for ``BLOCK_M`` input cells.
 
-    Grid: ``(cdiv(B * H_in * W_in, BLOCK_M),)``; program ``pid`` owns input cells ``pid * BLOCK_M + [0, BLOCK_M)``.
+    Called with program ``pid`` of a grid over ``cdiv(B * H_in * W_in, BLOCK_M)`` tiles; it owns input cells ``pid * BLOCK_M + [0, BLOCK_M)``.
     Without doubling S is the identity and, with zero padding,
 
         dz[p, q] = grad_out[p, q] + sum_{i, j in 0..2} dpre[p + i - 1, q + j - 1] @ Wp[:, :, 2 - i, 2 - j]
@@ -233,7 +234,6 @@ def _nca_step_bwd_dstate_kernel(
     where Weff[i, j] sums the taps Wp[:, :, dy + 2 - i, dx + 2 - j] over the block offsets dy, dx in {0, 1}.
     Dtypes: operands in the compute dtype, fp32 accumulation, one rounding on store.
     """
-    pid = tl.program_id(0).to(tl.int64)
     KS: tl.constexpr = 4 if DOUBLE else 3  # taps per axis of the (effective) transposed kernel
     SCALE: tl.constexpr = 2 if DOUBLE else 1
     H_in = H // SCALE
@@ -278,7 +278,34 @@ def _nca_step_bwd_dstate_kernel(
 
 
 @triton.jit
-def _nca_step_bwd_wgrad_kernel(
+def _nca_step_bwd_dstate_kernel(
+    dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
+    wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
+    gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
+    dz_ptr,  # out (B, H_in, W_in, C) state gradient, compute dtype
+    M_in,  # number of input cells B * H_in * W_in
+    H,  # grid height (doubled when DOUBLE)
+    W,  # grid width (doubled when DOUBLE)
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    HID: tl.constexpr,
+    DOUBLE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """State gradient of one step; grid ``(cdiv(B * H_in * W_in, BLOCK_M),)``, one tile per program (see
+    :func:`_dstate_tile`)."""
+    _dstate_tile(tl.program_id(0).to(tl.int64), dpre_ptr, wb_ptr, gout_ptr, dz_ptr, M_in, H, W, C, C_PAD, HID, DOUBLE,
+                 INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _wgrad_tile(
+    pid_a,  # tile index over NA
+    pid_tb,  # tap * (NB / BLOCK_B) + tile index over NB
+    pid_sm,  # int64 mat * S + split
     a_ptr,  # (N_MAT, M, NA) left operand, one row per cell, compute dtype
     b_ptr,  # (N_MAT, M, NB) right operand; when GATHER the (B, H_in, W_in, NB) state
     dw_ptr,  # out (S, N_MAT, T, NA, NB) fp32 partial sums over each split's cells
@@ -289,6 +316,8 @@ def _nca_step_bwd_wgrad_kernel(
     cells_per_split,  # a multiple of BLOCK_CELLS
     S,  # number of splits
     N_MAT,  # number of matrices (stacked along a, b and dw)
+    stride_dw_s,  # elements between two splits' partials in dw (N_MAT * T * NA * NB when dw is its own buffer)
+    stride_db_s,  # elements between two splits' partials in db (N_MAT * NA)
     NA: tl.constexpr,
     NB: tl.constexpr,
     T: tl.constexpr,  # 9 taps when GATHER, else 1
@@ -301,19 +330,18 @@ def _nca_step_bwd_wgrad_kernel(
     BLOCK_A: tl.constexpr,  # rows of the dW tile (over NA)
     BLOCK_B: tl.constexpr,  # columns of the dW tile (over NB)
     BLOCK_CELLS: tl.constexpr,  # cells per step of the reduction
+    ACCUMULATE: tl.constexpr,  # add to the partials already in dw / db (a rollout's earlier steps) instead of
+    # overwriting them; each slot has one writer per launch and launches run in order: deterministic
 ):
     """Partial weight gradients ``dW[s, mat, tap] = a[cells of s]^T @ b_tap[cells of s]`` and ``db[s, mat]``.
 
-    Grid: ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)``; a program owns one ``(BLOCK_A, BLOCK_B)`` tile of one
+    Called for one program of a grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)``; it owns one ``(BLOCK_A, BLOCK_B)`` tile of one
     tap of one matrix and reduces it over the cells ``[s * cells_per_split, (s + 1) * cells_per_split)``. The
     tap-0, column-0 programs also write the column sums of a (the bias gradient). Partials are fp32 and summed
     over s by the caller in a fixed order: deterministic, no atomics. With GATHER,
     ``b_tap[cell] = z[row + ky - 1, col + kx - 1]`` (tap = 3 ky + kx, zero outside the grid), so the partials of
     the perception weight are ``dWp[o, c, ky, kx] = sum_cells dpre[cell, o] z[cell + (ky - 1, kx - 1), c]``.
     """
-    pid_a = tl.program_id(0)
-    pid_tb = tl.program_id(1)
-    pid_sm = tl.program_id(2).to(tl.int64)
     B_TILES: tl.constexpr = NB // BLOCK_B
     tap = pid_tb // B_TILES
     pid_b = pid_tb % B_TILES
@@ -338,8 +366,14 @@ def _nca_step_bwd_wgrad_kernel(
 
     start = s * cells_per_split
     end = tl.minimum(start + cells_per_split, M)
-    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    colsum = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    dw_tile = dw_ptr + s * stride_dw_s + ((mat * T + tap) * NA + offs_a[:, None]) * NB + offs_b[None, :]
+    db_tile = db_ptr + s * stride_db_s + mat * NA + offs_a
+    if ACCUMULATE:
+        acc = tl.load(dw_tile)
+        colsum = tl.load(db_tile)
+    else:
+        acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+        colsum = tl.zeros((BLOCK_A,), dtype=tl.float32)
     for l0 in range(start, end, BLOCK_CELLS):
         offs_cell = l0 + offs_l  # int64 cell ids
         ok = offs_cell < end
@@ -362,11 +396,42 @@ def _nca_step_bwd_wgrad_kernel(
         acc = mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
         if WITH_DB:
             colsum += tl.sum(b_at.to(tl.float32), axis=1)
-    slot = (s * N_MAT + mat) * T + tap
-    tl.store(dw_ptr + (slot * NA + offs_a[:, None]) * NB + offs_b[None, :], acc)
+    tl.store(dw_tile, acc)
     if WITH_DB:
         if (pid_b == 0) & (tap == 0):
-            tl.store(db_ptr + (s * N_MAT + mat) * NA + offs_a, colsum)
+            tl.store(db_tile, colsum)
+
+
+@triton.jit
+def _nca_step_bwd_wgrad_kernel(
+    a_ptr,  # (N_MAT, M, NA) left operand, one row per cell, compute dtype
+    b_ptr,  # (N_MAT, M, NB) right operand; when GATHER the (B, H_in, W_in, NB) state
+    dw_ptr,  # out (S, N_MAT, T, NA, NB) fp32 partial sums over each split's cells
+    db_ptr,  # out (S, N_MAT, NA) fp32 partial column sums of a (written only when WITH_DB)
+    M,
+    H,
+    W,
+    cells_per_split,
+    S,
+    N_MAT,
+    NA: tl.constexpr,
+    NB: tl.constexpr,
+    T: tl.constexpr,
+    GATHER: tl.constexpr,
+    DOUBLE: tl.constexpr,
+    B_ELU: tl.constexpr,
+    WITH_DB: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_CELLS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
+    """One weight-gradient GEMM, grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)`` (see :func:`_wgrad_tile`)."""
+    _wgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), a_ptr, b_ptr, dw_ptr, db_ptr, M,
+                H, W, cells_per_split, S, N_MAT, N_MAT * T * NA * NB, N_MAT * NA, NA, NB, T, GATHER, DOUBLE, B_ELU, WITH_DB, INPUT_PRECISION,
+                INTERP_BF16, BLOCK_A, BLOCK_B, BLOCK_CELLS, ACCUMULATE)
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -472,7 +537,7 @@ def _wgrad_constexprs(na: int, nb: int, taps: int, *, gather: bool, double: bool
     """A weight-gradient GEMM's constexprs (launch and fit); the column sums (bias gradients) are always made."""
     return dict(NA=na, NB=nb, T=taps, GATHER=gather, DOUBLE=double and gather, B_ELU=b_elu, WITH_DB=True,
                 INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, BLOCK_A=_chunk(na, cfg.wg_block),
-                BLOCK_B=_chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells)
+                BLOCK_B=_chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells, ACCUMULATE=False)
 
 
 def bwd_kernel_specs(
