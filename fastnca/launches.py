@@ -12,12 +12,11 @@ compiles). What is counted:
 - **CPU** (the fused backend runs in the Triton interpreter): every ATen event that has no ATen descendant, minus
   views and allocations (:data:`NOT_LAUNCHES`: ``empty``, ``view``, ``permute``, ``as_strided``...), minus every
   event inside a Triton launch (the interpreter runs numpy and torch inside ``InterpretedFunction.run``; the
-  launch is wrapped in a ``record_function`` named ``fastnca::triton::<kernel>`` to find them), plus one per Triton
-  launch. A ``aten::_foreach_*`` or ``aten::_fused_adam*`` op counts as one launch and its descendants as none
+  profiler's collection is paused there), plus one per Triton launch (counted by a wrapper of that method). A ``aten::_foreach_*`` or ``aten::_fused_adam*`` op counts as one launch and its descendants as none
   (on CUDA each is a multi-tensor kernel; the CPU runs it as a loop of per-tensor ops). On a GPU each counted
   op launches about one kernel; the count does not depend on channel widths or batch size, so small ones serve.
 - **CUDA**: the device's kernel, memcpy and memset events in the profiler's trace, Triton kernels told apart by
-  their names (they start with ``_nca_``).
+  their names (``_nca_...`` and ``_rollout_...``, the kernels of ``fastnca.kernels``).
 
 Returns ``{"triton", "aten", "total", "by_op", "steps"}``: launches of each kind, their sum, the count per op
 name (Triton kernels as ``triton::<name>``), and the number of NCA steps the iteration ran.
@@ -50,21 +49,26 @@ NOT_LAUNCHES = frozenset(
         "lift_fresh_copy_noop", "requires_grad_", "retain_grad", "output_nr", "_version", "is_leaf",
     )
 )
-_TRITON_PREFIX = "fastnca::triton::"
 _MULTI_TENSOR = ("aten::_foreach_", "aten::_fused_adam")
 
 
 @contextlib.contextmanager
-def _marked_interpreter_launches() -> Iterator[None]:
-    """Wrap every interpreted Triton launch in a ``record_function`` named after its kernel."""
+def _counted_interpreter_launches(prof: Any, counts: Counter) -> Iterator[None]:
+    """Count every interpreted Triton launch by kernel name, with the profiler's collection paused inside it: what
+    the interpreter runs (numpy, torch ops) to emulate a launch is no launch, and recording it costs minutes."""
     import torch
     from triton.runtime.interpreter import InterpretedFunction
 
     real_run = InterpretedFunction.run
+    cpu = [torch.profiler.ProfilerActivity.CPU]
 
     def run(self, *args, **kwargs):
-        with torch.profiler.record_function(_TRITON_PREFIX + self.fn.__name__):
+        counts["triton::" + self.fn.__name__] += 1
+        prof.toggle_collection_dynamic(False, cpu)
+        try:
             return real_run(self, *args, **kwargs)
+        finally:
+            prof.toggle_collection_dynamic(True, cpu)
 
     InterpretedFunction.run = run
     try:
@@ -79,9 +83,6 @@ def _count_cpu(events: list[Any]) -> Counter:
 
     def visit(ev: Any) -> None:
         name = ev.name
-        if name.startswith(_TRITON_PREFIX):
-            by_op["triton::" + name[len(_TRITON_PREFIX):]] += 1
-            return  # what the interpreter does inside a launch is no launch
         if name.startswith(_MULTI_TENSOR):
             by_op[name] += 1
             return  # one multi-tensor kernel on CUDA
@@ -98,7 +99,7 @@ def _count_cpu(events: list[Any]) -> Counter:
 
 
 def _has_aten_descendant(ev: Any) -> bool:
-    return any(k.name.startswith(("aten::", _TRITON_PREFIX)) or _has_aten_descendant(k) for k in ev.cpu_children)
+    return any(k.name.startswith("aten::") or _has_aten_descendant(k) for k in ev.cpu_children)
 
 
 def _count_cuda(events: list[Any]) -> Counter:
@@ -108,7 +109,7 @@ def _count_cuda(events: list[Any]) -> Counter:
     for ev in events:
         if ev.device_type == DeviceType.CUDA:
             name = ev.name
-            by_op[("triton::" + name) if name.startswith("_nca_") else name] += 1
+            by_op[("triton::" + name) if name.startswith(("_nca_", "_rollout_")) else name] += 1
     return by_op
 
 
@@ -167,14 +168,16 @@ def count_training_launches(preset: str, *, device: str = "cpu", overrides: dict
         if device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize()
-        marks = _marked_interpreter_launches() if device == "cpu" else contextlib.nullcontext()
-        with marks, torch.profiler.profile(activities=activities) as prof:
-            trainer.train_step()
+        triton_counts: Counter = Counter()
+        with torch.profiler.profile(activities=activities) as prof:
+            marks = _counted_interpreter_launches(prof, triton_counts) if device == "cpu" else contextlib.nullcontext()
+            with marks:
+                trainer.train_step()
             if device == "cuda":
                 torch.cuda.synchronize()
         del nca.run
     events = list(prof.events())
-    by_op = _count_cuda(events) if device == "cuda" else _count_cpu(events)
+    by_op = _count_cuda(events) if device == "cuda" else _count_cpu(events) + triton_counts
     triton = sum(v for k, v in by_op.items() if k.startswith("triton::"))
     aten = sum(v for k, v in by_op.items() if not k.startswith("triton::"))
     return {"triton": triton, "aten": aten, "total": triton + aten, "by_op": dict(by_op.most_common()),
