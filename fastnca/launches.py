@@ -12,7 +12,8 @@ compiles). What is counted:
 - **CPU** (the fused backend runs in the Triton interpreter): every ATen event that has no ATen descendant, minus
   views and allocations (:data:`NOT_LAUNCHES`: ``empty``, ``view``, ``permute``, ``as_strided``...), minus every
   event inside a Triton launch (the interpreter runs numpy and torch inside ``InterpretedFunction.run``; the
-  profiler's collection is paused there), plus one per Triton launch (counted by a wrapper of that method). A ``aten::_foreach_*`` or ``aten::_fused_adam*`` op counts as one launch and its descendants as none
+  profiler's collection is paused there), plus one per Triton launch (counted by a wrapper of that method).
+  A ``aten::_foreach_*`` or ``aten::_fused_adam*`` op counts as one launch and its descendants as none
   (on CUDA each is a multi-tensor kernel; the CPU runs it as a loop of per-tensor ops). On a GPU each counted
   op launches about one kernel; the count does not depend on channel widths or batch size, so small ones serve.
 - **CUDA**: the device's kernel, memcpy and memset events in the profiler's trace, Triton kernels told apart by
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable), e.g. --set state_channels=32")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the profiler warns at every paused launch
     from fastnca.config import parse_value
 
     overrides = {}

@@ -49,6 +49,7 @@ __all__ = [
     "compile_sm90",
     "fit",
     "fit_bwd",
+    "fit_rollout",
     "fit_kernels",
     "fit_many",
     "format_bwd_table",
@@ -362,24 +363,47 @@ def format_bwd_table(rows: list[BwdFitResult]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------- rollout
+def fit_rollout(fits: list[BwdFitSpec] | tuple[BwdFitSpec, ...] = BWD_SHIPPED) -> list[BwdFitResult]:
+    """Compile the kernel the rollout's backward adds (``rollout.post_kernel_spec``, with and without doubling)
+    for each configuration."""
+    from . import rollout as ro
+
+    named = [
+        (f.name, k)
+        for f in fits
+        for k in ro.rollout_kernel_specs(f.state_channels, f.hidden_channels, f.n_blocks, _torch_dtype(f.dtype),
+                                         input_precision=f.input_precision)
+    ]
+    results = fit_kernels([k for _, k in named])
+    return [
+        BwdFitResult(name, k.name, k.num_warps, k.num_stages,
+                     {c: v for c, v in k.constexprs.items() if c.startswith(("BLOCK_", "BA_", "BB_", "DS_BLOCK"))}, *f)
+        for (name, k), f in zip(named, results)
+    ]
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of tables")
-    parser.add_argument("--only", choices=("fwd", "bwd"), help="only the forward or only the backward")
+    parser.add_argument("--only", choices=("fwd", "bwd", "rollout"), help="only one of the tables")
     parser.add_argument("--jobs-stdin", action="store_true", help="internal: compile the JSON job list on stdin")
     args = parser.parse_args()
     if args.jobs_stdin:
         for job in json.loads(sys.stdin.read()):
             print(json.dumps(_compile_job(job)._asdict()), flush=True)
         return
-    fwd = fit_many(SHIPPED) if args.only != "bwd" else []
-    bwd = fit_bwd(BWD_SHIPPED) if args.only != "fwd" else []
+    fwd = fit_many(SHIPPED) if args.only in (None, "fwd") else []
+    bwd = fit_bwd(BWD_SHIPPED) if args.only in (None, "bwd") else []
+    post = fit_rollout(BWD_SHIPPED) if args.only in (None, "rollout") else []
     if args.json:
         for r in fwd:
             print(json.dumps({"pass": "fwd", **r._asdict()}))
         for r in bwd:
             print(json.dumps({"pass": "bwd", **r._asdict()}))
+        for r in post:
+            print(json.dumps({"pass": "rollout", **r._asdict()}))
         return
     import triton
 
@@ -388,6 +412,8 @@ def main() -> None:
         print("\nforward (nca_step.py)\n" + format_table(fwd))
     if bwd:
         print("\nbackward (nca_step_bwd.py)\n" + format_bwd_table(bwd))
+    if post:
+        print("\nrollout backward (rollout.py)\n" + format_bwd_table(post))
 
 
 if __name__ == "__main__":

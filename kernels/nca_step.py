@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .spec import KernelSpec
 from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights, check_step_inputs, nca_step_ref
+from .spec import KernelSpec
 from .utils import cast_rne, elu, mma, perceive_conv3x3
 
 __all__ = [

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .spec import KernelSpec
 from .reference import UpdateWeights, check_step_inputs
+from .spec import KernelSpec
 from .utils import elu, elu_grad, mma, perceive_conv3x3, rne
 
 __all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
@@ -222,7 +222,8 @@ def _dstate_tile(
 ):
     """State gradient ``dz = S(grad_out + conv3x3^T(dpre))`` for ``BLOCK_M`` input cells.
 
-    Called with program ``pid`` of a grid over ``cdiv(B * H_in * W_in, BLOCK_M)`` tiles; it owns input cells ``pid * BLOCK_M + [0, BLOCK_M)``.
+    Called with program ``pid`` of a grid over ``cdiv(B * H_in * W_in, BLOCK_M)`` tiles; it owns input cells
+    ``pid * BLOCK_M + [0, BLOCK_M)``.
     Without doubling S is the identity and, with zero padding,
 
         dz[p, q] = grad_out[p, q] + sum_{i, j in 0..2} dpre[p + i - 1, q + j - 1] @ Wp[:, :, 2 - i, 2 - j]
@@ -335,7 +336,8 @@ def _wgrad_tile(
 ):
     """Partial weight gradients ``dW[s, mat, tap] = a[cells of s]^T @ b_tap[cells of s]`` and ``db[s, mat]``.
 
-    Called for one program of a grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)``; it owns one ``(BLOCK_A, BLOCK_B)`` tile of one
+    Called for one program of a grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)``; it owns one
+    ``(BLOCK_A, BLOCK_B)`` tile of one
     tap of one matrix and reduces it over the cells ``[s * cells_per_split, (s + 1) * cells_per_split)``. The
     tap-0, column-0 programs also write the column sums of a (the bias gradient). Partials are fp32 and summed
     over s by the caller in a fixed order: deterministic, no atomics. With GATHER,
@@ -430,7 +432,8 @@ def _nca_step_bwd_wgrad_kernel(
 ):
     """One weight-gradient GEMM, grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)`` (see :func:`_wgrad_tile`)."""
     _wgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), a_ptr, b_ptr, dw_ptr, db_ptr, M,
-                H, W, cells_per_split, S, N_MAT, N_MAT * T * NA * NB, N_MAT * NA, NA, NB, T, GATHER, DOUBLE, B_ELU, WITH_DB, INPUT_PRECISION,
+                H, W, cells_per_split, S, N_MAT, N_MAT * T * NA * NB, N_MAT * NA, NA, NB, T, GATHER, DOUBLE, B_ELU,
+                WITH_DB, INPUT_PRECISION,
                 INTERP_BF16, BLOCK_A, BLOCK_B, BLOCK_CELLS, ACCUMULATE)
 
 

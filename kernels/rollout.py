@@ -26,6 +26,7 @@ per recomputed step.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +35,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .nca_step import _INTERPRET, StepConfig, _check_inputs, _nca_step_fwd_kernel, fwd_constexprs, pack_weights, \
-    step_config
+from .nca_step import (
+    _INTERPRET,
+    StepConfig,
+    _check_inputs,
+    _nca_step_fwd_kernel,
+    fwd_constexprs,
+    pack_weights,
+    step_config,
+)
 from .nca_step_bwd import (
     _MAX_SPLITS,
     BwdConfig,
@@ -152,6 +160,22 @@ def _rollout_bwd_post_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------- plan
+def post_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee", *,
+                interpret: bool = _INTERPRET) -> BwdConfig:
+    """The post kernel's tiles: the backward's state-gradient and weight-gradient tiles (``bwd_config``), with
+    weight-gradient tiles of at most 64 x 64 and 2 stages.
+
+    One kernel holds every branch, so it needs the registers of the largest and the shared memory the compiler
+    gives them together: at |z| = h = 256 bf16 the per-step kernels' 128 x 128 tiles compiled to 255 registers
+    with 16-24 B of spills and 160-240 KiB of shared memory (2-3 stages); 64 x 64 tiles with 2 stages fit in 166
+    registers and 80 KiB (``python -m fastnca.kernels.fit``, table in kernels/README.md).
+    """
+    cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision, interpret=interpret)
+    if interpret:
+        return cfg
+    return dataclasses.replace(cfg, wg_block=min(cfg.wg_block, 64), wg_stages=2)
+
+
 def _post_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, input_precision: str, interp_bf16: bool,
                      cfg: BwdConfig) -> dict[str, Any]:
     """The post kernel's constexprs: one builder for the launch and the sm_90 fit spec."""
@@ -194,6 +218,10 @@ class StepPlan:
     def bwd_config(self) -> BwdConfig:
         return bwd_config(self.c, self.hp, self.dtype, self.input_precision)
 
+    @property
+    def post_config(self) -> BwdConfig:
+        return post_config(self.c, self.hp, self.dtype, self.input_precision)
+
     def fwd_constexprs(self, *, double: bool, has_mask: bool, cfg: StepConfig) -> dict[str, Any]:
         p = self.fwd
         return fwd_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
@@ -203,7 +231,7 @@ class StepPlan:
 
     def pack_backward(self, doubles: set[bool]) -> None:
         """The backward's extra operands: W1, W2 untransposed, Wout as (C, hp), the transposed-conv weights."""
-        w, dt, hp, c, h = self.weights, self.dtype, self.hp, self.c, self.h
+        w, dt, hp, c = self.weights, self.dtype, self.hp, self.c
         p = self.fwd
         dev = w.w_perceive.device
         if self.nb:
@@ -213,7 +241,6 @@ class StepPlan:
         cp = triton.next_power_of_2(c)
         self.wb = {d: _transposed_conv_weights(w.w_perceive, d, dt, hp, cp) for d in sorted(doubles)}
         self.zeros_f32 = torch.zeros(max(hp, c), dtype=torch.float32, device=dev)  # absent biases' pointer
-        del h
 
     @property
     def slot(self) -> int:
@@ -314,8 +341,9 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
                            input_precision=sp.input_precision, interp_bf16=sp.upcast, cfg=cfg),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
-    consts = sp.post_constexprs(double=double, cfg=cfg)
-    per_split, n_splits = _splits(m, cfg.wg_block_cells)
+    pcfg = sp.post_config
+    consts = sp.post_constexprs(double=double, cfg=pcfg)
+    per_split, n_splits = _splits(m, pcfg.wg_block_cells)
     n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"])
     n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits
     n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits
@@ -324,7 +352,7 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
         dpre_ptr=dpre, wb_ptr=sp.wb[double], gout_ptr=gout, dz_ptr=dz, z_ptr=z, y_ptr=y, a_ptr=a, da_ptr=da,
         dy_ptr=dy, g_ptr=g, acc_ptr=ws.acc, M=m, M_in=m_in, H=hh, W=ww, cells_per_split=per_split, S=n_splits,
         SLOT=sp.slot, n_ds=n_ds, n_wp=n_wp, n_wo=n_wo, n_w1=n_w1, **consts,
-        num_warps=cfg.wg_warps, num_stages=cfg.wg_stages,
+        num_warps=pcfg.wg_warps, num_stages=pcfg.wg_stages,
     )
 
 
@@ -363,7 +391,6 @@ class _RolloutFunction(torch.autograd.Function):
         t = plan.num_steps
         out = torch.empty((b, *grids[-1], c), dtype=state.dtype, device=state.device) if t else z0
         src, which = z0, 0
-        hw_in = (h0, w0)
         for i in range(t):
             hh, ww = grids[i]
             if i == t - 1:
@@ -375,8 +402,6 @@ class _RolloutFunction(torch.autograd.Function):
                 dst = ping[which][: sizes[i + 1]].view(b, hh, ww, c)
             _launch_fwd(sp, src, dst, masks[i], plan.flags[i], (hh, ww), b)
             src = dst
-            hw_in = (hh, ww)
-        del hw_in
         ctx.save_for_backward(state, keep, *flat)
         ctx.plan, ctx.masks, ctx.input_precision = plan, masks, input_precision
         ctx.offsets, ctx.sizes, ctx.grids = offsets, sizes, [(h0, w0)] + grids
@@ -450,10 +475,11 @@ def nca_rollout(
 
 # ------------------------------------------------------------------------------------------------------ fit
 def post_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
-                     double: bool = False, input_precision: str = "ieee") -> KernelSpec:
-    """The post kernel as ``nca_rollout``'s backward launches it on the GPU (for the sm_90 fit)."""
+                     double: bool = False, input_precision: str = "ieee", cfg: BwdConfig | None = None) -> KernelSpec:
+    """The post kernel as ``nca_rollout``'s backward launches it on the GPU (for the sm_90 fit; ``cfg`` overrides
+    the shipped tiles)."""
     hp = triton.next_power_of_2(hidden_channels)
-    cfg = bwd_config(state_channels, hp, dtype, input_precision, interpret=False)
+    cfg = cfg or post_config(state_channels, hp, dtype, input_precision, interpret=False)
     consts = _post_constexprs(state_channels, hp, n_blocks, double=double, input_precision=input_precision,
                               interp_bf16=False, cfg=cfg)
     ty = _TL_DTYPE[dtype]

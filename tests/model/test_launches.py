@@ -1,0 +1,32 @@
+"""The launch budget of one training iteration on the fused backend, counted on the CPU (fastnca/launches.py).
+
+The count does not depend on channel widths, batch or grid size (one launch per op however large), so the presets
+run shrunk: the schedules (40 doubling steps; T non-doubling steps under the sqrt(T) checkpoint policy), the
+encoder, the likelihood, clipping and Adam are the presets' own.
+"""
+
+import pytest
+
+from fastnca.launches import count_training_launches
+
+pytest.importorskip("triton")
+
+SMALL = dict(state_channels=16, hidden_channels=16, enc_channels=4, batch_size=2)
+
+
+def test_mnist_doubling_iteration_stays_within_300_launches():
+    res = count_training_launches("mnist-doubling", overrides=dict(SMALL, seed_size=1, image_size=16))
+    assert res["steps"] == 40, f"expected the preset's 40 steps, got {res['steps']}"
+    # one forward launch per step, two per step in the backward (main + state/weight-gradient post kernel)
+    assert res["triton"] == 3 * 40, f"expected 120 Triton launches, got {res['triton']}: {res['by_op']}"
+    assert res["total"] <= 300, f"expected <= 300 launches per iteration, got {res['total']}: {res['by_op']}"
+
+
+def test_celeba_nondoubling_256_iteration_stays_within_4_launches_per_step_plus_150():
+    t = 24
+    res = count_training_launches("celeba-nondoubling-256", overrides=dict(
+        SMALL, image_size=8, grid_size=8, min_steps=t, max_steps=t, pool_size=4, damage_size=3))
+    assert res["steps"] == t
+    assert res["total"] <= 4 * t + 150, f"expected <= {4 * t + 150} launches, got {res['total']}: {res['by_op']}"
+    assert not any(k.startswith("aten::add_") and v >= t for k, v in res["by_op"].items()), \
+        f"expected no per-step gradient accumulation on the host, got {res['by_op']}"
