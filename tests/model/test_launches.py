@@ -2,7 +2,8 @@
 
 The count does not depend on channel widths, batch or grid size (one launch per op however large), so the presets
 run shrunk: the schedules (40 doubling steps; T non-doubling steps under the sqrt(T) checkpoint policy), the
-encoder, the likelihood, clipping and Adam are the presets' own.
+encoder, the likelihood, clipping and Adam are the presets' own. The budget tests skip the kernels' bodies
+(``execute=False``); a small run checks that this changes no count.
 """
 
 import pytest
@@ -15,7 +16,7 @@ SMALL = dict(state_channels=16, hidden_channels=16, enc_channels=4, batch_size=2
 
 
 def test_mnist_doubling_iteration_stays_within_300_launches():
-    res = count_training_launches("mnist-doubling", overrides=dict(SMALL, seed_size=1, image_size=16))
+    res = count_training_launches("mnist-doubling", overrides=dict(SMALL, seed_size=1, image_size=16), execute=False)
     assert res["steps"] == 40, f"expected the preset's 40 steps, got {res['steps']}"
     # one forward launch per step, two per step in the backward (main + state/weight-gradient post kernel)
     assert res["triton"] == 3 * 40, f"expected 120 Triton launches, got {res['triton']}: {res['by_op']}"
@@ -25,8 +26,15 @@ def test_mnist_doubling_iteration_stays_within_300_launches():
 def test_celeba_nondoubling_256_iteration_stays_within_4_launches_per_step_plus_150():
     t = 24
     res = count_training_launches("celeba-nondoubling-256", overrides=dict(
-        SMALL, image_size=8, grid_size=8, min_steps=t, max_steps=t, pool_size=4, damage_size=3))
+        SMALL, image_size=8, grid_size=8, min_steps=t, max_steps=t, pool_size=4, damage_size=3), execute=False)
     assert res["steps"] == t
     assert res["total"] <= 4 * t + 150, f"expected <= {4 * t + 150} launches, got {res['total']}: {res['by_op']}"
     assert not any(k.startswith("aten::add_") and v >= t for k, v in res["by_op"].items()), \
         f"expected no per-step gradient accumulation on the host, got {res['by_op']}"
+
+
+def test_skipping_the_kernel_bodies_changes_no_count():
+    kw = dict(overrides=dict(SMALL, seed_size=1, image_size=8, n_doublings=3, steps_per_stage=1))
+    ran, skipped = count_training_launches("small", **kw), count_training_launches("small", execute=False, **kw)
+    assert ran["steps"] == 4
+    assert ran["by_op"] == skipped["by_op"], f"expected equal counts, got {ran['by_op']} vs {skipped['by_op']}"
