@@ -368,8 +368,13 @@ def _wgrad_tile(
 
     start = s * cells_per_split
     end = tl.minimum(start + cells_per_split, M)
-    dw_tile = dw_ptr + s * stride_dw_s + ((mat * T + tap) * NA + offs_a[:, None]) * NB + offs_b[None, :]
-    db_tile = db_ptr + s * stride_db_s + mat * NA + offs_a
+    if ACCUMULATE:  # the rollout's accumulator: split slots stride_dw_s / stride_db_s apart
+        dw_tile = dw_ptr + s * stride_dw_s + ((mat * T + tap) * NA + offs_a[:, None]) * NB + offs_b[None, :]
+        db_tile = db_ptr + s * stride_db_s + mat * NA + offs_a
+    else:  # dense (S, N_MAT, T, NA, NB) partials (this indexing compiles without spills in every shipped config)
+        slot = (s * N_MAT + mat) * T + tap
+        dw_tile = dw_ptr + (slot * NA + offs_a[:, None]) * NB + offs_b[None, :]
+        db_tile = db_ptr + (s * N_MAT + mat) * NA + offs_a
     if ACCUMULATE:
         acc = tl.load(dw_tile)
         colsum = tl.load(db_tile)
@@ -404,37 +409,99 @@ def _wgrad_tile(
             tl.store(db_tile, colsum)
 
 
+# The per-step kernel keeps its own copy of the GEMM loop: written as a call of _wgrad_tile it compiled with a
+# 24 B stack frame (spills) in the fp32 "ieee" 256/256 perceive variant under Triton 3.8 (the rollout's post
+# kernel, which calls _wgrad_tile, fits in every shipped config).
 @triton.jit
 def _nca_step_bwd_wgrad_kernel(
     a_ptr,  # (N_MAT, M, NA) left operand, one row per cell, compute dtype
     b_ptr,  # (N_MAT, M, NB) right operand; when GATHER the (B, H_in, W_in, NB) state
     dw_ptr,  # out (S, N_MAT, T, NA, NB) fp32 partial sums over each split's cells
     db_ptr,  # out (S, N_MAT, NA) fp32 partial column sums of a (written only when WITH_DB)
-    M,
-    H,
-    W,
-    cells_per_split,
-    S,
-    N_MAT,
+    M,  # number of cells (rows of a)
+    H,  # grid height (doubled when DOUBLE), used when GATHER
+    W,  # grid width (doubled when DOUBLE), used when GATHER
+    cells_per_split,  # a multiple of BLOCK_CELLS
+    S,  # number of splits
+    N_MAT,  # number of matrices (stacked along a, b and dw)
     NA: tl.constexpr,
     NB: tl.constexpr,
-    T: tl.constexpr,
-    GATHER: tl.constexpr,
-    DOUBLE: tl.constexpr,
-    B_ELU: tl.constexpr,
+    T: tl.constexpr,  # 9 taps when GATHER, else 1
+    GATHER: tl.constexpr,  # b is the state read at the 3x3 tap's shifted cells (zero padding)
+    DOUBLE: tl.constexpr,  # the gathered state is at half resolution: read (row // 2, col // 2)
+    B_ELU: tl.constexpr,  # apply ELU to b as it is loaded (b holds pre-activations)
     WITH_DB: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr,
-    BLOCK_A: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_CELLS: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    BLOCK_A: tl.constexpr,  # rows of the dW tile (over NA)
+    BLOCK_B: tl.constexpr,  # columns of the dW tile (over NB)
+    BLOCK_CELLS: tl.constexpr,  # cells per step of the reduction
 ):
-    """One weight-gradient GEMM, grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)`` (see :func:`_wgrad_tile`)."""
-    _wgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), a_ptr, b_ptr, dw_ptr, db_ptr, M,
-                H, W, cells_per_split, S, N_MAT, N_MAT * T * NA * NB, N_MAT * NA, NA, NB, T, GATHER, DOUBLE, B_ELU,
-                WITH_DB, INPUT_PRECISION,
-                INTERP_BF16, BLOCK_A, BLOCK_B, BLOCK_CELLS, ACCUMULATE)
+    """Partial weight gradients ``dW[s, mat, tap] = a[cells of s]^T @ b_tap[cells of s]`` and ``db[s, mat]``.
+
+    Grid: ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)``; a program owns one ``(BLOCK_A, BLOCK_B)`` tile of one
+    tap of one matrix and reduces it over the cells ``[s * cells_per_split, (s + 1) * cells_per_split)``. The
+    tap-0, column-0 programs also write the column sums of a (the bias gradient). Partials are fp32 and summed
+    over s by the caller in a fixed order: deterministic, no atomics. With GATHER,
+    ``b_tap[cell] = z[row + ky - 1, col + kx - 1]`` (tap = 3 ky + kx, zero outside the grid), so the partials of
+    the perception weight are ``dWp[o, c, ky, kx] = sum_cells dpre[cell, o] z[cell + (ky - 1, kx - 1), c]``.
+    """
+    pid_a = tl.program_id(0)
+    pid_tb = tl.program_id(1)
+    pid_sm = tl.program_id(2).to(tl.int64)
+    B_TILES: tl.constexpr = NB // BLOCK_B
+    tap = pid_tb // B_TILES
+    pid_b = pid_tb % B_TILES
+    s = pid_sm % S
+    mat = pid_sm // S
+
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_l = tl.arange(0, BLOCK_CELLS)
+    a_base = a_ptr + mat * M * NA
+    b_base = b_ptr + mat * M * NB
+    if GATHER:
+        if DOUBLE:
+            H_in = H // 2
+            W_in = W // 2
+        else:
+            H_in = H
+            W_in = W
+        hw = H * W
+        dr = tap // 3 - 1
+        dc = tap % 3 - 1
+
+    start = s * cells_per_split
+    end = tl.minimum(start + cells_per_split, M)
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    for l0 in range(start, end, BLOCK_CELLS):
+        offs_cell = l0 + offs_l  # int64 cell ids
+        ok = offs_cell < end
+        b_at = tl.load(a_base + offs_cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
+        if GATHER:
+            bat = offs_cell // hw
+            rem = offs_cell % hw
+            r = rem // W + dr
+            c = rem % W + dc
+            ok_g = ok & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            if DOUBLE:
+                r = r // 2
+                c = c // 2
+            src = (bat * H_in + r) * W_in + c
+            b_b = tl.load(b_ptr + src[:, None] * NB + offs_b[None, :], mask=ok_g[:, None], other=0.0)
+        else:
+            b_b = tl.load(b_base + offs_cell[:, None] * NB + offs_b[None, :], mask=ok[:, None], other=0.0)
+        if B_ELU:
+            b_b = rne(elu(b_b.to(tl.float32)), INTERP_BF16).to(b_at.dtype)
+        acc = mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
+        if WITH_DB:
+            colsum += tl.sum(b_at.to(tl.float32), axis=1)
+    slot = (s * N_MAT + mat) * T + tap
+    tl.store(dw_ptr + (slot * NA + offs_a[:, None]) * NB + offs_b[None, :], acc)
+    if WITH_DB:
+        if (pid_b == 0) & (tap == 0):
+            tl.store(db_ptr + (s * N_MAT + mat) * NA + offs_a, colsum)
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -540,7 +607,7 @@ def _wgrad_constexprs(na: int, nb: int, taps: int, *, gather: bool, double: bool
     """A weight-gradient GEMM's constexprs (launch and fit); the column sums (bias gradients) are always made."""
     return dict(NA=na, NB=nb, T=taps, GATHER=gather, DOUBLE=double and gather, B_ELU=b_elu, WITH_DB=True,
                 INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, BLOCK_A=_chunk(na, cfg.wg_block),
-                BLOCK_B=_chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells, ACCUMULATE=False)
+                BLOCK_B=_chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells)
 
 
 def bwd_kernel_specs(
