@@ -336,23 +336,26 @@ def pack_weights(weights: UpdateWeights, dtype: torch.dtype) -> dict[str, Tensor
     hp = _padded_hidden(h)
     pad = hp - h
     dev = weights.w_perceive.device
+
+    def padded(t: Tensor, widths: tuple[int, ...]) -> Tensor:  # no copy when there is nothing to pad
+        return torch.nn.functional.pad(t, widths) if pad else t
+
     w3 = weights.w_perceive.detach().to(dtype).permute(2, 3, 1, 0).reshape(9, c, h)  # [ky*3+kx, k, n]
     out: dict[str, Tensor | None] = {
-        "w3": torch.nn.functional.pad(w3, (0, pad)).contiguous(),
-        "b3": None if weights.b_perceive is None else torch.nn.functional.pad(weights.b_perceive.detach().float(),
-                                                                              (0, pad)),
-        "wout": torch.nn.functional.pad(weights.w_out.detach().to(dtype)[:, :, 0, 0].t(), (0, 0, 0, pad)).contiguous(),
+        "w3": padded(w3, (0, pad)).contiguous(),
+        "b3": None if weights.b_perceive is None else padded(weights.b_perceive.detach().float(), (0, pad)),
+        "wout": padded(weights.w_out.detach().to(dtype)[:, :, 0, 0].t(), (0, 0, 0, pad)).contiguous(),
         "bout": None if weights.b_out is None else weights.b_out.detach().float().contiguous(),
         "w1": None, "b1": None, "w2": None, "b2": None,
     }
     if nb:
         for i, name in ((0, "w1"), (2, "w2")):
             w = torch.stack([blk[i].detach() for blk in weights.blocks]).to(dtype)[:, :, :, 0, 0]  # (nb, n, k)
-            out[name] = torch.nn.functional.pad(w.transpose(1, 2), (0, pad, 0, pad)).contiguous()  # (nb, k, n)
+            out[name] = padded(w.transpose(1, 2), (0, pad, 0, pad)).contiguous()  # (nb, k, n)
         for i, name in ((1, "b1"), (3, "b2")):
             bs = [blk[i] for blk in weights.blocks]
             if any(b is not None for b in bs):
-                out[name] = torch.nn.functional.pad(_stack(bs, (h,), dev), (0, pad)).contiguous()
+                out[name] = padded(_stack(bs, (h,), dev), (0, pad)).contiguous()
     return out
 
 

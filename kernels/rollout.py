@@ -404,6 +404,7 @@ class _RolloutFunction(torch.autograd.Function):
             src = dst
         ctx.save_for_backward(state, keep, *flat)
         ctx.plan, ctx.masks, ctx.input_precision = plan, masks, input_precision
+        ctx.step_plan = sp  # the packed weights, shared with the backward (packed once per call)
         ctx.offsets, ctx.sizes, ctx.grids = offsets, sizes, [(h0, w0)] + grids
         return out.permute(0, 3, 1, 2)
 
@@ -411,8 +412,8 @@ class _RolloutFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         state, keep, *flat = ctx.saved_tensors
         plan: RolloutPlan = ctx.plan
-        weights = UpdateWeights.from_flat(flat)
-        sp = StepPlan(weights, state.dtype, ctx.input_precision)
+        sp: StepPlan = ctx.step_plan
+        sp.weights = UpdateWeights.from_flat(flat)
         sp.pack_backward({bool(f) for f in plan.flags})
         b, c = state.shape[:2]
         grids, sizes, masks = ctx.grids, ctx.sizes, ctx.masks
