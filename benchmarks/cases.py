@@ -401,8 +401,6 @@ class CaseContext:
             return self._model_outputs(None, self.parity_batch)
 
     def _prepare_model(self, b: Backend) -> Prepared:
-        from fastnca.nca import parse_checkpoint
-
         if b.impl == "compile":
             raise NotImplementedError("torch.compile is benchmarked per step only (step, step-bwd)")
         cfg, kind = self.cfg, self.spec.kind
@@ -410,7 +408,7 @@ class CaseContext:
         self._configure(b.model_backend, b.model_precision, policy)
         itemsize = 2 if b.model_precision == "bf16" else 4
         n_sched = self.num_steps if self.num_steps else len(self.nca.schedule(None))
-        seg = parse_checkpoint(policy, n_sched, cfg.doubling, b.model_backend)
+        seg = self.nca.plan(n_sched, policy, b.model_backend).segment  # the model's own rollout plan
         dev, model, ac = self.device, self.model, b.autocast
         extra: dict[str, Any] = {"num_steps": n_sched, "batch": self.batch}
         if kind == "rollout":

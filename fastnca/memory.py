@@ -16,9 +16,11 @@ import math
 from typing import Any
 
 from fastnca.config import Config, get_preset
-from fastnca.nca import parse_checkpoint
+from fastnca.kernels.schedule import RolloutPlan, plan_rollout
 
-__all__ = ["predict_peak_memory", "rollout_state_sizes", "GIB"]
+__all__ = ["predict_peak_memory", "rollout_plan", "rollout_state_sizes", "GIB"]
+
+_MAX_SPLITS = 32  # split slots of the fused backward's fp32 weight-gradient accumulator (kernels/nca_step_bwd.py)
 
 GIB = 1024**3
 
@@ -55,6 +57,17 @@ def rollout_state_sizes(cfg: Config, num_steps: int | None = None) -> list[int]:
     return [cfg.grid_size**2] * t
 
 
+def rollout_plan(cfg: Config, num_steps: int | None = None, *, checkpoint: str | None = None,
+                 backend: str = "triton") -> RolloutPlan:
+    """The plan the model runs for this config (the same ``kernels.schedule.plan_rollout`` the model calls)."""
+    if cfg.doubling:
+        m = cfg.steps_per_stage
+        flags = [False] * m + ([True] + [False] * (m - 1)) * cfg.n_doublings
+    else:
+        flags = [False] * (cfg.max_steps if num_steps is None else num_steps)
+    return plan_rollout(flags, checkpoint or cfg.checkpoint, doubling=cfg.doubling, backend=backend)
+
+
 def predict_peak_memory(
     cfg: Config | str,
     *,
@@ -62,7 +75,6 @@ def predict_peak_memory(
     num_steps: int | None = None,
     backend: str = "triton",
     batch_size: int | None = None,
-    partial_splits: int = 32,
 ) -> dict[str, Any]:
     """Predict the peak memory of one training iteration, in bytes.
 
@@ -72,7 +84,6 @@ def predict_peak_memory(
         num_steps: T for non-doubling rollouts (default: max_steps, the worst case).
         backend: 'triton' (fused step: saves only each step's input) or 'torch' (reference ops).
         batch_size: default the config's.
-        partial_splits: how many fp32 weight-gradient partials the fused backward keeps (splits of the cells).
 
     Returns:
         dict with the components (bytes), 'total', 'stored_states' (how many grids the policy keeps at the
@@ -86,7 +97,8 @@ def predict_peak_memory(
     sizes = rollout_state_sizes(cfg, num_steps)
     steps = len(sizes)
     policy = checkpoint or cfg.checkpoint
-    seg = parse_checkpoint(policy, steps, cfg.doubling, backend)
+    plan = rollout_plan(cfg, num_steps, checkpoint=policy, backend=backend)
+    seg = plan.segment
 
     enc_params, nca_params = _param_count(cfg)
     params = 4 * (enc_params + nca_params)
@@ -105,25 +117,30 @@ def predict_peak_memory(
     # per block conv1 out, ELU out, conv2 out and the residual sum, the output conv and the masked update.
     ref_step_per_cell = (2 * zc + h + (h if nb == 0 else 0) + 4 * h * nb + zc) * elem
     state_cells = [b * n for n in sizes]
-    if seg == 0:  # keep everything
-        per_cell = elem * zc if backend == "triton" else ref_step_per_cell
-        stored = sum(state_cells) * per_cell
-        n_stored = steps
-        recompute = 0
-    else:
-        n_stored = math.ceil(steps / seg) + (seg if seg > 1 else 0)
-        biggest = max(state_cells)
-        stored = (math.ceil(steps / seg) + (seg if seg > 1 else 0)) * biggest * elem * zc
-        # recomputing one step with the reference keeps its activations; the fused step keeps its input only
-        recompute = biggest * (ref_step_per_cell if backend == "torch" else 0)
-    # The fused backward's working set for the largest step (kernels/BACKWARD.md): per-cell buffers of
-    # (4 nb + 2) h + C values in the state's dtype, the gradient in and out of the state, and fp32 weight-gradient
-    # partials for `partial_splits` splits of the cells.
     biggest = max(state_cells)
     if backend == "triton":
-        work = biggest * (((4 * nb + 2) * h + zc) * elem + 2 * zc * elem)
-        work += partial_splits * 4 * (10 * zc * h + 2 * nb * h * h)
-    else:
+        # nca_rollout (kernels/rollout.py): the forward keeps the inputs of plan.stored_inputs (the first is the
+        # seed, owned by the caller); the backward recomputes one segment's inputs into a workspace and runs each
+        # step with per-cell buffers sized for the largest step: (nb + 1) y, a, da, dy (nb each, at least 1),
+        # g (C) and dpre (hp) values per cell in the state's dtype, two state gradients, and the fp32
+        # weight-gradient accumulator (one slot per split of the cells).
+        hp = 1 << (h - 1).bit_length()
+        seed_cells = b * cfg.seed_size**2 if cfg.doubling else b * cfg.grid_size**2
+        cells_in = [seed_cells] + state_cells[:-1]  # step i's input grid
+        stored = sum(cells_in[i] for i in plan.stored_inputs[1:]) * elem * zc
+        n_stored = plan.stored_states
+        recompute = (plan.stride - 1) * biggest * elem * zc
+        work = biggest * (((nb + 1) + 3 * max(nb, 1)) * hp + zc + hp) * elem + 2 * biggest * zc * elem
+        work += _MAX_SPLITS * 4 * (9 * hp * zc + hp + zc * hp + zc + 2 * nb * (hp * hp + hp))
+    elif seg == 0:  # the reference keeps every activation
+        stored = sum(state_cells) * ref_step_per_cell
+        n_stored = steps
+        recompute = 0
+        work = biggest * 2 * zc * elem
+    else:  # the reference under torch.utils.checkpoint: segment inputs, and one segment's steps while recomputing
+        n_stored = math.ceil(steps / seg) + (seg if seg > 1 else 0)
+        stored = n_stored * biggest * elem * zc
+        recompute = biggest * ref_step_per_cell
         work = biggest * 2 * zc * elem
     final = b * (cfg.output_size**2) * (zc * elem + 12 * 4 * max(1, cfg.n_mix if cfg.likelihood == "dml" else 1))
     total = params + grads + optimiser + enc_act + stored + recompute + work + final

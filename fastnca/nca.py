@@ -7,7 +7,6 @@ never copy it between steps.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +15,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from fastnca.kernels.reference import UpdateWeights, make_update_mask, nca_step_ref
+from fastnca.kernels.reference import UpdateWeights, nca_step_ref
+from fastnca.kernels.schedule import RolloutPlan, draw_masks, parse_checkpoint, plan_rollout
 
-__all__ = ["UpdateNet", "ResidualBlock", "NCA", "BACKENDS", "resolve_backend", "parse_checkpoint"]
+__all__ = ["UpdateNet", "ResidualBlock", "NCA", "BACKENDS", "resolve_backend", "parse_checkpoint", "RolloutPlan"]
 
 BACKENDS = ("torch", "triton", "auto")
 
@@ -113,29 +113,6 @@ def _triton_available() -> bool:
     return True
 
 
-def parse_checkpoint(policy: str, num_steps: int, doubling: bool, backend: str) -> int:
-    """The checkpoint policy as a segment length: 0 keeps everything ('none'), 1 is 'step', k is 'segments=k'.
-
-    'auto': non-doubling rollouts keep the state every ~sqrt(T) steps (memory ~ 2 sqrt(T) states); doubling
-    rollouts keep every step's input on the fused backend (its autograd already saves only that) and
-    everything on the reference (the reference's own behaviour).
-    """
-    if policy == "none":
-        return 0
-    if policy == "step":
-        return 1
-    if policy.startswith("segments="):
-        k = policy.split("=", 1)[1]
-        if not k.isdigit() or int(k) < 1:
-            raise ValueError(f"checkpoint: expected segments=k with an integer k >= 1, got {policy!r}")
-        return int(k)
-    if policy == "auto":
-        if not doubling:
-            return max(1, round(math.sqrt(num_steps)))
-        return 1 if backend == "triton" else 0
-    raise ValueError(f"checkpoint: expected none, step, segments=k or auto, got {policy!r}")
-
-
 class NCA(nn.Module):
     """The VNCA decoder: seed a grid with z and apply the update network step after step.
 
@@ -151,7 +128,7 @@ class NCA(nn.Module):
         p_update: probability that a cell updates at a step (1: every cell, no mask work).
         backend: 'torch' (reference), 'triton' (fused kernels) or 'auto'.
         precision: 'fp32', 'tf32' or 'bf16' (state dtype and the fused kernels' dot precision).
-        checkpoint: 'none', 'step', 'segments=k' or 'auto' (see parse_checkpoint).
+        checkpoint: 'none', 'step', 'segments=k' or 'auto' (see kernels/schedule.py, parse_checkpoint).
     """
 
     def __init__(
@@ -203,6 +180,18 @@ class NCA(nn.Module):
     def state_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
+    @property
+    def input_precision(self) -> str:
+        """The fused kernels' dot precision for fp32 states."""
+        return "tf32" if self.precision == "tf32" else "ieee"
+
+    def plan(self, schedule: list[bool] | int, checkpoint: str | None = None,
+             backend: str | None = None) -> RolloutPlan:
+        """The rollout plan of ``schedule`` (flags or a number of plain steps) under the checkpoint policy
+        (``checkpoint`` or the module's), for ``backend`` (default: the module's, resolved for a CUDA device)."""
+        backend = backend or resolve_backend(self.backend, torch.device("cuda"))
+        return plan_rollout(schedule, checkpoint or self.checkpoint, doubling=self.doubling, backend=backend)
+
     def step_fn(self, device: torch.device) -> Callable[..., Tensor]:
         """The step function of the backend that runs on ``device``: (state, weights, mask, double) -> state."""
         backend = resolve_backend(self.backend, device)
@@ -212,7 +201,7 @@ class NCA(nn.Module):
             from fastnca.kernels.nca_step import nca_step
         except ImportError as err:  # pragma: no cover - depends on the installation
             raise RuntimeError(f"backend='triton' needs Triton and fastnca.kernels.nca_step: {err}") from err
-        input_precision = "tf32" if self.precision == "tf32" else "ieee"
+        input_precision = self.input_precision
         return lambda s, w, m, d: nca_step(s, w, m, d, input_precision=input_precision)
 
     def step(self, state: Tensor, mask: Tensor | None = None, double: bool = False) -> Tensor:
@@ -269,29 +258,25 @@ class NCA(nn.Module):
         Returns:
             The final state ``(B, |z|, H', W')``, and the list of states when ``return_states``.
         """
-        if isinstance(schedule, int):
-            schedule = [False] * schedule
         state = state.to(self.state_dtype).contiguous(memory_format=torch.channels_last)
         weights = self.update_net.weights()
-        step = self.step_fn(state.device)
         backend = resolve_backend(self.backend, state.device)
-        seg = parse_checkpoint(checkpoint or self.checkpoint, len(schedule), self.doubling, backend)
+        plan = self.plan(schedule, checkpoint, backend)
         # masks are drawn up front so that recomputation in backward sees exactly the same cells
-        masks: list[Tensor | None] = []
         b, _, h, w = state.shape
-        for double in schedule:
-            if double:
-                h, w = 2 * h, 2 * w
-            masks.append(make_update_mask(b, h, w, self.p_update, generator=generator, device=state.device))
+        masks = draw_masks(plan, b, h, w, self.p_update, generator=generator, device=state.device)
+        if backend == "triton" and not return_states and plan.num_steps:
+            from fastnca.kernels.rollout import nca_rollout
+
+            return nca_rollout(state, weights, plan, masks, input_precision=self.input_precision)
+        step = self.step_fn(state.device)
         states = [state] if return_states else []
         grad_on = torch.is_grad_enabled() and (state.requires_grad or any(p.requires_grad for p in self.parameters()))
-        # The fused backend's autograd saves only each step's input: that is 'step' already.
+        # The per-step fused autograd saves only each step's input: that is 'step' already.
+        seg = plan.segment
         use_ckpt = grad_on and seg > 1 or (grad_on and seg == 1 and backend == "torch")
-        i = 0
-        while i < len(schedule):
-            n = seg if (use_ckpt and seg >= 1) else len(schedule) - i
-            n = max(1, min(n, len(schedule) - i))
-            flags, ms = schedule[i : i + n], masks[i : i + n]
+        for start, end in (plan.segments() if use_ckpt else [(0, plan.num_steps)]):
+            flags, ms = list(plan.flags[start:end]), masks[start:end]
             if use_ckpt:
                 out = torch_checkpoint(_run_steps, step, state, weights, flags, ms, return_states,
                                        use_reentrant=False)
@@ -299,7 +284,6 @@ class NCA(nn.Module):
                 out = _run_steps(step, state, weights, flags, ms, return_states)
             state, inter = out
             states.extend(inter)
-            i += n
         return (state, states) if return_states else state
 
     def forward(

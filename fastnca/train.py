@@ -395,7 +395,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # parameter initialisation
         self.model = VNCA(config).to(self.device)
         self.model.train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True)  # one kernel
         self.gen = torch.Generator().manual_seed(config.seed)
         self.dev_gen = (
             self.gen if self.device.type == "cpu" else torch.Generator(device=self.device).manual_seed(config.seed + 1)
@@ -483,7 +483,7 @@ class Trainer:
         out = self.loss_terms(x)
         loss = out["loss"]
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
         self.optimizer.step()
         if self.cfg.pool_size > 0:
             self.pool.add(out["x"], out["state"], generator=self.gen)

@@ -43,6 +43,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .spec import KernelSpec
+
 __all__ = [
     "BWD_SHIPPED",
     "FIT_PYTHONS_ENV",
@@ -58,6 +60,7 @@ __all__ = [
     "compile_sm90",
     "fit",
     "fit_bwd",
+    "fit_rollout",
     "fit_kernels",
     "fit_many",
     "fit_pythons",
@@ -72,17 +75,6 @@ FIT_PYTHONS_ENV = "FASTNCA_FIT_PYTHONS"  # interpreters with other Triton releas
 
 
 # ----------------------------------------------------------------------------------------- generic sm_90 fit
-class KernelSpec(NamedTuple):
-    """One kernel launch as compiled: the jit function, its signature types and constexpr values, launch options."""
-
-    name: str
-    fn: Any  # a @triton.jit function (a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1)
-    signature: dict[str, str]  # every argument: "*bf16", "i32", ... or "constexpr"
-    constexprs: dict[str, Any]
-    num_warps: int
-    num_stages: int
-
-
 class KernelFit(NamedTuple):
     """What the sm_90 machine code of one kernel uses."""
 
@@ -520,11 +512,33 @@ def format_bwd_table(rows: list[BwdFitResult], *others: list[BwdFitResult]) -> s
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------- rollout
+def fit_rollout(
+    fits: list[BwdFitSpec] | tuple[BwdFitSpec, ...] = BWD_SHIPPED, *, python: str | None = None
+) -> list[BwdFitResult]:
+    """Compile the kernel the rollout's backward adds (``rollout.post_kernel_spec``, with and without doubling)
+    for each configuration (``python``: compile with another interpreter's Triton, see :func:`fit_kernels`)."""
+    from . import rollout as ro
+
+    named = [
+        (f.name, k)
+        for f in fits
+        for k in ro.rollout_kernel_specs(f.state_channels, f.hidden_channels, f.n_blocks, _torch_dtype(f.dtype),
+                                         input_precision=f.input_precision)
+    ]
+    results = fit_kernels([k for _, k in named], python)
+    return [
+        BwdFitResult(name, k.name, k.num_warps, k.num_stages,
+                     {c: v for c, v in k.constexprs.items() if c.startswith(("BLOCK_", "BA_", "BB_", "DS_BLOCK"))}, *f)
+        for (name, k), f in zip(named, results)
+    ]
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of tables")
-    parser.add_argument("--only", choices=("fwd", "bwd"), help="only the forward or only the backward")
+    parser.add_argument("--only", choices=("fwd", "bwd", "rollout"), help="only one of the tables")
     parser.add_argument(
         "--python",
         action="append",
@@ -541,15 +555,18 @@ def main() -> None:
             print(json.dumps(_compile_job(job)._asdict()), flush=True)
         return
     pythons = [None if p == "self" else p for p in args.python or ["self"]]
-    fwd = [fit_many(SHIPPED, python=p) if args.only != "bwd" else [] for p in pythons]
-    bwd = [fit_bwd(BWD_SHIPPED, python=p) if args.only != "fwd" else [] for p in pythons]
+    fwd = [fit_many(SHIPPED, python=p) if args.only in (None, "fwd") else [] for p in pythons]
+    bwd = [fit_bwd(BWD_SHIPPED, python=p) if args.only in (None, "bwd") else [] for p in pythons]
+    post = [fit_rollout(BWD_SHIPPED, python=p) if args.only in (None, "rollout") else [] for p in pythons]
     if args.json:
-        for p, f, b in zip(pythons, fwd, bwd):
+        for p, f, b, r_ in zip(pythons, fwd, bwd, post):
             release = triton_version(p)
             for r in f:
                 print(json.dumps({"pass": "fwd", "triton": release, **r._asdict()}))
             for r in b:
                 print(json.dumps({"pass": "bwd", "triton": release, **r._asdict()}))
+            for r in r_:
+                print(json.dumps({"pass": "rollout", "triton": release, **r._asdict()}))
         return
     releases = " / ".join(triton_version(p) for p in pythons)
     print(f"sm_90 fit, triton {releases}, {time.strftime('%Y-%m-%d')}")
@@ -557,6 +574,8 @@ def main() -> None:
         print("\nforward (nca_step.py)\n" + format_table(*fwd))
     if bwd[0]:
         print("\nbackward (nca_step_bwd.py)\n" + format_bwd_table(*bwd))
+    if post[0]:
+        print("\nrollout backward (rollout.py)\n" + format_bwd_table(*post))
 
 
 if __name__ == "__main__":

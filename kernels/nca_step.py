@@ -28,15 +28,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fit import KernelSpec
 from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights, check_step_inputs, nca_step_ref
+from .spec import KernelSpec
 from .utils import cast_rne, elu, mma, perceive_conv3x3
 
 __all__ = [
     "SUPPORTED_CHANNELS",
     "NCAStepFunction",
     "StepConfig",
+    "fwd_constexprs",
     "fwd_kernel_spec",
     "nca_step",
     "nca_step_fwd",
@@ -223,6 +224,18 @@ def step_config(
     return StepConfig(32, min(32, base_k), min(32, block_n), 8, 2)
 
 
+def fwd_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
+                   has_b2: bool, has_bout: bool, input_precision: str, upcast_dot: bool,
+                   cfg: StepConfig) -> dict[str, object]:
+    """The forward kernel's constexprs: one builder for every launch and for the sm_90 fit spec."""
+    return {
+        "C": c, "HID": hp, "N_BLOCKS": n_blocks, "DOUBLE": bool(double), "HAS_MASK": has_mask, "HAS_B3": has_b3,
+        "HAS_B1": has_b1, "HAS_B2": has_b2, "HAS_BOUT": has_bout, "PERCEIVE_ELU": n_blocks == 0,
+        "INPUT_PRECISION": input_precision, "UPCAST_DOT": upcast_dot,
+        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
+    }
+
+
 def fwd_kernel_spec(
     state_channels: int,
     hidden_channels: int,
@@ -243,12 +256,10 @@ def fwd_kernel_spec(
     t = "*bf16" if dtype == torch.bfloat16 else "*fp32"
     pointers = {"z_ptr": t, "out_ptr": t, "mask_ptr": "*u8", "w3_ptr": t, "b3_ptr": "*fp32", "w1_ptr": t,
                 "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32"}
-    constexprs = {
-        "C": state_channels, "HID": _padded_hidden(hidden_channels), "N_BLOCKS": n_blocks, "DOUBLE": double,
-        "HAS_MASK": mask, "HAS_B3": bias, "HAS_B1": bias and n_blocks > 0, "HAS_B2": bias and n_blocks > 0,
-        "HAS_BOUT": out_bias, "PERCEIVE_ELU": n_blocks == 0, "INPUT_PRECISION": input_precision, "UPCAST_DOT": False,
-        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
-    }
+    constexprs = fwd_constexprs(state_channels, _padded_hidden(hidden_channels), n_blocks, double=double,
+                                has_mask=mask, has_b3=bias, has_b1=bias and n_blocks > 0,
+                                has_b2=bias and n_blocks > 0, has_bout=out_bias, input_precision=input_precision,
+                                upcast_dot=False, cfg=cfg)
     signature = {**pointers, "M": "i32", "H": "i32", "W": "i32", **{k: "constexpr" for k in constexprs}}
     return KernelSpec("fwd", _nca_step_fwd_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages)
 
@@ -327,23 +338,26 @@ def pack_weights(weights: UpdateWeights, dtype: torch.dtype) -> dict[str, Tensor
     hp = _padded_hidden(h)
     pad = hp - h
     dev = weights.w_perceive.device
+
+    def padded(t: Tensor, widths: tuple[int, ...]) -> Tensor:  # no copy when there is nothing to pad
+        return torch.nn.functional.pad(t, widths) if pad else t
+
     w3 = weights.w_perceive.detach().to(dtype).permute(2, 3, 1, 0).reshape(9, c, h)  # [ky*3+kx, k, n]
     out: dict[str, Tensor | None] = {
-        "w3": torch.nn.functional.pad(w3, (0, pad)).contiguous(),
-        "b3": None if weights.b_perceive is None else torch.nn.functional.pad(weights.b_perceive.detach().float(),
-                                                                              (0, pad)),
-        "wout": torch.nn.functional.pad(weights.w_out.detach().to(dtype)[:, :, 0, 0].t(), (0, 0, 0, pad)).contiguous(),
+        "w3": padded(w3, (0, pad)).contiguous(),
+        "b3": None if weights.b_perceive is None else padded(weights.b_perceive.detach().float(), (0, pad)),
+        "wout": padded(weights.w_out.detach().to(dtype)[:, :, 0, 0].t(), (0, 0, 0, pad)).contiguous(),
         "bout": None if weights.b_out is None else weights.b_out.detach().float().contiguous(),
         "w1": None, "b1": None, "w2": None, "b2": None,
     }
     if nb:
         for i, name in ((0, "w1"), (2, "w2")):
             w = torch.stack([blk[i].detach() for blk in weights.blocks]).to(dtype)[:, :, :, 0, 0]  # (nb, n, k)
-            out[name] = torch.nn.functional.pad(w.transpose(1, 2), (0, pad, 0, pad)).contiguous()  # (nb, k, n)
+            out[name] = padded(w.transpose(1, 2), (0, pad, 0, pad)).contiguous()  # (nb, k, n)
         for i, name in ((1, "b1"), (3, "b2")):
             bs = [blk[i] for blk in weights.blocks]
             if any(b is not None for b in bs):
-                out[name] = torch.nn.functional.pad(_stack(bs, (h,), dev), (0, pad)).contiguous()
+                out[name] = padded(_stack(bs, (h,), dev), (0, pad)).contiguous()
     return out
 
 
@@ -432,11 +446,11 @@ def nca_step_fwd(
         w2_ptr=p["w2"] if p["w2"] is not None else dummy, b2_ptr=p["b2"] if p["b2"] is not None else dummy,
         wout_ptr=p["wout"], bout_ptr=p["bout"] if p["bout"] is not None else dummy,
         M=num_cells, H=h_out, W=w_out,
-        C=c, HID=_padded_hidden(weights.hidden_channels), N_BLOCKS=weights.n_blocks, DOUBLE=bool(double),
-        HAS_MASK=mask is not None, HAS_B3=p["b3"] is not None, HAS_B1=p["b1"] is not None,
-        HAS_B2=p["b2"] is not None, HAS_BOUT=p["bout"] is not None, PERCEIVE_ELU=weights.perceive_elu,
-        INPUT_PRECISION=input_precision, UPCAST_DOT=_INTERPRET and dtype == torch.bfloat16,
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+        **fwd_constexprs(c, _padded_hidden(weights.hidden_channels), weights.n_blocks, double=double,
+                         has_mask=mask is not None, has_b3=p["b3"] is not None, has_b1=p["b1"] is not None,
+                         has_b2=p["b2"] is not None, has_bout=p["bout"] is not None,
+                         input_precision=input_precision, upcast_dot=_INTERPRET and dtype == torch.bfloat16,
+                         cfg=cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fit import KernelSpec
 from .reference import UpdateWeights, check_step_inputs
+from .spec import KernelSpec
 from .utils import elu, elu_grad, mma, perceive_conv3x3, rne
 
 __all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
@@ -202,7 +202,8 @@ def _nca_step_bwd_kernel(
 
 
 @triton.jit
-def _nca_step_bwd_dstate_kernel(
+def _dstate_tile(
+    pid,  # int64 program index over input-cell tiles
     dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
     wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
     gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
@@ -221,7 +222,8 @@ def _nca_step_bwd_dstate_kernel(
 ):
     """State gradient ``dz = S(grad_out + conv3x3^T(dpre))`` for ``BLOCK_M`` input cells.
 
-    Grid: ``(cdiv(B * H_in * W_in, BLOCK_M),)``; program ``pid`` owns input cells ``pid * BLOCK_M + [0, BLOCK_M)``.
+    Called with program ``pid`` of a grid over ``cdiv(B * H_in * W_in, BLOCK_M)`` tiles; it owns input cells
+    ``pid * BLOCK_M + [0, BLOCK_M)``.
     Without doubling S is the identity and, with zero padding,
 
         dz[p, q] = grad_out[p, q] + sum_{i, j in 0..2} dpre[p + i - 1, q + j - 1] @ Wp[:, :, 2 - i, 2 - j]
@@ -233,7 +235,6 @@ def _nca_step_bwd_dstate_kernel(
     where Weff[i, j] sums the taps Wp[:, :, dy + 2 - i, dx + 2 - j] over the block offsets dy, dx in {0, 1}.
     Dtypes: operands in the compute dtype, fp32 accumulation, one rounding on store.
     """
-    pid = tl.program_id(0).to(tl.int64)
     KS: tl.constexpr = 4 if DOUBLE else 3  # taps per axis of the (effective) transposed kernel
     SCALE: tl.constexpr = 2 if DOUBLE else 1
     H_in = H // SCALE
@@ -277,6 +278,140 @@ def _nca_step_bwd_dstate_kernel(
     )
 
 
+@triton.jit
+def _nca_step_bwd_dstate_kernel(
+    dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
+    wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
+    gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
+    dz_ptr,  # out (B, H_in, W_in, C) state gradient, compute dtype
+    M_in,  # number of input cells B * H_in * W_in
+    H,  # grid height (doubled when DOUBLE)
+    W,  # grid width (doubled when DOUBLE)
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    HID: tl.constexpr,
+    DOUBLE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """State gradient of one step; grid ``(cdiv(B * H_in * W_in, BLOCK_M),)``, one tile per program (see
+    :func:`_dstate_tile`)."""
+    _dstate_tile(tl.program_id(0).to(tl.int64), dpre_ptr, wb_ptr, gout_ptr, dz_ptr, M_in, H, W, C, C_PAD, HID, DOUBLE,
+                 INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _wgrad_tile(
+    pid_a,  # tile index over NA
+    pid_tb,  # tap * (NB / BLOCK_B) + tile index over NB
+    pid_sm,  # int64 mat * S + split
+    a_ptr,  # (N_MAT, M, NA) left operand, one row per cell, compute dtype
+    b_ptr,  # (N_MAT, M, NB) right operand; when GATHER the (B, H_in, W_in, NB) state
+    dw_ptr,  # out (S, N_MAT, T, NA, NB) fp32 partial sums over each split's cells
+    db_ptr,  # out (S, N_MAT, NA) fp32 partial column sums of a (written only when WITH_DB)
+    M,  # number of cells (rows of a)
+    H,  # grid height (doubled when DOUBLE), used when GATHER
+    W,  # grid width (doubled when DOUBLE), used when GATHER
+    cells_per_split,  # a multiple of BLOCK_CELLS
+    S,  # number of splits
+    N_MAT,  # number of matrices (stacked along a, b and dw)
+    stride_dw_s,  # elements between two splits' partials in dw (N_MAT * T * NA * NB when dw is its own buffer)
+    stride_db_s,  # elements between two splits' partials in db (N_MAT * NA)
+    NA: tl.constexpr,
+    NB: tl.constexpr,
+    T: tl.constexpr,  # 9 taps when GATHER, else 1
+    GATHER: tl.constexpr,  # b is the state read at the 3x3 tap's shifted cells (zero padding)
+    DOUBLE: tl.constexpr,  # the gathered state is at half resolution: read (row // 2, col // 2)
+    B_ELU: tl.constexpr,  # apply ELU to b as it is loaded (b holds pre-activations)
+    WITH_DB: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    BLOCK_A: tl.constexpr,  # rows of the dW tile (over NA)
+    BLOCK_B: tl.constexpr,  # columns of the dW tile (over NB)
+    BLOCK_CELLS: tl.constexpr,  # cells per step of the reduction
+    ACCUMULATE: tl.constexpr,  # add to the partials already in dw / db (a rollout's earlier steps) instead of
+    # overwriting them; each slot has one writer per launch and launches run in order: deterministic
+):
+    """Partial weight gradients ``dW[s, mat, tap] = a[cells of s]^T @ b_tap[cells of s]`` and ``db[s, mat]``.
+
+    Called for one program of a grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)``; it owns one
+    ``(BLOCK_A, BLOCK_B)`` tile of one
+    tap of one matrix and reduces it over the cells ``[s * cells_per_split, (s + 1) * cells_per_split)``. The
+    tap-0, column-0 programs also write the column sums of a (the bias gradient). Partials are fp32 and summed
+    over s by the caller in a fixed order: deterministic, no atomics. With GATHER,
+    ``b_tap[cell] = z[row + ky - 1, col + kx - 1]`` (tap = 3 ky + kx, zero outside the grid), so the partials of
+    the perception weight are ``dWp[o, c, ky, kx] = sum_cells dpre[cell, o] z[cell + (ky - 1, kx - 1), c]``.
+    """
+    B_TILES: tl.constexpr = NB // BLOCK_B
+    tap = pid_tb // B_TILES
+    pid_b = pid_tb % B_TILES
+    s = pid_sm % S
+    mat = pid_sm // S
+
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_l = tl.arange(0, BLOCK_CELLS)
+    a_base = a_ptr + mat * M * NA
+    b_base = b_ptr + mat * M * NB
+    if GATHER:
+        if DOUBLE:
+            H_in = H // 2
+            W_in = W // 2
+        else:
+            H_in = H
+            W_in = W
+        hw = H * W
+        dr = tap // 3 - 1
+        dc = tap % 3 - 1
+
+    start = s * cells_per_split
+    end = tl.minimum(start + cells_per_split, M)
+    if ACCUMULATE:  # the rollout's accumulator: split slots stride_dw_s / stride_db_s apart
+        dw_tile = dw_ptr + s * stride_dw_s + ((mat * T + tap) * NA + offs_a[:, None]) * NB + offs_b[None, :]
+        db_tile = db_ptr + s * stride_db_s + mat * NA + offs_a
+    else:  # dense (S, N_MAT, T, NA, NB) partials (this indexing compiles without spills in every shipped config)
+        slot = (s * N_MAT + mat) * T + tap
+        dw_tile = dw_ptr + (slot * NA + offs_a[:, None]) * NB + offs_b[None, :]
+        db_tile = db_ptr + (s * N_MAT + mat) * NA + offs_a
+    if ACCUMULATE:
+        acc = tl.load(dw_tile)
+        colsum = tl.load(db_tile)
+    else:
+        acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+        colsum = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    for l0 in range(start, end, BLOCK_CELLS):
+        offs_cell = l0 + offs_l  # int64 cell ids
+        ok = offs_cell < end
+        b_at = tl.load(a_base + offs_cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
+        if GATHER:
+            bat = offs_cell // hw
+            rem = offs_cell % hw
+            r = rem // W + dr
+            c = rem % W + dc
+            ok_g = ok & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            if DOUBLE:
+                r = r // 2
+                c = c // 2
+            src = (bat * H_in + r) * W_in + c
+            b_b = tl.load(b_ptr + src[:, None] * NB + offs_b[None, :], mask=ok_g[:, None], other=0.0)
+        else:
+            b_b = tl.load(b_base + offs_cell[:, None] * NB + offs_b[None, :], mask=ok[:, None], other=0.0)
+        if B_ELU:
+            b_b = rne(elu(b_b.to(tl.float32)), INTERP_BF16).to(b_at.dtype)
+        acc = mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
+        if WITH_DB:
+            colsum += tl.sum(b_at.to(tl.float32), axis=1)
+    tl.store(dw_tile, acc)
+    if WITH_DB:
+        if (pid_b == 0) & (tap == 0):
+            tl.store(db_tile, colsum)
+
+
+# The per-step kernel keeps its own copy of the GEMM loop: written as a call of _wgrad_tile it compiled with a
+# 24 B stack frame (spills) in the fp32 "ieee" 256/256 perceive variant under Triton 3.8 (the rollout's post
+# kernel, which calls _wgrad_tile, fits in every shipped config).
 @triton.jit
 def _nca_step_bwd_wgrad_kernel(
     a_ptr,  # (N_MAT, M, NA) left operand, one row per cell, compute dtype

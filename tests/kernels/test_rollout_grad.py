@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastnca.kernels.reference import UpdateWeights, make_update_mask, nca_step_ref
+from fastnca.kernels.reference import UpdateWeights, nca_step_ref
+from fastnca.kernels.schedule import draw_masks, plan_rollout
 from fastnca.nca import NCA
 from tests.conftest import DEVICE
 from tests.kernels.test_nca_step_fwd import make_weights
@@ -34,10 +35,9 @@ def _reference_rollout(nca: NCA, state: torch.Tensor, schedule: list[bool], seed
     s = state.detach().double().requires_grad_(True)
     x = s
     b, _, h, w = s.shape
-    for double in schedule:
-        if double:
-            h, w = 2 * h, 2 * w
-        mask = make_update_mask(b, h, w, nca.p_update, generator=gen, device=DEVICE)
+    masks = draw_masks(plan_rollout(schedule, "none", doubling=nca.doubling, backend="torch"), b, h, w,
+                       nca.p_update, generator=gen, device=DEVICE)
+    for double, mask in zip(schedule, masks):
         x = nca_step_ref(x, weights, mask, double)
     return x, s, leaves
 

@@ -20,7 +20,7 @@ def test_checkpointing_keeps_fewer_states_than_keeping_everything():
     seg = predict_peak_memory("celeba-nondoubling-256", checkpoint="segments=11", **kw)
     assert none["total"] > step["total"] > seg["total"]
     assert none["total"] > 50 * GIB, "the reference without checkpointing needs on the order of 100s of GB here"
-    assert seg["stored_states"] == 12 + 11
+    assert seg["stored_states"] == 12 + 10, "expected 12 stored segment inputs and 10 recomputed ones (fused backend)"
 
 
 def test_memory_grows_sublinearly_with_T_under_the_default_policy():
@@ -32,15 +32,19 @@ def test_memory_grows_sublinearly_with_T_under_the_default_policy():
 
 
 @pytest.mark.gpu
-def test_prediction_is_within_30_percent_of_the_measured_peak():
+def test_prediction_is_within_10_percent_of_the_measured_peak():
+    """The fused rollout op's buffers as modelled, against torch.cuda.max_memory_allocated over training steps
+    (Adam and gradient clipping as the Trainer runs them)."""
     model = fastnca.build_model("celeba-nondoubling-256", backend="triton", batch_size=8).cuda()
-    opt = torch.optim.Adam(model.parameters())
+    opt = torch.optim.Adam(model.parameters(), fused=True)
     x = torch.rand(8, 3, 62, 62, device="cuda") * 2 - 1
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         model(x, num_steps=64)["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated()
     predicted = predict_peak_memory(model.config, num_steps=64, batch_size=8)["total"]
-    assert 0.7 < predicted / measured < 1.3, f"predicted {predicted / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB"
+    assert 0.9 < predicted / measured < 1.1, f"predicted {predicted / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB"

@@ -1,0 +1,501 @@
+"""A whole NCA rollout as one autograd node: ``nca_rollout(state, weights, plan, masks)``.
+
+Layout: states are ``(B, C, H, W)`` at the API and channels-last in memory (``torch.channels_last``, physically
+``(B, H, W, C)``), like every kernel of this package. The schedule and the checkpoint policy come from a
+:class:`~fastnca.kernels.schedule.RolloutPlan`; masks are drawn up front (``schedule.draw_masks``).
+
+Forward: the weights are packed once per call (:class:`StepPlan`, inside the op: nothing is cached across calls,
+so the op can be captured in a CUDA graph), then one fused forward launch per step; only the inputs of the plan's
+``stored_inputs`` steps are kept (one flat buffer), the other states live in two ping-pong buffers.
+
+Backward: a reverse walk over the plan's segments. Each segment's inputs are recomputed from its stored input
+(one forward launch per step, into a workspace), then per step, last to first:
+
+1. the backward main kernel (``nca_step_bwd._nca_step_bwd_kernel``: recompute on chip, backprop to the per-cell
+   buffers), and
+2. :func:`_rollout_bwd_post_kernel`, one launch that runs the state-gradient tiles *and* every weight-gradient
+   GEMM tile of the step; the GEMM tiles add their fp32 partials to a per-rollout accumulator (one slot per
+   split of the cells, one writer per slot per launch, launches in a fixed order: bitwise deterministic, no
+   atomics).
+
+After the last step one ``sum`` over the split slots gives every weight gradient in fp32, cast once to each
+weight's dtype. Workspaces (per-cell buffers, state gradients, recomputed states, the accumulator) are allocated
+once per call; the host path per step is launches only: two per step in the backward, one in the forward, one more
+per recomputed step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .nca_step import (
+    _INTERPRET,
+    StepConfig,
+    _check_inputs,
+    _nca_step_fwd_kernel,
+    fwd_constexprs,
+    pack_weights,
+    step_config,
+)
+from .nca_step_bwd import (
+    _MAX_SPLITS,
+    BwdConfig,
+    _chunk,
+    _dstate_constexprs,
+    _dstate_tile,
+    _main_constexprs,
+    _nca_step_bwd_kernel,
+    _splits,
+    _transposed_conv_weights,
+    _wgrad_tile,
+    bwd_config,
+)
+from .reference import UpdateWeights
+from .schedule import RolloutPlan
+from .spec import KernelSpec
+
+__all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs"]
+
+_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+# --------------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _rollout_bwd_post_kernel(
+    dpre_ptr,  # (M, HID) perception conv output gradient of the step, compute dtype
+    wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights of the state gradient, compute dtype
+    gout_ptr,  # (B, H, W, C) upstream gradient of the step's output, compute dtype
+    dz_ptr,  # out (B, H_in, W_in, C) gradient of the step's input, compute dtype
+    z_ptr,  # (B, H_in, W_in, C) the step's input state (gathered for the perception weight's gradient)
+    y_ptr,  # (N_BLOCKS + 1, M, HID) block inputs, then the output conv's input
+    a_ptr,  # (N_BLOCKS, M, HID) pre-activations
+    da_ptr,  # (N_BLOCKS, M, HID) their gradients
+    dy_ptr,  # (N_BLOCKS, M, HID) gradients of the blocks' outputs
+    g_ptr,  # (M, C) m * grad_out
+    acc_ptr,  # (S_MAX, SLOT) fp32 accumulator: per split, [dWp | dbp | dWout | dbout | dW1 | db1 | dW2 | db2]
+    M,  # cells of the step's output grid B * H * W
+    M_in,  # cells of its input grid
+    H,  # output grid height (doubled when DOUBLE)
+    W,  # output grid width
+    cells_per_split,  # a multiple of BLOCK_CELLS
+    S,  # splits of this step's cells (<= S_MAX)
+    SLOT,  # fp32 elements per split slot of acc
+    n_ds,  # programs of the state gradient
+    n_wp,  # programs of the perception weight's GEMM
+    n_wo,  # programs of the output weight's GEMM
+    n_w1,  # programs of the blocks' first GEMMs (the second ones take the same number)
+    C: tl.constexpr,  # |z|
+    C_PAD: tl.constexpr,  # |z| rounded up to a power of two
+    HID: tl.constexpr,  # h, padded to a power of two
+    N_BLOCKS: tl.constexpr,
+    DOUBLE: tl.constexpr,  # the step doubles its input first
+    INPUT_PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    DS_BLOCK_M: tl.constexpr,  # input cells per state-gradient program
+    DS_BLOCK_K: tl.constexpr,  # hidden chunk of the state gradient
+    BA_P: tl.constexpr,  # dWp tile rows (over HID)
+    BB_P: tl.constexpr,  # dWp tile columns (over C)
+    BA_O: tl.constexpr,  # dWout tile rows (over C)
+    BB_O: tl.constexpr,  # dWout tile columns (over HID)
+    BA_H: tl.constexpr,  # dW1 / dW2 tile edge (over HID)
+    BLOCK_CELLS: tl.constexpr,  # cells per step of the GEMMs' reductions
+):
+    """The state gradient and every weight gradient of one step, accumulated across the rollout's steps.
+
+    Grid: ``(n_ds + n_wp + n_wo + 2 * n_w1,)``, a flat range of programs cut into parts: the first ``n_ds`` run
+    the state-gradient tiles (``nca_step_bwd._dstate_tile``: ``dz = S(grad_out + conv3x3^T(dpre))``), the others
+    one ``(BLOCK_A, BLOCK_B)`` tile of one split of one weight-gradient GEMM (``nca_step_bwd._wgrad_tile``), in the
+    order perception (9 taps, B gathered from the input state), output conv, first and second 1x1 of every block.
+    Each GEMM tile adds its fp32 partial ``a[cells of s]^T b[cells of s]`` to its slot of ``acc``: one writer per
+    slot, launches in order, so the accumulation is deterministic.
+    """
+    pid = tl.program_id(0)
+    SLOT_WP: tl.constexpr = 9 * HID * C
+    OFF_DBP: tl.constexpr = SLOT_WP
+    OFF_WO: tl.constexpr = OFF_DBP + HID
+    OFF_DBO: tl.constexpr = OFF_WO + C * HID
+    OFF_W1: tl.constexpr = OFF_DBO + C
+    OFF_DB1: tl.constexpr = OFF_W1 + N_BLOCKS * HID * HID
+    OFF_W2: tl.constexpr = OFF_DB1 + N_BLOCKS * HID
+    OFF_DB2: tl.constexpr = OFF_W2 + N_BLOCKS * HID * HID
+    if pid < n_ds:
+        _dstate_tile(pid.to(tl.int64), dpre_ptr, wb_ptr, gout_ptr, dz_ptr, M_in, H, W, C, C_PAD, HID, DOUBLE,
+                     INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K)
+    elif pid < n_ds + n_wp:
+        q = pid - n_ds
+        GA: tl.constexpr = HID // BA_P
+        GTB: tl.constexpr = 9 * (C // BB_P)
+        _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), dpre_ptr, z_ptr, acc_ptr,
+                    acc_ptr + OFF_DBP, M, H, W, cells_per_split, S, 1, SLOT, SLOT, HID, C, 9, True, DOUBLE, False,
+                    True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
+    elif pid < n_ds + n_wp + n_wo:
+        q = pid - n_ds - n_wp
+        GA: tl.constexpr = C // BA_O
+        GTB: tl.constexpr = HID // BB_O
+        _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), g_ptr, y_ptr + N_BLOCKS * M * HID,
+                    acc_ptr + OFF_WO, acc_ptr + OFF_DBO, M, H, W, cells_per_split, S, 1, SLOT, SLOT, C, HID, 1,
+                    False, False, False, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
+    elif N_BLOCKS > 0:
+        q = pid - n_ds - n_wp - n_wo
+        GA: tl.constexpr = HID // BA_H
+        GTB: tl.constexpr = HID // BA_H
+        qq = q % n_w1
+        if q < n_w1:  # dW1_i = sum da_i^T y_i
+            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), da_ptr, y_ptr,
+                        acc_ptr + OFF_W1, acc_ptr + OFF_DB1, M, H, W, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
+                        HID, HID, 1, False, False, False, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        BLOCK_CELLS, True)
+        else:  # dW2_i = sum dy_{i+1}^T ELU(a_i)
+            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), dy_ptr, a_ptr,
+                        acc_ptr + OFF_W2, acc_ptr + OFF_DB2, M, H, W, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
+                        HID, HID, 1, False, False, True, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        BLOCK_CELLS, True)
+
+
+# ----------------------------------------------------------------------------------------------------- plan
+def post_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee", *,
+                n_blocks: int | None = None, interpret: bool = _INTERPRET) -> BwdConfig:
+    """The post kernel's tiles: the backward's state-gradient and weight-gradient tiles (``bwd_config``), with
+    weight-gradient tiles of at most 64 x 64 and 2 stages.
+
+    One kernel holds every branch, so it needs the registers of the largest and the shared memory the compiler
+    gives them together: at |z| = h = 256 bf16 the per-step kernels' 128 x 128 tiles compiled to 255 registers
+    with 16-24 B of spills and 160-240 KiB of shared memory (2-3 stages); 64 x 64 tiles with 2 stages fit in 166
+    registers and 80 KiB (``python -m fastnca.kernels.fit``, table in kernels/README.md).
+    """
+    cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=interpret)
+    if interpret:
+        return cfg
+    return dataclasses.replace(cfg, wg_block=min(cfg.wg_block, 64), wg_stages=2)
+
+
+def _post_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, input_precision: str, interp_bf16: bool,
+                     cfg: BwdConfig) -> dict[str, Any]:
+    """The post kernel's constexprs: one builder for the launch and the sm_90 fit spec."""
+    ds = _dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=interp_bf16, cfg=cfg)
+    return dict(C=c, C_PAD=ds["C_PAD"], HID=hp, N_BLOCKS=n_blocks, DOUBLE=bool(double),
+                INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, DS_BLOCK_M=ds["BLOCK_M"],
+                DS_BLOCK_K=ds["BLOCK_K"], BA_P=_chunk(hp, cfg.wg_block), BB_P=_chunk(c, cfg.wg_block),
+                BA_O=_chunk(c, cfg.wg_block), BB_O=_chunk(hp, cfg.wg_block), BA_H=_chunk(hp, cfg.wg_block),
+                BLOCK_CELLS=cfg.wg_block_cells)
+
+
+@dataclass
+class StepPlan:
+    """Everything one rollout call's launches share: validated shapes, padded sizes, the packed weights (forward
+    and backward), the tiles, and the constexpr builders.
+
+    Built once per ``nca_rollout`` call (forward) and once per backward; never cached across calls.
+    """
+
+    weights: UpdateWeights
+    dtype: torch.dtype
+    input_precision: str
+    c: int = field(init=False)
+    h: int = field(init=False)
+    hp: int = field(init=False)
+    nb: int = field(init=False)
+    fwd: dict[str, Tensor | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        w = self.weights
+        self.c, self.h, self.nb = w.state_channels, w.hidden_channels, w.n_blocks
+        self.hp = triton.next_power_of_2(self.h)
+        self.fwd = pack_weights(w, self.dtype)  # w3 (9, C, hp), w1 / w2 [blk, k, n], wout (hp, C), fp32 biases
+        self.upcast = _INTERPRET and self.dtype == torch.bfloat16
+
+    def step_config(self, num_cells: int) -> StepConfig:
+        return step_config(self.c, self.h, self.dtype, input_precision=self.input_precision, num_cells=num_cells)
+
+    @property
+    def bwd_config(self) -> BwdConfig:
+        # n_blocks: the main kernel's rows depend on it (as nca_step_bwd launches it and the fit checks it)
+        return bwd_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb)
+
+    @property
+    def post_config(self) -> BwdConfig:
+        return post_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb)
+
+    def fwd_constexprs(self, *, double: bool, has_mask: bool, cfg: StepConfig) -> dict[str, Any]:
+        p = self.fwd
+        return fwd_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
+                              has_b3=p["b3"] is not None, has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
+                              has_bout=p["bout"] is not None, input_precision=self.input_precision,
+                              upcast_dot=self.upcast, cfg=cfg)
+
+    def pack_backward(self, doubles: set[bool]) -> None:
+        """The backward's extra operands: W1, W2 untransposed, Wout as (C, hp), the transposed-conv weights."""
+        w, dt, hp, c = self.weights, self.dtype, self.hp, self.c
+        p = self.fwd
+        dev = w.w_perceive.device
+        if self.nb:
+            self.w1 = p["w1"].transpose(1, 2).contiguous()  # (nb, hp, hp): [blk, n, k] = W1[n, k]
+            self.w2 = p["w2"].transpose(1, 2).contiguous()
+        self.wout = p["wout"].t().contiguous()  # (C, hp)
+        cp = triton.next_power_of_2(c)
+        self.wb = {d: _transposed_conv_weights(w.w_perceive, d, dt, hp, cp) for d in sorted(doubles)}
+        self.zeros_f32 = torch.zeros(max(hp, c), dtype=torch.float32, device=dev)  # absent biases' pointer
+
+    @property
+    def slot(self) -> int:
+        """fp32 elements of one split's weight-gradient partials (see the post kernel's ``acc_ptr``)."""
+        c, hp, nb = self.c, self.hp, self.nb
+        return 9 * hp * c + hp + c * hp + c + 2 * nb * (hp * hp + hp)
+
+    def post_constexprs(self, *, double: bool, cfg: BwdConfig) -> dict[str, Any]:
+        return _post_constexprs(self.c, self.hp, self.nb, double=double, input_precision=self.input_precision,
+                                interp_bf16=self.upcast, cfg=cfg)
+
+    def unpack_grads(self, acc: Tensor) -> list[Tensor | None]:
+        """Weight gradients in ``weights.flat()`` order from the fp32 ``(SLOT,)`` sum of the accumulator."""
+        c, h, hp, nb, w = self.c, self.h, self.hp, self.nb, self.weights
+        parts, o = {}, 0
+        for name, n in (("wp", 9 * hp * c), ("bp", hp), ("wo", c * hp), ("bo", c), ("w1", nb * hp * hp),
+                        ("b1", nb * hp), ("w2", nb * hp * hp), ("b2", nb * hp)):
+            parts[name] = acc[o:o + n]
+            o += n
+
+        def like(g: Tensor, t: Tensor | None) -> Tensor | None:
+            return None if t is None else g.reshape(t.shape).to(t.dtype)
+
+        dwp = parts["wp"].view(9, hp, c)[:, :h].permute(1, 2, 0).reshape(h, c, 3, 3)  # [3 ky + kx, o, c]
+        grads: list[Tensor | None] = [like(dwp, w.w_perceive), like(parts["bp"][:h], w.b_perceive)]
+        dw1, dw2 = parts["w1"].view(nb, hp, hp), parts["w2"].view(nb, hp, hp)
+        db1, db2 = parts["b1"].view(nb, hp), parts["b2"].view(nb, hp)
+        for i, (w1_i, b1_i, w2_i, b2_i) in enumerate(w.blocks):
+            grads += [like(dw1[i, :h, :h], w1_i), like(db1[i, :h], b1_i)]
+            grads += [like(dw2[i, :h, :h], w2_i), like(db2[i, :h], b2_i)]
+        grads += [like(parts["wo"].view(c, hp)[:, :h], w.w_out), like(parts["bo"], w.b_out)]
+        return grads
+
+
+# ------------------------------------------------------------------------------------------------- launches
+def _launch_fwd(sp: StepPlan, src: Tensor, dst: Tensor, mask: Tensor | None, double: bool, grid_hw: tuple[int, int],
+                batch: int) -> None:
+    """One forward step ``src (B, H_in, W_in, C) -> dst (B, H, W, C)``, both channels-last buffers."""
+    h, w = grid_hw
+    m = batch * h * w
+    cfg = sp.step_config(m)
+    p = sp.fwd
+    dummy = p["w3"]
+    _nca_step_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+        z_ptr=src, out_ptr=dst, mask_ptr=dummy if mask is None else mask,
+        w3_ptr=p["w3"], b3_ptr=p["b3"] if p["b3"] is not None else dummy,
+        w1_ptr=p["w1"] if p["w1"] is not None else dummy, b1_ptr=p["b1"] if p["b1"] is not None else dummy,
+        w2_ptr=p["w2"] if p["w2"] is not None else dummy, b2_ptr=p["b2"] if p["b2"] is not None else dummy,
+        wout_ptr=p["wout"], bout_ptr=p["bout"] if p["bout"] is not None else dummy,
+        M=m, H=h, W=w, **sp.fwd_constexprs(double=double, has_mask=mask is not None, cfg=cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+class _Workspace:
+    """The backward's buffers, allocated once per backward and sized for its largest step."""
+
+    def __init__(self, sp: StepPlan, m_max: int, state_max: int, n_recompute: int, device: torch.device) -> None:
+        dt, hp, nb, c = sp.dtype, sp.hp, sp.nb, sp.c
+        self.y = torch.empty((nb + 1) * m_max * hp, dtype=dt, device=device)
+        self.a = torch.empty(max(nb, 1) * m_max * hp, dtype=dt, device=device)
+        self.da = torch.empty(max(nb, 1) * m_max * hp, dtype=dt, device=device)
+        self.dy = torch.empty(max(nb, 1) * m_max * hp, dtype=dt, device=device)
+        self.g = torch.empty(m_max * c, dtype=dt, device=device)
+        self.dpre = torch.empty(m_max * hp, dtype=dt, device=device)
+        self.dz = [torch.empty(state_max, dtype=dt, device=device) for _ in range(2)]
+        self.states = torch.empty(max(n_recompute, 0) * state_max, dtype=dt, device=device)
+        self.acc = torch.zeros((_MAX_SPLITS, sp.slot), dtype=torch.float32, device=device)  # the one fill
+        self.state_max = state_max
+
+
+def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: Tensor, mask: Tensor | None,
+                     double: bool, batch: int, grid_hw: tuple[int, int]) -> None:
+    """The backward of one step: the main kernel, then the post kernel (state gradient + weight-gradient GEMMs
+    accumulated into ``ws.acc``). ``z``, ``gout``, ``dz``: channels-last ``(B, H, W, C)`` views of workspaces."""
+    cfg = sp.bwd_config
+    hh, ww = grid_hw
+    m = batch * hh * ww
+    h_in, w_in = (hh // 2, ww // 2) if double else (hh, ww)
+    m_in = batch * h_in * w_in
+    hp, nb, c = sp.hp, sp.nb, sp.c
+    p = sp.fwd
+    y, a, da, dy = (ws.y[: (nb + 1) * m * hp], ws.a[: max(nb, 1) * m * hp], ws.da[: max(nb, 1) * m * hp],
+                    ws.dy[: max(nb, 1) * m * hp])
+    g, dpre = ws.g[: m * c], ws.dpre[: m * hp]
+    zf = sp.zeros_f32
+    _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+        z_ptr=z, gout_ptr=gout, mask_ptr=z if mask is None else mask,
+        w3_ptr=p["w3"], b3_ptr=p["b3"] if p["b3"] is not None else zf,
+        w1t_ptr=p["w1"] if nb else p["w3"], w1_ptr=sp.w1 if nb else p["w3"],
+        b1_ptr=p["b1"] if p["b1"] is not None else zf,
+        w2t_ptr=p["w2"] if nb else p["w3"], w2_ptr=sp.w2 if nb else p["w3"],
+        b2_ptr=p["b2"] if p["b2"] is not None else zf,
+        wout_ptr=sp.wout, y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre,
+        M=m, H=hh, W=ww,
+        **_main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=p["b3"] is not None,
+                           has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
+                           input_precision=sp.input_precision, interp_bf16=sp.upcast, cfg=cfg),
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    pcfg = sp.post_config
+    consts = sp.post_constexprs(double=double, cfg=pcfg)
+    per_split, n_splits = _splits(m, pcfg.wg_block_cells)
+    n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"])
+    n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits
+    n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits
+    n_w1 = (hp // consts["BA_H"]) ** 2 * nb * n_splits
+    _rollout_bwd_post_kernel[(n_ds + n_wp + n_wo + 2 * n_w1,)](
+        dpre_ptr=dpre, wb_ptr=sp.wb[double], gout_ptr=gout, dz_ptr=dz, z_ptr=z, y_ptr=y, a_ptr=a, da_ptr=da,
+        dy_ptr=dy, g_ptr=g, acc_ptr=ws.acc, M=m, M_in=m_in, H=hh, W=ww, cells_per_split=per_split, S=n_splits,
+        SLOT=sp.slot, n_ds=n_ds, n_wp=n_wp, n_wo=n_wo, n_w1=n_w1, **consts,
+        num_warps=pcfg.wg_warps, num_stages=pcfg.wg_stages,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- autograd
+def _as_u8(mask: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
+    """A ``(B, 1, H, W)`` mask as one byte per cell; a contiguous bool mask is reinterpreted without a copy."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"masks: expected shape {shape}, got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool and mask.is_contiguous():
+        return mask.view(torch.uint8)
+    return (mask != 0).to(torch.uint8).contiguous()
+
+
+class _RolloutFunction(torch.autograd.Function):
+    """``apply(state, plan, masks, input_precision, *weights.flat())``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, state: Tensor, plan: RolloutPlan, masks: list[Tensor | None], input_precision: str,
+                *flat: Tensor | None) -> Tensor:
+        weights = UpdateWeights.from_flat(flat)
+        sp = StepPlan(weights, state.dtype, input_precision)
+        b, c, h0, w0 = state.shape
+        grids = plan.grids(h0, w0)
+        sizes = [b * h0 * w0 * c] + [b * h * w * c for h, w in grids]  # elements of step i's input = sizes[i]
+        z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (B, H, W, C) view
+        stored = plan.stored_inputs[1:]
+        offsets, total = {}, 0
+        for i in stored:
+            offsets[i] = total
+            total += sizes[i]
+        keep = torch.empty(total, dtype=state.dtype, device=state.device)
+        state_max = max(sizes)
+        ping = [torch.empty(state_max, dtype=state.dtype, device=state.device) for _ in range(2)]
+        t = plan.num_steps
+        out = torch.empty((b, *grids[-1], c), dtype=state.dtype, device=state.device) if t else z0
+        src, which = z0, 0
+        for i in range(t):
+            hh, ww = grids[i]
+            if i == t - 1:
+                dst = out
+            elif i + 1 in offsets:
+                dst = keep[offsets[i + 1]: offsets[i + 1] + sizes[i + 1]].view(b, hh, ww, c)
+            else:
+                which = 1 - which if src.data_ptr() == ping[which].data_ptr() else which
+                dst = ping[which][: sizes[i + 1]].view(b, hh, ww, c)
+            _launch_fwd(sp, src, dst, masks[i], plan.flags[i], (hh, ww), b)
+            src = dst
+        ctx.save_for_backward(state, keep, *flat)
+        ctx.plan, ctx.masks, ctx.input_precision = plan, masks, input_precision
+        ctx.step_plan = sp  # the packed weights, shared with the backward (packed once per call)
+        ctx.offsets, ctx.sizes, ctx.grids = offsets, sizes, [(h0, w0)] + grids
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        state, keep, *flat = ctx.saved_tensors
+        plan: RolloutPlan = ctx.plan
+        sp: StepPlan = ctx.step_plan
+        sp.weights = UpdateWeights.from_flat(flat)
+        sp.pack_backward({bool(f) for f in plan.flags})
+        b, c = state.shape[:2]
+        grids, sizes, masks = ctx.grids, ctx.sizes, ctx.masks
+        m_max = max(b * h * w for h, w in grids[1:])
+        ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device)
+        z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
+        which = 0
+        for start, end in reversed(plan.segments()):
+            # the segment's inputs: the stored one, then recomputed ones in the workspace
+            hh, ww = grids[start]
+            inputs = [z0 if start == 0 else keep[ctx.offsets[start]: ctx.offsets[start] + sizes[start]]
+                      .view(b, hh, ww, c)]
+            for j, i in enumerate(range(start, end - 1)):
+                hh, ww = grids[i + 1]
+                dst = ws.states[j * ws.state_max: j * ws.state_max + sizes[i + 1]].view(b, hh, ww, c)
+                _launch_fwd(sp, inputs[-1], dst, masks[i], plan.flags[i], (hh, ww), b)
+                inputs.append(dst)
+            for i in reversed(range(start, end)):
+                h_in, w_in = grids[i]
+                dz = ws.dz[which][: sizes[i]].view(b, h_in, w_in, c)
+                _launch_bwd_step(sp, ws, inputs[i - start], gout, dz, masks[i], plan.flags[i], b, grids[i + 1])
+                gout, which = dz, 1 - which
+        grads = sp.unpack_grads(ws.acc.sum(0))
+        return (gout.permute(0, 3, 1, 2), None, None, None, *grads)
+
+
+def nca_rollout(
+    state: Tensor,
+    weights: UpdateWeights,
+    plan: RolloutPlan,
+    masks: list[Tensor | None] | None = None,
+    *,
+    input_precision: str = "ieee",
+) -> Tensor:
+    """Run every step of ``plan`` with the fused kernels, as one autograd node.
+
+    Args:
+        state: ``(B, |z|, H, W)`` fp32 or bf16 (channels-last avoids a copy), the rollout's input.
+        weights: the update network (fp32 or bf16, cast to the state's dtype); |z| and h multiples of 16 up to 256.
+        plan: the schedule and checkpoint policy (``schedule.plan_rollout``).
+        masks: per step, ``(B, 1, H', W')`` 0/1 per cell of the step's output grid (bool avoids a copy) or None;
+            None for all: every cell updates at every step.
+        input_precision: "ieee" or "tf32", for fp32 dots.
+
+    Returns:
+        The final state ``(B, |z|, H', W')`` in the state's dtype, channels-last. Its backward yields the gradients
+        of the state and of every weight (fp32 accumulation over all steps, bitwise deterministic).
+    """
+    masks = [None] * plan.num_steps if masks is None else list(masks)
+    if len(masks) != plan.num_steps:
+        raise ValueError(f"masks: expected {plan.num_steps} (one per step), got {len(masks)}")
+    b = state.shape[0]
+    grids = plan.grids(state.shape[2], state.shape[3]) if state.dim() == 4 else []
+    _check_inputs(state, weights, masks[0] if masks else None, plan.flags[0] if plan.flags else False,
+                  input_precision)
+    masks = [_as_u8(m, (b, 1, h, w)) for m, (h, w) in zip(masks, grids)]
+    return _RolloutFunction.apply(state, plan, masks, input_precision, *weights.flat())
+
+
+# ------------------------------------------------------------------------------------------------------ fit
+def post_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
+                     double: bool = False, input_precision: str = "ieee", cfg: BwdConfig | None = None) -> KernelSpec:
+    """The post kernel as ``nca_rollout``'s backward launches it on the GPU (for the sm_90 fit; ``cfg`` overrides
+    the shipped tiles)."""
+    hp = triton.next_power_of_2(hidden_channels)
+    cfg = cfg or post_config(state_channels, hp, dtype, input_precision, n_blocks=n_blocks, interpret=False)
+    consts = _post_constexprs(state_channels, hp, n_blocks, double=double, input_precision=input_precision,
+                              interp_bf16=False, cfg=cfg)
+    ty = _TL_DTYPE[dtype]
+    ptrs = {n: f"*{ty}" for n in ("dpre_ptr", "wb_ptr", "gout_ptr", "dz_ptr", "z_ptr", "y_ptr", "a_ptr", "da_ptr",
+                                   "dy_ptr", "g_ptr")}
+    ptrs["acc_ptr"] = "*fp32"
+    fn = _rollout_bwd_post_kernel
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
+    return KernelSpec("post", fn, sig, consts, cfg.wg_warps, cfg.wg_stages)
+
+
+def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
+                         input_precision: str = "ieee") -> list[KernelSpec]:
+    """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling."""
+    return [post_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, double=d,
+                             input_precision=input_precision)._replace(name=f"post{'-double' if d else ''}")
+            for d in (False, True)]

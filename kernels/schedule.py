@@ -1,0 +1,138 @@
+"""The rollout plan: a schedule of steps, the checkpoint policy applied to it once, and the masks drawn up front.
+
+Plain PyTorch (no Triton), so the model (``fastnca/nca.py``), the memory model (``fastnca/memory.py``), the fused
+rollout op (``kernels/rollout.py``) and the benchmarks all read the same decision.
+
+A schedule is a list of per-step "double first" flags. The checkpoint policy is a segment length: the forward
+stores the input of every ``segment``-th step, and the backward recomputes the inputs in between, one segment at a
+time. ``none`` and ``step`` store every step's input (the fused backward needs nothing else, so for it they are
+the same; the reference backend keeps every activation under ``none``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["RolloutPlan", "draw_masks", "parse_checkpoint", "plan_rollout"]
+
+POLICIES = "none, step, segments=k or auto"
+
+
+def parse_checkpoint(policy: str, num_steps: int, doubling: bool, backend: str) -> int:
+    """The checkpoint policy as a segment length: 0 keeps everything ('none'), 1 is 'step', k is 'segments=k'.
+
+    'auto': non-doubling rollouts keep the state every ~sqrt(T) steps (memory ~ 2 sqrt(T) states); doubling
+    rollouts keep every step's input on the fused backend (its backward needs only that) and everything on the
+    reference (the reference's own behaviour).
+    """
+    if policy == "none":
+        return 0
+    if policy == "step":
+        return 1
+    if policy.startswith("segments="):
+        k = policy.split("=", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"checkpoint: expected segments=k with an integer k >= 1, got {policy!r}")
+        return int(k)
+    if policy == "auto":
+        if not doubling:
+            return max(1, round(math.sqrt(num_steps)))
+        return 1 if backend == "triton" else 0
+    raise ValueError(f"checkpoint: expected {POLICIES}, got {policy!r}")
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """One rollout's schedule and what its forward stores.
+
+    Attributes:
+        flags: per step, whether it doubles the grid first.
+        segment: the policy's segment length (0: keep everything, 1: every step's input, k: every k-th).
+        policy: the policy as written ('auto', 'segments=5', ...).
+        backend: 'triton' (the fused rollout op) or 'torch' (the reference, with torch.utils.checkpoint).
+    """
+
+    flags: tuple[bool, ...]
+    segment: int
+    policy: str
+    backend: str
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.flags)
+
+    @property
+    def stride(self) -> int:
+        """Steps per stored input: 1 for 'none' and 'step', k for 'segments=k'."""
+        return max(1, self.segment)
+
+    def segments(self) -> list[tuple[int, int]]:
+        """``[start, end)`` step ranges; the forward stores the input of each range's first step."""
+        k, t = self.stride, self.num_steps
+        return [(i, min(i + k, t)) for i in range(0, t, k)]
+
+    @property
+    def stored_inputs(self) -> tuple[int, ...]:
+        """Steps whose input state the fused forward keeps for the backward."""
+        return tuple(a for a, _ in self.segments())
+
+    @property
+    def stored_states(self) -> int:
+        """States held at the fused backward's peak: the stored inputs plus one segment's recomputed inputs."""
+        return len(self.stored_inputs) + (self.stride - 1 if self.stride > 1 else 0)
+
+    def grids(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The output grid ``(H, W)`` of every step, from an input grid of ``height`` x ``width``."""
+        out = []
+        for double in self.flags:
+            if double:
+                height, width = 2 * height, 2 * width
+            out.append((height, width))
+        return out
+
+
+def plan_rollout(flags: list[bool] | tuple[bool, ...] | int, policy: str, *, doubling: bool,
+                 backend: str) -> RolloutPlan:
+    """The plan of a rollout: ``flags`` (or a number of plain steps) under checkpoint ``policy``."""
+    if isinstance(flags, int):
+        flags = [False] * flags
+    flags = tuple(bool(f) for f in flags)
+    return RolloutPlan(flags, parse_checkpoint(policy, len(flags), doubling, backend), policy, backend)
+
+
+def draw_masks(
+    plan: RolloutPlan,
+    batch: int,
+    height: int,
+    width: int,
+    p_update: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> list[Tensor | None]:
+    """Every step's update mask ``U(0, 1) < p_update``, ``(B, 1, H', W')`` bool, drawn up front (None when
+    ``p_update >= 1``).
+
+    Consecutive steps on the same grid draw their masks in one ``torch.rand`` call (two launches per grid size,
+    not two per step); recomputation in the backward then sees exactly the same cells.
+    """
+    if not 0.0 < p_update <= 1.0:
+        raise ValueError(f"p_update: expected a probability in (0, 1], got {p_update}")
+    grids = plan.grids(height, width)
+    if p_update >= 1.0:
+        return [None] * len(grids)
+    masks: list[Tensor | None] = []
+    i = 0
+    while i < len(grids):
+        j = i
+        while j < len(grids) and grids[j] == grids[i]:
+            j += 1
+        h, w = grids[i]
+        u = torch.rand((j - i, batch, 1, h, w), generator=generator, device=device)
+        masks.extend((u < p_update).unbind(0))
+        i = j
+    return masks
