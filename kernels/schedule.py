@@ -117,8 +117,8 @@ def draw_masks(
     """Every step's update mask ``U(0, 1) < p_update``, ``(B, 1, H', W')`` bool, drawn up front (None when
     ``p_update >= 1``).
 
-    Consecutive steps on the same grid draw their masks in one ``torch.rand`` call (two launches per grid size,
-    not two per step); recomputation in the backward then sees exactly the same cells.
+    Consecutive steps on the same grid draw their masks in one batch-major ``torch.rand`` call (three launches per
+    grid size, not two per step); recomputation in the backward then sees exactly the same cells.
     """
     if not 0.0 < p_update <= 1.0:
         raise ValueError(f"p_update: expected a probability in (0, 1], got {p_update}")
@@ -132,7 +132,10 @@ def draw_masks(
         while j < len(grids) and grids[j] == grids[i]:
             j += 1
         h, w = grids[i]
-        u = torch.rand((j - i, batch, 1, h, w), generator=generator, device=device)
-        masks.extend((u < p_update).unbind(0))
+        # batch-major draw, so a batch split over data-parallel ranks draws rows of one process's tensor
+        # (fastnca.distributed.GlobalBatchDraws slices the leading dimension); one copy per grid size then
+        # makes every step's (B, 1, H, W) mask contiguous (the kernels read it as bytes without a copy)
+        u = torch.rand((batch, j - i, 1, h, w), generator=generator, device=device)
+        masks.extend((u < p_update).transpose(0, 1).contiguous().unbind(0))
         i = j
     return masks

@@ -24,7 +24,7 @@ from fastnca.distributed import DistContext, GlobalBatchDraws, check_config, res
 from fastnca.evaluate import evaluate_iwae, load_checkpoint
 from fastnca.train import Pool, Trainer
 
-needs_data = pytest.mark.skipif(not os.environ.get("FASTNCA_DATA"), reason="FASTNCA_DATA not set")
+needs_data = pytest.mark.data("mnist")  # the embedded copy when no data directory is set
 LAUNCH_TIMEOUT_S = 420  # one torchrun launch; a hang fails the test instead of blocking the suite
 
 # 10 iterations of the small preset (global batch 32), nothing but the training loop and the checkpoint
@@ -70,6 +70,24 @@ def test_global_batch_draws_give_each_rank_its_rows_of_one_process_draw(blocks):
         assert torch.equal(tri_u.view(blocks, local, 1, 3, 3), ref_u[:, start:stop]), f"rank {rank}: rand rows differ"
         assert torch.equal(tri_t, ref_t), f"rank {rank}: expected the generator to advance as one process's did"
         assert torch.equal(gen.get_state(), one.get_state()), f"rank {rank}: generator state differs from one process"
+
+
+def test_update_masks_of_a_rank_are_its_rows_of_one_process_masks():
+    """The rollout draws every step's update mask up front, several steps per draw: each rank's masks must be its
+    rows of one process's masks (a step-major draw would give every rank different cells than one process)."""
+    from fastnca.kernels.schedule import draw_masks, plan_rollout
+
+    plan = plan_rollout([False] * 3 + [True] + [False] * 2, "none", doubling=True, backend="torch")
+    global_rows, world = 5, 2
+    ref = draw_masks(plan, global_rows, 2, 2, 0.5, generator=torch.Generator().manual_seed(3))
+    for rank in range(world):
+        start, stop = shard_bounds(global_rows, ctx(rank, world))
+        gen = torch.Generator().manual_seed(3)
+        with GlobalBatchDraws(gen, start, stop, global_rows):
+            tri = draw_masks(plan, stop - start, 2, 2, 0.5, generator=gen)
+        for step, (r, t) in enumerate(zip(ref, tri)):
+            assert torch.equal(t, r[start:stop]), f"rank {rank}, step {step}: expected its rows of one process's mask"
+            assert t.is_contiguous(), f"rank {rank}, step {step}: expected a contiguous mask (read as bytes, no copy)"
 
 
 def test_global_batch_draws_leave_other_generators_alone():
@@ -123,6 +141,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _data_dir() -> list[str]:
+    """``--data-dir DIR`` when a data directory is set, else nothing (MNIST then comes from the package)."""
+    return ["--data-dir", os.environ["FASTNCA_DATA"]] if os.environ.get("FASTNCA_DATA") else []
+
+
 def torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S):
     """Run ``torchrun --nproc-per-node nproc ARGS`` on 127.0.0.1 in ``cwd``; returns the CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -133,7 +156,7 @@ def torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: float = LAUNCH
 
 def fastnca_train(out: Path, sets: list[str], *extra: str, preset: str | None = "small") -> list[str]:
     args = ["-m", "fastnca", "train", "--out", str(out), "--threads", "1", "--no-progress", "--no-final-eval",
-            "--data-dir", os.environ["FASTNCA_DATA"]]
+            *_data_dir()]
     if preset:
         args += ["--preset", preset]
     for s in sets:
@@ -196,7 +219,7 @@ def test_ddp_eval_matches_one_process(ddp_small_run, tmp_path):
     out = tmp_path / "eval.json"
     proc = torchrun(["-m", "fastnca", "eval", "--checkpoint", str(ddp_small_run), "--k", "8", "--batches", "3",
                      "--batch-size", "7", "--threads", "1", "--json", str(out),
-                     "--data-dir", os.environ["FASTNCA_DATA"]], cwd=tmp_path)
+                     *_data_dir()], cwd=tmp_path)
     _check(proc, "torchrun eval")
     assert proc.stdout.count("test log p(x) >=") == 1, f"expected one result line (rank 0), got:\n{proc.stdout}"
     ddp = json.loads(out.read_text())
