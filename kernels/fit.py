@@ -529,7 +529,8 @@ def fit_rollout(
     results = fit_kernels([k for _, k in named], python)
     return [
         BwdFitResult(name, k.name, k.num_warps, k.num_stages,
-                     {c: v for c, v in k.constexprs.items() if c.startswith(("BLOCK_", "BA_", "BB_", "DS_BLOCK"))}, *f)
+                     {c: v for c, v in k.constexprs.items() if c.startswith(("BLOCK_", "BA_", "BB_", "DS_BLOCK"))}, *f,
+                     tensor_flops(f.hgmma_shapes, k.num_warps), None)  # the post kernel's dot sites: not modelled
         for (name, k), f in zip(named, results)
     ]
 
