@@ -173,7 +173,10 @@ def count_training_launches(preset: str, *, device: str = "cpu", overrides: dict
             return real_run(state, schedule, **kw)
 
         nca.run = run
-        trainer.train_step()  # warm-up: Adam's state, compiles
+        # warm-up: Adam's state, compiles (kernel bodies skipped too when not executing: the host work is the same)
+        warm = _interpreter_launches(Counter(), execute) if device == "cpu" else contextlib.nullcontext()
+        with warm:
+            trainer.train_step()
         steps.clear()
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device == "cuda":
