@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastnca.data import Splits, load_mnist
+
 
 def rel_err(ref: Tensor, out: Tensor) -> float:
     """||out - ref|| / ||ref|| in float64."""
@@ -24,3 +26,12 @@ def assert_close(name: str, ref: Tensor, out: Tensor, *, rtol: float) -> float:
     max_abs = (out.detach().double() - ref.detach().double()).abs().max().item()
     assert err < rtol, f"{name}: expected relative error < {rtol:g}, got {err:.3g} (max abs {max_abs:.3g})"
     return err
+
+
+def mnist_slices(n_train: int, n_test: int, sizes: tuple[int, ...] = (28, 32)) -> dict[int, Splits]:
+    """The first ``n_train`` training and ``n_test`` test images of the real binarized MNIST, per image size."""
+    out = {}
+    for size in sizes:
+        m = load_mnist(image_size=size)
+        out[size] = Splits("mnist", m.train[:n_train].clone(), m.test[:n_test].clone(), m.source)
+    return out

@@ -29,18 +29,12 @@ from fastnca.figures import (
 )
 from fastnca.train import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons, 2 shared cores
+
 needs_data = pytest.mark.skipif(not os.environ.get("FASTNCA_DATA"), reason="FASTNCA_DATA not set")
 
 # small preset: 2x2 seed, K=4 doublings of M=4 steps -> 32x32; shown at scale 2 (64 px) in labelled figures
 SIDE, N_FRAMES, N_DOUBLINGS, M = 32, 21, 4, 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 
 from fastnca import graphs
 from fastnca.config import Config, get_preset, parse_value
-from fastnca.data import Splits, load_mnist, to_model
+from fastnca.data import Splits, to_model
 from fastnca.evaluate import evaluate_iwae
 from fastnca.graphs import (
     WARMUP_CALLS,
@@ -28,26 +28,17 @@ from fastnca.graphs import (
 )
 from fastnca.train import Trainer
 from fastnca.vae import VNCA
+from tests.utils import mnist_slices
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons, 2 shared cores
 
 needs_data = pytest.mark.skipif(not os.environ.get("FASTNCA_DATA"), reason="FASTNCA_DATA not set")
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def mnist_small() -> dict[int, Splits]:
-    out = {}
-    for size in (28, 32):
-        m = load_mnist(image_size=size)
-        out[size] = Splits("mnist", m.train[:128].clone(), m.test[:32].clone(), m.source)
-    return out
+    return mnist_slices(128, 32)
 
 
 def doubling_config(**kw) -> Config:

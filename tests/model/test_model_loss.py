@@ -7,29 +7,19 @@ import pytest
 import torch
 
 from fastnca.config import get_preset
-from fastnca.data import Splits, load_mnist
+from fastnca.data import Splits
 from fastnca.train import Trainer
 from fastnca.vae import VNCA
+from tests.utils import mnist_slices
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons, 2 shared cores
 
 needs_data = pytest.mark.data("mnist")  # the embedded copy when no data directory is set
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Bitwise comparisons: one intra-op thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def mnist_small() -> dict[int, Splits]:
-    out = {}
-    for size in (28, 32):
-        m = load_mnist(image_size=size)
-        out[size] = Splits("mnist", m.train[:128].clone(), m.test[:16].clone(), m.source)
-    return out
+    return mnist_slices(128, 16)
 
 
 TINY = dict(state_channels=8, hidden_channels=8, enc_channels=4, batch_size=8, iterations=5, log_every=1,

@@ -10,29 +10,18 @@ import torch
 
 from fastnca import train as train_mod
 from fastnca.config import get_preset
-from fastnca.data import Splits, load_mnist
+from fastnca.data import Splits
 from fastnca.train import NonFiniteLossError, Pool, Trainer, damage, damage_masks, save_checkpoint
+from tests.utils import mnist_slices
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons, 2 shared cores
 
 needs_data = pytest.mark.data("mnist")  # the embedded copy when no data directory is set (tests/conftest.py)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Bitwise comparisons and speed: one intra-op thread (2 shared cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def mnist_small() -> dict[int, Splits]:
-    """A slice of the real binarized MNIST at 28 and 32 px (256 train, 32 test images)."""
-    out = {}
-    for size in (28, 32):
-        m = load_mnist(image_size=size)
-        out[size] = Splits("mnist", m.train[:256].clone(), m.test[:32].clone(), m.source)
-    return out
+    return mnist_slices(256, 32)
 
 
 def pool_config(**kw):
