@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["NOT_LAUNCHES", "count_training_launches", "main"]
+__all__ = ["NOT_LAUNCHES", "count_training_launches", "interpreter_launches", "main"]
 
 # Leaf ATen ops that launch no kernel: views, metadata changes and allocations.
 NOT_LAUNCHES = frozenset(
@@ -57,7 +57,7 @@ _TRITON_PREFIX = "fastnca::triton::"
 
 
 @contextlib.contextmanager
-def _interpreter_launches(counts: Counter, execute: bool) -> Iterator[None]:
+def interpreter_launches(counts: Counter, execute: bool) -> Iterator[None]:
     """Count every interpreted Triton launch by kernel name.
 
     ``execute``: run the kernel inside a ``record_function`` named ``fastnca::triton::<kernel>`` whose ATen
@@ -174,7 +174,7 @@ def count_training_launches(preset: str, *, device: str = "cpu", overrides: dict
 
         nca.run = run
         # warm-up: Adam's state, compiles (kernel bodies skipped too when not executing: the host work is the same)
-        warm = _interpreter_launches(Counter(), execute) if device == "cpu" else contextlib.nullcontext()
+        warm = interpreter_launches(Counter(), execute) if device == "cpu" else contextlib.nullcontext()
         with warm:
             trainer.train_step()
         steps.clear()
@@ -183,7 +183,7 @@ def count_training_launches(preset: str, *, device: str = "cpu", overrides: dict
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize()
         triton_counts: Counter = Counter()
-        marks = _interpreter_launches(triton_counts, execute) if device == "cpu" else contextlib.nullcontext()
+        marks = interpreter_launches(triton_counts, execute) if device == "cpu" else contextlib.nullcontext()
         with marks, torch.profiler.profile(activities=activities) as prof:
             trainer.train_step()
             if device == "cuda":

@@ -129,6 +129,8 @@ class NCA(nn.Module):
         backend: 'torch' (reference), 'triton' (fused kernels) or 'auto'.
         precision: 'fp32', 'tf32' or 'bf16' (state dtype and the fused kernels' dot precision).
         checkpoint: 'none', 'step', 'segments=k' or 'auto' (see kernels/schedule.py, parse_checkpoint).
+        small_grid: fused backend: run the leading steps on grids of at most 8x8 cells in one launch
+            (``kernels/small_grid.py``); False: one launch per step.
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class NCA(nn.Module):
         backend: str = "auto",
         precision: str = "fp32",
         checkpoint: str = "auto",
+        small_grid: bool = True,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -174,6 +177,7 @@ class NCA(nn.Module):
         self.backend = backend
         self.precision = precision
         self.checkpoint = checkpoint
+        self.small_grid = small_grid
 
     # ------------------------------------------------------------------------------------------ one step
     @property
@@ -268,7 +272,8 @@ class NCA(nn.Module):
         if backend == "triton" and not return_states and plan.num_steps:
             from fastnca.kernels.rollout import nca_rollout
 
-            return nca_rollout(state, weights, plan, masks, input_precision=self.input_precision)
+            return nca_rollout(state, weights, plan, masks, input_precision=self.input_precision,
+                               small_grid=self.small_grid)
         step = self.step_fn(state.device)
         states = [state] if return_states else []
         grad_on = torch.is_grad_enabled() and (state.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -336,5 +341,5 @@ def nca_from_config(cfg: Any) -> NCA:
         doubling=cfg.doubling, seed_size=cfg.seed_size, n_doublings=cfg.n_doublings,
         steps_per_stage=cfg.steps_per_stage, grid_size=cfg.grid_size, min_steps=cfg.min_steps,
         max_steps=cfg.max_steps, p_update=cfg.p_update, backend=cfg.backend, precision=cfg.precision,
-        checkpoint=cfg.checkpoint,
+        checkpoint=cfg.checkpoint, small_grid=cfg.small_grid,
     )

@@ -160,7 +160,7 @@ def needed_flops(spec: KernelSpec) -> int | None:
     operand = next(spec.signature[p] for p in ("z_ptr", "dpre_ptr", "a_ptr") if p in spec.signature)
     if operand == "*fp32" and c["INPUT_PRECISION"] == "ieee":
         return None
-    if spec.name == "fwd":
+    if spec.name in ("fwd", "small-fwd"):  # the small-grid kernel runs the forward's step body
         m, k, hid = c["BLOCK_M"], c["BLOCK_K"], c["HID"]
         sites = [(m, hid, k)] + [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0) + [(m, c["BLOCK_N"], hid)]
     elif spec.name == "main":
@@ -530,7 +530,8 @@ def fit_rollout(
     return [
         BwdFitResult(name, k.name, k.num_warps, k.num_stages,
                      {c: v for c, v in k.constexprs.items() if c.startswith(("BLOCK_", "BA_", "BB_", "DS_BLOCK"))}, *f,
-                     tensor_flops(f.hgmma_shapes, k.num_warps), None)  # the post kernel's dot sites: not modelled
+                     tensor_flops(f.hgmma_shapes, k.num_warps),
+                     needed_flops(k) if k.name == "small-fwd" else None)  # the post kernel's dot sites: not modelled
         for (name, k), f in zip(named, results)
     ]
 

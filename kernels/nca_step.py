@@ -103,15 +103,40 @@ def _nca_step_fwd_kernel(
     one rounding to the state's dtype on store.
     """
     pid = tl.program_id(0).to(tl.int64)
-    if DOUBLE:
-        H_in = H // 2
-        W_in = W // 2
-    else:
-        H_in = H
-        W_in = W
-
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
-    mask_m = offs_m < M
+    _step_cells(z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,
+                offs_m, offs_m < M, H, W, C, HID, N_BLOCKS, 1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2,
+                HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_K, BLOCK_N)
+
+
+@triton.jit
+def _step_cells(
+    z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,  # as the kernel's
+    offs_m,  # (BLOCK_M,) int64 output cell ids, flattened over (B, H, W)
+    mask_m,  # (BLOCK_M,) which of them to compute (the others are neither read nor written)
+    H,  # output grid height
+    W,  # output grid width
+    C: tl.constexpr,
+    HID: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
+    SHIFT,  # 1: double the input first (read through (row >> 1, col >> 1)), 0: not; constexpr or runtime
+    HAS_MASK: tl.constexpr,
+    HAS_B3: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    HAS_BOUT: tl.constexpr,
+    PERCEIVE_ELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The whole step for the cells ``offs_m`` (masked by ``mask_m``): the body of :func:`_nca_step_fwd_kernel`,
+    shared with the small-grid rollout kernel (``kernels/small_grid.py``), which runs it for many steps in one
+    program. Inlined by Triton: the per-step kernel compiles as if it were written out (sm_90 fit unchanged)."""
+    H_in = H >> SHIFT
+    W_in = W >> SHIFT
     hw = H * W
     bat = offs_m // hw
     rem = offs_m % hw
@@ -121,7 +146,7 @@ def _nca_step_fwd_kernel(
     offs_h = tl.arange(0, HID)
 
     # ---- 3x3 perception conv: 9 taps x C/BLOCK_K chunks, one pipelined loop
-    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, DOUBLE, HAS_B3,
+    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT, HAS_B3,
                            BLOCK_M, BLOCK_K, UPCAST_DOT, INPUT_PRECISION)
     if PERCEIVE_ELU:
         acc = elu(acc)
@@ -148,10 +173,10 @@ def _nca_step_fwd_kernel(
     y_a = cast_rne(y, z_ptr.dtype.element_ty, UPCAST_DOT)
     if HAS_MASK:
         upd = tl.load(mask_ptr + offs_m, mask=mask_m, other=0) != 0
-    if DOUBLE:
-        center = (bat * H_in + row // 2) * W_in + col // 2
-    else:
+    if SHIFT == 0:  # static when SHIFT is a constexpr (the per-step kernel: the code it had before SHIFT existed)
         center = offs_m
+    else:
+        center = (bat * H_in + (row >> SHIFT)) * W_in + (col >> SHIFT)
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(0, C, BLOCK_N):
         b_wo = tl.load(wout_ptr + offs_h[:, None] * C + (n0 + offs_n)[None, :])

@@ -139,8 +139,8 @@ def _nca_step_bwd_kernel(
     buf_stride = M * HID
 
     # ---- forward: 3x3 perception conv, 9 taps x C/BLOCK_C chunks
-    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, DOUBLE, HAS_B3,
-                           BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION)
+    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID,
+                           1 if DOUBLE else 0, HAS_B3, BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION)
     if PERCEIVE_ELU:
         pre = acc
         y = elu(acc)

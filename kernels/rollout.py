@@ -59,6 +59,7 @@ from .nca_step_bwd import (
 )
 from .reference import UpdateWeights
 from .schedule import RolloutPlan
+from .small_grid import launch_small_fwd, samples_per_program, small_config, small_fwd_kernel_spec, small_grid_steps
 from .spec import KernelSpec
 
 __all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs"]
@@ -369,12 +370,39 @@ def _as_u8(mask: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
     return (mask != 0).to(torch.uint8).contiguous()
 
 
+def _small_steps(sp: StepPlan, plan: RolloutPlan, height: int, width: int, masks: list[Tensor | None]) -> int:
+    """How many leading steps the small-grid kernel runs (0: none): the plan must store every step's input (its
+    outputs go straight to the stored states), a tile must fit for these shapes, and the masks be all or none."""
+    if plan.stride != 1:
+        return 0
+    n = small_grid_steps(plan.flags, height, width)
+    if not n or small_config(sp.c, sp.h, sp.dtype, input_precision=sp.input_precision) is None:
+        return 0
+    if len({m is None for m in masks[:n]}) > 1:
+        return 0
+    return n
+
+
+def _flat_masks(masks: list[Tensor | None]) -> Tensor | None:
+    """Steps' uint8 masks as one flat buffer in step order: the masks themselves when they already lie back to back
+    (``schedule.draw_masks`` draws them so), else one concatenation."""
+    if masks[0] is None:
+        return None
+    first = masks[0]
+    ptr, total = first.data_ptr(), 0
+    for m in masks:
+        if m.dtype != first.dtype or not m.is_contiguous() or m.data_ptr() != ptr + total * m.element_size():
+            return torch.cat([m.reshape(-1) for m in masks])
+        total += m.numel()
+    return first.as_strided((total,), (1,), first.storage_offset())  # a view: the masks share one storage
+
+
 class _RolloutFunction(torch.autograd.Function):
-    """``apply(state, plan, masks, input_precision, *weights.flat())``; see the module docstring."""
+    """``apply(state, plan, masks, input_precision, small_grid, *weights.flat())``; see the module docstring."""
 
     @staticmethod
     def forward(ctx, state: Tensor, plan: RolloutPlan, masks: list[Tensor | None], input_precision: str,
-                *flat: Tensor | None) -> Tensor:
+                small_grid: bool, *flat: Tensor | None) -> Tensor:
         weights = UpdateWeights.from_flat(flat)
         sp = StepPlan(weights, state.dtype, input_precision)
         b, c, h0, w0 = state.shape
@@ -392,7 +420,20 @@ class _RolloutFunction(torch.autograd.Function):
         t = plan.num_steps
         out = torch.empty((b, *grids[-1], c), dtype=state.dtype, device=state.device) if t else z0
         src, which = z0, 0
-        for i in range(t):
+        n_small = _small_steps(sp, plan, h0, w0, masks) if small_grid else 0
+        if n_small:
+            # the leading small-grid steps in one launch; their outputs land in keep in step order (every step's
+            # input is stored under the plans that take this path), the last one where the next step reads it
+            hh, ww = grids[n_small - 1]
+            last = out if n_small == t else keep[offsets[n_small]: offsets[n_small] + sizes[n_small]].view(b, hh, ww, c)
+            cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision)
+            spp = samples_per_program(b, hh * ww, cfg.block_m)
+            if _INTERPRET:  # tiles sized to one program's cells at the largest small step
+                cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, num_cells=spp * hh * ww)
+            launch_small_fwd(sp.fwd, sp.fwd_constexprs(double=False, has_mask=masks[0] is not None, cfg=cfg), cfg,
+                             z0, keep, last, _flat_masks(masks[:n_small]), plan.flags[:n_small], b, h0, w0, spp)
+            src = last
+        for i in range(n_small, t):
             hh, ww = grids[i]
             if i == t - 1:
                 dst = out
@@ -439,7 +480,7 @@ class _RolloutFunction(torch.autograd.Function):
                 _launch_bwd_step(sp, ws, inputs[i - start], gout, dz, masks[i], plan.flags[i], b, grids[i + 1])
                 gout, which = dz, 1 - which
         grads = sp.unpack_grads(ws.acc.sum(0))
-        return (gout.permute(0, 3, 1, 2), None, None, None, *grads)
+        return (gout.permute(0, 3, 1, 2), None, None, None, None, *grads)
 
 
 def nca_rollout(
@@ -449,6 +490,7 @@ def nca_rollout(
     masks: list[Tensor | None] | None = None,
     *,
     input_precision: str = "ieee",
+    small_grid: bool = True,
 ) -> Tensor:
     """Run every step of ``plan`` with the fused kernels, as one autograd node.
 
@@ -459,6 +501,9 @@ def nca_rollout(
         masks: per step, ``(B, 1, H', W')`` 0/1 per cell of the step's output grid (bool avoids a copy) or None;
             None for all: every cell updates at every step.
         input_precision: "ieee" or "tf32", for fp32 dots.
+        small_grid: run the leading steps on grids of at most ``small_grid.SMALL_GRID_CELLS`` cells per sample in
+            one launch (``kernels/small_grid.py``) where the plan stores every step's input; False: one launch per
+            step (the fallback, kept for comparison).
 
     Returns:
         The final state ``(B, |z|, H', W')`` in the state's dtype, channels-last. Its backward yields the gradients
@@ -472,7 +517,7 @@ def nca_rollout(
     _check_inputs(state, weights, masks[0] if masks else None, plan.flags[0] if plan.flags else False,
                   input_precision)
     masks = [_as_u8(m, (b, 1, h, w)) for m, (h, w) in zip(masks, grids)]
-    return _RolloutFunction.apply(state, plan, masks, input_precision, *weights.flat())
+    return _RolloutFunction.apply(state, plan, masks, input_precision, bool(small_grid), *weights.flat())
 
 
 # ------------------------------------------------------------------------------------------------------ fit
@@ -495,7 +540,12 @@ def post_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, d
 
 def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
                          input_precision: str = "ieee") -> list[KernelSpec]:
-    """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling."""
-    return [post_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, double=d,
-                             input_precision=input_precision)._replace(name=f"post{'-double' if d else ''}")
-            for d in (False, True)]
+    """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling, and the
+    small-grid forward (``kernels/small_grid.py``) where a tile is known to fit these shapes."""
+    specs = [post_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, double=d,
+                              input_precision=input_precision)._replace(name=f"post{'-double' if d else ''}")
+             for d in (False, True)]
+    if small_config(state_channels, hidden_channels, dtype, input_precision=input_precision, interpret=False):
+        specs.append(small_fwd_kernel_spec(state_channels, hidden_channels, n_blocks, dtype,
+                                           input_precision=input_precision, mask=True))
+    return specs

@@ -117,25 +117,32 @@ def draw_masks(
     """Every step's update mask ``U(0, 1) < p_update``, ``(B, 1, H', W')`` bool, drawn up front (None when
     ``p_update >= 1``).
 
-    Consecutive steps on the same grid draw their masks in one batch-major ``torch.rand`` call (three launches per
-    grid size, not two per step); recomputation in the backward then sees exactly the same cells.
+    Consecutive steps on the same grid draw their masks in one batch-major ``torch.rand`` call and one comparison
+    (two launches per grid size, not two per step), written back to back in step order into one buffer;
+    recomputation in the backward then sees exactly the same cells.
     """
     if not 0.0 < p_update <= 1.0:
         raise ValueError(f"p_update: expected a probability in (0, 1], got {p_update}")
     grids = plan.grids(height, width)
     if p_update >= 1.0:
         return [None] * len(grids)
+    # every mask lies in one buffer, back to back in step order: the small-grid kernel reads a run of steps'
+    # masks from one pointer (kernels/small_grid.py)
+    flat = torch.empty(batch * sum(h * w for h, w in grids), dtype=torch.bool, device=device)
     masks: list[Tensor | None] = []
-    i = 0
+    i = off = 0
     while i < len(grids):
         j = i
         while j < len(grids) and grids[j] == grids[i]:
             j += 1
         h, w = grids[i]
         # batch-major draw, so a batch split over data-parallel ranks draws rows of one process's tensor
-        # (fastnca.distributed.GlobalBatchDraws slices the leading dimension); one copy per grid size then
-        # makes every step's (B, 1, H, W) mask contiguous (the kernels read it as bytes without a copy)
+        # (fastnca.distributed.GlobalBatchDraws slices the leading dimension); the comparison writes each step's
+        # (B, 1, H, W) mask contiguously into the buffer (the kernels read it as bytes without a copy)
         u = torch.rand((batch, j - i, 1, h, w), generator=generator, device=device)
-        masks.extend((u < p_update).transpose(0, 1).contiguous().unbind(0))
+        run = flat[off: off + (j - i) * batch * h * w].view(j - i, batch, 1, h, w)
+        torch.lt(u.transpose(0, 1), p_update, out=run)
+        masks.extend(run.unbind(0))
+        off += (j - i) * batch * h * w
         i = j
     return masks

@@ -69,13 +69,13 @@ def perceive_conv3x3(
     row,  # (BLOCK_M,) row of each output cell on the (doubled) grid
     col,  # (BLOCK_M,) column of each output cell on the (doubled) grid
     mask_m,  # (BLOCK_M,) which cells exist (the last program's tail is masked)
-    H,  # grid height (doubled when DOUBLE)
-    W,  # grid width (doubled when DOUBLE)
-    H_in,  # height of the state (H // 2 when DOUBLE, else H)
+    H,  # grid height (doubled when SHIFT is 1)
+    W,  # grid width (doubled when SHIFT is 1)
+    H_in,  # height of the state (H // 2 when SHIFT is 1, else H)
     W_in,  # width of the state
     C: tl.constexpr,  # |z|
     HID: tl.constexpr,  # h (a power of two)
-    DOUBLE: tl.constexpr,  # read the state through (row // 2, col // 2)
+    SHIFT,  # 1: the state is doubled first (read through (row >> 1, col >> 1)), 0: not; constexpr or runtime
     HAS_B3: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,  # state-channel chunk (divides C)
@@ -100,9 +100,8 @@ def perceive_conv3x3(
         r = row + (tap // 3 - 1)
         c = col + (tap % 3 - 1)
         ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-        if DOUBLE:
-            r = r // 2
-            c = c // 2
+        r = r >> SHIFT  # a constant 0 folds away; negative rows and columns are masked (ok)
+        c = c >> SHIFT
         src = (bat * H_in + r) * W_in + c  # (BLOCK_M,) input cell ids; out-of-grid ones are masked
         b_z = tl.load(z_ptr + src[:, None] * C + (c0 + offs_c)[None, :], mask=ok[:, None], other=0.0)
         b_w = tl.load(w3_ptr + (tap * C + c0 + offs_c)[:, None] * HID + offs_h[None, :])

@@ -1,7 +1,9 @@
-"""Fit of the rollout backward's post kernel (state gradient + every weight-gradient GEMM of a step in one launch,
-``kernels/rollout.py``) on the H100, checked on the CPU: every shipped configuration, with and without doubling,
-compiles for sm_90 with no spills and fits in shared memory, under CI's Triton and the GPU machines' Triton 3.6
-(``fit_releases.py``). The table::
+"""Fit of the kernels the rollout op adds, on the H100, checked on the CPU: the backward's post kernel (state
+gradient + every weight-gradient GEMM of a step in one launch, ``kernels/rollout.py``), with and without doubling,
+and the small-grid forward (``kernels/small_grid.py``, where a tile is shipped for the shape). Every shipped
+configuration compiles for sm_90 with no spills and fits in shared memory, under CI's Triton and the GPU machines'
+Triton 3.6 (``fit_releases.py``); the small-grid kernel's tensor work is as measured and its bf16 copies are 16
+bytes wide. The table::
 
     python -m fastnca.kernels.fit --only rollout
 """
@@ -15,10 +17,12 @@ from fastnca.kernels.fit import (
     SMEM_LIMIT,
     BwdFitResult,
     BwdFitSpec,
+    _torch_dtype,
     fit_rollout,
     format_bwd_table,
     triton_version,
 )
+from fastnca.kernels.small_grid import small_config
 
 from .fit_releases import RELEASES, release_python
 
@@ -37,7 +41,10 @@ def shipped_rows(request) -> dict[str, list[BwdFitResult]]:
 @pytest.mark.parametrize("fit", BWD_SHIPPED, ids=[f.name for f in BWD_SHIPPED])
 def test_shipped_rollout_post_kernel_fits_sm90(fit: BwdFitSpec, shipped_rows: dict[str, list[BwdFitResult]]) -> None:
     rows = shipped_rows.get(fit.name, [])
-    assert {r.kernel for r in rows} == {"post", "post-double"}, f"{fit.name}: expected both post kernels, got {rows}"
+    small = small_config(fit.state_channels, fit.hidden_channels, _torch_dtype(fit.dtype),
+                         input_precision=fit.input_precision, interpret=False) is not None
+    expected = {"post", "post-double"} | ({"small-fwd"} if small else set())
+    assert {r.kernel for r in rows} == expected, f"{fit.name}: expected kernels {sorted(expected)}, got {rows}"
     for r in rows:
         where = f"{fit.name}/{r.kernel}"
         assert r.spills == 0 and r.spill_ops == 0, (
@@ -45,3 +52,11 @@ def test_shipped_rollout_post_kernel_fits_sm90(fit: BwdFitSpec, shipped_rows: di
         assert r.shared <= SMEM_LIMIT, f"{where}: expected shared memory <= {SMEM_LIMIT} B, got {r.shared}"
         if fit.dtype == "bf16" or fit.input_precision == "tf32":
             assert r.hgmma > 0, f"{where}: expected Hopper warpgroup MMAs (HGMMA), got {r.hgmma}"
+        if r.kernel == "small-fwd" and r.needed_flops:
+            # known values (kernels/README.md): 64 rows x 8 warps duplicate the blocks' first, chained dot at h = 256
+            # bf16 (the 128-row tile spills there under Triton 3.6) and at h = 128 tf32 with blocks
+            known = 1.2 if fit.hidden_channels == 256 else 1.25 if fit.input_precision == "tf32" and fit.n_blocks else 1
+            work = r.tensor_flops / r.needed_flops
+            assert work == pytest.approx(known), f"{where}: expected tensor work {known}, got {work:.3g}"
+            if fit.dtype == "bf16":
+                assert set(r.copy_widths) == {"16"}, f"{where}: expected 16-byte copies, got {r.copy_widths}"

@@ -6,9 +6,14 @@ encoder, the likelihood, clipping and Adam are the presets' own. The budget test
 (``execute=False``); a small run checks that this changes no count.
 """
 
-import pytest
+from collections import Counter
 
-from fastnca.launches import count_training_launches
+import pytest
+import torch
+
+from fastnca.config import get_preset
+from fastnca.launches import count_training_launches, interpreter_launches
+from fastnca.nca import nca_from_config
 
 pytest.importorskip("triton")
 
@@ -16,10 +21,11 @@ SMALL = dict(state_channels=16, hidden_channels=16, enc_channels=4, batch_size=2
 
 
 def test_mnist_doubling_iteration_stays_within_300_launches():
-    res = count_training_launches("mnist-doubling", overrides=dict(SMALL, seed_size=1, image_size=16), execute=False)
+    res = count_training_launches("mnist-doubling", overrides=SMALL, execute=False)  # the preset's grids: 2x2 .. 32x32
     assert res["steps"] == 40, f"expected the preset's 40 steps, got {res['steps']}"
-    # one forward launch per step, two per step in the backward (main + state/weight-gradient post kernel)
-    assert res["triton"] == 3 * 40, f"expected 120 Triton launches, got {res['triton']}: {res['by_op']}"
+    # forward: one small-grid launch for the 24 steps on 2x2 .. 8x8, one per step on 16x16 and 32x32;
+    # backward: two per step (main + state/weight-gradient post kernel)
+    assert res["triton"] == 1 + 16 + 2 * 40, f"expected 97 Triton launches, got {res['triton']}: {res['by_op']}"
     assert res["total"] <= 300, f"expected <= 300 launches per iteration, got {res['total']}: {res['by_op']}"
 
 
@@ -51,3 +57,16 @@ def test_skipping_the_kernel_bodies_changes_no_count():
     ran, skipped = count_training_launches("small", **kw), count_training_launches("small", execute=False, **kw)
     assert ran["steps"] == 4
     assert ran["by_op"] == skipped["by_op"], f"expected equal counts, got {ran['by_op']} vs {skipped['by_op']}"
+
+
+def test_mnist_doubling_forward_rollout_takes_at_most_18_triton_launches():
+    """The 24 steps on 2x2, 4x4 and 8x8 grids in one small-grid launch, the 16 on 16x16 and 32x32 one each."""
+    cfg = get_preset("mnist-doubling", backend="triton", device="cpu", state_channels=16, hidden_channels=16)
+    nca = nca_from_config(cfg)
+    schedule = nca.schedule()
+    assert len(schedule) == 40
+    counts: Counter = Counter()
+    with interpreter_launches(counts, execute=False), torch.no_grad():
+        nca.run(nca.seed(torch.zeros(2, 16)), schedule)
+    assert sum(counts.values()) <= 18, f"expected <= 18 Triton launches, got {dict(counts)}"
+    assert counts == {"triton::_rollout_fwd_small_kernel": 1, "triton::_nca_step_fwd_kernel": 16}, dict(counts)

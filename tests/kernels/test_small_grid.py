@@ -1,0 +1,133 @@
+"""The small-grid kernel (kernels/small_grid.py): the leading steps of a rollout on grids of <= 8x8 cells per sample in
+one launch. Forward parity against float64 (fp32 and bf16, masks and doublings, odd batches and odd seed grids, the
+switch to per-step launches mid-rollout), NaN-poisoned outputs, gradients through it, and the cut-off rules."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from fastnca.kernels.reference import UpdateWeights, nca_step_ref
+from fastnca.kernels.rollout import nca_rollout
+from fastnca.kernels.schedule import draw_masks, plan_rollout
+from fastnca.kernels.small_grid import SMALL_GRID_CELLS, samples_per_program, small_config, small_grid_steps
+from fastnca.launches import interpreter_launches
+from tests.conftest import DEVICE
+from tests.kernels.test_nca_step_fwd import make_state, make_weights
+from tests.utils import rel_err
+
+
+def _reference(state, weights, flags, masks, dtype):
+    x = state.to(dtype)
+    w = UpdateWeights.from_flat([None if t is None else t.to(dtype) for t in weights.flat()])
+    for double, m in zip(flags, masks):
+        x = nca_step_ref(x, w, m, double)
+    return x
+
+
+def _fused(state, weights, flags, masks, *, small_grid=True, policy="auto"):
+    plan = plan_rollout(flags, policy, doubling=True, backend="triton")
+    return nca_rollout(state, weights, plan, masks, small_grid=small_grid)
+
+
+def _masks(flags, b, h, w, p):
+    plan = plan_rollout(flags, "none", doubling=True, backend="torch")
+    return draw_masks(plan, b, h, w, p, generator=torch.Generator(device=DEVICE).manual_seed(3), device=DEVICE)
+
+
+# 1x3 seed: 1x3, 2x6, 4x12 (48 cells: small), then 8x24 (192 cells: per step)
+ODD_FLAGS = [False, True, False, True, False, True, False]
+
+
+def test_cut_off_counts_the_leading_steps_on_grids_of_at_most_64_cells():
+    mnist = [False] * 8 + ([True] + [False] * 7) * 4  # mnist-doubling from a 2x2 seed: 2x2, 4x4, 8x8 | 16x16, 32x32
+    assert small_grid_steps(mnist, 2, 2) == 24
+    assert small_grid_steps(ODD_FLAGS, 1, 3) == 5
+    assert small_grid_steps([False] * 10, 8, 8) == 10, "expected a non-doubling 8x8 rollout to run whole"
+    assert small_grid_steps([False] * 10, 9, 9) == 0
+    assert small_grid_steps([False], 2, 2) == 0, "expected a single small step to stay on the per-step path"
+    assert SMALL_GRID_CELLS == 64
+
+
+def test_samples_per_program_gives_a_program_per_sample_up_to_the_sms():
+    assert samples_per_program(32, 64, 64) == 1
+    assert samples_per_program(132, 16, 64) == 1
+    assert samples_per_program(1024, 16, 64) == 4, "expected ~132 programs of whole samples beyond 132 samples"
+    assert samples_per_program(1024, 64, 64) == 1, "expected no more samples per program than fill one tile"
+
+
+def test_shapes_without_a_fitting_tile_stay_on_the_per_step_path():
+    assert small_config(256, 256, torch.float32, input_precision="tf32", interpret=False) is None
+    assert small_config(256, 256, torch.bfloat16, interpret=False).block_m == 64
+
+
+@pytest.mark.parametrize("p_update", [1.0, 0.5], ids=["nomask", "mask"])
+def test_fp32_forward_matches_float64_across_the_switch_to_per_step_launches(p_update, nan_poison):
+    b = 3
+    weights = make_weights(16, 32, 2, gain=0.4)
+    state = make_state(b, 16, 1, 3)
+    masks = _masks(ODD_FLAGS, b, 1, 3, p_update)
+    ref = _reference(state.double(), weights, ODD_FLAGS, masks, torch.float64)
+    out = _fused(state, weights, ODD_FLAGS, masks)
+    assert out.shape == (b, 16, 8, 24)
+    assert torch.isfinite(out).all(), "expected every output cell written (NaN-poisoned buffers)"
+    err = rel_err(ref, out)
+    assert err < 1e-5 * len(ODD_FLAGS), f"expected relative error < {1e-5 * len(ODD_FLAGS):.1e}, got {err:.3g}"
+    per_step = _fused(state, weights, ODD_FLAGS, masks, small_grid=False)
+    assert rel_err(per_step, out) < 1e-6, "expected the small-grid kernel to compute what the per-step path does"
+
+
+def test_bf16_forward_within_twice_the_reference_bf16_error(nan_poison):
+    b, flags = 5, [False, False, True, False, True, False, False]  # 2x2 -> 8x8: every step in the small kernel
+    weights = make_weights(16, 16, 1, gain=0.4)
+    state = make_state(b, 16, 2, 2)
+    masks = _masks(flags, b, 2, 2, 0.6)
+    ref64 = _reference(state.double(), weights, flags, masks, torch.float64)
+    ref16 = _reference(state, weights, flags, masks, torch.bfloat16)
+    w16 = UpdateWeights.from_flat([None if t is None else t.bfloat16() for t in weights.flat()])
+    out = _fused(state.bfloat16(), w16, flags, masks)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    err, ref_err = rel_err(ref64, out), rel_err(ref64, ref16)
+    assert err <= 2 * ref_err + 1e-5, f"expected <= 2x the reference's bf16 error {ref_err:.3g}, got {err:.3g}"
+
+
+def test_gradients_through_the_small_grid_forward_match_float64(nan_poison):
+    b = 2
+    weights = make_weights(16, 16, 1, gain=0.4)
+    state = make_state(b, 16, 1, 3)
+    masks = _masks(ODD_FLAGS, b, 1, 3, 0.5)
+    upstream = torch.randn(b, 16, 8, 24, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
+    leaves64 = [None if t is None else t.detach().double().requires_grad_(True) for t in weights.flat()]
+    s64 = state.detach().double().requires_grad_(True)
+    (_reference(s64, UpdateWeights.from_flat(leaves64), ODD_FLAGS, masks, torch.float64) * upstream).sum().backward()
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in weights.flat()]
+    s = state.detach().clone().requires_grad_(True)
+    (_fused(s, UpdateWeights.from_flat(leaves), ODD_FLAGS, masks).double() * upstream).sum().backward()
+    pairs = [(s64.grad, s.grad)] + [(a.grad, t.grad) for a, t in zip(leaves64, leaves) if t is not None]
+    for i, (a, t) in enumerate(pairs):
+        assert rel_err(a, t) < 1e-4, f"grad {i}: expected relative error < 1e-4, got {rel_err(a, t):.3g}"
+
+
+def test_one_launch_replaces_the_small_steps_and_the_fallback_stays_selectable():
+    weights = make_weights(16, 16, 1)
+    state = make_state(2, 16, 1, 3)
+    launches = {}
+    for small in (True, False):
+        counts: Counter = Counter()
+        with interpreter_launches(counts, execute=False), torch.no_grad():
+            _fused(state, weights, ODD_FLAGS, [None] * len(ODD_FLAGS), small_grid=small)
+        launches[small] = dict(counts)
+    assert launches[True] == {"triton::_rollout_fwd_small_kernel": 1, "triton::_nca_step_fwd_kernel": 2}, launches
+    assert launches[False] == {"triton::_nca_step_fwd_kernel": 7}, launches
+
+
+def test_segment_policies_keep_the_per_step_path():
+    """The kernel writes every step's output to the stored states, so plans that store fewer run per step."""
+    weights = make_weights(16, 16, 1)
+    state = make_state(2, 16, 2, 2)
+    counts: Counter = Counter()
+    with interpreter_launches(counts, execute=False), torch.no_grad():
+        _fused(state, weights, [False] * 4, [None] * 4, policy="segments=2")
+    assert counts == {"triton::_nca_step_fwd_kernel": 4}, dict(counts)
