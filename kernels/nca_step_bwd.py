@@ -116,16 +116,43 @@ def _nca_step_bwd_kernel(
     the state's dtype.
     """
     pid = tl.program_id(0).to(tl.int64)
-    if DOUBLE:
-        H_in = H // 2
-        W_in = W // 2
-    else:
-        H_in = H
-        W_in = W
-    dt = z_ptr.dtype.element_ty
-
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
-    mask_m = offs_m < M
+    _main_cells(z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,
+                y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < M, 0, H, W, M * HID, C, HID, N_BLOCKS,
+                1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU, INPUT_PRECISION, INTERP_BF16,
+                BLOCK_M, BLOCK_K, BLOCK_C)
+
+
+@triton.jit
+def _main_cells(
+    z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,  # as the
+    y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr,  # kernel's (the buffers' and the mask's rows: row0 + offs_m)
+    offs_m,  # (BLOCK_M,) int64 cell ids on the step's (doubled) grid, flattened over (B, H, W)
+    mask_m,  # (BLOCK_M,) which of them to compute
+    row0,  # the step's first row in the per-cell buffers and the mask (0, or the small-grid kernel's step offset)
+    H,  # grid height (doubled when SHIFT is 1)
+    W,  # grid width
+    buf_stride,  # elements between two blocks' planes of the y / a / da / dy buffers
+    C: tl.constexpr,
+    HID: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
+    SHIFT,  # 1: the step doubles its input first; constexpr (per-step kernels) or runtime (small-grid kernel)
+    HAS_MASK: tl.constexpr,
+    HAS_B3: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    PERCEIVE_ELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The body of :func:`_nca_step_bwd_kernel` for the cells ``offs_m``, shared with the small-grid backward
+    (``kernels/small_grid.py``); inlined, so the per-step kernel compiles as before (sm_90 fit unchanged)."""
+    H_in = H >> SHIFT
+    W_in = W >> SHIFT
+    dt = z_ptr.dtype.element_ty
     hw = H * W
     bat = offs_m // hw
     rem = offs_m % hw
@@ -134,13 +161,13 @@ def _nca_step_bwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_c = tl.arange(0, BLOCK_C)
     offs_h = tl.arange(0, HID)
-    cells_h = offs_m[:, None] * HID + offs_h[None, :]  # (BLOCK_M, HID) offsets into an (M, HID) buffer
-    cells_k = offs_m[:, None] * HID + offs_k[None, :]  # (BLOCK_M, BLOCK_K) offsets of hidden chunk 0
-    buf_stride = M * HID
+    rows = offs_m + row0  # the cells' rows in the per-cell buffers (offs_m when row0 is the constant 0)
+    cells_h = rows[:, None] * HID + offs_h[None, :]  # (BLOCK_M, HID) offsets into an (M, HID) buffer
+    cells_k = rows[:, None] * HID + offs_k[None, :]  # (BLOCK_M, BLOCK_K) offsets of hidden chunk 0
 
     # ---- forward: 3x3 perception conv, 9 taps x C/BLOCK_C chunks
-    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID,
-                           1 if DOUBLE else 0, HAS_B3, BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION)
+    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT, HAS_B3,
+                           BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION)
     if PERCEIVE_ELU:
         pre = acc
         y = elu(acc)
@@ -170,14 +197,14 @@ def _nca_step_bwd_kernel(
 
     # ---- backward through the output conv: g = m * grad_out, dy = g @ Wout
     if HAS_MASK:
-        upd = tl.load(mask_ptr + offs_m, mask=mask_m, other=0) != 0
+        upd = tl.load(mask_ptr + rows, mask=mask_m, other=0) != 0
     dy = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cells_c = offs_m[:, None] * C + (c0 + offs_c)[None, :]
         b_g = tl.load(gout_ptr + cells_c, mask=mask_m[:, None], other=0.0)
         if HAS_MASK:
             b_g = tl.where(upd[:, None], b_g, 0.0).to(dt)
-        tl.store(g_ptr + cells_c, b_g, mask=mask_m[:, None])
+        tl.store(g_ptr + row0 * C + cells_c, b_g, mask=mask_m[:, None])
         b_wo = tl.load(wout_ptr + (c0 + offs_c)[:, None] * HID + offs_h[None, :])
         dy = mma(b_g, b_wo, dy, INTERP_BF16, INPUT_PRECISION)
 
@@ -203,12 +230,12 @@ def _nca_step_bwd_kernel(
 
 @triton.jit
 def _dstate_tile(
-    pid,  # int64 program index over input-cell tiles
+    start,  # int64 first input cell of the tile
+    end,  # bound of the cells this call may write (the tile's cells at or past it are skipped)
     dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
     wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
     gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
     dz_ptr,  # out (B, H_in, W_in, C) state gradient, compute dtype
-    M_in,  # number of input cells B * H_in * W_in
     H,  # grid height (doubled when DOUBLE)
     W,  # grid width (doubled when DOUBLE)
     C: tl.constexpr,  # |z|
@@ -219,11 +246,12 @@ def _dstate_tile(
     INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,  # input cells per program
     BLOCK_K: tl.constexpr,  # hidden-channel chunk
+    BLOCK_N: tl.constexpr,  # state channels per pass (C_PAD: one pass, the per-step kernels; fewer: less registers)
 ):
     """State gradient ``dz = S(grad_out + conv3x3^T(dpre))`` for ``BLOCK_M`` input cells.
 
-    Called with program ``pid`` of a grid over ``cdiv(B * H_in * W_in, BLOCK_M)`` tiles; it owns input cells
-    ``pid * BLOCK_M + [0, BLOCK_M)``.
+    Owns input cells ``start + [0, BLOCK_M)`` below ``end`` (the per-step kernels: ``start = pid * BLOCK_M``,
+    ``end = B * H_in * W_in``).
     Without doubling S is the identity and, with zero padding,
 
         dz[p, q] = grad_out[p, q] + sum_{i, j in 0..2} dpre[p + i - 1, q + j - 1] @ Wp[:, :, 2 - i, 2 - j]
@@ -240,42 +268,42 @@ def _dstate_tile(
     H_in = H // SCALE
     W_in = W // SCALE
 
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 input cell ids
-    mask_m = offs_m < M_in
+    offs_m = start + tl.arange(0, BLOCK_M)  # int64 input cell ids
+    mask_m = offs_m < end
     hw = H_in * W_in
     bat = offs_m // hw
     rem = offs_m % hw
     row = rem // W_in
     col = rem % W_in
     offs_k = tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, C_PAD)
-    mask_mn = mask_m[:, None] & (offs_n < C)[None, :]
-
-    # identity path of z' = z + m * f(z)
-    if DOUBLE:
-        acc = tl.zeros((BLOCK_M, C_PAD), dtype=tl.float32)
-        for q in tl.static_range(4):
-            src = (bat * H + SCALE * row + q // 2) * W + SCALE * col + q % 2
-            acc += tl.load(gout_ptr + src[:, None] * C + offs_n[None, :], mask=mask_mn, other=0.0)
-    else:
-        acc = tl.load(gout_ptr + offs_m[:, None] * C + offs_n[None, :], mask=mask_mn, other=0.0)
-        acc = acc.to(tl.float32)
-
-    # transposed 3x3 conv: gather the neighbours' dpre, KS x KS taps x HID/BLOCK_K chunks
     K_CHUNKS: tl.constexpr = HID // BLOCK_K
-    for it in range(KS * KS * K_CHUNKS):
-        tap = it // K_CHUNKS
-        k0 = (it % K_CHUNKS) * BLOCK_K
-        r = SCALE * row + (tap // KS - 1)
-        c = SCALE * col + (tap % KS - 1)
-        ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-        src = (bat * H + r) * W + c  # (BLOCK_M,) full-grid cell ids; out-of-grid ones are masked
-        b_d = tl.load(dpre_ptr + src[:, None] * HID + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
-        b_w = tl.load(wb_ptr + (tap * HID + k0 + offs_k)[:, None] * C_PAD + offs_n[None, :])
-        acc = mma(b_d, b_w, acc, INTERP_BF16, INPUT_PRECISION)
-    tl.store(
-        dz_ptr + offs_m[:, None] * C + offs_n[None, :], rne(acc, INTERP_BF16).to(dz_ptr.dtype.element_ty), mask=mask_mn
-    )
+    for n0 in tl.static_range(0, C_PAD, BLOCK_N):  # one pass when BLOCK_N = C_PAD: the code it had before
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_mn = mask_m[:, None] & (offs_n < C)[None, :]
+
+        # identity path of z' = z + m * f(z)
+        if DOUBLE:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for q in tl.static_range(4):
+                src = (bat * H + SCALE * row + q // 2) * W + SCALE * col + q % 2
+                acc += tl.load(gout_ptr + src[:, None] * C + offs_n[None, :], mask=mask_mn, other=0.0)
+        else:
+            acc = tl.load(gout_ptr + offs_m[:, None] * C + offs_n[None, :], mask=mask_mn, other=0.0)
+            acc = acc.to(tl.float32)
+
+        # transposed 3x3 conv: gather the neighbours' dpre, KS x KS taps x HID/BLOCK_K chunks
+        for it in range(KS * KS * K_CHUNKS):
+            tap = it // K_CHUNKS
+            k0 = (it % K_CHUNKS) * BLOCK_K
+            r = SCALE * row + (tap // KS - 1)
+            c = SCALE * col + (tap % KS - 1)
+            ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            src = (bat * H + r) * W + c  # (BLOCK_M,) full-grid cell ids; out-of-grid ones are masked
+            b_d = tl.load(dpre_ptr + src[:, None] * HID + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
+            b_w = tl.load(wb_ptr + (tap * HID + k0 + offs_k)[:, None] * C_PAD + offs_n[None, :])
+            acc = mma(b_d, b_w, acc, INTERP_BF16, INPUT_PRECISION)
+        tl.store(dz_ptr + offs_m[:, None] * C + offs_n[None, :], rne(acc, INTERP_BF16).to(dz_ptr.dtype.element_ty),
+                 mask=mask_mn)
 
 
 @triton.jit
@@ -298,8 +326,8 @@ def _nca_step_bwd_dstate_kernel(
 ):
     """State gradient of one step; grid ``(cdiv(B * H_in * W_in, BLOCK_M),)``, one tile per program (see
     :func:`_dstate_tile`)."""
-    _dstate_tile(tl.program_id(0).to(tl.int64), dpre_ptr, wb_ptr, gout_ptr, dz_ptr, M_in, H, W, C, C_PAD, HID, DOUBLE,
-                 INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K)
+    _dstate_tile(tl.program_id(0).to(tl.int64) * BLOCK_M, M_in, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID,
+                 DOUBLE, INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, C_PAD)
 
 
 @triton.jit
@@ -323,7 +351,7 @@ def _wgrad_tile(
     NB: tl.constexpr,
     T: tl.constexpr,  # 9 taps when GATHER, else 1
     GATHER: tl.constexpr,  # b is the state read at the 3x3 tap's shifted cells (zero padding)
-    DOUBLE: tl.constexpr,  # the gathered state is at half resolution: read (row // 2, col // 2)
+    SHIFT,  # 1: the gathered state is at half resolution, read (row >> 1, col >> 1); constexpr or runtime
     B_ELU: tl.constexpr,  # apply ELU to b as it is loaded (b holds pre-activations)
     WITH_DB: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -356,12 +384,8 @@ def _wgrad_tile(
     a_base = a_ptr + mat * M * NA
     b_base = b_ptr + mat * M * NB
     if GATHER:
-        if DOUBLE:
-            H_in = H // 2
-            W_in = W // 2
-        else:
-            H_in = H
-            W_in = W
+        H_in = H >> SHIFT
+        W_in = W >> SHIFT
         hw = H * W
         dr = tap // 3 - 1
         dc = tap % 3 - 1
@@ -391,9 +415,8 @@ def _wgrad_tile(
             r = rem // W + dr
             c = rem % W + dc
             ok_g = ok & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            if DOUBLE:
-                r = r // 2
-                c = c // 2
+            r = r >> SHIFT
+            c = c >> SHIFT
             src = (bat * H_in + r) * W_in + c
             b_b = tl.load(b_ptr + src[:, None] * NB + offs_b[None, :], mask=ok_g[:, None], other=0.0)
         else:

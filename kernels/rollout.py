@@ -59,10 +59,20 @@ from .nca_step_bwd import (
 )
 from .reference import UpdateWeights
 from .schedule import RolloutPlan
-from .small_grid import launch_small_fwd, samples_per_program, small_config, small_fwd_kernel_spec, small_grid_steps
+from .small_grid import (
+    _rollout_bwd_small_kernel,
+    _rollout_wgrad_small_kernel,
+    launch_small_fwd,
+    samples_per_program,
+    small_bwd_constexprs,
+    small_config,
+    small_fwd_kernel_spec,
+    small_grid_steps,
+    small_wgrad_constexprs,
+)
 from .spec import KernelSpec
 
-__all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs"]
+__all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs", "small_bwd_kernel_specs"]
 
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -127,22 +137,22 @@ def _rollout_bwd_post_kernel(
     OFF_W2: tl.constexpr = OFF_DB1 + N_BLOCKS * HID
     OFF_DB2: tl.constexpr = OFF_W2 + N_BLOCKS * HID * HID
     if pid < n_ds:
-        _dstate_tile(pid.to(tl.int64), dpre_ptr, wb_ptr, gout_ptr, dz_ptr, M_in, H, W, C, C_PAD, HID, DOUBLE,
-                     INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K)
+        _dstate_tile(pid.to(tl.int64) * DS_BLOCK_M, M_in, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID,
+                     DOUBLE, INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, C_PAD)
     elif pid < n_ds + n_wp:
         q = pid - n_ds
         GA: tl.constexpr = HID // BA_P
         GTB: tl.constexpr = 9 * (C // BB_P)
         _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), dpre_ptr, z_ptr, acc_ptr,
-                    acc_ptr + OFF_DBP, M, H, W, cells_per_split, S, 1, SLOT, SLOT, HID, C, 9, True, DOUBLE, False,
-                    True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
+                    acc_ptr + OFF_DBP, M, H, W, cells_per_split, S, 1, SLOT, SLOT, HID, C, 9, True,
+                    1 if DOUBLE else 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
     elif pid < n_ds + n_wp + n_wo:
         q = pid - n_ds - n_wp
         GA: tl.constexpr = C // BA_O
         GTB: tl.constexpr = HID // BB_O
         _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), g_ptr, y_ptr + N_BLOCKS * M * HID,
                     acc_ptr + OFF_WO, acc_ptr + OFF_DBO, M, H, W, cells_per_split, S, 1, SLOT, SLOT, C, HID, 1,
-                    False, False, False, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
+                    False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
     elif N_BLOCKS > 0:
         q = pid - n_ds - n_wp - n_wo
         GA: tl.constexpr = HID // BA_H
@@ -151,16 +161,52 @@ def _rollout_bwd_post_kernel(
         if q < n_w1:  # dW1_i = sum da_i^T y_i
             _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), da_ptr, y_ptr,
                         acc_ptr + OFF_W1, acc_ptr + OFF_DB1, M, H, W, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, False, False, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        HID, HID, 1, False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
                         BLOCK_CELLS, True)
         else:  # dW2_i = sum dy_{i+1}^T ELU(a_i)
             _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), dy_ptr, a_ptr,
                         acc_ptr + OFF_W2, acc_ptr + OFF_DB2, M, H, W, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, False, True, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        HID, HID, 1, False, 0, True, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
                         BLOCK_CELLS, True)
 
 
 # ----------------------------------------------------------------------------------------------------- plan
+def small_bwd_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee",
+                     *, n_blocks: int | None = None, interpret: bool = _INTERPRET) -> tuple[BwdConfig, int] | None:
+    """The small-grid backward's tiles (``kernels/small_grid.py``): the main and state-gradient tiles of the one
+    kernel that holds both, and the state channels per pass of its state gradient; None where none is known to fit
+    (those rollouts take the per-step backward).
+
+    One kernel holds the backward main kernel's body (244-255 registers on its own at h = 256) and the state
+    gradient's, so the main tiles are narrower than ``bwd_config``'s and the state gradient runs in passes of 32
+    channels instead of one of |z| (its (64, 256) fp32 accumulator alone spilled 400-580 B). Measured with the sm_90
+    fit under Triton 3.8 and 3.6 (``python -m fastnca.kernels.fit --only rollout``), no spills: bf16 at h = 256 with
+    64 cells x 16-wide chunks (255 / 255 registers); h = 128 with blocks, 128 cells x 16-wide chunks in bf16 and
+    tf32 (250-255); fp32 "ieee" at h = 128 with blocks 32 cells x 8 warps; the rest ``bwd_config``'s own, and
+    passes of 64 channels where the network has no blocks. tf32 at h = 256 has no small-grid forward, hence no
+    backward either.
+    """
+    cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=interpret)
+    if interpret:  # passes of 16 channels, so that the tests' |z| = 32 takes two
+        return cfg, 16
+    hid = triton.next_power_of_2(hidden_channels)
+    main = None
+    if dtype == torch.bfloat16:
+        main = (64, 16, 16, 8, 2) if hid >= 256 else (128, 16, 16, 8, 2) if n_blocks else None
+    elif input_precision == "tf32":
+        if hid >= 256:
+            return None
+        main = (128, 16, 16, 8, 2) if n_blocks else None
+    elif n_blocks and hid <= 128:
+        main = (32, 32, 16, 8, 2)
+    if main is not None:
+        m, k, cc, warps, stages = main
+        cfg = dataclasses.replace(cfg, block_m=m, block_k=_chunk(hid, k), block_c=_chunk(state_channels, cc),
+                                  warps=warps, stages=stages)
+    tensor_cores = dtype == torch.bfloat16 or input_precision == "tf32"
+    return cfg, 32 if tensor_cores and n_blocks else 64  # without blocks, 32 spilled 8 B (bf16, Triton 3.6)
+
+
 def post_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee", *,
                 n_blocks: int | None = None, interpret: bool = _INTERPRET) -> BwdConfig:
     """The post kernel's tiles: the backward's state-gradient and weight-gradient tiles (``bwd_config``), with
@@ -221,6 +267,10 @@ class StepPlan:
         return bwd_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb)
 
     @property
+    def small_bwd_config(self) -> tuple[BwdConfig, int] | None:
+        return small_bwd_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb)
+
+    @property
     def post_config(self) -> BwdConfig:
         return post_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb)
 
@@ -230,6 +280,12 @@ class StepPlan:
                               has_b3=p["b3"] is not None, has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
                               has_bout=p["bout"] is not None, input_precision=self.input_precision,
                               upcast_dot=self.upcast, cfg=cfg)
+
+    def main_constexprs(self, *, double: bool, has_mask: bool, cfg: BwdConfig) -> dict[str, Any]:
+        p = self.fwd
+        return _main_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
+                                has_b3=p["b3"] is not None, has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
+                                input_precision=self.input_precision, interp_bf16=self.upcast, cfg=cfg)
 
     def pack_backward(self, doubles: set[bool]) -> None:
         """The backward's extra operands: W1, W2 untransposed, Wout as (C, hp), the transposed-conv weights."""
@@ -312,6 +368,11 @@ class _Workspace:
         self.states = torch.empty(max(n_recompute, 0) * state_max, dtype=dt, device=device)
         self.acc = torch.zeros((_MAX_SPLITS, sp.slot), dtype=torch.float32, device=device)  # the one fill
         self.state_max = state_max
+        self.dtype, self.device = dt, device
+
+    def small_grads(self, numel: int) -> Tensor:
+        """The small-grid backward's two state-gradient buffers (apart from ``dz``, one of which holds its input)."""
+        return torch.empty(numel, dtype=self.dtype, device=self.device)
 
 
 def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: Tensor, mask: Tensor | None,
@@ -358,6 +419,55 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
     )
 
 
+def _launch_small_bwd(sp: StepPlan, ws: _Workspace, z0: Tensor, keep: Tensor, gin: Tensor, masks: Tensor | None,
+                      flags: tuple[bool, ...], batch: int, grids: list[tuple[int, int]], m_small: int) -> Tensor:
+    """The backward of the leading small-grid steps in two launches (``kernels/small_grid.py``): the per-sample
+    persistent kernel (main + state gradient of every step, last first), then every weight gradient of those steps
+    into ``ws.acc``. ``grids``: the first step's input grid, then every step's output grid. Returns the gradient of
+    the first step's input, ``(B, H0, W0, C)``."""
+    cfg, ds_block_n = sp.small_bwd_config
+    pcfg = sp.post_config
+    hp, nb, c = sp.hp, sp.nb, sp.c
+    (h0, w0), (hl, wl) = grids[0], grids[-1]
+    n = len(flags)
+    bits = sum(1 << i for i, f in enumerate(flags) if f)
+    s_max = max(batch * h * w * c for h, w in grids)
+    gbuf = ws.small_grads(2 * s_max)
+    p = sp.fwd
+    zf = sp.zeros_f32
+    mconsts = sp.main_constexprs(double=False, has_mask=masks is not None, cfg=cfg)
+    spp = samples_per_program(batch, hl * wl, cfg.block_m, target_programs=_MAX_SPLITS)
+    y, a, da, dy = (ws.y[: (nb + 1) * m_small * hp], ws.a[: max(nb, 1) * m_small * hp],
+                    ws.da[: max(nb, 1) * m_small * hp], ws.dy[: max(nb, 1) * m_small * hp])
+    g, dpre = ws.g[: m_small * c], ws.dpre[: m_small * hp]
+    _rollout_bwd_small_kernel[(triton.cdiv(batch, spp),)](
+        z_ptr=z0, keep_ptr=keep, gin_ptr=gin, gbuf_ptr=gbuf, mask_ptr=z0 if masks is None else masks,
+        w3_ptr=p["w3"], b3_ptr=p["b3"] if p["b3"] is not None else zf,
+        w1t_ptr=p["w1"] if nb else p["w3"], w1_ptr=sp.w1 if nb else p["w3"],
+        b1_ptr=p["b1"] if p["b1"] is not None else zf,
+        w2t_ptr=p["w2"] if nb else p["w3"], w2_ptr=sp.w2 if nb else p["w3"],
+        b2_ptr=p["b2"] if p["b2"] is not None else zf, wout_ptr=sp.wout,
+        wb_ptr=sp.wb.get(False, sp.wb.get(True)), wbd_ptr=sp.wb.get(True, sp.wb.get(False)),  # only flags' read
+        y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre,
+        B=batch, H0=h0, W0=w0, n_steps=n, flags=bits, spp=spp, m_total=m_small, s_max=s_max,
+        **small_bwd_constexprs(mconsts, sp.post_constexprs(double=False, cfg=cfg), ds_block_n),
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    pconsts = sp.post_constexprs(double=False, cfg=pcfg)
+    cps_p, s_p = _splits(max(batch * h * w for h, w in grids[1:]), pcfg.wg_block_cells)
+    cps_1, s_1 = _splits(m_small, pcfg.wg_block_cells)
+    n_wp = (hp // pconsts["BA_P"]) * 9 * (c // pconsts["BB_P"]) * s_p
+    n_wo = (c // pconsts["BA_O"]) * (hp // pconsts["BB_O"]) * s_1
+    n_w1 = (hp // pconsts["BA_H"]) ** 2 * nb * s_1
+    _rollout_wgrad_small_kernel[(n_wp + n_wo + 2 * n_w1,)](
+        z_ptr=z0, keep_ptr=keep, y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre, acc_ptr=ws.acc,
+        B=batch, H0=h0, W0=w0, n_steps=n, flags=bits, m_total=m_small, cps_p=cps_p, s_p=s_p, cps_1=cps_1, s_1=s_1,
+        SLOT=sp.slot, n_wp=n_wp, n_wo=n_wo, n_w1=n_w1, **small_wgrad_constexprs(pconsts),
+        num_warps=pcfg.wg_warps, num_stages=pcfg.wg_stages,
+    )
+    return gbuf[: batch * h0 * w0 * c].view(batch, h0, w0, c)  # step 0 wrote buffer 0
+
+
 # ------------------------------------------------------------------------------------------------- autograd
 def _as_u8(mask: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
     """A ``(B, 1, H, W)`` mask as one byte per cell; a contiguous bool mask is reinterpreted without a copy."""
@@ -381,6 +491,13 @@ def _small_steps(sp: StepPlan, plan: RolloutPlan, height: int, width: int, masks
     if len({m is None for m in masks[:n]}) > 1:
         return 0
     return n
+
+
+def _small_bwd_fits(sp: StepPlan, batch: int, grids: list[tuple[int, int]]) -> bool:
+    """Whether the small-grid backward runs these steps (``grids``: their output grids): a tile fits the shapes,
+    and every row and element offset it computes fits its 32-bit indices."""
+    rows = sum(batch * h * w for h, w in grids)
+    return sp.small_bwd_config is not None and (sp.nb + 1) * rows * max(sp.hp, sp.c) < 2 ** 31
 
 
 def _flat_masks(masks: list[Tensor | None]) -> Tensor | None:
@@ -448,6 +565,7 @@ class _RolloutFunction(torch.autograd.Function):
         ctx.plan, ctx.masks, ctx.input_precision = plan, masks, input_precision
         ctx.step_plan = sp  # the packed weights, shared with the backward (packed once per call)
         ctx.offsets, ctx.sizes, ctx.grids = offsets, sizes, [(h0, w0)] + grids
+        ctx.n_small = n_small if n_small and _small_bwd_fits(sp, b, grids[:n_small]) else 0
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
@@ -458,13 +576,16 @@ class _RolloutFunction(torch.autograd.Function):
         sp.weights = UpdateWeights.from_flat(flat)
         sp.pack_backward({bool(f) for f in plan.flags})
         b, c = state.shape[:2]
-        grids, sizes, masks = ctx.grids, ctx.sizes, ctx.masks
-        m_max = max(b * h * w for h, w in grids[1:])
+        grids, sizes, masks, n_small = ctx.grids, ctx.sizes, ctx.masks, ctx.n_small
+        m_small = sum(b * h * w for h, w in grids[1: n_small + 1])  # the small-grid steps' cells, all together
+        m_max = max([b * h * w for h, w in grids[1:]] + [m_small])
         ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device)
         z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
         which = 0
         for start, end in reversed(plan.segments()):
+            if end <= n_small:  # the small-grid steps: two launches below (their segments are single steps)
+                break
             # the segment's inputs: the stored one, then recomputed ones in the workspace
             hh, ww = grids[start]
             inputs = [z0 if start == 0 else keep[ctx.offsets[start]: ctx.offsets[start] + sizes[start]]
@@ -479,6 +600,9 @@ class _RolloutFunction(torch.autograd.Function):
                 dz = ws.dz[which][: sizes[i]].view(b, h_in, w_in, c)
                 _launch_bwd_step(sp, ws, inputs[i - start], gout, dz, masks[i], plan.flags[i], b, grids[i + 1])
                 gout, which = dz, 1 - which
+        if n_small:
+            gout = _launch_small_bwd(sp, ws, z0, keep, gout, _flat_masks(masks[:n_small]), plan.flags[:n_small], b,
+                                     grids[: n_small + 1], m_small)
         grads = sp.unpack_grads(ws.acc.sum(0))
         return (gout.permute(0, 3, 1, 2), None, None, None, None, *grads)
 
@@ -538,6 +662,40 @@ def post_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, d
     return KernelSpec("post", fn, sig, consts, cfg.wg_warps, cfg.wg_stages)
 
 
+def small_bwd_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
+                           input_precision: str = "ieee", mask: bool = True,
+                           config: tuple[BwdConfig, int] | None = None) -> list[KernelSpec]:
+    """The small-grid backward's two kernels as ``nca_rollout``'s backward launches them on the GPU (sm_90 fit;
+    ``config`` overrides ``small_bwd_config``)."""
+    hp = triton.next_power_of_2(hidden_channels)
+    config = config or small_bwd_config(state_channels, hp, dtype, input_precision, n_blocks=n_blocks,
+                                        interpret=False)
+    if config is None:
+        raise ValueError(f"small_bwd_kernel_specs: no small-grid backward tiles for {dtype} / {input_precision} at "
+                         f"h = {hidden_channels}")
+    cfg, ds_block_n = config
+    pcfg = post_config(state_channels, hp, dtype, input_precision, n_blocks=n_blocks, interpret=False)
+    main = _main_constexprs(state_channels, hp, n_blocks, double=False, has_mask=mask, has_b3=True,
+                            has_b1=n_blocks > 0, has_b2=n_blocks > 0, input_precision=input_precision,
+                            interp_bf16=False, cfg=cfg)
+    post = _post_constexprs(state_channels, hp, n_blocks, double=False, input_precision=input_precision,
+                            interp_bf16=False, cfg=cfg)
+    wpost = _post_constexprs(state_channels, hp, n_blocks, double=False, input_precision=input_precision,
+                             interp_bf16=False, cfg=pcfg)
+    ty = _TL_DTYPE[dtype]
+    specs = []
+    for name, fn, consts, warps, stages in (
+            ("small-bwd", _rollout_bwd_small_kernel, small_bwd_constexprs(main, post, ds_block_n), cfg.warps,
+             cfg.stages),
+            ("small-wgrad", _rollout_wgrad_small_kernel, small_wgrad_constexprs(wpost), pcfg.wg_warps,
+             pcfg.wg_stages)):
+        ptrs = {n: ("*u8" if n == "mask_ptr" else "*fp32" if n in ("acc_ptr", "b3_ptr", "b1_ptr", "b2_ptr")
+                    else f"*{ty}") for n in fn.arg_names if n.endswith("_ptr")}
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
+        specs.append(KernelSpec(name, fn, sig, consts, warps, stages))
+    return specs
+
+
 def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
                          input_precision: str = "ieee") -> list[KernelSpec]:
     """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling, and the
@@ -548,4 +706,7 @@ def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: in
     if small_config(state_channels, hidden_channels, dtype, input_precision=input_precision, interpret=False):
         specs.append(small_fwd_kernel_spec(state_channels, hidden_channels, n_blocks, dtype,
                                            input_precision=input_precision, mask=True))
+    if small_bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=False):
+        specs += small_bwd_kernel_specs(state_channels, hidden_channels, n_blocks, dtype,
+                                        input_precision=input_precision)
     return specs

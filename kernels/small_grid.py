@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .nca_step import _INTERPRET, StepConfig, _step_cells, fwd_constexprs, step_config
+from .nca_step_bwd import _dstate_tile, _main_cells, _wgrad_tile
 from .spec import KernelSpec
 
 __all__ = ["SMALL_GRID_CELLS", "samples_per_program", "small_fwd_kernel_spec", "small_grid_steps"]
@@ -211,3 +212,216 @@ def small_fwd_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: i
             "w1_ptr": t, "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
     return KernelSpec("small-fwd", fn, sig, consts, cfg.num_warps, cfg.num_stages)
+
+
+# ------------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _rollout_bwd_small_kernel(
+    z_ptr,  # (B, H0, W0, C) the first step's input
+    keep_ptr,  # flat: inputs of steps 1 .. n-1 in step order (the forward's outputs of steps 0 .. n-2)
+    gin_ptr,  # (B, H, W, C) gradient of the last step's output
+    gbuf_ptr,  # (2, s_max) state gradients: step s writes its input's gradient into buffer s % 2
+    mask_ptr,  # flat uint8: every step's (B, H_s, W_s) mask in step order (read only when HAS_MASK)
+    w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,  # as for _nca_step_bwd_kernel
+    wb_ptr,  # (9, HID, C_PAD) transposed-conv weights of a plain step
+    wbd_ptr,  # (16, HID, C_PAD) of a doubling step
+    y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr,  # per-cell buffers, rows: every step's cells in step order
+    B,
+    H0,  # the first step's input grid
+    W0,
+    n_steps,
+    flags,  # bit s set: step s doubles its input first
+    spp,  # samples per program
+    m_total,  # rows of the per-cell buffers: the cells of all steps
+    s_max,  # elements of one gbuf buffer
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    HID: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_B3: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    PERCEIVE_ELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # main tiles (nca_step_bwd's)
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DS_BLOCK_M: tl.constexpr,  # state-gradient tiles
+    DS_BLOCK_K: tl.constexpr,
+    DS_BLOCK_N: tl.constexpr,  # state channels per pass of the state gradient (fewer than C_PAD: less registers)
+):
+    """The backward of ``n_steps`` steps, last first, for samples ``[pid * spp, pid * spp + spp)``.
+
+    Grid ``(cdiv(B, spp),)``. Per step, for the program's cells only: the backward main kernel's body
+    (``nca_step_bwd._main_cells``: recompute on chip from the stored input, backprop to the per-cell buffers, which
+    keep every step's rows for the weight gradients of :func:`_rollout_wgrad_small_kernel`), a barrier, the state
+    gradient (``nca_step_bwd._dstate_tile``, which reads the neighbours' ``dpre`` of the same samples), a barrier.
+    """
+    # int32 indices throughout (the launcher checks that every row and element offset fits): the main phase runs
+    # at the register limit, so the step's grid and rows are recomputed from s where needed (_step_rows) instead
+    # of being carried across it
+    pid = tl.program_id(0)
+    b_lo = pid * spp
+    b_hi = tl.minimum(b_lo + spp, B)
+    for i in range(n_steps):
+        s = n_steps - 1 - i
+        h, w, row0, shift = _step_rows(s, H0, W0, flags, B)
+        if s == 0:
+            zin = z_ptr
+        else:
+            zin = keep_ptr + (row0 - B * ((h >> shift) * (w >> shift))) * C  # the output of step s - 1
+        if s == n_steps - 1:
+            gout = gin_ptr
+        else:
+            gout = gbuf_ptr + ((s + 1) % 2) * s_max
+        hi = b_hi * h * w
+        for m0 in range(b_lo * h * w, hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            _main_cells(zin, gout, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr,
+                        wout_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < hi, row0, h, w,
+                        m_total * HID, C, HID, N_BLOCKS, shift, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU,
+                        INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, BLOCK_C)
+        tl.debug_barrier()  # every thread's dpre before the state gradient reads the neighbours'
+        h, w, row0, shift = _step_rows(s, H0, W0, flags, B)
+        if s == n_steps - 1:
+            gout = gin_ptr
+        else:
+            gout = gbuf_ptr + ((s + 1) % 2) * s_max
+        dz = gbuf_ptr + (s % 2) * s_max
+        hi_in = b_hi * (h >> shift) * (w >> shift)
+        if shift != 0:
+            for m0 in range(b_lo * (h >> 1) * (w >> 1), hi_in, DS_BLOCK_M):
+                _dstate_tile(m0, hi_in, dpre_ptr + row0 * HID, wbd_ptr, gout, dz, h, w, C, C_PAD, HID, True,
+                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N)
+        else:
+            for m0 in range(b_lo * h * w, hi_in, DS_BLOCK_M):
+                _dstate_tile(m0, hi_in, dpre_ptr + row0 * HID, wb_ptr, gout, dz, h, w, C, C_PAD, HID, False,
+                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N)
+        tl.debug_barrier()  # the input's gradient is the next (earlier) step's upstream gradient
+
+
+@triton.jit
+def _step_rows(s, H0, W0, flags, B):
+    """Step s's output grid ``(h, w)``, its first row in the per-cell buffers (the cells of steps 0 .. s-1) and its
+    doubling bit, from the first input grid and the flags (a loop of s scalar steps)."""
+    h = H0
+    w = W0
+    row0 = H0 * 0
+    for t in range(s):
+        row0 += B * (h << ((flags >> t) & 1)) * (w << ((flags >> t) & 1))
+        h = h << ((flags >> t) & 1)
+        w = w << ((flags >> t) & 1)
+    shift = (flags >> s) & 1
+    return h << shift, w << shift, row0, shift
+
+
+@triton.jit
+def _rollout_wgrad_small_kernel(
+    z_ptr,  # (B, H0, W0, C) the first step's input
+    keep_ptr,  # flat: inputs of steps 1 .. n-1 in step order
+    y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr,  # per-cell buffers of _rollout_bwd_small_kernel
+    acc_ptr,  # (S_MAX, SLOT) fp32 accumulator (kernels/rollout.py's post kernel layout)
+    B,
+    H0,
+    W0,
+    n_steps,
+    flags,
+    m_total,
+    cps_p,  # cells per split of the perception weight's GEMM (per step)
+    s_p,  # its splits
+    cps_1,  # cells per split of the 1x1 weights' GEMMs (over every step's rows at once)
+    s_1,
+    SLOT,
+    n_wp,  # programs of the perception weight's GEMM
+    n_wo,  # programs of the output weight's GEMM
+    n_w1,  # programs of the blocks' first GEMMs (the second ones take the same number)
+    C: tl.constexpr,
+    HID: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    BA_P: tl.constexpr,
+    BB_P: tl.constexpr,
+    BA_O: tl.constexpr,
+    BB_O: tl.constexpr,
+    BA_H: tl.constexpr,
+    BLOCK_CELLS: tl.constexpr,
+):
+    """Every weight gradient of the small-grid steps, added to the rollout's accumulator.
+
+    Grid ``(n_wp + n_wo + 2 * n_w1,)``, cut as the post kernel's weight-gradient part (``rollout.py``). The 1x1
+    weights' GEMMs reduce over all steps' rows at once (the per-cell buffers hold them back to back); the
+    perception weight's gathers the 3x3 neighbourhood on each step's grid, so each of its tiles walks the steps in
+    order, adding to its accumulator slot (one writer per slot, a fixed order: deterministic).
+    """
+    pid = tl.program_id(0)
+    SLOT_WP: tl.constexpr = 9 * HID * C
+    OFF_DBP: tl.constexpr = SLOT_WP
+    OFF_WO: tl.constexpr = OFF_DBP + HID
+    OFF_DBO: tl.constexpr = OFF_WO + C * HID
+    OFF_W1: tl.constexpr = OFF_DBO + C
+    OFF_DB1: tl.constexpr = OFF_W1 + N_BLOCKS * HID * HID
+    OFF_W2: tl.constexpr = OFF_DB1 + N_BLOCKS * HID
+    OFF_DB2: tl.constexpr = OFF_W2 + N_BLOCKS * HID * HID
+    if pid < n_wp:
+        GA: tl.constexpr = HID // BA_P
+        GTB: tl.constexpr = 9 * (C // BB_P)
+        batch = pid.to(tl.int64) * 0 + B
+        h = H0
+        w = W0
+        row0 = batch * 0
+        for s in range(n_steps):
+            shift = (flags >> s) & 1
+            h_in = h
+            w_in = w
+            h = h << shift
+            w = w << shift
+            if s == 0:
+                zin = z_ptr
+            else:
+                zin = keep_ptr + (row0 - batch * h_in * w_in) * C
+            _wgrad_tile(pid % GA, (pid // GA) % GTB, (pid // (GA * GTB)).to(tl.int64), dpre_ptr + row0 * HID, zin,
+                        acc_ptr, acc_ptr + OFF_DBP, batch * h * w, h, w, cps_p, s_p, 1, SLOT, SLOT, HID, C, 9, True,
+                        shift, False, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
+            row0 += batch * h * w
+    elif pid < n_wp + n_wo:
+        q = pid - n_wp
+        GA: tl.constexpr = C // BA_O
+        GTB: tl.constexpr = HID // BB_O
+        _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), g_ptr, y_ptr + N_BLOCKS * m_total * HID,
+                    acc_ptr + OFF_WO, acc_ptr + OFF_DBO, m_total, 1, 1, cps_1, s_1, 1, SLOT, SLOT, C, HID, 1,
+                    False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
+    elif N_BLOCKS > 0:
+        q = pid - n_wp - n_wo
+        GA: tl.constexpr = HID // BA_H
+        GTB: tl.constexpr = HID // BA_H
+        qq = q % n_w1
+        if q < n_w1:  # dW1_i = sum da_i^T y_i
+            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), da_ptr, y_ptr,
+                        acc_ptr + OFF_W1, acc_ptr + OFF_DB1, m_total, 1, 1, cps_1, s_1, N_BLOCKS, SLOT, SLOT,
+                        HID, HID, 1, False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        BLOCK_CELLS, True)
+        else:  # dW2_i = sum dy_{i+1}^T ELU(a_i)
+            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), dy_ptr, a_ptr,
+                        acc_ptr + OFF_W2, acc_ptr + OFF_DB2, m_total, 1, 1, cps_1, s_1, N_BLOCKS, SLOT, SLOT,
+                        HID, HID, 1, False, 0, True, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        BLOCK_CELLS, True)
+
+
+def small_bwd_constexprs(main: dict[str, Any], post: dict[str, Any], ds_block_n: int) -> dict[str, Any]:
+    """:func:`_rollout_bwd_small_kernel`'s constexprs from the main kernel's (``nca_step_bwd._main_constexprs``)
+    and the post kernel's (``rollout._post_constexprs``, for the state-gradient tiles); no ``DOUBLE`` (a runtime
+    bit per step)."""
+    keep = ("C", "HID", "N_BLOCKS", "HAS_MASK", "HAS_B3", "HAS_B1", "HAS_B2", "PERCEIVE_ELU", "INPUT_PRECISION",
+            "INTERP_BF16", "BLOCK_M", "BLOCK_K", "BLOCK_C")
+    return {**{k: main[k] for k in keep}, "C_PAD": post["C_PAD"], "DS_BLOCK_M": post["DS_BLOCK_M"],
+            "DS_BLOCK_K": post["DS_BLOCK_K"], "DS_BLOCK_N": min(post["C_PAD"], ds_block_n)}
+
+
+def small_wgrad_constexprs(post: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_rollout_wgrad_small_kernel`'s constexprs: the post kernel's weight-gradient tiles."""
+    keep = ("C", "HID", "N_BLOCKS", "INPUT_PRECISION", "INTERP_BF16", "BA_P", "BB_P", "BA_O", "BB_O", "BA_H",
+            "BLOCK_CELLS")
+    return {k: post[k] for k in keep}

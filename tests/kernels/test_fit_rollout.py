@@ -1,9 +1,9 @@
 """Fit of the kernels the rollout op adds, on the H100, checked on the CPU: the backward's post kernel (state
 gradient + every weight-gradient GEMM of a step in one launch, ``kernels/rollout.py``), with and without doubling,
-and the small-grid forward (``kernels/small_grid.py``, where a tile is shipped for the shape). Every shipped
-configuration compiles for sm_90 with no spills and fits in shared memory, under CI's Triton and the GPU machines'
-Triton 3.6 (``fit_releases.py``); the small-grid kernel's tensor work is as measured and its bf16 copies are 16
-bytes wide. The table::
+and the small-grid forward and backward (``kernels/small_grid.py``, where tiles are shipped for the shape). Every
+shipped configuration compiles for sm_90 with no spills and fits in shared memory, under CI's Triton and the GPU
+machines' Triton 3.6 (``fit_releases.py``); the small-grid forward's tensor work is as measured and its bf16 copies
+are 16 bytes wide. The table::
 
     python -m fastnca.kernels.fit --only rollout
 """
@@ -22,6 +22,7 @@ from fastnca.kernels.fit import (
     format_bwd_table,
     triton_version,
 )
+from fastnca.kernels.rollout import small_bwd_config
 from fastnca.kernels.small_grid import small_config
 
 from .fit_releases import RELEASES, release_python
@@ -41,9 +42,13 @@ def shipped_rows(request) -> dict[str, list[BwdFitResult]]:
 @pytest.mark.parametrize("fit", BWD_SHIPPED, ids=[f.name for f in BWD_SHIPPED])
 def test_shipped_rollout_post_kernel_fits_sm90(fit: BwdFitSpec, shipped_rows: dict[str, list[BwdFitResult]]) -> None:
     rows = shipped_rows.get(fit.name, [])
-    small = small_config(fit.state_channels, fit.hidden_channels, _torch_dtype(fit.dtype),
-                         input_precision=fit.input_precision, interpret=False) is not None
-    expected = {"post", "post-double"} | ({"small-fwd"} if small else set())
+    dtype = _torch_dtype(fit.dtype)
+    small = small_config(fit.state_channels, fit.hidden_channels, dtype, input_precision=fit.input_precision,
+                         interpret=False) is not None
+    small_bwd = small_bwd_config(fit.state_channels, fit.hidden_channels, dtype, fit.input_precision,
+                                 n_blocks=fit.n_blocks, interpret=False) is not None
+    expected = ({"post", "post-double"} | ({"small-fwd"} if small else set())
+                | ({"small-bwd", "small-wgrad"} if small_bwd else set()))
     assert {r.kernel for r in rows} == expected, f"{fit.name}: expected kernels {sorted(expected)}, got {rows}"
     for r in rows:
         where = f"{fit.name}/{r.kernel}"

@@ -1,6 +1,7 @@
-"""The small-grid kernel (kernels/small_grid.py): the leading steps of a rollout on grids of <= 8x8 cells per sample in
-one launch. Forward parity against float64 (fp32 and bf16, masks and doublings, odd batches and odd seed grids, the
-switch to per-step launches mid-rollout), NaN-poisoned outputs, gradients through it, and the cut-off rules."""
+"""The small-grid kernels (kernels/small_grid.py): the leading steps of a rollout on grids of <= 8x8 cells per sample in
+one forward launch and two backward launches. Parity of the output and of every gradient against float64 (fp32 and
+bf16, masks and doublings, odd batches and odd seed grids, the switch to per-step launches mid-rollout), bitwise
+reruns, NaN-poisoned buffers, the launch counts, and the cut-off rules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from fastnca.kernels.reference import UpdateWeights, nca_step_ref
-from fastnca.kernels.rollout import nca_rollout
+from fastnca.kernels.rollout import nca_rollout, small_bwd_config
 from fastnca.kernels.schedule import draw_masks, plan_rollout
 from fastnca.kernels.small_grid import SMALL_GRID_CELLS, samples_per_program, small_config, small_grid_steps
 from fastnca.launches import interpreter_launches
@@ -60,7 +61,10 @@ def test_samples_per_program_gives_a_program_per_sample_up_to_the_sms():
 
 def test_shapes_without_a_fitting_tile_stay_on_the_per_step_path():
     assert small_config(256, 256, torch.float32, input_precision="tf32", interpret=False) is None
+    assert small_bwd_config(256, 256, torch.float32, "tf32", n_blocks=4, interpret=False) is None
     assert small_config(256, 256, torch.bfloat16, interpret=False).block_m == 64
+    cfg, ds_block_n = small_bwd_config(256, 256, torch.bfloat16, n_blocks=4, interpret=False)
+    assert (cfg.block_m, cfg.block_k, ds_block_n) == (64, 16, 32)
 
 
 @pytest.mark.parametrize("p_update", [1.0, 0.5], ids=["nomask", "mask"])
@@ -93,34 +97,81 @@ def test_bf16_forward_within_twice_the_reference_bf16_error(nan_poison):
     assert err <= 2 * ref_err + 1e-5, f"expected <= 2x the reference's bf16 error {ref_err:.3g}, got {err:.3g}"
 
 
-def test_gradients_through_the_small_grid_forward_match_float64(nan_poison):
+def _grads(state, weights, flags, masks, upstream, *, dtype=torch.float32, small_grid=True):
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(True) for t in weights.flat()]
+    s = state.detach().to(dtype).requires_grad_(True)
+    out = _fused(s, UpdateWeights.from_flat(leaves), flags, masks, small_grid=small_grid)
+    (out.double() * upstream).sum().backward()
+    return [s.grad] + [t.grad for t in leaves if t is not None]
+
+
+def _ref_grads(state, weights, flags, masks, upstream, dtype):
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(True) for t in weights.flat()]
+    s = state.detach().to(dtype).requires_grad_(True)
+    (_reference(s, UpdateWeights.from_flat(leaves), flags, masks, dtype).double() * upstream).sum().backward()
+    return [s.grad] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("c, n_blocks, p_update", [(16, 1, 0.5), (32, 2, 1.0), (16, 0, 0.5)],
+                         ids=["c16-nb1-mask", "c32-nb2", "c16-nb0-mask"])
+def test_fp32_gradients_match_float64_and_rerun_bitwise(c, n_blocks, p_update, nan_poison):
+    """Five small steps (one kernel each way, |z| = 32: two passes of the state gradient), then two per step."""
+    b = 3
+    weights = make_weights(c, 32, n_blocks, gain=0.4)
+    state = make_state(b, c, 1, 3)
+    masks = _masks(ODD_FLAGS, b, 1, 3, p_update)
+    upstream = torch.randn(b, c, 8, 24, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
+    ref = _ref_grads(state, weights, ODD_FLAGS, masks, upstream, torch.float64)
+    runs = [_grads(state, weights, ODD_FLAGS, masks, upstream) for _ in range(2)]
+    for i, (a, t) in enumerate(zip(ref, runs[0])):
+        assert torch.isfinite(t).all(), f"grad {i}: expected finite values (unwritten buffer?)"
+        assert rel_err(a, t) < 1e-4, f"grad {i}: expected relative error < 1e-4, got {rel_err(a, t):.3g}"
+    for i, (x, y) in enumerate(zip(*runs)):
+        assert torch.equal(x, y), f"grad {i}: expected bitwise-identical gradients on a rerun"
+
+
+def test_bf16_gradients_within_twice_the_reference_bf16_error(nan_poison):
+    b, flags = 5, [False, False, True, False, True, False, False]  # 2x2 -> 8x8: every step in the small kernels
+    weights = make_weights(16, 16, 1, gain=0.4)
+    state = make_state(b, 16, 2, 2)
+    masks = _masks(flags, b, 2, 2, 0.6)
+    upstream = torch.randn(b, 16, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    g64 = _ref_grads(state, weights, flags, masks, upstream, torch.float64)
+    g16 = _ref_grads(state, weights, flags, masks, upstream, torch.bfloat16)
+    gtri = _grads(state, weights, flags, masks, upstream, dtype=torch.bfloat16)
+    for i, (a, r, t) in enumerate(zip(g64, g16, gtri)):
+        assert torch.isfinite(t).all(), f"grad {i}: expected finite values (unwritten buffer?)"
+        err, ref_err = rel_err(a, t), rel_err(a, r)
+        assert err <= 2 * ref_err + 1e-5, f"grad {i}: expected <= 2x the reference's bf16 error {ref_err:.3g}, " \
+                                          f"got {err:.3g}"
+
+
+def test_small_grid_and_per_step_paths_agree_on_gradients():
     b = 2
     weights = make_weights(16, 16, 1, gain=0.4)
     state = make_state(b, 16, 1, 3)
     masks = _masks(ODD_FLAGS, b, 1, 3, 0.5)
-    upstream = torch.randn(b, 16, 8, 24, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
-    leaves64 = [None if t is None else t.detach().double().requires_grad_(True) for t in weights.flat()]
-    s64 = state.detach().double().requires_grad_(True)
-    (_reference(s64, UpdateWeights.from_flat(leaves64), ODD_FLAGS, masks, torch.float64) * upstream).sum().backward()
-    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in weights.flat()]
-    s = state.detach().clone().requires_grad_(True)
-    (_fused(s, UpdateWeights.from_flat(leaves), ODD_FLAGS, masks).double() * upstream).sum().backward()
-    pairs = [(s64.grad, s.grad)] + [(a.grad, t.grad) for a, t in zip(leaves64, leaves) if t is not None]
-    for i, (a, t) in enumerate(pairs):
-        assert rel_err(a, t) < 1e-4, f"grad {i}: expected relative error < 1e-4, got {rel_err(a, t):.3g}"
+    upstream = torch.randn(b, 16, 8, 24, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(DEVICE)
+    small = _grads(state, weights, ODD_FLAGS, masks, upstream)
+    per_step = _grads(state, weights, ODD_FLAGS, masks, upstream, small_grid=False)
+    for i, (x, y) in enumerate(zip(small, per_step)):
+        assert rel_err(y, x) < 1e-5, f"grad {i}: expected the two paths within 1e-5, got {rel_err(y, x):.3g}"
 
 
-def test_one_launch_replaces_the_small_steps_and_the_fallback_stays_selectable():
+def test_one_launch_forward_and_two_backward_replace_the_small_steps():
     weights = make_weights(16, 16, 1)
-    state = make_state(2, 16, 1, 3)
     launches = {}
     for small in (True, False):
+        state = make_state(2, 16, 1, 3).requires_grad_(True)
         counts: Counter = Counter()
-        with interpreter_launches(counts, execute=False), torch.no_grad():
-            _fused(state, weights, ODD_FLAGS, [None] * len(ODD_FLAGS), small_grid=small)
+        with interpreter_launches(counts, execute=False):
+            _fused(state, weights, ODD_FLAGS, [None] * len(ODD_FLAGS), small_grid=small).sum().backward()
         launches[small] = dict(counts)
-    assert launches[True] == {"triton::_rollout_fwd_small_kernel": 1, "triton::_nca_step_fwd_kernel": 2}, launches
-    assert launches[False] == {"triton::_nca_step_fwd_kernel": 7}, launches
+    assert launches[True] == {"triton::_rollout_fwd_small_kernel": 1, "triton::_nca_step_fwd_kernel": 2,
+                              "triton::_rollout_bwd_small_kernel": 1, "triton::_rollout_wgrad_small_kernel": 1,
+                              "triton::_nca_step_bwd_kernel": 2, "triton::_rollout_bwd_post_kernel": 2}, launches
+    assert launches[False] == {"triton::_nca_step_fwd_kernel": 7, "triton::_nca_step_bwd_kernel": 7,
+                               "triton::_rollout_bwd_post_kernel": 7}, launches
 
 
 def test_segment_policies_keep_the_per_step_path():
