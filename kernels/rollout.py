@@ -493,11 +493,14 @@ def _small_steps(sp: StepPlan, plan: RolloutPlan, height: int, width: int, masks
     return n
 
 
-def _small_bwd_fits(sp: StepPlan, batch: int, grids: list[tuple[int, int]]) -> bool:
-    """Whether the small-grid backward runs these steps (``grids``: their output grids): a tile fits the shapes,
-    and every row and element offset it computes fits its 32-bit indices."""
-    rows = sum(batch * h * w for h, w in grids)
-    return sp.small_bwd_config is not None and (sp.nb + 1) * rows * max(sp.hp, sp.c) < 2 ** 31
+def _small_bwd_fits(sp: StepPlan, batch: int, grids: list[tuple[int, int]], n_small: int) -> bool:
+    """Whether the small-grid backward runs the first ``n_small`` steps (``grids``: every step's output grid): a tile
+    fits the shapes, its per-cell buffers (all those steps' cells at once) are no larger than the per-step backward's
+    for the rollout's largest step (so the backward's memory is what ``fastnca/memory.py`` models; a long rollout on
+    one small grid takes the per-step backward), and every offset fits its 32-bit indices."""
+    rows = sum(batch * h * w for h, w in grids[:n_small])
+    return (sp.small_bwd_config is not None and rows <= max(batch * h * w for h, w in grids)
+            and (sp.nb + 1) * rows * max(sp.hp, sp.c) < 2 ** 31)
 
 
 def _flat_masks(masks: list[Tensor | None]) -> Tensor | None:
@@ -565,7 +568,7 @@ class _RolloutFunction(torch.autograd.Function):
         ctx.plan, ctx.masks, ctx.input_precision = plan, masks, input_precision
         ctx.step_plan = sp  # the packed weights, shared with the backward (packed once per call)
         ctx.offsets, ctx.sizes, ctx.grids = offsets, sizes, [(h0, w0)] + grids
-        ctx.n_small = n_small if n_small and _small_bwd_fits(sp, b, grids[:n_small]) else 0
+        ctx.n_small_bwd = n_small if n_small and _small_bwd_fits(sp, b, grids, n_small) else 0
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
@@ -576,9 +579,9 @@ class _RolloutFunction(torch.autograd.Function):
         sp.weights = UpdateWeights.from_flat(flat)
         sp.pack_backward({bool(f) for f in plan.flags})
         b, c = state.shape[:2]
-        grids, sizes, masks, n_small = ctx.grids, ctx.sizes, ctx.masks, ctx.n_small
+        grids, sizes, masks, n_small = ctx.grids, ctx.sizes, ctx.masks, ctx.n_small_bwd
         m_small = sum(b * h * w for h, w in grids[1: n_small + 1])  # the small-grid steps' cells, all together
-        m_max = max([b * h * w for h, w in grids[1:]] + [m_small])
+        m_max = max(b * h * w for h, w in grids[1:])  # >= m_small (_small_bwd_fits)
         ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device)
         z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last

@@ -131,14 +131,14 @@ def test_fp32_gradients_match_float64_and_rerun_bitwise(c, n_blocks, p_update, n
 
 
 def test_bf16_gradients_within_twice_the_reference_bf16_error(nan_poison):
-    b, flags = 5, [False, False, True, False, True, False, False]  # 2x2 -> 8x8: every step in the small kernels
+    b = 5
     weights = make_weights(16, 16, 1, gain=0.4)
-    state = make_state(b, 16, 2, 2)
-    masks = _masks(flags, b, 2, 2, 0.6)
-    upstream = torch.randn(b, 16, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
-    g64 = _ref_grads(state, weights, flags, masks, upstream, torch.float64)
-    g16 = _ref_grads(state, weights, flags, masks, upstream, torch.bfloat16)
-    gtri = _grads(state, weights, flags, masks, upstream, dtype=torch.bfloat16)
+    state = make_state(b, 16, 1, 3)
+    masks = _masks(ODD_FLAGS, b, 1, 3, 0.6)
+    upstream = torch.randn(b, 16, 8, 24, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    g64 = _ref_grads(state, weights, ODD_FLAGS, masks, upstream, torch.float64)
+    g16 = _ref_grads(state, weights, ODD_FLAGS, masks, upstream, torch.bfloat16)
+    gtri = _grads(state, weights, ODD_FLAGS, masks, upstream, dtype=torch.bfloat16)
     for i, (a, r, t) in enumerate(zip(g64, g16, gtri)):
         assert torch.isfinite(t).all(), f"grad {i}: expected finite values (unwritten buffer?)"
         err, ref_err = rel_err(a, t), rel_err(a, r)
@@ -182,3 +182,14 @@ def test_segment_policies_keep_the_per_step_path():
     with interpreter_launches(counts, execute=False), torch.no_grad():
         _fused(state, weights, [False] * 4, [None] * 4, policy="segments=2")
     assert counts == {"triton::_nca_step_fwd_kernel": 4}, dict(counts)
+
+
+def test_a_long_rollout_on_one_small_grid_keeps_the_per_step_backward():
+    """Its per-cell buffers for every step at once would outgrow the per-step backward's (fastnca/memory.py)."""
+    weights = make_weights(16, 16, 1)
+    state = make_state(2, 16, 4, 4).requires_grad_(True)
+    counts: Counter = Counter()
+    with interpreter_launches(counts, execute=False):
+        _fused(state, weights, [False] * 4, [None] * 4, policy="step").sum().backward()
+    assert counts == {"triton::_rollout_fwd_small_kernel": 1, "triton::_nca_step_bwd_kernel": 4,
+                      "triton::_rollout_bwd_post_kernel": 4}, dict(counts)
