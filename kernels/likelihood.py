@@ -251,7 +251,7 @@ def _dml_bwd_kernel(
 
     With ``w_k = g_b softmax_k(comp)`` (comp as in the forward) and ``pi = softmax(logits)``:
     ``d logit_k = w_k - g_b pi_k``; per colour ``d m = -w_k dlp/du``, ``d log s = w_k dlp/dlog s`` where the raw
-    log-scale is >= LOG_SCALE_MIN (else 0); ``d t_r = -w_k dlp_g/du x_r (1 - tanh^2 t_r)``,
+    log-scale is > LOG_SCALE_MIN (else 0, as torch.clamp); ``d t_r = -w_k dlp_g/du x_r (1 - tanh^2 t_r)``,
     ``d t_g = -w_k dlp_b/du x_r (1 - tanh^2 t_g)``, ``d t_b = -w_k dlp_b/du x_g (1 - tanh^2 t_b)``.
     """
     pid_b = tl.program_id(0).to(tl.int64)
@@ -277,14 +277,16 @@ def _dml_bwd_kernel(
                                   WIDE_BIN)
         lp2, du2, dls2 = _dml_bin(xb, m2 + c1 * xr + c2 * xg, tl.maximum(s2, LOG_SCALE_MIN), HALF_BIN,
                                   LOG_HALF_BINS, WIDE_BIN)
-        w = g * tl.exp(logit + lp0 + lp1 + lp2 - lse)  # g times the component's posterior weight
+        # g times the component's posterior weight; comp summed in the forward's order, so that with one
+        # component comp - lse is exactly 0 (a |comp| ~ 1e3 rounded differently would be off by ~1e-4 relative)
+        w = g * tl.exp((logit + (lp0 + lp1 + lp2)) - lse)
         d_logit = w - g * tl.exp(logit - logit_lse)
         d_m0 = -w * du0
         d_m1 = -w * du1
         d_m2 = -w * du2
-        d_s0 = tl.where(s0 >= LOG_SCALE_MIN, w * dls0, 0.0)  # the clamp passes the gradient at and above it
-        d_s1 = tl.where(s1 >= LOG_SCALE_MIN, w * dls1, 0.0)
-        d_s2 = tl.where(s2 >= LOG_SCALE_MIN, w * dls2, 0.0)
+        d_s0 = tl.where(s0 > LOG_SCALE_MIN, w * dls0, 0.0)  # as torch.clamp: no gradient at the bound itself
+        d_s1 = tl.where(s1 > LOG_SCALE_MIN, w * dls1, 0.0)
+        d_s2 = tl.where(s2 > LOG_SCALE_MIN, w * dls2, 0.0)
         d_t0 = d_m1 * xr * (1.0 - c0 * c0)
         d_t1 = d_m2 * xr * (1.0 - c1 * c1)
         d_t2 = d_m2 * xg * (1.0 - c2 * c2)
