@@ -318,11 +318,14 @@ class DMLPlan(NamedTuple):
 
 
 def plan(interpret: bool = _INTERPRET) -> DMLPlan:
-    """Interpreter: wide blocks (each program is one numpy pass; fewer programs run faster). GPU: 256 pixels x
-    4 warps (2 fp32 values per thread per live quantity; the kernels are elementwise and tiny next to the rollout)."""
+    """Interpreter: wide blocks (each program is one numpy pass; fewer programs run faster). GPU: one pixel per
+    thread (128 pixels x 4 warps) and 16-channel zero stores, from the sm_90 fit (``python -m fastnca.kernels.fit
+    --only likelihood``, Triton 3.8 / 3.6): at n_mix = 4 the forward's hoisted loads take 168-192 registers
+    with one pixel per thread and spill (255 registers, 40-128 B) with two; 32-channel zero stores cost the
+    n_mix = 1 backward 128 registers under 3.8 (its 64-bit pointer tile), 16-channel ones 61."""
     if interpret:
         return DMLPlan(fwd_block_p=1024, bwd_block_p=1024, bwd_block_c=64, num_warps=4)
-    return DMLPlan(fwd_block_p=256, bwd_block_p=128, bwd_block_c=32, num_warps=4)
+    return DMLPlan(fwd_block_p=128, bwd_block_p=128, bwd_block_c=16, num_warps=4)
 
 
 def _constexprs(n_mix: int) -> dict:
