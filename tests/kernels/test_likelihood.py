@@ -129,6 +129,17 @@ def test_autograd_function_matches_the_custom_op_bitwise():
     assert torch.equal(op_lp, fn_lp.detach()) and torch.equal(op_dp, leaf.grad), "expected identical results"
 
 
+def test_torch_compile_traces_the_op_with_fullgraph():
+    x, params = make_inputs(2, 20, 3, 5, 2, torch.float32, True)
+    grad = _grad(2)
+    eager_lp, eager_dp = _fused(x, params, 2, grad)
+    compiled = torch.compile(lambda a, b: dml_log_prob_fused(a, b, 2), backend="aot_eager", fullgraph=True)
+    leaf = params.detach().clone().requires_grad_(True)
+    lp = compiled(x, leaf)
+    lp.backward(grad)
+    assert torch.equal(lp.detach(), eager_lp) and torch.equal(leaf.grad, eager_dp), "expected the eager results"
+
+
 def test_results_are_deterministic():
     x, params = make_inputs(3, 16, 8, 8, 1, torch.bfloat16, True)
     grad = _grad(3)
