@@ -36,6 +36,7 @@ __all__ = [
     "dml_log_prob_bwd",
     "dml_log_prob_fused",
     "dml_log_prob_fwd",
+    "dml_plan",
     "likelihood_kernel_specs",
 ]
 
@@ -309,7 +310,7 @@ def _dml_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------- the plan
 class DMLPlan(NamedTuple):
-    """Launch settings, decided once (``plan``) and read by both launchers and the sm_90 fit."""
+    """Launch settings, decided once (``dml_plan``) and read by both launchers and the sm_90 fit."""
 
     fwd_block_p: int  # pixels per loop iteration of the forward's program (one program per example)
     bwd_block_p: int  # pixels per backward program
@@ -317,7 +318,7 @@ class DMLPlan(NamedTuple):
     num_warps: int
 
 
-def plan(interpret: bool = _INTERPRET) -> DMLPlan:
+def dml_plan(interpret: bool = _INTERPRET) -> DMLPlan:
     """Interpreter: wide blocks (each program is one numpy pass; fewer programs run faster). GPU: one pixel per
     thread (128 pixels x 4 warps) and 16-channel zero stores, from the sm_90 fit (``python -m fastnca.kernels.fit
     --only likelihood``, Triton 3.8 / 3.6): at n_mix = 4 the forward's hoisted loads take 168-192 registers
@@ -335,7 +336,7 @@ def _constexprs(n_mix: int) -> dict:
 
 def likelihood_kernel_specs(n_mix: int, dtype: torch.dtype) -> list[KernelSpec]:
     """Both kernels as the launchers compile them on the GPU, for params of ``dtype`` and an fp32 image (the fit)."""
-    cfg = plan(interpret=False)
+    cfg = dml_plan(interpret=False)
     t = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     strides = ("b", "c", "h", "w")
     fwd_sig = {"x_ptr": "*fp32", "p_ptr": t, "out_ptr": "*fp32", "HW": "i32", "W": "i32",
@@ -389,7 +390,7 @@ def dml_log_prob_fwd(x: Tensor, params: Tensor, n_mix: int) -> Tensor:
     out = torch.empty((b,), dtype=torch.float32, device=params.device)
     if b == 0:
         return out
-    cfg = plan()
+    cfg = dml_plan()
     _dml_fwd_kernel[(b,)](
         x_ptr=x, p_ptr=params, out_ptr=out, HW=h * w, W=w,
         stride_x_b=x.stride(0), stride_x_c=x.stride(1), stride_x_h=x.stride(2), stride_x_w=x.stride(3),
@@ -411,7 +412,7 @@ def dml_log_prob_bwd(x: Tensor, params: Tensor, n_mix: int, grad: Tensor) -> Ten
     dparams = torch.empty_like(params)  # preserve_format: the params' strides when they are dense
     if dparams.numel() == 0:
         return dparams
-    cfg = plan()
+    cfg = dml_plan()
     grid = (b, triton.cdiv(h * w, cfg.bwd_block_p))
     _dml_bwd_kernel[grid](
         x_ptr=x, p_ptr=params, g_ptr=grad, dp_ptr=dparams, C=c, HW=h * w, W=w,

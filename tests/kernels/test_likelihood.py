@@ -119,6 +119,16 @@ def test_upstream_gradient_of_a_mean_with_zero_stride():
     assert_close("d params", ref_leaf.grad, leaf.grad, rtol=1e-4)
 
 
+def test_strided_views_of_x_and_params_are_read_in_place():
+    x_big, big = make_inputs(2, 48, 6, 10, 2, torch.float32, True)
+    x, params = x_big[:, :, ::2, 1::2], big[:, 4:44, ::2, 1::2]  # non-dense views: (2, 3, 3, 5), (2, 40, 3, 5)
+    grad = _grad(2)
+    ref_lp, ref_dp = _reference(x, params, 2, grad)
+    tri_lp, tri_dp = _fused(x, params, 2, grad)
+    assert_close("log-prob", ref_lp, tri_lp, rtol=1e-5)
+    assert_close("d params", ref_dp, tri_dp, rtol=1e-4)
+
+
 def test_autograd_function_matches_the_custom_op_bitwise():
     x, params = make_inputs(2, 30, 3, 5, 3, torch.float32, True)
     grad = _grad(2)
