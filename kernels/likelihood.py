@@ -43,7 +43,8 @@ __all__ = [
 # Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The constants of fastnca/likelihoods.py (the library imports this module, not the reverse).
+# The constants of fastnca/likelihoods.py, repeated: fastnca.kernels imports nothing from the library
+# (tests/kernels/test_likelihood.py checks that they agree).
 LOG_SCALE_MIN = -7.0  # PixelCNN++ clamps log-scales here
 BINS = 256
 HALF_BIN = 1.0 / (BINS - 1)  # half a bin's width on [-1, 1]
