@@ -19,7 +19,7 @@ compiles). What is counted:
   (on CUDA each is a multi-tensor kernel; the CPU runs it as a loop of per-tensor ops). On a GPU each counted
   op launches about one kernel; the count does not depend on channel widths or batch size, so small ones serve.
 - **CUDA**: the device's kernel, memcpy and memset events in the profiler's trace, Triton kernels told apart by
-  their names (``_nca_...`` and ``_rollout_...``, the kernels of ``fastnca.kernels``).
+  their names (``_nca_...``, ``_rollout_...`` and ``_dml_...``, the kernels of ``fastnca.kernels``).
 
 Returns ``{"triton", "aten", "total", "by_op", "steps"}``: launches of each kind, their sum, the count per op
 name (Triton kernels as ``triton::<name>``), and the number of NCA steps the iteration ran.
@@ -117,7 +117,7 @@ def _count_cuda(events: list[Any]) -> Counter:
     for ev in events:
         if ev.device_type == DeviceType.CUDA:
             name = ev.name
-            by_op[("triton::" + name) if name.startswith(("_nca_", "_rollout_")) else name] += 1
+            by_op[("triton::" + name) if name.startswith(("_nca_", "_rollout_", "_dml_")) else name] += 1
     return by_op
 
 

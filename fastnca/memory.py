@@ -142,7 +142,11 @@ def predict_peak_memory(
         stored = n_stored * biggest * elem * zc
         recompute = biggest * ref_step_per_cell
         work = biggest * 2 * zc * elem
-    final = b * (cfg.output_size**2) * (zc * elem + 12 * 4 * max(1, cfg.n_mix if cfg.likelihood == "dml" else 1))
+    # the final state's gradient, plus the likelihood's fp32 activations: the reference keeps ~12 per pixel and
+    # component; the fused DML likelihood (kernels/likelihood.py, the triton backend) keeps none (it recomputes)
+    fused_dml = backend == "triton" and cfg.likelihood == "dml"
+    acts = 0 if fused_dml else 12 * 4 * max(1, cfg.n_mix if cfg.likelihood == "dml" else 1)
+    final = b * (cfg.output_size**2) * (zc * elem + acts)
     total = params + grads + optimiser + enc_act + stored + recompute + work + final
     pool = cfg.pool_size * (zc * cfg.output_size**2 * elem + cfg.image_channels * cfg.image_size**2)
     return {

@@ -21,7 +21,7 @@ from fastnca.likelihoods import (
     dml_mean,
     dml_sample,
 )
-from fastnca.nca import NCA, nca_from_config
+from fastnca.nca import NCA, nca_from_config, resolve_backend
 
 __all__ = ["Encoder", "VNCA", "ConvVAE", "build_model", "gaussian_kl", "LOG_2PI"]
 
@@ -137,10 +137,23 @@ class _LatentVAE(nn.Module):
     def kl(mu: Tensor, log_sigma: Tensor) -> Tensor:
         return gaussian_kl(mu, log_sigma)
 
+    def backend_on(self, device: torch.device) -> str:
+        """The backend the model runs on ``device``: 'triton' (fused kernels) or 'torch' (the reference ops)."""
+        return resolve_backend(self.config.backend, device)
+
     def log_likelihood(self, x: Tensor, out: Tensor) -> Tensor:
-        """log p(x | decoder output) in nats, ``(B,)``."""
+        """log p(x | decoder output) in nats, ``(B,)``.
+
+        On the fused backend the discretized logistic mixture is the Triton kernel pair
+        (``fastnca.kernels.likelihood``: one launch forward, one backward, instead of ~130 small ATen ops);
+        elsewhere it is the reference :func:`fastnca.likelihoods.dml_log_prob`, the kernels' oracle.
+        """
         if self.config.likelihood == "bernoulli":
             return bernoulli_log_prob(x, out)
+        if self.backend_on(out.device) == "triton":
+            from fastnca.kernels.likelihood import dml_log_prob_fused
+
+            return dml_log_prob_fused(x, out, self.config.n_mix)
         return dml_log_prob(x, out, self.config.n_mix)
 
     def mean_image(self, out: Tensor) -> Tensor:
@@ -248,6 +261,10 @@ class VNCA(_LatentVAE):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.nca: NCA = nca_from_config(config)
+
+    def backend_on(self, device: torch.device) -> str:
+        """The decoder's: ``nca.backend`` (which may be changed after construction) resolved for ``device``."""
+        return resolve_backend(self.nca.backend, device)
 
     def decode(self, z: Tensor, *, num_steps: int | None = None, generator: torch.Generator | None = None,
                return_states: bool = False, checkpoint: str | None = None,

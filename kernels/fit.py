@@ -3,7 +3,7 @@
 Usage::
 
     python -m fastnca.kernels.fit              # forward and backward tables of every shipped configuration
-    python -m fastnca.kernels.fit --only bwd   # one of them ("fwd" or "bwd")
+    python -m fastnca.kernels.fit --only bwd   # one of them ("fwd", "bwd", "rollout" or "likelihood")
     python -m fastnca.kernels.fit --json       # the same as JSON lines
     python -m fastnca.kernels.fit --python .ci/.venv-triton36/bin/python   # compiled by another Triton release
 
@@ -49,6 +49,7 @@ __all__ = [
     "BWD_SHIPPED",
     "FIT_PYTHONS_ENV",
     "GPU_TRITON",
+    "LIKELIHOOD_SHIPPED",
     "SHIPPED",
     "SMEM_LIMIT",
     "BwdFitResult",
@@ -62,6 +63,7 @@ __all__ = [
     "fit_bwd",
     "fit_rollout",
     "fit_kernels",
+    "fit_likelihood",
     "fit_many",
     "fit_pythons",
     "format_bwd_table",
@@ -536,11 +538,33 @@ def fit_rollout(
     ]
 
 
+# ------------------------------------------------------------------------------------------------ likelihood
+# (n_mix, params dtype) of the presets' DML likelihood: n_mix 1 (CelebA, emoji) or 4 (celeba-doubling-beta100),
+# on a bf16 (celeba-nondoubling-256) or fp32 NCA state
+LIKELIHOOD_SHIPPED: tuple[tuple[int, str], ...] = ((1, "bf16"), (1, "fp32"), (4, "fp32"))
+
+
+def fit_likelihood(
+    shipped: tuple[tuple[int, str], ...] = LIKELIHOOD_SHIPPED, *, python: str | None = None
+) -> list[BwdFitResult]:
+    """Compile the fused DML likelihood's two kernels (``likelihood.likelihood_kernel_specs``) for each shipped
+    (n_mix, dtype) (``python``: compile with another interpreter's Triton, see :func:`fit_kernels`)."""
+    from . import likelihood as lk
+
+    named = [(f"dml-n{n}-{dt}", k) for n, dt in shipped for k in lk.likelihood_kernel_specs(n, _torch_dtype(dt))]
+    results = fit_kernels([k for _, k in named], python)
+    return [
+        BwdFitResult(name, k.name, k.num_warps, k.num_stages,
+                     {c: v for c, v in k.constexprs.items() if c.startswith("BLOCK_")}, *f, 0, None)  # no dots
+        for (name, k), f in zip(named, results)
+    ]
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of tables")
-    parser.add_argument("--only", choices=("fwd", "bwd", "rollout"), help="only one of the tables")
+    parser.add_argument("--only", choices=("fwd", "bwd", "rollout", "likelihood"), help="only one of the tables")
     parser.add_argument(
         "--python",
         action="append",
@@ -560,8 +584,9 @@ def main() -> None:
     fwd = [fit_many(SHIPPED, python=p) if args.only in (None, "fwd") else [] for p in pythons]
     bwd = [fit_bwd(BWD_SHIPPED, python=p) if args.only in (None, "bwd") else [] for p in pythons]
     post = [fit_rollout(BWD_SHIPPED, python=p) if args.only in (None, "rollout") else [] for p in pythons]
+    lik = [fit_likelihood(python=p) if args.only in (None, "likelihood") else [] for p in pythons]
     if args.json:
-        for p, f, b, r_ in zip(pythons, fwd, bwd, post):
+        for p, f, b, r_, lk in zip(pythons, fwd, bwd, post, lik):
             release = triton_version(p)
             for r in f:
                 print(json.dumps({"pass": "fwd", "triton": release, **r._asdict()}))
@@ -569,6 +594,8 @@ def main() -> None:
                 print(json.dumps({"pass": "bwd", "triton": release, **r._asdict()}))
             for r in r_:
                 print(json.dumps({"pass": "rollout", "triton": release, **r._asdict()}))
+            for r in lk:
+                print(json.dumps({"pass": "likelihood", "triton": release, **r._asdict()}))
         return
     releases = " / ".join(triton_version(p) for p in pythons)
     print(f"sm_90 fit, triton {releases}, {time.strftime('%Y-%m-%d')}")
@@ -578,6 +605,8 @@ def main() -> None:
         print("\nbackward (nca_step_bwd.py)\n" + format_bwd_table(*bwd))
     if post[0]:
         print("\nrollout backward (rollout.py)\n" + format_bwd_table(*post))
+    if lik[0]:
+        print("\nDML likelihood (likelihood.py)\n" + format_bwd_table(*lik))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,6 @@ def test_celeba_nondoubling_256_adds_at_most_4_launches_per_step():
     assert long["aten"] - short["aten"] <= 2, "expected no host op per step (masks are drawn per grid, not per step)"
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: ~270 ATen launches per iteration besides the rollout's "
-                   "kernels (bf16 weight packing, DML likelihood, pool and damage, encoder) against the budget's "
-                   "150; counts in benchmarks/RESULTS.md")
 def test_celeba_nondoubling_256_iteration_stays_within_4_launches_per_step_plus_150():
     t = 64
     res = _celeba(t)
