@@ -436,7 +436,7 @@ def _launch_small_bwd(sp: StepPlan, ws: _Workspace, z0: Tensor, keep: Tensor, gi
     p = sp.fwd
     zf = sp.zeros_f32
     mconsts = sp.main_constexprs(double=False, has_mask=masks is not None, cfg=cfg)
-    spp = samples_per_program(batch, hl * wl, cfg.block_m, target_programs=_MAX_SPLITS)
+    spp = samples_per_program(batch, hl * wl, cfg.block_m)
     y, a, da, dy = (ws.y[: (nb + 1) * m_small * hp], ws.a[: max(nb, 1) * m_small * hp],
                     ws.da[: max(nb, 1) * m_small * hp], ws.dy[: max(nb, 1) * m_small * hp])
     g, dpre = ws.g[: m_small * c], ws.dpre[: m_small * hp]
@@ -702,7 +702,7 @@ def small_bwd_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: 
 def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
                          input_precision: str = "ieee") -> list[KernelSpec]:
     """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling, and the
-    small-grid forward (``kernels/small_grid.py``) where a tile is known to fit these shapes."""
+    small-grid forward and backward kernels (``kernels/small_grid.py``) where tiles are known to fit these shapes."""
     specs = [post_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, double=d,
                               input_precision=input_precision)._replace(name=f"post{'-double' if d else ''}")
              for d in (False, True)]

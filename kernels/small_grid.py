@@ -1,4 +1,4 @@
-"""The early steps of a rollout in one launch: a persistent kernel for grids that fit on chip.
+"""The early steps of a rollout in one launch each way: persistent kernels for grids that fit on chip.
 
 In the doubling presets most steps run on grids far too small to fill a GPU (mnist-doubling, B = 32: 24 of its 40
 steps on 2x2, 4x4 and 8x8 grids, i.e. 1, 4 and 16 programs of 128 cells on 132 SMs), and each such step still
@@ -13,6 +13,12 @@ costs a whole launch and one program's latency. Here one launch runs every one o
 - each step's output is written once, into the rollout's buffer of stored states (the backward needs every one of
   these inputs anyway), and read back by the next step from L1/L2: a sample's state at 8x8 x 256 channels in
   bf16 is 32 KiB.
+
+The backward takes two launches: :func:`_rollout_bwd_small_kernel` (the same ownership of whole samples) walks the
+steps last first, per step the backward main kernel's body (``nca_step_bwd._main_cells``, recomputing from the stored
+input), a barrier, the state gradient (``nca_step_bwd._dstate_tile``), a barrier, keeping every step's per-cell
+buffers; :func:`_rollout_wgrad_small_kernel` then adds all those steps' weight gradients to the rollout's
+accumulator (kernels/rollout.py's layout) in a fixed order.
 
 The doubling flag is a runtime bit per step (``flags``), so one compiled kernel runs any schedule: the step body
 reads its input through ``(row >> shift, col >> shift)`` with the step's bit as the shift (one inlined body; two,
@@ -37,10 +43,10 @@ from .nca_step import _INTERPRET, StepConfig, _step_cells, fwd_constexprs, step_
 from .nca_step_bwd import _dstate_tile, _main_cells, _wgrad_tile
 from .spec import KernelSpec
 
-__all__ = ["SMALL_GRID_CELLS", "samples_per_program", "small_fwd_kernel_spec", "small_grid_steps"]
+__all__ = ["SMALL_GRID_CELLS", "samples_per_program", "small_config", "small_fwd_kernel_spec", "small_grid_steps"]
 
-# Steps whose output grid has at most this many cells per sample run in the small-grid kernel: 8 x 8, so one
-# sample is at most half of one 128-cell tile (mnist-doubling: the 2x2, 4x4 and 8x8 stages, 24 of 40 steps).
+# Steps whose output grid has at most this many cells per sample run in the small-grid kernels: 8 x 8, so one
+# sample is at most one tile (64 or 128 cells; mnist-doubling: the 2x2, 4x4 and 8x8 stages, 24 of 40 steps).
 SMALL_GRID_CELLS = 64
 # Programs the small-grid kernel aims for: an H100 has 132 SMs; a program per sample up to that many samples.
 TARGET_PROGRAMS = 132
