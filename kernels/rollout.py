@@ -517,97 +517,217 @@ def _flat_masks(masks: list[Tensor | None]) -> Tensor | None:
     return first.as_strided((total,), (1,), first.storage_offset())  # a view: the masks share one storage
 
 
+@dataclass
+class _Saved:
+    """What the forward leaves to the backward besides the state, the stored states and the weights."""
+
+    sp: StepPlan
+    offsets: dict[int, int]
+    sizes: list[int]
+    grids: list[tuple[int, int]]
+    n_small_bwd: int
+
+
+def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, masks: list[Tensor | None],
+                     input_precision: str, small_grid: bool) -> tuple[Tensor, Tensor, _Saved]:
+    """The forward of every step: the final state ``(B, H', W', C)`` (channels-last storage), the stored states
+    (one flat buffer) and what the backward needs."""
+    sp = StepPlan(weights, state.dtype, input_precision)
+    b, c, h0, w0 = state.shape
+    grids = plan.grids(h0, w0)
+    sizes = [b * h0 * w0 * c] + [b * h * w * c for h, w in grids]  # elements of step i's input = sizes[i]
+    z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (B, H, W, C) view
+    stored = plan.stored_inputs[1:]
+    offsets, total = {}, 0
+    for i in stored:
+        offsets[i] = total
+        total += sizes[i]
+    keep = torch.empty(total, dtype=state.dtype, device=state.device)
+    state_max = max(sizes)
+    ping = [torch.empty(state_max, dtype=state.dtype, device=state.device) for _ in range(2)]
+    t = plan.num_steps
+    out = torch.empty((b, *grids[-1], c), dtype=state.dtype, device=state.device) if t else z0
+    src, which = z0, 0
+    n_small = _small_steps(sp, plan, h0, w0, masks) if small_grid else 0
+    if n_small:
+        # the leading small-grid steps in one launch; their outputs land in keep in step order (every step's
+        # input is stored under the plans that take this path), the last one where the next step reads it
+        hh, ww = grids[n_small - 1]
+        last = out if n_small == t else keep[offsets[n_small]: offsets[n_small] + sizes[n_small]].view(b, hh, ww, c)
+        cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision)
+        spp = samples_per_program(b, hh * ww, cfg.block_m)
+        if _INTERPRET:  # tiles sized to one program's cells at the largest small step
+            cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, num_cells=spp * hh * ww)
+        launch_small_fwd(sp.fwd, sp.fwd_constexprs(double=False, has_mask=masks[0] is not None, cfg=cfg), cfg,
+                         z0, keep, last, _flat_masks(masks[:n_small]), plan.flags[:n_small], b, h0, w0, spp)
+        src = last
+    for i in range(n_small, t):
+        hh, ww = grids[i]
+        if i == t - 1:
+            dst = out
+        elif i + 1 in offsets:
+            dst = keep[offsets[i + 1]: offsets[i + 1] + sizes[i + 1]].view(b, hh, ww, c)
+        else:
+            which = 1 - which if src.data_ptr() == ping[which].data_ptr() else which
+            dst = ping[which][: sizes[i + 1]].view(b, hh, ww, c)
+        _launch_fwd(sp, src, dst, masks[i], plan.flags[i], (hh, ww), b)
+        src = dst
+    n_small_bwd = n_small if n_small and _small_bwd_fits(sp, b, grids, n_small) else 0
+    return out, keep, _Saved(sp, offsets, sizes, [(h0, w0)] + grids, n_small_bwd)
+
+
+def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan: RolloutPlan,
+                      masks: list[Tensor | None], saved: _Saved,
+                      grad_out: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+    """The gradients of the state ``(B, C, H, W)`` and of every entry of ``weights.flat()``."""
+    sp = saved.sp
+    sp.weights = weights
+    sp.pack_backward({bool(f) for f in plan.flags})
+    b, c = state.shape[:2]
+    grids, sizes, n_small = saved.grids, saved.sizes, saved.n_small_bwd
+    m_small = sum(b * h * w for h, w in grids[1: n_small + 1])  # the small-grid steps' cells, all together
+    m_max = max(b * h * w for h, w in grids[1:])  # >= m_small (_small_bwd_fits)
+    ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device)
+    z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
+    which = 0
+    for start, end in reversed(plan.segments()):
+        if end <= n_small:  # the small-grid steps: two launches below (their segments are single steps)
+            break
+        # the segment's inputs: the stored one, then recomputed ones in the workspace
+        hh, ww = grids[start]
+        inputs = [z0 if start == 0 else keep[saved.offsets[start]: saved.offsets[start] + sizes[start]]
+                  .view(b, hh, ww, c)]
+        for j, i in enumerate(range(start, end - 1)):
+            hh, ww = grids[i + 1]
+            dst = ws.states[j * ws.state_max: j * ws.state_max + sizes[i + 1]].view(b, hh, ww, c)
+            _launch_fwd(sp, inputs[-1], dst, masks[i], plan.flags[i], (hh, ww), b)
+            inputs.append(dst)
+        for i in reversed(range(start, end)):
+            h_in, w_in = grids[i]
+            dz = ws.dz[which][: sizes[i]].view(b, h_in, w_in, c)
+            _launch_bwd_step(sp, ws, inputs[i - start], gout, dz, masks[i], plan.flags[i], b, grids[i + 1])
+            gout, which = dz, 1 - which
+    if n_small:
+        gout = _launch_small_bwd(sp, ws, z0, keep, gout, _flat_masks(masks[:n_small]), plan.flags[:n_small], b,
+                                 grids[: n_small + 1], m_small)
+    grads = sp.unpack_grads(ws.acc.sum(0))
+    return gout.permute(0, 3, 1, 2), grads
+
+
 class _RolloutFunction(torch.autograd.Function):
     """``apply(state, plan, masks, input_precision, small_grid, *weights.flat())``; see the module docstring."""
 
     @staticmethod
     def forward(ctx, state: Tensor, plan: RolloutPlan, masks: list[Tensor | None], input_precision: str,
                 small_grid: bool, *flat: Tensor | None) -> Tensor:
-        weights = UpdateWeights.from_flat(flat)
-        sp = StepPlan(weights, state.dtype, input_precision)
-        b, c, h0, w0 = state.shape
-        grids = plan.grids(h0, w0)
-        sizes = [b * h0 * w0 * c] + [b * h * w * c for h, w in grids]  # elements of step i's input = sizes[i]
-        z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (B, H, W, C) view
-        stored = plan.stored_inputs[1:]
-        offsets, total = {}, 0
-        for i in stored:
-            offsets[i] = total
-            total += sizes[i]
-        keep = torch.empty(total, dtype=state.dtype, device=state.device)
-        state_max = max(sizes)
-        ping = [torch.empty(state_max, dtype=state.dtype, device=state.device) for _ in range(2)]
-        t = plan.num_steps
-        out = torch.empty((b, *grids[-1], c), dtype=state.dtype, device=state.device) if t else z0
-        src, which = z0, 0
-        n_small = _small_steps(sp, plan, h0, w0, masks) if small_grid else 0
-        if n_small:
-            # the leading small-grid steps in one launch; their outputs land in keep in step order (every step's
-            # input is stored under the plans that take this path), the last one where the next step reads it
-            hh, ww = grids[n_small - 1]
-            last = out if n_small == t else keep[offsets[n_small]: offsets[n_small] + sizes[n_small]].view(b, hh, ww, c)
-            cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision)
-            spp = samples_per_program(b, hh * ww, cfg.block_m)
-            if _INTERPRET:  # tiles sized to one program's cells at the largest small step
-                cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, num_cells=spp * hh * ww)
-            launch_small_fwd(sp.fwd, sp.fwd_constexprs(double=False, has_mask=masks[0] is not None, cfg=cfg), cfg,
-                             z0, keep, last, _flat_masks(masks[:n_small]), plan.flags[:n_small], b, h0, w0, spp)
-            src = last
-        for i in range(n_small, t):
-            hh, ww = grids[i]
-            if i == t - 1:
-                dst = out
-            elif i + 1 in offsets:
-                dst = keep[offsets[i + 1]: offsets[i + 1] + sizes[i + 1]].view(b, hh, ww, c)
-            else:
-                which = 1 - which if src.data_ptr() == ping[which].data_ptr() else which
-                dst = ping[which][: sizes[i + 1]].view(b, hh, ww, c)
-            _launch_fwd(sp, src, dst, masks[i], plan.flags[i], (hh, ww), b)
-            src = dst
+        out, keep, saved = _rollout_forward(state, UpdateWeights.from_flat(flat), plan, masks, input_precision,
+                                            small_grid)
         ctx.save_for_backward(state, keep, *flat)
-        ctx.plan, ctx.masks, ctx.input_precision = plan, masks, input_precision
-        ctx.step_plan = sp  # the packed weights, shared with the backward (packed once per call)
-        ctx.offsets, ctx.sizes, ctx.grids = offsets, sizes, [(h0, w0)] + grids
-        ctx.n_small_bwd = n_small if n_small and _small_bwd_fits(sp, b, grids, n_small) else 0
+        ctx.plan, ctx.masks, ctx.saved = plan, masks, saved  # saved.sp: the packed weights, packed once per call
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         state, keep, *flat = ctx.saved_tensors
-        plan: RolloutPlan = ctx.plan
-        sp: StepPlan = ctx.step_plan
-        sp.weights = UpdateWeights.from_flat(flat)
-        sp.pack_backward({bool(f) for f in plan.flags})
-        b, c = state.shape[:2]
-        grids, sizes, masks, n_small = ctx.grids, ctx.sizes, ctx.masks, ctx.n_small_bwd
-        m_small = sum(b * h * w for h, w in grids[1: n_small + 1])  # the small-grid steps' cells, all together
-        m_max = max(b * h * w for h, w in grids[1:])  # >= m_small (_small_bwd_fits)
-        ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device)
-        z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
-        which = 0
-        for start, end in reversed(plan.segments()):
-            if end <= n_small:  # the small-grid steps: two launches below (their segments are single steps)
-                break
-            # the segment's inputs: the stored one, then recomputed ones in the workspace
-            hh, ww = grids[start]
-            inputs = [z0 if start == 0 else keep[ctx.offsets[start]: ctx.offsets[start] + sizes[start]]
-                      .view(b, hh, ww, c)]
-            for j, i in enumerate(range(start, end - 1)):
-                hh, ww = grids[i + 1]
-                dst = ws.states[j * ws.state_max: j * ws.state_max + sizes[i + 1]].view(b, hh, ww, c)
-                _launch_fwd(sp, inputs[-1], dst, masks[i], plan.flags[i], (hh, ww), b)
-                inputs.append(dst)
-            for i in reversed(range(start, end)):
-                h_in, w_in = grids[i]
-                dz = ws.dz[which][: sizes[i]].view(b, h_in, w_in, c)
-                _launch_bwd_step(sp, ws, inputs[i - start], gout, dz, masks[i], plan.flags[i], b, grids[i + 1])
-                gout, which = dz, 1 - which
-        if n_small:
-            gout = _launch_small_bwd(sp, ws, z0, keep, gout, _flat_masks(masks[:n_small]), plan.flags[:n_small], b,
-                                     grids[: n_small + 1], m_small)
-        grads = sp.unpack_grads(ws.acc.sum(0))
-        return (gout.permute(0, 3, 1, 2), None, None, None, None, *grads)
+        grad_state, grads = _rollout_backward(state, keep, UpdateWeights.from_flat(flat), ctx.plan, ctx.masks,
+                                              ctx.saved, grad_out)
+        return (grad_state, None, None, None, None, *grads)
+
+
+# ------------------------------------------------------------------------------------------- custom op
+# ``fastnca::nca_rollout``: the same rollout as an op torch.compile treats as opaque (``fullgraph=True`` traces
+# through it; the autograd Function above is what eager code runs). Weights cross the boundary as the present tensors
+# of ``UpdateWeights.flat()`` plus a ``bool[]`` of which are present (as ``fastnca::nca_step``); the plan as its
+# flags, segment length and policy; masks as a list with one tensor per step, or empty. The forward also returns the
+# stored states, which the backward op takes back (a custom op's outputs are its only saved state).
+def _op_plan(flags: list[bool], segment: int, policy: str) -> RolloutPlan:
+    return RolloutPlan(tuple(bool(f) for f in flags), segment, policy, "triton")
+
+
+def _op_weights(tensors: list[Tensor], present: list[bool]) -> UpdateWeights:
+    it = iter(tensors)
+    return UpdateWeights.from_flat([next(it) if p else None for p in present])
+
+
+@torch.library.custom_op("fastnca::nca_rollout", mutates_args=())
+def _nca_rollout_op(state: Tensor, tensors: list[Tensor], present: list[bool], masks: list[Tensor],
+                    flags: list[bool], segment: int, policy: str, input_precision: str,
+                    small_grid: bool) -> tuple[Tensor, Tensor]:
+    """The rollout's final state (channels-last ``(B, C, H', W')``) and its stored states (flat)."""
+    plan = _op_plan(flags, segment, policy)
+    out, keep, _ = _rollout_forward(state, _op_weights(tensors, present), plan, list(masks) or [None] * len(flags),
+                                    input_precision, small_grid)
+    out = out.permute(0, 3, 1, 2)
+    return (out.clone() if not flags else out), keep  # no steps: a copy, an op's output may not alias its input
+
+
+@_nca_rollout_op.register_fake
+def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, input_precision, small_grid):
+    b, c, h0, w0 = state.shape
+    plan = _op_plan(flags, segment, policy)
+    grids = plan.grids(h0, w0)
+    sizes = [b * h0 * w0 * c] + [b * h * w * c for h, w in grids]
+    h, w = grids[-1] if grids else (h0, w0)
+    keep = state.new_empty(sum(sizes[i] for i in plan.stored_inputs[1:]))
+    return state.new_empty((b, h, w, c)).permute(0, 3, 1, 2), keep
+
+
+@torch.library.custom_op("fastnca::nca_rollout_backward", mutates_args=())
+def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], present: list[bool], masks: list[Tensor],
+                        flags: list[bool], segment: int, policy: str, input_precision: str, small_grid: bool,
+                        grad_out: Tensor) -> list[Tensor]:
+    """``[grad_state, *gradients of the present weights]``."""
+    plan = _op_plan(flags, segment, policy)
+    weights = _op_weights(tensors, present)
+    ms = list(masks) or [None] * len(flags)
+    # the forward's decisions and packed weights, rebuilt (an op keeps nothing between calls)
+    b, c, h0, w0 = state.shape
+    sp = StepPlan(weights, state.dtype, input_precision)
+    grids = plan.grids(h0, w0)
+    sizes = [b * h0 * w0 * c] + [b * h * w * c for h, w in grids]
+    offsets, total = {}, 0
+    for i in plan.stored_inputs[1:]:
+        offsets[i] = total
+        total += sizes[i]
+    n_small = _small_steps(sp, plan, h0, w0, ms) if small_grid else 0
+    n_small_bwd = n_small if n_small and _small_bwd_fits(sp, b, grids, n_small) else 0
+    saved = _Saved(sp, offsets, sizes, [(h0, w0)] + grids, n_small_bwd)
+    grad_state, grads = _rollout_backward(state, keep, weights, plan, ms, saved, grad_out)
+    outs = [grad_state.contiguous(memory_format=torch.channels_last)] + [g for g in grads if g is not None]
+    # an op's outputs may not share storage with its inputs or each other: the weight gradients are views of one
+    # fp32 sum where a weight is fp32, so those are copied (small: one per weight tensor)
+    seen = {t.untyped_storage().data_ptr() for t in (state, keep, grad_out, *tensors, *masks)}
+    for i, g in enumerate(outs):
+        if g.untyped_storage().data_ptr() in seen:
+            outs[i] = g = g.clone()
+        seen.add(g.untyped_storage().data_ptr())
+    return outs
+
+
+@_nca_rollout_bwd_op.register_fake
+def _nca_rollout_bwd_fake(state, keep, tensors, present, masks, flags, segment, policy, input_precision, small_grid,
+                          grad_out):
+    return [torch.empty_like(state)] + [torch.empty_like(t) for t in tensors]
+
+
+def _nca_rollout_setup_context(ctx, inputs, output) -> None:
+    state, tensors, present, masks, flags, segment, policy, input_precision, small_grid = inputs
+    ctx.save_for_backward(state, output[1], *tensors, *masks)
+    ctx.n_tensors = len(tensors)
+    ctx.args = (present, flags, segment, policy, input_precision, small_grid)
+
+
+def _nca_rollout_backward(ctx, grad_out, grad_keep):
+    state, keep, *rest = ctx.saved_tensors
+    tensors, masks = rest[: ctx.n_tensors], rest[ctx.n_tensors:]
+    present, flags, segment, policy, input_precision, small_grid = ctx.args
+    grads = _nca_rollout_bwd_op(state, keep, list(tensors), present, list(masks), flags, segment, policy,
+                                input_precision, small_grid, grad_out)
+    return grads[0], list(grads[1:]), None, [None] * len(masks), None, None, None, None, None
+
+
+_nca_rollout_op.register_autograd(_nca_rollout_backward, setup_context=_nca_rollout_setup_context)
 
 
 def nca_rollout(
@@ -644,6 +764,13 @@ def nca_rollout(
     _check_inputs(state, weights, masks[0] if masks else None, plan.flags[0] if plan.flags else False,
                   input_precision)
     masks = [_as_u8(m, (b, 1, h, w)) for m, (h, w) in zip(masks, grids)]
+    if torch.compiler.is_compiling():  # the custom op: opaque to torch.compile, so fullgraph=True traces through
+        if len({m is None for m in masks}) > 1:
+            raise ValueError("masks: under torch.compile, give every step a mask or none (None for all)")
+        flat = weights.flat()
+        return _nca_rollout_op(state, [t for t in flat if t is not None], [t is not None for t in flat],
+                               [m for m in masks if m is not None], list(plan.flags), plan.segment, plan.policy,
+                               input_precision, bool(small_grid))[0]
     return _RolloutFunction.apply(state, plan, masks, input_precision, bool(small_grid), *weights.flat())
 
 

@@ -92,3 +92,28 @@ def test_fp32_rollout_with_masks_matches_float64_and_reruns_bitwise(nan_poison):
         assert rel_err(a, t) < 1e-4, f"grad {i}: expected relative error < 1e-4, got {rel_err(a, t):.3g}"
     for i, (x, y) in enumerate(zip(runs[0][1], runs[1][1])):
         assert torch.equal(x, y), f"grad {i}: expected bitwise-identical gradients on a rerun"
+
+
+@pytest.mark.parametrize("small_grid", [True, False], ids=["small-grid", "per-step"])
+def test_rollout_traces_whole_under_torch_compile_fullgraph(small_grid):
+    """Under torch.compile the rollout is the custom op fastnca::nca_rollout (and its backward op): fullgraph=True
+    compiles, and output and gradients equal the eager autograd Function's."""
+    b = 2
+    weights = make_weights(16, 16, 1, gain=0.4)
+    state = make_state(b, 16, 2, 2)
+    masks = _masks(b)
+    plan = plan_rollout(FLAGS, "step", doubling=True, backend="triton")
+    upstream = torch.randn(b, 16, 8, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def run(s, *flat):
+        return nca_rollout(s, UpdateWeights.from_flat(flat), plan, masks, small_grid=small_grid)
+
+    results = []
+    for fn in (run, torch.compile(run, backend="aot_eager", fullgraph=True)):
+        leaves = _leaves(weights)
+        s = state.detach().clone().requires_grad_(True)
+        out = fn(s, *leaves)
+        (out * upstream).sum().backward()
+        results.append([out.detach(), s.grad] + [t.grad for t in leaves if t is not None])
+    for i, (e, c) in enumerate(zip(*results)):
+        assert torch.allclose(e, c, rtol=1e-5, atol=1e-6), f"output/grad {i}: expected compiled == eager"
