@@ -4,10 +4,14 @@ Cases (GPU sizes; ``tiny=True`` shrinks every one to C = h = 16, 1 block, B = 2,
 
 * ``step`` / ``step-bwd``: one NCA step, forward (no grad) / forward + backward, B = 32, 64x64, |z| = h = 256.
 * ``rollout-<preset>[-T<n>]``: a full forward rollout of a preset's NCA (no grad), B = the preset's batch.
-* ``rollout-mnist-doubling-early`` / ``rollout-bwd-mnist-doubling-early``: only the leading steps whose grids
-  have at most 8x8 cells per sample (mnist-doubling: the first 24 steps, 2x2, 4x4 and 8x8; the steps the
-  small-grid kernels of ``kernels/small_grid.py`` run), forward (no grad) / forward + backward to the latent and
-  the update network's weights. Compare ``triton-*`` with ``triton-*-perstep`` on them.
+* ``rollout-mnist-doubling-early``: only the leading steps whose grids have at most 8x8 cells per sample
+  (mnist-doubling: the first 24 steps, 2x2, 4x4 and 8x8; the steps the small-grid forward of
+  ``kernels/small_grid.py`` runs in one launch), forward (no grad).
+* ``rollout-bwd-mnist-doubling``: the whole 40-step rollout, forward + backward to the latents and the update
+  network's weights (no encoder, decoder or optimizer). Not the early steps alone: the small-grid backward declines
+  a rollout whose largest step is itself small (its buffers would outgrow the per-step backward's,
+  ``kernels/rollout.py`` ``_small_bwd_fits``), so it runs only under the later steps, as in training.
+  Compare ``triton-*`` with ``triton-*-perstep`` on both: the later steps run the same kernels either way.
 * ``train-<preset>[-T<n>]``: one training iteration of the whole VNCA (forward, backward, gradient clipping,
   Adam step) on random images of the preset's shape.
 * ``iwae-mnist-doubling``: the importance-weighted bound with k = 128 samples on B = 8 images (samples/s).
@@ -139,8 +143,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
     CaseSpec("rollout-celeba-doubling", "rollout", "celeba-doubling", description="2x2 -> 64x64, 48 steps"),
     CaseSpec("rollout-mnist-doubling-early", "rollout", "mnist-doubling", early=True,
              description="the first 24 steps (2x2, 4x4, 8x8): the small-grid kernels' part"),
-    CaseSpec("rollout-bwd-mnist-doubling-early", "rollout-bwd", "mnist-doubling", early=True,
-             description="the first 24 steps, forward + backward to z and the weights"),
+    CaseSpec("rollout-bwd-mnist-doubling", "rollout-bwd", "mnist-doubling",
+             description="2x2 -> 32x32, 40 steps, forward + backward to z and the weights"),
     CaseSpec("rollout-celeba-nondoubling-256-T64", "rollout", "celeba-nondoubling-256", 64,
              description="62x62, h=256, T=64"),
     CaseSpec("rollout-celeba-nondoubling-256-T128", "rollout", "celeba-nondoubling-256", 128,
