@@ -230,3 +230,15 @@ def test_early_cases_and_perstep_backends(tmp_path: Path, monkeypatch: pytest.Mo
     errs = [runner_rel_err(r, o) for r, o in zip(ref, prep.parity())]
     assert len(errs) == len(ref) > 2 and max(errs) < 1e-4, errs
     assert bwd_calls == [1]
+
+
+def test_speedup_vs_per_step_pairs_rows_of_one_case() -> None:
+    def row(case: str, backend: str, ms: float) -> dict:
+        return {"case": case, "backend": backend, "impl": backend.split("-")[0], "time_ms": {"median": ms}}
+
+    rows = [row("c", "triton-bf16", 2.0), row("c", "triton-bf16-perstep", 3.0), row("c", "triton-fp32", 4.0),
+            row("d", "triton-bf16", 1.0), row("c", "torch-fp32", 8.0)]
+    runner._speedups(rows)
+    assert rows[0]["speedup"] == {"vs torch-fp32": 4.0, "vs per-step": 1.5}
+    assert "vs per-step" not in rows[1]["speedup"] and "vs per-step" not in rows[2]["speedup"]
+    assert rows[3]["speedup"] == {}
