@@ -4,6 +4,14 @@ Cases (GPU sizes; ``tiny=True`` shrinks every one to C = h = 16, 1 block, B = 2,
 
 * ``step`` / ``step-bwd``: one NCA step, forward (no grad) / forward + backward, B = 32, 64x64, |z| = h = 256.
 * ``rollout-<preset>[-T<n>]``: a full forward rollout of a preset's NCA (no grad), B = the preset's batch.
+* ``rollout-mnist-doubling-early``: only the leading steps whose grids have at most 8x8 cells per sample
+  (mnist-doubling: the first 24 steps, 2x2, 4x4 and 8x8; the steps the small-grid forward of
+  ``kernels/small_grid.py`` runs in one launch), forward (no grad).
+* ``rollout-bwd-mnist-doubling``: the whole 40-step rollout, forward + backward to the latents and the update
+  network's weights (no encoder, decoder or optimizer). Not the early steps alone: the small-grid backward declines
+  a rollout whose largest step is itself small (its buffers would outgrow the per-step backward's,
+  ``kernels/rollout.py`` ``_small_bwd_fits``), so it runs only under the later steps, as in training.
+  Compare ``triton-*`` with ``triton-*-perstep`` on both: the later steps run the same kernels either way.
 * ``train-<preset>[-T<n>]``: one training iteration of the whole VNCA (forward, backward, gradient clipping,
   Adam step) on random images of the preset's shape.
 * ``iwae-mnist-doubling``: the importance-weighted bound with k = 128 samples on B = 8 images (samples/s).
@@ -14,7 +22,10 @@ Backends (``name[@checkpoint]``, the suffix overrides the model's checkpoint pol
 * ``torch-bf16-cl``: the reference under ``torch.autocast(bfloat16)``, channels-last state.
 * ``compile-fp32`` / ``compile-bf16``: ``torch.compile`` of the reference step (step cases only; on the CPU
   the 'eager' compile backend, so CI exercises the path without a C++ build).
-* ``triton-fp32`` / ``triton-tf32`` / ``triton-bf16``: the fused Triton step (``fastnca.kernels.nca_step``).
+* ``triton-fp32`` / ``triton-tf32`` / ``triton-bf16``: the fused Triton step (``fastnca.kernels.nca_step``);
+  model cases run the fused rollout with its small-grid path on (the default).
+* ``triton-fp32-perstep`` / ``triton-bf16-perstep``: the same with the small-grid path off
+  (``nca.small_grid = False``: one forward and two backward launches per step). Model cases only.
 """
 
 from __future__ import annotations
@@ -45,7 +56,11 @@ __all__ = [
 ]
 
 BACKENDS = ("torch-fp32", "torch-bf16-cl", "compile-fp32", "compile-bf16", "triton-fp32", "triton-tf32",
-            "triton-bf16")
+            "triton-bf16", "triton-fp32-perstep", "triton-bf16-perstep")
+
+# Cells per sample of the largest grid the small-grid kernels run (kernels/small_grid.py, SMALL_GRID_CELLS; a
+# copy, so that the torch backends run without Triton): the early-stage cases stop at the last such step.
+SMALL_GRID_CELLS = 64
 
 # Output weights of the update net are zero at init (the first step is then the identity); benchmarks and
 # parity use small random ones so that every step does real work and errors can show.
@@ -68,6 +83,7 @@ class Backend:
     precision: str  # fp32 | tf32 | bf16
     autocast: bool
     checkpoint: str | None = None
+    small_grid: bool = True  # fused rollouts: the leading steps on small grids in one launch (False: per step)
 
     @property
     def label(self) -> str:
@@ -98,7 +114,8 @@ def parse_backend(spec: str) -> Backend:
 
         parse_checkpoint(ckpt, 1, True, "torch")  # validates
     impl, prec = name.split("-")[0], name.split("-")[1]
-    return Backend(name, impl, prec, name.endswith("-cl") or (impl == "compile" and prec == "bf16"), ckpt or None)
+    return Backend(name, impl, prec, name.endswith("-cl") or (impl == "compile" and prec == "bf16"), ckpt or None,
+                   small_grid=not name.endswith("-perstep"))
 
 
 def tolerance(backend: Backend, kind: str) -> float:
@@ -110,12 +127,13 @@ class CaseSpec:
     """One benchmark case: its kind, preset and sizes (GPU sizes; tiny mode shrinks them)."""
 
     name: str
-    kind: str  # step | step-bwd | rollout | train | iwae
+    kind: str  # step | step-bwd | rollout | rollout-bwd | train | iwae
     preset: str | None = None
     num_steps: int | None = None
     batch: int | None = None  # None: the preset's batch size
     iwae_k: int = 128
     description: str = ""
+    early: bool = False  # only the leading steps on grids of <= SMALL_GRID_CELLS cells per sample
 
 
 CASES: dict[str, CaseSpec] = {c.name: c for c in [
@@ -123,6 +141,10 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
     CaseSpec("step-bwd", "step-bwd", description="one step forward+backward, B=32, 64x64, |z|=h=256"),
     CaseSpec("rollout-mnist-doubling", "rollout", "mnist-doubling", description="2x2 -> 32x32, 40 steps"),
     CaseSpec("rollout-celeba-doubling", "rollout", "celeba-doubling", description="2x2 -> 64x64, 48 steps"),
+    CaseSpec("rollout-mnist-doubling-early", "rollout", "mnist-doubling", early=True,
+             description="the first 24 steps (2x2, 4x4, 8x8): the small-grid kernels' part"),
+    CaseSpec("rollout-bwd-mnist-doubling", "rollout-bwd", "mnist-doubling",
+             description="2x2 -> 32x32, 40 steps, forward + backward to z and the weights"),
     CaseSpec("rollout-celeba-nondoubling-256-T64", "rollout", "celeba-nondoubling-256", 64,
              description="62x62, h=256, T=64"),
     CaseSpec("rollout-celeba-nondoubling-256-T128", "rollout", "celeba-nondoubling-256", 128,
@@ -351,7 +373,7 @@ class CaseContext:
         self.batch = (2 if self.tiny else spec.batch) if spec.batch else self.cfg.batch_size
         self.iwae_k = 4 if self.tiny else spec.iwae_k
         torch.manual_seed(0)
-        if spec.kind == "rollout":
+        if spec.kind.startswith("rollout"):
             from fastnca.nca import nca_from_config
 
             self.model = nca_from_config(self.cfg)
@@ -367,17 +389,51 @@ class CaseContext:
         self.init_state = copy.deepcopy(self.model.state_dict())
         self.z = torch.randn(self.batch, self.cfg.state_channels, generator=self.gen).to(self.device)
         self.x = _fake_images(self.cfg, self.batch, self.device, self.gen)
+        self.flags: list[bool] | None = None  # the steps run when not the model's whole schedule
+        if spec.early:
+            self.flags = self.nca.schedule(self.num_steps)[: early_steps(self.cfg, self.num_steps)]
+        if spec.kind == "rollout-bwd":
+            flags = self.flags if self.flags is not None else self.nca.schedule(self.num_steps)
+            side = self.cfg.seed_size if self.cfg.doubling else self.cfg.grid_size
+            side *= 2 ** sum(flags)
+            shape = (self.batch, self.cfg.state_channels, side, side)
+            self.dy = torch.randn(shape, generator=self.gen).to(self.device)
 
-    def _configure(self, backend: str, precision: str, checkpoint: str) -> None:
+    def _configure(self, backend: str, precision: str, checkpoint: str, small_grid: bool = True) -> None:
         """Reset the shared model's weights and point it at a backend (the NCA reads these at every run)."""
         self.model.load_state_dict(self.init_state)
-        self._point(backend, precision, checkpoint)
+        self._point(backend, precision, checkpoint, small_grid)
 
-    def _point(self, backend: str, precision: str, checkpoint: str) -> None:
+    def _point(self, backend: str, precision: str, checkpoint: str, small_grid: bool = True) -> None:
+        # every backend sets small_grid, so that a per-step row never leaves the shared model in per-step mode
         self.nca.backend, self.nca.precision, self.nca.checkpoint = backend, precision, checkpoint
+        self.nca.small_grid = small_grid
         if hasattr(self.model, "config"):
             self.model.config = self.model.config.replace(backend=backend, precision=precision,
-                                                          checkpoint=checkpoint)
+                                                          checkpoint=checkpoint, small_grid=small_grid)
+
+    def _rollout(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The case's rollout from latents ``z``: the whole schedule, or its leading steps (``self.flags``)."""
+        if self.flags is None:
+            return self.nca(z, num_steps=self.num_steps, generator=generator)
+        mask_gen = generator if generator is not None and generator.device == z.device else None
+        return self.nca.run(self.nca.seed(z), self.flags, generator=mask_gen)
+
+    def _rollout_grads(self, z: Tensor, dy: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        """Forward + backward of the rollout from the leaf latents ``z`` with upstream gradient ``dy``: the final
+        state, the latents' gradient and every update-network weight's gradient."""
+        params = list(self.nca.update_net.parameters())
+        for p in params:
+            p.grad = None
+        z.grad = None
+        out = self._rollout(z, generator)
+        out.backward(dy)
+        return [out.detach(), z.grad] + [p.grad for p in params]
+
+    def _grad_inputs(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """A leaf copy of the first ``batch`` latents, and the upstream gradient in the final state's dtype."""
+        dy = self.dy[:batch].to(dtype).contiguous(memory_format=torch.channels_last)
+        return self.z[:batch].detach().clone().requires_grad_(True), dy
 
     def _model_outputs(self, b: Backend | None, batch: int) -> list[Tensor]:
         """Forward outputs at ``batch`` with a fixed seed: the final state (rollout), the decoder's final state
@@ -385,9 +441,12 @@ class CaseContext:
         dev = self.device
         g = torch.Generator(device=dev).manual_seed(7)
         kind = self.spec.kind
+        if kind == "rollout-bwd":
+            with _autocast(dev, b is not None and b.autocast):
+                return [t.float() for t in self._rollout_grads(*self._grad_inputs(batch, self.nca.state_dtype), g)]
         with torch.no_grad(), _autocast(dev, b is not None and b.autocast):
             if kind == "rollout":
-                return [self.nca(self.z[:batch], num_steps=self.num_steps, generator=g).float()]
+                return [self._rollout(self.z[:batch], g).float()]
             if kind == "train":
                 kw = {"num_steps": self.num_steps} if self.num_steps else {}
                 out = self.model(self.x[:batch], beta=self.cfg.beta, generator=g, **kw)
@@ -405,21 +464,37 @@ class CaseContext:
             raise NotImplementedError("torch.compile is benchmarked per step only (step, step-bwd)")
         cfg, kind = self.cfg, self.spec.kind
         policy = b.checkpoint or cfg.checkpoint
-        self._configure(b.model_backend, b.model_precision, policy)
+        self._configure(b.model_backend, b.model_precision, policy, b.small_grid)
         itemsize = 2 if b.model_precision == "bf16" else 4
-        n_sched = self.num_steps if self.num_steps else len(self.nca.schedule(None))
-        seg = self.nca.plan(n_sched, policy, b.model_backend).segment  # the model's own rollout plan
+        sched: list[bool] | int = self.flags if self.flags is not None else (
+            self.num_steps if self.num_steps else self.nca.schedule(None))
+        n_sched = sched if isinstance(sched, int) else len(sched)
+        seg = self.nca.plan(sched, policy, b.model_backend).segment  # the model's own rollout plan
         dev, model, ac = self.device, self.model, b.autocast
+        first = len(self.flags) if self.flags is not None else None
         extra: dict[str, Any] = {"num_steps": n_sched, "batch": self.batch}
+        if b.impl == "triton":
+            extra["small_grid"] = b.small_grid
         if kind == "rollout":
-            cost = rollout_cost(cfg, self.batch, self.num_steps, itemsize=itemsize)
-            z, t = self.z, self.num_steps
+            cost = rollout_cost(cfg, self.batch, self.num_steps, itemsize=itemsize, first_steps=first)
+            z = self.z
 
             def fn() -> Tensor:
                 with torch.no_grad(), _autocast(dev, ac):
-                    return self.nca(z, num_steps=t)
+                    return self._rollout(z)
 
             ckpt = "n/a (no grad)"
+        elif kind == "rollout-bwd":
+            recompute = b.model_backend == "triton" or seg >= 1
+            cost = rollout_cost(cfg, self.batch, self.num_steps, itemsize=itemsize, backward=True,
+                                recompute=recompute, first_steps=first)
+            z, dy = self._grad_inputs(self.batch, self.nca.state_dtype)
+
+            def fn() -> None:
+                with _autocast(dev, ac):
+                    self._rollout_grads(z, dy)
+
+            ckpt = _ckpt_words(policy, seg, b.model_backend)
         elif kind == "iwae":
             cost = iwae_cost(cfg, self.batch, self.iwae_k, self.num_steps, itemsize=itemsize)
             x, k = self.x, self.iwae_k
@@ -449,7 +524,7 @@ class CaseContext:
             extra["predicted_memory"] = _predicted_memory(
                 cfg.replace(backend=b.model_backend, precision=b.model_precision), policy, self.num_steps,
                 b.model_backend)
-        point = (b.model_backend, b.model_precision, policy)
+        point = (b.model_backend, b.model_precision, policy, b.small_grid)
 
         def run_fn() -> Any:
             self._point(*point)
@@ -489,11 +564,26 @@ class CaseContext:
 
     def prepare(self, b: Backend) -> Prepared:
         """Bind the case to backend ``b`` (raises NotImplementedError when the pair does not apply)."""
+        if not b.small_grid and self.spec.kind.startswith("step"):
+            raise NotImplementedError("the per-step backends differ from triton-* in whole rollouts only")
         if b.impl == "triton":
             why = triton_unavailable(self.device)
             if why:
                 raise ModuleNotFoundError(why)
         return self._prepare_step(b) if self.spec.kind.startswith("step") else self._prepare_model(b)
+
+
+def early_steps(cfg, num_steps: int | None = None) -> int:
+    """How many leading steps of ``cfg``'s schedule have at most SMALL_GRID_CELLS cells per sample after the step
+    (the steps ``kernels/small_grid.py`` runs in one launch; mnist-doubling: 24)."""
+    from benchmarks.flops import schedule_grids
+
+    grids = schedule_grids(doubling=cfg.doubling, seed_size=cfg.seed_size, n_doublings=cfg.n_doublings,
+                           steps_per_stage=cfg.steps_per_stage, grid_size=cfg.grid_size, num_steps=num_steps)
+    n = 0
+    while n < len(grids) and grids[n] ** 2 <= SMALL_GRID_CELLS:
+        n += 1
+    return n
 
 
 def _predicted_memory(cfg, policy: str, num_steps: int | None, backend: str) -> dict[str, Any] | str:

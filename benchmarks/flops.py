@@ -136,10 +136,12 @@ def step_cost(batch: int, side: int, state_channels: int, hidden_channels: int, 
 
 
 def rollout_cost(cfg, batch: int, num_steps: int | None = None, *, itemsize: int = 4, backward: bool = False,
-                 recompute: bool = False) -> Cost:
-    """A full rollout of the NCA of :class:`fastnca.config.Config` ``cfg`` (forward, or with backward)."""
+                 recompute: bool = False, first_steps: int | None = None) -> Cost:
+    """A full rollout of the NCA of :class:`fastnca.config.Config` ``cfg`` (forward, or with backward), or its
+    ``first_steps`` leading steps."""
     grids = schedule_grids(doubling=cfg.doubling, seed_size=cfg.seed_size, n_doublings=cfg.n_doublings,
                            steps_per_stage=cfg.steps_per_stage, grid_size=cfg.grid_size, num_steps=num_steps)
+    grids = grids if first_steps is None else grids[:first_steps]
     return _nca_cost(rollout_cells(batch, grids), len(grids), cfg.state_channels, cfg.hidden_channels,
                      cfg.n_blocks, itemsize=itemsize, backward=backward, recompute=recompute)
 

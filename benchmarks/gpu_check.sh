@@ -14,7 +14,8 @@
 #   fit       python -m fastnca.kernels.fit --json (every shipped fwd/bwd config compiled for sm_90 with the
 #             installed Triton: registers, spills, shared memory, HGMMA); runs in the background from the start
 #   tests     python -m pytest tests/kernels (compiled kernels, TRITON_INTERPRET unset; the fit tests are the fit stage)
-#   bench     python -m benchmarks --quick
+#   bench     python -m benchmarks --quick (with the small-grid vs per-step rows: rollout-mnist-doubling-early,
+#             rollout-bwd-mnist-doubling, train-mnist-doubling; triton-bf16 against triton-bf16-perstep)
 #   launches  python -m fastnca.launches --preset mnist-doubling --json (kernel launches per training iteration)
 #   profile   python -m benchmarks.profiling (torch.profiler: top kernels, GPU-busy vs wall time)
 #   train     time to quality: mnist-doubling, fused then reference backend, the same wall-clock budget each
@@ -183,7 +184,9 @@ fi
 if has_stage bench; then
   t=$SECONDS
   BT=$(cap 150 200)
-  if ((TINY)); then BARGS="--tiny --device cpu --no-peaks --cases step --backends torch-fp32 triton-bf16"
+  # the quick plan holds small-grid vs per-step rows (issue 11); the dry run checks the early case's code path
+  if ((TINY)); then BARGS="--tiny --device cpu --no-peaks --cases step rollout-mnist-doubling-early \
+    --backends torch-fp32 triton-bf16 triton-bf16-perstep"
   else BARGS="--quick --time-budget $((BT - 60 > 10 ? BT - 60 : 10))"; fi
   log "bench: python -m benchmarks $BARGS (timeout ${BT}s)"
   timeout "$BT" $PY -m benchmarks $BARGS --out "$OUTDIR" >>"$LOG" 2>&1

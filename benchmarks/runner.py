@@ -35,8 +35,12 @@ __all__ = ["QUICK_PLAN", "default_plan", "run", "main", "to_markdown"]
 QUICK_PLAN: list[tuple[str, list[str]]] = [
     ("step", ["torch-bf16-cl", "triton-bf16", "torch-fp32"]),
     ("train-mnist-doubling", ["triton-fp32", "torch-fp32@step", "torch-bf16-cl"]),
+    # the small-grid kernels (issue 11) against the per-step path (the early forward alone; the rollout forward +
+    # backward, whose small-grid backward runs only under later steps): milliseconds a row
+    ("rollout-mnist-doubling-early", ["triton-bf16", "triton-bf16-perstep"]),
+    ("rollout-bwd-mnist-doubling", ["triton-bf16", "triton-bf16-perstep"]),
     ("train-celeba-nondoubling-256-T128", ["triton-bf16"]),
-    ("train-mnist-doubling", ["triton-bf16"]),
+    ("train-mnist-doubling", ["triton-bf16", "triton-bf16-perstep"]),
     ("train-celeba-nondoubling-256-T128", ["torch-bf16-cl"]),
     ("train-celeba-nondoubling-256-T1024", ["triton-bf16"]),
 ]
@@ -44,24 +48,29 @@ QUICK_PLAN: list[tuple[str, list[str]]] = [
 _STEP_BACKENDS = ["torch-fp32", "torch-bf16-cl", "compile-fp32", "compile-bf16", "triton-fp32", "triton-tf32",
                   "triton-bf16"]
 _MODEL_BACKENDS = ["torch-fp32", "torch-bf16-cl", "triton-fp32", "triton-bf16"]
+_PERSTEP_BACKENDS = ["triton-fp32-perstep", "triton-bf16-perstep"]
 BASELINES = ("torch-fp32", "torch-bf16-cl")
 
 
 def default_plan() -> list[tuple[str, list[str]]]:
-    """Every case with every backend that applies to it."""
+    """Every case with every backend that applies to it (the per-step backends where the small-grid path runs:
+    the doubling schedules, whose first stages have grids of at most 8x8 cells)."""
     from benchmarks.cases import CASES
+    from fastnca.config import get_preset
 
     plan = []
     for name, spec in CASES.items():
         if spec.kind.startswith("step"):
             plan.append((name, list(_STEP_BACKENDS)))
-        elif spec.kind == "train" and (spec.num_steps or 0) > 128:
+            continue
+        perstep = _PERSTEP_BACKENDS if get_preset(spec.preset).doubling else []
+        if spec.kind == "train" and (spec.num_steps or 0) > 128:
             # the reference's recomputed segments at T = 1024 need tens of GB: only the fused path is measured
             plan.append((name, ["triton-bf16", "triton-fp32"]))
         elif spec.kind == "train":
-            plan.append((name, ["torch-fp32@step", *_MODEL_BACKENDS]))
+            plan.append((name, ["torch-fp32@step", *_MODEL_BACKENDS, *perstep]))
         else:
-            plan.append((name, list(_MODEL_BACKENDS)))
+            plan.append((name, [*_MODEL_BACKENDS, *perstep]))
     return plan
 
 
@@ -82,7 +91,9 @@ def _select(plan: list[tuple[str, list[str]]], cases: list[str] | None,
         for name, _ in plan:
             step = CASES[name].kind.startswith("step")
             if name not in {n for n, _ in out}:
-                out.append((name, [b for b in backends if step or not b.startswith("compile")]))
+                # compile-* are benchmarked per step only; *-perstep differ from triton-* in rollouts only
+                out.append((name, [b for b in backends
+                                   if (parse_backend(b).small_grid if step else not b.startswith("compile"))]))
         plan = out
     return plan
 
@@ -215,9 +226,14 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
             name = r["backend"].split("@")[0]
             if name in BASELINES and name not in by_case.setdefault(r["case"], {}):
                 by_case[r["case"]][name] = r["time_ms"]["median"]
+    # the small-grid path against the per-step one: triton-<p>[@c] against triton-<p>-perstep[@c] of the same case
+    perstep = {(r["case"], r["backend"].replace("-perstep", "")): r["time_ms"]["median"] for r in rows
+               if "time_ms" in r and "-perstep" in r["backend"]}
     for r in rows:
         if "time_ms" in r:
             r["speedup"] = {f"vs {k}": v / r["time_ms"]["median"] for k, v in by_case.get(r["case"], {}).items()}
+            if r.get("impl") == "triton" and "-perstep" not in r["backend"] and (r["case"], r["backend"]) in perstep:
+                r["speedup"]["vs per-step"] = perstep[(r["case"], r["backend"])] / r["time_ms"]["median"]
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -286,6 +302,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     extra = [r for r in result["rows"] if "samples_per_s" in r]
     for r in extra:
         lines.append(f"\n{r['case']} {r['backend']}: {r['samples_per_s']:.4g} IWAE samples/s")
+    for r in result["rows"]:
+        if "vs per-step" in r.get("speedup", {}):
+            lines.append(f"\n{r['case']} {r['backend']}: small-grid path {r['speedup']['vs per-step']:.2f}x "
+                         "the per-step path's speed")
     lines += ["", "TFLOP/s counts model FLOPs (forward, + 2x forward for backward; benchmarks/flops.py); "
               "% peak is of the matmul peak of the row's dtype measured above; floor = max(FLOPs/peak, bytes "
               "floor/copy bandwidth). Peak memory: torch.cuda.max_memory_allocated, NVML's device-wide used "

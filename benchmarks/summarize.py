@@ -382,6 +382,8 @@ def _headline(check: dict[str, Any]) -> list[str]:
                   f"{_g(sp.get('vs torch-bf16-cl'), '.2f')}x vs eager bf16")
             if "frac_peak" in r:
                 s += f"; {100 * r['frac_peak']:.1f} % of the run's {r.get('peak_used', 'matmul')} peak"
+            if "vs per-step" in sp:
+                s += f"; small-grid path {sp['vs per-step']:.2f}x vs per-step"
         else:
             s += f" at {r.get('sizes', 'tiny sizes')} (no speed claim)"
         rows.append((f"{r['case']} {r['backend']}", s))

@@ -68,6 +68,9 @@ def test_dry_run_every_stage_ran_or_left_a_one_line_note(dry_run) -> None:
     assert "passed" in stages["tests"]["note"], stages["tests"]["note"]
     rows = {(r["case"], r["backend"]): r for r in check["bench"]["rows"]}
     assert rows[("step", "triton-bf16")]["status"] == "ok" and rows[("step", "torch-fp32")]["status"] == "ok"
+    assert ("step", "triton-bf16-perstep") not in rows  # the per-step backends apply to rollouts only
+    early = [rows[("rollout-mnist-doubling-early", b)] for b in ("torch-fp32", "triton-bf16", "triton-bf16-perstep")]
+    assert [r["status"] for r in early] == ["ok"] * 3 and [r.get("small_grid") for r in early] == [None, True, False]
     if stages["launches"]["rc"] == "0":
         assert check["launches"]["total"] > 0, check["launches"]
     else:

@@ -18,6 +18,7 @@ import torch
 
 from benchmarks import cases, runner
 from benchmarks.summarize import compare_losses, pytest_line, summarize
+from benchmarks.utils import rel_err as runner_rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {"case", "kind", "backend", "impl", "precision", "status", "checkpoint", "parity", "time_ms", "cost",
@@ -173,3 +174,71 @@ def test_first_backend_of_a_model_case_runs_on_its_backend(tmp_path: Path) -> No
     row = res["rows"][0]
     assert row["status"] == "ok", row["status"]
     assert 0 < row["parity"]["rel_err"] < 1e-5  # fused fp32 differs from the reference by rounding only
+
+
+def test_early_cases_and_perstep_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The early-stage case runs exactly the small-grid steps; triton-* launches the small-grid forward and
+    triton-*-perstep does not, and a per-step row never leaves the shared model in per-step mode (issue 11)."""
+    from benchmarks.flops import rollout_cost
+    from fastnca.config import get_preset
+
+    assert cases.early_steps(get_preset("mnist-doubling")) == 24
+    assert cases.early_steps(get_preset("mnist-doubling", **cases.tiny_overrides("mnist-doubling"))) == 6
+    assert rollout_cost(get_preset("mnist-doubling"), 1, first_steps=24).cells == 8 * (4 + 16 + 64)
+    b = cases.parse_backend("triton-bf16-perstep@step")
+    assert not b.small_grid and b.impl == "triton" and b.precision == "bf16" and b.checkpoint == "step"
+    assert cases.parse_backend("triton-bf16").small_grid
+    assert runner._select(runner.QUICK_PLAN, ["step"], ["triton-bf16", "triton-bf16-perstep"]) == [
+        ("step", ["triton-bf16"])]
+    if cases.triton_unavailable(torch.device("cpu")):
+        pytest.skip("fused step not importable")
+    import fastnca.kernels.rollout as rollout
+    from fastnca.kernels.small_grid import SMALL_GRID_CELLS
+
+    assert cases.SMALL_GRID_CELLS == SMALL_GRID_CELLS
+    res = runner.run([("rollout-mnist-doubling-early", ["triton-fp32", "triton-fp32-perstep"])],
+                     device=torch.device("cpu"), out=tmp_path, tiny=True, quick=False, peaks=False, quiet=True)
+    rows = res["rows"]
+    assert [r["status"] for r in rows] == ["ok"] * 2, [r["status"] for r in rows]
+    assert [r["small_grid"] for r in rows] == [True, False]
+    assert all(r["num_steps"] == 6 and r["parity"]["ok"] for r in rows)
+    # the small-grid forward launches with the path on only, also after a per-step row pointed the shared model
+    # at the per-step path, and each timed call points the model again (rows share one model)
+    calls: list[int] = []
+    launch = rollout.launch_small_fwd
+    monkeypatch.setattr(rollout, "launch_small_fwd", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    ctx = cases.CaseContext(cases.CASES["rollout-mnist-doubling-early"], torch.device("cpu"), tiny=True)
+    ctx.reference()
+    per = ctx.prepare(cases.parse_backend("triton-fp32-perstep"))
+    per.fn()
+    assert calls == []
+    fused = ctx.prepare(cases.parse_backend("triton-fp32"))
+    per.fn()
+    assert calls == []
+    fused.fn()
+    assert calls == [1]
+    # forward + backward (the per-step backward's parity is the train rows'; one interpreted backward costs ~10 s)
+    bwd_calls: list[int] = []
+    launch_bwd = rollout._launch_small_bwd
+    monkeypatch.setattr(rollout, "_launch_small_bwd", lambda *a, **k: bwd_calls.append(1) or launch_bwd(*a, **k))
+    ctx = cases.CaseContext(cases.CASES["rollout-bwd-mnist-doubling"], torch.device("cpu"), tiny=True)
+    ref = ctx.reference()
+    ctx.prepare(cases.parse_backend("triton-fp32-perstep"))
+    assert ctx.nca.small_grid is False
+    prep = ctx.prepare(cases.parse_backend("triton-fp32"))
+    assert ctx.nca.small_grid is True
+    errs = [runner_rel_err(r, o) for r, o in zip(ref, prep.parity())]
+    assert len(errs) == len(ref) > 2 and max(errs) < 1e-4, errs
+    assert bwd_calls == [1]
+
+
+def test_speedup_vs_per_step_pairs_rows_of_one_case() -> None:
+    def row(case: str, backend: str, ms: float) -> dict:
+        return {"case": case, "backend": backend, "impl": backend.split("-")[0], "time_ms": {"median": ms}}
+
+    rows = [row("c", "triton-bf16", 2.0), row("c", "triton-bf16-perstep", 3.0), row("c", "triton-fp32", 4.0),
+            row("d", "triton-bf16", 1.0), row("c", "torch-fp32", 8.0)]
+    runner._speedups(rows)
+    assert rows[0]["speedup"] == {"vs torch-fp32": 4.0, "vs per-step": 1.5}
+    assert "vs per-step" not in rows[1]["speedup"] and "vs per-step" not in rows[2]["speedup"]
+    assert rows[3]["speedup"] == {}
