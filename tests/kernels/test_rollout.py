@@ -94,8 +94,7 @@ def test_fp32_rollout_with_masks_matches_float64_and_reruns_bitwise(nan_poison):
         assert torch.equal(x, y), f"grad {i}: expected bitwise-identical gradients on a rerun"
 
 
-@pytest.mark.parametrize("small_grid", [True, False], ids=["small-grid", "per-step"])
-def test_rollout_traces_whole_under_torch_compile_fullgraph(small_grid):
+def test_rollout_traces_whole_under_torch_compile_fullgraph():
     """Under torch.compile the rollout is the custom op fastnca::nca_rollout (and its backward op): fullgraph=True
     compiles, and output and gradients equal the eager autograd Function's."""
     b = 2
@@ -106,7 +105,7 @@ def test_rollout_traces_whole_under_torch_compile_fullgraph(small_grid):
     upstream = torch.randn(b, 16, 8, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
 
     def run(s, *flat):
-        return nca_rollout(s, UpdateWeights.from_flat(flat), plan, masks, small_grid=small_grid)
+        return nca_rollout(s, UpdateWeights.from_flat(flat), plan, masks)
 
     results = []
     for fn in (run, torch.compile(run, backend="aot_eager", fullgraph=True)):
