@@ -432,6 +432,47 @@ def _wgrad_tile(
             tl.store(db_tile, colsum)
 
 
+@triton.jit
+def _acc_wgrad_1x1_tile(
+    q,  # program index over the 1x1 weights' tiles: [0, n_wo) output conv, then n_w1 of W1, then n_w1 of W2
+    g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr,  # (M, C) and (N_BLOCKS [+ 1], M, HID) per-cell buffers of the main kernel
+    acc_ptr,  # (S_MAX, SLOT) fp32 rollout accumulator: per split, [dWp | dbp | dWout | dbout | dW1 | db1 | dW2 | db2]
+    M, cells_per_split, S, SLOT, n_wo, n_w1,
+    C: tl.constexpr, HID: tl.constexpr, N_BLOCKS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr, BA_O: tl.constexpr, BB_O: tl.constexpr, BA_H: tl.constexpr, BLOCK_CELLS: tl.constexpr,
+):
+    """One tile of the output conv's or a block's 1x1 weight gradient over M rows, added to its slot of the rollout's
+    accumulator: the part that the rollout's post kernel (one step's rows) and the small-grid weight-gradient kernel
+    (every small step's rows at once) share."""
+    OFF_WO: tl.constexpr = 9 * HID * C + HID
+    OFF_DBO: tl.constexpr = OFF_WO + C * HID
+    OFF_W1: tl.constexpr = OFF_DBO + C
+    OFF_DB1: tl.constexpr = OFF_W1 + N_BLOCKS * HID * HID
+    OFF_W2: tl.constexpr = OFF_DB1 + N_BLOCKS * HID
+    OFF_DB2: tl.constexpr = OFF_W2 + N_BLOCKS * HID * HID
+    if q < n_wo:  # dWout = sum g^T y_nb
+        GA: tl.constexpr = C // BA_O
+        GTB: tl.constexpr = HID // BB_O
+        _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), g_ptr, y_ptr + N_BLOCKS * M * HID,
+                    acc_ptr + OFF_WO, acc_ptr + OFF_DBO, M, 1, 1, cells_per_split, S, 1, SLOT, SLOT, C, HID, 1,
+                    False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
+    elif N_BLOCKS > 0:
+        q = q - n_wo
+        GA: tl.constexpr = HID // BA_H
+        GTB: tl.constexpr = HID // BA_H
+        qq = q % n_w1
+        if q < n_w1:  # dW1_i = sum da_i^T y_i
+            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), da_ptr, y_ptr,
+                        acc_ptr + OFF_W1, acc_ptr + OFF_DB1, M, 1, 1, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
+                        HID, HID, 1, False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        BLOCK_CELLS, True)
+        else:  # dW2_i = sum dy_{i+1}^T ELU(a_i)
+            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), dy_ptr, a_ptr,
+                        acc_ptr + OFF_W2, acc_ptr + OFF_DB2, M, 1, 1, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
+                        HID, HID, 1, False, 0, True, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        BLOCK_CELLS, True)
+
+
 # The per-step kernel keeps its own copy of the GEMM loop: written as a call of _wgrad_tile it compiled with a
 # 24 B stack frame (spills) in the fp32 "ieee" 256/256 perceive variant under Triton 3.8 (the rollout's post
 # kernel, which calls _wgrad_tile, fits in every shipped config).

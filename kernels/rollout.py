@@ -47,6 +47,7 @@ from .nca_step import (
 from .nca_step_bwd import (
     _MAX_SPLITS,
     BwdConfig,
+    _acc_wgrad_1x1_tile,
     _chunk,
     _dstate_constexprs,
     _dstate_tile,
@@ -128,14 +129,6 @@ def _rollout_bwd_post_kernel(
     slot, launches in order, so the accumulation is deterministic.
     """
     pid = tl.program_id(0)
-    SLOT_WP: tl.constexpr = 9 * HID * C
-    OFF_DBP: tl.constexpr = SLOT_WP
-    OFF_WO: tl.constexpr = OFF_DBP + HID
-    OFF_DBO: tl.constexpr = OFF_WO + C * HID
-    OFF_W1: tl.constexpr = OFF_DBO + C
-    OFF_DB1: tl.constexpr = OFF_W1 + N_BLOCKS * HID * HID
-    OFF_W2: tl.constexpr = OFF_DB1 + N_BLOCKS * HID
-    OFF_DB2: tl.constexpr = OFF_W2 + N_BLOCKS * HID * HID
     if pid < n_ds:
         _dstate_tile(pid.to(tl.int64) * DS_BLOCK_M, M_in, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID,
                      DOUBLE, INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, C_PAD)
@@ -144,30 +137,12 @@ def _rollout_bwd_post_kernel(
         GA: tl.constexpr = HID // BA_P
         GTB: tl.constexpr = 9 * (C // BB_P)
         _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), dpre_ptr, z_ptr, acc_ptr,
-                    acc_ptr + OFF_DBP, M, H, W, cells_per_split, S, 1, SLOT, SLOT, HID, C, 9, True,
+                    acc_ptr + 9 * HID * C, M, H, W, cells_per_split, S, 1, SLOT, SLOT, HID, C, 9, True,
                     1 if DOUBLE else 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
-    elif pid < n_ds + n_wp + n_wo:
-        q = pid - n_ds - n_wp
-        GA: tl.constexpr = C // BA_O
-        GTB: tl.constexpr = HID // BB_O
-        _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), g_ptr, y_ptr + N_BLOCKS * M * HID,
-                    acc_ptr + OFF_WO, acc_ptr + OFF_DBO, M, H, W, cells_per_split, S, 1, SLOT, SLOT, C, HID, 1,
-                    False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
-    elif N_BLOCKS > 0:
-        q = pid - n_ds - n_wp - n_wo
-        GA: tl.constexpr = HID // BA_H
-        GTB: tl.constexpr = HID // BA_H
-        qq = q % n_w1
-        if q < n_w1:  # dW1_i = sum da_i^T y_i
-            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), da_ptr, y_ptr,
-                        acc_ptr + OFF_W1, acc_ptr + OFF_DB1, M, H, W, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
-                        BLOCK_CELLS, True)
-        else:  # dW2_i = sum dy_{i+1}^T ELU(a_i)
-            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), dy_ptr, a_ptr,
-                        acc_ptr + OFF_W2, acc_ptr + OFF_DB2, M, H, W, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, 0, True, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
-                        BLOCK_CELLS, True)
+    else:
+        _acc_wgrad_1x1_tile(pid - n_ds - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, M, cells_per_split, S,
+                            SLOT, n_wo, n_w1, C, HID, N_BLOCKS, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BA_H,
+                            BLOCK_CELLS)
 
 
 # ----------------------------------------------------------------------------------------------------- plan

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .nca_step import _INTERPRET, StepConfig, _step_cells, fwd_constexprs, step_config
-from .nca_step_bwd import _dstate_tile, _main_cells, _wgrad_tile
+from .nca_step_bwd import _acc_wgrad_1x1_tile, _dstate_tile, _main_cells, _wgrad_tile
 from .spec import KernelSpec
 
 __all__ = ["SMALL_GRID_CELLS", "samples_per_program", "small_config", "small_fwd_kernel_spec", "small_grid_steps"]
@@ -363,14 +363,6 @@ def _rollout_wgrad_small_kernel(
     order, adding to its accumulator slot (one writer per slot, a fixed order: deterministic).
     """
     pid = tl.program_id(0)
-    SLOT_WP: tl.constexpr = 9 * HID * C
-    OFF_DBP: tl.constexpr = SLOT_WP
-    OFF_WO: tl.constexpr = OFF_DBP + HID
-    OFF_DBO: tl.constexpr = OFF_WO + C * HID
-    OFF_W1: tl.constexpr = OFF_DBO + C
-    OFF_DB1: tl.constexpr = OFF_W1 + N_BLOCKS * HID * HID
-    OFF_W2: tl.constexpr = OFF_DB1 + N_BLOCKS * HID
-    OFF_DB2: tl.constexpr = OFF_W2 + N_BLOCKS * HID * HID
     if pid < n_wp:
         GA: tl.constexpr = HID // BA_P
         GTB: tl.constexpr = 9 * (C // BB_P)
@@ -389,32 +381,12 @@ def _rollout_wgrad_small_kernel(
             else:
                 zin = keep_ptr + (row0 - batch * h_in * w_in) * C
             _wgrad_tile(pid % GA, (pid // GA) % GTB, (pid // (GA * GTB)).to(tl.int64), dpre_ptr + row0 * HID, zin,
-                        acc_ptr, acc_ptr + OFF_DBP, batch * h * w, h, w, cps_p, s_p, 1, SLOT, SLOT, HID, C, 9, True,
+                        acc_ptr, acc_ptr + 9 * HID * C, batch * h * w, h, w, cps_p, s_p, 1, SLOT, SLOT, HID, C, 9, True,
                         shift, False, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
             row0 += batch * h * w
-    elif pid < n_wp + n_wo:
-        q = pid - n_wp
-        GA: tl.constexpr = C // BA_O
-        GTB: tl.constexpr = HID // BB_O
-        _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), g_ptr, y_ptr + N_BLOCKS * m_total * HID,
-                    acc_ptr + OFF_WO, acc_ptr + OFF_DBO, m_total, 1, 1, cps_1, s_1, 1, SLOT, SLOT, C, HID, 1,
-                    False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
-    elif N_BLOCKS > 0:
-        q = pid - n_wp - n_wo
-        GA: tl.constexpr = HID // BA_H
-        GTB: tl.constexpr = HID // BA_H
-        qq = q % n_w1
-        if q < n_w1:  # dW1_i = sum da_i^T y_i
-            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), da_ptr, y_ptr,
-                        acc_ptr + OFF_W1, acc_ptr + OFF_DB1, m_total, 1, 1, cps_1, s_1, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
-                        BLOCK_CELLS, True)
-        else:  # dW2_i = sum dy_{i+1}^T ELU(a_i)
-            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), dy_ptr, a_ptr,
-                        acc_ptr + OFF_W2, acc_ptr + OFF_DB2, m_total, 1, 1, cps_1, s_1, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, 0, True, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
-                        BLOCK_CELLS, True)
-
+    else:
+        _acc_wgrad_1x1_tile(pid - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, m_total, cps_1, s_1, SLOT, n_wo,
+                            n_w1, C, HID, N_BLOCKS, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BA_H, BLOCK_CELLS)
 
 def small_bwd_constexprs(main: dict[str, Any], post: dict[str, Any], ds_block_n: int) -> dict[str, Any]:
     """:func:`_rollout_bwd_small_kernel`'s constexprs from the main kernel's (``nca_step_bwd._main_constexprs``)
