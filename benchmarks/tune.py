@@ -1,0 +1,294 @@
+"""Tile and split sweep of the fused rollout's backward, timed on the GPU: which configuration to ship.
+
+Usage::
+
+    python -m benchmarks.tune --out DIR                    # mnist-doubling, B = 32, bf16: every variant below
+    python -m benchmarks.tune --only post small --out DIR  # some groups (post, main, small)
+    python -m benchmarks.tune --tiny --device cpu          # CPU dry run (interpreter, tiny sizes): the code path
+
+Each variant changes one thing against the shipped configuration (the kernels' own ``bwd_config`` /
+``post_config``, the weight-gradient splits ``nca_step_bwd._MIN_CELLS_PER_SPLIT``, the small-grid backward on or
+off) and times the whole rollout forward + backward (``kernels.rollout.nca_rollout``: the latents' and every
+weight's gradient) at the preset's shape, with CUDA events. Every variant's gradients are compared with the shipped
+configuration's (relative error), so a variant that computes something else is flagged, not timed as a win. After
+the single changes, the best variant of each group is combined and timed, and ``torch.profiler`` splits the shipped
+and the combined run into kernels.
+
+Variants are applied by patching the configuration for the duration of one variant only (``_patched``); nothing
+here changes what ships. A variant that fails to compile or launch (shared memory, registers) is reported as such.
+Whether a variant also fits both Triton releases without spills is the sm_90 fit's job (``python -m
+fastnca.kernels.fit``), which must pass before a variant ships.
+
+Writes ``tune.json`` (every row) and ``tune.md`` (the table) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# (group, name, changes): changes are "post.<field>" / "main.<field>" (BwdConfig fields), "min_cells_per_split",
+# "small_bwd" (False: the per-step backward for the small-grid steps) or "small_grid" (False: per step, fwd too)
+VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("post", "splits >= 4096 cells", {"min_cells_per_split": 4096}),
+    ("post", "splits >= 16384 cells", {"min_cells_per_split": 16384}),
+    ("post", "4 warps", {"post.wg_warps": 4}),
+    ("post", "4 warps, splits >= 4096", {"post.wg_warps": 4, "min_cells_per_split": 4096}),
+    ("post", "3 stages", {"post.wg_stages": 3}),
+    ("post", "3 stages, splits >= 4096", {"post.wg_stages": 3, "min_cells_per_split": 4096}),
+    ("post", "128 cells per k-step, splits >= 4096", {"post.wg_block_cells": 128, "min_cells_per_split": 4096}),
+    ("post", "32 cells per k-step, 3 stages, splits >= 4096",
+     {"post.wg_block_cells": 32, "post.wg_stages": 3, "min_cells_per_split": 4096}),
+    ("post", "4 warps, 3 stages, splits >= 4096",
+     {"post.wg_warps": 4, "post.wg_stages": 3, "min_cells_per_split": 4096}),
+    ("post", "4 warps, 3 stages, splits >= 16384",
+     {"post.wg_warps": 4, "post.wg_stages": 3, "min_cells_per_split": 16384}),
+    ("post", "128x128 tiles, splits >= 4096", {"post.wg_block": 128, "min_cells_per_split": 4096}),
+    ("post", "128x128 tiles, 4 warps, splits >= 4096",
+     {"post.wg_block": 128, "post.wg_warps": 4, "min_cells_per_split": 4096}),
+    ("main", "hidden chunk 64", {"main.block_k": 64}),
+    ("main", "state chunk 64", {"main.block_c": 64}),
+    ("main", "3 stages", {"main.stages": 3}),
+    ("main", "1 stage", {"main.stages": 1}),
+    ("main", "128 cells", {"main.block_m": 128}),
+    ("main", "4 warps", {"main.warps": 4}),
+    ("main", "state-gradient 128 cells", {"main.ds_block_m": 128}),
+    ("small", "small-grid backward off", {"small_bwd": False}),
+    ("small", "small-grid off (forward too)", {"small_grid": False}),
+]
+
+
+@contextlib.contextmanager
+def _patched(changes: dict[str, Any]) -> Iterator[None]:
+    """Apply one variant's changes to the rollout's configuration; restored on exit."""
+    from fastnca.kernels import nca_step_bwd, rollout
+
+    saved: list[tuple[Any, str, Any]] = []
+
+    def put(obj: Any, name: str, value: Any) -> None:
+        saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    post = {k[5:]: v for k, v in changes.items() if k.startswith("post.")}
+    main = {k[5:]: v for k, v in changes.items() if k.startswith("main.")}
+    try:
+        if post:
+            fget = rollout.StepPlan.post_config.fget
+            put(rollout.StepPlan, "post_config", property(lambda sp: dataclasses.replace(fget(sp), **post)))
+        if main:
+            fget_m = rollout.StepPlan.bwd_config.fget
+            chunks = {"block_k": "hp", "ds_block_k": "hp", "block_c": "c"}  # tiles divide the channels they cut
+
+            def main_config(sp: Any) -> Any:
+                fit = {k: nca_step_bwd._chunk(getattr(sp, chunks[k]), v) if k in chunks else v for k, v in main.items()}
+                return dataclasses.replace(fget_m(sp), **fit)
+
+            put(rollout.StepPlan, "bwd_config", property(main_config))
+        if "min_cells_per_split" in changes:
+            put(nca_step_bwd, "_MIN_CELLS_PER_SPLIT", changes["min_cells_per_split"])
+        if changes.get("small_bwd") is False:
+            put(rollout, "_small_bwd_fits", lambda *args: False)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+class Bench:
+    """The rollout of a preset (forward + backward of the update network and the latents) at a fixed input."""
+
+    def __init__(self, preset: str, batch: int, precision: str, device: torch.device, tiny: bool) -> None:
+        from benchmarks.cases import randomize_out, tiny_overrides
+        from fastnca.config import get_preset
+        from fastnca.nca import nca_from_config
+
+        over = tiny_overrides(preset) if tiny else {}
+        over.update(batch_size=batch, precision=precision, backend="triton", p_update=1.0)
+        self.cfg = get_preset(preset, **over)
+        gen = torch.Generator().manual_seed(1234)
+        torch.manual_seed(0)
+        nca = nca_from_config(self.cfg)
+        randomize_out(nca.update_net, gen)
+        self.nca = nca.to(device)
+        self.z = torch.randn(batch, self.cfg.state_channels, generator=gen).to(device)
+        self.flags = self.nca.schedule(None if self.cfg.doubling else self.cfg.max_steps)
+        out_side = self.cfg.seed_size * 2 ** self.cfg.n_doublings if self.cfg.doubling else self.cfg.grid_size
+        self.dy = torch.randn(batch, self.cfg.state_channels, out_side, out_side, generator=gen).to(device)
+        self.device = device
+
+    def run(self, small_grid: bool = True) -> list[torch.Tensor]:
+        """One forward + backward; returns [final state, dL/dz, every weight's gradient]."""
+        params = list(self.nca.update_net.parameters())
+        for p in params:
+            p.grad = None
+        z = self.z.detach().clone().requires_grad_(True)
+        self.nca.small_grid = small_grid
+        out = self.nca.run(self.nca.seed(z), self.flags)
+        out.backward(self.dy.to(out.dtype).contiguous(memory_format=torch.channels_last))
+        return [out.detach().float(), z.grad.float()] + [p.grad.float() for p in params]
+
+
+def _rel(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for r, o in zip(ref, out):
+        den = r.norm().item() or 1.0
+        worst = max(worst, (o - r).norm().item() / den)
+    return worst
+
+
+def _time(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
+    from benchmarks.utils import time_fn
+
+    return time_fn(fn, device, warmup=1, min_reps=reps, max_reps=reps, target_s=0.0).times_ms
+
+
+def _kernels(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
+    """GPU time per kernel name (us) over one call, by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", 0.0) if device.type == "cuda" else 0.0
+        if t > 0 and (e.key.startswith("_") or "triton" in e.key):
+            out[e.key] = round(t, 1)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _measure(bench: Bench, name: str, group: str, changes: dict[str, Any], ref: list[torch.Tensor] | None,
+             reps: int) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
+    """Time one variant; returns its row and its outputs (None where it failed)."""
+    row: dict[str, Any] = {"group": group, "variant": name, "changes": changes}
+    small = changes.get("small_grid", True)
+    t0 = time.perf_counter()
+    try:
+        with _patched(changes):
+            grads = bench.run(small)  # compiles what the variant needs
+            if bench.device.type == "cuda":
+                torch.cuda.synchronize(bench.device)
+            row["first_call_s"] = round(time.perf_counter() - t0, 2)
+            row["rel_err_vs_shipped"] = 0.0 if ref is None else _rel(ref, grads)
+            times = _time(lambda: bench.run(small), bench.device, reps)
+    except Exception as err:  # noqa: BLE001 - a variant that cannot run is a result, not a crash
+        row["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        return row, None
+    row["median_ms"] = round(sorted(times)[len(times) // 2], 3)
+    row["min_ms"] = round(min(times), 3)
+    bad = ref is not None and not row["rel_err_vs_shipped"] < 0.05
+    row["status"] = "MISMATCH vs shipped" if bad or not math.isfinite(row["rel_err_vs_shipped"]) else "ok"
+    return row, grads
+
+
+def _combined(rows: list[dict[str, Any]], base_ms: float) -> dict[str, Any]:
+    """The best ok variant of each group that beats the shipped configuration, merged."""
+    changes: dict[str, Any] = {}
+    for group in dict.fromkeys(r["group"] for r in rows):
+        ok = [r for r in rows if r["group"] == group and r.get("status") == "ok" and r["median_ms"] < base_ms]
+        if ok:
+            changes.update(min(ok, key=lambda r: r["median_ms"])["changes"])
+    return changes
+
+
+def _table(rows: list[dict[str, Any]], base_ms: float) -> str:
+    lines = ["| group | variant | median ms | vs shipped | first call s | rel. err vs shipped | status |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ms = r.get("median_ms")
+        speed = f"{base_ms / ms:.2f}x" if ms else "-"
+        err = r.get("rel_err_vs_shipped")
+        lines.append(f"| {r['group']} | {r['variant']} | {ms if ms is not None else '-'} | {speed} | "
+                     f"{r.get('first_call_s', '-')} | {'-' if err is None else f'{err:.1e}'} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def _kernel_table(prof: dict[str, dict[str, float]]) -> str:
+    names = list(dict.fromkeys(k for p in prof.values() for k in p))
+    lines = ["| kernel | " + " | ".join(f"{k} us" for k in prof) + " |", "|---|" + "---:|" * len(prof)]
+    for n in names:
+        lines.append(f"| `{n[:60]}` | " + " | ".join(str(p.get(n, "-")) for p in prof.values()) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mnist-doubling")
+    p.add_argument("--batch", type=int, default=None, help="default: the preset's batch (tiny: 2)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "tf32", "fp32"))
+    p.add_argument("--only", nargs="+", choices=("post", "main", "small"), help="only these groups")
+    p.add_argument("--reps", type=int, default=5, help="timed repeats per variant (after one warm-up)")
+    p.add_argument("--time-budget", type=float, default=240.0, help="seconds; variants not started by then skip")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny sizes, interpreter, two variants")
+    p.add_argument("--out", type=Path, default=None, help="folder for tune.json and tune.md")
+    args = p.parse_args(argv)
+    if args.tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("tune: no CUDA device (use --tiny --device cpu for the dry run)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    from fastnca.config import get_preset
+
+    batch = args.batch or (2 if args.tiny else get_preset(args.preset).batch_size)
+    bench = Bench(args.preset, batch, args.precision, device, args.tiny)
+    variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
+    if args.tiny:  # one per kind of patch: the code path, not a sweep
+        variants = [v for v in variants if v[1] in ("splits >= 4096 cells", "hidden chunk 64",
+                                                    "small-grid backward off")]
+        args.reps = 1
+    shipped, ref = _measure(bench, "shipped", "-", {}, None, args.reps)
+    base = shipped.get("median_ms") or float("nan")
+    print(f"tune: {args.preset} B={batch} {args.precision} on {device}: shipped {base} ms "
+          f"(first call {shipped.get('first_call_s')} s)", flush=True)
+    rows = []
+    for group, name, changes in variants:
+        if time.perf_counter() - start > args.time_budget:
+            rows.append({"group": group, "variant": name, "changes": changes, "status": "skipped: time budget"})
+            continue
+        row, _ = _measure(bench, name, group, changes, ref, args.reps)
+        rows.append(row)
+        print(f"tune: {group:5s} {name:48s} {row.get('median_ms', '-')!s:>9} ms  {row['status']}", flush=True)
+    combo = _combined(rows, base)
+    prof: dict[str, dict[str, float]] = {}
+    if combo and time.perf_counter() - start < args.time_budget + 60:
+        row, _ = _measure(bench, "best of each group", "combined", combo, ref, args.reps)
+        rows.append(row)
+        print(f"tune: combined {combo}: {row.get('median_ms', '-')} ms {row['status']}", flush=True)
+    prof["shipped"] = _kernels(lambda: bench.run(True), device)
+    if combo:
+        with _patched(combo):
+            prof["combined"] = _kernels(lambda: bench.run(combo.get("small_grid", True)), device)
+    md = (f"# Rollout backward sweep: {args.preset}, B = {batch}, {args.precision}, {device}\n\n"
+          f"Shipped configuration: {base} ms per forward + backward (median of {args.reps}).\n\n"
+          + _table([shipped] + rows, base) + "\n\n## Kernels (torch.profiler, one call)\n\n" + _kernel_table(prof)
+          + "\n")
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        from benchmarks.utils import env_info
+
+        doc = {"preset": args.preset, "batch": batch, "precision": args.precision, "env": env_info(device),
+               "shipped": shipped, "rows": rows, "combined": combo, "kernels": prof}
+        (args.out / "tune.json").write_text(json.dumps(doc, indent=1, default=str))
+        (args.out / "tune.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
