@@ -46,6 +46,7 @@ class Config:
     precision: str = "fp32"  # fp32 | tf32 | bf16: the NCA state and the fused kernels' dot precision
     checkpoint: str = "auto"  # none | step | segments=k | auto
     small_grid: bool = True  # fused backend: the steps on grids <= 8x8 in one launch (kernels/small_grid.py)
+    small_grid_backward: bool = False  # and their backward too (measured slower than per step on an H100)
     # training
     batch_size: int = 32
     lr: float = 1e-4

@@ -131,6 +131,8 @@ class NCA(nn.Module):
         checkpoint: 'none', 'step', 'segments=k' or 'auto' (see kernels/schedule.py, parse_checkpoint).
         small_grid: fused backend: run the leading steps on grids of at most 8x8 cells in one launch
             (``kernels/small_grid.py``); False: one launch per step.
+        small_grid_backward: with ``small_grid``, their backward in the small-grid kernels too (off by default: the
+            per-step backward of those steps measured faster on an H100, see ``kernels.rollout.nca_rollout``).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class NCA(nn.Module):
         precision: str = "fp32",
         checkpoint: str = "auto",
         small_grid: bool = True,
+        small_grid_backward: bool = False,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -178,6 +181,7 @@ class NCA(nn.Module):
         self.precision = precision
         self.checkpoint = checkpoint
         self.small_grid = small_grid
+        self.small_grid_backward = small_grid_backward
 
     # ------------------------------------------------------------------------------------------ one step
     @property
@@ -273,7 +277,7 @@ class NCA(nn.Module):
             from fastnca.kernels.rollout import nca_rollout
 
             return nca_rollout(state, weights, plan, masks, input_precision=self.input_precision,
-                               small_grid=self.small_grid)
+                               small_grid=self.small_grid, small_grid_backward=self.small_grid_backward)
         step = self.step_fn(state.device)
         states = [state] if return_states else []
         grad_on = torch.is_grad_enabled() and (state.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -341,5 +345,5 @@ def nca_from_config(cfg: Any) -> NCA:
         doubling=cfg.doubling, seed_size=cfg.seed_size, n_doublings=cfg.n_doublings,
         steps_per_stage=cfg.steps_per_stage, grid_size=cfg.grid_size, min_steps=cfg.min_steps,
         max_steps=cfg.max_steps, p_update=cfg.p_update, backend=cfg.backend, precision=cfg.precision,
-        checkpoint=cfg.checkpoint, small_grid=cfg.small_grid,
+        checkpoint=cfg.checkpoint, small_grid=cfg.small_grid, small_grid_backward=cfg.small_grid_backward,
     )

@@ -627,7 +627,9 @@ def bwd_config(
     # Every tile fits (no spills) under Triton 3.8 (CI) and 3.6 (the GPU machines); see kernels/BACKWARD.md.
     own_rows = bool(n_blocks) and h <= 128  # 128 cells x 8 warps: no warpgroup repeats the other's chained dots
     if dtype == torch.bfloat16:
-        main, dstate = ((64, 32, 32, 8, 2), (64, 64, 8)) if wide else ((64, 64, 64, 8, 2), (64, 64, 4))
+        # wide: 3 stages measured 1.07x faster than 2 over the mnist-doubling rollout's backward (H100, bf16, B = 32,
+        # benchmarks/tune.py; table in benchmarks/RESULTS.md)
+        main, dstate = ((64, 32, 32, 8, 3), (64, 64, 8)) if wide else ((64, 64, 64, 8, 2), (64, 64, 4))
         main = (128, 32, 32, 8, 2) if own_rows else main
     elif input_precision == "tf32":
         main, dstate = ((64, 16, 32, 8, 2), (64, 32, 8)) if wide else ((64, 32, 32, 8, 2), (64, 32, 4))
@@ -651,9 +653,10 @@ def bwd_config(
     )
 
 
-def _splits(m: int, block_cells: int) -> tuple[int, int]:
-    """(cells per split, number of splits) for m cells: a function of m only, so results are reproducible."""
-    per = max(_MIN_CELLS_PER_SPLIT, triton.cdiv(m, _MAX_SPLITS))
+def _splits(m: int, block_cells: int, min_cells: int | None = None) -> tuple[int, int]:
+    """(cells per split, number of splits) for m cells, splits of at least ``min_cells`` (default
+    ``_MIN_CELLS_PER_SPLIT``): a function of m only, so results are reproducible."""
+    per = max(_MIN_CELLS_PER_SPLIT if min_cells is None else min_cells, triton.cdiv(m, _MAX_SPLITS))
     per = triton.cdiv(per, block_cells) * block_cells
     return per, triton.cdiv(m, per)
 

@@ -195,7 +195,15 @@ def post_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, i
     cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=interpret)
     if interpret:
         return cfg
-    return dataclasses.replace(cfg, wg_block=min(cfg.wg_block, 64), wg_stages=2)
+    # bf16: 128 cells per reduction step (with splits of >= _POST_MIN_CELLS_PER_SPLIT cells) measured 1.12x faster
+    # than 64 over the mnist-doubling rollout's backward (H100, B = 32, benchmarks/tune.py, benchmarks/RESULTS.md)
+    cells = 128 if dtype == torch.bfloat16 else cfg.wg_block_cells
+    return dataclasses.replace(cfg, wg_block=min(cfg.wg_block, 64), wg_block_cells=cells, wg_stages=2)
+
+
+# Cells per split of the post kernel's weight-gradient reductions, at least: longer reductions per program, fewer
+# fp32 partials to add (measured with the 128-cell steps above)
+_POST_MIN_CELLS_PER_SPLIT = 4096
 
 
 def _post_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, input_precision: str, interp_bf16: bool,
@@ -381,7 +389,7 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
     )
     pcfg = sp.post_config
     consts = sp.post_constexprs(double=double, cfg=pcfg)
-    per_split, n_splits = _splits(m, pcfg.wg_block_cells)
+    per_split, n_splits = _splits(m, pcfg.wg_block_cells, _POST_MIN_CELLS_PER_SPLIT)
     n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"])
     n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits
     n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits
@@ -504,7 +512,8 @@ class _Saved:
 
 
 def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, masks: list[Tensor | None],
-                     input_precision: str, small_grid: bool) -> tuple[Tensor, Tensor, _Saved]:
+                     input_precision: str, small_grid: bool,
+                     small_grid_backward: bool) -> tuple[Tensor, Tensor, _Saved]:
     """The forward of every step: the final state ``(B, H', W', C)`` (channels-last storage), the stored states
     (one flat buffer) and what the backward needs."""
     sp = StepPlan(weights, state.dtype, input_precision)
@@ -547,7 +556,7 @@ def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, m
             dst = ping[which][: sizes[i + 1]].view(b, hh, ww, c)
         _launch_fwd(sp, src, dst, masks[i], plan.flags[i], (hh, ww), b)
         src = dst
-    n_small_bwd = n_small if n_small and _small_bwd_fits(sp, b, grids, n_small) else 0
+    n_small_bwd = n_small if n_small and small_grid_backward and _small_bwd_fits(sp, b, grids, n_small) else 0
     return out, keep, _Saved(sp, offsets, sizes, [(h0, w0)] + grids, n_small_bwd)
 
 
@@ -591,13 +600,14 @@ def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan:
 
 
 class _RolloutFunction(torch.autograd.Function):
-    """``apply(state, plan, masks, input_precision, small_grid, *weights.flat())``; see the module docstring."""
+    """``apply(state, plan, masks, input_precision, small_grid, small_grid_backward, *weights.flat())``; see the
+    module docstring."""
 
     @staticmethod
     def forward(ctx, state: Tensor, plan: RolloutPlan, masks: list[Tensor | None], input_precision: str,
-                small_grid: bool, *flat: Tensor | None) -> Tensor:
+                small_grid: bool, small_grid_backward: bool, *flat: Tensor | None) -> Tensor:
         out, keep, saved = _rollout_forward(state, UpdateWeights.from_flat(flat), plan, masks, input_precision,
-                                            small_grid)
+                                            small_grid, small_grid_backward)
         ctx.save_for_backward(state, keep, *flat)
         ctx.plan, ctx.masks, ctx.saved = plan, masks, saved  # saved.sp: the packed weights, packed once per call
         return out.permute(0, 3, 1, 2)
@@ -607,7 +617,7 @@ class _RolloutFunction(torch.autograd.Function):
         state, keep, *flat = ctx.saved_tensors
         grad_state, grads = _rollout_backward(state, keep, UpdateWeights.from_flat(flat), ctx.plan, ctx.masks,
                                               ctx.saved, grad_out)
-        return (grad_state, None, None, None, None, *grads)
+        return (grad_state, None, None, None, None, None, *grads)
 
 
 # ------------------------------------------------------------------------------------------- custom op
@@ -628,17 +638,18 @@ def _op_weights(tensors: list[Tensor], present: list[bool]) -> UpdateWeights:
 @torch.library.custom_op("fastnca::nca_rollout", mutates_args=())
 def _nca_rollout_op(state: Tensor, tensors: list[Tensor], present: list[bool], masks: list[Tensor],
                     flags: list[bool], segment: int, policy: str, input_precision: str,
-                    small_grid: bool) -> tuple[Tensor, Tensor]:
+                    small_grid: bool, small_grid_backward: bool) -> tuple[Tensor, Tensor]:
     """The rollout's final state (channels-last ``(B, C, H', W')``) and its stored states (flat)."""
     plan = _op_plan(flags, segment, policy)
     out, keep, _ = _rollout_forward(state, _op_weights(tensors, present), plan, list(masks) or [None] * len(flags),
-                                    input_precision, small_grid)
+                                    input_precision, small_grid, small_grid_backward)
     out = out.permute(0, 3, 1, 2)
     return (out.clone() if not flags else out), keep  # no steps: a copy, an op's output may not alias its input
 
 
 @_nca_rollout_op.register_fake
-def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, input_precision, small_grid):
+def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, input_precision, small_grid,
+                      small_grid_backward):
     b, c, h0, w0 = state.shape
     plan = _op_plan(flags, segment, policy)
     grids = plan.grids(h0, w0)
@@ -651,7 +662,7 @@ def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, in
 @torch.library.custom_op("fastnca::nca_rollout_backward", mutates_args=())
 def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], present: list[bool], masks: list[Tensor],
                         flags: list[bool], segment: int, policy: str, input_precision: str, small_grid: bool,
-                        grad_out: Tensor) -> list[Tensor]:
+                        small_grid_backward: bool, grad_out: Tensor) -> list[Tensor]:
     """``[grad_state, *gradients of the present weights]``."""
     plan = _op_plan(flags, segment, policy)
     weights = _op_weights(tensors, present)
@@ -666,7 +677,7 @@ def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], pres
         offsets[i] = total
         total += sizes[i]
     n_small = _small_steps(sp, plan, h0, w0, ms) if small_grid else 0
-    n_small_bwd = n_small if n_small and _small_bwd_fits(sp, b, grids, n_small) else 0
+    n_small_bwd = n_small if n_small and small_grid_backward and _small_bwd_fits(sp, b, grids, n_small) else 0
     saved = _Saved(sp, offsets, sizes, [(h0, w0)] + grids, n_small_bwd)
     grad_state, grads = _rollout_backward(state, keep, weights, plan, ms, saved, grad_out)
     outs = [grad_state.contiguous(memory_format=torch.channels_last)] + [g for g in grads if g is not None]
@@ -682,24 +693,24 @@ def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], pres
 
 @_nca_rollout_bwd_op.register_fake
 def _nca_rollout_bwd_fake(state, keep, tensors, present, masks, flags, segment, policy, input_precision, small_grid,
-                          grad_out):
+                          small_grid_backward, grad_out):
     return [torch.empty_like(state)] + [torch.empty_like(t) for t in tensors]
 
 
 def _nca_rollout_setup_context(ctx, inputs, output) -> None:
-    state, tensors, present, masks, flags, segment, policy, input_precision, small_grid = inputs
+    state, tensors, present, masks, flags, segment, policy, input_precision, small_grid, small_grid_backward = inputs
     ctx.save_for_backward(state, output[1], *tensors, *masks)
     ctx.n_tensors = len(tensors)
-    ctx.args = (present, flags, segment, policy, input_precision, small_grid)
+    ctx.args = (present, flags, segment, policy, input_precision, small_grid, small_grid_backward)
 
 
 def _nca_rollout_backward(ctx, grad_out, grad_keep):
     state, keep, *rest = ctx.saved_tensors
     tensors, masks = rest[: ctx.n_tensors], rest[ctx.n_tensors:]
-    present, flags, segment, policy, input_precision, small_grid = ctx.args
+    present, flags, segment, policy, input_precision, small_grid, small_grid_backward = ctx.args
     grads = _nca_rollout_bwd_op(state, keep, list(tensors), present, list(masks), flags, segment, policy,
-                                input_precision, small_grid, grad_out)
-    return grads[0], list(grads[1:]), None, [None] * len(masks), None, None, None, None, None
+                                input_precision, small_grid, small_grid_backward, grad_out)
+    return grads[0], list(grads[1:]), None, [None] * len(masks), None, None, None, None, None, None
 
 
 _nca_rollout_op.register_autograd(_nca_rollout_backward, setup_context=_nca_rollout_setup_context)
@@ -713,6 +724,7 @@ def nca_rollout(
     *,
     input_precision: str = "ieee",
     small_grid: bool = True,
+    small_grid_backward: bool = False,
 ) -> Tensor:
     """Run every step of ``plan`` with the fused kernels, as one autograd node.
 
@@ -726,6 +738,9 @@ def nca_rollout(
         small_grid: run the leading steps on grids of at most ``small_grid.SMALL_GRID_CELLS`` cells per sample in
             one launch (``kernels/small_grid.py``) where the plan stores every step's input; False: one launch per
             step (the fallback, kept for comparison).
+        small_grid_backward: with ``small_grid``, also backpropagate through those steps in the small-grid
+            backward's two launches. Off by default: on an H100 (mnist-doubling, bf16, B = 32) the per-step
+            backward of those steps made the rollout's forward + backward 1.15x faster (benchmarks/RESULTS.md).
 
     Returns:
         The final state ``(B, |z|, H', W')`` in the state's dtype, channels-last. Its backward yields the gradients
@@ -745,8 +760,9 @@ def nca_rollout(
         flat = weights.flat()
         return _nca_rollout_op(state, [t for t in flat if t is not None], [t is not None for t in flat],
                                [m for m in masks if m is not None], list(plan.flags), plan.segment, plan.policy,
-                               input_precision, bool(small_grid))[0]
-    return _RolloutFunction.apply(state, plan, masks, input_precision, bool(small_grid), *weights.flat())
+                               input_precision, bool(small_grid), bool(small_grid_backward))[0]
+    return _RolloutFunction.apply(state, plan, masks, input_precision, bool(small_grid), bool(small_grid_backward),
+                                  *weights.flat())
 
 
 # ------------------------------------------------------------------------------------------------------ fit

@@ -28,9 +28,10 @@ def _reference(state, weights, flags, masks, dtype):
     return x
 
 
-def _fused(state, weights, flags, masks, *, small_grid=True, policy="auto"):
+def _fused(state, weights, flags, masks, *, small_grid=True, small_grid_backward=True, policy="auto"):
+    """The rollout op; this module tests the small-grid kernels, so their backward is on unless said otherwise."""
     plan = plan_rollout(flags, policy, doubling=True, backend="triton")
-    return nca_rollout(state, weights, plan, masks, small_grid=small_grid)
+    return nca_rollout(state, weights, plan, masks, small_grid=small_grid, small_grid_backward=small_grid_backward)
 
 
 def _masks(flags, b, h, w, p):
@@ -158,12 +159,16 @@ def test_bf16_gradients_within_twice_the_reference_bf16_error(nan_poison):
 def test_one_launch_forward_and_two_backward_replace_the_small_steps():
     weights = make_weights(16, 16, 1)
     launches = {}
-    for small in (True, False):
+    for small, small_bwd in ((True, True), (False, True), (True, False)):
         state = make_state(2, 16, 1, 3).requires_grad_(True)
         counts: Counter = Counter()
         with interpreter_launches(counts, execute=False):
-            _fused(state, weights, ODD_FLAGS, [None] * len(ODD_FLAGS), small_grid=small).sum().backward()
-        launches[small] = dict(counts)
+            _fused(state, weights, ODD_FLAGS, [None] * len(ODD_FLAGS), small_grid=small,
+                   small_grid_backward=small_bwd).sum().backward()
+        launches[small if small_bwd else "forward only"] = dict(counts)
+    assert launches["forward only"] == {"triton::_rollout_fwd_small_kernel": 1, "triton::_nca_step_fwd_kernel": 2,
+                                        "triton::_nca_step_bwd_kernel": 7, "triton::_rollout_bwd_post_kernel": 7}, \
+        launches
     assert launches[True] == {"triton::_rollout_fwd_small_kernel": 1, "triton::_nca_step_fwd_kernel": 2,
                               "triton::_rollout_bwd_small_kernel": 1, "triton::_rollout_wgrad_small_kernel": 1,
                               "triton::_nca_step_bwd_kernel": 2, "triton::_rollout_bwd_post_kernel": 2}, launches

@@ -23,10 +23,10 @@ SMALL = dict(state_channels=16, hidden_channels=16, enc_channels=4, batch_size=2
 def test_mnist_doubling_iteration_stays_within_300_launches():
     res = count_training_launches("mnist-doubling", overrides=SMALL, execute=False)  # the preset's grids: 2x2 .. 32x32
     assert res["steps"] == 40, f"expected the preset's 40 steps, got {res['steps']}"
-    # the 24 steps on 2x2 .. 8x8 in one small-grid launch forward and two backward; the 16 steps on 16x16 and
-    # 32x32 one launch each forward and two backward (main + state/weight-gradient post kernel)
-    assert res["triton"] == (1 + 16) + (2 + 2 * 16), f"expected 51 Triton launches, got {res['triton']}: " \
-                                                     f"{res['by_op']}"
+    # forward: the 24 steps on 2x2 .. 8x8 in one small-grid launch, the 16 steps on 16x16 and 32x32 one launch each;
+    # backward: two launches per step (main + state/weight-gradient post kernel), the small-grid backward being off
+    # by default (measured slower on an H100, kernels.rollout.nca_rollout)
+    assert res["triton"] == (1 + 16) + 2 * 40, f"expected 97 Triton launches, got {res['triton']}: {res['by_op']}"
     assert res["total"] <= 300, f"expected <= 300 launches per iteration, got {res['total']}: {res['by_op']}"
 
 
