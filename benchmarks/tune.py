@@ -7,12 +7,12 @@ Usage::
     python -m benchmarks.tune --tiny --device cpu          # CPU dry run (interpreter, tiny sizes): the code path
 
 Each variant changes one thing against the shipped configuration (the kernels' own ``bwd_config`` /
-``post_config``, the weight-gradient splits ``nca_step_bwd._MIN_CELLS_PER_SPLIT``, the small-grid backward on or
-off) and times the whole rollout forward + backward (``kernels.rollout.nca_rollout``: the latents' and every
-weight's gradient) at the preset's shape, with CUDA events. Every variant's gradients are compared with the shipped
-configuration's (relative error), so a variant that computes something else is flagged, not timed as a win. After
-the single changes, the best variant of each group is combined and timed, and ``torch.profiler`` splits the shipped
-and the combined run into kernels.
+``post_config``, the post kernel's weight-gradient splits ``rollout._POST_MIN_CELLS_PER_SPLIT``, the NCA's
+``small_grid`` / ``small_grid_backward``) and times the whole rollout forward + backward
+(``kernels.rollout.nca_rollout``: the latents' and every weight's gradient) at the preset's shape, with CUDA
+events. Every variant's gradients are compared with the shipped configuration's (relative error), so a variant that
+computes something else is flagged, not timed as a win. After the single changes, the best variant of each group is
+combined and timed, and ``torch.profiler`` splits the shipped and the combined run into kernels.
 
 Variants are applied by patching the configuration for the duration of one variant only (``_patched``); nothing
 here changes what ships. A variant that fails to compile or launch (shared memory, registers) is reported as such.
@@ -38,33 +38,24 @@ from typing import Any
 
 import torch
 
-# (group, name, changes): changes are "post.<field>" / "main.<field>" (BwdConfig fields), "min_cells_per_split",
-# "small_bwd" (False: the per-step backward for the small-grid steps) or "small_grid" (False: per step, fwd too)
+# (group, name, changes): changes are "post.<field>" / "main.<field>" (BwdConfig fields), "min_cells_per_split"
+# (the post kernel's, kernels.rollout._POST_MIN_CELLS_PER_SPLIT), "small_grid_backward" or "small_grid" (the NCA's
+# options of those names)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
-    ("post", "splits >= 4096 cells", {"min_cells_per_split": 4096}),
-    ("post", "splits >= 16384 cells", {"min_cells_per_split": 16384}),
+    ("post", "64 cells per k-step, splits >= 1024 (before 2026-11-28)",
+     {"post.wg_block_cells": 64, "min_cells_per_split": 1024}),
+    ("post", "splits >= 16384", {"min_cells_per_split": 16384}),
     ("post", "4 warps", {"post.wg_warps": 4}),
-    ("post", "4 warps, splits >= 4096", {"post.wg_warps": 4, "min_cells_per_split": 4096}),
     ("post", "3 stages", {"post.wg_stages": 3}),
-    ("post", "3 stages, splits >= 4096", {"post.wg_stages": 3, "min_cells_per_split": 4096}),
-    ("post", "128 cells per k-step, splits >= 4096", {"post.wg_block_cells": 128, "min_cells_per_split": 4096}),
-    ("post", "32 cells per k-step, 3 stages, splits >= 4096",
-     {"post.wg_block_cells": 32, "post.wg_stages": 3, "min_cells_per_split": 4096}),
-    ("post", "4 warps, 3 stages, splits >= 4096",
-     {"post.wg_warps": 4, "post.wg_stages": 3, "min_cells_per_split": 4096}),
-    ("post", "4 warps, 3 stages, splits >= 16384",
-     {"post.wg_warps": 4, "post.wg_stages": 3, "min_cells_per_split": 16384}),
-    ("post", "128x128 tiles, splits >= 4096", {"post.wg_block": 128, "min_cells_per_split": 4096}),
-    ("post", "128x128 tiles, 4 warps, splits >= 4096",
-     {"post.wg_block": 128, "post.wg_warps": 4, "min_cells_per_split": 4096}),
+    ("post", "128x128 tiles", {"post.wg_block": 128}),
+    ("post", "128x128 tiles, 4 warps", {"post.wg_block": 128, "post.wg_warps": 4}),
+    ("main", "2 stages (before 2026-11-28)", {"main.stages": 2}),
     ("main", "hidden chunk 64", {"main.block_k": 64}),
     ("main", "state chunk 64", {"main.block_c": 64}),
-    ("main", "3 stages", {"main.stages": 3}),
-    ("main", "1 stage", {"main.stages": 1}),
     ("main", "128 cells", {"main.block_m": 128}),
     ("main", "4 warps", {"main.warps": 4}),
     ("main", "state-gradient 128 cells", {"main.ds_block_m": 128}),
-    ("small", "small-grid backward off", {"small_bwd": False}),
+    ("small", "small-grid backward on", {"small_grid_backward": True}),
     ("small", "small-grid off (forward too)", {"small_grid": False}),
 ]
 
@@ -96,9 +87,7 @@ def _patched(changes: dict[str, Any]) -> Iterator[None]:
 
             put(rollout.StepPlan, "bwd_config", property(main_config))
         if "min_cells_per_split" in changes:
-            put(nca_step_bwd, "_MIN_CELLS_PER_SPLIT", changes["min_cells_per_split"])
-        if changes.get("small_bwd") is False:
-            put(rollout, "_small_bwd_fits", lambda *args: False)
+            put(rollout, "_POST_MIN_CELLS_PER_SPLIT", changes["min_cells_per_split"])
         yield
     finally:
         for obj, name, value in reversed(saved):
@@ -127,13 +116,15 @@ class Bench:
         self.dy = torch.randn(batch, self.cfg.state_channels, out_side, out_side, generator=gen).to(device)
         self.device = device
 
-    def run(self, small_grid: bool = True) -> list[torch.Tensor]:
-        """One forward + backward; returns [final state, dL/dz, every weight's gradient]."""
+    def run(self, changes: dict[str, Any]) -> list[torch.Tensor]:
+        """One forward + backward under a variant's NCA options; returns [final state, dL/dz, every weight's
+        gradient]."""
         params = list(self.nca.update_net.parameters())
         for p in params:
             p.grad = None
         z = self.z.detach().clone().requires_grad_(True)
-        self.nca.small_grid = small_grid
+        self.nca.small_grid = changes.get("small_grid", self.cfg.small_grid)
+        self.nca.small_grid_backward = changes.get("small_grid_backward", self.cfg.small_grid_backward)
         out = self.nca.run(self.nca.seed(z), self.flags)
         out.backward(self.dy.to(out.dtype).contiguous(memory_format=torch.channels_last))
         return [out.detach().float(), z.grad.float()] + [p.grad.float() for p in params]
@@ -174,16 +165,15 @@ def _measure(bench: Bench, name: str, group: str, changes: dict[str, Any], ref: 
              reps: int) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
     """Time one variant; returns its row and its outputs (None where it failed)."""
     row: dict[str, Any] = {"group": group, "variant": name, "changes": changes}
-    small = changes.get("small_grid", True)
     t0 = time.perf_counter()
     try:
         with _patched(changes):
-            grads = bench.run(small)  # compiles what the variant needs
+            grads = bench.run(changes)  # compiles what the variant needs
             if bench.device.type == "cuda":
                 torch.cuda.synchronize(bench.device)
             row["first_call_s"] = round(time.perf_counter() - t0, 2)
             row["rel_err_vs_shipped"] = 0.0 if ref is None else _rel(ref, grads)
-            times = _time(lambda: bench.run(small), bench.device, reps)
+            times = _time(lambda: bench.run(changes), bench.device, reps)
     except Exception as err:  # noqa: BLE001 - a variant that cannot run is a result, not a crash
         row["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         return row, None
@@ -235,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny sizes, interpreter, two variants")
     p.add_argument("--out", type=Path, default=None, help="folder for tune.json and tune.md")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the torch.profiler split of the shipped and the combined run into kernels")
     args = p.parse_args(argv)
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
@@ -249,44 +241,55 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args.preset, batch, args.precision, device, args.tiny)
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
     if args.tiny:  # one per kind of patch: the code path, not a sweep
-        variants = [v for v in variants if v[1] in ("splits >= 4096 cells", "hidden chunk 64",
-                                                    "small-grid backward off")]
+        variants = [v for v in variants if v[1] in ("splits >= 16384", "hidden chunk 64", "small-grid backward on")]
         args.reps = 1
     shipped, ref = _measure(bench, "shipped", "-", {}, None, args.reps)
     base = shipped.get("median_ms") or float("nan")
     print(f"tune: {args.preset} B={batch} {args.precision} on {device}: shipped {base} ms "
           f"(first call {shipped.get('first_call_s')} s)", flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    prof: dict[str, dict[str, float]] = {}
+    doc = {"preset": args.preset, "batch": batch, "precision": args.precision, "reps": args.reps, "shipped": shipped,
+           "rows": rows, "combined": {}, "kernels": prof}
+    if args.out:
+        from benchmarks.utils import env_info
+
+        doc["env"] = env_info(device)
+    title = f"# Rollout backward sweep: {args.preset}, B = {batch}, {args.precision}, {device}"
+
+    def write() -> str:  # after every row: a run stopped by a timeout keeps what it measured
+        md = (f"{title}\n\nShipped configuration: {base} ms per forward + backward (median of {args.reps}).\n\n"
+              + _table([shipped] + rows, base) + "\n")
+        if prof:
+            md += "\n## Kernels (torch.profiler, one call)\n\n" + _kernel_table(prof) + "\n"
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "tune.json").write_text(json.dumps(doc, indent=1, default=str))
+            (args.out / "tune.md").write_text(md)
+        return md
+
+    write()
     for group, name, changes in variants:
         if time.perf_counter() - start > args.time_budget:
             rows.append({"group": group, "variant": name, "changes": changes, "status": "skipped: time budget"})
             continue
         row, _ = _measure(bench, name, group, changes, ref, args.reps)
         rows.append(row)
+        write()
         print(f"tune: {group:5s} {name:48s} {row.get('median_ms', '-')!s:>9} ms  {row['status']}", flush=True)
     combo = _combined(rows, base)
-    prof: dict[str, dict[str, float]] = {}
+    doc["combined"] = combo
     if combo and time.perf_counter() - start < args.time_budget + 60:
         row, _ = _measure(bench, "best of each group", "combined", combo, ref, args.reps)
         rows.append(row)
+        write()
         print(f"tune: combined {combo}: {row.get('median_ms', '-')} ms {row['status']}", flush=True)
-    prof["shipped"] = _kernels(lambda: bench.run(True), device)
-    if combo:
-        with _patched(combo):
-            prof["combined"] = _kernels(lambda: bench.run(combo.get("small_grid", True)), device)
-    md = (f"# Rollout backward sweep: {args.preset}, B = {batch}, {args.precision}, {device}\n\n"
-          f"Shipped configuration: {base} ms per forward + backward (median of {args.reps}).\n\n"
-          + _table([shipped] + rows, base) + "\n\n## Kernels (torch.profiler, one call)\n\n" + _kernel_table(prof)
-          + "\n")
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        from benchmarks.utils import env_info
-
-        doc = {"preset": args.preset, "batch": batch, "precision": args.precision, "env": env_info(device),
-               "shipped": shipped, "rows": rows, "combined": combo, "kernels": prof}
-        (args.out / "tune.json").write_text(json.dumps(doc, indent=1, default=str))
-        (args.out / "tune.md").write_text(md)
+    if args.profile:
+        prof["shipped"] = _kernels(lambda: bench.run({}), device)
+        if combo:
+            with _patched(combo):
+                prof["combined"] = _kernels(lambda: bench.run(combo), device)
+    print(write())
     return 0
 
 

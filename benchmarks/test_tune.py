@@ -1,0 +1,48 @@
+"""benchmarks/tune.py on the CPU: a variant's patch reaches the launch configuration and is undone, and the combined
+row takes each group's best ok variant that beats the shipped configuration (the GPU timing itself is the tool's
+job, not a test's)."""
+
+import dataclasses
+
+import torch
+
+from benchmarks.tune import VARIANTS, _combined, _patched
+from fastnca.kernels import rollout
+from fastnca.nca import UpdateNet
+
+
+def _plan() -> rollout.StepPlan:
+    return rollout.StepPlan(UpdateNet(16, 32, 1).weights(), torch.float32, "ieee")
+
+
+def test_a_variant_patches_the_configs_and_restores_them():
+    sp = _plan()
+    post, main, split = sp.post_config, sp.bwd_config, rollout._POST_MIN_CELLS_PER_SPLIT
+    with _patched({"post.wg_warps": 2, "main.stages": 5, "main.block_k": 64, "min_cells_per_split": 7}):
+        assert sp.post_config == dataclasses.replace(post, wg_warps=2), "expected the post kernel's warps patched"
+        assert sp.bwd_config.stages == 5, "expected the main kernel's stages patched"
+        assert sp.bwd_config.block_k == 32, "expected a hidden chunk cut to the padded h = 32 it must divide"
+        assert rollout._POST_MIN_CELLS_PER_SPLIT == 7
+    assert (sp.post_config, sp.bwd_config, rollout._POST_MIN_CELLS_PER_SPLIT) == (post, main, split), \
+        "expected the shipped configuration back after the variant"
+
+
+def test_combined_takes_each_groups_best_ok_variant_that_beats_the_shipped_one():
+    rows = [
+        {"group": "post", "changes": {"a": 1}, "status": "ok", "median_ms": 9.0},
+        {"group": "post", "changes": {"a": 2}, "status": "ok", "median_ms": 8.0},
+        {"group": "post", "changes": {"a": 3}, "status": "MISMATCH vs shipped", "median_ms": 1.0},
+        {"group": "main", "changes": {"b": 1}, "status": "ok", "median_ms": 11.0},
+        {"group": "small", "changes": {"c": 1}, "status": "failed: OutOfResources"},
+    ]
+    assert _combined(rows, base_ms=10.0) == {"a": 2}
+
+
+def test_every_variant_names_known_changes():
+    fields = {f.name for f in dataclasses.fields(rollout.BwdConfig)}
+    for group, name, changes in VARIANTS:
+        for key in changes:
+            kind, _, field = key.partition(".")
+            ok = (kind in ("post", "main") and field in fields) or key in (
+                "min_cells_per_split", "small_grid", "small_grid_backward")
+            assert ok, f"{group} / {name}: unknown change {key!r}"
