@@ -47,6 +47,8 @@ while (($#)); do
   esac
 done
 [[ -n $DATA_DIR ]] && DATA_DIR=$(cd "$DATA_DIR" 2>/dev/null && pwd || echo "$DATA_DIR")
+# (the tests read their data through FASTNCA_DATA; the training stage gets --data-dir)
+[[ -n $DATA_DIR ]] && export FASTNCA_DATA=$DATA_DIR
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
@@ -143,7 +145,7 @@ if has_stage fit; then
   (
     # the fit compiles with triton.compile; under the interpreter it starts its own child without it
     timeout "$FIT_CAP" $PY -m fastnca.kernels.fit --json $FIT_ARGS >"$PARTS/fit.jsonl" 2>"$PARTS/fit.err"
-    echo $? >"$PARTS/fit.rc"
+    echo "$? $((SECONDS - FIT_T))" >"$PARTS/fit.rc" # its exit code and when it ended
   ) &
   FIT_PID=$!
 fi
@@ -151,31 +153,58 @@ fit_wait() {
   [[ -z $FIT_PID ]] && return
   wait "$FIT_PID"
   FIT_PID=
-  local rc note
-  rc=$(cat "$PARTS/fit.rc" 2>/dev/null || echo missing)
+  local rc note secs
+  read -r rc secs 2>/dev/null <"$PARTS/fit.rc" || rc=missing
+  secs=${secs:-$((SECONDS - FIT_T))}
   tail -n 5 "$PARTS/fit.err" >>"$LOG" 2>/dev/null
   note=$($PY -c "import sys; from benchmarks.summarize import fit_note; print(fit_note(sys.argv[1]))" \
     "$PARTS" 2>>"$LOG")
   [[ $rc == 124 ]] && note="stopped by its timeout; $note"
   [[ $rc != 0 && $rc != 124 ]] && note="failed: $(tail -n 1 "$PARTS/fit.err" 2>/dev/null | cut -c1-200); $note"
-  stage_done fit "$rc" $((SECONDS - FIT_T)) "$note"
+  stage_done fit "$rc" "$secs" "$note"
   if grep -q "SPILL" <<<"$note"; then
     log "!!!!!!!! REGISTER SPILLS on this Triton: $note !!!!!!!!"
   fi
 }
 
-# ---- tests: the kernel parity tests, compiled (tests/conftest.py sets TRITON_INTERPRET only without CUDA)
+# ---- tests: the kernel parity tests, compiled (tests/conftest.py sets TRITON_INTERPRET only without CUDA), then the
+# GPU-marked model tests (CUDA graph replay vs eager, the memory model vs the measured peak); both in tests.txt
+# run_pytest LABEL SECONDS ARGS...: one pytest run appended to tests.txt under a '### gpu_check: LABEL' header. At the
+# timeout pytest gets SIGINT (set to KeyboardInterrupt even where the shell ignores it), so it still prints its
+# summary line of what ran; SIGKILL 15 s later if it does not stop.
+run_pytest() {
+  local label=$1 secs=$2 rc
+  shift 2
+  echo "### gpu_check: $label: python -m pytest $* (timeout ${secs}s)" >>"$OUTDIR/tests.txt"
+  log "tests: $label: python -m pytest $* (timeout ${secs}s)"
+  timeout -s INT -k 15 "$secs" $PY -c "import signal, sys, pytest
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.exit(pytest.main(sys.argv[1:]))" "$@" -q -p no:cacheprovider -rfEs >>"$OUTDIR/tests.txt" 2>&1
+  rc=$?
+  ((rc == 124 || rc == 137)) && printf '\ngpu_check: stopped by the %ss timeout (rc %s)\n' "$secs" $rc >>"$OUTDIR/tests.txt"
+  return $rc
+}
 if has_stage tests; then
   t=$SECONDS
-  TT=$(cap 90 360)
+  TT=$(cap 150 330)
+  : >"$OUTDIR/tests.txt"
+  # the kernel tests first, leaving the model tests at least MT s (they get whatever the kernel tests leave)
+  MT=$((40 * SLOW < TT / 3 ? 40 * SLOW : TT / 3))
   if ((TINY)); then TARGS=${GPU_CHECK_TESTS:-"tests/kernels/test_nca_step_fwd.py -k 'bad_input or empty_batch'"}
-  # the sm_90 fit tests compile what the fit stage compiles (and reports) in the background: not twice
-  else TARGS=${GPU_CHECK_TESTS:-"tests/kernels --ignore=tests/kernels/test_fit.py --ignore=tests/kernels/test_fit_bwd.py"}; fi
-  log "tests: python -m pytest $TARGS (timeout ${TT}s)"
-  eval "timeout $TT $PY -m pytest $TARGS -q -p no:cacheprovider -rfEs" >"$OUTDIR/tests.txt" 2>&1
+  # the sm_90 fit tests (test_fit*.py) compile what the fit stage compiles (and reports) in the background: not twice
+  else TARGS=${GPU_CHECK_TESTS:-"tests/kernels --ignore-glob='tests/kernels/test_fit*.py'"}; fi
+  MARGS=${GPU_CHECK_MODEL_TESTS-"tests/model -m 'gpu and not slow'"}
+  eval "run_pytest kernel $((TT - MT)) $TARGS"
   rc=$?
-  ((rc == 124)) && echo "gpu_check: tests stopped by the ${TT}s timeout" >>"$OUTDIR/tests.txt"
-  tail -n 15 "$OUTDIR/tests.txt" >>"$LOG"
+  if [[ -n $MARGS ]]; then
+    left=$((TT - (SECONDS - t)))
+    ((left < 10)) && left=10
+    eval "run_pytest model $left $MARGS"
+    mrc=$?
+    # pytest's 5: every model test deselected (no GPU-marked test here)
+    ((rc == 0 && mrc != 5)) && rc=$mrc
+  fi
+  tail -n 25 "$OUTDIR/tests.txt" >>"$LOG"
   stage_done tests $rc $((SECONDS - t)) "$($PY -c "import sys; from benchmarks.summarize import pytest_line
 print(pytest_line(open(sys.argv[1]).read()))" "$OUTDIR/tests.txt" 2>/dev/null)"
 fi

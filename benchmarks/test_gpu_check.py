@@ -285,3 +285,27 @@ def test_summary_of_a_gpu_run_holds_the_headline_table(tmp_path: Path) -> None:
     assert "No CUDA device" not in text and "WARNING" not in text
     details = (tmp_path / "details.md").read_text()
     assert "## Nsight Compute" in details and "## Time to quality" in details
+
+
+def test_pytest_line_reports_each_run_and_what_ran_before_a_timeout() -> None:
+    text = ("### gpu_check: kernel: python -m pytest tests/kernels (timeout 110s)\n"
+            + "." * 70 + "s" + "  [ 40%]\n" + "..F.s\n"
+            "gpu_check: stopped by the 110s timeout (rc 124)\n"
+            "### gpu_check: model: python -m pytest tests/model -m 'gpu and not slow' (timeout 40s)\n"
+            ".....                                                   [100%]\n"
+            "=========================== short test summary info ============================\n"
+            "===== 5 passed, 300 deselected in 20.12s =====\n")
+    assert summarize.pytest_line(text) == ("kernel: 73 passed, 1 failed, 2 skipped, then stopped by the 110s timeout "
+                                           "(rc 124); model: 5 passed, 300 deselected in 20.12s")
+    # interrupted at the timeout (SIGINT): pytest's own final line, marked as stopped
+    interrupted = ("### gpu_check: kernel: python -m pytest x (timeout 90s)\n....s\n"
+                   "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!! KeyboardInterrupt !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+                   "=========== 4 passed, 1 skipped in 90.02s (0:01:30) ===========\n"
+                   "gpu_check: stopped by the 90s timeout (rc 124)\n")
+    assert summarize.pytest_line(interrupted) == ("kernel: 4 passed, 1 skipped in 90.02s (0:01:30) (stopped by the "
+                                                  "90s timeout (rc 124))")
+    # one run without headers, as before; the first GPU run's note glued to the progress characters
+    assert summarize.pytest_line("..s\n== 2 passed, 1 skipped in 3.10s ==\n") == "2 passed, 1 skipped in 3.10s"
+    assert summarize.pytest_line("...sssgpu_check: tests stopped by the 90s timeout") == (
+        "3 passed, 3 skipped, then tests stopped by the 90s timeout")
+
