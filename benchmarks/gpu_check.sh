@@ -268,17 +268,22 @@ if has_stage train; then
     TSETS="--set state_channels=16 --set hidden_channels=16 --set n_blocks=0 --set enc_channels=4 \
       --set batch_size=1 --set steps_per_stage=1 --set log_every=1 --threads 1"
   else TSETS="--set log_every=5"; fi
+  # the fused run at the precision users train with (bf16); the reference at the config's fp32, whose convolutions
+  # cuDNN runs in TF32 (PyTorch's default): each stage note says which (ttq's set-up line)
+  FSETS=${GPU_CHECK_TRAIN_FUSED_SETS-"--set precision=bf16"}
   for backend in triton torch; do
+    BSETS=$([[ $backend == triton ]] && echo "$FSETS")
     t=$SECONDS
     TT=$((TL + 60 * SLOW))
-    log "train: --preset $TPRESET --set backend=$backend --time-limit $TL (timeout ${TT}s)"
-    timeout "$TT" $PY -m benchmarks.ttq --preset "$TPRESET" --backend $backend $TSETS --set eval_every=0 \
+    log "train: --preset $TPRESET --set backend=$backend $BSETS --time-limit $TL (timeout ${TT}s)"
+    timeout "$TT" $PY -m benchmarks.ttq --preset "$TPRESET" --backend $backend $TSETS $BSETS --set eval_every=0 \
       --set ckpt_every=0 --out "$TMP/train_$backend" ${DATA_DIR:+--data-dir "$DATA_DIR"} --time-limit "$TL" \
       --device "$DEV" >"$TMP/train_$backend.log" 2>&1
     rc=$?
     cat "$TMP/train_$backend.log" >>"$LOG"
     [[ -f $TMP/train_$backend/metrics.jsonl ]] && cp "$TMP/train_$backend/metrics.jsonl" "$PARTS/train_$backend.jsonl"
-    note="time limit ${TL}s; $(grep -h '^ttq: done' "$TMP/train_$backend.log" | cut -c 6-)"
+    prec=$(grep -ho '^ttq: .*, precision [^;]*, set-up' "$TMP/train_$backend.log" | sed 's/.*, precision /precision /; s/, set-up$//')
+    note="${prec:+$prec; }time limit ${TL}s; $(grep -h '^ttq: done' "$TMP/train_$backend.log" | cut -c 6-)"
     if ((rc == 3)); then
       note="no MNIST data found: pass --data-dir DIR (a folder with binarized_mnist.npz) or set FASTNCA_DATA"
     elif ((rc != 0)); then

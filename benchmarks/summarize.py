@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summarize", "read_jsonl", "pytest_line", "train_summary", "compare_losses",
+__all__ = ["summarize", "read_jsonl", "pytest_line", "train_precision", "train_summary", "compare_losses",
            "time_to_quality", "fit_note", "launches_note", "write_env", "main"]
 
 
@@ -312,12 +312,31 @@ def _g(x: Any, f: str = ".4g") -> str:
     return "-" if x is None else format(x, f)
 
 
+def train_precision(stages: list[dict[str, Any]]) -> dict[str, str]:
+    """The precision each training run computed in, from the train stages' notes ('precision bf16, cuDNN TF32 on;
+    ...', from ttq's set-up line): {"fused": ..., "reference": ...}, where known."""
+    out = {}
+    for s in stages:
+        name = {"train_triton": "fused", "train_torch": "reference"}.get(s.get("stage"))
+        m = re.match(r"precision ([^;]+)", s.get("note") or "")
+        if name and m:
+            out[name] = m.group(1).strip()
+    return out
+
+
+def _precision_note(prec: dict[str, str]) -> str:
+    return f"; precision: triton {prec.get('fused', '?')} / torch {prec.get('reference', '?')}" if prec else ""
+
+
 def ttq_line(t: dict[str, Any]) -> str:
     f, r = t.get("fused", {}), t.get("reference", {})
     if not f.get("rows") or not r.get("rows"):
         return f"no metrics rows from the {'fused' if not f.get('rows') else 'reference'} run"
-    s = (f"fused {_g(f.get('it_per_s_overall'), '.2f')} it/s vs reference {_g(r.get('it_per_s_overall'), '.2f')} "
-         f"it/s ({_g(t.get('it_per_s_ratio'), '.2f')}x); {f['step']} vs {r['step']} iterations")
+    prec = t.get("precision") or {}
+    pf, pr = (f" ({prec[k]})" if prec.get(k) else "" for k in ("fused", "reference"))
+    s = (f"fused{pf} {_g(f.get('it_per_s_overall'), '.2f')} it/s vs reference{pr} "
+         f"{_g(r.get('it_per_s_overall'), '.2f')} it/s ({_g(t.get('it_per_s_ratio'), '.2f')}x); {f['step']} vs "
+         f"{r['step']} iterations")
     if t.get("at_wall_time"):
         last = t["at_wall_time"][-1]
         s += (f"; loss at {last['t_s']:.0f} s: fused {_g(last['fused'], '.2f')} vs reference "
@@ -342,8 +361,12 @@ def ttq_markdown(t: dict[str, Any]) -> str:
         lines += ["| iteration | fused loss | reference loss |", "|---:|---:|---:|"]
         lines += [f"| {x['step']} | {x['fused']:.3f} | {x['reference']:.3f} |" for x in t["at_iteration"]]
         lines.append("")
+    prec = t.get("precision") or {}
+    if prec:
+        lines.append(f"Precision: fused {prec.get('fused', '?')}; reference {prec.get('reference', '?')} (the NCA's "
+                     "state and dots; 'cuDNN TF32 on', PyTorch's default, runs fp32 convolutions in TF32).")
     lines.append("Losses are each run's logged training loss averaged over 3 consecutive log windows; same seed and "
-                 "data order, so at equal iterations they differ only by the backends' rounding.")
+                 "data order, so at equal iterations they differ only by the backends' rounding (and precisions).")
     return "\n".join(lines) + "\n"
 
 
@@ -476,6 +499,7 @@ def summarize(out_dir: Path, parts: Path | None = None, note: str = "") -> str:
     runs = {name: read_jsonl(parts / f"train_{name}.jsonl") for name in ("triton", "torch")}
     check["train"] = runs
     check["time_to_quality"] = time_to_quality(runs["triton"], runs["torch"])
+    check["time_to_quality"]["precision"] = train_precision(check["stages"])
     check["loss_at_equal_iterations"] = compare_losses(runs["triton"], runs["torch"])
     (out_dir / "check.json").write_text(json.dumps(check, indent=1, default=str))
 
@@ -499,7 +523,8 @@ def summarize(out_dir: Path, parts: Path | None = None, note: str = "") -> str:
     if cmp_.get("common_steps"):
         lines.append(f"loss at equal iterations: step {cmp_['first_step']}: triton {cmp_['loss_a_first']:.4f} vs "
                      f"torch {cmp_['loss_b_first']:.4f}; step {cmp_['step']}: triton {cmp_['loss_a']:.4f} vs torch "
-                     f"{cmp_['loss_b']:.4f} (rel diff {cmp_['rel_diff']:.2e}); {cmp_['common_steps']} common steps")
+                     f"{cmp_['loss_b']:.4f} (rel diff {cmp_['rel_diff']:.2e}); {cmp_['common_steps']} common steps"
+                     + _precision_note(check["time_to_quality"].get("precision") or {}))
     else:
         lines.append("loss at equal iterations: no step logged by both runs")
     text = "\n".join(lines) + "\n"

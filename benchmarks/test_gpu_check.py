@@ -309,3 +309,15 @@ def test_pytest_line_reports_each_run_and_what_ran_before_a_timeout() -> None:
     assert summarize.pytest_line("...sssgpu_check: tests stopped by the 90s timeout") == (
         "3 passed, 3 skipped, then tests stopped by the 90s timeout")
 
+
+def test_time_to_quality_says_which_precision_each_backend_ran() -> None:
+    stages = [{"stage": "train_triton", "rc": "0", "note": "precision bf16, cuDNN TF32 on; time limit 20s; done"},
+              {"stage": "train_torch", "rc": "0", "note": "precision fp32, cuDNN TF32 on; time limit 20s; done"},
+              {"stage": "fit", "rc": "0", "note": "precision x"}]
+    prec = summarize.train_precision(stages)
+    assert prec == {"fused": "bf16, cuDNN TF32 on", "reference": "fp32, cuDNN TF32 on"}
+    t = summarize.time_to_quality(_rows(10.0, 100.0, 20), _rows(2.5, 100.0, 5))
+    t["precision"] = prec
+    assert summarize.ttq_line(t).startswith("fused (bf16, cuDNN TF32 on) 10.00 it/s vs reference (fp32, cuDNN TF32 "
+                                            "on) 2.50 it/s (4.00x)")
+    assert "Precision: fused bf16, cuDNN TF32 on; reference fp32, cuDNN TF32 on" in summarize.ttq_markdown(t)
