@@ -11,27 +11,33 @@
 # Stages (each capped; the whole run ends by GPU_CHECK_DEADLINE_S, default 530 s; a failing stage does not stop
 # the others, and a missing tool turns its stage into a one-line note):
 #   env       GPU, clocks, driver, torch/triton versions, optional tools
-#   fit       python -m fastnca.kernels.fit --json (every shipped fwd/bwd config compiled for sm_90 with the
-#             installed Triton: registers, spills, shared memory, HGMMA); runs in the background from the start
-#   tests     python -m pytest tests/kernels (compiled kernels, TRITON_INTERPRET unset; the fit tests are the fit stage)
+#   fit       python -m fastnca.kernels.fit --json (every shipped fwd/bwd/rollout/likelihood kernel compiled for sm_90
+#             with the installed Triton: registers, spills, shared memory, HGMMA); runs in the background from the
+#             start, FASTNCA_FIT_JOBS compiles at once (default: CPUs, at most 8), rows written pass by pass
+#   tests     python -m pytest tests/kernels --ignore-glob='tests/kernels/test_fit*.py' (compiled kernels,
+#             TRITON_INTERPRET unset; the fit tests are the fit stage), then python -m pytest tests/model
+#             -m 'gpu and not slow' (CUDA graph replay vs eager, the memory model vs the measured peak)
 #   bench     python -m benchmarks --quick (with the small-grid vs per-step rows: rollout-mnist-doubling-early,
 #             rollout-bwd-mnist-doubling, train-mnist-doubling; triton-bf16 against triton-bf16-perstep)
 #   launches  python -m fastnca.launches --preset mnist-doubling --json (kernel launches per training iteration)
 #   profile   python -m benchmarks.profiling (torch.profiler: top kernels, GPU-busy vs wall time)
-#   train     time to quality: mnist-doubling, fused then reference backend, the same wall-clock budget each
-#             (python -m benchmarks.ttq: fastnca's Trainer without the final evaluation and pictures)
+#   train     time to quality: mnist-doubling, fused (bf16) then reference (fp32; cuDNN TF32 convolutions, PyTorch's
+#             default) backend, the same wall-clock budget each (python -m benchmarks.ttq: fastnca's Trainer
+#             without the final evaluation and pictures); the notes say which precision each ran
 #   ncu       Nsight Compute on the fused step forward + backward (only where ncu exists and is permitted)
 #
 # Writes 7 files into OUTDIR (no sub-folders; each well under 16 MiB):
 #   summary.md   the headline table (printed last)        check.json  everything, machine-readable
 #   details.md   fit table, profile tables, ncu counters,  time-to-quality curves
-#   gpu_check.log  every stage's output with timestamps   tests.txt  pytest output of tests/kernels
+#   gpu_check.log  every stage's output with timestamps   tests.txt  pytest output: kernel tests, then model tests
 #   bench.json / bench.md  the quick benchmark
 # Record the run:  python -m benchmarks.record OUTDIR   (appends a dated section to benchmarks/RESULTS.md)
 #
 # Knobs: GPU_CHECK_DEADLINE_S, GPU_CHECK_STAGES (default "env fit tests bench launches profile train ncu"),
-#   GPU_CHECK_TRAIN_S (seconds of training per backend, default 40), GPU_CHECK_IMPORT (auto | editable | shim),
-#   PYTHON (default python3).
+#   GPU_CHECK_TRAIN_S (seconds of training per backend, default 40), GPU_CHECK_TRAIN_FUSED_SETS (the fused run's
+#   extra options, default "--set precision=bf16"), GPU_CHECK_TESTS / GPU_CHECK_MODEL_TESTS (the tests stage's two
+#   pytest arguments; an empty GPU_CHECK_MODEL_TESTS skips the model tests), GPU_CHECK_FIT_ARGS, FASTNCA_FIT_JOBS,
+#   GPU_CHECK_IMPORT (auto | editable | shim), PYTHON (default python3).
 set -u
 usage="usage: bash benchmarks/gpu_check.sh OUTDIR [--data-dir DIR] [--tiny]"
 OUTDIR=${1:?$usage}
