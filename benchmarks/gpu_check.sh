@@ -192,10 +192,10 @@ sys.exit(pytest.main(sys.argv[1:]))" "$@" -q -p no:cacheprovider -rfEs >>"$OUTDI
 }
 if has_stage tests; then
   t=$SECONDS
-  TT=$(cap 150 330)
+  TT=$(cap 120 330)
   : >"$OUTDIR/tests.txt"
   # the kernel tests first, leaving the model tests at least MT s (they get whatever the kernel tests leave)
-  MT=$((40 * SLOW < TT / 3 ? 40 * SLOW : TT / 3))
+  MT=$((45 * SLOW < TT / 3 ? 45 * SLOW : TT / 3))
   if ((TINY)); then TARGS=${GPU_CHECK_TESTS:-"tests/kernels/test_nca_step_fwd.py -k 'bad_input or empty_batch'"}
   # the sm_90 fit tests (test_fit*.py) compile what the fit stage compiles (and reports) in the background: not twice
   else TARGS=${GPU_CHECK_TESTS:-"tests/kernels --ignore-glob='tests/kernels/test_fit*.py'"}; fi
