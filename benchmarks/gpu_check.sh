@@ -11,27 +11,33 @@
 # Stages (each capped; the whole run ends by GPU_CHECK_DEADLINE_S, default 530 s; a failing stage does not stop
 # the others, and a missing tool turns its stage into a one-line note):
 #   env       GPU, clocks, driver, torch/triton versions, optional tools
-#   fit       python -m fastnca.kernels.fit --json (every shipped fwd/bwd config compiled for sm_90 with the
-#             installed Triton: registers, spills, shared memory, HGMMA); runs in the background from the start
-#   tests     python -m pytest tests/kernels (compiled kernels, TRITON_INTERPRET unset; the fit tests are the fit stage)
+#   fit       python -m fastnca.kernels.fit --json (every shipped fwd/bwd/rollout/likelihood kernel compiled for sm_90
+#             with the installed Triton: registers, spills, shared memory, HGMMA); runs in the background from the
+#             start, FASTNCA_FIT_JOBS compiles at once (default: CPUs, at most 8), rows written pass by pass
+#   tests     python -m pytest tests/kernels --ignore-glob='tests/kernels/test_fit*.py' (compiled kernels,
+#             TRITON_INTERPRET unset; the fit tests are the fit stage), then python -m pytest tests/model
+#             -m 'gpu and not slow' (CUDA graph replay vs eager, the memory model vs the measured peak)
 #   bench     python -m benchmarks --quick (with the small-grid vs per-step rows: rollout-mnist-doubling-early,
 #             rollout-bwd-mnist-doubling, train-mnist-doubling; triton-bf16 against triton-bf16-perstep)
 #   launches  python -m fastnca.launches --preset mnist-doubling --json (kernel launches per training iteration)
 #   profile   python -m benchmarks.profiling (torch.profiler: top kernels, GPU-busy vs wall time)
-#   train     time to quality: mnist-doubling, fused then reference backend, the same wall-clock budget each
-#             (python -m benchmarks.ttq: fastnca's Trainer without the final evaluation and pictures)
+#   train     time to quality: mnist-doubling, fused (bf16) then reference (fp32; cuDNN TF32 convolutions, PyTorch's
+#             default) backend, the same wall-clock budget each (python -m benchmarks.ttq: fastnca's Trainer
+#             without the final evaluation and pictures); the notes say which precision each ran
 #   ncu       Nsight Compute on the fused step forward + backward (only where ncu exists and is permitted)
 #
 # Writes 7 files into OUTDIR (no sub-folders; each well under 16 MiB):
 #   summary.md   the headline table (printed last)        check.json  everything, machine-readable
 #   details.md   fit table, profile tables, ncu counters,  time-to-quality curves
-#   gpu_check.log  every stage's output with timestamps   tests.txt  pytest output of tests/kernels
+#   gpu_check.log  every stage's output with timestamps   tests.txt  pytest output: kernel tests, then model tests
 #   bench.json / bench.md  the quick benchmark
 # Record the run:  python -m benchmarks.record OUTDIR   (appends a dated section to benchmarks/RESULTS.md)
 #
 # Knobs: GPU_CHECK_DEADLINE_S, GPU_CHECK_STAGES (default "env fit tests bench launches profile train ncu"),
-#   GPU_CHECK_TRAIN_S (seconds of training per backend, default 40), GPU_CHECK_IMPORT (auto | editable | shim),
-#   PYTHON (default python3).
+#   GPU_CHECK_TRAIN_S (seconds of training per backend, default 40), GPU_CHECK_TRAIN_FUSED_SETS (the fused run's
+#   extra options, default "--set precision=bf16"), GPU_CHECK_TESTS / GPU_CHECK_MODEL_TESTS (the tests stage's two
+#   pytest arguments; an empty GPU_CHECK_MODEL_TESTS skips the model tests), GPU_CHECK_FIT_ARGS, FASTNCA_FIT_JOBS,
+#   GPU_CHECK_IMPORT (auto | editable | shim), PYTHON (default python3).
 set -u
 usage="usage: bash benchmarks/gpu_check.sh OUTDIR [--data-dir DIR] [--tiny]"
 OUTDIR=${1:?$usage}
@@ -47,6 +53,8 @@ while (($#)); do
   esac
 done
 [[ -n $DATA_DIR ]] && DATA_DIR=$(cd "$DATA_DIR" 2>/dev/null && pwd || echo "$DATA_DIR")
+# (the tests read their data through FASTNCA_DATA; the training stage gets --data-dir)
+[[ -n $DATA_DIR ]] && export FASTNCA_DATA=$DATA_DIR
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
@@ -143,7 +151,7 @@ if has_stage fit; then
   (
     # the fit compiles with triton.compile; under the interpreter it starts its own child without it
     timeout "$FIT_CAP" $PY -m fastnca.kernels.fit --json $FIT_ARGS >"$PARTS/fit.jsonl" 2>"$PARTS/fit.err"
-    echo $? >"$PARTS/fit.rc"
+    echo "$? $((SECONDS - FIT_T))" >"$PARTS/fit.rc" # its exit code and when it ended
   ) &
   FIT_PID=$!
 fi
@@ -151,31 +159,58 @@ fit_wait() {
   [[ -z $FIT_PID ]] && return
   wait "$FIT_PID"
   FIT_PID=
-  local rc note
-  rc=$(cat "$PARTS/fit.rc" 2>/dev/null || echo missing)
+  local rc note secs
+  read -r rc secs 2>/dev/null <"$PARTS/fit.rc" || rc=missing
+  secs=${secs:-$((SECONDS - FIT_T))}
   tail -n 5 "$PARTS/fit.err" >>"$LOG" 2>/dev/null
   note=$($PY -c "import sys; from benchmarks.summarize import fit_note; print(fit_note(sys.argv[1]))" \
     "$PARTS" 2>>"$LOG")
   [[ $rc == 124 ]] && note="stopped by its timeout; $note"
   [[ $rc != 0 && $rc != 124 ]] && note="failed: $(tail -n 1 "$PARTS/fit.err" 2>/dev/null | cut -c1-200); $note"
-  stage_done fit "$rc" $((SECONDS - FIT_T)) "$note"
+  stage_done fit "$rc" "$secs" "$note"
   if grep -q "SPILL" <<<"$note"; then
     log "!!!!!!!! REGISTER SPILLS on this Triton: $note !!!!!!!!"
   fi
 }
 
-# ---- tests: the kernel parity tests, compiled (tests/conftest.py sets TRITON_INTERPRET only without CUDA)
+# ---- tests: the kernel parity tests, compiled (tests/conftest.py sets TRITON_INTERPRET only without CUDA), then the
+# GPU-marked model tests (CUDA graph replay vs eager, the memory model vs the measured peak); both in tests.txt
+# run_pytest LABEL SECONDS ARGS...: one pytest run appended to tests.txt under a '### gpu_check: LABEL' header. At the
+# timeout pytest gets SIGINT (set to KeyboardInterrupt even where the shell ignores it), so it still prints its
+# summary line of what ran; SIGKILL 15 s later if it does not stop.
+run_pytest() {
+  local label=$1 secs=$2 rc
+  shift 2
+  echo "### gpu_check: $label: python -m pytest $* (timeout ${secs}s)" >>"$OUTDIR/tests.txt"
+  log "tests: $label: python -m pytest $* (timeout ${secs}s)"
+  timeout -s INT -k 15 "$secs" $PY -c "import signal, sys, pytest
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.exit(pytest.main(sys.argv[1:]))" "$@" -q -p no:cacheprovider -rfEs >>"$OUTDIR/tests.txt" 2>&1
+  rc=$?
+  ((rc == 124 || rc == 137)) && printf '\ngpu_check: stopped by the %ss timeout (rc %s)\n' "$secs" $rc >>"$OUTDIR/tests.txt"
+  return $rc
+}
 if has_stage tests; then
   t=$SECONDS
-  TT=$(cap 90 360)
+  TT=$(cap 120 330)
+  : >"$OUTDIR/tests.txt"
+  # the kernel tests first, leaving the model tests at least MT s (they get whatever the kernel tests leave)
+  MT=$((45 * SLOW < TT / 3 ? 45 * SLOW : TT / 3))
   if ((TINY)); then TARGS=${GPU_CHECK_TESTS:-"tests/kernels/test_nca_step_fwd.py -k 'bad_input or empty_batch'"}
-  # the sm_90 fit tests compile what the fit stage compiles (and reports) in the background: not twice
-  else TARGS=${GPU_CHECK_TESTS:-"tests/kernels --ignore=tests/kernels/test_fit.py --ignore=tests/kernels/test_fit_bwd.py"}; fi
-  log "tests: python -m pytest $TARGS (timeout ${TT}s)"
-  eval "timeout $TT $PY -m pytest $TARGS -q -p no:cacheprovider -rfEs" >"$OUTDIR/tests.txt" 2>&1
+  # the sm_90 fit tests (test_fit*.py) compile what the fit stage compiles (and reports) in the background: not twice
+  else TARGS=${GPU_CHECK_TESTS:-"tests/kernels --ignore-glob='tests/kernels/test_fit*.py'"}; fi
+  MARGS=${GPU_CHECK_MODEL_TESTS-"tests/model -m 'gpu and not slow'"}
+  eval "run_pytest kernel $((TT - MT)) $TARGS"
   rc=$?
-  ((rc == 124)) && echo "gpu_check: tests stopped by the ${TT}s timeout" >>"$OUTDIR/tests.txt"
-  tail -n 15 "$OUTDIR/tests.txt" >>"$LOG"
+  if [[ -n $MARGS ]]; then
+    left=$((TT - (SECONDS - t)))
+    ((left < 10)) && left=10
+    eval "run_pytest model $left $MARGS"
+    mrc=$?
+    # pytest's 5: every model test deselected (no GPU-marked test here)
+    ((rc == 0 && mrc != 5)) && rc=$mrc
+  fi
+  tail -n 25 "$OUTDIR/tests.txt" >>"$LOG"
   stage_done tests $rc $((SECONDS - t)) "$($PY -c "import sys; from benchmarks.summarize import pytest_line
 print(pytest_line(open(sys.argv[1]).read()))" "$OUTDIR/tests.txt" 2>/dev/null)"
 fi
@@ -239,17 +274,22 @@ if has_stage train; then
     TSETS="--set state_channels=16 --set hidden_channels=16 --set n_blocks=0 --set enc_channels=4 \
       --set batch_size=1 --set steps_per_stage=1 --set log_every=1 --threads 1"
   else TSETS="--set log_every=5"; fi
+  # the fused run at the precision users train with (bf16); the reference at the config's fp32, whose convolutions
+  # cuDNN runs in TF32 (PyTorch's default): each stage note says which (ttq's set-up line)
+  FSETS=${GPU_CHECK_TRAIN_FUSED_SETS-"--set precision=bf16"}
   for backend in triton torch; do
+    BSETS=$([[ $backend == triton ]] && echo "$FSETS")
     t=$SECONDS
     TT=$((TL + 60 * SLOW))
-    log "train: --preset $TPRESET --set backend=$backend --time-limit $TL (timeout ${TT}s)"
-    timeout "$TT" $PY -m benchmarks.ttq --preset "$TPRESET" --backend $backend $TSETS --set eval_every=0 \
+    log "train: --preset $TPRESET --set backend=$backend $BSETS --time-limit $TL (timeout ${TT}s)"
+    timeout "$TT" $PY -m benchmarks.ttq --preset "$TPRESET" --backend $backend $TSETS $BSETS --set eval_every=0 \
       --set ckpt_every=0 --out "$TMP/train_$backend" ${DATA_DIR:+--data-dir "$DATA_DIR"} --time-limit "$TL" \
       --device "$DEV" >"$TMP/train_$backend.log" 2>&1
     rc=$?
     cat "$TMP/train_$backend.log" >>"$LOG"
     [[ -f $TMP/train_$backend/metrics.jsonl ]] && cp "$TMP/train_$backend/metrics.jsonl" "$PARTS/train_$backend.jsonl"
-    note="time limit ${TL}s; $(grep -h '^ttq: done' "$TMP/train_$backend.log" | cut -c 6-)"
+    prec=$(grep -ho '^ttq: .*, precision [^;]*, set-up' "$TMP/train_$backend.log" | sed 's/.*, precision /precision /; s/, set-up$//')
+    note="${prec:+$prec; }time limit ${TL}s; $(grep -h '^ttq: done' "$TMP/train_$backend.log" | cut -c 6-)"
     if ((rc == 3)); then
       note="no MNIST data found: pass --data-dir DIR (a folder with binarized_mnist.npz) or set FASTNCA_DATA"
     elif ((rc != 0)); then

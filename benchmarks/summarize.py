@@ -23,8 +23,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summarize", "read_jsonl", "pytest_line", "train_summary", "compare_losses", "time_to_quality",
-           "fit_note", "launches_note", "write_env", "main"]
+__all__ = ["summarize", "read_jsonl", "pytest_line", "train_precision", "train_summary", "compare_losses",
+           "time_to_quality", "fit_note", "launches_note", "write_env", "main"]
 
 
 # ------------------------------------------------------------------------------------------------ readers
@@ -50,13 +50,42 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def pytest_line(text: str) -> str:
-    """pytest's final '== N passed, M skipped in Xs ==' line, or the last non-empty line."""
+_PYTEST_FINAL = re.compile(r"\b(passed|failed|error|errors|skipped|no tests ran|deselected)\b.* in [\d.]+s")
+_PROGRESS = re.compile(r"^([.sFExX]+)\s*(?:\[\s*(\d+)(?:/(\d+))?%?\])?$")  # -q progress: "..sF.  [ 40%]"
+
+
+def _why(note: str) -> str:
+    return note.removeprefix("gpu_check:").strip()
+
+
+def _pytest_one(text: str) -> str:
+    """One pytest run's final '== N passed, M skipped in Xs ==' line; where there is none (killed at its timeout),
+    what its -q progress characters say had run, and the timeout."""
+    text = text.replace("gpu_check:", "\ngpu_check:")  # a note after progress characters of a killed run
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.search(r"\b(passed|failed|error|errors|skipped|no tests ran|deselected)\b", ln) and " in " in ln:
-            return ln.strip("= ")
+    final = next((ln for ln in reversed(lines) if _PYTEST_FINAL.search(ln)), None)
+    stopped = next((ln for ln in lines if ln.startswith("gpu_check:") and "timeout" in ln), None)
+    if final:
+        s = final.strip("= ")
+        return f"{s} ({_why(stopped)})" if stopped else f"{s} (interrupted)" if "KeyboardInterrupt" in text else s
+    chars = "".join(m.group(1) for ln in lines if (m := _PROGRESS.match(ln)))
+    if chars:
+        names = {".": "passed", "F": "failed", "E": "errors", "s": "skipped", "x": "xfailed", "X": "xpassed"}
+        counts = ", ".join(f"{chars.count(c)} {n}" for c, n in names.items() if chars.count(c))
+        return f"{counts}, then {_why(stopped) if stopped else 'no final pytest line'}"
+    if stopped:
+        return f"no test finished: {_why(stopped)}"
     return lines[-1] if lines else "(no output)"
+
+
+def pytest_line(text: str) -> str:
+    """pytest's final '== N passed, M skipped in Xs ==' line (or how many had passed when a timeout stopped it), per
+    run: tests.txt holds one section per pytest run, each under a '### gpu_check: LABEL: ...' header
+    ('kernel: 40 passed in 50.1s; model: 3 passed in 20.0s'); a text without headers is one run."""
+    sections = re.split(r"^### gpu_check: ([^:\n]+):.*$", text, flags=re.M)
+    if len(sections) == 1:
+        return _pytest_one(text)
+    return "; ".join(f"{label}: {_pytest_one(body)}" for label, body in zip(sections[1::2], sections[2::2]))
 
 
 def read_stages(path: Path) -> list[dict[str, Any]]:
@@ -134,11 +163,13 @@ def fit_note(parts: str | Path) -> str:
         return "no fit rows"
     fwd = [r for r in rows if r.get("pass") == "fwd"]
     bwd = [r for r in rows if r.get("pass") == "bwd"]
+    more = "".join(f" + {n} {p} kernels" for p in ("rollout", "likelihood")
+                   if (n := sum(r.get("pass") == p for r in rows)))
     name = lambda r: r.get("name") or f"{r.get('config')}/{r.get('kernel')}"  # noqa: E731
     top = max(rows, key=lambda r: r.get("registers", 0))
     spills = [r for r in rows if r.get("spills", 0) or r.get("spill_ops", 0)]
-    s = (f"{len(fwd)} fwd configs + {len(bwd)} bwd kernels compiled for sm_90; max {top.get('registers')} registers "
-         f"({name(top)}); max shared {max(r.get('shared', 0) for r in rows)} B; ")
+    s = (f"{len(fwd)} fwd configs + {len(bwd)} bwd kernels{more} compiled for sm_90; max {top.get('registers')} "
+         f"registers ({name(top)}); max shared {max(r.get('shared', 0) for r in rows)} B; ")
     if spills:
         s += "SPILLS in " + ", ".join(f"{name(r)} ({r.get('spills')} B, {r.get('spill_ops')} STL/LDL)"
                                       for r in spills[:6]) + (" ..." if len(spills) > 6 else "")
@@ -281,12 +312,31 @@ def _g(x: Any, f: str = ".4g") -> str:
     return "-" if x is None else format(x, f)
 
 
+def train_precision(stages: list[dict[str, Any]]) -> dict[str, str]:
+    """The precision each training run computed in, from the train stages' notes ('precision bf16, cuDNN TF32 on;
+    ...', from ttq's set-up line): {"fused": ..., "reference": ...}, where known."""
+    out = {}
+    for s in stages:
+        name = {"train_triton": "fused", "train_torch": "reference"}.get(s.get("stage"))
+        m = re.match(r"precision ([^;]+)", s.get("note") or "")
+        if name and m:
+            out[name] = m.group(1).strip()
+    return out
+
+
+def _precision_note(prec: dict[str, str]) -> str:
+    return f"; precision: triton {prec.get('fused', '?')} / torch {prec.get('reference', '?')}" if prec else ""
+
+
 def ttq_line(t: dict[str, Any]) -> str:
     f, r = t.get("fused", {}), t.get("reference", {})
     if not f.get("rows") or not r.get("rows"):
         return f"no metrics rows from the {'fused' if not f.get('rows') else 'reference'} run"
-    s = (f"fused {_g(f.get('it_per_s_overall'), '.2f')} it/s vs reference {_g(r.get('it_per_s_overall'), '.2f')} "
-         f"it/s ({_g(t.get('it_per_s_ratio'), '.2f')}x); {f['step']} vs {r['step']} iterations")
+    prec = t.get("precision") or {}
+    pf, pr = (f" ({prec[k]})" if prec.get(k) else "" for k in ("fused", "reference"))
+    s = (f"fused{pf} {_g(f.get('it_per_s_overall'), '.2f')} it/s vs reference{pr} "
+         f"{_g(r.get('it_per_s_overall'), '.2f')} it/s ({_g(t.get('it_per_s_ratio'), '.2f')}x); {f['step']} vs "
+         f"{r['step']} iterations")
     if t.get("at_wall_time"):
         last = t["at_wall_time"][-1]
         s += (f"; loss at {last['t_s']:.0f} s: fused {_g(last['fused'], '.2f')} vs reference "
@@ -311,8 +361,12 @@ def ttq_markdown(t: dict[str, Any]) -> str:
         lines += ["| iteration | fused loss | reference loss |", "|---:|---:|---:|"]
         lines += [f"| {x['step']} | {x['fused']:.3f} | {x['reference']:.3f} |" for x in t["at_iteration"]]
         lines.append("")
+    prec = t.get("precision") or {}
+    if prec:
+        lines.append(f"Precision: fused {prec.get('fused', '?')}; reference {prec.get('reference', '?')} (the NCA's "
+                     "state and dots; 'cuDNN TF32 on', PyTorch's default, runs fp32 convolutions in TF32).")
     lines.append("Losses are each run's logged training loss averaged over 3 consecutive log windows; same seed and "
-                 "data order, so at equal iterations they differ only by the backends' rounding.")
+                 "data order, so at equal iterations they differ only by the backends' rounding (and precisions).")
     return "\n".join(lines) + "\n"
 
 
@@ -445,6 +499,7 @@ def summarize(out_dir: Path, parts: Path | None = None, note: str = "") -> str:
     runs = {name: read_jsonl(parts / f"train_{name}.jsonl") for name in ("triton", "torch")}
     check["train"] = runs
     check["time_to_quality"] = time_to_quality(runs["triton"], runs["torch"])
+    check["time_to_quality"]["precision"] = train_precision(check["stages"])
     check["loss_at_equal_iterations"] = compare_losses(runs["triton"], runs["torch"])
     (out_dir / "check.json").write_text(json.dumps(check, indent=1, default=str))
 
@@ -468,7 +523,8 @@ def summarize(out_dir: Path, parts: Path | None = None, note: str = "") -> str:
     if cmp_.get("common_steps"):
         lines.append(f"loss at equal iterations: step {cmp_['first_step']}: triton {cmp_['loss_a_first']:.4f} vs "
                      f"torch {cmp_['loss_b_first']:.4f}; step {cmp_['step']}: triton {cmp_['loss_a']:.4f} vs torch "
-                     f"{cmp_['loss_b']:.4f} (rel diff {cmp_['rel_diff']:.2e}); {cmp_['common_steps']} common steps")
+                     f"{cmp_['loss_b']:.4f} (rel diff {cmp_['rel_diff']:.2e}); {cmp_['common_steps']} common steps"
+                     + _precision_note(check["time_to_quality"].get("precision") or {}))
     else:
         lines.append("loss at equal iterations: no step logged by both runs")
     text = "\n".join(lines) + "\n"

@@ -118,7 +118,8 @@ def test_dry_run_is_recorded_into_a_copy_of_results(dry_run, tmp_path: Path) -> 
     assert f"### {env['date_utc'][:10]}: CPU, commit {env['commit'][:12]} (CPU dry run" in head
     assert f"torch {env['torch']}, triton {env['triton']}" in head and env["date_utc"] in head
     assert after.rstrip().splitlines()[-1].startswith(f"- {env['date_utc'][:10]}: gpu_check on CPU")
-    assert "**No GPU measurement yet.**" in after  # a CPU run does not count as a GPU measurement
+    # a CPU run does not count as a GPU measurement (RESULTS.md may already hold one)
+    assert ("**No GPU measurement yet.**" in after) == ("**No GPU measurement yet.**" in before)
     again = subprocess.run(cmd + ["--allow-cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "already" in again.stderr and results.read_text() == after
 
@@ -285,3 +286,39 @@ def test_summary_of_a_gpu_run_holds_the_headline_table(tmp_path: Path) -> None:
     assert "No CUDA device" not in text and "WARNING" not in text
     details = (tmp_path / "details.md").read_text()
     assert "## Nsight Compute" in details and "## Time to quality" in details
+
+
+def test_pytest_line_reports_each_run_and_what_ran_before_a_timeout() -> None:
+    text = ("### gpu_check: kernel: python -m pytest tests/kernels (timeout 110s)\n"
+            + "." * 70 + "s" + "  [ 40%]\n" + "..F.s\n"
+            "gpu_check: stopped by the 110s timeout (rc 124)\n"
+            "### gpu_check: model: python -m pytest tests/model -m 'gpu and not slow' (timeout 40s)\n"
+            ".....                                                   [100%]\n"
+            "=========================== short test summary info ============================\n"
+            "===== 5 passed, 300 deselected in 20.12s =====\n")
+    assert summarize.pytest_line(text) == ("kernel: 73 passed, 1 failed, 2 skipped, then stopped by the 110s timeout "
+                                           "(rc 124); model: 5 passed, 300 deselected in 20.12s")
+    # interrupted at the timeout (SIGINT): pytest's own final line, marked as stopped
+    interrupted = ("### gpu_check: kernel: python -m pytest x (timeout 90s)\n....s\n"
+                   "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!! KeyboardInterrupt !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+                   "=========== 4 passed, 1 skipped in 90.02s (0:01:30) ===========\n"
+                   "gpu_check: stopped by the 90s timeout (rc 124)\n")
+    assert summarize.pytest_line(interrupted) == ("kernel: 4 passed, 1 skipped in 90.02s (0:01:30) (stopped by the "
+                                                  "90s timeout (rc 124))")
+    # one run without headers, as before; the first GPU run's note glued to the progress characters
+    assert summarize.pytest_line("..s\n== 2 passed, 1 skipped in 3.10s ==\n") == "2 passed, 1 skipped in 3.10s"
+    assert summarize.pytest_line("...sssgpu_check: tests stopped by the 90s timeout") == (
+        "3 passed, 3 skipped, then tests stopped by the 90s timeout")
+
+
+def test_time_to_quality_says_which_precision_each_backend_ran() -> None:
+    stages = [{"stage": "train_triton", "rc": "0", "note": "precision bf16, cuDNN TF32 on; time limit 20s; done"},
+              {"stage": "train_torch", "rc": "0", "note": "precision fp32, cuDNN TF32 on; time limit 20s; done"},
+              {"stage": "fit", "rc": "0", "note": "precision x"}]
+    prec = summarize.train_precision(stages)
+    assert prec == {"fused": "bf16, cuDNN TF32 on", "reference": "fp32, cuDNN TF32 on"}
+    t = summarize.time_to_quality(_rows(10.0, 100.0, 20), _rows(2.5, 100.0, 5))
+    t["precision"] = prec
+    assert summarize.ttq_line(t).startswith("fused (bf16, cuDNN TF32 on) 10.00 it/s vs reference (fp32, cuDNN TF32 "
+                                            "on) 2.50 it/s (4.00x)")
+    assert "Precision: fused bf16, cuDNN TF32 on; reference fp32, cuDNN TF32 on" in summarize.ttq_markdown(t)

@@ -4,7 +4,8 @@ Usage::
 
     python -m fastnca.kernels.fit              # forward and backward tables of every shipped configuration
     python -m fastnca.kernels.fit --only bwd   # one of them ("fwd", "bwd", "rollout" or "likelihood")
-    python -m fastnca.kernels.fit --json       # the same as JSON lines
+    python -m fastnca.kernels.fit --json       # the same as JSON lines, each pass's rows when it is done
+    FASTNCA_FIT_JOBS=1 python -m fastnca.kernels.fit   # one compile at a time (default: CPUs, at most 8)
     python -m fastnca.kernels.fit --python .ci/.venv-triton36/bin/python   # compiled by another Triton release
 
 Every kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (no GPU needed)
@@ -17,8 +18,11 @@ The kernel modules say what they launch: ``nca_step.fwd_kernel_spec`` and ``nca_
 return :class:`KernelSpec` s (jit function, signature, constexprs, warps, stages); :func:`fit_kernels` compiles
 a list of them. With ``TRITON_INTERPRET=1`` (set by tests/conftest.py without a GPU) ``@triton.jit`` has already
 produced an interpreter function that ``triton.compile`` cannot take, so :func:`fit_kernels` then compiles in
-one child process with TRITON_INTERPRET removed from its environment (the function is found there by module
-and name). Results are kept for the rest of the process, and Triton caches the compiles on disk.
+a child process with TRITON_INTERPRET removed from its environment (the function is found there by module
+and name). Several kernels are compiled by several such children at once, ``FASTNCA_FIT_JOBS`` of them (default:
+the usable CPUs, at most 8; 1: one child, or this process where it can compile). Results are kept for the rest of
+the process, and Triton caches the compiles on disk. With ``--json`` each pass's rows are printed (flushed) as
+soon as that pass is done, so a caller's timeout keeps the passes already compiled.
 
 Tiles must fit every Triton release the kernels run under: CI's (the one installed with torch) and the GPU
 machines' (3.6, ``GPU_TRITON``), which allocates registers differently. ``python=`` (``--python``) compiles in
@@ -40,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,6 +52,7 @@ from .spec import KernelSpec
 
 __all__ = [
     "BWD_SHIPPED",
+    "FIT_JOBS_ENV",
     "FIT_PYTHONS_ENV",
     "GPU_TRITON",
     "LIKELIHOOD_SHIPPED",
@@ -64,6 +70,7 @@ __all__ = [
     "fit_rollout",
     "fit_kernels",
     "fit_likelihood",
+    "fit_jobs",
     "fit_many",
     "fit_pythons",
     "format_bwd_table",
@@ -74,6 +81,7 @@ __all__ = [
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 program may use (227 KiB)
 GPU_TRITON = "3.6"  # the Triton release of the GPU machines (PyTorch 2.11); CI has the one torch 2.14 brings
 FIT_PYTHONS_ENV = "FASTNCA_FIT_PYTHONS"  # interpreters with other Triton releases to fit under (os.pathsep list)
+FIT_JOBS_ENV = "FASTNCA_FIT_JOBS"  # compiling child processes at once (default: the usable CPUs, at most 8)
 
 
 # ----------------------------------------------------------------------------------------- generic sm_90 fit
@@ -238,17 +246,44 @@ def _run_child(python: str, todo: list[str]) -> list[KernelFit]:
     return results
 
 
+def fit_jobs() -> int:
+    """How many compiling child processes one :func:`fit_kernels` call may run at once: ``FASTNCA_FIT_JOBS``, else
+    the CPUs this process may use, at most 8."""
+    env = os.environ.get(FIT_JOBS_ENV, "").strip()
+    if env:
+        return max(1, int(env))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, 8))
+
+
+def _run_children(python: str, todo: list[str], jobs: int) -> list[KernelFit]:
+    """:func:`_run_child` on ``jobs`` interleaved shares of ``todo`` at once (one thread each; neighbouring jobs,
+    often the heavy kernels of one configuration, go to different children); results in the order of ``todo``."""
+    shares = [todo[i::jobs] for i in range(jobs)]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        done = list(pool.map(lambda share: _run_child(python, share), shares))
+    results: list[KernelFit | None] = [None] * len(todo)
+    for i, fits in enumerate(done):
+        results[i::jobs] = fits
+    return results  # type: ignore[return-value]
+
+
 def fit_kernels(specs: list[KernelSpec] | tuple[KernelSpec, ...], python: str | None = None) -> list[KernelFit]:
-    """Compile kernels for sm_90: in this process, or in one child process (of ``python``, another interpreter
+    """Compile kernels for sm_90: in this process, or in child processes (of ``python``, another interpreter
     with its own Triton release, or of this one without TRITON_INTERPRET when that is set here).
 
-    Each distinct kernel is compiled once per process and interpreter (identical specs, e.g. the backward's
-    weight-gradient GEMMs of equal shapes, share one compile).
+    Several kernels are compiled by :func:`fit_jobs` child processes at once (``FASTNCA_FIT_JOBS=1``: one child,
+    or this process where it can compile); the results are the same, in the same order. Each distinct kernel is
+    compiled once per process and interpreter (identical specs, e.g. the backward's weight-gradient GEMMs of equal
+    shapes, share one compile).
     """
     who = str(python) if python else ""
     keys = [json.dumps(_job(s), sort_keys=True) for s in specs]
     todo = list(dict.fromkeys(k for k in keys if (who, k) not in _FITS))
-    if todo and not python and os.environ.get("TRITON_INTERPRET") != "1":
+    jobs = min(fit_jobs(), len(todo))
+    if jobs > 1:
+        _FITS.update(zip(((who, k) for k in todo), _run_children(python or sys.executable, todo, jobs)))
+    elif todo and not python and os.environ.get("TRITON_INTERPRET") != "1":
         for k in todo:
             _FITS[who, k] = _compile_job(json.loads(k))
     elif todo:
@@ -581,22 +616,19 @@ def main() -> None:
             print(json.dumps(_compile_job(job)._asdict()), flush=True)
         return
     pythons = [None if p == "self" else p for p in args.python or ["self"]]
-    fwd = [fit_many(SHIPPED, python=p) if args.only in (None, "fwd") else [] for p in pythons]
-    bwd = [fit_bwd(BWD_SHIPPED, python=p) if args.only in (None, "bwd") else [] for p in pythons]
-    post = [fit_rollout(BWD_SHIPPED, python=p) if args.only in (None, "rollout") else [] for p in pythons]
-    lik = [fit_likelihood(python=p) if args.only in (None, "likelihood") else [] for p in pythons]
+    passes = {"fwd": lambda p: fit_many(SHIPPED, python=p), "bwd": lambda p: fit_bwd(BWD_SHIPPED, python=p),
+              "rollout": lambda p: fit_rollout(BWD_SHIPPED, python=p), "likelihood": lambda p: fit_likelihood(python=p)}
     if args.json:
-        for p, f, b, r_, lk in zip(pythons, fwd, bwd, post, lik):
+        # each pass's rows as soon as it is done (a caller's timeout keeps the passes already done)
+        for p in pythons:
             release = triton_version(p)
-            for r in f:
-                print(json.dumps({"pass": "fwd", "triton": release, **r._asdict()}))
-            for r in b:
-                print(json.dumps({"pass": "bwd", "triton": release, **r._asdict()}))
-            for r in r_:
-                print(json.dumps({"pass": "rollout", "triton": release, **r._asdict()}))
-            for r in lk:
-                print(json.dumps({"pass": "likelihood", "triton": release, **r._asdict()}))
+            for name, run in passes.items():
+                if args.only in (None, name):
+                    for r in run(p):
+                        print(json.dumps({"pass": name, "triton": release, **r._asdict()}), flush=True)
         return
+    fwd, bwd, post, lik = ([run(p) if args.only in (None, name) else [] for p in pythons]
+                           for name, run in passes.items())
     releases = " / ".join(triton_version(p) for p in pythons)
     print(f"sm_90 fit, triton {releases}, {time.strftime('%Y-%m-%d')}")
     if fwd[0]:

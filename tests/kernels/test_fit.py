@@ -83,3 +83,25 @@ def test_copies_are_16_bytes(fits, spec):
     assert r.copy_widths.get("16", 0) > 0, f"{spec.name}: no 16-byte LDGSTS ({r.copy_widths})"
     narrow = set(r.copy_widths) - {"16"}
     assert bool(narrow) == (spec.name in KNOWN_NARROW_COPIES), f"{spec.name}: LDGSTS widths {r.copy_widths}"
+
+
+def test_parallel_fit_keeps_the_order_of_the_jobs(monkeypatch):
+    """FASTNCA_FIT_JOBS children compile interleaved shares of the job list at once; each result goes back to its
+    job's place (checked with a stand-in child that returns its jobs' names; the real compiles: every fit test)."""
+    import fastnca.kernels.fit as fit
+
+    seen = []
+
+    def child(python, todo):
+        seen.append(todo)
+        return [fit.KernelFit(int(j), 0, 0, 0, 0, 0, 0.0) for j in todo]
+
+    monkeypatch.setattr(fit, "_run_child", child)
+    todo = [str(i) for i in range(11)]
+    got = fit._run_children("python", todo, 4)
+    assert [r.registers for r in got] == list(range(11))
+    assert sorted(len(s) for s in seen) == [2, 3, 3, 3] and sorted(sum(seen, []), key=int) == todo
+    monkeypatch.setenv(fit.FIT_JOBS_ENV, "3")
+    assert fit.fit_jobs() == 3
+    monkeypatch.delenv(fit.FIT_JOBS_ENV)
+    assert 1 <= fit.fit_jobs() <= 8
