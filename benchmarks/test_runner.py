@@ -229,7 +229,9 @@ def test_early_cases_and_perstep_backends(tmp_path: Path, monkeypatch: pytest.Mo
     assert ctx.nca.small_grid is True
     errs = [runner_rel_err(r, o) for r, o in zip(ref, prep.parity())]
     assert len(errs) == len(ref) > 2 and max(errs) < 1e-4, errs
-    assert bwd_calls == [1]
+    # the small-grid backward is off by default (measured slower than the per-step backward on an H100; the
+    # tuning sweep, benchmarks/tune.py, times it with small_grid_backward=True)
+    assert bwd_calls == [], "expected the triton-* row to take the per-step backward by default"
 
 
 def test_speedup_vs_per_step_pairs_rows_of_one_case() -> None:
