@@ -72,6 +72,16 @@ def make_trainer(cfg, out, splits, **kw) -> Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- damage and pool
+def test_precision_note_names_the_fused_fp32_path_on_cuda_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # devices as names: nothing is allocated
+    cfg = get_preset("mnist-doubling", backend="triton")  # fp32
+    note = train_mod.precision_note(cfg, cuda)
+    assert note is not None and "--set precision=bf16" in note, f"expected a pointer to bf16 on CUDA, got {note!r}"
+    assert train_mod.precision_note(cfg, cpu) is None, "expected no note on the CPU (the reference backend runs)"
+    assert train_mod.precision_note(cfg.replace(precision="bf16"), cuda) is None
+    assert train_mod.precision_note(cfg.replace(backend="torch"), cuda) is None
+
+
 def test_damage_zeroes_one_square_per_example():
     gen = torch.Generator().manual_seed(0)
     states = torch.rand(6, 5, 12, 10) + 0.5  # no zeros before damage
