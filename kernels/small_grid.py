@@ -14,7 +14,9 @@ costs a whole launch and one program's latency. Here one launch runs every one o
   these inputs anyway), and read back by the next step from L1/L2: a sample's state at 8x8 x 256 channels in
   bf16 is 32 KiB.
 
-The backward takes two launches: :func:`_rollout_bwd_small_kernel` (the same ownership of whole samples) walks the
+The backward (only with ``nca_rollout(..., small_grid_backward=True)``: on an H100 at mnist-doubling B = 32 it was
+slower than the per-step backward of those steps, benchmarks/RESULTS.md) takes two launches:
+:func:`_rollout_bwd_small_kernel` (the same ownership of whole samples) walks the
 steps last first, per step the backward main kernel's body (``nca_step_bwd._main_cells``, recomputing from the stored
 input), a barrier, the state gradient (``nca_step_bwd._dstate_tile``), a barrier, keeping every step's per-cell
 buffers; :func:`_rollout_wgrad_small_kernel` then adds all those steps' weight gradients to the rollout's
@@ -26,8 +28,8 @@ one per variant, doubled the shared memory and spilled). Masks, when the rollout
 buffer holding every step's ``(B, H, W)`` mask in step order.
 
 The cut-off (:data:`SMALL_GRID_CELLS`) and the samples per program (:func:`samples_per_program`) are set by
-compile fit here and are the first things to measure on a GPU (``benchmarks/``): the per-step path stays, and
-``nca_rollout(..., small_grid=False)`` selects it.
+compile fit here; the forward measured 1.78x faster than the per-step launches it replaces on an H100
+(benchmarks/RESULTS.md). The per-step path stays, and ``nca_rollout(..., small_grid=False)`` selects it.
 """
 
 from __future__ import annotations
