@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.utils import rel_err, time_fn
+
 # (group, name, changes): changes are "post.<field>" / "main.<field>" (BwdConfig fields), "min_cells_per_split"
 # (the post kernel's, kernels.rollout._POST_MIN_CELLS_PER_SPLIT), "small_grid_backward" or "small_grid" (the NCA's
 # options of those names)
@@ -130,17 +132,7 @@ class Bench:
         return [out.detach().float(), z.grad.float()] + [p.grad.float() for p in params]
 
 
-def _rel(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
-    worst = 0.0
-    for r, o in zip(ref, out):
-        den = r.norm().item() or 1.0
-        worst = max(worst, (o - r).norm().item() / den)
-    return worst
-
-
 def _time(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
-    from benchmarks.utils import time_fn
-
     return time_fn(fn, device, warmup=1, min_reps=reps, max_reps=reps, target_s=0.0).times_ms
 
 
@@ -172,7 +164,7 @@ def _measure(bench: Bench, name: str, group: str, changes: dict[str, Any], ref: 
             if bench.device.type == "cuda":
                 torch.cuda.synchronize(bench.device)
             row["first_call_s"] = round(time.perf_counter() - t0, 2)
-            row["rel_err_vs_shipped"] = 0.0 if ref is None else _rel(ref, grads)
+            row["rel_err_vs_shipped"] = 0.0 if ref is None else max(rel_err(r, o) for r, o in zip(ref, grads))
             times = _time(lambda: bench.run(changes), bench.device, reps)
     except Exception as err:  # noqa: BLE001 - a variant that cannot run is a result, not a crash
         row["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
