@@ -57,6 +57,12 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("main", "128 cells", {"main.block_m": 128}),
     ("main", "4 warps", {"main.warps": 4}),
     ("main", "state-gradient 128 cells", {"main.ds_block_m": 128}),
+    # each warpgroup its own 64 rows at h = 256 (no duplicated chained dots): sm_90 spills 40 / 48 B (Triton 3.8 / 3.6)
+    # without a mask, 0 with one (kernels/BACKWARD.md)
+    ("main", "128 cells, operand reloaded, int32 offsets, chunks 16, stages 3/3/2",
+     {"main.block_m": 128, "main.block_k": 16, "main.reload_operand": True, "main.int32_index": True,
+      "main.blk_stages": 3, "main.out_stages": 2}),
+    ("main", "int32 offsets", {"main.int32_index": True}),
     ("small", "small-grid backward on", {"small_grid_backward": True}),
     ("small", "small-grid off (forward too)", {"small_grid": False}),
 ]

@@ -95,6 +95,11 @@ def _nca_step_bwd_kernel(
     BLOCK_M: tl.constexpr,  # cells per program
     BLOCK_K: tl.constexpr,  # hidden-channel chunk of the residual blocks
     BLOCK_C: tl.constexpr,  # state-channel chunk of the perception conv and the output conv
+    BLK_STAGES: tl.constexpr,  # software-pipeline stages of the hidden-chunk loops (None: the kernel's num_stages)
+    OUT_STAGES: tl.constexpr,  # of the output conv's loop
+    RELOAD_OPERAND: tl.constexpr,  # read the residual streams' dot operand back from its buffer (see _main_cells)
+    IDX64: tl.constexpr,  # int64 cell and element offsets (else int32: config int32_index, where they fit)
+    WIDE: tl.constexpr,  # int64 buffer-plane offsets too (the launcher sets it when M * HID could overflow int32)
 ):
     """Recompute the forward and backpropagate to the perception conv's output for ``BLOCK_M`` cells.
 
@@ -115,19 +120,24 @@ def _nca_step_bwd_kernel(
     Dtypes: operands in the state's dtype, accumulation and the residual streams y, dy in fp32, the buffers in
     the state's dtype.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    if WIDE:
+        M = M.to(tl.int64)
+    # int32 offsets (config int32_index, where they fit): fewer registers than int64 at the 128-cell h = 256 tiles
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # cell ids
     _main_cells(z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,
                 y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < M, 0, H, W, M * HID, C, HID, N_BLOCKS,
                 1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU, INPUT_PRECISION, INTERP_BF16,
-                BLOCK_M, BLOCK_K, BLOCK_C)
+                BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES, RELOAD_OPERAND)
 
 
 @triton.jit
 def _main_cells(
     z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,  # as the
     y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr,  # kernel's (the buffers' and the mask's rows: row0 + offs_m)
-    offs_m,  # (BLOCK_M,) int64 cell ids on the step's (doubled) grid, flattened over (B, H, W)
+    offs_m,  # (BLOCK_M,) cell ids on the step's (doubled) grid, flattened over (B, H, W) (int32 where they fit)
     mask_m,  # (BLOCK_M,) which of them to compute
     row0,  # the step's first row in the per-cell buffers and the mask (0, or the small-grid kernel's step offset)
     H,  # grid height (doubled when SHIFT is 1)
@@ -147,9 +157,20 @@ def _main_cells(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLK_STAGES: tl.constexpr,
+    OUT_STAGES: tl.constexpr,
+    RELOAD_OPERAND: tl.constexpr,
 ):
     """The body of :func:`_nca_step_bwd_kernel` for the cells ``offs_m``, shared with the small-grid backward
-    (``kernels/small_grid.py``); inlined, so the per-step kernel compiles as before (sm_90 fit unchanged)."""
+    (``kernels/small_grid.py``); inlined, so the per-step kernel compiles as before (sm_90 fit unchanged).
+
+    With ``RELOAD_OPERAND`` the residual streams' dot operand (``y_i`` forward, ``dy_{i+1}`` backward,
+    ``(BLOCK_M, HID)`` in the compute dtype) is read back from the buffer this program has just written, after a
+    barrier, instead of being converted in registers: an operand that comes from a load is given to the tensor
+    cores from shared memory (wgmma), one converted in registers stays there (64 registers per thread at
+    128 x 256 bf16 over 8 warps). It is for h = 256 on 128-cell tiles with 8 warps, where each warpgroup computes
+    its own 64 rows (no duplicated chained dots): there it cut the sm_90 spills from 384-464 B to 0-48 B
+    (kernels/BACKWARD.md, not shipped while any spill is left). Same bits either way."""
     H_in = H >> SHIFT
     W_in = W >> SHIFT
     dt = z_ptr.dtype.element_ty
@@ -177,12 +198,16 @@ def _main_cells(
     # ---- forward through the blocks, saving each block's input and pre-activation
     for blk in range(N_BLOCKS):
         tl.store(y_ptr + blk * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
-        y_a = rne(y, INTERP_BF16).to(dt)
+        if RELOAD_OPERAND:
+            tl.debug_barrier()  # the rows were written by other threads of this program
+            y_a = tl.load(y_ptr + blk * buf_stride + cells_h, mask=mask_m[:, None], other=0.0)
+        else:
+            y_a = rne(y, INTERP_BF16).to(dt)
         if HAS_B2:
             acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
         else:
             acc = y
-        for j in range(0, HID, BLOCK_K):
+        for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
             b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
             t = mma(y_a, b_w1t, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
             if HAS_B1:
@@ -199,7 +224,7 @@ def _main_cells(
     if HAS_MASK:
         upd = tl.load(mask_ptr + rows, mask=mask_m, other=0) != 0
     dy = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=OUT_STAGES):
         cells_c = offs_m[:, None] * C + (c0 + offs_c)[None, :]
         b_g = tl.load(gout_ptr + cells_c, mask=mask_m[:, None], other=0.0)
         if HAS_MASK:
@@ -212,9 +237,13 @@ def _main_cells(
     for i in range(N_BLOCKS):
         blk = N_BLOCKS - 1 - i
         tl.store(dy_ptr + blk * buf_stride + cells_h, rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
-        dy_a = rne(dy, INTERP_BF16).to(dt)
+        if RELOAD_OPERAND:
+            tl.debug_barrier()
+            dy_a = tl.load(dy_ptr + blk * buf_stride + cells_h, mask=mask_m[:, None], other=0.0)
+        else:
+            dy_a = rne(dy, INTERP_BF16).to(dt)
         acc = dy
-        for j in range(0, HID, BLOCK_K):
+        for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
             b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
             du = mma(dy_a, b_w2, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
             b_a = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
@@ -586,6 +615,10 @@ class BwdConfig:
     wg_block_cells: int
     wg_warps: int
     wg_stages: int
+    blk_stages: int | None = None  # pipeline stages of the main kernel's hidden-chunk loops (None: ``stages``)
+    out_stages: int | None = None  # of its output-conv loop (None: ``stages``)
+    reload_operand: bool = False  # the main kernel's residual-stream dot operand from its buffer (_main_cells)
+    int32_index: bool = False  # int32 cell and element offsets in the main kernel where they fit (main_needs_int64)
 
 
 def _chunk(n: int, cap: int) -> int:
@@ -664,12 +697,25 @@ def _splits(m: int, block_cells: int, min_cells: int | None = None) -> tuple[int
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
+def main_needs_int64(m: int, c: int, hp: int, n_blocks: int) -> bool:
+    """Whether the main kernel's cell or element offsets for ``m`` cells could overflow int32 (its largest buffer
+    is ``(n_blocks + 1, m, hp)``)."""
+    return (n_blocks + 1) * m * max(hp, c) >= 2**31
+
+
 def _main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
-                     has_b2: bool, input_precision: str, interp_bf16: bool, cfg: BwdConfig) -> dict[str, Any]:
-    """The main kernel's constexprs: one builder for the launch and the sm_90 fit, so the two cannot drift."""
+                     has_b2: bool, input_precision: str, interp_bf16: bool, cfg: BwdConfig,
+                     m: int | None = None) -> dict[str, Any]:
+    """The main kernel's constexprs: one builder for the launch and the sm_90 fit, so the two cannot drift.
+
+    ``m`` (the launch's cells; None: the fit, which takes offsets that fit) decides int64 offsets where the config
+    asks for int32 ones."""
+    wide = m is not None and main_needs_int64(m, c, hp, n_blocks)
     return dict(C=c, HID=hp, N_BLOCKS=n_blocks, DOUBLE=double, HAS_MASK=has_mask, HAS_B3=has_b3, HAS_B1=has_b1,
                 HAS_B2=has_b2, PERCEIVE_ELU=n_blocks == 0, INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16,
-                BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c)
+                BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
+                BLK_STAGES=cfg.blk_stages, OUT_STAGES=cfg.out_stages, RELOAD_OPERAND=cfg.reload_operand,
+                IDX64=wide or not cfg.int32_index, WIDE=wide)
 
 
 def _dstate_constexprs(c: int, hp: int, *, double: bool, input_precision: str, interp_bf16: bool,
@@ -969,7 +1015,7 @@ def nca_step_bwd(
         H=hh,
         W=ww,
         **_main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=has_b3, has_b1=has_b1,
-                           has_b2=has_b2, input_precision=input_precision, interp_bf16=upcast, cfg=cfg),
+                           has_b2=has_b2, input_precision=input_precision, interp_bf16=upcast, cfg=cfg, m=m),
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )

@@ -176,8 +176,10 @@ def small_bwd_config(state_channels: int, hidden_channels: int, dtype: torch.dty
         main = (32, 32, 16, 8, 2)
     if main is not None:
         m, k, cc, warps, stages = main
+        # the per-step main kernel's loop stages and operand reload are its own fit, not this kernel's
         cfg = dataclasses.replace(cfg, block_m=m, block_k=_chunk(hid, k), block_c=_chunk(state_channels, cc),
-                                  warps=warps, stages=stages)
+                                  warps=warps, stages=stages, blk_stages=None, out_stages=None, reload_operand=False,
+                                  int32_index=False)
     tensor_cores = dtype == torch.bfloat16 or input_precision == "tf32"
     return cfg, 32 if tensor_cores and n_blocks else 64  # without blocks, 32 spilled 8 B (bf16, Triton 3.6)
 
@@ -384,7 +386,7 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
         M=m, H=hh, W=ww,
         **_main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=p["b3"] is not None,
                            has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
-                           input_precision=sp.input_precision, interp_bf16=sp.upcast, cfg=cfg),
+                           input_precision=sp.input_precision, interp_bf16=sp.upcast, cfg=cfg, m=m),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
     pcfg = sp.post_config

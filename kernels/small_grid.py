@@ -256,6 +256,9 @@ def _rollout_bwd_small_kernel(
     BLOCK_M: tl.constexpr,  # main tiles (nca_step_bwd's)
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLK_STAGES: tl.constexpr,  # pipeline stages of the main body's loops (nca_step_bwd._main_cells)
+    OUT_STAGES: tl.constexpr,
+    RELOAD_OPERAND: tl.constexpr,
     DS_BLOCK_M: tl.constexpr,  # state-gradient tiles
     DS_BLOCK_K: tl.constexpr,
     DS_BLOCK_N: tl.constexpr,  # state channels per pass of the state gradient (fewer than C_PAD: less registers)
@@ -290,7 +293,8 @@ def _rollout_bwd_small_kernel(
             _main_cells(zin, gout, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr,
                         wout_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < hi, row0, h, w,
                         m_total * HID, C, HID, N_BLOCKS, shift, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU,
-                        INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, BLOCK_C)
+                        INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES,
+                        RELOAD_OPERAND)
         tl.debug_barrier()  # every thread's dpre before the state gradient reads the neighbours'
         h, w, row0, shift = _step_rows(s, H0, W0, flags, B)
         if s == n_steps - 1:
@@ -395,7 +399,8 @@ def small_bwd_constexprs(main: dict[str, Any], post: dict[str, Any], ds_block_n:
     and the post kernel's (``rollout._post_constexprs``, for the state-gradient tiles); no ``DOUBLE`` (a runtime
     bit per step)."""
     keep = ("C", "HID", "N_BLOCKS", "HAS_MASK", "HAS_B3", "HAS_B1", "HAS_B2", "PERCEIVE_ELU", "INPUT_PRECISION",
-            "INTERP_BF16", "BLOCK_M", "BLOCK_K", "BLOCK_C")
+            "INTERP_BF16", "BLOCK_M", "BLOCK_K", "BLOCK_C", "BLK_STAGES", "OUT_STAGES",
+            "RELOAD_OPERAND")
     return {**{k: main[k] for k in keep}, "C_PAD": post["C_PAD"], "DS_BLOCK_M": post["DS_BLOCK_M"],
             "DS_BLOCK_K": post["DS_BLOCK_K"], "DS_BLOCK_N": min(post["C_PAD"], ds_block_n)}
 

@@ -8,6 +8,7 @@ CPU runs the kernels in Triton's interpreter.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import pytest
@@ -217,6 +218,44 @@ def test_bwd_deterministic(dtype: torch.dtype) -> None:
         assert (a is None) == (b is None), name
         if a is not None:
             assert torch.equal(a, b), f"{name}: expected bitwise-identical gradients on two runs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bwd_main_kernel_variants_are_bitwise_the_default(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main kernel's register-saving variants (the residual streams' dot operand read back from its buffer,
+    int32 offsets, per-loop pipeline stages; kernels/BACKWARD.md) compute the same bits as the default path, on a
+    doubling step with a mask and a partial last tile, with and without biases."""
+    case = Case(2, 6, 10, 16, 32, 2, "mixbias", True, True)
+    weights = make_weights(case.channels, case.hidden, case.n_blocks, case.bias, dtype)
+    state, mask, grad_out = make_inputs(case, dtype)
+    default = nca_step_bwd(state, weights, mask, case.double, grad_out)
+    real = bwd_mod.bwd_config
+
+    def variant(*args: Any, **kwargs: Any) -> bwd_mod.BwdConfig:
+        return dataclasses.replace(real(*args, **kwargs), reload_operand=True, int32_index=True, blk_stages=2,
+                                   out_stages=1)
+
+    monkeypatch.setattr(bwd_mod, "bwd_config", variant)
+    assert bwd_mod._main_constexprs(16, 32, 2, double=True, has_mask=True, has_b3=True, has_b1=True, has_b2=True,
+                                    input_precision="ieee", interp_bf16=False, cfg=variant(16, 32, dtype),
+                                    m=120)["IDX64"] is False, "expected int32 offsets for a small grid"
+    other = nca_step_bwd(state, weights, mask, case.double, grad_out)
+    for name, a, b in zip(grad_names(weights), [default[0]] + default[1], [other[0]] + other[1], strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), f"{name}: expected the variant's gradient bitwise equal to the default's"
+
+
+def test_main_kernel_offsets_widen_where_int32_overflows() -> None:
+    """int32 offsets only where every offset fits: the largest buffer is (n_blocks + 1, m, max(h, |z|))."""
+    cfg = dataclasses.replace(bwd_mod.bwd_config(256, 256, torch.bfloat16, n_blocks=4), int32_index=True)
+    m_max = (2**31 - 1) // (5 * 256)
+    flags = [{k: bwd_mod._main_constexprs(256, 256, 4, double=False, has_mask=False, has_b3=True, has_b1=True,
+                                          has_b2=True, input_precision="ieee", interp_bf16=False, cfg=c,
+                                          m=m)[k] for k in ("IDX64", "WIDE")}
+             for c, m in ((cfg, m_max), (cfg, m_max + 1), (dataclasses.replace(cfg, int32_index=False), 1000))]
+    assert flags == [{"IDX64": False, "WIDE": False}, {"IDX64": True, "WIDE": True},
+                     {"IDX64": True, "WIDE": False}], f"expected int32 up to {m_max} cells, got {flags}"
 
 
 def test_bwd_accepts_contiguous_nchw() -> None:
