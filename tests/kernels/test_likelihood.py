@@ -34,16 +34,19 @@ def _case_id(case) -> str:
 
 def make_inputs(b: int, c: int, h: int, w: int, n_mix: int, dtype: torch.dtype, channels_last: bool):
     """x on the 256-level grid with pixel (0, 0) at -1 and the last pixel at 1 (the edge bins); params whose
-    log-scales span clamped (< -7, and one exactly -7), tiny (narrow bins -> the pdf branch) and wide values."""
-    x = torch.randint(0, 256, (b, 3, h, w), device=DEVICE).float() * 2 / 255 - 1
+    log-scales span clamped (< -7, and one exactly -7), tiny (narrow bins -> the pdf branch) and wide values.
+
+    Drawn by the CPU generator and then moved to the test device, so that a GPU run checks the very inputs the CPU
+    run does (a CUDA generator draws other values, which need not reach every case of the likelihood)."""
+    x = torch.randint(0, 256, (b, 3, h, w)).float() * 2 / 255 - 1
     x[:, :, 0, 0] = -1.0
     x[:, :, -1, -1] = 1.0
-    params = torch.randn(b, c, h, w, device=DEVICE)
+    params = torch.randn(b, c, h, w)
     rest = params[:, n_mix : 10 * n_mix].view(b, 3, 3, n_mix, h, w)  # per colour: means, log-scales, coeffs
     rest[:, :, 0] *= 0.5
     rest[:, :, 1] = torch.empty_like(rest[:, :, 1]).uniform_(-8.0, 0.0)
     rest[:, 0, 1, 0, 0, -1] = DML_LOG_SCALE_MIN  # exactly at the clamp: torch.clamp passes no gradient there
-    params = params.to(dtype)
+    x, params = x.to(DEVICE), params.to(DEVICE, dtype)
     if channels_last:
         params = params.contiguous(memory_format=torch.channels_last)
     return x, params
