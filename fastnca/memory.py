@@ -18,7 +18,7 @@ from typing import Any
 from fastnca.config import Config, get_preset
 from fastnca.kernels.schedule import RolloutPlan, plan_rollout
 
-__all__ = ["predict_peak_memory", "rollout_plan", "rollout_state_sizes", "GIB"]
+__all__ = ["predict_peak_memory", "rollout_plan", "rollout_state_sizes", "live_at_peak", "GIB"]
 
 _MAX_SPLITS = 32  # split slots of the fused backward's fp32 weight-gradient accumulator (kernels/nca_step_bwd.py)
 
@@ -155,3 +155,35 @@ def predict_peak_memory(
         "total": total, "total_gib": total / GIB, "stored_states": n_stored, "pool": pool, "pool_gib": pool / GIB,
         "policy": policy, "segment": seg, "num_steps": steps, "backend": backend,
     }
+
+
+def live_at_peak(trace: list[dict[str, Any]], top: int = 12) -> tuple[int, list[tuple[int, str]]]:
+    """Where the memory is at the peak of a CUDA caching-allocator trace: ``(peak bytes, [(bytes, where), ...])``.
+
+    ``trace`` is ``torch.cuda.memory._snapshot()["device_traces"][device]`` recorded with
+    ``torch.cuda.memory._record_memory_history()``: events with ``action`` ("alloc", "free_completed", ...),
+    ``addr``, ``size`` and ``frames`` (the Python / C++ stack). The allocations alive at the peak are grouped by
+    their innermost frame in fastnca (else the innermost Python frame), largest first, ``top`` of them. Used by the
+    GPU test of this model to say what a mismatch is made of.
+    """
+    live: dict[int, dict[str, Any]] = {}
+    cur = peak = 0
+    at_peak: list[dict[str, Any]] = []
+    for ev in trace:
+        action = ev.get("action")
+        if action == "alloc":
+            live[ev["addr"]] = ev
+            cur += ev["size"]
+            if cur > peak:
+                peak, at_peak = cur, list(live.values())
+        elif action == "free_completed" and ev.get("addr") in live:
+            cur -= live.pop(ev["addr"])["size"]
+    groups: dict[str, int] = {}
+    for ev in at_peak:
+        frames = ev.get("frames") or []
+        py = [f for f in frames if str(f.get("filename", "")).endswith(".py")]
+        ours = [f for f in py if "fastnca" in str(f.get("filename", ""))]
+        f = (ours or py or frames or [{}])[0]
+        where = f"{f.get('filename', '?')}:{f.get('line', '?')} {f.get('name', '')}".strip()
+        groups[where] = groups.get(where, 0) + ev["size"]
+    return peak, sorted(((b, w) for w, b in groups.items()), reverse=True)[:top]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastnca
-from fastnca.memory import GIB, predict_peak_memory
+from fastnca.memory import GIB, live_at_peak, predict_peak_memory
 
 
 def test_parameter_bytes_match_the_built_model():
@@ -40,11 +40,37 @@ def test_prediction_is_within_10_percent_of_the_measured_peak():
     x = torch.rand(8, 3, 62, 62, device="cuda") * 2 - 1
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
-        model(x, num_steps=64)["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    measured = torch.cuda.max_memory_allocated()
-    predicted = predict_peak_memory(model.config, num_steps=64, batch_size=8)["total"]
-    assert 0.9 < predicted / measured < 1.1, f"predicted {predicted / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB"
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        for _ in range(2):
+            model(x, num_steps=64)["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        measured = torch.cuda.max_memory_allocated()
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    predicted = predict_peak_memory(model.config, num_steps=64, batch_size=8)
+    ratio = predicted["total"] / measured
+    if not 0.9 < ratio < 1.1:
+        _, where = live_at_peak(trace)
+        parts = "\n".join(f"  {b / 2**20:9.1f} MiB  {w}" for b, w in where)
+        model_parts = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in predicted.items()
+                                if isinstance(v, int | float) and k not in ("total_gib", "pool_gib", "num_steps"))
+        pytest.fail(f"predicted {predicted['total'] / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB\n"
+                    f"model: {model_parts}\nlive at the measured peak (recorded trace):\n{parts}")
+
+
+def test_live_at_peak_replays_an_allocator_trace():
+    """The peak of a (synthetic) allocator trace and what is alive at it, grouped by the innermost fastnca frame."""
+    def ev(action, addr, size, where):
+        return {"action": action, "addr": addr, "size": size,
+                "frames": [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "conv2d"},
+                           {"filename": f"/x/fastnca/{where}.py", "line": 7, "name": "f"}]}
+    trace = [ev("alloc", 1, 100, "vae"), ev("alloc", 2, 300, "nca"), ev("free_completed", 2, 300, "nca"),
+             ev("alloc", 3, 250, "nca"), ev("alloc", 4, 50, "vae"), ev("free_completed", 1, 100, "vae"),
+             ev("alloc", 5, 10, "nca")]
+    peak, where = live_at_peak(trace)
+    assert peak == 400, f"expected the peak of 400 bytes (100 + 300, then 100 + 250 + 50), got {peak}"
+    assert where == [(300, "/x/fastnca/nca.py:7 f"), (100, "/x/fastnca/vae.py:7 f")], where
