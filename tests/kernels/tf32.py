@@ -2,11 +2,11 @@
 
 Triton hands fp32 operands to the tensor cores without rounding them to tf32 first, and the tensor cores then drop
 the 13 low mantissa bits (truncation: twice the error of rounding, and biased; triton-lang/triton#4574 measured
-Triton's tf32 dot less accurate than PyTorch's, which rounds). The reference is run with every convolution's operands truncated the same way, in the
-forward and in both backward products, fp32 accumulation. A tf32 kernel may be at most twice that error away from
-float64, as a bf16 kernel is held to twice the reference's own bf16 error. (Measured on the CPU, 2026-11-28, on the
-tests' small backward cases: the rounding reference is 8.5e-4 off float64, the truncating one 3.3e-3; the fixed
-bound of 2e-3 this replaces failed on an H100.)
+Triton's tf32 dot less accurate than PyTorch's, which rounds). The reference is run with every convolution's
+operands truncated the same way, in the forward and in both backward products, fp32 accumulation. A tf32 kernel may
+be at most twice that error away from float64, as a bf16 kernel is held to twice the reference's own bf16 error.
+(Measured on the CPU, 2026-11-28, on the tests' small backward cases: the rounding reference is 8.5e-4 off float64,
+the truncating one 3.3e-3; the fixed bound of 2e-3 this replaces failed on an H100.)
 """
 
 from __future__ import annotations
