@@ -26,6 +26,9 @@ Backends (``name[@checkpoint]``, the suffix overrides the model's checkpoint pol
   model cases run the fused rollout with its small-grid path on (the default).
 * ``triton-fp32-perstep`` / ``triton-bf16-perstep``: the same with the small-grid path off
   (``nca.small_grid = False``: one forward and two backward launches per step). Model cases only.
+* ``triton-bf16-graph``: ``triton-bf16``'s training iteration captured once as a CUDA graph and replayed
+  (``fastnca.graphs.TrainGraph``, as the trainer runs it on CUDA; the warm-up calls are the eager call and the
+  capture). Train cases on CUDA only: with the other ``triton-*`` rows it gives the graphs-on/off pair.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ __all__ = [
 ]
 
 BACKENDS = ("torch-fp32", "torch-bf16-cl", "compile-fp32", "compile-bf16", "triton-fp32", "triton-tf32",
-            "triton-bf16", "triton-fp32-perstep", "triton-bf16-perstep")
+            "triton-bf16", "triton-fp32-perstep", "triton-bf16-perstep", "triton-bf16-graph")
 
 # Cells per sample of the largest grid the small-grid kernels run (kernels/small_grid.py, SMALL_GRID_CELLS; a
 # copy, so that the torch backends run without Triton): the early-stage cases stop at the last such step.
@@ -84,6 +87,7 @@ class Backend:
     autocast: bool
     checkpoint: str | None = None
     small_grid: bool = True  # fused rollouts: the leading steps on small grids in one launch (False: per step)
+    graph: bool = False  # train cases: the iteration replayed as a CUDA graph
 
     @property
     def label(self) -> str:
@@ -115,7 +119,7 @@ def parse_backend(spec: str) -> Backend:
         parse_checkpoint(ckpt, 1, True, "torch")  # validates
     impl, prec = name.split("-")[0], name.split("-")[1]
     return Backend(name, impl, prec, name.endswith("-cl") or (impl == "compile" and prec == "bf16"), ckpt or None,
-                   small_grid=not name.endswith("-perstep"))
+                   small_grid=not name.endswith("-perstep"), graph=name.endswith("-graph"))
 
 
 def tolerance(backend: Backend, kind: str) -> float:
@@ -463,6 +467,8 @@ class CaseContext:
         if b.impl == "compile":
             raise NotImplementedError("torch.compile is benchmarked per step only (step, step-bwd)")
         cfg, kind = self.cfg, self.spec.kind
+        if b.graph and (kind != "train" or self.device.type != "cuda"):
+            raise NotImplementedError("CUDA graphs are benchmarked on training iterations on a CUDA device only")
         policy = b.checkpoint or cfg.checkpoint
         self._configure(b.model_backend, b.model_precision, policy, b.small_grid)
         itemsize = 2 if b.model_precision == "bf16" else 4
@@ -519,6 +525,15 @@ class CaseContext:
                 out["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 opt.step()
+
+            if b.graph:
+                from fastnca.graphs import TrainGraph
+
+                graph = TrainGraph(model, opt, lambda xs, _start, _t: model(xs, beta=beta, **kw), grad_clip=clip,
+                                   warmup=1)
+
+                def fn() -> None:  # noqa: F811 - the same iteration, captured at its second call
+                    graph(x)
 
             ckpt = _ckpt_words(policy, seg, b.model_backend)
             extra["predicted_memory"] = _predicted_memory(

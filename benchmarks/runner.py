@@ -40,8 +40,8 @@ QUICK_PLAN: list[tuple[str, list[str]]] = [
     ("rollout-mnist-doubling-early", ["triton-bf16", "triton-bf16-perstep"]),
     ("rollout-bwd-mnist-doubling", ["triton-bf16", "triton-bf16-perstep"]),
     ("train-celeba-nondoubling-256-T128", ["triton-bf16"]),
-    ("train-mnist-doubling", ["triton-bf16", "triton-bf16-perstep"]),
-    ("train-celeba-nondoubling-256-T128", ["torch-bf16-cl"]),
+    ("train-mnist-doubling", ["triton-bf16", "triton-bf16-perstep", "triton-bf16-graph"]),
+    ("train-celeba-nondoubling-256-T128", ["torch-bf16-cl", "triton-bf16-graph"]),
     ("train-celeba-nondoubling-256-T1024", ["triton-bf16"]),
 ]
 
@@ -68,7 +68,7 @@ def default_plan() -> list[tuple[str, list[str]]]:
             # the reference's recomputed segments at T = 1024 need tens of GB: only the fused path is measured
             plan.append((name, ["triton-bf16", "triton-fp32"]))
         elif spec.kind == "train":
-            plan.append((name, ["torch-fp32@step", *_MODEL_BACKENDS, *perstep]))
+            plan.append((name, ["torch-fp32@step", *_MODEL_BACKENDS, *perstep, "triton-bf16-graph"]))
         else:
             plan.append((name, [*_MODEL_BACKENDS, *perstep]))
     return plan
@@ -234,6 +234,12 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
             r["speedup"] = {f"vs {k}": v / r["time_ms"]["median"] for k, v in by_case.get(r["case"], {}).items()}
             if r.get("impl") == "triton" and "-perstep" not in r["backend"] and (r["case"], r["backend"]) in perstep:
                 r["speedup"]["vs per-step"] = perstep[(r["case"], r["backend"])] / r["time_ms"]["median"]
+    # graphs on against off: triton-<p>-graph against triton-<p> of the same case
+    eager = {(r["case"], r["backend"]): r["time_ms"]["median"] for r in rows if "time_ms" in r}
+    for r in rows:
+        off = (r["case"], r["backend"].replace("-graph", ""))
+        if "time_ms" in r and "-graph" in r["backend"] and off in eager:
+            r["speedup"]["vs graphs off"] = eager[off] / r["time_ms"]["median"]
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -306,6 +312,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         if "vs per-step" in r.get("speedup", {}):
             lines.append(f"\n{r['case']} {r['backend']}: small-grid path {r['speedup']['vs per-step']:.2f}x "
                          "the per-step path's speed")
+        if "vs graphs off" in r.get("speedup", {}):
+            lines.append(f"\n{r['case']} {r['backend']}: replayed as a CUDA graph, "
+                         f"{r['speedup']['vs graphs off']:.2f}x the eager iteration's speed")
     lines += ["", "TFLOP/s counts model FLOPs (forward, + 2x forward for backward; benchmarks/flops.py); "
               "% peak is of the matmul peak of the row's dtype measured above; floor = max(FLOPs/peak, bytes "
               "floor/copy bandwidth). Peak memory: torch.cuda.max_memory_allocated, NVML's device-wide used "

@@ -438,6 +438,8 @@ def _headline(check: dict[str, Any]) -> list[str]:
                 s += f"; {100 * r['frac_peak']:.1f} % of the run's {r.get('peak_used', 'matmul')} peak"
             if "vs per-step" in sp:
                 s += f"; small-grid path {sp['vs per-step']:.2f}x vs per-step"
+            if "vs graphs off" in sp:
+                s += f"; CUDA graph {sp['vs graphs off']:.2f}x vs eager"
         else:
             s += f" at {r.get('sizes', 'tiny sizes')} (no speed claim)"
         rows.append((f"{r['case']} {r['backend']}", s))

@@ -96,6 +96,10 @@ def test_unavailable_backend_and_time_budget(tmp_path: Path, monkeypatch: pytest
     assert st[1] == "ok"
     assert st[2].startswith("unavailable: NotImplementedError: torch.compile is benchmarked per step only")
     assert (tmp_path / "bench.md").is_file()
+    monkeypatch.setattr(cases, "triton_unavailable", lambda device: None)
+    res = runner.run([("train-mnist-doubling", ["triton-bf16-graph"])], device=torch.device("cpu"), out=tmp_path,
+                     tiny=True, quick=False, peaks=False, quiet=True)
+    assert res["rows"][0]["status"].startswith("unavailable: NotImplementedError: CUDA graphs are benchmarked on")
     res = runner.run([("step", ["torch-fp32"])], device=torch.device("cpu"), out=tmp_path, tiny=True, quick=True,
                      time_budget_s=1e-9, peaks=False, quiet=True)
     assert res["rows"][0]["status"] == "skipped: time budget spent"
@@ -244,3 +248,13 @@ def test_speedup_vs_per_step_pairs_rows_of_one_case() -> None:
     assert rows[0]["speedup"] == {"vs torch-fp32": 4.0, "vs per-step": 1.5}
     assert "vs per-step" not in rows[1]["speedup"] and "vs per-step" not in rows[2]["speedup"]
     assert rows[3]["speedup"] == {}
+
+
+def test_speedup_vs_graphs_off_pairs_the_graph_row_with_its_eager_row() -> None:
+    def row(case: str, backend: str, ms: float) -> dict:
+        return {"case": case, "backend": backend, "impl": backend.split("-")[0], "time_ms": {"median": ms}}
+
+    rows = [row("c", "triton-bf16-graph", 2.0), row("c", "triton-bf16", 3.0), row("d", "triton-bf16-graph", 1.0)]
+    runner._speedups(rows)
+    assert rows[0]["speedup"] == {"vs graphs off": 1.5}, rows[0]["speedup"]
+    assert rows[1]["speedup"] == {} and rows[2]["speedup"] == {}, "no eager row of case d to compare with"

@@ -12,11 +12,18 @@ What is captured, on CUDA with ``Config.cuda_graphs=True`` (the default):
   captured, every later one replays the graph.
 - **IWAE evaluation, doubling models**: ``model.iwae`` of one batch (encoder, every chunk of importance
   samples, logsumexp), one graph per batch shape and k; the first batch of each shape runs eagerly.
-- **Not captured: non-doubling models.** T is drawn per batch on the host, pool training rebuilds half the
-  batch on the host, and their rollout checkpointing (``torch.utils.checkpoint``) saves RNG states on the host;
-  they run eagerly, exactly as with ``cuda_graphs=False``. (Once the rollout is one op that recomputes its own
-  segments, the cache below can key the step by T.) Likewise a doubling model trained with an explicit
-  ``checkpoint`` policy other than 'auto' / 'none' trains eagerly (its IWAE is still captured).
+- **Training, non-doubling models on the fused backend**: the same iteration, one graph per drawn T and per
+  batch layout (with or without pool rows). The host does what it did before, outside the graph and in the same
+  order on the data generator: it rebuilds half the batch from the pool (damaging some states) and draws T;
+  the pool's states and the batch are the graph's inputs, and the final states come back through one buffer
+  that the host adds to the pool. Every key warms up and is captured on its own; all graphs of one trainer share
+  one memory pool (see "Memory" below), so ~65 values of T cost about the memory of the largest one. The fused
+  rollout recomputes its own checkpoint segments inside the op, so nothing in it saves RNG states on the host.
+- **Not captured**: non-doubling models on the reference backend (its checkpointing is
+  ``torch.utils.checkpoint``, which saves and restores RNG states on the host) and the IWAE of non-doubling
+  models (T is drawn inside each call on the host); a doubling model trained on the reference backend with an
+  explicit ``checkpoint`` policy other than 'auto' / 'none' (its IWAE is still captured). They run eagerly,
+  exactly as with ``cuda_graphs=False``.
 - The CPU never uses graphs; its path is unchanged.
 
 What makes the captured region safe (``torch.cuda.graphs`` used directly):
@@ -35,6 +42,12 @@ What makes the captured region safe (``torch.cuda.graphs`` used directly):
 - the fused step's packed-weight cache (keyed by the parameters' version counters, which a replay does not
   bump) is invalidated before every capture, so the packing is captured, and after every replay, so that eager
   code afterwards (samples, an eager batch) packs the current weights.
+- gradients after a replay: ``.grad`` is None (set so after every replay). The gradients live in the graph's
+  memory, which other graphs of the same pool reuse, so they are not kept after the iteration.
+- memory: the graphs of one cache share one private memory pool. That is safe because they never run
+  concurrently (one stream, one replay at a time), every replay writes each buffer it reads before reading it
+  (backward writes fresh gradients, the packing writes the packed weights), and what outlives a replay (the
+  static outputs, the final-state buffer) stays allocated, so no other capture is ever handed its memory.
 - if the parameters are replaced (``model.to``, ``load_state_dict`` with ``assign=True``), the graphs are
   captured again: each call compares the parameters' data pointers with those at capture.
 """
@@ -81,15 +94,25 @@ def not_captured_reason(config: Any, device: torch.device, *, training: bool = T
         return f"CUDA graphs need a CUDA device, the model is on {device.type}"
     if not getattr(config, "cuda_graphs", True):
         return "cuda_graphs=False"
+    fused = _fused_backend(config, device)
     if not config.doubling:
-        return "non-doubling model: T is drawn per batch and the pool is host logic; it runs eagerly"
-    if config.pool_size > 0:
-        return "pool training rebuilds the batch on the host; it runs eagerly"
-    if training and config.checkpoint not in ("auto", "none"):
+        if not training:
+            return "non-doubling IWAE: T is drawn on the host inside each call; it runs eagerly"
+        if not fused:
+            return ("non-doubling model on the reference backend: its rollout checkpointing "
+                    "(torch.utils.checkpoint) saves RNG states on the host; it runs eagerly")
+    if training and not fused and config.checkpoint not in ("auto", "none"):
         # a doubling rollout under 'auto' never calls torch.utils.checkpoint, which saves and restores RNG
-        # states on the host (not capture-safe); an explicit policy may
+        # states on the host (not capture-safe); an explicit policy may. The fused rollout recomputes its own
+        # segments inside the op.
         return f"checkpoint={config.checkpoint!r} may recompute through torch.utils.checkpoint; it runs eagerly"
     return None
+
+
+def _fused_backend(config: Any, device: torch.device) -> bool:
+    from fastnca.nca import resolve_backend
+
+    return resolve_backend(getattr(config, "backend", "auto"), device) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------- machinery
@@ -108,7 +131,17 @@ class GraphBackend(Protocol):
 
 
 class CudaGraphBackend:
-    """``torch.cuda.CUDAGraph`` capture with a side-stream warm-up, as the PyTorch CUDA-graph notes prescribe."""
+    """``torch.cuda.CUDAGraph`` capture with a side-stream warm-up, as the PyTorch CUDA-graph notes prescribe.
+
+    Every graph one backend captures allocates from one private memory pool (see the module's notes, "memory").
+    """
+
+    def __init__(self) -> None:
+        self.pool: Any = None  # torch.cuda.graph_pool_handle(), made at the first capture
+
+    def drop_pool(self) -> None:
+        """Forget the pool (the cache dropped every graph): the next capture starts a new one."""
+        self.pool = None
 
     def eager(self, fn: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         side = torch.cuda.Stream()
@@ -125,7 +158,9 @@ class CudaGraphBackend:
         for gen in generators:
             if gen.device.type == "cuda":
                 graph.register_generator_state(gen)
-        with torch.cuda.graph(graph):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
             out = fn()
         return graph, out, False  # a capture records the work without running it
 
@@ -180,6 +215,9 @@ class GraphCache:
             if seen != self._seen:
                 self.entries.clear()
                 self._seen = seen
+                drop_pool = getattr(self.backend, "drop_pool", None)
+                if drop_pool is not None:
+                    drop_pool()
         entry = self.entries.setdefault(key, _Entry())
         if entry.graph is None:
             if entry.calls < self.warmup:
@@ -258,21 +296,29 @@ def capturable_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- training
+HostBatch = tuple[Tensor, "Tensor | None", "int | None"]  # (batch, pool states or None, T or None)
+
+
 class TrainGraph:
-    """One training iteration (loss, backward, clipping, Adam) captured once and replayed.
+    """One training iteration (loss, backward, clipping, Adam) captured once per key and replayed.
 
     Args:
         model: the model being trained.
         optimizer: its optimiser (Adam; made capturable while warming up and capturing).
-        loss_fn: ``x -> dict`` with loss (scalar), recon, kl, elbo (``(B,)``): the model's loss
-            (``Trainer.loss_terms``).
+        loss_fn: ``(x, start_states, num_steps) -> dict`` with loss (scalar), recon, kl, elbo (``(B,)``) and
+            state (the final NCA states): the model's loss (``Trainer.model_loss``).
         grad_clip: the gradient-norm bound.
         generator: the device generator of the posterior noise and the update masks (None: the loss draws
             from the default CUDA generator, which every graph registers by itself).
-        warmup: eager iterations before the capture.
+        host_fn: ``x -> (x, start_states, num_steps)``, the host's part of the iteration, run before the
+            captured work on every call (``Trainer.host_batch``: pool rows, damage, T). None: ``(x, None, None)``.
+        on_state: ``(x, final_states)`` after every iteration (``Pool.add``); the states are read from one
+            buffer that every graph writes, so they must be copied before the next call. None: not needed.
+        warmup: eager iterations of a key before its capture.
         backend: :class:`CudaGraphBackend` by default.
 
-    Calling it with a batch ``(B, C, H, W)`` on the device runs one iteration and returns the statistics
+    The key of a graph is the batch's shape and dtype, T and the pool states' shape (or None). Calling it with a
+    batch ``(B, C, H, W)`` on the device runs one iteration and returns the statistics
     ``(loss, recon, kl, elbo, grad_norm)`` (``Trainer.STAT_KEYS``) as one fp32 tensor on the device, unread.
     """
 
@@ -280,10 +326,12 @@ class TrainGraph:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[Tensor], dict[str, Tensor]],
+        loss_fn: Callable[[Tensor, Tensor | None, int | None], dict[str, Tensor]],
         *,
         grad_clip: float,
         generator: torch.Generator | None = None,
+        host_fn: Callable[[Tensor], HostBatch] | None = None,
+        on_state: Callable[[Tensor, Tensor], None] | None = None,
         warmup: int = WARMUP_CALLS,
         backend: GraphBackend | None = None,
     ) -> None:
@@ -291,40 +339,84 @@ class TrainGraph:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.grad_clip = grad_clip
+        self.host_fn = host_fn
+        self.on_state = on_state
+        self._state_out: dict[Hashable, Tensor] = {}  # final states, one buffer per shape shared by every graph
+        self._state_of_key: dict[Hashable, Tensor] = {}  # the buffer each key's step writes
+        self._key: Hashable = None  # the key of the call in progress
         self.cache = GraphCache(
             generators=() if generator is None else (generator,),
             warmup=warmup,
             fingerprint=lambda: _param_pointers(model),
             prepare=self._prepare,
-            after_replay=invalidate_packed_weights,
+            after_replay=self._after_replay,
             backend=backend or CudaGraphBackend(),
         )
+
+    @classmethod
+    def for_trainer(cls, trainer: Any, *, backend: GraphBackend | None = None,
+                    warmup: int = WARMUP_CALLS) -> TrainGraph:
+        """The iteration of a :class:`fastnca.train.Trainer` (its model loss, host part and pool)."""
+        if trainer.dev_gen is trainer.gen and not trainer.cfg.doubling:
+            # the host draws T before the captured posterior sample; eagerly T comes after it. Either order
+            # gives the same numbers only when the two draw from different generators (always so on CUDA).
+            raise ValueError("TrainGraph: a non-doubling model needs a device generator other than the data "
+                             "generator (T is drawn on the host before the captured work)")
+        pool = trainer.pool if trainer.cfg.pool_size > 0 else None
+        on_state = None if pool is None else (lambda x, states: pool.add(x, states, generator=trainer.gen))
+        return cls(trainer.model, trainer.optimizer, trainer.model_loss, grad_clip=trainer.cfg.grad_clip,
+                   generator=trainer.dev_gen, host_fn=trainer.host_batch, on_state=on_state, warmup=warmup,
+                   backend=backend)
 
     def _prepare(self) -> None:
         # None, not zeros: backward then allocates the gradients (inside the graph's memory when capturing)
         self.optimizer.zero_grad(set_to_none=True)
         invalidate_packed_weights()
 
-    def _step(self, x: Tensor) -> tuple[Tensor]:
-        out = self.loss_fn(x)
+    def _after_replay(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # they live in memory that other graphs of the pool reuse
+        invalidate_packed_weights()
+
+    def _step(self, x: Tensor, start_states: Tensor | None, num_steps: int | None) -> tuple[Tensor]:
+        out = self.loss_fn(x, start_states, num_steps)
         out["loss"].backward()
         # foreach on CUDA: a few fused launches and no host sync (None elsewhere: the CPU has no foreach kernels)
         foreach = True if x.device.type == "cuda" else None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=foreach)
         self.optimizer.step()
+        if self.on_state is not None:
+            state = out["state"].detach()
+            buf = self._state_of_key[self._key] = self._state_buffer(state)
+            buf.copy_(state)
         stats = [out["loss"], out["recon"].mean(), out["kl"].mean(), out["elbo"].mean(), grad_norm]
         return (torch.stack([v.detach().float() for v in stats]),)
 
-    def key(self, x: Tensor) -> Hashable:
-        return (tuple(x.shape), x.dtype)
+    def _state_buffer(self, state: Tensor) -> Tensor:
+        key = (tuple(state.shape), state.dtype)
+        if key not in self._state_out:  # made by the first (eager) call of a shape: outside every graph's pool
+            self._state_out[key] = torch.empty_like(state)
+        return self._state_out[key]
+
+    def key(self, x: Tensor, start_states: Tensor | None = None, num_steps: int | None = None) -> Hashable:
+        if start_states is None and num_steps is None:
+            return (tuple(x.shape), x.dtype)
+        return (tuple(x.shape), x.dtype, None if start_states is None else tuple(start_states.shape), num_steps)
 
     def __call__(self, x: Tensor) -> Tensor:
-        key = self.key(x)
+        x, start_states, num_steps = (x, None, None) if self.host_fn is None else self.host_fn(x)
+        key = self._key = self.key(x, start_states, num_steps)
+        inputs = (x,) if start_states is None else (x, start_states)
+
+        def step(*ins: Tensor) -> tuple[Tensor]:
+            return self._step(ins[0], ins[1] if len(ins) > 1 else None, num_steps)
+
         if self.cache.captured(key):
-            (stats,) = self.cache(key, self._step, (x,))
+            (stats,) = self.cache(key, step, inputs)
         else:
             with capturable_optimizer(self.optimizer):
-                (stats,) = self.cache(key, self._step, (x,))
+                (stats,) = self.cache(key, step, inputs)
+        if self.on_state is not None:
+            self.on_state(x, self._state_of_key[key])
         return stats
 
 
@@ -332,8 +424,7 @@ def train_graph_for(trainer: Any) -> TrainGraph | None:
     """The trainer's captured iteration, or None where it runs eagerly (see :func:`not_captured_reason`)."""
     if not_captured_reason(trainer.cfg, trainer.device) is not None:
         return None
-    return TrainGraph(trainer.model, trainer.optimizer, trainer.loss_terms, grad_clip=trainer.cfg.grad_clip,
-                      generator=trainer.dev_gen)
+    return TrainGraph.for_trainer(trainer)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

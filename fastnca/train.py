@@ -49,7 +49,7 @@ from fastnca.evaluate import (
     read_checkpoint,
     resolve_device,
 )
-from fastnca.graphs import train_graph_for
+from fastnca.graphs import not_captured_reason, train_graph_for
 from fastnca.utils import atomic_write
 
 __all__ = [
@@ -432,8 +432,12 @@ class Trainer:
             if self.device.type == "cuda" and config.cuda_graphs:
                 self.log("CUDA graphs are off under DDP (torchrun): training and evaluation run eagerly")
         else:
-            # CUDA: the whole iteration of a fixed-schedule model replays as a graph; None where it runs eagerly
+            # CUDA: the whole iteration replays as a graph (one per T for non-doubling models); None where it
+            # runs eagerly
             self.train_graph = train_graph_for(self)
+            why = not_captured_reason(config, self.device)
+            if self.device.type == "cuda" and config.cuda_graphs and why is not None:
+                self.log(f"CUDA graphs: training runs eagerly ({why})")
 
     # ------------------------------------------------------------------------------------------ data
     def next_batch(self) -> Tensor:
@@ -478,10 +482,28 @@ class Trainer:
             actually used (pool images in its last rows).
         """
         x, pool_states, _ = self.pool_batch(x)
+        return self.model_loss(x, pool_states, None)  # T (non-doubling) is drawn after the posterior sample
+
+    def host_batch(self, x: Tensor) -> tuple[Tensor, Tensor | None, int | None]:
+        """The host's part of a step, done before the device work (the captured iteration, fastnca/graphs.py).
+
+        Returns:
+            ``(x, pool_states, num_steps)``: :meth:`pool_batch`'s batch and states, and T of a non-doubling model
+            drawn from the data generator (None for a doubling one). The data generator draws as in
+            :meth:`loss_terms`, where T comes after the posterior sample, which draws from the device generator.
+        """
+        x, pool_states, _ = self.pool_batch(x)
+        nca = getattr(self.model, "nca", None)
+        num_steps = None if nca is None or nca.doubling else nca.sample_num_steps(self.gen)
+        return x, pool_states, num_steps
+
+    def model_loss(self, x: Tensor, pool_states: Tensor | None, num_steps: int | None) -> dict[str, Tensor]:
+        """The model's loss on the batch ``x`` (pool rows last, continuing from ``pool_states``) with T
+        ``num_steps`` (None: drawn after the posterior sample, from the data generator); plus ``x``."""
         # the batch comes from to_model (in the likelihood's domain by construction): no per-step value check,
         # which would read back from the device every step
         out = self.loss_module(x, beta=self.cfg.beta, generator=self.dev_gen, steps_generator=self.gen,
-                               start_states=pool_states, check_values=False)
+                               num_steps=num_steps, start_states=pool_states, check_values=False)
         return {**out, "x": x}
 
     def train_step(self) -> Tensor:

@@ -48,6 +48,15 @@ def doubling_config(**kw) -> Config:
     return get_preset("small", **{**base, **kw})
 
 
+def nondoubling_config(**kw) -> Config:
+    """A tiny non-doubling model with pool and damage training and T ~ U{2..3}: every key (T, with or without
+    pool rows) comes back within a few steps, so a short run warms up, captures and replays several graphs."""
+    base = dict(state_channels=16, hidden_channels=16, enc_channels=4, batch_size=8, min_steps=2, max_steps=3,
+                pool_size=16, damage_size=14, p_update=0.5, iterations=16, log_every=1, ckpt_every=1000,
+                eval_every=0, eval_samples=2, eval_batches=1)
+    return get_preset("mnist-nondoubling", **{**base, **kw})
+
+
 def make_trainer(cfg, out, splits, **kw) -> Trainer:
     return Trainer(cfg, out, splits=splits[cfg.image_size], progress=False, final_outputs=False,
                    log=lambda msg: None, **kw)
@@ -102,11 +111,17 @@ def test_what_is_captured():
     assert "CUDA" in not_captured_reason(doubling, torch.device("cpu"))
     assert not_captured_reason(doubling.replace(cuda_graphs=False), CUDA) == "cuda_graphs=False"
     for name in ("mnist-nondoubling", "celeba-nondoubling", "celeba-nondoubling-256"):
-        assert "non-doubling" in not_captured_reason(get_preset(name), CUDA), f"{name} runs eagerly"
+        cfg = get_preset(name)
+        assert not_captured_reason(cfg, CUDA) is None, f"{name}: training is captured per T on the fused backend"
+        assert "non-doubling IWAE" in not_captured_reason(cfg, CUDA, training=False), "T is drawn inside iwae"
+        reason = not_captured_reason(cfg.replace(backend="torch"), CUDA)
+        assert "reference backend" in reason, f"{name}: torch.utils.checkpoint saves RNG states on the host"
     seg = doubling.replace(checkpoint="segments=4")
-    assert "checkpoint" in not_captured_reason(seg, CUDA), "torch.utils.checkpoint is not capture-safe"
-    assert not_captured_reason(seg, CUDA, training=False) is None, "IWAE has no gradients, no recomputation"
-    assert not_captured_reason(doubling.replace(checkpoint="none"), CUDA) is None
+    assert not_captured_reason(seg, CUDA) is None, "the fused rollout recomputes its segments inside the op"
+    seg_ref = seg.replace(backend="torch")
+    assert "checkpoint" in not_captured_reason(seg_ref, CUDA), "torch.utils.checkpoint is not capture-safe"
+    assert not_captured_reason(seg_ref, CUDA, training=False) is None, "IWAE has no gradients, no recomputation"
+    assert not_captured_reason(doubling.replace(checkpoint="none", backend="torch"), CUDA) is None
 
 
 @needs_data
@@ -169,8 +184,7 @@ def test_train_graph_with_a_stand_in_backend_trains_bitwise_like_eager(tmp_path,
     # A CUDA capture records backward writing fresh gradients (they were None), so every replay overwrites them;
     # calling the step again reproduces that only from None gradients.
     backend = ReplayByCalling(reset=lambda: graphed.optimizer.zero_grad(set_to_none=True))
-    graphed.train_graph = TrainGraph(graphed.model, graphed.optimizer, graphed.loss_terms,
-                                     grad_clip=cfg.grad_clip, generator=graphed.dev_gen, backend=backend)
+    graphed.train_graph = TrainGraph.for_trainer(graphed, backend=backend)
     for step in range(cfg.iterations):
         a, b = eager.train_step(), graphed.train_step()
         assert torch.equal(a, b), f"step {step}: graph path {b.tolist()} != eager {a.tolist()}"
@@ -179,6 +193,35 @@ def test_train_graph_with_a_stand_in_backend_trains_bitwise_like_eager(tmp_path,
     for (name, p), q in zip(graphed.model.named_parameters(), eager.model.parameters()):
         assert torch.equal(p, q), f"{name}: differs from eager training after {cfg.iterations} steps"
     assert all(g["capturable"] is False for g in graphed.optimizer.param_groups), "the flag is restored"
+
+
+@needs_data
+def test_nondoubling_train_graph_keys_by_t_and_pool_and_trains_bitwise_like_eager(tmp_path, mnist_small):
+    cfg = nondoubling_config()
+    eager = make_trainer(cfg, tmp_path / "eager", mnist_small)
+    graphed = make_trainer(cfg, tmp_path / "graphed", mnist_small)
+    with pytest.raises(ValueError, match="device generator other than the data generator"):
+        TrainGraph.for_trainer(graphed)  # on the CPU the trainer draws both from one generator
+    for tr in (eager, graphed):  # as on CUDA: the device's draws come from a generator of their own
+        tr.dev_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    backend = ReplayByCalling(reset=lambda: graphed.optimizer.zero_grad(set_to_none=True))
+    graphed.train_graph = TrainGraph.for_trainer(graphed, backend=backend)
+    for step in range(cfg.iterations):
+        a, b = eager.train_step(), graphed.train_step()
+        assert torch.equal(a, b), f"step {step}: graph path {b.tolist()} != eager {a.tolist()}"
+    for (name, p), q in zip(graphed.model.named_parameters(), eager.model.parameters()):
+        assert torch.equal(p, q), f"{name}: differs from eager training after {cfg.iterations} steps"
+    assert torch.equal(graphed.pool.states, eager.pool.states), "the pool gets the replayed final states"
+    assert torch.equal(graphed.pool.images, eager.pool.images)
+    for name in ("gen", "dev_gen"):
+        assert torch.equal(getattr(graphed, name).get_state(), getattr(eager, name).get_state()), name
+    entries = graphed.train_graph.cache.entries
+    assert {key[3] for key in entries} == {2, 3}, f"one graph per drawn T, got keys {list(entries)}"
+    assert {key[2] for key in entries} == {None, (4, 16, 28, 28)}, "with and without the pool's rows"
+    captured = [key for key, e in entries.items() if e.graph is not None]
+    assert captured and backend.log.count("capture") == len(captured)
+    assert backend.log.count("replay") == sum(e.replays for e in entries.values()) > 0
+    assert all(p.grad is None for p in graphed.model.parameters()), "no gradients are kept after a replay"
 
 
 def test_iwae_graph_with_a_stand_in_backend_matches_eager_and_advances_the_generator():
@@ -210,8 +253,7 @@ def test_trainer_and_evaluation_hooks_go_through_the_graphs(tmp_path, mnist_smal
     def fake_train_graph_for(trainer):
         backend = backends["train"] = ReplayByCalling(
             reset=lambda: trainer.optimizer.zero_grad(set_to_none=True))
-        return TrainGraph(trainer.model, trainer.optimizer, trainer.loss_terms, grad_clip=trainer.cfg.grad_clip,
-                          generator=trainer.dev_gen, backend=backend)
+        return TrainGraph.for_trainer(trainer, backend=backend)
 
     iwae_graphs: dict[int, IwaeGraph] = {}
 
@@ -284,6 +326,27 @@ def test_graph_replay_training_matches_eager_on_cuda(tmp_path, mnist_small):
     got = graphed.model.iwae(x, 4, generator=torch.Generator(CUDA).manual_seed(1))
     want = twin.iwae(x, 4, generator=torch.Generator(CUDA).manual_seed(1))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_data
+def test_graph_replay_nondoubling_training_matches_eager_on_cuda(tmp_path, mnist_small):
+    """Pool and damage training with T drawn per batch: one graph per (T, pool rows), all in one memory pool."""
+    cfg = nondoubling_config(device="cuda")
+    graphed = make_trainer(cfg, tmp_path / "graphed", mnist_small)
+    eager = make_trainer(cfg.replace(cuda_graphs=False), tmp_path / "eager", mnist_small)
+    assert graphed.train_graph is not None and eager.train_graph is None
+    for step in range(cfg.iterations):
+        a, b = eager.train_step(), graphed.train_step()
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m, s=step: f"step {s} stats: {m}")
+    entries = graphed.train_graph.cache.entries
+    assert sum(e.replays for e in entries.values()) > 0, f"no key was replayed: {list(entries)}"
+    assert graphed.train_graph.cache.backend.pool is not None, "the captures share one memory pool"
+    for (name, p), q in zip(graphed.model.named_parameters(), eager.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    torch.testing.assert_close(graphed.pool.states, eager.pool.states, rtol=1e-4, atol=1e-4)
+    assert torch.equal(graphed.gen.get_state(), eager.gen.get_state()), "T and the pool drew the same numbers"
+    assert torch.equal(graphed.dev_gen.get_state(), eager.dev_gen.get_state()), "replays advance the generator"
 
 
 @pytest.mark.gpu
