@@ -38,7 +38,9 @@ __all__ = [
     "NCAStepFunction",
     "StepConfig",
     "fwd_constexprs",
+    "fwd_k_major",
     "fwd_kernel_spec",
+    "fwd_weight_args",
     "nca_step",
     "nca_step_fwd",
     "pack_weights",
@@ -62,13 +64,13 @@ def _nca_step_fwd_kernel(
     z_ptr,  # (B, H_in, W_in, C) input state, channels-last, compute dtype
     out_ptr,  # (B, H, W, C) output state, channels-last, compute dtype
     mask_ptr,  # (B, H, W) uint8 update mask (read only when HAS_MASK)
-    w3_ptr,  # (9, C, HID) perception weight, tap-major then K-major, compute dtype
+    w3_ptr,  # (9, C, HID) perception weight [tap, c, o], compute dtype; W_KMAJOR: (9, HID, C) [tap, o, c]
     b3_ptr,  # (HID,) fp32 perception bias (read only when HAS_B3)
-    w1_ptr,  # (N_BLOCKS, HID, HID) first 1x1 of each block, [blk, k, n] = W1[n, k], compute dtype
+    w1_ptr,  # (N_BLOCKS, HID, HID) first 1x1 of each block, [blk, k, n] = W1[n, k]; W_KMAJOR: [blk, n, k]
     b1_ptr,  # (N_BLOCKS, HID) fp32 (zeros for a block without bias)
-    w2_ptr,  # (N_BLOCKS, HID, HID) second 1x1 of each block, [blk, k, n] = W2[n, k], compute dtype
+    w2_ptr,  # (N_BLOCKS, HID, HID) second 1x1 of each block, [blk, k, n] = W2[n, k]; W_KMAJOR: [blk, n, k]
     b2_ptr,  # (N_BLOCKS, HID) fp32
-    wout_ptr,  # (HID, C) output 1x1, [k, n] = Wout[n, k], compute dtype
+    wout_ptr,  # (HID, C) output 1x1, [k, n] = Wout[n, k], compute dtype; W_KMAJOR: (C, HID), [n, k]
     bout_ptr,  # (C,) fp32 output bias (read only when HAS_BOUT)
     M,  # number of output cells B * H * W
     H,  # output grid height
@@ -85,6 +87,7 @@ def _nca_step_fwd_kernel(
     PERCEIVE_ELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     UPCAST_DOT: tl.constexpr,  # interpreter + bf16 only: dots in fp32, fp32 -> bf16 rounding emulated (RNE)
+    W_KMAJOR: tl.constexpr,  # weights packed K-major (tf32: wgmma reads fp32 operands K-major only)
     BLOCK_M: tl.constexpr,  # cells per program
     BLOCK_K: tl.constexpr,  # K chunk of the 3x3 conv (over C) and hidden chunk of the residual blocks
     BLOCK_N: tl.constexpr,  # output channels per chunk of the output conv
@@ -106,7 +109,7 @@ def _nca_step_fwd_kernel(
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
     _step_cells(z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,
                 offs_m, offs_m < M, H, W, C, HID, N_BLOCKS, 1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2,
-                HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_K, BLOCK_N)
+                HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_N)
 
 
 @triton.jit
@@ -128,6 +131,7 @@ def _step_cells(
     PERCEIVE_ELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    W_KMAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -144,10 +148,13 @@ def _step_cells(
     col = rem % W
     offs_k = tl.arange(0, BLOCK_K)
     offs_h = tl.arange(0, HID)
+    # strides of the blocks' (HID, HID) weights: [k, n] at k * SK + n * SN (K-major: k contiguous)
+    SK: tl.constexpr = 1 if W_KMAJOR else HID
+    SN: tl.constexpr = HID if W_KMAJOR else 1
 
     # ---- 3x3 perception conv: 9 taps x C/BLOCK_K chunks, one pipelined loop
     acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT, HAS_B3,
-                           BLOCK_M, BLOCK_K, UPCAST_DOT, INPUT_PRECISION)
+                           BLOCK_M, BLOCK_K, UPCAST_DOT, INPUT_PRECISION, W_KMAJOR)
     if PERCEIVE_ELU:
         acc = elu(acc)
     y = acc  # (BLOCK_M, HID) fp32 residual stream
@@ -160,12 +167,12 @@ def _step_cells(
         else:
             acc = y
         for j in range(0, HID, BLOCK_K):
-            b_w1 = tl.load(w1_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
+            b_w1 = tl.load(w1_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
             t = mma(y_a, b_w1, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
             if HAS_B1:
                 t += tl.load(b1_ptr + blk * HID + j + offs_k)[None, :]
             t = elu(t)
-            b_w2 = tl.load(w2_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
+            b_w2 = tl.load(w2_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
             acc = mma(cast_rne(t, z_ptr.dtype.element_ty, UPCAST_DOT), b_w2, acc, UPCAST_DOT, INPUT_PRECISION)
         y = acc
 
@@ -179,7 +186,10 @@ def _step_cells(
         center = (bat * H_in + (row >> SHIFT)) * W_in + (col >> SHIFT)
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(0, C, BLOCK_N):
-        b_wo = tl.load(wout_ptr + offs_h[:, None] * C + (n0 + offs_n)[None, :])
+        if W_KMAJOR:
+            b_wo = tl.load(wout_ptr + (n0 + offs_n)[None, :] * HID + offs_h[:, None])
+        else:
+            b_wo = tl.load(wout_ptr + offs_h[:, None] * C + (n0 + offs_n)[None, :])
         f = mma(y_a, b_wo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
         if HAS_BOUT:
             f += tl.load(bout_ptr + n0 + offs_n)[None, :]
@@ -249,6 +259,26 @@ def step_config(
     return StepConfig(32, min(32, base_k), min(32, block_n), 8, 2)
 
 
+def fwd_k_major(input_precision: str) -> bool:
+    """Whether the forward reads K-major weights: for tf32, whose wgmma takes fp32 operands from shared memory
+    only K-major (N-major ones are copied 4 bytes at a time); bf16 wgmma reads either, "ieee" runs on FMA units."""
+    return input_precision == "tf32"
+
+
+def fwd_weight_args(p: dict[str, Tensor | None], k_major: bool) -> dict[str, Tensor]:
+    """The forward kernels' weight and bias arguments from a pack (``pack_weights``; ``k_major`` needs its K-major
+    copies); absent biases and blocks point at any valid buffer (their constexpr flags keep them unread)."""
+    dummy = p["w3"]
+    k = "k" if k_major else ""
+
+    def ptr(name: str) -> Tensor:
+        t = p[name]
+        return dummy if t is None else t
+
+    return {"w3_ptr": ptr("w3" + k), "b3_ptr": ptr("b3"), "w1_ptr": ptr("w1" + k), "b1_ptr": ptr("b1"),
+            "w2_ptr": ptr("w2" + k), "b2_ptr": ptr("b2"), "wout_ptr": ptr("wout" + k), "bout_ptr": ptr("bout")}
+
+
 def fwd_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
                    has_b2: bool, has_bout: bool, input_precision: str, upcast_dot: bool,
                    cfg: StepConfig) -> dict[str, object]:
@@ -256,7 +286,7 @@ def fwd_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bo
     return {
         "C": c, "HID": hp, "N_BLOCKS": n_blocks, "DOUBLE": bool(double), "HAS_MASK": has_mask, "HAS_B3": has_b3,
         "HAS_B1": has_b1, "HAS_B2": has_b2, "HAS_BOUT": has_bout, "PERCEIVE_ELU": n_blocks == 0,
-        "INPUT_PRECISION": input_precision, "UPCAST_DOT": upcast_dot,
+        "INPUT_PRECISION": input_precision, "UPCAST_DOT": upcast_dot, "W_KMAJOR": fwd_k_major(input_precision),
         "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
     }
 
@@ -352,12 +382,14 @@ def _stack(ts: list[Tensor | None], shape: tuple[int, ...], device: torch.device
     return torch.stack([torch.zeros(shape, device=device) if t is None else t.detach().float() for t in ts])
 
 
-def pack_weights(weights: UpdateWeights, dtype: torch.dtype) -> dict[str, Tensor | None]:
-    """The kernel's K-major, contiguous weight buffers in ``dtype``; biases in fp32; h zero-padded to a power of 2.
+def pack_weights(weights: UpdateWeights, dtype: torch.dtype, *, k_major: bool = False) -> dict[str, Tensor | None]:
+    """The kernels' contiguous weight buffers in ``dtype``; biases in fp32; h zero-padded to a power of 2.
 
     Returns:
-        ``w3 (9, C, hp)``, ``b3 (hp,)``, ``w1 / w2 (n_blocks, hp, hp)`` with ``[blk, k, n] = W[n, k]``,
-        ``b1 / b2 (n_blocks, hp)``, ``wout (hp, C)``, ``bout (C,)``; absent biases and empty block stacks are None.
+        ``w3 (9, C, hp)`` with ``[tap, c, o]``, ``b3 (hp,)``, ``w1 / w2 (n_blocks, hp, hp)`` with
+        ``[blk, k, n] = W[n, k]``, ``b1 / b2 (n_blocks, hp)``, ``wout (hp, C)``, ``bout (C,)``; absent biases and
+        empty block stacks are None. With ``k_major`` also the forward's K-major copies (tf32, see
+        :func:`fwd_k_major`): ``w3k (9, hp, C)`` ``[tap, o, c]``, ``w1k / w2k`` ``[blk, n, k]``, ``woutk (C, hp)``.
     """
     c, h, nb = weights.state_channels, weights.hidden_channels, weights.n_blocks
     hp = _padded_hidden(h)
@@ -383,6 +415,11 @@ def pack_weights(weights: UpdateWeights, dtype: torch.dtype) -> dict[str, Tensor
             bs = [blk[i] for blk in weights.blocks]
             if any(b is not None for b in bs):
                 out[name] = padded(_stack(bs, (h,), dev), (0, pad)).contiguous()
+    if k_major:
+        out["w3k"] = out["w3"].transpose(1, 2).contiguous()
+        out["woutk"] = out["wout"].t().contiguous()
+        for name in ("w1", "w2"):
+            out[name + "k"] = None if out[name] is None else out[name].transpose(1, 2).contiguous()
     return out
 
 
@@ -400,16 +437,17 @@ class _PackCache:
         self.refs: list[weakref.ref | None] = []
         self.value: dict[str, Tensor | None] | None = None
 
-    def get(self, weights: UpdateWeights, dtype: torch.dtype) -> dict[str, Tensor | None]:
+    def get(self, weights: UpdateWeights, dtype: torch.dtype, k_major: bool = False) -> dict[str, Tensor | None]:
         flat = weights.flat()
         try:
             key = (dtype, tuple(None if t is None else t._version for t in flat))
         except RuntimeError:  # inference tensors have no version counter: do not cache them
-            return pack_weights(weights, dtype)
+            return pack_weights(weights, dtype, k_major=k_major)
         if (self.value is not None and key == self.key and len(self.refs) == len(flat)
+                and (not k_major or "w3k" in self.value)
                 and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(self.refs, flat))):
             return self.value
-        value = pack_weights(weights, dtype)
+        value = pack_weights(weights, dtype, k_major=k_major)
         self.key, self.value = key, value
         self.refs = [None if t is None else weakref.ref(t) for t in flat]
         return value
@@ -418,10 +456,10 @@ class _PackCache:
 _PACK_CACHE = _PackCache()
 
 
-def _packed(weights: UpdateWeights, dtype: torch.dtype) -> dict[str, Tensor | None]:
+def _packed(weights: UpdateWeights, dtype: torch.dtype, k_major: bool = False) -> dict[str, Tensor | None]:
     if torch.compiler.is_compiling():  # never reached in practice: the op is opaque to the compiler
-        return pack_weights(weights, dtype)
-    return _PACK_CACHE.get(weights, dtype)
+        return pack_weights(weights, dtype, k_major=k_major)
+    return _PACK_CACHE.get(weights, dtype, k_major)
 
 
 def nca_step_fwd(
@@ -461,15 +499,11 @@ def nca_step_fwd(
         return out
     cfg = config or step_config(c, weights.hidden_channels, dtype, input_precision=input_precision,
                                 num_cells=num_cells)
-    p = _packed(weights, dtype)
-    dummy = p["w3"]  # any valid pointer for the buffers a constexpr flag switches off
+    k_major = fwd_k_major(input_precision)
+    p = _packed(weights, dtype, k_major)
     grid = (triton.cdiv(num_cells, cfg.block_m),)
     _nca_step_fwd_kernel[grid](
-        z_ptr=state, out_ptr=out, mask_ptr=dummy if mask is None else mask,
-        w3_ptr=p["w3"], b3_ptr=p["b3"] if p["b3"] is not None else dummy,
-        w1_ptr=p["w1"] if p["w1"] is not None else dummy, b1_ptr=p["b1"] if p["b1"] is not None else dummy,
-        w2_ptr=p["w2"] if p["w2"] is not None else dummy, b2_ptr=p["b2"] if p["b2"] is not None else dummy,
-        wout_ptr=p["wout"], bout_ptr=p["bout"] if p["bout"] is not None else dummy,
+        z_ptr=state, out_ptr=out, mask_ptr=p["w3"] if mask is None else mask, **fwd_weight_args(p, k_major),
         M=num_cells, H=h_out, W=w_out,
         **fwd_constexprs(c, _padded_hidden(weights.hidden_channels), weights.n_blocks, double=double,
                          has_mask=mask is not None, has_b3=p["b3"] is not None, has_b1=p["b1"] is not None,

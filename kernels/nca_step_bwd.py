@@ -188,7 +188,7 @@ def _main_cells(
 
     # ---- forward: 3x3 perception conv, 9 taps x C/BLOCK_C chunks
     acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT, HAS_B3,
-                           BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION)
+                           BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION, False)
     if PERCEIVE_ELU:
         pre = acc
         y = elu(acc)

@@ -41,6 +41,8 @@ from .nca_step import (
     _check_inputs,
     _nca_step_fwd_kernel,
     fwd_constexprs,
+    fwd_k_major,
+    fwd_weight_args,
     pack_weights,
     step_config,
 )
@@ -240,7 +242,8 @@ class StepPlan:
         w = self.weights
         self.c, self.h, self.nb = w.state_channels, w.hidden_channels, w.n_blocks
         self.hp = triton.next_power_of_2(self.h)
-        self.fwd = pack_weights(w, self.dtype)  # w3 (9, C, hp), w1 / w2 [blk, k, n], wout (hp, C), fp32 biases
+        # w3 (9, C, hp), w1 / w2 [blk, k, n], wout (hp, C), fp32 biases; the forward's K-major copies for tf32
+        self.fwd = pack_weights(w, self.dtype, k_major=fwd_k_major(self.input_precision))
         self.upcast = _INTERPRET and self.dtype == torch.bfloat16
 
     def step_config(self, num_cells: int) -> StepConfig:
@@ -326,14 +329,10 @@ def _launch_fwd(sp: StepPlan, src: Tensor, dst: Tensor, mask: Tensor | None, dou
     m = batch * h * w
     cfg = sp.step_config(m)
     p = sp.fwd
-    dummy = p["w3"]
+    consts = sp.fwd_constexprs(double=double, has_mask=mask is not None, cfg=cfg)
     _nca_step_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
-        z_ptr=src, out_ptr=dst, mask_ptr=dummy if mask is None else mask,
-        w3_ptr=p["w3"], b3_ptr=p["b3"] if p["b3"] is not None else dummy,
-        w1_ptr=p["w1"] if p["w1"] is not None else dummy, b1_ptr=p["b1"] if p["b1"] is not None else dummy,
-        w2_ptr=p["w2"] if p["w2"] is not None else dummy, b2_ptr=p["b2"] if p["b2"] is not None else dummy,
-        wout_ptr=p["wout"], bout_ptr=p["bout"] if p["bout"] is not None else dummy,
-        M=m, H=h, W=w, **sp.fwd_constexprs(double=double, has_mask=mask is not None, cfg=cfg),
+        z_ptr=src, out_ptr=dst, mask_ptr=p["w3"] if mask is None else mask,
+        **fwd_weight_args(p, consts["W_KMAJOR"]), M=m, H=h, W=w, **consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .nca_step import _INTERPRET, StepConfig, _step_cells, fwd_constexprs, step_config
+from .nca_step import _INTERPRET, StepConfig, _step_cells, fwd_constexprs, fwd_weight_args, step_config
 from .nca_step_bwd import _acc_wgrad_1x1_tile, _dstate_tile, _main_cells, _wgrad_tile
 from .spec import KernelSpec
 
@@ -78,6 +78,7 @@ def _rollout_fwd_small_kernel(
     PERCEIVE_ELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    W_KMAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -112,7 +113,8 @@ def _rollout_fwd_small_kernel(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             _step_cells(src, dst, mask_ptr + mask_off, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr,
                         bout_ptr, offs_m, offs_m < hi, h, w, C, HID, N_BLOCKS, shift, HAS_MASK, HAS_B3, HAS_B1,
-                        HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_K, BLOCK_N)
+                        HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR, BLOCK_M, BLOCK_K,
+                        BLOCK_N)
         tl.debug_barrier()  # step s's stores, by every thread of the program, before step s + 1 reads them
         src = dst
         keep_off += batch * hw * C
@@ -186,15 +188,10 @@ def launch_small_fwd(p: dict[str, Tensor | None], consts: dict[str, Any], cfg: S
     and the last one to ``last``. ``p``: packed weights (``nca_step.pack_weights``); ``consts``: the per-step
     forward's constexprs for these weights (``DOUBLE`` is ignored); ``masks``: flat uint8, every step's mask in
     step order, or None."""
-    dummy = p["w3"]
     bits = sum(1 << i for i, f in enumerate(flags) if f)
     _rollout_fwd_small_kernel[(triton.cdiv(batch, spp),)](
-        z_ptr=z0, keep_ptr=keep, last_ptr=last, mask_ptr=dummy if masks is None else masks,
-        w3_ptr=p["w3"], b3_ptr=p["b3"] if p["b3"] is not None else dummy,
-        w1_ptr=p["w1"] if p["w1"] is not None else dummy, b1_ptr=p["b1"] if p["b1"] is not None else dummy,
-        w2_ptr=p["w2"] if p["w2"] is not None else dummy, b2_ptr=p["b2"] if p["b2"] is not None else dummy,
-        wout_ptr=p["wout"], bout_ptr=p["bout"] if p["bout"] is not None else dummy,
-        B=batch, H0=height, W0=width, n_steps=len(flags), flags=bits, spp=spp,
+        z_ptr=z0, keep_ptr=keep, last_ptr=last, mask_ptr=p["w3"] if masks is None else masks,
+        **fwd_weight_args(p, consts["W_KMAJOR"]), B=batch, H0=height, W0=width, n_steps=len(flags), flags=bits, spp=spp,
         **small_fwd_constexprs(consts), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

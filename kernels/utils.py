@@ -81,6 +81,7 @@ def perceive_conv3x3(
     BLOCK_C: tl.constexpr,  # state-channel chunk (divides C)
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    W_KMAJOR: tl.constexpr,  # w3 is (9, HID, C), [tap, o, c] (tf32: wgmma takes only K-major fp32 operands)
 ):
     """The perception conv's pre-activation for ``BLOCK_M`` cells, an fp32 ``(BLOCK_M, HID)`` tensor:
 
@@ -104,7 +105,10 @@ def perceive_conv3x3(
         c = c >> SHIFT
         src = (bat * H_in + r) * W_in + c  # (BLOCK_M,) input cell ids; out-of-grid ones are masked
         b_z = tl.load(z_ptr + src[:, None] * C + (c0 + offs_c)[None, :], mask=ok[:, None], other=0.0)
-        b_w = tl.load(w3_ptr + (tap * C + c0 + offs_c)[:, None] * HID + offs_h[None, :])
+        if W_KMAJOR:  # the (BLOCK_C, HID) tile with its K (c) contiguous: 16-byte copies into shared memory
+            b_w = tl.load(w3_ptr + (tap * HID + offs_h)[None, :] * C + (c0 + offs_c)[:, None])
+        else:
+            b_w = tl.load(w3_ptr + (tap * C + c0 + offs_c)[:, None] * HID + offs_h[None, :])
         acc = mma(b_z, b_w, acc, UPCAST_DOT, INPUT_PRECISION)
     if HAS_B3:
         acc += tl.load(b3_ptr + offs_h)[None, :]

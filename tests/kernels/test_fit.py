@@ -47,9 +47,9 @@ def test_fits_h100(fits, spec):
 # needs; every other tensor-core config is exact. The remedies compiled so far spill (64 cells x 4 warps, or 128 x 8:
 # the [cells, h] fp32 accumulator and the tf32 A operand then take 128 registers each per thread).
 KNOWN_EXTRA_TENSOR_WORK = {"z256-h256-nb4-tf32": Fraction(6, 5)}
-# tf32 weights are packed N-major ([k, n], n contiguous) but tf32 HGMMA reads K-major operands only, so their
-# global -> shared copies are 4-byte (LDGSTS.E) instead of 16-byte.
-KNOWN_NARROW_COPIES = {s.name for s in SHIPPED if s.input_precision == "tf32"}
+# None: tf32 HGMMA reads fp32 operands K-major only, so the tf32 forward packs its weights K-major
+# (nca_step.fwd_k_major); N-major, they were copied 4 bytes at a time (LDGSTS.E), before 2026-11-28.
+KNOWN_NARROW_COPIES: set[str] = set()
 
 
 def test_fit_reads_copy_widths_and_tensor_work():

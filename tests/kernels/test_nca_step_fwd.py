@@ -127,6 +127,24 @@ def test_step_tf32_and_layouts():
     torch.testing.assert_close(tri_nchw, nca_step_fwd(state, weights), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("c", "h", "n_blocks", "double"), [(32, 32, 2, False), (16, 48, 1, True), (32, 16, 0, False),
+                                                      (48, 32, 3, True)])
+def test_tf32_forward_reads_its_k_major_weights_as_the_ieee_path_reads_its_own(c, h, n_blocks, double):
+    """tf32 packs its weights K-major (``fwd_k_major``; every other index expression of the kernel): the
+    interpreter computes tf32 dots in fp32, so both paths must agree bitwise: any misplaced weight element differs.
+    h = 48 pads the hidden channels, |z| != h tells the output conv's K-major tile from its N-major one."""
+    weights = make_weights(c, h, n_blocks)
+    state = make_state(2, c, 5, 7)
+    mask = make_mask(2, 10 if double else 5, 14 if double else 7, "bool")
+    ieee = nca_step_fwd(state, weights, mask, double, input_precision="ieee")
+    tf32 = nca_step_fwd(state, weights, mask, double, input_precision="tf32")
+    assert torch.equal(tf32, ieee), f"tf32 (K-major weights) differs from ieee by {(tf32 - ieee).abs().max():.3g}"
+    p = ns.pack_weights(weights, torch.float32, k_major=True)
+    assert p["w3k"].shape == (9, 64 if h == 48 else h, c) and p["woutk"].is_contiguous()
+    assert torch.equal(p["w3k"], p["w3"].transpose(1, 2)) and torch.equal(p["woutk"], p["wout"].t())
+    assert "w3k" not in ns.pack_weights(weights, torch.float32), "the K-major copies only where asked for"
+
+
 def test_pack_cache(monkeypatch):
     """Packed weights are reused for the same unmodified tensors, and repacked after an in-place update."""
     calls = []

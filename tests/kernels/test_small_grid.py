@@ -69,6 +69,20 @@ def test_shapes_without_a_fitting_tile_stay_on_the_per_step_path():
     assert (cfg.block_m, cfg.block_k, ds_block_n) == (64, 16, 32)
 
 
+def test_tf32_rollout_forward_reads_k_major_weights_as_ieee_reads_its_own():
+    """The small-grid and the per-step forward of a tf32 rollout (K-major weights) against the "ieee" one
+    (N-major): bitwise in the interpreter, which computes tf32 dots in fp32."""
+    weights = make_weights(32, 48, 2, gain=0.4)
+    state = make_state(3, 32, 1, 3)
+    masks = _masks(ODD_FLAGS, 3, 1, 3, 0.5)
+    out = {}
+    for prec in ("ieee", "tf32"):
+        plan = plan_rollout(ODD_FLAGS, "auto", doubling=True, backend="triton")
+        with torch.no_grad():
+            out[prec] = nca_rollout(state, weights, plan, masks, input_precision=prec, small_grid=True)
+    assert torch.equal(out["tf32"], out["ieee"]), f"differ by {(out['tf32'] - out['ieee']).abs().max():.3g}"
+
+
 @pytest.mark.parametrize("p_update", [1.0, 0.5], ids=["nomask", "mask"])
 def test_fp32_forward_matches_float64_across_the_switch_to_per_step_launches(p_update, nan_poison):
     b = 3
