@@ -528,7 +528,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from fastnca.data import DATASETS, describe, download
+    from fastnca.data import DATASETS, describe
+    from fastnca.downloads import download
 
     if args.download:
         import os

@@ -55,7 +55,6 @@ __all__ = [
     "load_for_config",
     "to_model",
     "describe",
-    "download",
 ]
 
 DATASETS = ("mnist", "emoji", "celeba")
@@ -514,15 +513,3 @@ def describe(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     else:
         lines.append(f"  celeba  missing  expected {tv} (torchvision layout) or {sub}/*.jpg")
     return lines
-
-
-def download(
-    data_dir: str | os.PathLike[str], names: tuple[str, ...] = DATASETS, log: Callable[[str], None] = print
-) -> None:
-    """Download the public datasets into ``data_dir`` (created if needed), each file checked against its
-    recorded SHA-256: MNIST .amat files, Noto Emoji at tag v2.028 (only its png/128 folder is kept), CelebA
-    through torchvision. Needs internet. See :mod:`fastnca.downloads`.
-    """
-    from fastnca.downloads import download as _download
-
-    _download(data_dir, names, log)

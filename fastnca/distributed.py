@@ -51,6 +51,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from fastnca.rng import set_rng_state
+
 __all__ = [
     "DistContext",
     "GlobalBatchDraws",
@@ -302,8 +304,6 @@ def restore_rank_state(trainer: Any, ckpt: dict[str, Any], ctx: DistContext | No
     Same world size as at the checkpoint: exactly what this rank had. A different one (one process included):
     rank 0's RNG states and an even re-split of the pool, after a warning that the trajectory changes.
     """
-    from fastnca.train import set_rng_state
-
     saved = ckpt.get("distributed") or {"world_size": 1}
     w_saved = int(saved["world_size"])
     w = 1 if ctx is None else ctx.world_size

@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from fastnca.pool import damage
+
 __all__ = [
     "save_grid",
     "labeled_rows",
@@ -311,8 +313,6 @@ def damage_cells(
         out[..., state.shape[-1] // 2 :] = 0
         return out
     if kind == "square":
-        from fastnca.train import damage
-
         return damage(state, size or max(1, state.shape[-1] // 2), generator=generator)
     raise ValueError(f"kind: expected 'half' or 'square', got {kind!r}")
 
