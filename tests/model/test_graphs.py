@@ -303,21 +303,28 @@ def test_packed_weight_cache_is_invalidated():
 # compared exactly) and launch the same kernels; they differ only in Adam's arithmetic (capturable Adam computes
 # its bias corrections on the device), a last-bit effect per step. Over 6 steps: statistics within rtol 1e-4,
 # parameters within 1e-5. The IWAE has no optimiser: graph and eager agree to 1e-5 nats.
-@pytest.mark.gpu
-@needs_data
-def test_graph_replay_training_matches_eager_on_cuda(tmp_path, mnist_small):
-    cfg = doubling_config(device="cuda")
-    graphed = make_trainer(cfg, tmp_path / "graphed", mnist_small)
-    eager = make_trainer(cfg.replace(cuda_graphs=False), tmp_path / "eager", mnist_small)
+def train_graphed_and_eager(cfg: Config, tmp_path, splits) -> tuple[Trainer, Trainer]:
+    """A graphed and an eager trainer of ``cfg`` on CUDA, stepped side by side: statistics compared at every step,
+    the parameters and the device generator at the end (tolerances above). Returns ``(graphed, eager)``."""
+    graphed = make_trainer(cfg, tmp_path / "graphed", splits)
+    eager = make_trainer(cfg.replace(cuda_graphs=False), tmp_path / "eager", splits)
     assert graphed.train_graph is not None and eager.train_graph is None
     for step in range(cfg.iterations):
         a, b = eager.train_step(), graphed.train_step()
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m, s=step: f"step {s} stats: {m}")
-    entry = next(iter(graphed.train_graph.cache.entries.values()))
-    assert entry.replays == cfg.iterations - WARMUP_CALLS, "one capture then a replay per remaining step"
     for (name, p), q in zip(graphed.model.named_parameters(), eager.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     assert torch.equal(graphed.dev_gen.get_state(), eager.dev_gen.get_state()), "replays advance the generator"
+    return graphed, eager
+
+
+@pytest.mark.gpu
+@needs_data
+def test_graph_replay_training_matches_eager_on_cuda(tmp_path, mnist_small):
+    cfg = doubling_config(device="cuda")
+    graphed, _ = train_graphed_and_eager(cfg, tmp_path, mnist_small)
+    entry = next(iter(graphed.train_graph.cache.entries.values()))
+    assert entry.replays == cfg.iterations - WARMUP_CALLS, "one capture then a replay per remaining step"
     # eager work after replays (samples, an eager batch) sees the weights the replays wrote
     twin = VNCA(cfg).to(CUDA).eval()
     twin.load_state_dict(graphed.model.state_dict())
@@ -332,21 +339,12 @@ def test_graph_replay_training_matches_eager_on_cuda(tmp_path, mnist_small):
 @needs_data
 def test_graph_replay_nondoubling_training_matches_eager_on_cuda(tmp_path, mnist_small):
     """Pool and damage training with T drawn per batch: one graph per (T, pool rows), all in one memory pool."""
-    cfg = nondoubling_config(device="cuda")
-    graphed = make_trainer(cfg, tmp_path / "graphed", mnist_small)
-    eager = make_trainer(cfg.replace(cuda_graphs=False), tmp_path / "eager", mnist_small)
-    assert graphed.train_graph is not None and eager.train_graph is None
-    for step in range(cfg.iterations):
-        a, b = eager.train_step(), graphed.train_step()
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m, s=step: f"step {s} stats: {m}")
+    graphed, eager = train_graphed_and_eager(nondoubling_config(device="cuda"), tmp_path, mnist_small)
     entries = graphed.train_graph.cache.entries
     assert sum(e.replays for e in entries.values()) > 0, f"no key was replayed: {list(entries)}"
     assert graphed.train_graph.cache.backend.pool is not None, "the captures share one memory pool"
-    for (name, p), q in zip(graphed.model.named_parameters(), eager.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     torch.testing.assert_close(graphed.pool.states, eager.pool.states, rtol=1e-4, atol=1e-4)
     assert torch.equal(graphed.gen.get_state(), eager.gen.get_state()), "T and the pool drew the same numbers"
-    assert torch.equal(graphed.dev_gen.get_state(), eager.dev_gen.get_state()), "replays advance the generator"
 
 
 @pytest.mark.gpu
