@@ -209,13 +209,16 @@ def _threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(threads)
 
 
+_WRITE_PROBE = ".fastnca-write-check."  # prefix of _check_writable's probe files
+
+
 def _check_writable(folder: Path, flag: str = "--out") -> None:
     """Create ``folder`` and write a probe file into it, so an unusable output folder is named before any work."""
     import tempfile
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastnca-write-check.", suffix=".tmp")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=_WRITE_PROBE, suffix=".tmp")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -238,7 +241,8 @@ def _check_new_run_folder(out: Path, checkpoint_name: str) -> None:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} is a file, not a folder: choose another --out")
     if out.is_dir():
-        held = sorted(p.name for p in out.iterdir())
+        # under torchrun every rank checks and probes the folder at once: another rank's probe is not a run's file
+        held = sorted(p.name for p in out.iterdir() if not p.name.startswith(_WRITE_PROBE))
         if held:
             shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
             raise CLIError(

@@ -419,3 +419,16 @@ def test_a_long_cpu_evaluation_warns_with_its_estimate_and_the_batches_alternati
     # 10,000 test images (in batches of 2, so the first one is quick) with k=128 on the small model: hours on a CPU
     pattern = r"warning: on the CPU this evaluation takes about \d+ (min|h)\b.*\(5000 batches .*--batches \d+ estimates"
     assert re.search(pattern, text), f"expected a warning matching {pattern!r} early on, got: {text[-2000:]}"
+
+
+def test_a_new_run_folder_may_hold_another_ranks_write_probe_but_no_other_file(tmp_path):
+    """Under torchrun every rank checks --out and probes it at once (CI saw rank 0 refuse rank 1's probe file)."""
+    from fastnca import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"{cli._WRITE_PROBE}abc123.tmp").touch()  # another rank's probe, caught between create and unlink
+    cli._check_new_run_folder(out, "checkpoint.pt")
+    (out / "metrics.jsonl").touch()
+    with pytest.raises(cli.CLIError, match=r"is not empty \(it holds metrics.jsonl\)"):
+        cli._check_new_run_folder(out, "checkpoint.pt")
