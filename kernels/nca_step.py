@@ -31,7 +31,7 @@ from torch import Tensor
 from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights, check_step_inputs, nca_step_ref
 from .spec import KernelSpec
-from .utils import cast_rne, elu, mma, perceive_conv3x3
+from .utils import cast_rne, elu, k_major, mma, perceive_conv3x3
 
 __all__ = [
     "SUPPORTED_CHANNELS",
@@ -260,9 +260,8 @@ def step_config(
 
 
 def fwd_k_major(input_precision: str) -> bool:
-    """Whether the forward reads K-major weights: for tf32, whose wgmma takes fp32 operands from shared memory
-    only K-major (N-major ones are copied 4 bytes at a time); bf16 wgmma reads either, "ieee" runs on FMA units."""
-    return input_precision == "tf32"
+    """Whether the forward reads K-major weights (``utils.k_major``: tf32)."""
+    return k_major(input_precision)
 
 
 def fwd_weight_args(p: dict[str, Tensor | None], k_major: bool) -> dict[str, Tensor]:

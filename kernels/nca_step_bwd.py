@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .reference import UpdateWeights, check_step_inputs
 from .spec import KernelSpec
-from .utils import elu, elu_grad, mma, perceive_conv3x3, rne
+from .utils import elu, elu_grad, k_major, mma, perceive_conv3x3, rne
 
 __all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
 
@@ -63,15 +63,16 @@ def _nca_step_bwd_kernel(
     z_ptr,  # (B, H_in, W_in, C) input state, channels-last, compute dtype
     gout_ptr,  # (B, H, W, C) upstream gradient dL/dz', channels-last, compute dtype
     mask_ptr,  # (B, H, W) uint8 update mask (read only when HAS_MASK)
-    w3_ptr,  # (9, C, HID) perception weight, [tap, c, o] = Wp[o, c, ky, kx], tap = 3 ky + kx
+    # weights (W_KMAJOR: each pointer takes the other layout of its pair, K-major for the dot that reads it):
+    w3_ptr,  # (9, C, HID) perception weight, [tap, c, o] = Wp[o, c, ky, kx], tap = 3 ky + kx; W_KMAJOR: [tap, o, c]
     b3_ptr,  # (HID,) fp32 perception bias (read only when HAS_B3)
-    w1t_ptr,  # (N_BLOCKS, HID, HID) [blk, k, n] = W1[n, k] (forward operand)
-    w1_ptr,  # (N_BLOCKS, HID, HID) [blk, n, k] = W1[n, k] (backward operand)
+    w1t_ptr,  # (N_BLOCKS, HID, HID) [blk, k, n] = W1[n, k] (forward operand); W_KMAJOR: [blk, n, k]
+    w1_ptr,  # (N_BLOCKS, HID, HID) [blk, n, k] = W1[n, k] (backward operand); W_KMAJOR: [blk, k, n]
     b1_ptr,  # (N_BLOCKS, HID) fp32, zeros for a block without bias
-    w2t_ptr,  # (N_BLOCKS, HID, HID) [blk, k, n] = W2[n, k]
-    w2_ptr,  # (N_BLOCKS, HID, HID) [blk, n, k] = W2[n, k]
+    w2t_ptr,  # (N_BLOCKS, HID, HID) [blk, k, n] = W2[n, k]; W_KMAJOR: [blk, n, k]
+    w2_ptr,  # (N_BLOCKS, HID, HID) [blk, n, k] = W2[n, k]; W_KMAJOR: [blk, k, n]
     b2_ptr,  # (N_BLOCKS, HID) fp32, zeros for a block without bias
-    wout_ptr,  # (C, HID) output 1x1 weight Wout[c, k]
+    wout_ptr,  # (C, HID) output 1x1 weight Wout[c, k]; W_KMAJOR: (HID, C)
     y_ptr,  # out (N_BLOCKS + 1, M, HID): block inputs y_i, then the output conv's input
     a_ptr,  # out (N_BLOCKS, M, HID): pre-activations a_i = y_i W1^T + b1
     da_ptr,  # out (N_BLOCKS, M, HID): dL/da_i
@@ -100,6 +101,7 @@ def _nca_step_bwd_kernel(
     RELOAD_OPERAND: tl.constexpr,  # read the residual streams' dot operand back from its buffer (see _main_cells)
     IDX64: tl.constexpr,  # int64 cell and element offsets (else int32: config int32_index, where they fit)
     WIDE: tl.constexpr,  # int64 buffer-plane offsets too (the launcher sets it when M * HID could overflow int32)
+    W_KMAJOR: tl.constexpr,  # the weights in their K-major layouts (tf32, utils.k_major; see the pointers above)
 ):
     """Recompute the forward and backpropagate to the perception conv's output for ``BLOCK_M`` cells.
 
@@ -130,7 +132,7 @@ def _nca_step_bwd_kernel(
     _main_cells(z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,
                 y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < M, 0, H, W, M * HID, C, HID, N_BLOCKS,
                 1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU, INPUT_PRECISION, INTERP_BF16,
-                BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES, RELOAD_OPERAND)
+                BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES, RELOAD_OPERAND, W_KMAJOR)
 
 
 @triton.jit
@@ -160,6 +162,7 @@ def _main_cells(
     BLK_STAGES: tl.constexpr,
     OUT_STAGES: tl.constexpr,
     RELOAD_OPERAND: tl.constexpr,
+    W_KMAJOR: tl.constexpr,
 ):
     """The body of :func:`_nca_step_bwd_kernel` for the cells ``offs_m``, shared with the small-grid backward
     (``kernels/small_grid.py``); inlined, so the per-step kernel compiles as before (sm_90 fit unchanged).
@@ -185,10 +188,13 @@ def _main_cells(
     rows = offs_m + row0  # the cells' rows in the per-cell buffers (offs_m when row0 is the constant 0)
     cells_h = rows[:, None] * HID + offs_h[None, :]  # (BLOCK_M, HID) offsets into an (M, HID) buffer
     cells_k = rows[:, None] * HID + offs_k[None, :]  # (BLOCK_M, BLOCK_K) offsets of hidden chunk 0
+    # element [k, n] of a block weight's (K, N) dot operand sits at k * SK + n * SN of the pointer's layout
+    SK: tl.constexpr = 1 if W_KMAJOR else HID
+    SN: tl.constexpr = HID if W_KMAJOR else 1
 
     # ---- forward: 3x3 perception conv, 9 taps x C/BLOCK_C chunks
     acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT, HAS_B3,
-                           BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION, False)
+                           BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION, W_KMAJOR)
     if PERCEIVE_ELU:
         pre = acc
         y = elu(acc)
@@ -208,12 +214,12 @@ def _main_cells(
         else:
             acc = y
         for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
-            b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
+            b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
             t = mma(y_a, b_w1t, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
             if HAS_B1:
                 t += tl.load(b1_ptr + blk * HID + j + offs_k)[None, :]
             tl.store(a_ptr + blk * buf_stride + j + cells_k, rne(t, INTERP_BF16).to(dt), mask=mask_m[:, None])
-            b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
+            b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
             acc = mma(rne(elu(t), INTERP_BF16).to(dt), b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
         y = acc
     tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
@@ -230,7 +236,10 @@ def _main_cells(
         if HAS_MASK:
             b_g = tl.where(upd[:, None], b_g, 0.0).to(dt)
         tl.store(g_ptr + row0 * C + cells_c, b_g, mask=mask_m[:, None])
-        b_wo = tl.load(wout_ptr + (c0 + offs_c)[:, None] * HID + offs_h[None, :])
+        if W_KMAJOR:
+            b_wo = tl.load(wout_ptr + offs_h[None, :] * C + (c0 + offs_c)[:, None])
+        else:
+            b_wo = tl.load(wout_ptr + (c0 + offs_c)[:, None] * HID + offs_h[None, :])
         dy = mma(b_g, b_wo, dy, INTERP_BF16, INPUT_PRECISION)
 
     # ---- backward through the blocks in reverse
@@ -244,12 +253,12 @@ def _main_cells(
             dy_a = rne(dy, INTERP_BF16).to(dt)
         acc = dy
         for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
-            b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * HID + (j + offs_k)[None, :])
+            b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
             du = mma(dy_a, b_w2, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
             b_a = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
             da = du * elu_grad(b_a.to(tl.float32))
             tl.store(da_ptr + blk * buf_stride + j + cells_k, rne(da, INTERP_BF16).to(dt), mask=mask_m[:, None])
-            b_w1 = tl.load(w1_ptr + blk * HID * HID + (j + offs_k)[:, None] * HID + offs_h[None, :])
+            b_w1 = tl.load(w1_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
             acc = mma(rne(da, INTERP_BF16).to(dt), b_w1, acc, INTERP_BF16, INPUT_PRECISION)
         dy = acc
     if PERCEIVE_ELU:
@@ -619,6 +628,7 @@ class BwdConfig:
     out_stages: int | None = None  # of its output-conv loop (None: ``stages``)
     reload_operand: bool = False  # the main kernel's residual-stream dot operand from its buffer (_main_cells)
     int32_index: bool = False  # int32 cell and element offsets in the main kernel where they fit (main_needs_int64)
+    k_major: bool | None = None  # the main kernel's weights K-major (None: utils.k_major, i.e. for tf32)
 
 
 def _chunk(n: int, cap: int) -> int:
@@ -659,6 +669,7 @@ def bwd_config(
     # (BLOCK_M, BLOCK_K, BLOCK_C, warps, stages) of the main kernel, (BLOCK_M, BLOCK_K, warps) of the state kernel
     # Every tile fits (no spills) under Triton 3.8 (CI) and 3.6 (the GPU machines); see kernels/BACKWARD.md.
     own_rows = bool(n_blocks) and h <= 128  # 128 cells x 8 warps: no warpgroup repeats the other's chained dots
+    k_major_: bool | None = None  # the main kernel's weight layout: utils.k_major's (K-major for tf32)
     if dtype == torch.bfloat16:
         # wide: 3 stages measured 1.07x faster than 2 over the mnist-doubling rollout's backward (H100, bf16, B = 32,
         # benchmarks/tune.py; table in benchmarks/RESULTS.md)
@@ -667,6 +678,9 @@ def bwd_config(
     elif input_precision == "tf32":
         main, dstate = ((64, 16, 32, 8, 2), (64, 32, 8)) if wide else ((64, 32, 32, 8, 2), (64, 32, 4))
         main = (128, 16, 32, 8, 2) if own_rows else main
+        # K-major weights (16-byte copies) spill 8-32 B at h = 256 under Triton 3.6 unless the hidden-chunk loops
+        # go unpipelined (blk_stages=1, kernels/BACKWARD.md); N-major there until a GPU times the two
+        k_major_ = False if h >= 256 else None
     else:
         main, dstate = ((16, 16, 16, 8, 2), (16, 16, 4)) if wide else ((32, 32, 16, 4, 2), (32, 32, 4))
     return BwdConfig(
@@ -683,6 +697,7 @@ def bwd_config(
         wg_block_cells=64 if dtype == torch.bfloat16 else 32,
         wg_warps=8,
         wg_stages=3,
+        k_major=k_major_,
     )
 
 
@@ -703,6 +718,17 @@ def main_needs_int64(m: int, c: int, hp: int, n_blocks: int) -> bool:
     return (n_blocks + 1) * m * max(hp, c) >= 2**31
 
 
+def main_weight_args(k_major_: bool, *, w3: Tensor, w3k: Tensor | None, w1_nk: Tensor, w1_kn: Tensor,
+                     w2_nk: Tensor, w2_kn: Tensor, wout_ch: Tensor, wout_hc: Tensor | None) -> dict[str, Tensor]:
+    """The main kernel's weight pointers from both layouts of each weight: ``w3`` (9, C, hp) and ``w3k``
+    (9, hp, C); ``w*_nk`` ``[blk, n, k] = W[n, k]`` and ``w*_kn`` ``[blk, k, n]``; ``wout_ch`` (C, hp) and
+    ``wout_hc`` (hp, C). Each dot reads the layout that is K-major for it when ``k_major_`` (tf32: ``W_KMAJOR``),
+    else the N-major one (``w3k`` and ``wout_hc`` are then not read and may be None)."""
+    if k_major_:
+        return dict(w3_ptr=w3k, w1t_ptr=w1_nk, w1_ptr=w1_kn, w2t_ptr=w2_nk, w2_ptr=w2_kn, wout_ptr=wout_hc)
+    return dict(w3_ptr=w3, w1t_ptr=w1_kn, w1_ptr=w1_nk, w2t_ptr=w2_kn, w2_ptr=w2_nk, wout_ptr=wout_ch)
+
+
 def _main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
                      has_b2: bool, input_precision: str, interp_bf16: bool, cfg: BwdConfig,
                      m: int | None = None) -> dict[str, Any]:
@@ -715,7 +741,8 @@ def _main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: 
                 HAS_B2=has_b2, PERCEIVE_ELU=n_blocks == 0, INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16,
                 BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
                 BLK_STAGES=cfg.blk_stages, OUT_STAGES=cfg.out_stages, RELOAD_OPERAND=cfg.reload_operand,
-                IDX64=wide or not cfg.int32_index, WIDE=wide)
+                IDX64=wide or not cfg.int32_index, WIDE=wide,
+                W_KMAJOR=k_major(input_precision) if cfg.k_major is None else cfg.k_major)
 
 
 def _dstate_constexprs(c: int, hp: int, *, double: bool, input_precision: str, interp_bf16: bool,
@@ -943,6 +970,7 @@ def nca_step_bwd(
     m = b * hh * ww
     cfg = bwd_config(c, triton.next_power_of_2(h), dt, input_precision, n_blocks=nb)
     upcast = _INTERPRET and dt == torch.bfloat16
+    kmaj = k_major(input_precision) if cfg.k_major is None else cfg.k_major
 
     # ---- pack
     z = _channels_last(state)  # (B, H_in, W_in, C)
@@ -996,15 +1024,12 @@ def nca_step_bwd(
         z_ptr=z,
         gout_ptr=gout,
         mask_ptr=mask_u8,
-        w3_ptr=w3,
+        **main_weight_args(kmaj, w3=w3, w3k=w3.transpose(1, 2).contiguous() if kmaj else None, w1_nk=w1,
+                           w1_kn=w1t, w2_nk=w2, w2_kn=w2t, wout_ch=wout,
+                           wout_hc=wout.t().contiguous() if kmaj else None),
         b3_ptr=b3,
-        w1t_ptr=w1t,
-        w1_ptr=w1,
         b1_ptr=b1,
-        w2t_ptr=w2t,
-        w2_ptr=w2,
         b2_ptr=b2,
-        wout_ptr=wout,
         y_ptr=ybuf,
         a_ptr=abuf,
         da_ptr=dabuf,

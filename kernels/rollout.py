@@ -59,6 +59,7 @@ from .nca_step_bwd import (
     _transposed_conv_weights,
     _wgrad_tile,
     bwd_config,
+    main_weight_args,
 )
 from .reference import UpdateWeights
 from .schedule import RolloutPlan
@@ -288,6 +289,15 @@ class StepPlan:
         self.wb = {d: _transposed_conv_weights(w.w_perceive, d, dt, hp, cp) for d in sorted(doubles)}
         self.zeros_f32 = torch.zeros(max(hp, c), dtype=torch.float32, device=dev)  # absent biases' pointer
 
+    def main_weights(self, consts: dict[str, Any]) -> dict[str, Tensor]:
+        """The backward main kernel's weight pointers for its constexprs ``consts`` (after :meth:`pack_backward`):
+        each dot's K-major layout where ``W_KMAJOR`` (``nca_step_bwd.main_weight_args``), else the N-major one."""
+        p, dummy = self.fwd, self.fwd["w3"]
+        names = ("w1_nk", "w1_kn", "w2_nk", "w2_kn")
+        blocks = dict(zip(names, (self.w1, p["w1"], self.w2, p["w2"]))) if self.nb else dict.fromkeys(names, dummy)
+        return main_weight_args(consts["W_KMAJOR"], w3=p["w3"], w3k=p.get("w3k"), wout_ch=self.wout,
+                                wout_hc=p["wout"], **blocks)
+
     @property
     def slot(self) -> int:
         """fp32 elements of one split's weight-gradient partials (see the post kernel's ``acc_ptr``)."""
@@ -374,18 +384,14 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
                     ws.dy[: max(nb, 1) * m * hp])
     g, dpre = ws.g[: m * c], ws.dpre[: m * hp]
     zf = sp.zeros_f32
+    mconsts = _main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=p["b3"] is not None,
+                               has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
+                               input_precision=sp.input_precision, interp_bf16=sp.upcast, cfg=cfg, m=m)
     _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
         z_ptr=z, gout_ptr=gout, mask_ptr=z if mask is None else mask,
-        w3_ptr=p["w3"], b3_ptr=p["b3"] if p["b3"] is not None else zf,
-        w1t_ptr=p["w1"] if nb else p["w3"], w1_ptr=sp.w1 if nb else p["w3"],
-        b1_ptr=p["b1"] if p["b1"] is not None else zf,
-        w2t_ptr=p["w2"] if nb else p["w3"], w2_ptr=sp.w2 if nb else p["w3"],
-        b2_ptr=p["b2"] if p["b2"] is not None else zf,
-        wout_ptr=sp.wout, y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre,
-        M=m, H=hh, W=ww,
-        **_main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=p["b3"] is not None,
-                           has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
-                           input_precision=sp.input_precision, interp_bf16=sp.upcast, cfg=cfg, m=m),
+        **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
+        b1_ptr=p["b1"] if p["b1"] is not None else zf, b2_ptr=p["b2"] if p["b2"] is not None else zf,
+        y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre, M=m, H=hh, W=ww, **mconsts,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
     pcfg = sp.post_config
@@ -426,11 +432,8 @@ def _launch_small_bwd(sp: StepPlan, ws: _Workspace, z0: Tensor, keep: Tensor, gi
     g, dpre = ws.g[: m_small * c], ws.dpre[: m_small * hp]
     _rollout_bwd_small_kernel[(triton.cdiv(batch, spp),)](
         z_ptr=z0, keep_ptr=keep, gin_ptr=gin, gbuf_ptr=gbuf, mask_ptr=z0 if masks is None else masks,
-        w3_ptr=p["w3"], b3_ptr=p["b3"] if p["b3"] is not None else zf,
-        w1t_ptr=p["w1"] if nb else p["w3"], w1_ptr=sp.w1 if nb else p["w3"],
-        b1_ptr=p["b1"] if p["b1"] is not None else zf,
-        w2t_ptr=p["w2"] if nb else p["w3"], w2_ptr=sp.w2 if nb else p["w3"],
-        b2_ptr=p["b2"] if p["b2"] is not None else zf, wout_ptr=sp.wout,
+        **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
+        b1_ptr=p["b1"] if p["b1"] is not None else zf, b2_ptr=p["b2"] if p["b2"] is not None else zf,
         wb_ptr=sp.wb.get(False, sp.wb.get(True)), wbd_ptr=sp.wb.get(True, sp.wb.get(False)),  # only flags' read
         y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre,
         B=batch, H0=h0, W0=w0, n_steps=n, flags=bits, spp=spp, m_total=m_small, s_max=s_max,

@@ -256,6 +256,7 @@ def _rollout_bwd_small_kernel(
     BLK_STAGES: tl.constexpr,  # pipeline stages of the main body's loops (nca_step_bwd._main_cells)
     OUT_STAGES: tl.constexpr,
     RELOAD_OPERAND: tl.constexpr,
+    W_KMAJOR: tl.constexpr,
     DS_BLOCK_M: tl.constexpr,  # state-gradient tiles
     DS_BLOCK_K: tl.constexpr,
     DS_BLOCK_N: tl.constexpr,  # state channels per pass of the state gradient (fewer than C_PAD: less registers)
@@ -291,7 +292,7 @@ def _rollout_bwd_small_kernel(
                         wout_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < hi, row0, h, w,
                         m_total * HID, C, HID, N_BLOCKS, shift, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU,
                         INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES,
-                        RELOAD_OPERAND)
+                        RELOAD_OPERAND, W_KMAJOR)
         tl.debug_barrier()  # every thread's dpre before the state gradient reads the neighbours'
         h, w, row0, shift = _step_rows(s, H0, W0, flags, B)
         if s == n_steps - 1:
@@ -397,7 +398,7 @@ def small_bwd_constexprs(main: dict[str, Any], post: dict[str, Any], ds_block_n:
     bit per step)."""
     keep = ("C", "HID", "N_BLOCKS", "HAS_MASK", "HAS_B3", "HAS_B1", "HAS_B2", "PERCEIVE_ELU", "INPUT_PRECISION",
             "INTERP_BF16", "BLOCK_M", "BLOCK_K", "BLOCK_C", "BLK_STAGES", "OUT_STAGES",
-            "RELOAD_OPERAND")
+            "RELOAD_OPERAND", "W_KMAJOR")
     return {**{k: main[k] for k in keep}, "C_PAD": post["C_PAD"], "DS_BLOCK_M": post["DS_BLOCK_M"],
             "DS_BLOCK_K": post["DS_BLOCK_K"], "DS_BLOCK_N": min(post["C_PAD"], ds_block_n)}
 

@@ -18,7 +18,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["cast_rne", "elu", "elu_grad", "mma", "perceive_conv3x3", "rne"]
+__all__ = ["cast_rne", "elu", "elu_grad", "k_major", "mma", "perceive_conv3x3", "rne"]
+
+
+def k_major(input_precision: str) -> bool:
+    """Whether the kernels read their weights K-major: for tf32, whose wgmma takes fp32 operands from shared memory
+    only K-major (N-major ones are copied 4 bytes at a time); bf16 wgmma reads either, "ieee" runs on FMA units."""
+    return input_precision == "tf32"
 
 
 @triton.jit

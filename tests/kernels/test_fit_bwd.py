@@ -86,13 +86,19 @@ def test_backward_tensor_work_is_what_the_tiles_need(fit, shipped_rows):
             f"{r.warps} warps)")
 
 
+def known_narrow_copies(fit: BwdFitSpec, kernel: str) -> bool:
+    """Where tf32 HGMMA, which takes fp32 operands K-major only, still reads MN-major ones (4-byte copies): the
+    weight-gradient GEMMs and the state gradient (per-cell buffers read as a^T, transposed-conv weights packed
+    [o, c]) and the h = 256 main kernel, whose K-major weights spill under Triton 3.6 (``bwd_config``); the other
+    tf32 main kernels read K-major weights (``main_weight_args``). Issue 11, item 2."""
+    return fit.input_precision == "tf32" and (kernel != "main" or fit.hidden_channels >= 256)
+
+
 @pytest.mark.parametrize("fit", BWD_SHIPPED, ids=[f.name for f in BWD_SHIPPED])
 def test_backward_copies_are_16_bytes(fit, shipped_rows):
-    """Every cp.async (LDGSTS) of the tensor-core kernels moves 16 bytes per thread, except in tf32, where the
-    operands are MN-major in memory (weights packed [k, n], the weight-gradient GEMMs' A read as a^T) and tf32
-    HGMMA takes K-major operands only: 4-byte copies, issue 11 item 2, not done yet."""
+    """Every cp.async (LDGSTS) of the tensor-core kernels moves 16 bytes per thread, except the known tf32 ones."""
     for r in shipped_rows[fit.name]:
         if r.needed_flops is None:  # fp32 "ieee": FFMA operands, not checked
             continue
         narrow = set(r.copy_widths) - {"16"}
-        assert bool(narrow) == (fit.input_precision == "tf32"), f"{fit.name}/{r.kernel}: LDGSTS {r.copy_widths}"
+        assert bool(narrow) == known_narrow_copies(fit, r.kernel), f"{fit.name}/{r.kernel}: LDGSTS {r.copy_widths}"

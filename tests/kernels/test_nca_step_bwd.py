@@ -174,6 +174,23 @@ def test_bwd_tf32_within_twice_the_tf32_reference_error(case: Case) -> None:
             assert_close(name, r, t, rtol=max(bound, TF32_FLOOR))
 
 
+# h = 48 (padded to 64), |z| != h, no blocks / 1 / 2 blocks, mixed biases, masks, doubling
+K_MAJOR_CASES = [FP32_CASES[5], FP32_CASES[7], FP32_CASES[9], Case(1, 5, 7, 32, 48, 1, "bias", True, False)]
+
+
+@pytest.mark.parametrize("case", K_MAJOR_CASES, ids=lambda c: c.id)
+def test_bwd_tf32_reads_its_k_major_weights_as_ieee_reads_its_own(case: Case) -> None:
+    """Under tf32 every dot of the main kernel reads the K-major layout of its weight (``main_weight_args``): the
+    interpreter computes tf32 dots in fp32, so the gradients must equal the "ieee" ones bitwise."""
+    weights = make_weights(case.channels, case.hidden, case.n_blocks, case.bias, torch.float32)
+    state, mask, grad_out = make_inputs(case, torch.float32)
+    ieee = nca_step_bwd(state, weights, mask, case.double, grad_out, input_precision="ieee")
+    tf32 = nca_step_bwd(state, weights, mask, case.double, grad_out, input_precision="tf32")
+    for name, a, b in zip(grad_names(weights), [ieee[0]] + ieee[1], [tf32[0]] + tf32[1], strict=True):
+        assert (a is None) == (b is None), name
+        assert a is None or torch.equal(a, b), f"{name}: tf32 differs from ieee by {(a - b).abs().max():.3g}"
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16-weights", "fp32-weights"])
 @pytest.mark.parametrize("case", BF16_CASES, ids=[c.id + "-bf16" for c in BF16_CASES])
 def test_bwd_bf16_within_twice_reference_error(case: Case, weight_dtype: torch.dtype) -> None:

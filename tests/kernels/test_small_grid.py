@@ -83,6 +83,24 @@ def test_tf32_rollout_forward_reads_k_major_weights_as_ieee_reads_its_own():
     assert torch.equal(out["tf32"], out["ieee"]), f"differ by {(out['tf32'] - out['ieee']).abs().max():.3g}"
 
 
+def test_tf32_rollout_gradients_equal_ieee_with_k_major_weights():
+    """Forward and backward of a tf32 rollout (small-grid kernels, then per step; K-major weights) against "ieee":
+    bitwise in the interpreter, which computes tf32 dots in fp32."""
+    weights = make_weights(32, 48, 2, gain=0.4)
+    state0 = make_state(3, 32, 1, 3)
+    masks = _masks(GRAD_FLAGS, 3, 1, 3, 0.5)
+    grads = {}
+    for prec in ("ieee", "tf32"):
+        w = UpdateWeights.from_flat([None if t is None else t.clone().requires_grad_(True) for t in weights.flat()])
+        state = state0.clone().requires_grad_(True)
+        plan = plan_rollout(GRAD_FLAGS, "auto", doubling=True, backend="triton")
+        out = nca_rollout(state, w, plan, masks, input_precision=prec, small_grid=True, small_grid_backward=True)
+        out.backward(torch.ones_like(out))
+        grads[prec] = [out.detach(), state.grad] + [t.grad for t in w.flat() if t is not None]
+    for i, (a, b) in enumerate(zip(grads["ieee"], grads["tf32"], strict=True)):
+        assert torch.equal(a, b), f"output/gradient {i}: tf32 differs from ieee by {(a - b).abs().max():.3g}"
+
+
 @pytest.mark.parametrize("p_update", [1.0, 0.5], ids=["nomask", "mask"])
 def test_fp32_forward_matches_float64_across_the_switch_to_per_step_launches(p_update, nan_poison):
     b = 3
