@@ -281,10 +281,10 @@ class StepPlan:
         w, dt, hp, c = self.weights, self.dtype, self.hp, self.c
         p = self.fwd
         dev = w.w_perceive.device
-        if self.nb:
-            self.w1 = p["w1"].transpose(1, 2).contiguous()  # (nb, hp, hp): [blk, n, k] = W1[n, k]
-            self.w2 = p["w2"].transpose(1, 2).contiguous()
-        self.wout = p["wout"].t().contiguous()  # (C, hp)
+        if self.nb:  # the forward's K-major copies where it has them (tf32): the same values
+            self.w1 = p["w1k"] if "w1k" in p else p["w1"].transpose(1, 2).contiguous()  # [blk, n, k] = W1[n, k]
+            self.w2 = p["w2k"] if "w2k" in p else p["w2"].transpose(1, 2).contiguous()
+        self.wout = p["woutk"] if "woutk" in p else p["wout"].t().contiguous()  # (C, hp)
         cp = triton.next_power_of_2(c)
         self.wb = {d: _transposed_conv_weights(w.w_perceive, d, dt, hp, cp) for d in sorted(doubles)}
         self.zeros_f32 = torch.zeros(max(hp, c), dtype=torch.float32, device=dev)  # absent biases' pointer
