@@ -285,6 +285,7 @@ def _dstate_tile(
     BLOCK_M: tl.constexpr,  # input cells per program
     BLOCK_K: tl.constexpr,  # hidden-channel chunk
     BLOCK_N: tl.constexpr,  # state channels per pass (C_PAD: one pass, the per-step kernels; fewer: less registers)
+    W_KMAJOR: tl.constexpr,  # wb is (KS * KS, C_PAD, HID), [tap, c, o]: K-major for the dot (tf32, utils.k_major)
 ):
     """State gradient ``dz = S(grad_out + conv3x3^T(dpre))`` for ``BLOCK_M`` input cells.
 
@@ -338,7 +339,10 @@ def _dstate_tile(
             ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
             src = (bat * H + r) * W + c  # (BLOCK_M,) full-grid cell ids; out-of-grid ones are masked
             b_d = tl.load(dpre_ptr + src[:, None] * HID + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
-            b_w = tl.load(wb_ptr + (tap * HID + k0 + offs_k)[:, None] * C_PAD + offs_n[None, :])
+            if W_KMAJOR:
+                b_w = tl.load(wb_ptr + (tap * C_PAD + offs_n)[None, :] * HID + (k0 + offs_k)[:, None])
+            else:
+                b_w = tl.load(wb_ptr + (tap * HID + k0 + offs_k)[:, None] * C_PAD + offs_n[None, :])
             acc = mma(b_d, b_w, acc, INTERP_BF16, INPUT_PRECISION)
         tl.store(dz_ptr + offs_m[:, None] * C + offs_n[None, :], rne(acc, INTERP_BF16).to(dz_ptr.dtype.element_ty),
                  mask=mask_mn)
@@ -347,7 +351,7 @@ def _dstate_tile(
 @triton.jit
 def _nca_step_bwd_dstate_kernel(
     dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
-    wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
+    wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c]; W_KMAJOR: [i * KS + j, c, o]
     gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
     dz_ptr,  # out (B, H_in, W_in, C) state gradient, compute dtype
     M_in,  # number of input cells B * H_in * W_in
@@ -361,11 +365,12 @@ def _nca_step_bwd_dstate_kernel(
     INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    W_KMAJOR: tl.constexpr,
 ):
     """State gradient of one step; grid ``(cdiv(B * H_in * W_in, BLOCK_M),)``, one tile per program (see
     :func:`_dstate_tile`)."""
     _dstate_tile(tl.program_id(0).to(tl.int64) * BLOCK_M, M_in, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID,
-                 DOUBLE, INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, C_PAD)
+                 DOUBLE, INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, C_PAD, W_KMAJOR)
 
 
 @triton.jit
@@ -749,7 +754,8 @@ def _dstate_constexprs(c: int, hp: int, *, double: bool, input_precision: str, i
                        cfg: BwdConfig) -> dict[str, Any]:
     """The state-gradient kernel's constexprs (launch and fit)."""
     return dict(C=c, C_PAD=triton.next_power_of_2(c), HID=hp, DOUBLE=double, INPUT_PRECISION=input_precision,
-                INTERP_BF16=interp_bf16, BLOCK_M=cfg.ds_block_m, BLOCK_K=cfg.ds_block_k)
+                INTERP_BF16=interp_bf16, BLOCK_M=cfg.ds_block_m, BLOCK_K=cfg.ds_block_k,
+                W_KMAJOR=k_major(input_precision))
 
 
 def _wgrad_constexprs(na: int, nb: int, taps: int, *, gather: bool, double: bool, b_elu: bool, input_precision: str,
@@ -913,9 +919,10 @@ def _channels_last(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _transposed_conv_weights(w_perceive: Tensor, double: bool, dtype: torch.dtype, hp: int, cp: int) -> Tensor:
+def _transposed_conv_weights(w_perceive: Tensor, double: bool, dtype: torch.dtype, hp: int, cp: int,
+                             k_major_: bool = False) -> Tensor:
     """``(KS * KS, hp, cp)`` weights of the state-gradient kernel's gather (see its docstring), in ``dtype``,
-    zero-padded from ``(h, C)``.
+    zero-padded from ``(h, C)``; ``(KS * KS, cp, hp)`` with ``k_major_`` (the kernel's ``W_KMAJOR``, tf32).
 
     Without doubling, ``[3 i + j] = Wp[:, :, 2 - i, 2 - j]``; with doubling, the 4x4 effective kernel
     ``Weff[i, j] = sum_{dy, dx in {0, 1}} Wp[:, :, dy + 2 - i, dx + 2 - j]`` (taps outside 0..2 are skipped),
@@ -930,7 +937,8 @@ def _transposed_conv_weights(w_perceive: Tensor, double: bool, dtype: torch.dtyp
     for dy in (0, 1) if double else ():
         for dx in (0, 1):
             out[dy : dy + 3, dx : dx + 3, :h, :c] += wflip
-    return out.reshape(ks * ks, hp, cp).to(dtype)
+    out = out.reshape(ks * ks, hp, cp)
+    return (out.transpose(1, 2).contiguous() if k_major_ else out).to(dtype)
 
 
 def nca_step_bwd(
@@ -990,7 +998,7 @@ def nca_step_bwd(
 
     wp = weights.w_perceive
     w3 = pad(wp.permute(2, 3, 1, 0).reshape(9, c, h), 9, c, hp)  # (9, C, hp): [3 ky + kx, c, o]
-    wb = _transposed_conv_weights(wp, double, dt, hp, cp)  # (9 or 16, hp, cp)
+    wb = _transposed_conv_weights(wp, double, dt, hp, cp, k_major(input_precision))  # (9 or 16, hp, cp) or (.., cp, hp)
     has_b3 = weights.b_perceive is not None
     b3 = pad(weights.b_perceive, hp, dtype=torch.float32) if has_b3 else torch.zeros(1, **f32)
     if nb:

@@ -75,6 +75,7 @@ from .small_grid import (
     small_wgrad_constexprs,
 )
 from .spec import KernelSpec
+from .utils import k_major
 
 __all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs", "small_bwd_kernel_specs"]
 
@@ -115,6 +116,7 @@ def _rollout_bwd_post_kernel(
     INTERP_BF16: tl.constexpr,
     DS_BLOCK_M: tl.constexpr,  # input cells per state-gradient program
     DS_BLOCK_K: tl.constexpr,  # hidden chunk of the state gradient
+    DS_KMAJOR: tl.constexpr,  # wb is (KS * KS, C_PAD, HID): K-major for the state gradient's dot (tf32)
     BA_P: tl.constexpr,  # dWp tile rows (over HID)
     BB_P: tl.constexpr,  # dWp tile columns (over C)
     BA_O: tl.constexpr,  # dWout tile rows (over C)
@@ -134,7 +136,7 @@ def _rollout_bwd_post_kernel(
     pid = tl.program_id(0)
     if pid < n_ds:
         _dstate_tile(pid.to(tl.int64) * DS_BLOCK_M, M_in, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID,
-                     DOUBLE, INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, C_PAD)
+                     DOUBLE, INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, C_PAD, DS_KMAJOR)
     elif pid < n_ds + n_wp:
         q = pid - n_ds
         GA: tl.constexpr = HID // BA_P
@@ -217,7 +219,8 @@ def _post_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, input_prec
     ds = _dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=interp_bf16, cfg=cfg)
     return dict(C=c, C_PAD=ds["C_PAD"], HID=hp, N_BLOCKS=n_blocks, DOUBLE=bool(double),
                 INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, DS_BLOCK_M=ds["BLOCK_M"],
-                DS_BLOCK_K=ds["BLOCK_K"], BA_P=_chunk(hp, cfg.wg_block), BB_P=_chunk(c, cfg.wg_block),
+                DS_BLOCK_K=ds["BLOCK_K"], DS_KMAJOR=ds["W_KMAJOR"], BA_P=_chunk(hp, cfg.wg_block),
+                BB_P=_chunk(c, cfg.wg_block),
                 BA_O=_chunk(c, cfg.wg_block), BB_O=_chunk(hp, cfg.wg_block), BA_H=_chunk(hp, cfg.wg_block),
                 BLOCK_CELLS=cfg.wg_block_cells)
 
@@ -286,7 +289,8 @@ class StepPlan:
             self.w2 = p["w2k"] if "w2k" in p else p["w2"].transpose(1, 2).contiguous()
         self.wout = p["woutk"] if "woutk" in p else p["wout"].t().contiguous()  # (C, hp)
         cp = triton.next_power_of_2(c)
-        self.wb = {d: _transposed_conv_weights(w.w_perceive, d, dt, hp, cp) for d in sorted(doubles)}
+        self.wb = {d: _transposed_conv_weights(w.w_perceive, d, dt, hp, cp, k_major(self.input_precision))
+                   for d in sorted(doubles)}
         self.zeros_f32 = torch.zeros(max(hp, c), dtype=torch.float32, device=dev)  # absent biases' pointer
 
     def main_weights(self, consts: dict[str, Any]) -> dict[str, Tensor]:

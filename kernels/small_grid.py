@@ -228,7 +228,7 @@ def _rollout_bwd_small_kernel(
     gbuf_ptr,  # (2, s_max) state gradients: step s writes its input's gradient into buffer s % 2
     mask_ptr,  # flat uint8: every step's (B, H_s, W_s) mask in step order (read only when HAS_MASK)
     w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,  # as for _nca_step_bwd_kernel
-    wb_ptr,  # (9, HID, C_PAD) transposed-conv weights of a plain step
+    wb_ptr,  # (9, HID, C_PAD) transposed-conv weights of a plain step ((9, C_PAD, HID) when DS_KMAJOR)
     wbd_ptr,  # (16, HID, C_PAD) of a doubling step
     y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr,  # per-cell buffers, rows: every step's cells in step order
     B,
@@ -260,6 +260,7 @@ def _rollout_bwd_small_kernel(
     DS_BLOCK_M: tl.constexpr,  # state-gradient tiles
     DS_BLOCK_K: tl.constexpr,
     DS_BLOCK_N: tl.constexpr,  # state channels per pass of the state gradient (fewer than C_PAD: less registers)
+    DS_KMAJOR: tl.constexpr,  # wb / wbd are (KS * KS, C_PAD, HID): K-major for the state gradient's dot (tf32)
 ):
     """The backward of ``n_steps`` steps, last first, for samples ``[pid * spp, pid * spp + spp)``.
 
@@ -304,11 +305,11 @@ def _rollout_bwd_small_kernel(
         if shift != 0:
             for m0 in range(b_lo * (h >> 1) * (w >> 1), hi_in, DS_BLOCK_M):
                 _dstate_tile(m0, hi_in, dpre_ptr + row0 * HID, wbd_ptr, gout, dz, h, w, C, C_PAD, HID, True,
-                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N)
+                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, DS_KMAJOR)
         else:
             for m0 in range(b_lo * h * w, hi_in, DS_BLOCK_M):
                 _dstate_tile(m0, hi_in, dpre_ptr + row0 * HID, wb_ptr, gout, dz, h, w, C, C_PAD, HID, False,
-                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N)
+                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, DS_KMAJOR)
         tl.debug_barrier()  # the input's gradient is the next (earlier) step's upstream gradient
 
 
@@ -400,7 +401,8 @@ def small_bwd_constexprs(main: dict[str, Any], post: dict[str, Any], ds_block_n:
             "INTERP_BF16", "BLOCK_M", "BLOCK_K", "BLOCK_C", "BLK_STAGES", "OUT_STAGES",
             "RELOAD_OPERAND", "W_KMAJOR")
     return {**{k: main[k] for k in keep}, "C_PAD": post["C_PAD"], "DS_BLOCK_M": post["DS_BLOCK_M"],
-            "DS_BLOCK_K": post["DS_BLOCK_K"], "DS_BLOCK_N": min(post["C_PAD"], ds_block_n)}
+            "DS_BLOCK_K": post["DS_BLOCK_K"], "DS_BLOCK_N": min(post["C_PAD"], ds_block_n),
+            "DS_KMAJOR": post["DS_KMAJOR"]}
 
 
 def small_wgrad_constexprs(post: dict[str, Any]) -> dict[str, Any]:
