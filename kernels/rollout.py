@@ -299,8 +299,10 @@ class StepPlan:
         p, dummy = self.fwd, self.fwd["w3"]
         names = ("w1_nk", "w1_kn", "w2_nk", "w2_kn")
         blocks = dict(zip(names, (self.w1, p["w1"], self.w2, p["w2"]))) if self.nb else dict.fromkeys(names, dummy)
-        return main_weight_args(consts["W_KMAJOR"], w3=p["w3"], w3k=p.get("w3k"), wout_ch=self.wout,
-                                wout_hc=p["wout"], **blocks)
+        kmaj = consts["W_KMAJOR"]
+        # w3k comes with the forward's tf32 pack; a config asking for K-major elsewhere (a sweep) transposes here
+        w3k = p["w3k"] if "w3k" in p else p["w3"].transpose(1, 2).contiguous() if kmaj else None
+        return main_weight_args(kmaj, w3=p["w3"], w3k=w3k, wout_ch=self.wout, wout_hc=p["wout"], **blocks)
 
     @property
     def slot(self) -> int:
