@@ -63,9 +63,12 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
      {"main.block_m": 128, "main.block_k": 16, "main.reload_operand": True, "main.int32_index": True,
       "main.blk_stages": 3, "main.out_stages": 2}),
     ("main", "int32 offsets", {"main.int32_index": True}),
-    # tf32 at h = 256 (--precision tf32): K-major weights (16-byte copies) fit both Triton releases only with
-    # unpipelined hidden-chunk loops; the shipped kernel reads N-major weights 4 bytes at a time (kernels/BACKWARD.md)
-    ("main", "K-major weights, hidden-chunk loops unpipelined", {"main.k_major": True, "main.blk_stages": 1}),
+    # 64 cells x 8 warps: the hidden-chunk loops' first dots as chained dots, laid out [8,1], so both warpgroups
+    # compute them (4/3 of the tensor work, 5/4 in tf32) on wider instructions; shipped: unchained (utils.mma_first)
+    ("main", "chained hidden-chunk dots (before 2026-11-28)", {"main.unchain": False}),
+    # tf32 at h = 256 (--precision tf32): N-major weights, copied 4 bytes at a time; shipped: K-major, 16-byte copies
+    # (they fit both Triton releases since the dots are unchained, kernels/BACKWARD.md)
+    ("main", "N-major weights (before 2026-11-28)", {"main.k_major": False}),
     ("small", "small-grid backward on", {"small_grid_backward": True}),
     ("small", "small-grid off (forward too)", {"small_grid": False}),
 ]

@@ -31,7 +31,7 @@ from torch import Tensor
 from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights, check_step_inputs, nca_step_ref
 from .spec import KernelSpec
-from .utils import cast_rne, elu, k_major, mma, perceive_conv3x3
+from .utils import cast_rne, elu, k_major, mma, mma_first, perceive_conv3x3, unchain
 
 __all__ = [
     "SUPPORTED_CHANNELS",
@@ -88,6 +88,7 @@ def _nca_step_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     UPCAST_DOT: tl.constexpr,  # interpreter + bf16 only: dots in fp32, fp32 -> bf16 rounding emulated (RNE)
     W_KMAJOR: tl.constexpr,  # weights packed K-major (tf32: wgmma reads fp32 operands K-major only)
+    UNCHAIN: tl.constexpr,  # the blocks' first dot without the chained-dot layout (utils.mma_first)
     BLOCK_M: tl.constexpr,  # cells per program
     BLOCK_K: tl.constexpr,  # K chunk of the 3x3 conv (over C) and hidden chunk of the residual blocks
     BLOCK_N: tl.constexpr,  # output channels per chunk of the output conv
@@ -109,7 +110,7 @@ def _nca_step_fwd_kernel(
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
     _step_cells(z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,
                 offs_m, offs_m < M, H, W, C, HID, N_BLOCKS, 1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2,
-                HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_N)
+                HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR, UNCHAIN, BLOCK_M, BLOCK_K, BLOCK_N)
 
 
 @triton.jit
@@ -132,6 +133,7 @@ def _step_cells(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     W_KMAJOR: tl.constexpr,
+    UNCHAIN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -168,9 +170,8 @@ def _step_cells(
             acc = y
         for j in range(0, HID, BLOCK_K):
             b_w1 = tl.load(w1_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-            t = mma(y_a, b_w1, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
-            if HAS_B1:
-                t += tl.load(b1_ptr + blk * HID + j + offs_k)[None, :]
+            t = mma_first(y_a, b_w1, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, UPCAST_DOT,
+                          INPUT_PRECISION)
             t = elu(t)
             b_w2 = tl.load(w2_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
             acc = mma(cast_rne(t, z_ptr.dtype.element_ty, UPCAST_DOT), b_w2, acc, UPCAST_DOT, INPUT_PRECISION)
@@ -279,13 +280,14 @@ def fwd_weight_args(p: dict[str, Tensor | None], k_major: bool) -> dict[str, Ten
 
 
 def fwd_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
-                   has_b2: bool, has_bout: bool, input_precision: str, upcast_dot: bool,
+                   has_b2: bool, has_bout: bool, input_precision: str, upcast_dot: bool, dtype: torch.dtype,
                    cfg: StepConfig) -> dict[str, object]:
     """The forward kernel's constexprs: one builder for every launch and for the sm_90 fit spec."""
     return {
         "C": c, "HID": hp, "N_BLOCKS": n_blocks, "DOUBLE": bool(double), "HAS_MASK": has_mask, "HAS_B3": has_b3,
         "HAS_B1": has_b1, "HAS_B2": has_b2, "HAS_BOUT": has_bout, "PERCEIVE_ELU": n_blocks == 0,
         "INPUT_PRECISION": input_precision, "UPCAST_DOT": upcast_dot, "W_KMAJOR": fwd_k_major(input_precision),
+        "UNCHAIN": unchain(cfg.block_m, cfg.num_warps, dtype == torch.bfloat16 or input_precision == "tf32"),
         "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
     }
 
@@ -313,7 +315,7 @@ def fwd_kernel_spec(
     constexprs = fwd_constexprs(state_channels, _padded_hidden(hidden_channels), n_blocks, double=double,
                                 has_mask=mask, has_b3=bias, has_b1=bias and n_blocks > 0,
                                 has_b2=bias and n_blocks > 0, has_bout=out_bias, input_precision=input_precision,
-                                upcast_dot=False, cfg=cfg)
+                                upcast_dot=False, dtype=dtype, cfg=cfg)
     signature = {**pointers, "M": "i32", "H": "i32", "W": "i32", **{k: "constexpr" for k in constexprs}}
     return KernelSpec("fwd", _nca_step_fwd_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages)
 
@@ -508,7 +510,7 @@ def nca_step_fwd(
                          has_mask=mask is not None, has_b3=p["b3"] is not None, has_b1=p["b1"] is not None,
                          has_b2=p["b2"] is not None, has_bout=p["bout"] is not None,
                          input_precision=input_precision, upcast_dot=_INTERPRET and dtype == torch.bfloat16,
-                         cfg=cfg),
+                         dtype=dtype, cfg=cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

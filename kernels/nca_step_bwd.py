@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .reference import UpdateWeights, check_step_inputs
 from .spec import KernelSpec
-from .utils import elu, elu_grad, k_major, mma, perceive_conv3x3, rne
+from .utils import elu, elu_grad, k_major, mma, mma_first, perceive_conv3x3, rne, unchain
 
 __all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
 
@@ -102,6 +102,7 @@ def _nca_step_bwd_kernel(
     IDX64: tl.constexpr,  # int64 cell and element offsets (else int32: config int32_index, where they fit)
     WIDE: tl.constexpr,  # int64 buffer-plane offsets too (the launcher sets it when M * HID could overflow int32)
     W_KMAJOR: tl.constexpr,  # the weights in their K-major layouts (tf32, utils.k_major; see the pointers above)
+    UNCHAIN: tl.constexpr,  # the hidden-chunk loops' first dots without the chained-dot layout (utils.mma_first)
 ):
     """Recompute the forward and backpropagate to the perception conv's output for ``BLOCK_M`` cells.
 
@@ -132,7 +133,7 @@ def _nca_step_bwd_kernel(
     _main_cells(z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,
                 y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < M, 0, H, W, M * HID, C, HID, N_BLOCKS,
                 1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU, INPUT_PRECISION, INTERP_BF16,
-                BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES, RELOAD_OPERAND, W_KMAJOR)
+                BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES, RELOAD_OPERAND, W_KMAJOR, UNCHAIN)
 
 
 @triton.jit
@@ -163,6 +164,7 @@ def _main_cells(
     OUT_STAGES: tl.constexpr,
     RELOAD_OPERAND: tl.constexpr,
     W_KMAJOR: tl.constexpr,
+    UNCHAIN: tl.constexpr,
 ):
     """The body of :func:`_nca_step_bwd_kernel` for the cells ``offs_m``, shared with the small-grid backward
     (``kernels/small_grid.py``); inlined, so the per-step kernel compiles as before (sm_90 fit unchanged).
@@ -215,9 +217,8 @@ def _main_cells(
             acc = y
         for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
             b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-            t = mma(y_a, b_w1t, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
-            if HAS_B1:
-                t += tl.load(b1_ptr + blk * HID + j + offs_k)[None, :]
+            t = mma_first(y_a, b_w1t, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16,
+                          INPUT_PRECISION)
             tl.store(a_ptr + blk * buf_stride + j + cells_k, rne(t, INTERP_BF16).to(dt), mask=mask_m[:, None])
             b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
             acc = mma(rne(elu(t), INTERP_BF16).to(dt), b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
@@ -254,7 +255,7 @@ def _main_cells(
         acc = dy
         for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
             b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-            du = mma(dy_a, b_w2, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERP_BF16, INPUT_PRECISION)
+            du = mma_first(dy_a, b_w2, b1_ptr, False, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16, INPUT_PRECISION)
             b_a = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
             da = du * elu_grad(b_a.to(tl.float32))
             tl.store(da_ptr + blk * buf_stride + j + cells_k, rne(da, INTERP_BF16).to(dt), mask=mask_m[:, None])
@@ -634,6 +635,7 @@ class BwdConfig:
     reload_operand: bool = False  # the main kernel's residual-stream dot operand from its buffer (_main_cells)
     int32_index: bool = False  # int32 cell and element offsets in the main kernel where they fit (main_needs_int64)
     k_major: bool | None = None  # the main kernel's weights K-major (None: utils.k_major, i.e. for tf32)
+    unchain: bool | None = None  # its hidden-chunk loops' first dots unchained (None: utils.unchain's rule)
 
 
 def _chunk(n: int, cap: int) -> int:
@@ -662,9 +664,11 @@ def bwd_config(
     so that tests run many programs and partial tiles quickly.
 
     ``n_blocks`` (None: not known, taken as 0) picks the main kernel's rows: with residual blocks and h <= 128 the
-    tensor-core paths take 128 cells x 8 warps, so that each warpgroup computes its own 64 rows. On 64 rows the
-    hidden-chunk dots are chained dots laid out [8,1] and both warpgroups compute them (4/3 of the needed tensor
-    work, see kernels/BACKWARD.md); at h = 256, or without blocks, 128 rows spill, so those keep 64.
+    tensor-core paths take 128 cells x 8 warps (each warpgroup its own 64 rows, half the weight bytes per cell of
+    a 64-cell tile); at h = 256, or without blocks, 128 rows spill, so those keep 64. On 64 rows x 8 warps the
+    hidden-chunk loops' first dots are issued unchained (``utils.mma_first``, ``UNCHAIN``): as chained dots Triton
+    laid them out [8,1] and both warpgroups computed them (4/3 of the needed tensor work before 2026-11-28,
+    kernels/BACKWARD.md).
     """
     c, h = state_channels, hidden_channels
     if interpret:
@@ -673,8 +677,7 @@ def bwd_config(
     ieee = dtype == torch.float32 and input_precision == "ieee"
     # (BLOCK_M, BLOCK_K, BLOCK_C, warps, stages) of the main kernel, (BLOCK_M, BLOCK_K, warps) of the state kernel
     # Every tile fits (no spills) under Triton 3.8 (CI) and 3.6 (the GPU machines); see kernels/BACKWARD.md.
-    own_rows = bool(n_blocks) and h <= 128  # 128 cells x 8 warps: no warpgroup repeats the other's chained dots
-    k_major_: bool | None = None  # the main kernel's weight layout: utils.k_major's (K-major for tf32)
+    own_rows = bool(n_blocks) and h <= 128  # 128 cells x 8 warps: each warpgroup computes its own 64 rows
     if dtype == torch.bfloat16:
         # wide: 3 stages measured 1.07x faster than 2 over the mnist-doubling rollout's backward (H100, bf16, B = 32,
         # benchmarks/tune.py; table in benchmarks/RESULTS.md)
@@ -683,9 +686,6 @@ def bwd_config(
     elif input_precision == "tf32":
         main, dstate = ((64, 16, 32, 8, 2), (64, 32, 8)) if wide else ((64, 32, 32, 8, 2), (64, 32, 4))
         main = (128, 16, 32, 8, 2) if own_rows else main
-        # K-major weights (16-byte copies) spill 8-32 B at h = 256 under Triton 3.6 unless the hidden-chunk loops
-        # go unpipelined (blk_stages=1, kernels/BACKWARD.md); N-major there until a GPU times the two
-        k_major_ = False if h >= 256 else None
     else:
         main, dstate = ((16, 16, 16, 8, 2), (16, 16, 4)) if wide else ((32, 32, 16, 4, 2), (32, 32, 4))
     return BwdConfig(
@@ -702,7 +702,6 @@ def bwd_config(
         wg_block_cells=64 if dtype == torch.bfloat16 else 32,
         wg_warps=8,
         wg_stages=3,
-        k_major=k_major_,
     )
 
 
@@ -735,7 +734,7 @@ def main_weight_args(k_major_: bool, *, w3: Tensor, w3k: Tensor | None, w1_nk: T
 
 
 def _main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
-                     has_b2: bool, input_precision: str, interp_bf16: bool, cfg: BwdConfig,
+                     has_b2: bool, input_precision: str, interp_bf16: bool, dtype: torch.dtype, cfg: BwdConfig,
                      m: int | None = None) -> dict[str, Any]:
     """The main kernel's constexprs: one builder for the launch and the sm_90 fit, so the two cannot drift.
 
@@ -747,7 +746,9 @@ def _main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: 
                 BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
                 BLK_STAGES=cfg.blk_stages, OUT_STAGES=cfg.out_stages, RELOAD_OPERAND=cfg.reload_operand,
                 IDX64=wide or not cfg.int32_index, WIDE=wide,
-                W_KMAJOR=k_major(input_precision) if cfg.k_major is None else cfg.k_major)
+                W_KMAJOR=k_major(input_precision) if cfg.k_major is None else cfg.k_major,
+                UNCHAIN=(unchain(cfg.block_m, cfg.warps, dtype == torch.bfloat16 or input_precision == "tf32")
+                         if cfg.unchain is None else cfg.unchain))
 
 
 def _dstate_constexprs(c: int, hp: int, *, double: bool, input_precision: str, interp_bf16: bool,
@@ -812,7 +813,8 @@ def bwd_kernel_specs(
     main_ptrs.update(mask_ptr="*u8", b3_ptr="*fp32", b1_ptr="*fp32", b2_ptr="*fp32")
     hp = triton.next_power_of_2(h)
     main_consts = _main_constexprs(c, hp, n_blocks, double=double, has_mask=mask, has_b3=bias, has_b1=bias,
-                                   has_b2=bias, input_precision=input_precision, interp_bf16=False, cfg=cfg)
+                                   has_b2=bias, input_precision=input_precision, interp_bf16=False, dtype=dtype,
+                                   cfg=cfg)
     ds_ptrs = {n: f"*{ty}" for n in ("dpre_ptr", "wb_ptr", "gout_ptr", "dz_ptr")}
     ds_consts = _dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=False, cfg=cfg)
     wg_ptrs = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
@@ -1048,7 +1050,8 @@ def nca_step_bwd(
         H=hh,
         W=ww,
         **_main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=has_b3, has_b1=has_b1,
-                           has_b2=has_b2, input_precision=input_precision, interp_bf16=upcast, cfg=cfg, m=m),
+                           has_b2=has_b2, input_precision=input_precision, interp_bf16=upcast, dtype=dt, cfg=cfg,
+                           m=m),
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )

@@ -271,13 +271,14 @@ class StepPlan:
         return fwd_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
                               has_b3=p["b3"] is not None, has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
                               has_bout=p["bout"] is not None, input_precision=self.input_precision,
-                              upcast_dot=self.upcast, cfg=cfg)
+                              upcast_dot=self.upcast, dtype=self.dtype, cfg=cfg)
 
     def main_constexprs(self, *, double: bool, has_mask: bool, cfg: BwdConfig) -> dict[str, Any]:
         p = self.fwd
         return _main_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
                                 has_b3=p["b3"] is not None, has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
-                                input_precision=self.input_precision, interp_bf16=self.upcast, cfg=cfg)
+                                input_precision=self.input_precision, interp_bf16=self.upcast, dtype=self.dtype,
+                                cfg=cfg)
 
     def pack_backward(self, doubles: set[bool]) -> None:
         """The backward's extra operands: W1, W2 untransposed, Wout as (C, hp), the transposed-conv weights."""
@@ -392,7 +393,8 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
     zf = sp.zeros_f32
     mconsts = _main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=p["b3"] is not None,
                                has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
-                               input_precision=sp.input_precision, interp_bf16=sp.upcast, cfg=cfg, m=m)
+                               input_precision=sp.input_precision, interp_bf16=sp.upcast, dtype=sp.dtype, cfg=cfg,
+                               m=m)
     _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
         z_ptr=z, gout_ptr=gout, mask_ptr=z if mask is None else mask,
         **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
@@ -808,7 +810,7 @@ def small_bwd_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: 
     pcfg = post_config(state_channels, hp, dtype, input_precision, n_blocks=n_blocks, interpret=False)
     main = _main_constexprs(state_channels, hp, n_blocks, double=False, has_mask=mask, has_b3=True,
                             has_b1=n_blocks > 0, has_b2=n_blocks > 0, input_precision=input_precision,
-                            interp_bf16=False, cfg=cfg)
+                            interp_bf16=False, dtype=dtype, cfg=cfg)
     post = _post_constexprs(state_channels, hp, n_blocks, double=False, input_precision=input_precision,
                             interp_bf16=False, cfg=cfg)
     wpost = _post_constexprs(state_channels, hp, n_blocks, double=False, input_precision=input_precision,

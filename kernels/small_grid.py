@@ -79,6 +79,7 @@ def _rollout_fwd_small_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     W_KMAJOR: tl.constexpr,
+    UNCHAIN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -113,8 +114,8 @@ def _rollout_fwd_small_kernel(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             _step_cells(src, dst, mask_ptr + mask_off, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr,
                         bout_ptr, offs_m, offs_m < hi, h, w, C, HID, N_BLOCKS, shift, HAS_MASK, HAS_B3, HAS_B1,
-                        HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR, BLOCK_M, BLOCK_K,
-                        BLOCK_N)
+                        HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR, UNCHAIN, BLOCK_M,
+                        BLOCK_K, BLOCK_N)
         tl.debug_barrier()  # step s's stores, by every thread of the program, before step s + 1 reads them
         src = dst
         keep_off += batch * hw * C
@@ -211,7 +212,7 @@ def small_fwd_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: i
     consts = small_fwd_constexprs(fwd_constexprs(
         state_channels, hp, n_blocks, double=False, has_mask=mask, has_b3=bias, has_b1=bias and n_blocks > 0,
         has_b2=bias and n_blocks > 0, has_bout=out_bias, input_precision=input_precision, upcast_dot=False,
-        cfg=cfg))
+        dtype=dtype, cfg=cfg))
     fn = _rollout_fwd_small_kernel
     ptrs = {"z_ptr": t, "keep_ptr": t, "last_ptr": t, "mask_ptr": "*u8", "w3_ptr": t, "b3_ptr": "*fp32",
             "w1_ptr": t, "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32"}
@@ -257,6 +258,7 @@ def _rollout_bwd_small_kernel(
     OUT_STAGES: tl.constexpr,
     RELOAD_OPERAND: tl.constexpr,
     W_KMAJOR: tl.constexpr,
+    UNCHAIN: tl.constexpr,
     DS_BLOCK_M: tl.constexpr,  # state-gradient tiles
     DS_BLOCK_K: tl.constexpr,
     DS_BLOCK_N: tl.constexpr,  # state channels per pass of the state gradient (fewer than C_PAD: less registers)
@@ -293,7 +295,7 @@ def _rollout_bwd_small_kernel(
                         wout_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < hi, row0, h, w,
                         m_total * HID, C, HID, N_BLOCKS, shift, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU,
                         INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES,
-                        RELOAD_OPERAND, W_KMAJOR)
+                        RELOAD_OPERAND, W_KMAJOR, UNCHAIN)
         tl.debug_barrier()  # every thread's dpre before the state gradient reads the neighbours'
         h, w, row0, shift = _step_rows(s, H0, W0, flags, B)
         if s == n_steps - 1:
@@ -399,7 +401,7 @@ def small_bwd_constexprs(main: dict[str, Any], post: dict[str, Any], ds_block_n:
     bit per step)."""
     keep = ("C", "HID", "N_BLOCKS", "HAS_MASK", "HAS_B3", "HAS_B1", "HAS_B2", "PERCEIVE_ELU", "INPUT_PRECISION",
             "INTERP_BF16", "BLOCK_M", "BLOCK_K", "BLOCK_C", "BLK_STAGES", "OUT_STAGES",
-            "RELOAD_OPERAND", "W_KMAJOR")
+            "RELOAD_OPERAND", "W_KMAJOR", "UNCHAIN")
     return {**{k: main[k] for k in keep}, "C_PAD": post["C_PAD"], "DS_BLOCK_M": post["DS_BLOCK_M"],
             "DS_BLOCK_K": post["DS_BLOCK_K"], "DS_BLOCK_N": min(post["C_PAD"], ds_block_n),
             "DS_KMAJOR": post["DS_KMAJOR"]}

@@ -18,13 +18,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["cast_rne", "elu", "elu_grad", "k_major", "mma", "perceive_conv3x3", "rne"]
+__all__ = ["cast_rne", "elu", "elu_grad", "k_major", "mma", "mma_first", "unchain", "perceive_conv3x3", "rne"]
 
 
 def k_major(input_precision: str) -> bool:
     """Whether the kernels read their weights K-major: for tf32, whose wgmma takes fp32 operands from shared memory
     only K-major (N-major ones are copied 4 bytes at a time); bf16 wgmma reads either, "ieee" runs on FMA units."""
     return input_precision == "tf32"
+
+
+def unchain(block_m: int, num_warps: int, tensor_cores: bool) -> bool:
+    """Whether a tile's chained dots take :func:`mma_first`'s UNCHAIN: on the tensor cores (bf16, tf32) when the
+    chained-dot layout ``[num_warps, 1]`` (16 rows per warp, 64 per warpgroup) covers more rows than the tile has,
+    i.e. some warpgroup would repeat another's products (64 cells x 8 warps)."""
+    return tensor_cores and block_m < 16 * num_warps
 
 
 @triton.jit
@@ -64,6 +71,34 @@ def mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def mma_first(a, b, bias_ptr, HAS_BIAS: tl.constexpr, UNCHAIN: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """a @ b (+ the bias chunk at ``bias_ptr`` when HAS_BIAS), fp32 ``(BLOCK_M, BLOCK_N)``: the first of two chained
+    dots (its result, through an activation, is the second dot's operand). UNCHAIN: without Triton's chained-dot layout.
+
+    Triton (3.6 and 3.8: ``warpsPerTileV3`` in AccelerateMatmul) lays out a dot whose result reaches another dot
+    (its forward slice) as ``[num_warps, 1]``: on 64-row tiles with 8 warps both warpgroups then compute the same
+    64 rows. The slice stops at a region's terminator, so under UNCHAIN the dot is issued inside a branch the
+    compiler cannot fold (``program_id >= 0``, always true): its result leaves through the branch's yield, the dot
+    gets the default layout (8 warps on 64 rows: ``[4, 2]``, each warpgroup its own half of the columns) and
+    reaches the consuming dot through a layout conversion. The bias is read inside the branch too (outside, the
+    loop pipeliner turned its load into 4-byte cp.async copies). The sm_90 fit tests assert the tensor work.
+    """
+    if UNCHAIN:
+        if tl.program_id(0) >= 0:
+            t = mma(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+            if HAS_BIAS:
+                t += tl.load(bias_ptr + tl.arange(0, BLOCK_N))[None, :]
+        else:
+            t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        t = mma(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+        if HAS_BIAS:
+            t += tl.load(bias_ptr + tl.arange(0, BLOCK_N))[None, :]
+    return t
 
 
 @triton.jit

@@ -58,42 +58,29 @@ def test_shipped_backward_fits_sm90(fit: BwdFitSpec, shipped_rows: dict[str, lis
             assert r.hgmma > 0, f"{where}: expected Hopper warpgroup MMAs (HGMMA), got {r.hgmma}"
 
 
-# Issue 11, item 2, done for h <= 128 (128-cell main tiles), not for h = 256: there the main kernel's hidden-chunk
-# dots (y @ W1[:, j] in the recompute, dy @ W2[:, j] in the backward) are chained dots on 64-row tiles with 8 warps,
-# laid out [8,1]: both warpgroups compute the same [64, BLOCK_K] product. Measured ratio of the HGMMA work to what
-# the tile needs (4/3; 5/4 for tf32); all other tensor-core kernels are exact. 64 cells x 4 warps or 128 x 8 would
-# remove it but spill at h = 256 (the two fp32 [cells, h] streams then take 128 registers each per thread); with the
-# main kernel's register-saving options (BwdConfig.reload_operand, int32_index, per-loop stages) 128 x 8 still
-# spills 40-48 B without a mask (kernels/BACKWARD.md), so it is a benchmarks/tune.py variant, not shipped.
-KNOWN_EXTRA_TENSOR_WORK = {
-    (f.name, "main"): Fraction(5, 4) if f.input_precision == "tf32" else Fraction(4, 3)
-    for f in BWD_SHIPPED
-    if f.n_blocks and f.hidden_channels > 128 and (f.dtype == "bf16" or f.input_precision == "tf32")
-}
-
-
 @pytest.mark.parametrize("fit", BWD_SHIPPED, ids=[f.name for f in BWD_SHIPPED])
 def test_backward_tensor_work_is_what_the_tiles_need(fit, shipped_rows):
     """Per kernel: the HGMMAs in the SASS, run by every warpgroup, do exactly the tile's dot FLOPs (static counts:
-    each loop's dots appear once in the SASS). fp32 "ieee" kernels must have no tensor-core instructions."""
+    each loop's dots appear once in the SASS). fp32 "ieee" kernels must have no tensor-core instructions. On 64 rows x
+    8 warps the main kernel's hidden-chunk loops issue their first dots unchained (``utils.mma_first``): as chained
+    dots Triton laid them out [8,1] and both warpgroups computed them (4/3 of the work at h = 256 bf16, 5/4 tf32,
+    before 2026-11-28)."""
     for r in shipped_rows[fit.name]:
         if r.needed_flops is None:
             assert r.hgmma == 0 and r.hmma == 0, f"{fit.name}/{r.kernel}"
             continue
         ratio = Fraction(r.tensor_flops, r.needed_flops)
-        assert ratio == KNOWN_EXTRA_TENSOR_WORK.get((fit.name, r.kernel), 1), (
+        assert ratio == 1, (
             f"{fit.name}/{r.kernel}: HGMMA work {float(ratio):.3f}x what the tile needs ({r.hgmma_shapes}, "
             f"{r.warps} warps)")
 
 
 def known_narrow_copies(fit: BwdFitSpec, kernel: str) -> bool:
     """Where tf32 HGMMA, which takes fp32 operands K-major only, still reads MN-major ones (4-byte copies): the
-    weight-gradient GEMMs (their operands are the per-cell buffers, read as a^T) and the h = 256 main kernel, whose
-    K-major weights spill under Triton 3.6 (``bwd_config``). The other tf32 main kernels and every state gradient
-    read K-major weights (``main_weight_args``, ``_transposed_conv_weights``). Issue 11, item 2."""
-    if fit.input_precision != "tf32":
-        return False
-    return kernel.startswith("wgrad") or (kernel == "main" and fit.hidden_channels >= 256)
+    weight-gradient GEMMs (their operands are the per-cell buffers, read as a^T). The main kernels and every state
+    gradient read K-major weights (``main_weight_args``, ``_transposed_conv_weights``; at h = 256 the main kernel's
+    K-major weights spilled under Triton 3.6 until its chained dots were unchained, 2026-11-28). Issue 11, item 2."""
+    return fit.input_precision == "tf32" and kernel.startswith("wgrad")
 
 
 @pytest.mark.parametrize("fit", BWD_SHIPPED, ids=[f.name for f in BWD_SHIPPED])

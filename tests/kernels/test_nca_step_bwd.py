@@ -265,7 +265,8 @@ def test_bwd_main_kernel_variants_are_bitwise_the_default(dtype: torch.dtype, mo
 
     monkeypatch.setattr(bwd_mod, "bwd_config", variant)
     assert bwd_mod._main_constexprs(16, 32, 2, double=True, has_mask=True, has_b3=True, has_b1=True, has_b2=True,
-                                    input_precision="ieee", interp_bf16=False, cfg=variant(16, 32, dtype),
+                                    input_precision="ieee", interp_bf16=False, dtype=dtype,
+                                    cfg=variant(16, 32, dtype),
                                     m=120)["IDX64"] is False, "expected int32 offsets for a small grid"
     other = nca_step_bwd(state, weights, mask, case.double, grad_out)
     for name, a, b in zip(grad_names(weights), [default[0]] + default[1], [other[0]] + other[1], strict=True):
@@ -279,7 +280,8 @@ def test_main_kernel_offsets_widen_where_int32_overflows() -> None:
     cfg = dataclasses.replace(bwd_mod.bwd_config(256, 256, torch.bfloat16, n_blocks=4), int32_index=True)
     m_max = (2**31 - 1) // (5 * 256)
     flags = [{k: bwd_mod._main_constexprs(256, 256, 4, double=False, has_mask=False, has_b3=True, has_b1=True,
-                                          has_b2=True, input_precision="ieee", interp_bf16=False, cfg=c,
+                                          has_b2=True, input_precision="ieee", interp_bf16=False,
+                                          dtype=torch.bfloat16, cfg=c,
                                           m=m)[k] for k in ("IDX64", "WIDE")}
              for c, m in ((cfg, m_max), (cfg, m_max + 1), (dataclasses.replace(cfg, int32_index=False), 1000))]
     assert flags == [{"IDX64": False, "WIDE": False}, {"IDX64": True, "WIDE": True},
