@@ -165,7 +165,10 @@ def tensor_flops(shapes: dict[str, int], num_warps: int) -> int:
 def needed_flops(spec: KernelSpec) -> int | None:
     """FLOPs the tile needs in one pass through the kernel's dot sites (each site once, as the SASS holds it when no
     loop is unrolled or peeled): sum of 2 M N K over the kernel's ``tl.dot`` s. None for fp32 "ieee" (no tensor
-    cores). The dot sites are read off the kernel bodies (nca_step.py, nca_step_bwd.py, utils.perceive_conv3x3)."""
+    cores). The dot sites are read off the kernel bodies (nca_step.py, nca_step_bwd.py, utils.perceive_conv3x3,
+    rollout.py, small_grid.py). One exception to "each site once": the small-grid backward's state-gradient passes
+    over ``C_PAD / DS_BLOCK_N`` channels have a constant trip count and are unrolled by the compiler (read in the
+    SASS: one copy of the pass's dot per pass), so its sites count once per pass."""
     c = spec.constexprs
     operand = next(spec.signature[p] for p in ("z_ptr", "dpre_ptr", "a_ptr") if p in spec.signature)
     if operand == "*fp32" and c["INPUT_PRECISION"] == "ieee":
@@ -173,10 +176,19 @@ def needed_flops(spec: KernelSpec) -> int | None:
     if spec.name in ("fwd", "small-fwd"):  # the small-grid kernel runs the forward's step body
         m, k, hid = c["BLOCK_M"], c["BLOCK_K"], c["HID"]
         sites = [(m, hid, k)] + [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0) + [(m, c["BLOCK_N"], hid)]
-    elif spec.name == "main":
+    elif spec.name in ("main", "small-bwd"):
         m, k, cc, hid = c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_C"], c["HID"]
         blocks = [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0)
         sites = [(m, hid, cc), *blocks, (m, hid, cc), *blocks]  # recompute, then the backward
+        if spec.name == "small-bwd":  # + the state gradient, with and without doubling, per channel pass
+            passes = c["C_PAD"] // c["DS_BLOCK_N"]
+            sites += [(c["DS_BLOCK_M"], c["DS_BLOCK_N"], c["DS_BLOCK_K"])] * (2 * passes)
+    elif spec.name in ("post", "post-double", "small-wgrad"):  # the weight-gradient GEMMs (+ the post's dstate)
+        cells = c["BLOCK_CELLS"]
+        sites = [(c["BA_P"], c["BB_P"], cells), (c["BA_O"], c["BB_O"], cells)]
+        sites += [(c["BA_H"], c["BA_H"], cells)] * (2 * (c["N_BLOCKS"] > 0))
+        if spec.name != "small-wgrad":
+            sites.append((c["DS_BLOCK_M"], c["C_PAD"], c["DS_BLOCK_K"]))
     elif spec.name == "dstate":
         sites = [(c["BLOCK_M"], c["C_PAD"], c["BLOCK_K"])]
     elif spec.name.startswith("wgrad"):
@@ -568,7 +580,7 @@ def fit_rollout(
         BwdFitResult(name, k.name, k.num_warps, k.num_stages,
                      {c: v for c, v in k.constexprs.items() if c.startswith(("BLOCK_", "BA_", "BB_", "DS_BLOCK"))}, *f,
                      tensor_flops(f.hgmma_shapes, k.num_warps),
-                     needed_flops(k) if k.name == "small-fwd" else None)  # the post kernel's dot sites: not modelled
+                     needed_flops(k))
         for (name, k), f in zip(named, results)
     ]
 

@@ -239,7 +239,7 @@ def _rollout_bwd_small_kernel(
     flags,  # bit s set: step s doubles its input first
     spp,  # samples per program
     m_total,  # rows of the per-cell buffers: the cells of all steps
-    s_max,  # elements of one gbuf buffer
+    s_max,  # elements of one gbuf buffer (batch x the largest grid x C: a multiple of 16)
     C: tl.constexpr,
     C_PAD: tl.constexpr,
     HID: tl.constexpr,
@@ -288,6 +288,9 @@ def _rollout_bwd_small_kernel(
             gout = gin_ptr
         else:
             gout = gbuf_ptr + ((s + 1) % 2) * s_max
+            if INPUT_PRECISION == "tf32":  # aligned: tf32's copies of it 16 bytes wide, not 4 (the hint is set on
+                gout = tl.multiple_of(gout, 16)  # the op defining gout; under "ieee" it costs the fp32 nb0 kernel
+                # 8 B of spills under Triton 3.8, and those are no tensor-core operands)
         hi = b_hi * h * w
         for m0 in range(b_lo * h * w, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -302,7 +305,11 @@ def _rollout_bwd_small_kernel(
             gout = gin_ptr
         else:
             gout = gbuf_ptr + ((s + 1) % 2) * s_max
+            if INPUT_PRECISION == "tf32":
+                gout = tl.multiple_of(gout, 16)
         dz = gbuf_ptr + (s % 2) * s_max
+        if INPUT_PRECISION == "tf32":
+            dz = tl.multiple_of(dz, 16)
         hi_in = b_hi * (h >> shift) * (w >> shift)
         if shift != 0:
             for m0 in range(b_lo * (h >> 1) * (w >> 1), hi_in, DS_BLOCK_M):

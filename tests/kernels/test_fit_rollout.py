@@ -2,8 +2,9 @@
 gradient + every weight-gradient GEMM of a step in one launch, ``kernels/rollout.py``), with and without doubling,
 and the small-grid forward and backward (``kernels/small_grid.py``, where tiles are shipped for the shape). Every
 shipped configuration compiles for sm_90 with no spills and fits in shared memory, under CI's Triton and the GPU
-machines' Triton 3.6 (``fit_releases.py``); the small-grid forward's tensor work is as measured and its copies are
-16 bytes wide (bf16, and tf32 with its K-major weights). The table::
+machines' Triton 3.6 (``fit_releases.py``); every tensor-core kernel does the tensor work its tiles need (no
+warpgroup repeats another's products) and copies 16 bytes at a time, except the known narrow copies below. The
+table::
 
     python -m fastnca.kernels.fit --only rollout
 """
@@ -57,10 +58,29 @@ def test_shipped_rollout_post_kernel_fits_sm90(fit: BwdFitSpec, shipped_rows: di
         assert r.shared <= SMEM_LIMIT, f"{where}: expected shared memory <= {SMEM_LIMIT} B, got {r.shared}"
         if fit.dtype == "bf16" or fit.input_precision == "tf32":
             assert r.hgmma > 0, f"{where}: expected Hopper warpgroup MMAs (HGMMA), got {r.hgmma}"
-        if r.kernel == "small-fwd" and r.needed_flops:
-            # no warpgroup repeats another's products: on 64 rows x 8 warps (bf16 at h = 256, tf32 at h = 128) the
-            # blocks' first dot is unchained (utils.mma_first; 1.2x and 1.25x the work before 2026-11-28)
-            work = r.tensor_flops / r.needed_flops
-            assert work == 1, f"{where}: expected tensor work 1, got {work:.3g}"
-            # bf16, and tf32 with its K-major weights (nca_step.fwd_k_major)
-            assert set(r.copy_widths) == {"16"}, f"{where}: expected 16-byte copies, got {r.copy_widths}"
+
+
+def known_narrow_copies(fit: BwdFitSpec, kernel: str) -> bool:
+    """The rollout kernels' cp.async copies narrower than 16 bytes: tf32's weight-gradient GEMMs (the post kernels,
+    the small-grid weight-gradient kernel: their operands are the per-cell buffers, read as a^T, as in
+    ``test_fit_bwd.known_narrow_copies``), and the small-grid backward at h = 256 in bf16, whose 64-cell x 16-channel
+    tiles give each of the 256 threads 4 bf16 (8 bytes)."""
+    if fit.input_precision == "tf32":
+        return kernel in ("post", "post-double", "small-wgrad")
+    return fit.dtype == "bf16" and fit.hidden_channels >= 256 and kernel == "small-bwd"
+
+
+@pytest.mark.parametrize("fit", BWD_SHIPPED, ids=[f.name for f in BWD_SHIPPED])
+def test_rollout_tensor_work_and_copy_widths(fit: BwdFitSpec, shipped_rows: dict[str, list[BwdFitResult]]) -> None:
+    """Per kernel: the HGMMAs do exactly the tiles' dot FLOPs (``fit.needed_flops``, which also models the post and
+    small-grid kernels' sites; on 64 rows x 8 warps the blocks' first dots are unchained, ``utils.mma_first``: the
+    small-grid forward did 1.2x / 1.25x before 2026-11-28), and the copies are 16 bytes wide but the known ones."""
+    for r in shipped_rows[fit.name]:
+        where = f"{fit.name}/{r.kernel}"
+        if r.needed_flops is None:  # fp32 "ieee": FFMA, no tensor cores
+            assert r.hgmma == 0 and r.hmma == 0, where
+            continue
+        work = r.tensor_flops / r.needed_flops
+        assert work == 1, f"{where}: expected tensor work 1, got {work:.3g} ({r.hgmma_shapes}, {r.warps} warps)"
+        narrow = set(r.copy_widths) - {"16"}
+        assert bool(narrow) == known_narrow_copies(fit, r.kernel), f"{where}: LDGSTS widths {r.copy_widths}"
