@@ -375,6 +375,24 @@ def _nca_step_bwd_dstate_kernel(
 
 
 @triton.jit
+def _colsum_tile(a_base, offs_a, start, end, colsum, NA: tl.constexpr, BLOCK_A: tl.constexpr,
+                 BLOCK_CELLS: tl.constexpr):
+    """``colsum + sum_{cell in [start, end)} a[cell, offs_a]`` in fp32: a weight-gradient tile's bias gradient, in its
+    own pass after the GEMM and only in the programs that store it (one of each row of tiles). Summed inside the GEMM
+    loop it cost every program a cross-warp reduction per k-step (8 more barriers, 32 shuffles, 64 FADDs and up to
+    48 more registers in the sm_90 SASS, 2026-11-28). Each thread adds up its elements over the cells first, one
+    reduction at the end: a fixed order, deterministic."""
+    CELLS: tl.constexpr = min(BLOCK_CELLS, 32)  # a (32, BLOCK_A) fp32 partial: few registers at 128-row tiles
+    offs_l = tl.arange(0, CELLS)
+    part = tl.zeros((CELLS, BLOCK_A), dtype=tl.float32)
+    for l0 in range(start, end, CELLS):
+        offs_cell = l0 + offs_l
+        part += tl.load(a_base + offs_cell[:, None] * NA + offs_a[None, :], mask=(offs_cell < end)[:, None],
+                        other=0.0).to(tl.float32)
+    return colsum + tl.sum(part, axis=0)
+
+
+@triton.jit
 def _wgrad_tile(
     pid_a,  # tile index over NA
     pid_tb,  # tap * (NB / BLOCK_B) + tile index over NB
@@ -445,10 +463,8 @@ def _wgrad_tile(
         db_tile = db_ptr + (s * N_MAT + mat) * NA + offs_a
     if ACCUMULATE:
         acc = tl.load(dw_tile)
-        colsum = tl.load(db_tile)
     else:
         acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-        colsum = tl.zeros((BLOCK_A,), dtype=tl.float32)
     for l0 in range(start, end, BLOCK_CELLS):
         offs_cell = l0 + offs_l  # int64 cell ids
         ok = offs_cell < end
@@ -468,12 +484,14 @@ def _wgrad_tile(
         if B_ELU:
             b_b = rne(elu(b_b.to(tl.float32)), INTERP_BF16).to(b_at.dtype)
         acc = mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
-        if WITH_DB:
-            colsum += tl.sum(b_at.to(tl.float32), axis=1)
     tl.store(dw_tile, acc)
     if WITH_DB:
         if (pid_b == 0) & (tap == 0):
-            tl.store(db_tile, colsum)
+            if ACCUMULATE:
+                colsum = tl.load(db_tile)
+            else:
+                colsum = tl.zeros((BLOCK_A,), dtype=tl.float32)
+            tl.store(db_tile, _colsum_tile(a_base, offs_a, start, end, colsum, NA, BLOCK_A, BLOCK_CELLS))
 
 
 @triton.jit
@@ -582,7 +600,6 @@ def _nca_step_bwd_wgrad_kernel(
     start = s * cells_per_split
     end = tl.minimum(start + cells_per_split, M)
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    colsum = tl.zeros((BLOCK_A,), dtype=tl.float32)
     for l0 in range(start, end, BLOCK_CELLS):
         offs_cell = l0 + offs_l  # int64 cell ids
         ok = offs_cell < end
@@ -603,12 +620,12 @@ def _nca_step_bwd_wgrad_kernel(
         if B_ELU:
             b_b = rne(elu(b_b.to(tl.float32)), INTERP_BF16).to(b_at.dtype)
         acc = mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
-        if WITH_DB:
-            colsum += tl.sum(b_at.to(tl.float32), axis=1)
     slot = (s * N_MAT + mat) * T + tap
     tl.store(dw_ptr + (slot * NA + offs_a[:, None]) * NB + offs_b[None, :], acc)
     if WITH_DB:
         if (pid_b == 0) & (tap == 0):
+            colsum = _colsum_tile(a_base, offs_a, start, end, tl.zeros((BLOCK_A,), dtype=tl.float32), NA, BLOCK_A,
+                                  BLOCK_CELLS)
             tl.store(db_ptr + (s * N_MAT + mat) * NA + offs_a, colsum)
 
 
