@@ -10,7 +10,7 @@ map ``(row // 2, col // 2)``; the mask, the upstream gradient and every activati
 Three kernels (design, buffers and fit numbers in ``kernels/BACKWARD.md``):
 
 1. ``_nca_step_bwd_kernel``, one program per ``BLOCK_M`` cells: recomputes the forward on chip (perception
-   conv, then each block, writing each block's input ``y_i`` and pre-activation ``a_i`` to per-cell buffers),
+   conv, then each block, writing each block's input ``y_i`` and activation ``u_i = ELU(a_i)`` to per-cell buffers),
    then backpropagates ``g = m * grad_out`` through the output conv and the blocks in reverse, writing each
    block's output gradient ``dy_{i+1}``, ``da_i``, ``g`` and the perception conv's output gradient ``dpre``.
 2. ``_nca_step_bwd_dstate_kernel``, one program per ``BLOCK_M`` input cells: the state gradient, ``grad_out``
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .reference import UpdateWeights, check_step_inputs
 from .spec import KernelSpec
-from .utils import elu, elu_grad, k_major, mma, mma_first, perceive_conv3x3, rne, unchain
+from .utils import elu, elu_grad, elu_grad_from_out, k_major, mma, mma_first, perceive_conv3x3, rne, unchain
 
 __all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
 
@@ -74,7 +74,7 @@ def _nca_step_bwd_kernel(
     b2_ptr,  # (N_BLOCKS, HID) fp32, zeros for a block without bias
     wout_ptr,  # (C, HID) output 1x1 weight Wout[c, k]; W_KMAJOR: (HID, C)
     y_ptr,  # out (N_BLOCKS + 1, M, HID): block inputs y_i, then the output conv's input
-    a_ptr,  # out (N_BLOCKS, M, HID): pre-activations a_i = y_i W1^T + b1
+    a_ptr,  # out (N_BLOCKS, M, HID): activations u_i = ELU(a_i), a_i = y_i W1^T + b1 (the dots' operand)
     da_ptr,  # out (N_BLOCKS, M, HID): dL/da_i
     dy_ptr,  # out (N_BLOCKS, M, HID): dL/dy_{i+1}, the gradient of block i's output
     g_ptr,  # out (M, C): g = m * grad_out, the output conv's output gradient
@@ -203,7 +203,8 @@ def _main_cells(
     else:
         y = acc  # (BLOCK_M, HID) fp32 residual stream
 
-    # ---- forward through the blocks, saving each block's input and pre-activation
+    # ---- forward through the blocks, saving each block's input and activation u = ELU(a): the operand of the W2
+    # dot as it rounds it, so dW2 = dy^T u reads it as is, and elu'(a) = u + 1 (a <= 0) needs no exp
     for blk in range(N_BLOCKS):
         tl.store(y_ptr + blk * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
         if RELOAD_OPERAND:
@@ -219,12 +220,13 @@ def _main_cells(
             b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
             t = mma_first(y_a, b_w1t, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16,
                           INPUT_PRECISION)
-            tl.store(a_ptr + blk * buf_stride + j + cells_k, rne(t, INTERP_BF16).to(dt), mask=mask_m[:, None])
+            u = rne(elu(t), INTERP_BF16).to(dt)
+            tl.store(a_ptr + blk * buf_stride + j + cells_k, u, mask=mask_m[:, None])
             b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
-            acc = mma(rne(elu(t), INTERP_BF16).to(dt), b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
+            acc = mma(u, b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
         y = acc
     tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
-    # the backward re-reads a_i written by other threads of this program
+    # the backward re-reads u_i written by other threads of this program
     tl.debug_barrier()
 
     # ---- backward through the output conv: g = m * grad_out, dy = g @ Wout
@@ -256,8 +258,8 @@ def _main_cells(
         for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
             b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
             du = mma_first(dy_a, b_w2, b1_ptr, False, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16, INPUT_PRECISION)
-            b_a = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
-            da = du * elu_grad(b_a.to(tl.float32))
+            b_u = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
+            da = du * elu_grad_from_out(b_u.to(tl.float32))
             tl.store(da_ptr + blk * buf_stride + j + cells_k, rne(da, INTERP_BF16).to(dt), mask=mask_m[:, None])
             b_w1 = tl.load(w1_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
             acc = mma(rne(da, INTERP_BF16).to(dt), b_w1, acc, INTERP_BF16, INPUT_PRECISION)
@@ -271,6 +273,7 @@ def _main_cells(
 def _dstate_tile(
     start,  # int64 first input cell of the tile
     end,  # bound of the cells this call may write (the tile's cells at or past it are skipped)
+    n_start,  # first state channel of the tile (0 unless N_SPAN < C_PAD)
     dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
     wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
     gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
@@ -286,12 +289,14 @@ def _dstate_tile(
     BLOCK_M: tl.constexpr,  # input cells per program
     BLOCK_K: tl.constexpr,  # hidden-channel chunk
     BLOCK_N: tl.constexpr,  # state channels per pass (C_PAD: one pass, the per-step kernels; fewer: less registers)
+    N_SPAN: tl.constexpr,  # state channels of the tile, n_start + [0, N_SPAN), in passes of BLOCK_N
     W_KMAJOR: tl.constexpr,  # wb is (KS * KS, C_PAD, HID), [tap, c, o]: K-major for the dot (tf32, utils.k_major)
 ):
     """State gradient ``dz = S(grad_out + conv3x3^T(dpre))`` for ``BLOCK_M`` input cells.
 
     Owns input cells ``start + [0, BLOCK_M)`` below ``end`` (the per-step kernels: ``start = pid * BLOCK_M``,
-    ``end = B * H_in * W_in``).
+    ``end = B * H_in * W_in``) and state channels ``n_start + [0, N_SPAN)`` (all ``C_PAD`` but in the rollout's post
+    kernel, whose programs split the channels).
     Without doubling S is the identity and, with zero padding,
 
         dz[p, q] = grad_out[p, q] + sum_{i, j in 0..2} dpre[p + i - 1, q + j - 1] @ Wp[:, :, 2 - i, 2 - j]
@@ -317,8 +322,8 @@ def _dstate_tile(
     col = rem % W_in
     offs_k = tl.arange(0, BLOCK_K)
     K_CHUNKS: tl.constexpr = HID // BLOCK_K
-    for n0 in tl.static_range(0, C_PAD, BLOCK_N):  # one pass when BLOCK_N = C_PAD: the code it had before
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    for n0 in tl.static_range(0, N_SPAN, BLOCK_N):  # one pass when BLOCK_N = N_SPAN: the code it had before
+        offs_n = n_start + n0 + tl.arange(0, BLOCK_N)
         mask_mn = mask_m[:, None] & (offs_n < C)[None, :]
 
         # identity path of z' = z + m * f(z)
@@ -370,8 +375,8 @@ def _nca_step_bwd_dstate_kernel(
 ):
     """State gradient of one step; grid ``(cdiv(B * H_in * W_in, BLOCK_M),)``, one tile per program (see
     :func:`_dstate_tile`)."""
-    _dstate_tile(tl.program_id(0).to(tl.int64) * BLOCK_M, M_in, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID,
-                 DOUBLE, INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, C_PAD, W_KMAJOR)
+    _dstate_tile(tl.program_id(0).to(tl.int64) * BLOCK_M, M_in, 0, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD,
+                 HID, DOUBLE, INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, C_PAD, C_PAD, W_KMAJOR)
 
 
 @triton.jit
@@ -414,7 +419,6 @@ def _wgrad_tile(
     T: tl.constexpr,  # 9 taps when GATHER, else 1
     GATHER: tl.constexpr,  # b is the state read at the 3x3 tap's shifted cells (zero padding)
     SHIFT,  # 1: the gathered state is at half resolution, read (row >> 1, col >> 1); constexpr or runtime
-    B_ELU: tl.constexpr,  # apply ELU to b as it is loaded (b holds pre-activations)
     WITH_DB: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr,
@@ -470,19 +474,22 @@ def _wgrad_tile(
         ok = offs_cell < end
         b_at = tl.load(a_base + offs_cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
         if GATHER:
-            bat = offs_cell // hw
-            rem = offs_cell % hw
-            r = rem // W + dr
-            c = rem % W + dc
+            # cell ids fit int32 (B * H * W < 2**31); int64 divisions were calls of a ~70-instruction routine, 4 per
+            # row per k-step (sm_90 SASS). Element offsets stay int64.
+            cell = offs_cell.to(tl.uint32)  # unsigned: no sign fix-ups around each division
+            bat = cell // hw.to(tl.uint32)
+            rem = cell - bat * hw.to(tl.uint32)
+            r0 = rem // W.to(tl.uint32)
+            r = r0.to(tl.int32) + dr
+            c = (rem - r0 * W.to(tl.uint32)).to(tl.int32) + dc
+            bat = bat.to(tl.int32)
             ok_g = ok & (r >= 0) & (r < H) & (c >= 0) & (c < W)
             r = r // (1 << SHIFT)  # as r // 2 (its sm_90 fit under 3.8: r >> 1 spilled 16 B in one case)
             c = c // (1 << SHIFT)
-            src = (bat * H_in + r) * W_in + c
+            src = ((bat * H_in + r) * W_in + c).to(tl.int64)
             b_b = tl.load(b_ptr + src[:, None] * NB + offs_b[None, :], mask=ok_g[:, None], other=0.0)
         else:
             b_b = tl.load(b_base + offs_cell[:, None] * NB + offs_b[None, :], mask=ok[:, None], other=0.0)
-        if B_ELU:
-            b_b = rne(elu(b_b.to(tl.float32)), INTERP_BF16).to(b_at.dtype)
         acc = mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
     tl.store(dw_tile, acc)
     if WITH_DB:
@@ -517,7 +524,7 @@ def _acc_wgrad_1x1_tile(
         GTB: tl.constexpr = HID // BB_O
         _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), g_ptr, y_ptr + N_BLOCKS * M * HID,
                     acc_ptr + OFF_WO, acc_ptr + OFF_DBO, M, 1, 1, cells_per_split, S, 1, SLOT, SLOT, C, HID, 1,
-                    False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
+                    False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
     elif N_BLOCKS > 0:
         q = q - n_wo
         GA: tl.constexpr = HID // BA_H
@@ -526,12 +533,12 @@ def _acc_wgrad_1x1_tile(
         if q < n_w1:  # dW1_i = sum da_i^T y_i
             _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), da_ptr, y_ptr,
                         acc_ptr + OFF_W1, acc_ptr + OFF_DB1, M, 1, 1, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        HID, HID, 1, False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
                         BLOCK_CELLS, True)
         else:  # dW2_i = sum dy_{i+1}^T ELU(a_i)
             _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), dy_ptr, a_ptr,
                         acc_ptr + OFF_W2, acc_ptr + OFF_DB2, M, 1, 1, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, 0, True, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
+                        HID, HID, 1, False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
                         BLOCK_CELLS, True)
 
 
@@ -555,7 +562,6 @@ def _nca_step_bwd_wgrad_kernel(
     T: tl.constexpr,  # 9 taps when GATHER, else 1
     GATHER: tl.constexpr,  # b is the state read at the 3x3 tap's shifted cells (zero padding)
     DOUBLE: tl.constexpr,  # the gathered state is at half resolution: read (row // 2, col // 2)
-    B_ELU: tl.constexpr,  # apply ELU to b as it is loaded (b holds pre-activations)
     WITH_DB: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr,
@@ -605,20 +611,20 @@ def _nca_step_bwd_wgrad_kernel(
         ok = offs_cell < end
         b_at = tl.load(a_base + offs_cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
         if GATHER:
-            bat = offs_cell // hw
-            rem = offs_cell % hw
-            r = rem // W + dr
-            c = rem % W + dc
+            cell = offs_cell.to(tl.int32)  # int32 index arithmetic, int64 element offsets (as _wgrad_tile)
+            bat = cell // hw
+            rem = cell - bat * hw
+            r0 = rem // W
+            r = r0 + dr
+            c = rem - r0 * W + dc
             ok_g = ok & (r >= 0) & (r < H) & (c >= 0) & (c < W)
             if DOUBLE:
                 r = r // 2
                 c = c // 2
-            src = (bat * H_in + r) * W_in + c
+            src = ((bat * H_in + r) * W_in + c).to(tl.int64)
             b_b = tl.load(b_ptr + src[:, None] * NB + offs_b[None, :], mask=ok_g[:, None], other=0.0)
         else:
             b_b = tl.load(b_base + offs_cell[:, None] * NB + offs_b[None, :], mask=ok[:, None], other=0.0)
-        if B_ELU:
-            b_b = rne(elu(b_b.to(tl.float32)), INTERP_BF16).to(b_at.dtype)
         acc = mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
     slot = (s * N_MAT + mat) * T + tap
     tl.store(dw_ptr + (slot * NA + offs_a[:, None]) * NB + offs_b[None, :], acc)
@@ -653,6 +659,7 @@ class BwdConfig:
     int32_index: bool = False  # int32 cell and element offsets in the main kernel where they fit (main_needs_int64)
     k_major: bool | None = None  # the main kernel's weights K-major (None: utils.k_major, i.e. for tf32)
     unchain: bool | None = None  # its hidden-chunk loops' first dots unchained (None: utils.unchain's rule)
+    ds_block_n: int | None = None  # state channels per state-gradient program of the rollout's post kernel (None: all)
 
 
 def _chunk(n: int, cap: int) -> int:
@@ -776,10 +783,10 @@ def _dstate_constexprs(c: int, hp: int, *, double: bool, input_precision: str, i
                 W_KMAJOR=k_major(input_precision))
 
 
-def _wgrad_constexprs(na: int, nb: int, taps: int, *, gather: bool, double: bool, b_elu: bool, input_precision: str,
+def _wgrad_constexprs(na: int, nb: int, taps: int, *, gather: bool, double: bool, input_precision: str,
                       interp_bf16: bool, cfg: BwdConfig) -> dict[str, Any]:
     """A weight-gradient GEMM's constexprs (launch and fit); the column sums (bias gradients) are always made."""
-    return dict(NA=na, NB=nb, T=taps, GATHER=gather, DOUBLE=double and gather, B_ELU=b_elu, WITH_DB=True,
+    return dict(NA=na, NB=nb, T=taps, GATHER=gather, DOUBLE=double and gather, WITH_DB=True,
                 INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, BLOCK_A=_chunk(na, cfg.wg_block),
                 BLOCK_B=_chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells)
 
@@ -853,8 +860,8 @@ def bwd_kernel_specs(
             cfg.ds_stages,
         ),
     ]
-    for name, na, nb, t, gather, b_elu in _wgrad_variants(c, hp, n_blocks):
-        consts = _wgrad_constexprs(na, nb, t, gather=gather, double=double, b_elu=b_elu,
+    for name, na, nb, t, gather in _wgrad_variants(c, hp, n_blocks):
+        consts = _wgrad_constexprs(na, nb, t, gather=gather, double=double,
                                    input_precision=input_precision, interp_bf16=False, cfg=cfg)
         specs.append(
             KernelSpec(
@@ -869,11 +876,11 @@ def bwd_kernel_specs(
     return specs
 
 
-def _wgrad_variants(c: int, h: int, n_blocks: int) -> list[tuple[str, int, int, int, bool, bool]]:
-    """(name, NA, NB, T, GATHER, B_ELU) of each weight-gradient GEMM."""
-    out = [("perceive", h, c, 9, True, False), ("out", c, h, 1, False, False)]
+def _wgrad_variants(c: int, h: int, n_blocks: int) -> list[tuple[str, int, int, int, bool]]:
+    """(name, NA, NB, T, GATHER) of each weight-gradient GEMM."""
+    out = [("perceive", h, c, 9, True), ("out", c, h, 1, False)]
     if n_blocks:
-        out += [("w1", h, h, 1, False, False), ("w2", h, h, 1, False, True)]
+        out += [("w1", h, h, 1, False), ("w2", h, h, 1, False)]
     return out
 
 
@@ -1088,7 +1095,7 @@ def nca_step_bwd(
 
     per_split, n_splits = _splits(m, cfg.wg_block_cells)
 
-    def wgrad(a: Tensor, bmat: Tensor, n_mat: int, taps: int, gather: bool, b_elu: bool) -> tuple[Tensor, Tensor]:
+    def wgrad(a: Tensor, bmat: Tensor, n_mat: int, taps: int, gather: bool) -> tuple[Tensor, Tensor]:
         """fp32 ``(n_mat, taps, NA, NB)`` sums of a^T b over all cells and ``(n_mat, NA)`` column sums of a."""
         na, nbc = a.shape[-1], bmat.shape[-1]
         block_a, block_b = _chunk(na, cfg.wg_block), _chunk(nbc, cfg.wg_block)  # as in _wgrad_constexprs
@@ -1106,18 +1113,18 @@ def nca_step_bwd(
             cells_per_split=per_split,
             S=n_splits,
             N_MAT=n_mat,
-            **_wgrad_constexprs(na, nbc, taps, gather=gather, double=double, b_elu=b_elu,
+            **_wgrad_constexprs(na, nbc, taps, gather=gather, double=double,
                                 input_precision=input_precision, interp_bf16=upcast, cfg=cfg),
             num_warps=cfg.wg_warps,
             num_stages=cfg.wg_stages,
         )
         return dw.sum(0), db.sum(0)
 
-    dwp, dbp = wgrad(dpre, z, 1, 9, True, False)  # (1, 9, hp, C): [3 ky + kx, o, c]
-    dwo, dbo = wgrad(gbuf, ybuf[nb], 1, 1, False, False)  # (1, 1, C, hp)
+    dwp, dbp = wgrad(dpre, z, 1, 9, True)  # (1, 9, hp, C): [3 ky + kx, o, c]
+    dwo, dbo = wgrad(gbuf, ybuf[nb], 1, 1, False)  # (1, 1, C, hp)
     if nb:
-        dw1, db1 = wgrad(dabuf, ybuf, nb, 1, False, False)  # (nb, 1, hp, hp): dW1[n, k] = sum da[:, n] y[:, k]
-        dw2, db2 = wgrad(dybuf, abuf, nb, 1, False, True)  # (nb, 1, hp, hp): dW2[n, k] = sum dy'[:, n] u[:, k]
+        dw1, db1 = wgrad(dabuf, ybuf, nb, 1, False)  # (nb, 1, hp, hp): dW1[n, k] = sum da[:, n] y[:, k]
+        dw2, db2 = wgrad(dybuf, abuf, nb, 1, False)  # (nb, 1, hp, hp): dW2[n, k] = sum dy'[:, n] u[:, k]
 
     # ---- unpack in weights.flat() order, each in its weight's dtype
     def like(g: Tensor, t: Tensor | None) -> Tensor | None:

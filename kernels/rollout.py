@@ -91,8 +91,8 @@ def _rollout_bwd_post_kernel(
     dz_ptr,  # out (B, H_in, W_in, C) gradient of the step's input, compute dtype
     z_ptr,  # (B, H_in, W_in, C) the step's input state (gathered for the perception weight's gradient)
     y_ptr,  # (N_BLOCKS + 1, M, HID) block inputs, then the output conv's input
-    a_ptr,  # (N_BLOCKS, M, HID) pre-activations
-    da_ptr,  # (N_BLOCKS, M, HID) their gradients
+    a_ptr,  # (N_BLOCKS, M, HID) activations u_i = ELU(a_i) of the blocks
+    da_ptr,  # (N_BLOCKS, M, HID) gradients of the pre-activations a_i
     dy_ptr,  # (N_BLOCKS, M, HID) gradients of the blocks' outputs
     g_ptr,  # (M, C) m * grad_out
     acc_ptr,  # (S_MAX, SLOT) fp32 accumulator: per split, [dWp | dbp | dWout | dbout | dW1 | db1 | dW2 | db2]
@@ -116,6 +116,7 @@ def _rollout_bwd_post_kernel(
     INTERP_BF16: tl.constexpr,
     DS_BLOCK_M: tl.constexpr,  # input cells per state-gradient program
     DS_BLOCK_K: tl.constexpr,  # hidden chunk of the state gradient
+    DS_BLOCK_N: tl.constexpr,  # state channels per state-gradient program (C_PAD: all of them)
     DS_KMAJOR: tl.constexpr,  # wb is (KS * KS, C_PAD, HID): K-major for the state gradient's dot (tf32)
     BA_P: tl.constexpr,  # dWp tile rows (over HID)
     BB_P: tl.constexpr,  # dWp tile columns (over C)
@@ -127,7 +128,8 @@ def _rollout_bwd_post_kernel(
     """The state gradient and every weight gradient of one step, accumulated across the rollout's steps.
 
     Grid: ``(n_ds + n_wp + n_wo + 2 * n_w1,)``, a flat range of programs cut into parts: the first ``n_ds`` run
-    the state-gradient tiles (``nca_step_bwd._dstate_tile``: ``dz = S(grad_out + conv3x3^T(dpre))``), the others
+    the state-gradient tiles (``nca_step_bwd._dstate_tile``: ``dz = S(grad_out + conv3x3^T(dpre))``, ``DS_BLOCK_M``
+    input cells x ``DS_BLOCK_N`` state channels each), the others
     one ``(BLOCK_A, BLOCK_B)`` tile of one split of one weight-gradient GEMM (``nca_step_bwd._wgrad_tile``), in the
     order perception (9 taps, B gathered from the input state), output conv, first and second 1x1 of every block.
     Each GEMM tile adds its fp32 partial ``a[cells of s]^T b[cells of s]`` to its slot of ``acc``: one writer per
@@ -135,15 +137,17 @@ def _rollout_bwd_post_kernel(
     """
     pid = tl.program_id(0)
     if pid < n_ds:
-        _dstate_tile(pid.to(tl.int64) * DS_BLOCK_M, M_in, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID,
-                     DOUBLE, INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, C_PAD, DS_KMAJOR)
+        N_CHUNKS: tl.constexpr = C_PAD // DS_BLOCK_N  # neighbouring programs: one cell tile, its channel chunks
+        _dstate_tile((pid // N_CHUNKS).to(tl.int64) * DS_BLOCK_M, M_in, (pid % N_CHUNKS) * DS_BLOCK_N, dpre_ptr,
+                     wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID, DOUBLE, INPUT_PRECISION, INTERP_BF16,
+                     DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, DS_BLOCK_N, DS_KMAJOR)
     elif pid < n_ds + n_wp:
         q = pid - n_ds
         GA: tl.constexpr = HID // BA_P
         GTB: tl.constexpr = 9 * (C // BB_P)
         _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), dpre_ptr, z_ptr, acc_ptr,
                     acc_ptr + 9 * HID * C, M, H, W, cells_per_split, S, 1, SLOT, SLOT, HID, C, 9, True,
-                    1 if DOUBLE else 0, False, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
+                    1 if DOUBLE else 0, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
     else:
         _acc_wgrad_1x1_tile(pid - n_ds - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, M, cells_per_split, S,
                             SLOT, n_wo, n_w1, C, HID, N_BLOCKS, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BA_H,
@@ -219,7 +223,8 @@ def _post_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, input_prec
     ds = _dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=interp_bf16, cfg=cfg)
     return dict(C=c, C_PAD=ds["C_PAD"], HID=hp, N_BLOCKS=n_blocks, DOUBLE=bool(double),
                 INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, DS_BLOCK_M=ds["BLOCK_M"],
-                DS_BLOCK_K=ds["BLOCK_K"], DS_KMAJOR=ds["W_KMAJOR"], BA_P=_chunk(hp, cfg.wg_block),
+                DS_BLOCK_K=ds["BLOCK_K"], DS_BLOCK_N=min(ds["C_PAD"], cfg.ds_block_n or ds["C_PAD"]),
+                DS_KMAJOR=ds["W_KMAJOR"], BA_P=_chunk(hp, cfg.wg_block),
                 BB_P=_chunk(c, cfg.wg_block),
                 BA_O=_chunk(c, cfg.wg_block), BB_O=_chunk(hp, cfg.wg_block), BA_H=_chunk(hp, cfg.wg_block),
                 BLOCK_CELLS=cfg.wg_block_cells)
@@ -405,7 +410,7 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
     pcfg = sp.post_config
     consts = sp.post_constexprs(double=double, cfg=pcfg)
     per_split, n_splits = _splits(m, pcfg.wg_block_cells, _POST_MIN_CELLS_PER_SPLIT)
-    n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"])
+    n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"]) * (consts["C_PAD"] // consts["DS_BLOCK_N"])
     n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits
     n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits
     n_w1 = (hp // consts["BA_H"]) ** 2 * nb * n_splits

@@ -313,12 +313,12 @@ def _rollout_bwd_small_kernel(
         hi_in = b_hi * (h >> shift) * (w >> shift)
         if shift != 0:
             for m0 in range(b_lo * (h >> 1) * (w >> 1), hi_in, DS_BLOCK_M):
-                _dstate_tile(m0, hi_in, dpre_ptr + row0 * HID, wbd_ptr, gout, dz, h, w, C, C_PAD, HID, True,
-                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, DS_KMAJOR)
+                _dstate_tile(m0, hi_in, 0, dpre_ptr + row0 * HID, wbd_ptr, gout, dz, h, w, C, C_PAD, HID, True,
+                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, C_PAD, DS_KMAJOR)
         else:
             for m0 in range(b_lo * h * w, hi_in, DS_BLOCK_M):
-                _dstate_tile(m0, hi_in, dpre_ptr + row0 * HID, wb_ptr, gout, dz, h, w, C, C_PAD, HID, False,
-                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, DS_KMAJOR)
+                _dstate_tile(m0, hi_in, 0, dpre_ptr + row0 * HID, wb_ptr, gout, dz, h, w, C, C_PAD, HID, False,
+                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, C_PAD, DS_KMAJOR)
         tl.debug_barrier()  # the input's gradient is the next (earlier) step's upstream gradient
 
 
@@ -396,7 +396,7 @@ def _rollout_wgrad_small_kernel(
                 zin = keep_ptr + (row0 - batch * h_in * w_in) * C
             _wgrad_tile(pid % GA, (pid // GA) % GTB, (pid // (GA * GTB)).to(tl.int64), dpre_ptr + row0 * HID, zin,
                         acc_ptr, acc_ptr + 9 * HID * C, batch * h * w, h, w, cps_p, s_p, 1, SLOT, SLOT, HID, C, 9, True,
-                        shift, False, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
+                        shift, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
             row0 += batch * h * w
     else:
         _acc_wgrad_1x1_tile(pid - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, m_total, cps_1, s_1, SLOT, n_wo,

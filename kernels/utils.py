@@ -48,6 +48,12 @@ def elu_grad(x):
 
 
 @triton.jit
+def elu_grad_from_out(e):
+    """elu'(x) from e = ELU(x): 1 if e > 0 else e + 1 (= exp(x)); e in fp32."""
+    return tl.where(e > 0, 1.0, e + 1.0)
+
+
+@triton.jit
 def rne(x, EMULATE_RNE: tl.constexpr):
     """x (fp32), rounded to bf16's precision to nearest-even when EMULATE_RNE, so the cast that follows is exact."""
     if EMULATE_RNE:
