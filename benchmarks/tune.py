@@ -51,6 +51,9 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "3 stages", {"post.wg_stages": 3}),
     ("post", "128x128 tiles", {"post.wg_block": 128}),
     ("post", "128x128 tiles, 4 warps", {"post.wg_block": 128, "post.wg_warps": 4}),
+    # the state-gradient programs over every state channel: 130-218 registers, one program per SM; shipped: 128
+    # channels (bf16) / 64 (tf32) per program, <= 128 registers, two per SM (kernels/rollout.post_config)
+    ("post", "state gradient over all channels (before 2026-11-28)", {"post.ds_block_n": None}),
     ("main", "2 stages (before 2026-11-28)", {"main.stages": 2}),
     ("main", "hidden chunk 64", {"main.block_k": 64}),
     ("main", "state chunk 64", {"main.block_c": 64}),

@@ -166,8 +166,8 @@ def small_bwd_config(state_channels: int, hidden_channels: int, dtype: torch.dty
     channels instead of one of |z| (its (64, 256) fp32 accumulator alone spilled 400-580 B). Measured with the sm_90
     fit under Triton 3.8 and 3.6 (``python -m fastnca.kernels.fit --only rollout``), no spills: bf16 at h = 256 with
     64 cells x 16-wide chunks (255 / 255 registers); h = 128 with blocks, 128 cells x 16-wide chunks in bf16 and
-    tf32 (250-255); fp32 "ieee" at h = 128 with blocks 32 cells x 8 warps; the rest ``bwd_config``'s own, and
-    passes of 64 channels where the network has no blocks. tf32 at h = 256 has no small-grid forward, hence no
+    tf32 (250-255); fp32 "ieee" at h = 128 with blocks 32 cells x 8 warps; the rest ``bwd_config``'s own; passes of
+    32 channels with blocks, 64 without. tf32 at h = 256 has no small-grid forward, hence no
     backward either.
     """
     cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=interpret)
@@ -189,19 +189,24 @@ def small_bwd_config(state_channels: int, hidden_channels: int, dtype: torch.dty
         cfg = dataclasses.replace(cfg, block_m=m, block_k=_chunk(hid, k), block_c=_chunk(state_channels, cc),
                                   warps=warps, stages=stages, blk_stages=None, out_stages=None, reload_operand=False,
                                   int32_index=False)
-    tensor_cores = dtype == torch.bfloat16 or input_precision == "tf32"
-    return cfg, 32 if tensor_cores and n_blocks else 64  # without blocks, 32 spilled 8 B (bf16, Triton 3.6)
+    # without blocks, 32 spilled 8 B (bf16, Triton 3.6); fp32 "ieee" at |z| = h = 128 with blocks spilled 8 B with 64
+    # under 3.6 once the blocks' activations were stored instead of their pre-activations (2026-11-28)
+    return cfg, 32 if n_blocks else 64
 
 
 def post_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee", *,
                 n_blocks: int | None = None, interpret: bool = _INTERPRET) -> BwdConfig:
     """The post kernel's tiles: the backward's state-gradient and weight-gradient tiles (``bwd_config``), with
-    weight-gradient tiles of at most 64 x 64 and 2 stages.
+    weight-gradient tiles of at most 64 x 64 and 2 stages, and state-gradient programs of at most 128 state
+    channels (bf16) or 64 (tf32).
 
     One kernel holds every branch, so it needs the registers of the largest and the shared memory the compiler
     gives them together: at |z| = h = 256 bf16 the per-step kernels' 128 x 128 tiles compiled to 255 registers
     with 16-24 B of spills and 160-240 KiB of shared memory (2-3 stages); 64 x 64 tiles with 2 stages fit in 166
-    registers and 80 KiB (``python -m fastnca.kernels.fit``, table in kernels/README.md).
+    registers and 80 KiB (``python -m fastnca.kernels.fit``, table in kernels/README.md). The largest branch was
+    then the state gradient's (64, |z|) fp32 accumulator: with its channels split over programs every bf16 and tf32
+    post kernel fits in at most 128 registers at 8 warps (Triton 3.8 and 3.6; 130-218 before), so two programs
+    share an SM instead of one.
     """
     cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=interpret)
     if interpret:
@@ -209,7 +214,9 @@ def post_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, i
     # bf16: 128 cells per reduction step (with splits of >= _POST_MIN_CELLS_PER_SPLIT cells) measured 1.12x faster
     # than 64 over the mnist-doubling rollout's backward (H100, B = 32, benchmarks/tune.py, benchmarks/RESULTS.md)
     cells = 128 if dtype == torch.bfloat16 else cfg.wg_block_cells
-    return dataclasses.replace(cfg, wg_block=min(cfg.wg_block, 64), wg_block_cells=cells, wg_stages=2)
+    ds_n = 128 if dtype == torch.bfloat16 else 64 if input_precision == "tf32" else None
+    return dataclasses.replace(cfg, wg_block=min(cfg.wg_block, 64), wg_block_cells=cells, wg_stages=2,
+                               ds_block_n=ds_n)
 
 
 # Cells per split of the post kernel's weight-gradient reductions, at least: longer reductions per program, fewer

@@ -84,3 +84,19 @@ def test_rollout_tensor_work_and_copy_widths(fit: BwdFitSpec, shipped_rows: dict
         assert work == 1, f"{where}: expected tensor work 1, got {work:.3g} ({r.hgmma_shapes}, {r.warps} warps)"
         narrow = set(r.copy_widths) - {"16"}
         assert bool(narrow) == known_narrow_copies(fit, r.kernel), f"{where}: LDGSTS widths {r.copy_widths}"
+
+
+@pytest.mark.parametrize("fit", BWD_SHIPPED, ids=[f.name for f in BWD_SHIPPED])
+def test_tensor_core_post_kernels_fit_two_programs_per_sm(fit: BwdFitSpec,
+                                                          shipped_rows: dict[str, list[BwdFitResult]]) -> None:
+    """The post kernel is latency-bound at one program (8 warps) per SM: its bf16 and tf32 tiles (state-gradient
+    programs over part of the channels, ``rollout.post_config``) keep it at <= 128 registers, so the register file
+    (64 K per SM) holds two."""
+    if fit.dtype != "bf16" and fit.input_precision != "tf32":
+        pytest.skip("fp32 'ieee' post kernels: no tensor cores, tiles chosen for FMA")
+    for r in shipped_rows[fit.name]:
+        if r.kernel.startswith("post"):
+            per_program = r.registers * 32 * r.warps
+            assert 2 * per_program <= 65536, (
+                f"{fit.name}/{r.kernel}: expected <= 128 registers at 8 warps (two programs per SM), got "
+                f"{r.registers} x {r.warps} warps")

@@ -116,3 +116,26 @@ def test_rollout_traces_whole_under_torch_compile_fullgraph():
         results.append([out.detach(), s.grad] + [t.grad for t in leaves if t is not None])
     for i, (e, c) in enumerate(zip(*results)):
         assert torch.allclose(e, c, rtol=1e-5, atol=1e-6), f"output/grad {i}: expected compiled == eager"
+
+
+def test_post_kernel_state_gradient_split_over_channel_programs_is_the_same(monkeypatch, nan_poison):
+    """The post kernel's state-gradient programs may each take part of the state channels (``ds_block_n``, shipped
+    for bf16 / tf32 on the GPU so that the kernel fits two programs per SM); the interpreter's tiles take all of them.
+    Split in two here, with and without doubling: the same gradients, every channel written (NaN-poisoned)."""
+    import dataclasses
+
+    from fastnca.kernels import rollout
+
+    b, c = 2, 32
+    weights = make_weights(c, 32, 1, gain=0.4)
+    state = make_state(b, c, 2, 2)
+    masks = _masks(b)
+    upstream = torch.randn(b, c, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
+    whole = _fused_grads(state, weights, masks, upstream, "segments=3")[1]
+    real = rollout.post_config
+    monkeypatch.setattr(rollout, "post_config", lambda *a, **k: dataclasses.replace(real(*a, **k), ds_block_n=c // 2))
+    assert rollout.post_config(c, 32, torch.float32).ds_block_n == c // 2
+    split = _fused_grads(state, weights, masks, upstream, "segments=3")[1]
+    for i, (x, y) in enumerate(zip(whole, split)):
+        assert torch.isfinite(y).all(), f"grad {i}: expected finite values (a channel chunk left unwritten?)"
+        assert torch.equal(x, y), f"grad {i}: expected the same gradients, max diff {(x - y).abs().max():.3g}"
