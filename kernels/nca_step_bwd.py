@@ -611,7 +611,9 @@ def _nca_step_bwd_wgrad_kernel(
         ok = offs_cell < end
         b_at = tl.load(a_base + offs_cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
         if GATHER:
-            cell = offs_cell.to(tl.int32)  # int32 index arithmetic, int64 element offsets (as _wgrad_tile)
+            # int32 index arithmetic, int64 element offsets, as _wgrad_tile; signed here: _wgrad_tile's unsigned form
+            # took this kernel's tf32 variants from 124-145 to 155-171 registers (sm_90 fit, 2026-11-28)
+            cell = offs_cell.to(tl.int32)
             bat = cell // hw
             rem = cell - bat * hw
             r0 = rem // W
