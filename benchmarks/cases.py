@@ -242,12 +242,14 @@ def _fake_images(cfg, batch: int, device: torch.device, gen: torch.Generator) ->
 
 
 def _ckpt_words(policy: str, seg: int, backend: str) -> str:
-    if backend == "triton":
-        return f"{policy} (fused autograd keeps each step's input, recomputes inside the step's backward)"
-    if seg == 0:
-        return f"{policy} -> none (all activations kept)"
-    resolved = "step" if seg == 1 else f"segments={seg}"
-    return resolved if resolved == policy else f"{policy} -> {resolved}"
+    resolved = "none" if seg == 0 else "step" if seg == 1 else f"segments={seg}"
+    named = resolved if resolved == policy else f"{policy} -> {resolved}"
+    if backend == "triton":  # the fused rollout op (kernels/rollout.py)
+        what = ("every step's activations kept, the backward recomputes nothing" if seg == 0 else
+                "each step's input kept, the backward main kernel recomputes the step" if seg == 1 else
+                f"every {seg}th step's input kept, segments recomputed")
+        return f"{named} ({what})"
+    return f"{named} (all activations kept)" if seg == 0 else named
 
 
 class CaseContext:

@@ -37,6 +37,9 @@ QUICK_PLAN: list[tuple[str, list[str]]] = [
     # the training goal's row (issue 10: >= 85 it/s, >= 4x the authors' setting, the reference in fp32 with per-step
     # checkpointing) first: the H100 check of 2026-11-28 ran out of bench time before it, after the fused fp32 row
     ("train-mnist-doubling", ["triton-bf16", "torch-fp32@step"]),
+    # the fused rollout keeping every step's activations (the doubling presets' 'auto' since 2026-11-28) against
+    # recomputing each step in the backward main kernel ('step', the default before)
+    ("train-mnist-doubling", ["triton-bf16@step"]),
     # the small-grid kernels (issue 11) against the per-step path (the early forward alone; the rollout forward +
     # backward, whose small-grid backward runs only under later steps): milliseconds a row
     ("rollout-mnist-doubling-early", ["triton-bf16", "triton-bf16-perstep"]),

@@ -17,13 +17,14 @@ def _plan() -> rollout.StepPlan:
 
 def test_a_variant_patches_the_configs_and_restores_them():
     sp = _plan()
-    post, main, split = sp.post_config, sp.bwd_config, rollout._POST_MIN_CELLS_PER_SPLIT
+    post, main, split = sp.post_config, sp.main_config(False), rollout._POST_MIN_CELLS_PER_SPLIT
     with _patched({"post.wg_warps": 2, "main.stages": 5, "main.block_k": 64, "min_cells_per_split": 7}):
         assert sp.post_config == dataclasses.replace(post, wg_warps=2), "expected the post kernel's warps patched"
-        assert sp.bwd_config.stages == 5, "expected the main kernel's stages patched"
-        assert sp.bwd_config.block_k == 32, "expected a hidden chunk cut to the padded h = 32 it must divide"
+        assert sp.main_config(True).stages == sp.main_config(False).stages == 5, \
+            "expected the main kernel's stages patched, recomputing or on kept activations"
+        assert sp.main_config(True).block_k == 32, "expected a hidden chunk cut to the padded h = 32 it must divide"
         assert rollout._POST_MIN_CELLS_PER_SPLIT == 7
-    assert (sp.post_config, sp.bwd_config, rollout._POST_MIN_CELLS_PER_SPLIT) == (post, main, split), \
+    assert (sp.post_config, sp.main_config(False), rollout._POST_MIN_CELLS_PER_SPLIT) == (post, main, split), \
         "expected the shipped configuration back after the variant"
 
 
@@ -44,5 +45,5 @@ def test_every_variant_names_known_changes():
         for key in changes:
             kind, _, field = key.partition(".")
             ok = (kind in ("post", "main") and field in fields) or key in (
-                "min_cells_per_split", "small_grid", "small_grid_backward")
+                "min_cells_per_split", "small_grid", "small_grid_backward", "checkpoint")
             assert ok, f"{group} / {name}: unknown change {key!r}"

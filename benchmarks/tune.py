@@ -3,7 +3,7 @@
 Usage::
 
     python -m benchmarks.tune --out DIR                    # mnist-doubling, B = 32, bf16: every variant below
-    python -m benchmarks.tune --only post small --out DIR  # some groups (post, main, small)
+    python -m benchmarks.tune --only post small --out DIR  # some groups (post, main, ckpt, small)
     python -m benchmarks.tune --tiny --device cpu          # CPU dry run (interpreter, tiny sizes): the code path
 
 Each variant changes one thing against the shipped configuration (the kernels' own ``bwd_config`` /
@@ -42,7 +42,7 @@ from benchmarks.utils import rel_err, time_fn
 
 # (group, name, changes): changes are "post.<field>" / "main.<field>" (BwdConfig fields), "min_cells_per_split"
 # (the post kernel's, kernels.rollout._POST_MIN_CELLS_PER_SPLIT), "small_grid_backward" or "small_grid" (the NCA's
-# options of those names)
+# options of those names), "checkpoint" (the rollout's policy; shipped: the preset's)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "64 cells per k-step, splits >= 1024 (before 2026-11-28)",
      {"post.wg_block_cells": 64, "min_cells_per_split": 1024}),
@@ -72,6 +72,9 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     # tf32 at h = 256 (--precision tf32): N-major weights, copied 4 bytes at a time; shipped: K-major, 16-byte copies
     # (they fit both Triton releases since the dots are unchained, kernels/BACKWARD.md)
     ("main", "N-major weights (before 2026-11-28)", {"main.k_major": False}),
+    # 'step': the backward main kernel recomputes each step's forward from its input (26 h^2 multiply-adds per cell
+    # at |z| = h = 256 with 4 blocks instead of 9); the doubling presets' 'auto' keeps the activations (2026-11-28)
+    ("ckpt", "per-step checkpointing: recompute in the backward (before 2026-11-28)", {"checkpoint": "step"}),
     ("small", "small-grid backward on", {"small_grid_backward": True}),
     ("small", "small-grid off (forward too)", {"small_grid": False}),
 ]
@@ -95,14 +98,14 @@ def _patched(changes: dict[str, Any]) -> Iterator[None]:
             fget = rollout.StepPlan.post_config.fget
             put(rollout.StepPlan, "post_config", property(lambda sp: dataclasses.replace(fget(sp), **post)))
         if main:
-            fget_m = rollout.StepPlan.bwd_config.fget
+            real_main = rollout.StepPlan.main_config
             chunks = {"block_k": "hp", "ds_block_k": "hp", "block_c": "c"}  # tiles divide the channels they cut
 
-            def main_config(sp: Any) -> Any:
+            def main_config(sp: Any, recompute: bool) -> Any:
                 fit = {k: nca_step_bwd._chunk(getattr(sp, chunks[k]), v) if k in chunks else v for k, v in main.items()}
-                return dataclasses.replace(fget_m(sp), **fit)
+                return dataclasses.replace(real_main(sp, recompute), **fit)
 
-            put(rollout.StepPlan, "bwd_config", property(main_config))
+            put(rollout.StepPlan, "main_config", main_config)
         if "min_cells_per_split" in changes:
             put(rollout, "_POST_MIN_CELLS_PER_SPLIT", changes["min_cells_per_split"])
         yield
@@ -142,7 +145,7 @@ class Bench:
         z = self.z.detach().clone().requires_grad_(True)
         self.nca.small_grid = changes.get("small_grid", self.cfg.small_grid)
         self.nca.small_grid_backward = changes.get("small_grid_backward", self.cfg.small_grid_backward)
-        out = self.nca.run(self.nca.seed(z), self.flags)
+        out = self.nca.run(self.nca.seed(z), self.flags, checkpoint=changes.get("checkpoint"))
         out.backward(self.dy.to(out.dtype).contiguous(memory_format=torch.channels_last))
         return [out.detach().float(), z.grad.float()] + [p.grad.float() for p in params]
 
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="mnist-doubling")
     p.add_argument("--batch", type=int, default=None, help="default: the preset's batch (tiny: 2)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "tf32", "fp32"))
-    p.add_argument("--only", nargs="+", choices=("post", "main", "small"), help="only these groups")
+    p.add_argument("--only", nargs="+", choices=("post", "main", "ckpt", "small"), help="only these groups")
     p.add_argument("--reps", type=int, default=5, help="timed repeats per variant (after one warm-up)")
     p.add_argument("--time-budget", type=float, default=240.0, help="seconds; variants not started by then skip")
     p.add_argument("--device", default="cuda")

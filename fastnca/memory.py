@@ -124,13 +124,18 @@ def predict_peak_memory(
         # step with per-cell buffers sized for the largest step: (nb + 1) y, a, da, dy (nb each, at least 1),
         # g (C) and dpre (hp) values per cell in the state's dtype, two state gradients, and the fp32
         # weight-gradient accumulator (one slot per split of the cells).
+        # Under 'none' (plan.keeps_activations) the forward also keeps every step's activations, (2 nb + 1) planes
+        # of hp per cell, and the backward needs no y / a buffers (unless the small-grid backward recomputes).
         hp = 1 << (h - 1).bit_length()
         seed_cells = b * cfg.seed_size**2 if cfg.doubling else b * cfg.grid_size**2
         cells_in = [seed_cells] + state_cells[:-1]  # step i's input grid
         stored = sum(cells_in[i] for i in plan.stored_inputs[1:]) * elem * zc
+        if plan.keeps_activations:
+            stored += sum(state_cells) * (2 * nb + 1) * hp * elem
         n_stored = plan.stored_states
         recompute = (plan.stride - 1) * biggest * elem * zc
-        work = biggest * (((nb + 1) + 3 * max(nb, 1)) * hp + zc + hp) * elem + 2 * biggest * zc * elem
+        ya = (nb + 1) + max(nb, 1) if not plan.keeps_activations or cfg.small_grid_backward else 0
+        work = biggest * ((ya + 2 * max(nb, 1)) * hp + zc + hp) * elem + 2 * biggest * zc * elem
         work += _MAX_SPLITS * 4 * (9 * hp * zc + hp + zc * hp + zc + 2 * nb * (hp * hp + hp))
     elif seg == 0:  # the reference keeps every activation
         stored = sum(state_cells) * ref_step_per_cell

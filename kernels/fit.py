@@ -173,13 +173,14 @@ def needed_flops(spec: KernelSpec) -> int | None:
     operand = next(spec.signature[p] for p in ("z_ptr", "dpre_ptr", "a_ptr") if p in spec.signature)
     if operand == "*fp32" and c["INPUT_PRECISION"] == "ieee":
         return None
-    if spec.name in ("fwd", "small-fwd"):  # the small-grid kernel runs the forward's step body
+    if spec.name in ("fwd", "small-fwd", "fwd-store", "small-fwd-store"):  # small-grid: the forward's step body
         m, k, hid = c["BLOCK_M"], c["BLOCK_K"], c["HID"]
         sites = [(m, hid, k)] + [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0) + [(m, c["BLOCK_N"], hid)]
-    elif spec.name in ("main", "small-bwd"):
+    elif spec.name in ("main", "small-bwd", "main-stored"):
         m, k, cc, hid = c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_C"], c["HID"]
         blocks = [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0)
-        sites = [(m, hid, cc), *blocks, (m, hid, cc), *blocks]  # recompute, then the backward
+        sites = [(m, hid, cc), *blocks] if c.get("RECOMPUTE", True) else []  # recompute (not on kept activations)
+        sites += [(m, hid, cc), *blocks]  # the backward
         if spec.name == "small-bwd":  # + the state gradient, with and without doubling, per channel pass
             passes = c["C_PAD"] // c["DS_BLOCK_N"]
             sites += [(c["DS_BLOCK_M"], c["DS_BLOCK_N"], c["DS_BLOCK_K"])] * (2 * passes)

@@ -72,6 +72,7 @@ def _nca_step_fwd_kernel(
     b2_ptr,  # (N_BLOCKS, HID) fp32
     wout_ptr,  # (HID, C) output 1x1, [k, n] = Wout[n, k], compute dtype; W_KMAJOR: (C, HID), [n, k]
     bout_ptr,  # (C,) fp32 output bias (read only when HAS_BOUT)
+    acts_ptr,  # out (2 N_BLOCKS + 1, M, HID), written only when STORE_ACTS: y_0 .. y_nb, then u_0 .. u_{nb-1}
     M,  # number of output cells B * H * W
     H,  # output grid height
     W,  # output grid width
@@ -89,6 +90,7 @@ def _nca_step_fwd_kernel(
     UPCAST_DOT: tl.constexpr,  # interpreter + bf16 only: dots in fp32, fp32 -> bf16 rounding emulated (RNE)
     W_KMAJOR: tl.constexpr,  # weights packed K-major (tf32: wgmma reads fp32 operands K-major only)
     UNCHAIN: tl.constexpr,  # the blocks' first dot without the chained-dot layout (utils.mma_first)
+    STORE_ACTS: tl.constexpr,  # keep the activations for the backward (see _step_cells)
     BLOCK_M: tl.constexpr,  # cells per program
     BLOCK_K: tl.constexpr,  # K chunk of the 3x3 conv (over C) and hidden chunk of the residual blocks
     BLOCK_N: tl.constexpr,  # output channels per chunk of the output conv
@@ -109,13 +111,16 @@ def _nca_step_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
     _step_cells(z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,
-                offs_m, offs_m < M, H, W, C, HID, N_BLOCKS, 1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2,
-                HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR, UNCHAIN, BLOCK_M, BLOCK_K, BLOCK_N)
+                acts_ptr, (pid * 0 + M) * HID, offs_m, offs_m < M, H, W, C, HID, N_BLOCKS, 1 if DOUBLE else 0,
+                HAS_MASK, HAS_B3, HAS_B1, HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR,
+                UNCHAIN, STORE_ACTS, BLOCK_M, BLOCK_K, BLOCK_N)
 
 
 @triton.jit
 def _step_cells(
     z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,  # as the kernel's
+    acts_ptr,  # out, STORE_ACTS only: the step's (2 N_BLOCKS + 1) planes of (M, HID), y_0 .. y_nb then u_0 ..
+    act_stride,  # elements between two of those planes (M * HID, int64)
     offs_m,  # (BLOCK_M,) int64 output cell ids, flattened over (B, H, W)
     mask_m,  # (BLOCK_M,) which of them to compute (the others are neither read nor written)
     H,  # output grid height
@@ -134,13 +139,20 @@ def _step_cells(
     UPCAST_DOT: tl.constexpr,
     W_KMAJOR: tl.constexpr,
     UNCHAIN: tl.constexpr,
+    STORE_ACTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """The whole step for the cells ``offs_m`` (masked by ``mask_m``): the body of :func:`_nca_step_fwd_kernel`,
     shared with the small-grid rollout kernel (``kernels/small_grid.py``), which runs it for many steps in one
-    program. Inlined by Triton: the per-step kernel compiles as if it were written out (sm_90 fit unchanged)."""
+    program. Inlined by Triton: the per-step kernel compiles as if it were written out (sm_90 fit unchanged).
+
+    With ``STORE_ACTS`` it also writes what the backward main kernel would otherwise recompute, exactly the
+    operands this step's dots read (so the gradients are those of the values the forward computed): the blocks'
+    inputs y_i and the output conv's input y_nb (planes 0 .. N_BLOCKS; with no blocks y_0 = ELU(pre)), then the
+    activations u_i = ELU(a_i) (planes N_BLOCKS + 1 ..), one plane per (M, HID) buffer in the state's dtype, row =
+    cell id: ``nca_step_bwd``'s y and a buffers, so its main kernel runs without recomputing (``RECOMPUTE``)."""
     H_in = H >> SHIFT
     W_in = W >> SHIFT
     hw = H * W
@@ -162,8 +174,13 @@ def _step_cells(
     y = acc  # (BLOCK_M, HID) fp32 residual stream
 
     # ---- residual blocks: K-chunk the second dot so no register tensor is ever sliced
+    if STORE_ACTS:
+        cells_h = offs_m[:, None] * HID + offs_h[None, :]
+        cells_k = offs_m[:, None] * HID + offs_k[None, :]
     for blk in range(N_BLOCKS):
         y_a = cast_rne(y, z_ptr.dtype.element_ty, UPCAST_DOT)
+        if STORE_ACTS:
+            tl.store(acts_ptr + blk * act_stride + cells_h, y_a, mask=mask_m[:, None])
         if HAS_B2:
             acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
         else:
@@ -172,13 +189,18 @@ def _step_cells(
             b_w1 = tl.load(w1_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
             t = mma_first(y_a, b_w1, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, UPCAST_DOT,
                           INPUT_PRECISION)
-            t = elu(t)
+            u = cast_rne(elu(t), z_ptr.dtype.element_ty, UPCAST_DOT)
+            if STORE_ACTS:
+                tl.store(acts_ptr + (N_BLOCKS + 1 + blk) * act_stride + j + cells_k, u, mask=mask_m[:, None])
             b_w2 = tl.load(w2_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
-            acc = mma(cast_rne(t, z_ptr.dtype.element_ty, UPCAST_DOT), b_w2, acc, UPCAST_DOT, INPUT_PRECISION)
+            acc = mma(u, b_w2, acc, UPCAST_DOT, INPUT_PRECISION)
         y = acc
 
     # ---- output 1x1 conv, N-chunked, fused with the masked residual update and the store
     y_a = cast_rne(y, z_ptr.dtype.element_ty, UPCAST_DOT)
+    if STORE_ACTS:
+        tl.store(acts_ptr + N_BLOCKS * act_stride + offs_m[:, None] * HID + offs_h[None, :], y_a,
+                 mask=mask_m[:, None])
     if HAS_MASK:
         upd = tl.load(mask_ptr + offs_m, mask=mask_m, other=0) != 0
     if SHIFT == 0:  # static when SHIFT is a constexpr (the per-step kernel: the code it had before SHIFT existed)
@@ -229,6 +251,7 @@ def step_config(
     *,
     input_precision: str = "ieee",
     num_cells: int | None = None,
+    store_acts: bool = False,
     interpret: bool = _INTERPRET,
 ) -> StepConfig:
     """The tiling shipped for a network shape and dtype (the fit numbers in kernels/README.md come from these).
@@ -240,6 +263,13 @@ def step_config(
     32 spills 16 B under Triton 3.6 (254 registers under 3.8). fp32 state takes 32-wide output chunks at h <= 128
     (64 spill under 3.6) and "ieee" (FFMA) 16-wide K chunks at h = 256 (32 spill 304 B under 3.6). The
     interpreter takes one config sized to the problem (fewer, larger programs run faster in numpy).
+
+    ``store_acts``: the tile of the rollout's forward that also writes the activations (``STORE_ACTS``, under the
+    'none' checkpoint policy). The stores' addresses take registers (3.8 / 3.6): bf16 at h = 256 spills 176 B with
+    128 cells and fits with 64 cells x 8 warps and 32-wide hidden chunks (230 / 232 registers); at h = 128 its
+    64-wide output chunks spill 8 B under 3.6, 32-wide ones fit; fp32 "ieee" at h = 256 spills 40-56 B with 64
+    cells and fits with 32 (184 / 255), at h = 128 spills 8 B with 32-wide output chunks and fits with 16; tf32 at
+    h = 128 spills 72-80 B on 4 warps and fits on 8 (228 / 236).
     """
     hid = _padded_hidden(hidden_channels)
     base_k = min(_largest_divisor(state_channels, (64, 32, 16)), hid)
@@ -249,15 +279,19 @@ def step_config(
         return StepConfig(block_m, base_k, block_n, 4, 1)
     if dtype == torch.bfloat16:
         if hid >= 256:
+            if store_acts:
+                return StepConfig(64, min(32, base_k), block_n, 8, 3)
             return StepConfig(128, min(16, base_k), block_n, 8, 3)
         if hid >= 128:
-            return StepConfig(128, base_k, block_n, 8, 2)
+            return StepConfig(128, base_k, min(32, block_n) if store_acts else block_n, 8, 2)
         return StepConfig(64, base_k, block_n, 4, 2)
     if hid >= 256:
+        if store_acts and input_precision != "tf32":
+            return StepConfig(32, min(16, base_k), min(32, block_n), 8, 2)
         return StepConfig(64, min(32 if input_precision == "tf32" else 16, base_k), block_n, 8, 2)
     if input_precision == "tf32":
-        return StepConfig(64, min(32, base_k), min(32, block_n), 4, 2)
-    return StepConfig(32, min(32, base_k), min(32, block_n), 8, 2)
+        return StepConfig(64, min(32, base_k), min(32, block_n), 8 if store_acts else 4, 2)
+    return StepConfig(32, min(32, base_k), min(16 if store_acts else 32, block_n), 8, 2)
 
 
 def fwd_k_major(input_precision: str) -> bool:
@@ -281,14 +315,14 @@ def fwd_weight_args(p: dict[str, Tensor | None], k_major: bool) -> dict[str, Ten
 
 def fwd_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
                    has_b2: bool, has_bout: bool, input_precision: str, upcast_dot: bool, dtype: torch.dtype,
-                   cfg: StepConfig) -> dict[str, object]:
+                   cfg: StepConfig, store_acts: bool = False) -> dict[str, object]:
     """The forward kernel's constexprs: one builder for every launch and for the sm_90 fit spec."""
     return {
         "C": c, "HID": hp, "N_BLOCKS": n_blocks, "DOUBLE": bool(double), "HAS_MASK": has_mask, "HAS_B3": has_b3,
         "HAS_B1": has_b1, "HAS_B2": has_b2, "HAS_BOUT": has_bout, "PERCEIVE_ELU": n_blocks == 0,
         "INPUT_PRECISION": input_precision, "UPCAST_DOT": upcast_dot, "W_KMAJOR": fwd_k_major(input_precision),
         "UNCHAIN": unchain(cfg.block_m, cfg.num_warps, dtype == torch.bfloat16 or input_precision == "tf32"),
-        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
+        "STORE_ACTS": bool(store_acts), "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
     }
 
 
@@ -303,21 +337,24 @@ def fwd_kernel_spec(
     out_bias: bool = True,
     double: bool = False,
     mask: bool = False,
+    store_acts: bool = False,
     config: StepConfig | None = None,
 ) -> KernelSpec:
     """The forward kernel as ``nca_step_fwd`` launches it on the GPU for these shapes (for the sm_90 fit,
-    ``kernels/fit.py``); ``config`` overrides the shipped tiling."""
+    ``kernels/fit.py``); ``store_acts``: as the rollout launches it to keep the activations; ``config`` overrides the
+    shipped tiling."""
     cfg = config or step_config(state_channels, hidden_channels, dtype, input_precision=input_precision,
-                                interpret=False)
+                                store_acts=store_acts, interpret=False)
     t = "*bf16" if dtype == torch.bfloat16 else "*fp32"
     pointers = {"z_ptr": t, "out_ptr": t, "mask_ptr": "*u8", "w3_ptr": t, "b3_ptr": "*fp32", "w1_ptr": t,
-                "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32"}
+                "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32", "acts_ptr": t}
     constexprs = fwd_constexprs(state_channels, _padded_hidden(hidden_channels), n_blocks, double=double,
                                 has_mask=mask, has_b3=bias, has_b1=bias and n_blocks > 0,
                                 has_b2=bias and n_blocks > 0, has_bout=out_bias, input_precision=input_precision,
-                                upcast_dot=False, dtype=dtype, cfg=cfg)
+                                upcast_dot=False, dtype=dtype, cfg=cfg, store_acts=store_acts)
     signature = {**pointers, "M": "i32", "H": "i32", "W": "i32", **{k: "constexpr" for k in constexprs}}
-    return KernelSpec("fwd", _nca_step_fwd_kernel, signature, constexprs, cfg.num_warps, cfg.num_stages)
+    return KernelSpec("fwd-store" if store_acts else "fwd", _nca_step_fwd_kernel, signature, constexprs,
+                      cfg.num_warps, cfg.num_stages)
 
 
 def _check_device(name: str, t: Tensor, device: torch.device | None = None) -> None:
@@ -505,7 +542,7 @@ def nca_step_fwd(
     grid = (triton.cdiv(num_cells, cfg.block_m),)
     _nca_step_fwd_kernel[grid](
         z_ptr=state, out_ptr=out, mask_ptr=p["w3"] if mask is None else mask, **fwd_weight_args(p, k_major),
-        M=num_cells, H=h_out, W=w_out,
+        acts_ptr=out, M=num_cells, H=h_out, W=w_out,
         **fwd_constexprs(c, _padded_hidden(weights.hidden_channels), weights.n_blocks, double=double,
                          has_mask=mask is not None, has_b3=p["b3"] is not None, has_b1=p["b1"] is not None,
                          has_b2=p["b2"] is not None, has_bout=p["bout"] is not None,

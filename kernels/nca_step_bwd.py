@@ -103,6 +103,7 @@ def _nca_step_bwd_kernel(
     WIDE: tl.constexpr,  # int64 buffer-plane offsets too (the launcher sets it when M * HID could overflow int32)
     W_KMAJOR: tl.constexpr,  # the weights in their K-major layouts (tf32, utils.k_major; see the pointers above)
     UNCHAIN: tl.constexpr,  # the hidden-chunk loops' first dots without the chained-dot layout (utils.mma_first)
+    RECOMPUTE: tl.constexpr,  # recompute the forward (else y and a hold the forward's, see _main_cells)
 ):
     """Recompute the forward and backpropagate to the perception conv's output for ``BLOCK_M`` cells.
 
@@ -133,7 +134,7 @@ def _nca_step_bwd_kernel(
     _main_cells(z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,
                 y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < M, 0, H, W, M * HID, C, HID, N_BLOCKS,
                 1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU, INPUT_PRECISION, INTERP_BF16,
-                BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES, RELOAD_OPERAND, W_KMAJOR, UNCHAIN)
+                BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES, RELOAD_OPERAND, W_KMAJOR, UNCHAIN, RECOMPUTE)
 
 
 @triton.jit
@@ -165,6 +166,7 @@ def _main_cells(
     RELOAD_OPERAND: tl.constexpr,
     W_KMAJOR: tl.constexpr,
     UNCHAIN: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
 ):
     """The body of :func:`_nca_step_bwd_kernel` for the cells ``offs_m``, shared with the small-grid backward
     (``kernels/small_grid.py``); inlined, so the per-step kernel compiles as before (sm_90 fit unchanged).
@@ -175,7 +177,12 @@ def _main_cells(
     cores from shared memory (wgmma), one converted in registers stays there (64 registers per thread at
     128 x 256 bf16 over 8 warps). It is for h = 256 on 128-cell tiles with 8 warps, where each warpgroup computes
     its own 64 rows (no duplicated chained dots): there it cut the sm_90 spills from 384-464 B to 0-48 B
-    (kernels/BACKWARD.md, not shipped while any spill is left). Same bits either way."""
+    (kernels/BACKWARD.md, not shipped while any spill is left). Same bits either way.
+
+    Without ``RECOMPUTE`` the forward part is skipped: y and a already hold this step's y_i and u_i, written by the
+    rollout's forward (``nca_step._step_cells`` with ``STORE_ACTS``, the same layout), so the kernel does only the
+    backward (at |z| = h = 256 with 4 blocks 9 h^2 of its 26 h^2 multiply-adds per cell), and with no blocks takes
+    elu'(pre) = y_0 + 1 where y_0 = ELU(pre) <= 0."""
     H_in = H >> SHIFT
     W_in = W >> SHIFT
     dt = z_ptr.dtype.element_ty
@@ -194,40 +201,41 @@ def _main_cells(
     SK: tl.constexpr = 1 if W_KMAJOR else HID
     SN: tl.constexpr = HID if W_KMAJOR else 1
 
-    # ---- forward: 3x3 perception conv, 9 taps x C/BLOCK_C chunks
-    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT, HAS_B3,
-                           BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION, W_KMAJOR)
-    if PERCEIVE_ELU:
-        pre = acc
-        y = elu(acc)
-    else:
-        y = acc  # (BLOCK_M, HID) fp32 residual stream
+    if RECOMPUTE:  # (else the forward's y_i and u_i are in the buffers already)
+        # ---- forward: 3x3 perception conv, 9 taps x C/BLOCK_C chunks
+        acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT,
+                               HAS_B3, BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION, W_KMAJOR)
+        if PERCEIVE_ELU:
+            pre = acc
+            y = elu(acc)
+        else:
+            y = acc  # (BLOCK_M, HID) fp32 residual stream
 
-    # ---- forward through the blocks, saving each block's input and activation u = ELU(a): the operand of the W2
-    # dot as it rounds it, so dW2 = dy^T u reads it as is, and elu'(a) = u + 1 (a <= 0) needs no exp
-    for blk in range(N_BLOCKS):
-        tl.store(y_ptr + blk * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
-        if RELOAD_OPERAND:
-            tl.debug_barrier()  # the rows were written by other threads of this program
-            y_a = tl.load(y_ptr + blk * buf_stride + cells_h, mask=mask_m[:, None], other=0.0)
-        else:
-            y_a = rne(y, INTERP_BF16).to(dt)
-        if HAS_B2:
-            acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
-        else:
-            acc = y
-        for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
-            b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-            t = mma_first(y_a, b_w1t, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16,
-                          INPUT_PRECISION)
-            u = rne(elu(t), INTERP_BF16).to(dt)
-            tl.store(a_ptr + blk * buf_stride + j + cells_k, u, mask=mask_m[:, None])
-            b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
-            acc = mma(u, b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
-        y = acc
-    tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
-    # the backward re-reads u_i written by other threads of this program
-    tl.debug_barrier()
+        # ---- forward through the blocks, saving each block's input and activation u = ELU(a): the operand of the
+        # W2 dot as it rounds it, so dW2 = dy^T u reads it as is, and elu'(a) = u + 1 (a <= 0) needs no exp
+        for blk in range(N_BLOCKS):
+            tl.store(y_ptr + blk * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
+            if RELOAD_OPERAND:
+                tl.debug_barrier()  # the rows were written by other threads of this program
+                y_a = tl.load(y_ptr + blk * buf_stride + cells_h, mask=mask_m[:, None], other=0.0)
+            else:
+                y_a = rne(y, INTERP_BF16).to(dt)
+            if HAS_B2:
+                acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
+            else:
+                acc = y
+            for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
+                b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
+                t = mma_first(y_a, b_w1t, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16,
+                              INPUT_PRECISION)
+                u = rne(elu(t), INTERP_BF16).to(dt)
+                tl.store(a_ptr + blk * buf_stride + j + cells_k, u, mask=mask_m[:, None])
+                b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
+                acc = mma(u, b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
+            y = acc
+        tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
+        # the backward re-reads u_i written by other threads of this program
+        tl.debug_barrier()
 
     # ---- backward through the output conv: g = m * grad_out, dy = g @ Wout
     if HAS_MASK:
@@ -265,7 +273,11 @@ def _main_cells(
             acc = mma(rne(da, INTERP_BF16).to(dt), b_w1, acc, INTERP_BF16, INPUT_PRECISION)
         dy = acc
     if PERCEIVE_ELU:
-        dy = dy * elu_grad(pre)
+        if RECOMPUTE:
+            dy = dy * elu_grad(pre)
+        else:
+            y0 = tl.load(y_ptr + cells_h, mask=mask_m[:, None], other=0.0)
+            dy = dy * elu_grad_from_out(y0.to(tl.float32))
     tl.store(dpre_ptr + cells_h, rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
 
 
@@ -679,6 +691,7 @@ def bwd_config(
     input_precision: str = "ieee",
     *,
     n_blocks: int | None = None,
+    recompute: bool = True,
     interpret: bool = _INTERPRET,
 ) -> BwdConfig:
     """The shipped tile configuration; ``python -m fastnca.kernels.fit`` compiles each one for sm_90.
@@ -695,6 +708,11 @@ def bwd_config(
     hidden-chunk loops' first dots are issued unchained (``utils.mma_first``, ``UNCHAIN``): as chained dots Triton
     laid them out [8,1] and both warpgroups computed them (4/3 of the needed tensor work before 2026-11-28,
     kernels/BACKWARD.md).
+
+    ``recompute=False``: the main kernel that reads the forward's kept activations (the rollout under 'none'); the
+    same tiles, except tf32 at h = 256, whose pipelined output-conv loop then spills 16 B (both releases) and runs
+    unpipelined (255 / 255 registers, no spills). 128-cell tiles still spill at h = 256 without the recompute
+    (bf16: 216-464 B), the two fp32 (128, h) streams being what fills the registers.
     """
     c, h = state_channels, hidden_channels
     if interpret:
@@ -714,7 +732,9 @@ def bwd_config(
         main = (128, 16, 32, 8, 2) if own_rows else main
     else:
         main, dstate = ((16, 16, 16, 8, 2), (16, 16, 4)) if wide else ((32, 32, 16, 4, 2), (32, 32, 4))
+    out_stages = 1 if not recompute and input_precision == "tf32" and dtype == torch.float32 and wide else None
     return BwdConfig(
+        out_stages=out_stages,
         block_m=main[0],
         block_k=_chunk(h, main[1]),
         block_c=_chunk(c, main[2]),
@@ -761,17 +781,17 @@ def main_weight_args(k_major_: bool, *, w3: Tensor, w3k: Tensor | None, w1_nk: T
 
 def _main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
                      has_b2: bool, input_precision: str, interp_bf16: bool, dtype: torch.dtype, cfg: BwdConfig,
-                     m: int | None = None) -> dict[str, Any]:
+                     m: int | None = None, recompute: bool = True) -> dict[str, Any]:
     """The main kernel's constexprs: one builder for the launch and the sm_90 fit, so the two cannot drift.
 
     ``m`` (the launch's cells; None: the fit, which takes offsets that fit) decides int64 offsets where the config
-    asks for int32 ones."""
+    asks for int32 ones; ``recompute=False``: the rollout's kernel that reads the forward's stored activations."""
     wide = m is not None and main_needs_int64(m, c, hp, n_blocks)
     return dict(C=c, HID=hp, N_BLOCKS=n_blocks, DOUBLE=double, HAS_MASK=has_mask, HAS_B3=has_b3, HAS_B1=has_b1,
                 HAS_B2=has_b2, PERCEIVE_ELU=n_blocks == 0, INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16,
                 BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
                 BLK_STAGES=cfg.blk_stages, OUT_STAGES=cfg.out_stages, RELOAD_OPERAND=cfg.reload_operand,
-                IDX64=wide or not cfg.int32_index, WIDE=wide,
+                IDX64=wide or not cfg.int32_index, WIDE=wide, RECOMPUTE=recompute,
                 W_KMAJOR=k_major(input_precision) if cfg.k_major is None else cfg.k_major,
                 UNCHAIN=(unchain(cfg.block_m, cfg.warps, dtype == torch.bfloat16 or input_precision == "tf32")
                          if cfg.unchain is None else cfg.unchain))
@@ -803,11 +823,13 @@ def bwd_kernel_specs(
     mask: bool = True,
     bias: bool = True,
     input_precision: str = "ieee",
+    recompute: bool = True,
 ) -> list[KernelSpec]:
     """Every kernel variant ``nca_step_bwd`` launches on the GPU for these shapes, as ``fit.KernelSpec`` s (for the
-    sm_90 fit, ``kernels/fit.py``)."""
+    sm_90 fit, ``kernels/fit.py``); ``recompute=False``: the main kernel as the rollout launches it on kept
+    activations."""
     cfg = bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision,
-                     n_blocks=n_blocks, interpret=False)
+                     n_blocks=n_blocks, recompute=recompute, interpret=False)
     c, h = state_channels, hidden_channels
     ty = _TL_DTYPE[dtype]
 
@@ -840,7 +862,7 @@ def bwd_kernel_specs(
     hp = triton.next_power_of_2(h)
     main_consts = _main_constexprs(c, hp, n_blocks, double=double, has_mask=mask, has_b3=bias, has_b1=bias,
                                    has_b2=bias, input_precision=input_precision, interp_bf16=False, dtype=dtype,
-                                   cfg=cfg)
+                                   cfg=cfg, recompute=recompute)
     ds_ptrs = {n: f"*{ty}" for n in ("dpre_ptr", "wb_ptr", "gout_ptr", "dz_ptr")}
     ds_consts = _dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=False, cfg=cfg)
     wg_ptrs = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}

@@ -6,13 +6,16 @@ Layout: states are ``(B, C, H, W)`` at the API and channels-last in memory (``to
 
 Forward: the weights are packed once per call (:class:`StepPlan`, inside the op: nothing is cached across calls,
 so the op can be captured in a CUDA graph), then one fused forward launch per step; only the inputs of the plan's
-``stored_inputs`` steps are kept (one flat buffer), the other states live in two ping-pong buffers.
+``stored_inputs`` steps are kept (one flat buffer, ``_Layout``), the other states live in two ping-pong buffers.
+Under the 'none' policy (``RolloutPlan.keeps_activations``) the forward kernels also write every step's activations
+(``STORE_ACTS``: the blocks' inputs and ELU outputs, 2 nb + 1 planes of hp per cell) after the stored inputs.
 
 Backward: a reverse walk over the plan's segments. Each segment's inputs are recomputed from its stored input
 (one forward launch per step, into a workspace), then per step, last to first:
 
 1. the backward main kernel (``nca_step_bwd._nca_step_bwd_kernel``: recompute on chip, backprop to the per-cell
-   buffers), and
+   buffers; with kept activations ``RECOMPUTE=False``, backprop only, reading y and a where the forward wrote
+   them), and
 2. :func:`_rollout_bwd_post_kernel`, one launch that runs the state-gradient tiles *and* every weight-gradient
    GEMM tile of the step; the GEMM tiles add their fp32 partials to a per-rollout accumulator (one slot per
    split of the cells, one writer per slot per launch, launches in a fixed order: bitwise deterministic, no
@@ -42,6 +45,7 @@ from .nca_step import (
     _nca_step_fwd_kernel,
     fwd_constexprs,
     fwd_k_major,
+    fwd_kernel_spec,
     fwd_weight_args,
     pack_weights,
     step_config,
@@ -59,6 +63,7 @@ from .nca_step_bwd import (
     _transposed_conv_weights,
     _wgrad_tile,
     bwd_config,
+    bwd_kernel_specs,
     main_weight_args,
 )
 from .reference import UpdateWeights
@@ -262,13 +267,14 @@ class StepPlan:
         self.fwd = pack_weights(w, self.dtype, k_major=fwd_k_major(self.input_precision))
         self.upcast = _INTERPRET and self.dtype == torch.bfloat16
 
-    def step_config(self, num_cells: int) -> StepConfig:
-        return step_config(self.c, self.h, self.dtype, input_precision=self.input_precision, num_cells=num_cells)
+    def step_config(self, num_cells: int, store_acts: bool = False) -> StepConfig:
+        return step_config(self.c, self.h, self.dtype, input_precision=self.input_precision, num_cells=num_cells,
+                           store_acts=store_acts)
 
-    @property
-    def bwd_config(self) -> BwdConfig:
-        # n_blocks: the main kernel's rows depend on it (as nca_step_bwd launches it and the fit checks it)
-        return bwd_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb)
+    def main_config(self, recompute: bool) -> BwdConfig:
+        """The backward main kernel's tiles, recomputing the forward or reading the kept activations (n_blocks: the
+        main kernel's rows depend on it, as nca_step_bwd launches it and the fit checks it)."""
+        return bwd_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb, recompute=recompute)
 
     @property
     def small_bwd_config(self) -> tuple[BwdConfig, int] | None:
@@ -278,19 +284,21 @@ class StepPlan:
     def post_config(self) -> BwdConfig:
         return post_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb)
 
-    def fwd_constexprs(self, *, double: bool, has_mask: bool, cfg: StepConfig) -> dict[str, Any]:
+    def fwd_constexprs(self, *, double: bool, has_mask: bool, cfg: StepConfig,
+                       store_acts: bool = False) -> dict[str, Any]:
         p = self.fwd
         return fwd_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
                               has_b3=p["b3"] is not None, has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
                               has_bout=p["bout"] is not None, input_precision=self.input_precision,
-                              upcast_dot=self.upcast, dtype=self.dtype, cfg=cfg)
+                              upcast_dot=self.upcast, dtype=self.dtype, cfg=cfg, store_acts=store_acts)
 
-    def main_constexprs(self, *, double: bool, has_mask: bool, cfg: BwdConfig) -> dict[str, Any]:
+    def main_constexprs(self, *, double: bool, has_mask: bool, cfg: BwdConfig, m: int | None = None,
+                        recompute: bool = True) -> dict[str, Any]:
         p = self.fwd
         return _main_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
                                 has_b3=p["b3"] is not None, has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
                                 input_precision=self.input_precision, interp_bf16=self.upcast, dtype=self.dtype,
-                                cfg=cfg)
+                                cfg=cfg, m=m, recompute=recompute)
 
     def pack_backward(self, doubles: set[bool]) -> None:
         """The backward's extra operands: W1, W2 untransposed, Wout as (C, hp), the transposed-conv weights."""
@@ -352,16 +360,17 @@ class StepPlan:
 
 # ------------------------------------------------------------------------------------------------- launches
 def _launch_fwd(sp: StepPlan, src: Tensor, dst: Tensor, mask: Tensor | None, double: bool, grid_hw: tuple[int, int],
-                batch: int) -> None:
-    """One forward step ``src (B, H_in, W_in, C) -> dst (B, H, W, C)``, both channels-last buffers."""
+                batch: int, acts: Tensor | None = None) -> None:
+    """One forward step ``src (B, H_in, W_in, C) -> dst (B, H, W, C)``, both channels-last buffers; ``acts``: where
+    to keep its activations (``_Layout``), or None."""
     h, w = grid_hw
     m = batch * h * w
-    cfg = sp.step_config(m)
+    cfg = sp.step_config(m, store_acts=acts is not None)
     p = sp.fwd
-    consts = sp.fwd_constexprs(double=double, has_mask=mask is not None, cfg=cfg)
+    consts = sp.fwd_constexprs(double=double, has_mask=mask is not None, cfg=cfg, store_acts=acts is not None)
     _nca_step_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
         z_ptr=src, out_ptr=dst, mask_ptr=p["w3"] if mask is None else mask,
-        **fwd_weight_args(p, consts["W_KMAJOR"]), M=m, H=h, W=w, **consts,
+        **fwd_weight_args(p, consts["W_KMAJOR"]), acts_ptr=dst if acts is None else acts, M=m, H=h, W=w, **consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -369,10 +378,12 @@ def _launch_fwd(sp: StepPlan, src: Tensor, dst: Tensor, mask: Tensor | None, dou
 class _Workspace:
     """The backward's buffers, allocated once per backward and sized for its largest step."""
 
-    def __init__(self, sp: StepPlan, m_max: int, state_max: int, n_recompute: int, device: torch.device) -> None:
+    def __init__(self, sp: StepPlan, m_max: int, state_max: int, n_recompute: int, device: torch.device,
+                 recompute: bool = True) -> None:
         dt, hp, nb, c = sp.dtype, sp.hp, sp.nb, sp.c
-        self.y = torch.empty((nb + 1) * m_max * hp, dtype=dt, device=device)
-        self.a = torch.empty(max(nb, 1) * m_max * hp, dtype=dt, device=device)
+        m_ya = m_max if recompute else 0  # y and a: only for steps whose main kernel recomputes the forward
+        self.y = torch.empty((nb + 1) * m_ya * hp, dtype=dt, device=device)
+        self.a = torch.empty(max(nb, 1) * m_ya * hp, dtype=dt, device=device)
         self.da = torch.empty(max(nb, 1) * m_max * hp, dtype=dt, device=device)
         self.dy = torch.empty(max(nb, 1) * m_max * hp, dtype=dt, device=device)
         self.g = torch.empty(m_max * c, dtype=dt, device=device)
@@ -389,24 +400,25 @@ class _Workspace:
 
 
 def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: Tensor, mask: Tensor | None,
-                     double: bool, batch: int, grid_hw: tuple[int, int]) -> None:
+                     double: bool, batch: int, grid_hw: tuple[int, int], acts: Tensor | None = None) -> None:
     """The backward of one step: the main kernel, then the post kernel (state gradient + weight-gradient GEMMs
-    accumulated into ``ws.acc``). ``z``, ``gout``, ``dz``: channels-last ``(B, H, W, C)`` views of workspaces."""
-    cfg = sp.bwd_config
+    accumulated into ``ws.acc``). ``z``, ``gout``, ``dz``: channels-last ``(B, H, W, C)`` views of workspaces;
+    ``acts``: the step's activations as the forward kept them (the main kernel then recomputes nothing), or None."""
+    cfg = sp.main_config(recompute=acts is None)
     hh, ww = grid_hw
     m = batch * hh * ww
     h_in, w_in = (hh // 2, ww // 2) if double else (hh, ww)
     m_in = batch * h_in * w_in
     hp, nb, c = sp.hp, sp.nb, sp.c
     p = sp.fwd
-    y, a, da, dy = (ws.y[: (nb + 1) * m * hp], ws.a[: max(nb, 1) * m * hp], ws.da[: max(nb, 1) * m * hp],
-                    ws.dy[: max(nb, 1) * m * hp])
+    if acts is None:
+        y, a = ws.y[: (nb + 1) * m * hp], ws.a[: max(nb, 1) * m * hp]
+    else:  # the forward's planes: y_0 .. y_nb, then u_0 .. u_{nb-1} (none without blocks: a is then not read)
+        y, a = acts[: (nb + 1) * m * hp], acts[(nb + 1) * m * hp if nb else 0:]
+    da, dy = ws.da[: max(nb, 1) * m * hp], ws.dy[: max(nb, 1) * m * hp]
     g, dpre = ws.g[: m * c], ws.dpre[: m * hp]
     zf = sp.zeros_f32
-    mconsts = _main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=p["b3"] is not None,
-                               has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
-                               input_precision=sp.input_precision, interp_bf16=sp.upcast, dtype=sp.dtype, cfg=cfg,
-                               m=m)
+    mconsts = sp.main_constexprs(double=double, has_mask=mask is not None, cfg=cfg, m=m, recompute=acts is None)
     _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
         z_ptr=z, gout_ptr=gout, mask_ptr=z if mask is None else mask,
         **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
@@ -493,7 +505,8 @@ def _small_steps(sp: StepPlan, plan: RolloutPlan, height: int, width: int, masks
     if plan.stride != 1:
         return 0
     n = small_grid_steps(plan.flags, height, width)
-    if not n or small_config(sp.c, sp.h, sp.dtype, input_precision=sp.input_precision) is None:
+    if not n or small_config(sp.c, sp.h, sp.dtype, input_precision=sp.input_precision,
+                             store_acts=plan.keeps_activations) is None:
         return 0
     if len({m is None for m in masks[:n]}) > 1:
         return 0
@@ -525,63 +538,104 @@ def _flat_masks(masks: list[Tensor | None]) -> Tensor | None:
 
 
 @dataclass
+class _Layout:
+    """Where the forward keeps what the backward reads, in one flat buffer (``keep``): the inputs of the plan's
+    ``stored_inputs`` steps (the seed excepted: the caller owns it), then, where the plan keeps activations
+    (``RolloutPlan.keeps_activations``), every step's activation planes in step order: (2 nb + 1) planes of
+    (B H_i W_i, hp) per step, y_0 .. y_nb then u_0 .. u_{nb-1}, as ``nca_step._step_cells`` writes them."""
+
+    sizes: list[int]  # elements of step i's input state (sizes[t]: the output's)
+    grids: list[tuple[int, int]]  # the input grid, then every step's output grid
+    states: dict[int, int]  # step -> offset of its stored input
+    acts: list[int] | None  # step -> offset of its activations (None: the backward recomputes them)
+    total: int  # elements of keep
+
+    def state(self, keep: Tensor, i: int, b: int, c: int) -> Tensor:
+        """Step ``i``'s stored input, ``(B, H, W, C)``."""
+        h, w = self.grids[i]
+        return keep[self.states[i]: self.states[i] + self.sizes[i]].view(b, h, w, c)
+
+    def act(self, keep: Tensor, i: int) -> Tensor | None:
+        """Step ``i``'s activation planes (flat), or None."""
+        if self.acts is None:
+            return None
+        end = self.acts[i + 1] if i + 1 < len(self.acts) else self.total
+        return keep[self.acts[i]: end]
+
+
+def _layout(plan: RolloutPlan, b: int, c: int, h0: int, w0: int, hp: int, nb: int) -> _Layout:
+    """The forward's buffer layout for a ``(B, C, H0, W0)`` seed (one function for the forward, the backward op and
+    the fake op, so the three agree)."""
+    grids = [(h0, w0)] + plan.grids(h0, w0)
+    sizes = [b * h * w * c for h, w in grids]
+    states, total = {}, 0
+    for i in plan.stored_inputs[1:]:
+        states[i] = total
+        total += sizes[i]
+    acts = None
+    if plan.keeps_activations:
+        acts = []
+        for h, w in grids[1:]:
+            acts.append(total)
+            total += (2 * nb + 1) * b * h * w * hp
+    return _Layout(sizes, grids, states, acts, total)
+
+
+@dataclass
 class _Saved:
-    """What the forward leaves to the backward besides the state, the stored states and the weights."""
+    """What the forward leaves to the backward besides the state, ``keep`` and the weights."""
 
     sp: StepPlan
-    offsets: dict[int, int]
-    sizes: list[int]
-    grids: list[tuple[int, int]]
+    layout: _Layout
     n_small_bwd: int
 
 
 def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, masks: list[Tensor | None],
                      input_precision: str, small_grid: bool,
                      small_grid_backward: bool) -> tuple[Tensor, Tensor, _Saved]:
-    """The forward of every step: the final state ``(B, H', W', C)`` (channels-last storage), the stored states
-    (one flat buffer) and what the backward needs."""
+    """The forward of every step: the final state ``(B, H', W', C)`` (channels-last storage), what it keeps for the
+    backward (one flat buffer, ``_Layout``) and the rest the backward needs."""
     sp = StepPlan(weights, state.dtype, input_precision)
     b, c, h0, w0 = state.shape
-    grids = plan.grids(h0, w0)
-    sizes = [b * h0 * w0 * c] + [b * h * w * c for h, w in grids]  # elements of step i's input = sizes[i]
+    lay = _layout(plan, b, c, h0, w0, sp.hp, sp.nb)
+    grids, sizes = lay.grids[1:], lay.sizes
     z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (B, H, W, C) view
-    stored = plan.stored_inputs[1:]
-    offsets, total = {}, 0
-    for i in stored:
-        offsets[i] = total
-        total += sizes[i]
-    keep = torch.empty(total, dtype=state.dtype, device=state.device)
+    keep = torch.empty(lay.total, dtype=state.dtype, device=state.device)
     state_max = max(sizes)
     ping = [torch.empty(state_max, dtype=state.dtype, device=state.device) for _ in range(2)]
     t = plan.num_steps
     out = torch.empty((b, *grids[-1], c), dtype=state.dtype, device=state.device) if t else z0
     src, which = z0, 0
+    store = lay.acts is not None
     n_small = _small_steps(sp, plan, h0, w0, masks) if small_grid else 0
     if n_small:
         # the leading small-grid steps in one launch; their outputs land in keep in step order (every step's
         # input is stored under the plans that take this path), the last one where the next step reads it
         hh, ww = grids[n_small - 1]
-        last = out if n_small == t else keep[offsets[n_small]: offsets[n_small] + sizes[n_small]].view(b, hh, ww, c)
-        cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision)
+        last = out if n_small == t else lay.state(keep, n_small, b, c)
+        cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, store_acts=store)
         spp = samples_per_program(b, hh * ww, cfg.block_m)
         if _INTERPRET:  # tiles sized to one program's cells at the largest small step
-            cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, num_cells=spp * hh * ww)
-        launch_small_fwd(sp.fwd, sp.fwd_constexprs(double=False, has_mask=masks[0] is not None, cfg=cfg), cfg,
-                         z0, keep, last, _flat_masks(masks[:n_small]), plan.flags[:n_small], b, h0, w0, spp)
+            cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, num_cells=spp * hh * ww,
+                               store_acts=store)
+        launch_small_fwd(sp.fwd, sp.fwd_constexprs(double=False, has_mask=masks[0] is not None, cfg=cfg,
+                                                   store_acts=store), cfg,
+                         z0, keep, last, _flat_masks(masks[:n_small]), plan.flags[:n_small], b, h0, w0, spp,
+                         acts=lay.act(keep, 0))
         src = last
     for i in range(n_small, t):
         hh, ww = grids[i]
         if i == t - 1:
             dst = out
-        elif i + 1 in offsets:
-            dst = keep[offsets[i + 1]: offsets[i + 1] + sizes[i + 1]].view(b, hh, ww, c)
+        elif i + 1 in lay.states:
+            dst = lay.state(keep, i + 1, b, c)
         else:
             which = 1 - which if src.data_ptr() == ping[which].data_ptr() else which
             dst = ping[which][: sizes[i + 1]].view(b, hh, ww, c)
-        _launch_fwd(sp, src, dst, masks[i], plan.flags[i], (hh, ww), b)
+        _launch_fwd(sp, src, dst, masks[i], plan.flags[i], (hh, ww), b, lay.act(keep, i))
         src = dst
     n_small_bwd = n_small if n_small and small_grid_backward and _small_bwd_fits(sp, b, grids, n_small) else 0
-    return out, keep, _Saved(sp, offsets, sizes, [(h0, w0)] + grids, n_small_bwd)
+    return out, keep, _Saved(sp, lay, n_small_bwd)
 
 
 def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan: RolloutPlan,
@@ -592,10 +646,12 @@ def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan:
     sp.weights = weights
     sp.pack_backward({bool(f) for f in plan.flags})
     b, c = state.shape[:2]
-    grids, sizes, n_small = saved.grids, saved.sizes, saved.n_small_bwd
+    lay, n_small = saved.layout, saved.n_small_bwd
+    grids, sizes = lay.grids, lay.sizes
     m_small = sum(b * h * w for h, w in grids[1: n_small + 1])  # the small-grid steps' cells, all together
     m_max = max(b * h * w for h, w in grids[1:])  # >= m_small (_small_bwd_fits)
-    ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device)
+    ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device,
+                    recompute=lay.acts is None or n_small > 0)
     z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
     gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
     which = 0
@@ -603,9 +659,7 @@ def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan:
         if end <= n_small:  # the small-grid steps: two launches below (their segments are single steps)
             break
         # the segment's inputs: the stored one, then recomputed ones in the workspace
-        hh, ww = grids[start]
-        inputs = [z0 if start == 0 else keep[saved.offsets[start]: saved.offsets[start] + sizes[start]]
-                  .view(b, hh, ww, c)]
+        inputs = [z0 if start == 0 else lay.state(keep, start, b, c)]
         for j, i in enumerate(range(start, end - 1)):
             hh, ww = grids[i + 1]
             dst = ws.states[j * ws.state_max: j * ws.state_max + sizes[i + 1]].view(b, hh, ww, c)
@@ -614,7 +668,8 @@ def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan:
         for i in reversed(range(start, end)):
             h_in, w_in = grids[i]
             dz = ws.dz[which][: sizes[i]].view(b, h_in, w_in, c)
-            _launch_bwd_step(sp, ws, inputs[i - start], gout, dz, masks[i], plan.flags[i], b, grids[i + 1])
+            _launch_bwd_step(sp, ws, inputs[i - start], gout, dz, masks[i], plan.flags[i], b, grids[i + 1],
+                             lay.act(keep, i))
             gout, which = dz, 1 - which
     if n_small:
         gout = _launch_small_bwd(sp, ws, z0, keep, gout, _flat_masks(masks[:n_small]), plan.flags[:n_small], b,
@@ -676,10 +731,10 @@ def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, in
                       small_grid_backward):
     b, c, h0, w0 = state.shape
     plan = _op_plan(flags, segment, policy)
-    grids = plan.grids(h0, w0)
-    sizes = [b * h0 * w0 * c] + [b * h * w * c for h, w in grids]
-    h, w = grids[-1] if grids else (h0, w0)
-    keep = state.new_empty(sum(sizes[i] for i in plan.stored_inputs[1:]))
+    weights = _op_weights(tensors, present)
+    lay = _layout(plan, b, c, h0, w0, triton.next_power_of_2(weights.hidden_channels), weights.n_blocks)
+    h, w = lay.grids[-1]
+    keep = state.new_empty(lay.total)
     return state.new_empty((b, h, w, c)).permute(0, 3, 1, 2), keep
 
 
@@ -694,15 +749,10 @@ def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], pres
     # the forward's decisions and packed weights, rebuilt (an op keeps nothing between calls)
     b, c, h0, w0 = state.shape
     sp = StepPlan(weights, state.dtype, input_precision)
-    grids = plan.grids(h0, w0)
-    sizes = [b * h0 * w0 * c] + [b * h * w * c for h, w in grids]
-    offsets, total = {}, 0
-    for i in plan.stored_inputs[1:]:
-        offsets[i] = total
-        total += sizes[i]
+    lay = _layout(plan, b, c, h0, w0, sp.hp, sp.nb)
     n_small = _small_steps(sp, plan, h0, w0, ms) if small_grid else 0
-    n_small_bwd = n_small if n_small and small_grid_backward and _small_bwd_fits(sp, b, grids, n_small) else 0
-    saved = _Saved(sp, offsets, sizes, [(h0, w0)] + grids, n_small_bwd)
+    n_small_bwd = n_small if n_small and small_grid_backward and _small_bwd_fits(sp, b, lay.grids[1:], n_small) else 0
+    saved = _Saved(sp, lay, n_small_bwd)
     grad_state, grads = _rollout_backward(state, keep, weights, plan, ms, saved, grad_out)
     outs = [grad_state.contiguous(memory_format=torch.channels_last)] + [g for g in grads if g is not None]
     # an op's outputs may not share storage with its inputs or each other: the weight gradients are views of one
@@ -843,14 +893,21 @@ def small_bwd_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: 
 
 def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
                          input_precision: str = "ieee") -> list[KernelSpec]:
-    """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling, and the
-    small-grid forward and backward kernels (``kernels/small_grid.py``) where tiles are known to fit these shapes."""
+    """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling; the forward
+    that keeps the activations and the backward main kernel that reads them (the 'none' policy, with doubling and
+    masks); and the small-grid forward (both ways) and backward kernels (``kernels/small_grid.py``) where tiles are
+    known to fit these shapes."""
     specs = [post_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, double=d,
                               input_precision=input_precision)._replace(name=f"post{'-double' if d else ''}")
              for d in (False, True)]
+    specs.append(fwd_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, input_precision=input_precision,
+                                 double=True, mask=True, store_acts=True))
+    specs.append(bwd_kernel_specs(state_channels, hidden_channels, n_blocks, dtype, double=True, mask=True,
+                                  input_precision=input_precision, recompute=False)[0]._replace(name="main-stored"))
     if small_config(state_channels, hidden_channels, dtype, input_precision=input_precision, interpret=False):
-        specs.append(small_fwd_kernel_spec(state_channels, hidden_channels, n_blocks, dtype,
-                                           input_precision=input_precision, mask=True))
+        specs += [small_fwd_kernel_spec(state_channels, hidden_channels, n_blocks, dtype,
+                                        input_precision=input_precision, mask=True, store_acts=st)
+                  for st in (False, True)]
     if small_bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=False):
         specs += small_bwd_kernel_specs(state_channels, hidden_channels, n_blocks, dtype,
                                         input_precision=input_precision)

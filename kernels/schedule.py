@@ -5,8 +5,9 @@ rollout op (``kernels/rollout.py``) and the benchmarks all read the same decisio
 
 A schedule is a list of per-step "double first" flags. The checkpoint policy is a segment length: the forward
 stores the input of every ``segment``-th step, and the backward recomputes the inputs in between, one segment at a
-time. ``none`` and ``step`` store every step's input (the fused backward needs nothing else, so for it they are
-the same; the reference backend keeps every activation under ``none``).
+time. ``step`` stores every step's input; ``none`` also keeps every step's activations, so the backward recomputes
+nothing (the reference: autograd's saved tensors; the fused op: the blocks' inputs and activations, 2 nb + 1
+planes of h per cell, which its backward main kernel would otherwise recompute from the step's input).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def parse_checkpoint(policy: str, num_steps: int, doubling: bool, backend: str) 
     """The checkpoint policy as a segment length: 0 keeps everything ('none'), 1 is 'step', k is 'segments=k'.
 
     'auto': non-doubling rollouts keep the state every ~sqrt(T) steps (memory ~ 2 sqrt(T) states); doubling
-    rollouts keep every step's input on the fused backend (its backward needs only that) and everything on the
-    reference (the reference's own behaviour).
+    rollouts keep everything ('none'): on the reference its own behaviour, on the fused backend every step's
+    activations, so its backward recomputes nothing (2 nb + 1 planes of h per cell, under half of what the
+    reference keeps; 'step' keeps only the inputs, at about 3x the backward main kernel's tensor work,
+    ``fastnca.memory.predict_peak_memory`` gives both).
     """
     if policy == "none":
         return 0
@@ -41,7 +44,7 @@ def parse_checkpoint(policy: str, num_steps: int, doubling: bool, backend: str) 
     if policy == "auto":
         if not doubling:
             return max(1, round(math.sqrt(num_steps)))
-        return 1 if backend == "triton" else 0
+        return 0
     raise ValueError(f"checkpoint: expected {POLICIES}, got {policy!r}")
 
 
@@ -64,6 +67,11 @@ class RolloutPlan:
     @property
     def num_steps(self) -> int:
         return len(self.flags)
+
+    @property
+    def keeps_activations(self) -> bool:
+        """Whether the forward keeps every step's activations ('none'), so the backward recomputes nothing."""
+        return self.segment == 0
 
     @property
     def stride(self) -> int:

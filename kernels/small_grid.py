@@ -61,6 +61,7 @@ def _rollout_fwd_small_kernel(
     last_ptr,  # (B, H, W, C) the last step's output
     mask_ptr,  # flat uint8: every step's (B, H_s, W_s) update mask in step order (read only when HAS_MASK)
     w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,  # packed as for _nca_step_fwd_kernel
+    acts_ptr,  # out, STORE_ACTS only: every step's activation planes in step order (as _nca_step_fwd_kernel's)
     B,  # samples
     H0,  # the first step's input grid height
     W0,  # and width
@@ -80,6 +81,7 @@ def _rollout_fwd_small_kernel(
     UPCAST_DOT: tl.constexpr,
     W_KMAJOR: tl.constexpr,
     UNCHAIN: tl.constexpr,
+    STORE_ACTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -99,6 +101,7 @@ def _rollout_fwd_small_kernel(
     batch = pid * 0 + B  # int64
     keep_off = pid * 0  # element offset of step s's output in keep (int64)
     mask_off = pid * 0  # cell offset of step s's mask
+    act_off = pid * 0  # element offset of step s's activation planes in acts
     for s in range(n_steps):
         shift = (flags >> s) & 1  # 1: this step doubles its input first
         h = h << shift
@@ -113,13 +116,14 @@ def _rollout_fwd_small_kernel(
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             _step_cells(src, dst, mask_ptr + mask_off, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr,
-                        bout_ptr, offs_m, offs_m < hi, h, w, C, HID, N_BLOCKS, shift, HAS_MASK, HAS_B3, HAS_B1,
-                        HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR, UNCHAIN, BLOCK_M,
-                        BLOCK_K, BLOCK_N)
+                        bout_ptr, acts_ptr + act_off, batch * hw * HID, offs_m, offs_m < hi, h, w, C, HID, N_BLOCKS,
+                        shift, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT,
+                        W_KMAJOR, UNCHAIN, STORE_ACTS, BLOCK_M, BLOCK_K, BLOCK_N)
         tl.debug_barrier()  # step s's stores, by every thread of the program, before step s + 1 reads them
         src = dst
         keep_off += batch * hw * C
         mask_off += batch * hw
+        act_off += (2 * N_BLOCKS + 1) * batch * hw * HID
 
 
 def small_grid_steps(flags: tuple[bool, ...] | list[bool], height: int, width: int,
@@ -149,7 +153,8 @@ def samples_per_program(batch: int, cells: int, block_m: int, target_programs: i
 
 
 def small_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, *, input_precision: str = "ieee",
-                 num_cells: int | None = None, interpret: bool = _INTERPRET) -> StepConfig | None:
+                 num_cells: int | None = None, store_acts: bool = False,
+                 interpret: bool = _INTERPRET) -> StepConfig | None:
     """The small-grid kernel's tiles, or None where no tile is known to fit (the rollout then runs those steps one
     launch each).
 
@@ -160,19 +165,25 @@ def small_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, 
     (226 / 225 registers; 64 cells is one 8 x 8 sample); tf32 spills at every 64-row tile tried at h = 256 (8-88 B
     under 3.6; 32-row tiles lose the tensor cores), so tf32 at h = 256 stays on the per-step path; tf32 at h = 128
     with 4 blocks spills 48 / 96 B with the per-step tile, none with 8 warps (218 / 236 registers).
-    ``num_cells`` (interpreter only) sizes the tile to one program's cells at its largest step.
+    ``num_cells`` (interpreter only) sizes the tile to one program's cells at its largest step. ``store_acts``: the
+    kernel that also writes every step's activations (the 'none' checkpoint policy, ``STORE_ACTS``): bf16 at h = 128
+    then spills 176 B under 3.6 with the per-step 128-cell tile and fits with 64 cells x 8 warps and 32-wide hidden
+    chunks (216 / 250 registers); fp32 "ieee" at h = 256 spills 72-152 B with 64 cells and fits with 32; tf32 at
+    h = 128 spills 32 B under 3.6 with 32-wide output chunks and fits with 16 (236 / 254).
     """
     hid = triton.next_power_of_2(hidden_channels)
     cfg = step_config(state_channels, hidden_channels, dtype, input_precision=input_precision, num_cells=num_cells,
-                      interpret=interpret)
+                      store_acts=store_acts, interpret=interpret)
     if interpret:
         return cfg
     if dtype == torch.bfloat16 and hid >= 256:
         return StepConfig(64, 32 if state_channels % 32 == 0 else 16, cfg.block_n, 8, 3)
+    if store_acts and dtype == torch.bfloat16 and cfg.block_m > 64:
+        return StepConfig(64, min(32, cfg.block_k), cfg.block_n, 8, 2)
     if dtype == torch.float32 and input_precision == "tf32":
         if hid >= 256:
             return None
-        return cfg._replace(num_warps=8)
+        return cfg._replace(num_warps=8, block_n=min(16, cfg.block_n) if store_acts else cfg.block_n)
     return cfg
 
 
@@ -184,15 +195,16 @@ def small_fwd_constexprs(step_consts: dict[str, Any]) -> dict[str, Any]:
 
 def launch_small_fwd(p: dict[str, Tensor | None], consts: dict[str, Any], cfg: StepConfig, z0: Tensor, keep: Tensor,
                      last: Tensor, masks: Tensor | None, flags: tuple[bool, ...], batch: int, height: int, width: int,
-                     spp: int) -> None:
+                     spp: int, acts: Tensor | None = None) -> None:
     """Run ``len(flags)`` steps from ``z0`` (``(B, H0, W0, C)``); step outputs go to ``keep`` (flat, step order)
     and the last one to ``last``. ``p``: packed weights (``nca_step.pack_weights``); ``consts``: the per-step
     forward's constexprs for these weights (``DOUBLE`` is ignored); ``masks``: flat uint8, every step's mask in
-    step order, or None."""
+    step order, or None; ``acts``: where ``consts["STORE_ACTS"]``, every step's activation planes in step order."""
     bits = sum(1 << i for i, f in enumerate(flags) if f)
     _rollout_fwd_small_kernel[(triton.cdiv(batch, spp),)](
         z_ptr=z0, keep_ptr=keep, last_ptr=last, mask_ptr=p["w3"] if masks is None else masks,
-        **fwd_weight_args(p, consts["W_KMAJOR"]), B=batch, H0=height, W0=width, n_steps=len(flags), flags=bits, spp=spp,
+        **fwd_weight_args(p, consts["W_KMAJOR"]), acts_ptr=keep if acts is None else acts, B=batch, H0=height,
+        W0=width, n_steps=len(flags), flags=bits, spp=spp,
         **small_fwd_constexprs(consts), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -200,10 +212,10 @@ def launch_small_fwd(p: dict[str, Tensor | None], consts: dict[str, Any], cfg: S
 # ------------------------------------------------------------------------------------------------------ fit
 def small_fwd_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
                           input_precision: str = "ieee", bias: bool = True, out_bias: bool = True, mask: bool = False,
-                          config: StepConfig | None = None) -> KernelSpec:
+                          store_acts: bool = False, config: StepConfig | None = None) -> KernelSpec:
     """The small-grid forward as ``nca_rollout`` launches it on the GPU for these shapes (for the sm_90 fit)."""
     cfg = config or small_config(state_channels, hidden_channels, dtype, input_precision=input_precision,
-                                 interpret=False)
+                                 store_acts=store_acts, interpret=False)
     if cfg is None:
         raise ValueError(f"small_fwd_kernel_spec: no small-grid tile for {dtype} / {input_precision} at h = "
                          f"{hidden_channels} (those shapes run per step)")
@@ -212,12 +224,14 @@ def small_fwd_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: i
     consts = small_fwd_constexprs(fwd_constexprs(
         state_channels, hp, n_blocks, double=False, has_mask=mask, has_b3=bias, has_b1=bias and n_blocks > 0,
         has_b2=bias and n_blocks > 0, has_bout=out_bias, input_precision=input_precision, upcast_dot=False,
-        dtype=dtype, cfg=cfg))
+        dtype=dtype, cfg=cfg, store_acts=store_acts))
     fn = _rollout_fwd_small_kernel
     ptrs = {"z_ptr": t, "keep_ptr": t, "last_ptr": t, "mask_ptr": "*u8", "w3_ptr": t, "b3_ptr": "*fp32",
-            "w1_ptr": t, "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32"}
+            "w1_ptr": t, "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32",
+            "acts_ptr": t}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
-    return KernelSpec("small-fwd", fn, sig, consts, cfg.num_warps, cfg.num_stages)
+    return KernelSpec("small-fwd-store" if store_acts else "small-fwd", fn, sig, consts, cfg.num_warps,
+                      cfg.num_stages)
 
 
 # ------------------------------------------------------------------------------------------------- backward
@@ -298,7 +312,7 @@ def _rollout_bwd_small_kernel(
                         wout_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < hi, row0, h, w,
                         m_total * HID, C, HID, N_BLOCKS, shift, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU,
                         INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES,
-                        RELOAD_OPERAND, W_KMAJOR, UNCHAIN)
+                        RELOAD_OPERAND, W_KMAJOR, UNCHAIN, True)
         tl.debug_barrier()  # every thread's dpre before the state gradient reads the neighbours'
         h, w, row0, shift = _step_rows(s, H0, W0, flags, B)
         if s == n_steps - 1:

@@ -1,6 +1,8 @@
 """Fit of the kernels the rollout op adds, on the H100, checked on the CPU: the backward's post kernel (state
 gradient + every weight-gradient GEMM of a step in one launch, ``kernels/rollout.py``), with and without doubling,
-and the small-grid forward and backward (``kernels/small_grid.py``, where tiles are shipped for the shape). Every
+the forward that keeps every step's activations and the backward main kernel that reads them instead of
+recomputing (the 'none' policy), and the small-grid forward (both ways) and backward (``kernels/small_grid.py``,
+where tiles are shipped for the shape). Every
 shipped configuration compiles for sm_90 with no spills and fits in shared memory, under CI's Triton and the GPU
 machines' Triton 3.6 (``fit_releases.py``); every tensor-core kernel does the tensor work its tiles need (no
 warpgroup repeats another's products) and copies 16 bytes at a time, except the known narrow copies below. The
@@ -48,7 +50,8 @@ def test_shipped_rollout_post_kernel_fits_sm90(fit: BwdFitSpec, shipped_rows: di
                          interpret=False) is not None
     small_bwd = small_bwd_config(fit.state_channels, fit.hidden_channels, dtype, fit.input_precision,
                                  n_blocks=fit.n_blocks, interpret=False) is not None
-    expected = ({"post", "post-double"} | ({"small-fwd"} if small else set())
+    expected = ({"post", "post-double", "fwd-store", "main-stored"}
+                | ({"small-fwd", "small-fwd-store"} if small else set())
                 | ({"small-bwd", "small-wgrad"} if small_bwd else set()))
     assert {r.kernel for r in rows} == expected, f"{fit.name}: expected kernels {sorted(expected)}, got {rows}"
     for r in rows:

@@ -31,11 +31,11 @@ def _ref_grads(state, weights, masks, upstream, dtype):
     return x, [s.grad] + [t.grad for t in leaves if t is not None]
 
 
-def _fused_grads(state, weights, masks, upstream, policy):
+def _fused_grads(state, weights, masks, upstream, policy, small_grid=True):
     leaves = _leaves(weights)
     s = state.detach().clone().requires_grad_(True)
     plan = plan_rollout(FLAGS, policy, doubling=True, backend="triton")
-    out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan, masks)
+    out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan, masks, small_grid=small_grid)
     (out.double() * upstream).sum().backward()
     return out, [s.grad] + [t.grad for t in leaves if t is not None]
 
@@ -59,8 +59,8 @@ def test_rollout_is_one_autograd_node_over_the_weights():
     assert len(inputs) == n_params + 1, f"expected the state and {n_params} weights as direct inputs, got {inputs}"
 
 
-@pytest.mark.parametrize("policy", ["none", "segments=3"])
-def test_bf16_rollout_gradients_within_twice_the_reference_bf16_error(policy, nan_poison):
+@pytest.mark.parametrize("policy,small_grid", [("none", True), ("none", False), ("segments=3", True)])
+def test_bf16_rollout_gradients_within_twice_the_reference_bf16_error(policy, small_grid, nan_poison):
     b = 2
     weights = make_weights(16, 32, 2, gain=0.4)
     state = make_state(b, 16, 2, 2)
@@ -69,7 +69,7 @@ def test_bf16_rollout_gradients_within_twice_the_reference_bf16_error(policy, na
     ref64, g64 = _ref_grads(state, weights, masks, upstream, torch.float64)
     ref16, g16 = _ref_grads(state, weights, masks, upstream, torch.bfloat16)
     out, gtri = _fused_grads(state.bfloat16(), UpdateWeights.from_flat(
-        [None if t is None else t.bfloat16() for t in weights.flat()]), masks, upstream, policy)
+        [None if t is None else t.bfloat16() for t in weights.flat()]), masks, upstream, policy, small_grid)
     assert out.dtype == torch.bfloat16
     assert rel_err(ref64, out) <= 2 * rel_err(ref64, ref16) + 1e-5
     for i, (a, r, t) in enumerate(zip(g64, g16, gtri)):
@@ -94,14 +94,45 @@ def test_fp32_rollout_with_masks_matches_float64_and_reruns_bitwise(nan_poison):
         assert torch.equal(x, y), f"grad {i}: expected bitwise-identical gradients on a rerun"
 
 
-def test_rollout_traces_whole_under_torch_compile_fullgraph():
+@pytest.mark.parametrize("n_blocks", [0, 2])
+@pytest.mark.parametrize("small_grid", [True, False], ids=["small-grid", "per-step"])
+def test_kept_activations_gradients_match_float64_without_recompute(monkeypatch, small_grid, n_blocks, nan_poison):
+    """'none': the forward keeps every step's activations (per-step kernel and small-grid kernel, STORE_ACTS) and
+    the backward recomputes nothing: no forward launch, every main kernel without RECOMPUTE. Gradients as float64
+    autograd's, with and without blocks (elu'(pre) from the kept y_0), every kept plane written (NaN-poisoned)."""
+    from fastnca.kernels import rollout
+
+    b = 3
+    weights = make_weights(16, 32, n_blocks, gain=0.4)
+    state = make_state(b, 16, 2, 2)
+    masks = _masks(b)
+    upstream = torch.randn(b, 16, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    ref, g64 = _ref_grads(state, weights, masks, upstream, torch.float64)
+    launches = []
+    real_fwd, real_bwd = rollout._launch_fwd, rollout._launch_bwd_step
+    monkeypatch.setattr(rollout, "_launch_fwd", lambda *a, **k: launches.append(("fwd", a[-1])) or real_fwd(*a, **k))
+    monkeypatch.setattr(rollout, "_launch_bwd_step",
+                        lambda *a, **k: launches.append(("bwd", a[-1])) or real_bwd(*a, **k))
+    out, gtri = _fused_grads(state, weights, masks, upstream, "none", small_grid)
+    assert rel_err(ref, out) < 1e-5
+    for i, (a, t) in enumerate(zip(g64, gtri)):
+        assert rel_err(a, t) < 1e-4, f"grad {i}: expected relative error < 1e-4, got {rel_err(a, t):.3g}"
+    n_fwd = 0 if small_grid else len(FLAGS)  # 2x2 .. 8x8: every step fits the small-grid kernel
+    assert [k for k, _ in launches] == ["fwd"] * n_fwd + ["bwd"] * len(FLAGS), \
+        f"expected {n_fwd} forward launches, then one backward per step and no recompute, got {launches}"
+    assert all(acts is not None for _, acts in launches), "expected every launch to keep / read the activations"
+
+
+@pytest.mark.parametrize("policy", ["step", "none"])
+def test_rollout_traces_whole_under_torch_compile_fullgraph(policy):
     """Under torch.compile the rollout is the custom op fastnca::nca_rollout (and its backward op): fullgraph=True
-    compiles, and output and gradients equal the eager autograd Function's."""
+    compiles, and output and gradients equal the eager autograd Function's (also with the activations kept: the op
+    returns them in its flat buffer, laid out as the fake op says)."""
     b = 2
     weights = make_weights(16, 16, 1, gain=0.4)
     state = make_state(b, 16, 2, 2)
     masks = _masks(b)
-    plan = plan_rollout(FLAGS, "step", doubling=True, backend="triton")
+    plan = plan_rollout(FLAGS, policy, doubling=True, backend="triton")
     upstream = torch.randn(b, 16, 8, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
 
     def run(s, *flat):

@@ -31,19 +31,37 @@ def test_memory_grows_sublinearly_with_T_under_the_default_policy():
     assert small["pool_gib"] == pytest.approx(1024 * 256 * 62 * 62 * 2 / GIB, rel=0.01)
 
 
+def test_kept_activations_are_modelled_on_the_fused_backend():
+    """'none' on the fused backend: every step's input and its 2 nb + 1 planes of the padded h per cell on top of
+    'step', and no y / a buffers in the backward's working set; 'auto' is 'none' for the doubling presets."""
+    keep = predict_peak_memory("mnist-doubling", checkpoint="none")
+    step = predict_peak_memory("mnist-doubling", checkpoint="step")
+    cells = 32 * 8 * (2**2 + 4**2 + 8**2 + 16**2 + 32**2)  # B x steps per stage x the five stages' cells
+    assert keep["rollout_states"] - step["rollout_states"] == cells * 9 * 256 * 4, "expected 9 fp32 planes of 256"
+    biggest = 32 * 32 * 32
+    assert step["step_working_set"] - keep["step_working_set"] == biggest * (5 + 4) * 256 * 4, \
+        "expected the y (nb + 1) and a (nb) planes of the largest step out of the working set"
+    assert predict_peak_memory("mnist-doubling")["total"] == keep["total"]
+
+
 @pytest.mark.gpu
-def test_prediction_is_within_10_percent_of_the_measured_peak():
+@pytest.mark.parametrize("preset,batch,kwargs", [("celeba-nondoubling-256", 8, {"num_steps": 64}),
+                                                 ("mnist-doubling", 32, {})], ids=["celeba-nd-256", "mnist-doubling"])
+def test_prediction_is_within_10_percent_of_the_measured_peak(preset, batch, kwargs):
     """The fused rollout op's buffers as modelled, against torch.cuda.max_memory_allocated over training steps
-    (Adam and gradient clipping as the Trainer runs them)."""
-    model = fastnca.build_model("celeba-nondoubling-256", backend="triton", batch_size=8).cuda()
+    (Adam and gradient clipping as the Trainer runs them): segments of sqrt(T) steps (non-doubling), and every
+    step's activations kept (doubling, 'auto' = 'none')."""
+    model = fastnca.build_model(preset, backend="triton", batch_size=batch).cuda()
+    cfg = model.config
     opt = torch.optim.Adam(model.parameters(), fused=True)
-    x = torch.rand(8, 3, 62, 62, device="cuda") * 2 - 1
+    x = torch.rand(batch, cfg.image_channels, cfg.image_size, cfg.image_size, device="cuda")
+    x = x * 2 - 1 if cfg.likelihood == "dml" else (x < 0.5).float()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(max_entries=200_000)
     try:
         for _ in range(2):
-            model(x, num_steps=64)["loss"].backward()
+            model(x, **kwargs)["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -51,7 +69,7 @@ def test_prediction_is_within_10_percent_of_the_measured_peak():
         trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    predicted = predict_peak_memory(model.config, num_steps=64, batch_size=8)
+    predicted = predict_peak_memory(cfg, num_steps=kwargs.get("num_steps"), batch_size=batch)
     ratio = predicted["total"] / measured
     if not 0.9 < ratio < 1.1:
         _, where = live_at_peak(trace)

@@ -138,7 +138,8 @@ def test_parse_checkpoint():
     assert parse_checkpoint("step", 100, True, "torch") == 1
     assert parse_checkpoint("segments=8", 100, False, "triton") == 8
     assert parse_checkpoint("auto", 100, False, "triton") == 10
-    assert parse_checkpoint("auto", 40, True, "triton") == 1
+    assert parse_checkpoint("auto", 40, True, "triton") == 0, "doubling: keep the activations on both backends"
+    assert parse_checkpoint("auto", 40, True, "torch") == 0
     with pytest.raises(ValueError, match="checkpoint"):
         parse_checkpoint("segments=0", 10, False, "torch")
 
