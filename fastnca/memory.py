@@ -82,7 +82,8 @@ def predict_peak_memory(
         cfg: a Config or a preset name.
         checkpoint: the rollout's policy ('none', 'step', 'segments=k', 'auto'); default the config's.
         num_steps: T for non-doubling rollouts (default: max_steps, the worst case).
-        backend: 'triton' (fused step: saves only each step's input) or 'torch' (reference ops).
+        backend: 'triton' (the fused rollout: the inputs the policy stores, under 'none' also every step's
+            activations, 2 nb + 1 planes of h per cell) or 'torch' (reference ops).
         batch_size: default the config's.
 
     Returns:

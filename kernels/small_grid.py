@@ -168,7 +168,7 @@ def small_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, 
     ``num_cells`` (interpreter only) sizes the tile to one program's cells at its largest step. ``store_acts``: the
     kernel that also writes every step's activations (the 'none' checkpoint policy, ``STORE_ACTS``): bf16 at h = 128
     then spills 176 B under 3.6 with the per-step 128-cell tile and fits with 64 cells x 8 warps and 32-wide hidden
-    chunks (216 / 250 registers); fp32 "ieee" at h = 256 spills 72-152 B with 64 cells and fits with 32; tf32 at
+    chunks (218 / 252-254 registers); fp32 "ieee" at h = 256 spills 72-152 B with 64 cells and fits with 32; tf32 at
     h = 128 spills 32 B under 3.6 with 32-wide output chunks and fits with 16 (236 / 254).
     """
     hid = triton.next_power_of_2(hidden_channels)
