@@ -821,6 +821,9 @@ def nca_rollout(
         of the state and of every weight (fp32 accumulation over all steps, bitwise deterministic).
     """
     masks = [None] * plan.num_steps if masks is None else list(masks)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (state, *weights.flat()))
+    if plan.keeps_activations and not needs_grad:  # nothing to backpropagate (IWAE, sampling): keep no activations
+        plan = dataclasses.replace(plan, segment=1)
     if len(masks) != plan.num_steps:
         raise ValueError(f"masks: expected {plan.num_steps} (one per step), got {len(masks)}")
     b = state.shape[0]

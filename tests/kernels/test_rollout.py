@@ -123,6 +123,26 @@ def test_kept_activations_gradients_match_float64_without_recompute(monkeypatch,
     assert all(acts is not None for _, acts in launches), "expected every launch to keep / read the activations"
 
 
+def test_without_gradients_no_activations_are_kept(monkeypatch):
+    """Under no_grad (IWAE, sampling) 'none' keeps no activations: they would only cost memory (at k = 128
+    importance samples, 128x a training batch's)."""
+    from fastnca.kernels import rollout
+
+    weights = make_weights(16, 16, 1, gain=0.4)
+    state = make_state(2, 16, 2, 2)
+    plan = plan_rollout(FLAGS, "none", doubling=True, backend="triton")
+    seen = []
+    real = rollout._layout
+    monkeypatch.setattr(rollout, "_layout", lambda p, *a: seen.append(p.keeps_activations) or real(p, *a))
+    with torch.no_grad():
+        out = nca_rollout(state, weights, plan, small_grid=False)
+    assert seen == [False], f"expected a forward that keeps no activations under no_grad, got {seen}"
+    leaves = _leaves(weights)
+    ref = nca_rollout(state, UpdateWeights.from_flat(leaves), plan, small_grid=False)
+    assert seen == [False, True], "expected the activations kept when the weights require gradients"
+    assert torch.equal(out, ref.detach()), "expected the same output with and without kept activations"
+
+
 @pytest.mark.parametrize("policy", ["step", "none"])
 def test_rollout_traces_whole_under_torch_compile_fullgraph(policy):
     """Under torch.compile the rollout is the custom op fastnca::nca_rollout (and its backward op): fullgraph=True
