@@ -77,13 +77,14 @@ def test_rollout_gradients_match_float64_reference_under_every_policy(case, poli
         assert_close(f"grad weight {i}", leaf.grad, p.grad, rtol=1e-4)
 
 
-def test_rollout_gradients_are_bitwise_identical_across_runs():
+@pytest.mark.parametrize("policy", ["segments=2", "none"])
+def test_rollout_gradients_are_bitwise_identical_across_runs(policy):
     nca = _nca(16, 16, 1, bias=True, doubling=False, p_update=0.5)
     state = torch.randn(2, 16, 7, 7, device=DEVICE)
     schedule = nca.schedule(6)
     grads = []
     for _ in range(2):
-        out, s = _fused_rollout(nca, state, schedule, 5, "segments=2")
+        out, s = _fused_rollout(nca, state, schedule, 5, policy)
         out.square().sum().backward()
         grads.append([s.grad.clone()] + [p.grad.clone() for p in nca.parameters()])
     for a, b in zip(*grads):
