@@ -493,7 +493,7 @@ class CaseContext:
 
             ckpt = "n/a (no grad)"
         elif kind == "rollout-bwd":
-            recompute = b.model_backend == "triton" or seg >= 1
+            recompute = seg >= 1  # the fused backward too recomputes unless the plan keeps activations
             cost = rollout_cost(cfg, self.batch, self.num_steps, itemsize=itemsize, backward=True,
                                 recompute=recompute, first_steps=first)
             z, dy = self._grad_inputs(self.batch, self.nca.state_dtype)
@@ -514,7 +514,7 @@ class CaseContext:
 
             ckpt = "n/a (no grad)"
         else:
-            recompute = b.model_backend == "triton" or seg >= 1
+            recompute = seg >= 1  # the fused backward too recomputes unless the plan keeps activations
             cost = train_cost(cfg, self.batch, self.num_steps, itemsize=itemsize, recompute=recompute)
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             x, beta, clip = self.x, cfg.beta, cfg.grad_clip
