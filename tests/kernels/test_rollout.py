@@ -190,3 +190,34 @@ def test_post_kernel_state_gradient_split_over_channel_programs_is_the_same(monk
     for i, (x, y) in enumerate(zip(whole, split)):
         assert torch.isfinite(y).all(), f"grad {i}: expected finite values (a channel chunk left unwritten?)"
         assert torch.equal(x, y), f"grad {i}: expected the same gradients, max diff {(x - y).abs().max():.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+def test_kept_activations_match_the_recompute_at_the_mnist_doubling_shape_on_gpu(precision):
+    """The preset's network (|z| = h = 256, 4 blocks) and schedule at B = 32 with the shipped GPU tiles, whose
+    storing forward and reading main kernel differ from the recomputing ones (64-cell bf16 forward tiles, tf32's
+    unpipelined output-conv loop): output and gradients under 'none' against 'step', with masks."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    ip = "tf32" if precision == "tf32" else "ieee"
+    flags = [False] * 8 + ([True] + [False] * 7) * 4  # 2x2 -> 32x32
+    weights = make_weights(256, 256, 4, gain=0.3)
+    weights = UpdateWeights.from_flat([None if t is None else t.to(dtype) for t in weights.flat()])
+    state = make_state(32, 256, 2, 2).to(dtype)
+    masks = draw_masks(plan_rollout(flags, "none", doubling=True, backend="torch"), 32, 2, 2, 0.5,
+                       generator=torch.Generator(device=DEVICE).manual_seed(4), device=DEVICE)
+    upstream = torch.randn(32, 256, 32, 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    results = {}
+    for policy in ("none", "step"):
+        leaves = _leaves(weights, dtype)
+        s = state.detach().clone().requires_grad_(True)
+        out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan_rollout(flags, policy, doubling=True,
+                                                                            backend="triton"), masks,
+                          input_precision=ip)
+        (out.float() * upstream).sum().backward()
+        results[policy] = [out.detach(), s.grad] + [t.grad for t in leaves if t is not None]
+    tol = 1e-4 if precision == "ieee" else 3e-2
+    for i, (kept, recomputed) in enumerate(zip(results["none"], results["step"])):
+        assert torch.isfinite(kept).all(), f"output/grad {i}: expected finite values under 'none'"
+        err = rel_err(recomputed.float(), kept.float())
+        assert err < tol, f"output/grad {i}: expected 'none' within {tol} of 'step', got {err:.3g}"
