@@ -712,7 +712,7 @@ def bwd_config(
     ``recompute=False``: the main kernel that reads the forward's kept activations (the rollout under 'none'); the
     same tiles, except tf32 at h = 256, whose pipelined output-conv loop then spills 16 B (both releases) and runs
     unpipelined (255 / 255 registers, no spills). 128-cell tiles still spill at h = 256 without the recompute
-    (bf16: 216-464 B), the two fp32 (128, h) streams being what fills the registers.
+    (bf16: 16-464 B; 16-24 B with the operand reloaded and int32 offsets).
     """
     c, h = state_channels, hidden_channels
     if interpret:
