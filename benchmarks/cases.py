@@ -247,7 +247,7 @@ def _ckpt_words(policy: str, seg: int, backend: str) -> str:
     if backend == "triton":  # the fused rollout op (kernels/rollout.py)
         what = ("every step's activations kept, the backward recomputes nothing" if seg == 0 else
                 "each step's input kept, the backward main kernel recomputes the step" if seg == 1 else
-                f"every {seg}th step's input kept, segments recomputed")
+                f"the input of each {seg}-step segment kept, segments recomputed")
         return f"{named} ({what})"
     return f"{named} (all activations kept)" if seg == 0 else named
 

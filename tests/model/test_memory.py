@@ -32,8 +32,9 @@ def test_memory_grows_sublinearly_with_T_under_the_default_policy():
 
 
 def test_kept_activations_are_modelled_on_the_fused_backend():
-    """'none' on the fused backend: every step's input and its 2 nb + 1 planes of the padded h per cell on top of
-    'step', and no y / a buffers in the backward's working set; 'auto' is 'none' for the doubling presets."""
+    """'none' on the fused backend: on top of what 'step' keeps (every step's input), 2 nb + 1 planes of the padded h
+    per cell of every step, and no y / a buffers in the backward's working set; 'auto' is 'none' for the doubling
+    presets."""
     keep = predict_peak_memory("mnist-doubling", checkpoint="none")
     step = predict_peak_memory("mnist-doubling", checkpoint="step")
     cells = 32 * 8 * (2**2 + 4**2 + 8**2 + 16**2 + 32**2)  # B x steps per stage x the five stages' cells
