@@ -197,14 +197,17 @@ def floor_table() -> str:
         name = f"rollout fwd {preset}" + (f" T={t}" if t else "") + f" (B={cfg.batch_size})"
         rows.append((name, rollout_cost(cfg, cfg.batch_size, t, itemsize=2),
                      rollout_cost(cfg, cfg.batch_size, t, itemsize=4), 1))
-    # as the fused backend runs them by default: doubling presets keep every step's activations ('auto' -> 'none',
-    # no recompute), non-doubling ones recompute each step in the backward main kernel
+    # as the fused backend runs them by default (the preset's own rollout plan): the doubling presets keep every
+    # step's activations ('auto' -> 'none', no recompute), the non-doubling ones recompute each step
+    from fastnca.memory import rollout_plan
+
     for preset, t in (("mnist-doubling", None), ("celeba-doubling", None), ("celeba-nondoubling-256", 128)):
         cfg = get_preset(preset)
-        how = "recompute 1 fwd" if not cfg.doubling else "activations kept, no recompute"
+        recompute = not rollout_plan(cfg, t).keeps_activations
+        how = "recompute 1 fwd" if recompute else "activations kept, no recompute"
         name = f"train iter {preset}" + (f" T={t}" if t else "") + f" (B={cfg.batch_size}; {how})"
-        rows.append((name, train_cost(cfg, cfg.batch_size, t, itemsize=2, recompute=not cfg.doubling),
-                     train_cost(cfg, cfg.batch_size, t, itemsize=4, recompute=not cfg.doubling), 1))
+        rows.append((name, train_cost(cfg, cfg.batch_size, t, itemsize=2, recompute=recompute),
+                     train_cost(cfg, cfg.batch_size, t, itemsize=4, recompute=recompute), 1))
     cfg = get_preset("mnist-doubling")
     rows.append(("IWAE mnist-doubling (B=8, k=128)", iwae_cost(cfg, 8, 128, itemsize=2),
                  iwae_cost(cfg, 8, 128, itemsize=4), 1))
