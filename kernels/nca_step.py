@@ -174,6 +174,9 @@ def _step_cells(
     y = acc  # (BLOCK_M, HID) fp32 residual stream
 
     # ---- residual blocks: K-chunk the second dot so no register tensor is ever sliced
+    # the activation inside the unchained first dot's branch (utils.mma_first) in bf16; in tf32 its fp32 result
+    # spilled 8 B in the small-grid forward that keeps activations at h = 128 (both Triton releases)
+    ACT_IN_DOT: tl.constexpr = UNCHAIN and z_ptr.dtype.element_ty == tl.bfloat16
     if STORE_ACTS:
         cells_h = offs_m[:, None] * HID + offs_h[None, :]
         cells_k = offs_m[:, None] * HID + offs_k[None, :]
@@ -187,9 +190,13 @@ def _step_cells(
             acc = y
         for j in range(0, HID, BLOCK_K):
             b_w1 = tl.load(w1_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-            t = mma_first(y_a, b_w1, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, UPCAST_DOT,
-                          INPUT_PRECISION)
-            u = cast_rne(elu(t), z_ptr.dtype.element_ty, UPCAST_DOT)
+            if ACT_IN_DOT:  # ELU(y W1 + b1), rounded, inside mma_first's branch (once per element)
+                u = mma_first(y_a, b_w1, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, UPCAST_DOT,
+                              INPUT_PRECISION, z_ptr.dtype.element_ty)
+            else:
+                t = mma_first(y_a, b_w1, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, UPCAST_DOT,
+                              INPUT_PRECISION)
+                u = cast_rne(elu(t), z_ptr.dtype.element_ty, UPCAST_DOT)
             if STORE_ACTS:
                 tl.store(acts_ptr + (N_BLOCKS + 1 + blk) * act_stride + j + cells_k, u, mask=mask_m[:, None])
             b_w2 = tl.load(w2_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
@@ -266,7 +273,7 @@ def step_config(
 
     ``store_acts``: the tile of the rollout's forward that also writes the activations (``STORE_ACTS``, under the
     'none' checkpoint policy). The stores' addresses take registers (3.8 / 3.6): bf16 at h = 256 spills 176 B with
-    128 cells and fits with 64 cells x 8 warps and 32-wide hidden chunks (230 / 232 registers); at h = 128 its
+    128 cells and fits with 64 cells x 8 warps and 32-wide hidden chunks (231 / 236 registers); at h = 128 its
     64-wide output chunks spill 8 B under 3.6, 32-wide ones fit; fp32 "ieee" at h = 256 spills 40-56 B with 64
     cells and fits with 32 (184 / 255), at h = 128 spills 8 B with 32-wide output chunks and fits with 16; tf32 at
     h = 128 spills 72-80 B on 4 warps and fits on 8 (228 / 236).

@@ -40,7 +40,19 @@ from torch import Tensor
 
 from .reference import UpdateWeights, check_step_inputs
 from .spec import KernelSpec
-from .utils import elu, elu_grad, elu_grad_from_out, k_major, mma, mma_first, perceive_conv3x3, rne, unchain
+from .utils import (
+    elu,
+    elu_grad,
+    elu_grad_from_out,
+    k_major,
+    mma,
+    mma_first,
+    perceive_conv3x3,
+    rne,
+    udiv,
+    udiv_magic,
+    unchain,
+)
 
 __all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
 
@@ -226,9 +238,8 @@ def _main_cells(
                 acc = y
             for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
                 b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-                t = mma_first(y_a, b_w1t, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16,
-                              INPUT_PRECISION)
-                u = rne(elu(t), INTERP_BF16).to(dt)
+                u = mma_first(y_a, b_w1t, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16,
+                              INPUT_PRECISION, dt)  # ELU(y W1 + b1), rounded
                 tl.store(a_ptr + blk * buf_stride + j + cells_k, u, mask=mask_m[:, None])
                 b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
                 acc = mma(u, b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
@@ -265,12 +276,18 @@ def _main_cells(
         acc = dy
         for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
             b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-            du = mma_first(dy_a, b_w2, b1_ptr, False, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16, INPUT_PRECISION)
-            b_u = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
-            da = du * elu_grad_from_out(b_u.to(tl.float32))
-            tl.store(da_ptr + blk * buf_stride + j + cells_k, rne(da, INTERP_BF16).to(dt), mask=mask_m[:, None])
+            # da = (dy W2^T) * ELU'(a) from the kept u = ELU(a), rounded
+            if UNCHAIN:  # inside mma_first's branch: once per element, not per consumer layout (utils.mma_first)
+                b_u = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
+                da = mma_first(dy_a, b_w2, b1_ptr, False, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16, INPUT_PRECISION,
+                               dt, b_u)
+            else:  # (the load after the dot: tf32 at 128 cells spilled 24 B under Triton 3.6 with it before)
+                du = mma_first(dy_a, b_w2, b1_ptr, False, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16, INPUT_PRECISION)
+                b_u = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
+                da = rne(du * elu_grad_from_out(b_u.to(tl.float32)), INTERP_BF16).to(dt)
+            tl.store(da_ptr + blk * buf_stride + j + cells_k, da, mask=mask_m[:, None])
             b_w1 = tl.load(w1_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
-            acc = mma(rne(da, INTERP_BF16).to(dt), b_w1, acc, INTERP_BF16, INPUT_PRECISION)
+            acc = mma(da, b_w1, acc, INTERP_BF16, INPUT_PRECISION)
         dy = acc
     if PERCEIVE_ELU:
         if RECOMPUTE:
@@ -332,6 +349,14 @@ def _dstate_tile(
     rem = offs_m % hw
     row = rem // W_in
     col = rem % W_in
+    # the tensor-core tiles do the tap loop's index arithmetic in int32 (cell ids fit: B * H * W < 2**31, as in the
+    # weight-gradient gather; in int64 the row, column and cell products took 57 of the loop's 160 instructions,
+    # sm_90 SASS, bf16); the fp32 "ieee" tile at |z| = h = 256 spilled 8 B with it (Triton 3.8), so it keeps int64
+    IDX32: tl.constexpr = (dpre_ptr.dtype.element_ty == tl.bfloat16) or (INPUT_PRECISION == "tf32")
+    if IDX32:
+        row_s = (SCALE * row).to(tl.int32)
+        col_s = (SCALE * col).to(tl.int32)
+        corner = (bat * H * W).to(tl.int32) + row_s * W + col_s  # full-grid cell (SCALE row, SCALE col)
     offs_k = tl.arange(0, BLOCK_K)
     K_CHUNKS: tl.constexpr = HID // BLOCK_K
     for n0 in tl.static_range(0, N_SPAN, BLOCK_N):  # one pass when BLOCK_N = N_SPAN: the code it had before
@@ -352,11 +377,18 @@ def _dstate_tile(
         for it in range(KS * KS * K_CHUNKS):
             tap = it // K_CHUNKS
             k0 = (it % K_CHUNKS) * BLOCK_K
-            r = SCALE * row + (tap // KS - 1)
-            c = SCALE * col + (tap % KS - 1)
-            ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            src = (bat * H + r) * W + c  # (BLOCK_M,) full-grid cell ids; out-of-grid ones are masked
-            b_d = tl.load(dpre_ptr + src[:, None] * HID + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
+            dr = tap // KS - 1
+            dc = tap % KS - 1
+            if IDX32:
+                r = row_s + dr
+                c = col_s + dc
+                nbr = (corner + (dr * W + dc)).to(tl.int64)  # (BLOCK_M,) full-grid cell ids
+            else:
+                r = SCALE * row + dr
+                c = SCALE * col + dc
+                nbr = (bat * H + r) * W + c
+            ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)  # out-of-grid neighbours are masked
+            b_d = tl.load(dpre_ptr + nbr[:, None] * HID + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
             if W_KMAJOR:
                 b_w = tl.load(wb_ptr + (tap * C_PAD + offs_n)[None, :] * HID + (k0 + offs_k)[:, None])
             else:
@@ -439,6 +471,8 @@ def _wgrad_tile(
     BLOCK_CELLS: tl.constexpr,  # cells per step of the reduction
     ACCUMULATE: tl.constexpr,  # add to the partials already in dw / db (a rollout's earlier steps) instead of
     # overwriting them; each slot has one writer per launch and launches run in order: deterministic
+    MAGIC_DIV: tl.constexpr,  # the gather's divisions by H * W and W as multiply-highs (utils.udiv); off in the
+    # small-grid weight-gradient kernel, whose registers it raised past 128 under Triton 3.6
 ):
     """Partial weight gradients ``dW[s, mat, tap] = a[cells of s]^T @ b_tap[cells of s]`` and ``db[s, mat]``.
 
@@ -467,6 +501,9 @@ def _wgrad_tile(
         hw = H * W
         dr = tap // 3 - 1
         dc = tap % 3 - 1
+        if MAGIC_DIV:
+            m_hw, l_hw = udiv_magic(hw)
+            m_w, l_w = udiv_magic(W)
 
     start = s * cells_per_split
     end = tl.minimum(start + cells_per_split, M)
@@ -483,15 +520,22 @@ def _wgrad_tile(
         acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for l0 in range(start, end, BLOCK_CELLS):
         offs_cell = l0 + offs_l  # int64 cell ids
-        ok = offs_cell < end
+        ok = offs_l < (end - l0).to(tl.int32)  # one int32 compare per row (as offs_cell < end: an int64 one)
         b_at = tl.load(a_base + offs_cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
         if GATHER:
             # cell ids fit int32 (B * H * W < 2**31); int64 divisions were calls of a ~70-instruction routine, 4 per
-            # row per k-step (sm_90 SASS). Element offsets stay int64.
+            # row per k-step (sm_90 SASS), uint32 ones ~8 instructions, multiply-highs (MAGIC_DIV) 3. Element
+            # offsets stay int64.
             cell = offs_cell.to(tl.uint32)  # unsigned: no sign fix-ups around each division
-            bat = cell // hw.to(tl.uint32)
+            if MAGIC_DIV:
+                bat = udiv(cell, m_hw, l_hw)
+            else:
+                bat = cell // hw.to(tl.uint32)
             rem = cell - bat * hw.to(tl.uint32)
-            r0 = rem // W.to(tl.uint32)
+            if MAGIC_DIV:
+                r0 = udiv(rem, m_w, l_w)
+            else:
+                r0 = rem // W.to(tl.uint32)
             r = r0.to(tl.int32) + dr
             c = (rem - r0 * W.to(tl.uint32)).to(tl.int32) + dc
             bat = bat.to(tl.int32)
@@ -536,7 +580,7 @@ def _acc_wgrad_1x1_tile(
         GTB: tl.constexpr = HID // BB_O
         _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), g_ptr, y_ptr + N_BLOCKS * M * HID,
                     acc_ptr + OFF_WO, acc_ptr + OFF_DBO, M, 1, 1, cells_per_split, S, 1, SLOT, SLOT, C, HID, 1,
-                    False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True)
+                    False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True, False)
     elif N_BLOCKS > 0:
         q = q - n_wo
         GA: tl.constexpr = HID // BA_H
@@ -546,12 +590,12 @@ def _acc_wgrad_1x1_tile(
             _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), da_ptr, y_ptr,
                         acc_ptr + OFF_W1, acc_ptr + OFF_DB1, M, 1, 1, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
                         HID, HID, 1, False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
-                        BLOCK_CELLS, True)
+                        BLOCK_CELLS, True, False)
         else:  # dW2_i = sum dy_{i+1}^T ELU(a_i)
             _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), dy_ptr, a_ptr,
                         acc_ptr + OFF_W2, acc_ptr + OFF_DB2, M, 1, 1, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
                         HID, HID, 1, False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
-                        BLOCK_CELLS, True)
+                        BLOCK_CELLS, True, False)
 
 
 # The per-step kernel keeps its own copy of the GEMM loop: written as a call of _wgrad_tile it compiled with a

@@ -152,7 +152,7 @@ def _rollout_bwd_post_kernel(
         GTB: tl.constexpr = 9 * (C // BB_P)
         _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), dpre_ptr, z_ptr, acc_ptr,
                     acc_ptr + 9 * HID * C, M, H, W, cells_per_split, S, 1, SLOT, SLOT, HID, C, 9, True,
-                    1 if DOUBLE else 0, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
+                    1 if DOUBLE else 0, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True, True)
     else:
         _acc_wgrad_1x1_tile(pid - n_ds - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, M, cells_per_split, S,
                             SLOT, n_wo, n_w1, C, HID, N_BLOCKS, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BA_H,

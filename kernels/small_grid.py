@@ -410,7 +410,7 @@ def _rollout_wgrad_small_kernel(
                 zin = keep_ptr + (row0 - batch * h_in * w_in) * C
             _wgrad_tile(pid % GA, (pid // GA) % GTB, (pid // (GA * GTB)).to(tl.int64), dpre_ptr + row0 * HID, zin,
                         acc_ptr, acc_ptr + 9 * HID * C, batch * h * w, h, w, cps_p, s_p, 1, SLOT, SLOT, HID, C, 9, True,
-                        shift, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True)
+                        shift, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True, False)
             row0 += batch * h * w
     else:
         _acc_wgrad_1x1_tile(pid - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, m_total, cps_1, s_1, SLOT, n_wo,

@@ -54,6 +54,26 @@ def elu_grad_from_out(e):
 
 
 @triton.jit
+def udiv_magic(d):
+    """(m, sh) such that ``udiv(n, m, sh) == n // d`` for every 0 <= n < 2**31 (1 <= d < 2**31): a divisor's
+    multiplier, computed once per program (a scalar loop and one int64 division), so that a loop's divisions by a
+    runtime value cost a multiply-high and a shift each instead of the ~8 instructions of a generic division.
+    Granlund and Montgomery (1994), Theorem 4.2 with N = 31: sh = ceil(log2 d), m = ceil(2**(31 + sh) / d) < 2**32."""
+    d64 = d.to(tl.int64)
+    sh = d64 * 0
+    while (d64 * 0 + 1) << sh < d64:
+        sh += 1
+    m = (((d64 * 0 + 1) << (31 + sh)) + d64 - 1) // d64
+    return m.to(tl.uint32), sh.to(tl.uint32)
+
+
+@triton.jit
+def udiv(n, m, sh):
+    """``n // d`` for uint32 0 <= n < 2**31, with ``(m, sh) = udiv_magic(d)``: floor(2 n m / 2**32) >> sh."""
+    return tl.umulhi(n + n, m) >> sh
+
+
+@triton.jit
 def rne(x, EMULATE_RNE: tl.constexpr):
     """x (fp32), rounded to bf16's precision to nearest-even when EMULATE_RNE, so the cast that follows is exact."""
     if EMULATE_RNE:
@@ -81,9 +101,12 @@ def mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def mma_first(a, b, bias_ptr, HAS_BIAS: tl.constexpr, UNCHAIN: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              ELU_TO: tl.constexpr = None, elu_out=None):
     """a @ b (+ the bias chunk at ``bias_ptr`` when HAS_BIAS), fp32 ``(BLOCK_M, BLOCK_N)``: the first of two chained
     dots (its result, through an activation, is the second dot's operand). UNCHAIN: without Triton's chained-dot layout.
+    ELU_TO, a dtype: the result through the activation, rounded to ELU_TO: ``ELU(t)`` (the forward), or with
+    ``elu_out`` (``ELU(x)`` of the same chunk, as kept by the forward) the backward's ``t * ELU'(x)``.
 
     Triton (3.6 and 3.8: ``warpsPerTileV3`` in AccelerateMatmul) lays out a dot whose result reaches another dot
     (its forward slice) as ``[num_warps, 1]``: on 64-row tiles with 8 warps both warpgroups then compute the same
@@ -91,20 +114,40 @@ def mma_first(a, b, bias_ptr, HAS_BIAS: tl.constexpr, UNCHAIN: tl.constexpr, BLO
     compiler cannot fold (``program_id >= 0``, always true): its result leaves through the branch's yield, the dot
     gets the default layout (8 warps on 64 rows: ``[4, 2]``, each warpgroup its own half of the columns) and
     reaches the consuming dot through a layout conversion. The bias is read inside the branch too (outside, the
-    loop pipeliner turned its load into 4-byte cp.async copies). The sm_90 fit tests assert the tensor work.
+    loop pipeliner turned its load into 4-byte cp.async copies), and so is the activation: outside, the compiler
+    converted the fp32 result to each consumer's layout (the second dot's operand, replicated over both
+    warpgroups, and the store of the activations) and computed the ELU on every copy, 3x the exponentials (sm_90
+    SASS of the forward that keeps activations, bf16 h = 256: 24 instead of 8 per thread per chunk). The sm_90 fit
+    tests assert the tensor work.
     """
     if UNCHAIN:
         if tl.program_id(0) >= 0:
             t = mma(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
             if HAS_BIAS:
                 t += tl.load(bias_ptr + tl.arange(0, BLOCK_N))[None, :]
+            t = _act(t, ELU_TO, elu_out, UPCAST_DOT)
         else:
-            t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if ELU_TO is not None:
+                t = tl.zeros((BLOCK_M, BLOCK_N), dtype=ELU_TO)
+            else:
+                t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         t = mma(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
         if HAS_BIAS:
             t += tl.load(bias_ptr + tl.arange(0, BLOCK_N))[None, :]
+        t = _act(t, ELU_TO, elu_out, UPCAST_DOT)
     return t
+
+
+@triton.jit
+def _act(t, ELU_TO: tl.constexpr, elu_out, UPCAST_DOT: tl.constexpr):
+    """mma_first's activation: t unchanged (no ELU_TO), ELU(t) or t * ELU'(x) from elu_out = ELU(x), rounded."""
+    if ELU_TO is None:
+        return t
+    elif elu_out is None:
+        return cast_rne(elu(t), ELU_TO, UPCAST_DOT)
+    else:
+        return cast_rne(t * elu_grad_from_out(elu_out.to(tl.float32)), ELU_TO, UPCAST_DOT)
 
 
 @triton.jit

@@ -79,6 +79,36 @@ def test_bf16_rollout_gradients_within_twice_the_reference_bf16_error(policy, sm
                                           f"got {err:.3g}"
 
 
+
+@pytest.mark.parametrize("policy", ["none", "step"])
+def test_bf16_unchained_forward_tiles_apply_the_activation_once(monkeypatch, policy, nan_poison):
+    """bf16 forward tiles of 32 cells x 4 warps take the unchained first dot (``utils.mma_first``), which applies the
+    ELU inside its branch (``ACT_IN_DOT``; the interpreter's own tiles are chained): the output, the activations the
+    forward keeps under 'none' and every gradient within 2x the reference's bf16 error, as with chained tiles."""
+    from fastnca.kernels import rollout
+
+    real_cfg, real_consts = rollout.step_config, rollout.fwd_constexprs
+    unchained = []
+    monkeypatch.setattr(rollout, "step_config", lambda *a, **k: real_cfg(*a, **k)._replace(block_m=32, num_warps=4))
+    monkeypatch.setattr(rollout, "fwd_constexprs",
+                        lambda *a, **k: (c := real_consts(*a, **k), unchained.append(c["UNCHAIN"]))[0])
+    b = 2
+    weights = make_weights(16, 32, 2, gain=0.4)
+    state = make_state(b, 16, 2, 2)
+    masks = _masks(b)
+    upstream = torch.randn(b, 16, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    ref64, g64 = _ref_grads(state, weights, masks, upstream, torch.float64)
+    ref16, g16 = _ref_grads(state, weights, masks, upstream, torch.bfloat16)
+    out, gtri = _fused_grads(state.bfloat16(), UpdateWeights.from_flat(
+        [None if t is None else t.bfloat16() for t in weights.flat()]), masks, upstream, policy, small_grid=False)
+    assert unchained and all(unchained), f"expected every forward launch unchained, got UNCHAIN = {unchained}"
+    assert rel_err(ref64, out) <= 2 * rel_err(ref64, ref16) + 1e-5
+    for i, (a, r, t) in enumerate(zip(g64, g16, gtri)):
+        assert torch.isfinite(t).all(), f"grad {i}: expected finite values (unwritten workspace?)"
+        err, ref_err = rel_err(a, t), rel_err(a, r)
+        assert err <= 2 * ref_err + 1e-5, f"grad {i}: expected <= 2x the reference's bf16 error {ref_err:.3g}, " \
+                                          f"got {err:.3g}"
+
 def test_fp32_rollout_with_masks_matches_float64_and_reruns_bitwise(nan_poison):
     b = 3
     weights = make_weights(16, 16, 1, gain=0.4)
