@@ -50,6 +50,10 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "4 warps", {"post.wg_warps": 4}),
     ("post", "3 stages", {"post.wg_stages": 3}),
     ("post", "128x128 tiles", {"post.wg_block": 128}),
+    # fits both Triton releases without spills (255 registers: one program per SM instead of two), twice the tensor
+    # work per k-step for about the same instructions (sm_90 SASS, bf16 z = h = 256: dWp 193 vs 204 per k-step,
+    # the 1x1 GEMMs 105-107 vs 115-117), half the operand bytes per multiply-add
+    ("post", "128x128 tiles, 64 cells per k-step", {"post.wg_block": 128, "post.wg_block_cells": 64}),
     ("post", "128x128 tiles, 4 warps", {"post.wg_block": 128, "post.wg_warps": 4}),
     # the state-gradient programs over every state channel: 130-218 registers, one program per SM; shipped: 128
     # channels (bf16) / 64 (tf32) per program, <= 128 registers, two per SM (kernels/rollout.post_config)
