@@ -59,8 +59,9 @@ def test_rollout_is_one_autograd_node_over_the_weights():
     assert len(inputs) == n_params + 1, f"expected the state and {n_params} weights as direct inputs, got {inputs}"
 
 
-@pytest.mark.parametrize("policy,small_grid", [("none", True), ("none", False), ("segments=3", True)])
-def test_bf16_rollout_gradients_within_twice_the_reference_bf16_error(policy, small_grid, nan_poison):
+def _check_bf16_rollout(policy: str, small_grid: bool) -> None:
+    """The bf16 rollout (|z| = 16, h = 32, 2 blocks, masks, 2x2 -> 8x8): output and gradients within 2x the
+    reference's own bf16 error, every gradient finite."""
     b = 2
     weights = make_weights(16, 32, 2, gain=0.4)
     state = make_state(b, 16, 2, 2)
@@ -79,6 +80,10 @@ def test_bf16_rollout_gradients_within_twice_the_reference_bf16_error(policy, sm
                                           f"got {err:.3g}"
 
 
+@pytest.mark.parametrize("policy,small_grid", [("none", True), ("none", False), ("segments=3", True)])
+def test_bf16_rollout_gradients_within_twice_the_reference_bf16_error(policy, small_grid, nan_poison):
+    _check_bf16_rollout(policy, small_grid)
+
 
 @pytest.mark.parametrize("policy", ["none", "step"])
 def test_bf16_unchained_forward_tiles_apply_the_activation_once(monkeypatch, policy, nan_poison):
@@ -92,22 +97,9 @@ def test_bf16_unchained_forward_tiles_apply_the_activation_once(monkeypatch, pol
     monkeypatch.setattr(rollout, "step_config", lambda *a, **k: real_cfg(*a, **k)._replace(block_m=32, num_warps=4))
     monkeypatch.setattr(rollout, "fwd_constexprs",
                         lambda *a, **k: (c := real_consts(*a, **k), unchained.append(c["UNCHAIN"]))[0])
-    b = 2
-    weights = make_weights(16, 32, 2, gain=0.4)
-    state = make_state(b, 16, 2, 2)
-    masks = _masks(b)
-    upstream = torch.randn(b, 16, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
-    ref64, g64 = _ref_grads(state, weights, masks, upstream, torch.float64)
-    ref16, g16 = _ref_grads(state, weights, masks, upstream, torch.bfloat16)
-    out, gtri = _fused_grads(state.bfloat16(), UpdateWeights.from_flat(
-        [None if t is None else t.bfloat16() for t in weights.flat()]), masks, upstream, policy, small_grid=False)
+    _check_bf16_rollout(policy, small_grid=False)
     assert unchained and all(unchained), f"expected every forward launch unchained, got UNCHAIN = {unchained}"
-    assert rel_err(ref64, out) <= 2 * rel_err(ref64, ref16) + 1e-5
-    for i, (a, r, t) in enumerate(zip(g64, g16, gtri)):
-        assert torch.isfinite(t).all(), f"grad {i}: expected finite values (unwritten workspace?)"
-        err, ref_err = rel_err(a, t), rel_err(a, r)
-        assert err <= 2 * ref_err + 1e-5, f"grad {i}: expected <= 2x the reference's bf16 error {ref_err:.3g}, " \
-                                          f"got {err:.3g}"
+
 
 def test_fp32_rollout_with_masks_matches_float64_and_reruns_bitwise(nan_poison):
     b = 3
