@@ -45,6 +45,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from benchmarks.flops import Cost, iwae_cost, rollout_cost, step_cost, train_cost
+from fastnca.rng import generator_on
 
 __all__ = [
     "BACKENDS",
@@ -422,8 +423,7 @@ class CaseContext:
         """The case's rollout from latents ``z``: the whole schedule, or its leading steps (``self.flags``)."""
         if self.flags is None:
             return self.nca(z, num_steps=self.num_steps, generator=generator)
-        mask_gen = generator if generator is not None and generator.device == z.device else None
-        return self.nca.run(self.nca.seed(z), self.flags, generator=mask_gen)
+        return self.nca.run(self.nca.seed(z), self.flags, generator=generator_on(generator, z.device))
 
     def _rollout_grads(self, z: Tensor, dy: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         """Forward + backward of the rollout from the leaf latents ``z`` with upstream gradient ``dy``: the final

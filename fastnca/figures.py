@@ -24,6 +24,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from fastnca.pool import damage
+from fastnca.rng import generator_on
 
 __all__ = [
     "save_grid",
@@ -174,7 +175,7 @@ def _grow_z(model: Any, n: int, generator: torch.Generator | None) -> Tensor:
 
 
 def _mask_gen(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
-    return generator if generator is not None and generator.device == device else None
+    return generator_on(generator, device)
 
 
 @torch.no_grad()

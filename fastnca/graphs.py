@@ -65,6 +65,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from fastnca.rng import generator_on
+
 __all__ = [
     "WARMUP_CALLS",
     "GraphCache",
@@ -463,7 +465,7 @@ class IwaeGraph:
         ``generator=None`` draws from the default generator of the model's device (registered by every graph).
         """
         model = self.model
-        if generator is not None and generator.device != self.generator.device:
+        if generator is not None and generator_on(generator, self.generator.device) is None:
             return model.iwae(x, k, generator=generator)  # a generator the graphs cannot draw from
         own = None if generator is None else self.generator
         key = (tuple(x.shape), x.dtype, k, model.training, own is None)

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from fastnca.kernels.reference import UpdateWeights, nca_step_ref
 from fastnca.kernels.schedule import RolloutPlan, draw_masks, parse_checkpoint, plan_rollout
+from fastnca.rng import generator_on
 
 __all__ = ["UpdateNet", "ResidualBlock", "NCA", "BACKENDS", "resolve_backend", "parse_checkpoint", "RolloutPlan"]
 
@@ -312,8 +313,7 @@ class NCA(nn.Module):
         if not self.doubling and num_steps is None:
             cpu_gen = generator if generator is not None and generator.device.type == "cpu" else None
             num_steps = self.sample_num_steps(cpu_gen)
-        mask_gen = generator if generator is not None and generator.device == z.device else None
-        return self.run(self.seed(z), self.schedule(num_steps), generator=mask_gen,
+        return self.run(self.seed(z), self.schedule(num_steps), generator=generator_on(generator, z.device),
                         return_states=return_states, checkpoint=checkpoint)
 
     def extra_repr(self) -> str:

@@ -1,5 +1,6 @@
 """Every random number generator's state as plain tensors, lists and numbers, for checkpoints (so they load with
-``weights_only=True``) and for giving each DDP rank its own state back (``fastnca/distributed.py``)."""
+``weights_only=True``) and for giving each DDP rank its own state back (``fastnca/distributed.py``); and which
+generator draws on which device."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["rng_state", "set_rng_state"]
+__all__ = ["rng_state", "set_rng_state", "generator_on"]
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
@@ -47,3 +48,16 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator])
             g.set_state(state["generators"][k])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """``generator`` when it can draw tensors on ``device``, else None (the device's global generator draws).
+
+    The device *type* decides, as in PyTorch's own check: ``torch.Generator("cuda").device`` has no index
+    (``cuda``), while a CUDA tensor's is ``cuda:0``, and the two do not compare equal; an equality test here sent
+    the update masks of ``model.iwae(x, k, generator=torch.Generator("cuda"))`` to the global generator, so seeded
+    GPU evaluations did not repeat themselves.
+    """
+    if generator is None or generator.device.type != torch.device(device).type:
+        return None
+    return generator

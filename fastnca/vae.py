@@ -22,6 +22,7 @@ from fastnca.likelihoods import (
     dml_sample,
 )
 from fastnca.nca import NCA, nca_from_config, resolve_backend
+from fastnca.rng import generator_on
 
 __all__ = ["Encoder", "VNCA", "ConvVAE", "build_model", "gaussian_kl", "LOG_2PI"]
 
@@ -304,9 +305,8 @@ class VNCA(_LatentVAE):
                              f"got {tuple(start_states.shape)}")
         seeds = nca.seed(z[:n_fresh])
         start = torch.cat([seeds, start_states.to(seeds.dtype)])
-        mask_gen = generator if generator is not None and generator.device == z.device else None
-        return nca.run(start, nca.schedule(num_steps), generator=mask_gen, return_states=return_states,
-                       checkpoint=checkpoint)
+        return nca.run(start, nca.schedule(num_steps), generator=generator_on(generator, z.device),
+                       return_states=return_states, checkpoint=checkpoint)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, mode: str = "mean",

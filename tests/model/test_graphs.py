@@ -351,8 +351,9 @@ def test_graph_replay_nondoubling_training_matches_eager_on_cuda(tmp_path, mnist
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_eager_iwae_and_loss_rerun_bitwise_on_cuda(precision):
     """The premise of the replay tests: eager evaluation on the GPU repeats itself exactly with one seed. (On an
-    H100, 2026-11-28, the two replay-vs-eager IWAE tests differed by 0.8-1.6 % from their first, eager batch;
-    this test tells run-to-run variation of eager execution apart from a graph fault.)"""
+    H100, 2026-11-28, the two replay-vs-eager IWAE tests differed by 0.8-1.6 % from their first, eager batch: the
+    update masks of a call seeded with ``torch.Generator("cuda")``, whose device has no index, came from the global
+    generator; ``fastnca.rng.generator_on`` since, tests/model/test_rng.py.)"""
     model = VNCA(doubling_config(device="cuda", precision=precision)).to(CUDA).eval()
     with torch.no_grad():
         model.nca.update_net.out.weight.normal_(0, 0.05)
