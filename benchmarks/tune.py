@@ -47,8 +47,17 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "64 cells per k-step, splits >= 1024 (before 2026-11-28)",
      {"post.wg_block_cells": 64, "min_cells_per_split": 1024}),
     ("post", "splits >= 16384", {"min_cells_per_split": 16384}),
+    # one warpgroup per program, 64x64 instructions instead of 64x32 (measured 1.08x at 81ffdd1 while it spilled
+    # 72-112 B); no spills since the state gradient's channel split: 168 / 174 registers (Triton 3.8 / 3.6, bf16
+    # z = h = 256), 188 with doubling under 3.6
     ("post", "4 warps", {"post.wg_warps": 4}),
+    # 2 stages leave no copy in flight while a k-step waits for its operands: the loop waits for all outstanding
+    # copies (TTGIR ``async_wait {num = 0}``), then issues the dot and the next k-step's copies; 3 stages wait for
+    # one k-step's copies with the next one's in flight (``num = 2``). 98304 B of shared memory, <= 128 registers
+    # (Triton 3.8 / 3.6, bf16 z = h = 256), no spills: still two programs per SM
     ("post", "3 stages", {"post.wg_stages": 3}),
+    # two k-steps of copies in flight at the same 98304 B (and <= 124 registers) as 3 stages of 128 cells
+    ("post", "4 stages, 64 cells per k-step", {"post.wg_stages": 4, "post.wg_block_cells": 64}),
     ("post", "128x128 tiles", {"post.wg_block": 128}),
     # fits both Triton releases without spills (255 registers: one program per SM instead of two), twice the tensor
     # work per k-step for about the same instructions (sm_90 SASS, bf16 z = h = 256: dWp 193 vs 204 per k-step,
