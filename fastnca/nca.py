@@ -97,12 +97,20 @@ class UpdateNet(nn.Module):
         return self.out(y)
 
 
+# the fused kernels' bf16 / tf32 dots need tensor cores of compute capability 8.0 (A100, RTX 30xx) or newer
+MIN_TRITON_CAPABILITY = (8, 0)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' picks the fused Triton kernels on CUDA and the reference elsewhere."""
+    """'auto' picks the fused Triton kernels on CUDA GPUs of compute capability 8.0 or newer and the reference
+    elsewhere (older GPUs such as the T4 have no bf16 / tf32 tensor cores and too little shared memory for the
+    kernels' tiles)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        # without CUDA here, a plan for "a CUDA device" (memory model, benchmarks) assumes a capable one
+        capable = not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= MIN_TRITON_CAPABILITY
+        return "triton" if device.type == "cuda" and _triton_available() and capable else "torch"
     return backend
 
 

@@ -19,6 +19,16 @@ def test_auto_backend_picks_the_reference_on_the_cpu():
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 5), "torch"), ((8, 0), "triton"), ((8, 6), "triton"),
+                                                  ((9, 0), "triton")])
+def test_auto_backend_takes_the_fused_kernels_from_compute_capability_8(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    got = resolve_backend("auto", torch.device("cuda"))
+    assert got == expected, f"compute capability {capability}: expected {expected!r}, got {got!r}"
+    assert resolve_backend("triton", torch.device("cuda")) == "triton", "an explicit backend is kept"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["small", "mnist-nondoubling"])
 def test_training_step_matches_the_reference_backend(preset):
