@@ -57,8 +57,12 @@ __all__ = [
     "GPU_TRITON",
     "LIKELIHOOD_SHIPPED",
     "SHIPPED",
+    "SMALL_SMEM",
+    "SMALL_SMEM_ARCH",
+    "SMALL_SMEM_FITS",
     "SMEM_LIMIT",
     "BwdFitResult",
+    "FallbackResult",
     "BwdFitSpec",
     "FitResult",
     "FitSpec",
@@ -67,6 +71,7 @@ __all__ = [
     "compile_sm90",
     "fit",
     "fit_bwd",
+    "fit_fallback",
     "fit_rollout",
     "fit_kernels",
     "fit_likelihood",
@@ -74,6 +79,7 @@ __all__ = [
     "fit_many",
     "fit_pythons",
     "format_bwd_table",
+    "format_fallback_table",
     "format_table",
     "triton_version",
 ]
@@ -112,9 +118,10 @@ def _bin(tool: str) -> str:
 
 
 def compile_sm90(
-    fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_warps: int, num_stages: int
+    fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_warps: int, num_stages: int, arch: int = 90
 ) -> KernelFit:
-    """Compile one jit function for sm_90 in this process and read registers, spills, shared memory, MMA counts.
+    """Compile one jit function for sm_90 (``arch``: another compute capability, e.g. 86) in this process and read
+    registers, spills, shared memory, MMA counts.
 
     Needs a real ``JITFunction`` (not decorated under TRITON_INTERPRET=1; :func:`fit_kernels` handles that case).
     """
@@ -130,7 +137,7 @@ def compile_sm90(
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     t0 = time.perf_counter()
     compiled = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,10 +206,11 @@ def needed_flops(spec: KernelSpec) -> int | None:
     return sum(2 * m * n * k for m, n, k in sites)
 
 
-def _job(spec: KernelSpec) -> dict[str, Any]:
+def _job(spec: KernelSpec, arch: int = 90) -> dict[str, Any]:
     """A spec as JSON: the jit function by module and name, so that a child process can import it."""
     py_fn = spec.fn.fn  # the decorated Python function, under both JITFunction and InterpretedFunction
     return {
+        **({"arch": arch} if arch != 90 else {}),
         "module": py_fn.__module__,
         "qualname": py_fn.__qualname__,
         "signature": spec.signature,
@@ -214,7 +222,8 @@ def _job(spec: KernelSpec) -> dict[str, Any]:
 
 def _compile_job(job: dict[str, Any]) -> KernelFit:
     fn = getattr(importlib.import_module(job["module"]), job["qualname"])
-    return compile_sm90(fn, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"])
+    return compile_sm90(fn, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"],
+                        job.get("arch", 90))
 
 
 _FITS: dict[tuple[str, str], KernelFit] = {}  # compiled this process: (python, json of the job) -> fit
@@ -281,9 +290,11 @@ def _run_children(python: str, todo: list[str], jobs: int) -> list[KernelFit]:
     return results  # type: ignore[return-value]
 
 
-def fit_kernels(specs: list[KernelSpec] | tuple[KernelSpec, ...], python: str | None = None) -> list[KernelFit]:
-    """Compile kernels for sm_90: in this process, or in child processes (of ``python``, another interpreter
-    with its own Triton release, or of this one without TRITON_INTERPRET when that is set here).
+def fit_kernels(specs: list[KernelSpec] | tuple[KernelSpec, ...], python: str | None = None,
+                arch: int = 90) -> list[KernelFit]:
+    """Compile kernels for sm_90 (``arch``: another compute capability): in this process, or in child processes
+    (of ``python``, another interpreter with its own Triton release, or of this one without TRITON_INTERPRET when
+    that is set here).
 
     Several kernels are compiled by :func:`fit_jobs` child processes at once (``FASTNCA_FIT_JOBS=1``: one child,
     or this process where it can compile); the results are the same, in the same order. Each distinct kernel is
@@ -291,7 +302,7 @@ def fit_kernels(specs: list[KernelSpec] | tuple[KernelSpec, ...], python: str | 
     shapes, share one compile).
     """
     who = str(python) if python else ""
-    keys = [json.dumps(_job(s), sort_keys=True) for s in specs]
+    keys = [json.dumps(_job(s, arch), sort_keys=True) for s in specs]
     todo = list(dict.fromkeys(k for k in keys if (who, k) not in _FITS))
     jobs = min(fit_jobs(), len(todo))
     if jobs > 1:
@@ -608,11 +619,112 @@ def fit_likelihood(
     ]
 
 
+# ------------------------------------------------------------------------------- GPUs with less shared memory
+SMALL_SMEM = 101376  # bytes of shared memory one program may use on sm_86 / sm_89 / sm_120 GPUs (99 KiB)
+SMALL_SMEM_ARCH = 86
+# the networks whose shipped tiles need more than that (compiled for sm_86: the 256-channel ones; the 128-channel
+# kernels need at most 72 KiB)
+SMALL_SMEM_FITS: tuple[BwdFitSpec, ...] = tuple(f for f in BWD_SHIPPED if f.hidden_channels >= 256)
+
+
+class FallbackResult(NamedTuple):
+    config: str
+    kernel: str
+    shipped: int  # shared memory of the shipped tiles on the small-memory GPU (B)
+    tried: int  # tilings compiled, the shipped one first
+    runs: str | None  # the first tiling that fits (warps/stages, tiles), as the launch site takes it; None: none
+    shared: int | None  # its shared memory (B)
+
+
+def _describe(k: KernelSpec) -> str:
+    tiles = {c: v for c, v in k.constexprs.items() if c.startswith(("BLOCK_", "BA_", "BB_", "DS_BLOCK"))}
+    return f"{k.num_warps}/{k.num_stages} " + " ".join(f"{c}={v}" for c, v in tiles.items())
+
+
+def _fallback_chains(f: BwdFitSpec) -> list[tuple[str, list[KernelSpec]]]:
+    """Every kernel the fused backend launches for ``f`` by default (per-step forward and backward, the rollout's
+    forward that keeps activations, small-grid forward, main kernel on kept activations, post kernel), each with the
+    tilings its launch site tries on a GPU with less shared memory (``kernels/launch.py``), the shipped one first."""
+    from . import rollout as ro
+    from . import small_grid as sg
+    from .launch import smaller_tiles
+    from .nca_step import fwd_candidates, fwd_kernel_spec, step_config
+    from .nca_step_bwd import bwd_config, bwd_kernel_specs, main_candidates
+
+    dt = _torch_dtype(f.dtype)
+    c, h, nb, ip = f.state_channels, f.hidden_channels, f.n_blocks, f.input_precision
+    hp = 1 << (h - 1).bit_length()
+    out: list[tuple[str, list[KernelSpec]]] = []
+    for store in (False, True):
+        cfg = step_config(c, h, dt, input_precision=ip, store_acts=store, interpret=False)
+        out.append(("fwd-store" if store else "fwd", [
+            fwd_kernel_spec(c, h, nb, dt, input_precision=ip, double=f.double, mask=f.mask, store_acts=store,
+                            config=k) for k in fwd_candidates(cfg)]))
+        small = sg.small_config(c, h, dt, input_precision=ip, store_acts=store, interpret=False)
+        if small is not None:
+            out.append(("small-fwd-store" if store else "small-fwd", [
+                sg.small_fwd_kernel_spec(c, h, nb, dt, input_precision=ip, mask=f.mask, store_acts=store, config=k)
+                for k in fwd_candidates(small, keep_cells=True)]))
+
+    def bwd(cfg: Any, i: int, recompute: bool = True) -> KernelSpec:
+        return bwd_kernel_specs(c, h, nb, dt, double=f.double, mask=f.mask, input_precision=ip, recompute=recompute,
+                                config=cfg)[i]
+
+    for recompute in (True, False):
+        cfg = bwd_config(c, hp, dt, ip, n_blocks=nb, recompute=recompute, interpret=False)
+        out.append(("main" if recompute else "main-stored", [bwd(k, 0, recompute) for k in main_candidates(cfg)]))
+    cfg = bwd_config(c, hp, dt, ip, n_blocks=nb, interpret=False)
+    out.append(("dstate", [bwd(k, 1) for k in smaller_tiles(cfg, "ds_stages")]))
+    wgrads = [bwd_kernel_specs(c, h, nb, dt, double=f.double, mask=f.mask, input_precision=ip, config=k)[2:]
+              for k in smaller_tiles(cfg, "wg_stages")]
+    out += [(specs[0].name, list(specs)) for specs in zip(*wgrads)]
+    pcfg = ro.post_config(c, hp, dt, ip, n_blocks=nb, interpret=False)
+    for d in (False, True):
+        out.append(("post-double" if d else "post", [
+            ro.post_kernel_spec(c, h, nb, dt, double=d, input_precision=ip, cfg=k)
+            for k in smaller_tiles(pcfg, "wg_stages")]))
+    return out
+
+
+def fit_fallback(fits: list[BwdFitSpec] | tuple[BwdFitSpec, ...] = SMALL_SMEM_FITS, *, arch: int = SMALL_SMEM_ARCH,
+                 limit: int = SMALL_SMEM, python: str | None = None) -> list[FallbackResult]:
+    """Which tiling each kernel runs with on a GPU with ``limit`` bytes of shared memory per program: compile each
+    launch site's candidates for ``arch`` in order (``kernels/launch.py``), until one fits."""
+    chains = [(f.name, name, chain) for f in fits for name, chain in _fallback_chains(f)]
+    pos = [0] * len(chains)
+    shipped: list[int] = [0] * len(chains)
+    found: dict[int, KernelFit | None] = {}
+    while len(found) < len(chains):
+        todo = [i for i in range(len(chains)) if i not in found]
+        for i, fit in zip(todo, fit_kernels([chains[i][2][pos[i]] for i in todo], python, arch)):
+            if pos[i] == 0:
+                shipped[i] = fit.shared
+            if fit.shared <= limit:
+                found[i] = fit
+            elif pos[i] + 1 == len(chains[i][2]):
+                found[i] = None
+            else:
+                pos[i] += 1
+    return [FallbackResult(cfg, name, shipped[i], pos[i] + 1, None if found[i] is None else _describe(chain[pos[i]]),
+                           None if found[i] is None else found[i].shared)
+            for i, (cfg, name, chain) in enumerate(chains)]
+
+
+def format_fallback_table(rows: list[FallbackResult]) -> str:
+    lines = ["| config | kernel | shipped smem (B) | tilings tried | runs with (warps/stages, tiles) | smem (B) |",
+             "|---|---|---:|---:|---|---:|"]
+    lines += [f"| {r.config} | {r.kernel} | {r.shipped} | {r.tried} | {r.runs or 'none fits'} | {r.shared or '-'} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of tables")
-    parser.add_argument("--only", choices=("fwd", "bwd", "rollout", "likelihood"), help="only one of the tables")
+    parser.add_argument("--only", choices=("fwd", "bwd", "rollout", "likelihood", "small-smem"),
+                        help="only one of the tables ('small-smem': the tilings each kernel falls back to on a "
+                        f"sm_{SMALL_SMEM_ARCH} GPU, {SMALL_SMEM} B of shared memory; not in the default set)")
     parser.add_argument(
         "--python",
         action="append",
@@ -629,6 +741,11 @@ def main() -> None:
             print(json.dumps(_compile_job(job)._asdict()), flush=True)
         return
     pythons = [None if p == "self" else p for p in args.python or ["self"]]
+    if args.only == "small-smem":
+        for p in pythons:
+            print(f"fallback tilings on sm_{SMALL_SMEM_ARCH} ({SMALL_SMEM} B of shared memory), triton "
+                  f"{triton_version(p)}, {time.strftime('%Y-%m-%d')}\n" + format_fallback_table(fit_fallback(python=p)))
+        return
     passes = {"fwd": lambda p: fit_many(SHIPPED, python=p), "bwd": lambda p: fit_bwd(BWD_SHIPPED, python=p),
               "rollout": lambda p: fit_rollout(BWD_SHIPPED, python=p), "likelihood": lambda p: fit_likelihood(python=p)}
     if args.json:

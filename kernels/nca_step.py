@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import launch_fitting, smaller_tiles
 from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights, check_step_inputs, nca_step_ref
 from .spec import KernelSpec
@@ -301,6 +302,15 @@ def step_config(
     return StepConfig(32, min(32, base_k), min(16 if store_acts else 32, block_n), 8, 2)
 
 
+def fwd_candidates(cfg: StepConfig, keep_cells: bool = False) -> list[StepConfig]:
+    """``cfg``, then smaller tiles for GPUs with less shared memory than the H100 (``launch.smaller_tiles``): fewer
+    stages, then narrower output-channel chunks, then (unless ``keep_cells``: the small-grid kernel, whose programs
+    own whole samples) fewer cells per program. Compiled for sm_86 (99 KiB per block; ``python -m
+    fastnca.kernels.fit --only small-smem``), the 256-channel forwards fit at 1 stage (bf16, 96 KiB), with 32-wide
+    output chunks (fp32 "ieee", 96 KiB) or with 16-wide ones on 32 cells (tf32, 68 KiB)."""
+    return smaller_tiles(cfg, "num_stages", ("block_n",) if keep_cells else ("block_n", "block_m"))
+
+
 def fwd_k_major(input_precision: str) -> bool:
     """Whether the forward reads K-major weights (``utils.k_major``: tf32)."""
     return k_major(input_precision)
@@ -546,17 +556,21 @@ def nca_step_fwd(
                                 num_cells=num_cells)
     k_major = fwd_k_major(input_precision)
     p = _packed(weights, dtype, k_major)
-    grid = (triton.cdiv(num_cells, cfg.block_m),)
-    _nca_step_fwd_kernel[grid](
-        z_ptr=state, out_ptr=out, mask_ptr=p["w3"] if mask is None else mask, **fwd_weight_args(p, k_major),
-        acts_ptr=out, M=num_cells, H=h_out, W=w_out,
-        **fwd_constexprs(c, _padded_hidden(weights.hidden_channels), weights.n_blocks, double=double,
-                         has_mask=mask is not None, has_b3=p["b3"] is not None, has_b1=p["b1"] is not None,
-                         has_b2=p["b2"] is not None, has_bout=p["bout"] is not None,
-                         input_precision=input_precision, upcast_dot=_INTERPRET and dtype == torch.bfloat16,
-                         dtype=dtype, cfg=cfg),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+
+    def launch(cfg: StepConfig) -> None:
+        _nca_step_fwd_kernel[(triton.cdiv(num_cells, cfg.block_m),)](
+            z_ptr=state, out_ptr=out, mask_ptr=p["w3"] if mask is None else mask, **fwd_weight_args(p, k_major),
+            acts_ptr=out, M=num_cells, H=h_out, W=w_out,
+            **fwd_constexprs(c, _padded_hidden(weights.hidden_channels), weights.n_blocks, double=double,
+                             has_mask=mask is not None, has_b3=p["b3"] is not None, has_b1=p["b1"] is not None,
+                             has_b2=p["b2"] is not None, has_bout=p["bout"] is not None,
+                             input_precision=input_precision, upcast_dot=_INTERPRET and dtype == torch.bfloat16,
+                             dtype=dtype, cfg=cfg),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    launch_fitting(("fwd", cfg, c, weights.hidden_channels, weights.n_blocks, dtype, input_precision, double,
+                    mask is not None, state.device), cfg, fwd_candidates, launch)
     return out
 
 

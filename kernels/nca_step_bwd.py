@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import fewer_stages, launch_fitting, smaller_tiles
 from .reference import UpdateWeights, check_step_inputs
 from .spec import KernelSpec
 from .utils import (
@@ -720,6 +721,14 @@ class BwdConfig:
     ds_block_n: int | None = None  # state channels per state-gradient program of the rollout's post kernel (None: all)
 
 
+def main_candidates(cfg: BwdConfig) -> list[BwdConfig]:
+    """``cfg``, then smaller main-kernel tiles for GPUs with less shared memory than the H100
+    (``launch.smaller_tiles``): fewer stages (the per-loop ones capped with them), then narrower state-channel chunks,
+    then fewer cells per program. Compiled for sm_86 (99 KiB per block; ``python -m fastnca.kernels.fit --only
+    small-smem``), the bf16 h = 256 main kernels fit at 2 stages (72-76 KiB), tf32 at 1 (80-84 KiB)."""
+    return smaller_tiles(cfg, "stages", ("block_c", "block_m"), caps=("blk_stages", "out_stages"))
+
+
 def _chunk(n: int, cap: int) -> int:
     """The largest of cap, cap/2, ..., 16 that divides n (n is a multiple of 16)."""
     b = cap
@@ -868,12 +877,13 @@ def bwd_kernel_specs(
     bias: bool = True,
     input_precision: str = "ieee",
     recompute: bool = True,
+    config: BwdConfig | None = None,
 ) -> list[KernelSpec]:
     """Every kernel variant ``nca_step_bwd`` launches on the GPU for these shapes, as ``fit.KernelSpec`` s (for the
     sm_90 fit, ``kernels/fit.py``); ``recompute=False``: the main kernel as the rollout launches it on kept
-    activations."""
-    cfg = bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision,
-                     n_blocks=n_blocks, recompute=recompute, interpret=False)
+    activations; ``config`` overrides the shipped tiles."""
+    cfg = config or bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision,
+                               n_blocks=n_blocks, recompute=recompute, interpret=False)
     c, h = state_channels, hidden_channels
     ty = _TL_DTYPE[dtype]
 
@@ -1122,44 +1132,32 @@ def nca_step_bwd(
     dz = torch.empty((b, h_in, w_in, c), dtype=dt, device=dev)
 
     # ---- launch: recompute + backprop to dpre, then the state gradient, then the weight-gradient GEMMs
-    _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
-        z_ptr=z,
-        gout_ptr=gout,
-        mask_ptr=mask_u8,
-        **main_weight_args(kmaj, w3=w3, w3k=w3.transpose(1, 2).contiguous() if kmaj else None, w1_nk=w1,
-                           w1_kn=w1t, w2_nk=w2, w2_kn=w2t, wout_ch=wout,
-                           wout_hc=wout.t().contiguous() if kmaj else None),
-        b3_ptr=b3,
-        b1_ptr=b1,
-        b2_ptr=b2,
-        y_ptr=ybuf,
-        a_ptr=abuf,
-        da_ptr=dabuf,
-        dy_ptr=dybuf,
-        g_ptr=gbuf,
-        dpre_ptr=dpre,
-        M=m,
-        H=hh,
-        W=ww,
-        **_main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=has_b3, has_b1=has_b1,
-                           has_b2=has_b2, input_precision=input_precision, interp_bf16=upcast, dtype=dt, cfg=cfg,
-                           m=m),
-        num_warps=cfg.warps,
-        num_stages=cfg.stages,
-    )
+    # (each with smaller tiles where the GPU has less shared memory than the H100: launch.launch_fitting)
+    wts = main_weight_args(kmaj, w3=w3, w3k=w3.transpose(1, 2).contiguous() if kmaj else None, w1_nk=w1, w1_kn=w1t,
+                           w2_nk=w2, w2_kn=w2t, wout_ch=wout, wout_hc=wout.t().contiguous() if kmaj else None)
+    key = (c, h, nb, dt, input_precision, double, state.device)
+
+    def main(mc: BwdConfig) -> None:
+        _nca_step_bwd_kernel[(triton.cdiv(m, mc.block_m),)](
+            z_ptr=z, gout_ptr=gout, mask_ptr=mask_u8, **wts, b3_ptr=b3, b1_ptr=b1, b2_ptr=b2, y_ptr=ybuf, a_ptr=abuf,
+            da_ptr=dabuf, dy_ptr=dybuf, g_ptr=gbuf, dpre_ptr=dpre, M=m, H=hh, W=ww,
+            **_main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=has_b3, has_b1=has_b1,
+                               has_b2=has_b2, input_precision=input_precision, interp_bf16=upcast, dtype=dt,
+                               cfg=mc, m=m),
+            num_warps=mc.warps, num_stages=mc.stages,
+        )
+
+    launch_fitting(("main", cfg, *key, mask is not None), cfg, main_candidates, main)
     m_in = b * h_in * w_in
-    _nca_step_bwd_dstate_kernel[(triton.cdiv(m_in, cfg.ds_block_m),)](
-        dpre_ptr=dpre,
-        wb_ptr=wb,
-        gout_ptr=gout,
-        dz_ptr=dz,
-        M_in=m_in,
-        H=hh,
-        W=ww,
-        **_dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=upcast, cfg=cfg),
-        num_warps=cfg.ds_warps,
-        num_stages=cfg.ds_stages,
-    )
+
+    def dstate(dc: BwdConfig) -> None:
+        _nca_step_bwd_dstate_kernel[(triton.cdiv(m_in, dc.ds_block_m),)](
+            dpre_ptr=dpre, wb_ptr=wb, gout_ptr=gout, dz_ptr=dz, M_in=m_in, H=hh, W=ww,
+            **_dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=upcast, cfg=dc),
+            num_warps=dc.ds_warps, num_stages=dc.ds_stages,
+        )
+
+    launch_fitting(("dstate", cfg, *key), cfg, fewer_stages("ds_stages"), dstate)
 
     per_split, n_splits = _splits(m, cfg.wg_block_cells)
 
@@ -1170,22 +1168,16 @@ def nca_step_bwd(
         dw = torch.empty((n_splits, n_mat, taps, na, nbc), **f32)
         db = torch.empty((n_splits, n_mat, na), **f32)
         grid = (na // block_a, taps * (nbc // block_b), n_mat * n_splits)
-        _nca_step_bwd_wgrad_kernel[grid](
-            a_ptr=a,
-            b_ptr=bmat,
-            dw_ptr=dw,
-            db_ptr=db,
-            M=m,
-            H=hh,
-            W=ww,
-            cells_per_split=per_split,
-            S=n_splits,
-            N_MAT=n_mat,
-            **_wgrad_constexprs(na, nbc, taps, gather=gather, double=double,
-                                input_precision=input_precision, interp_bf16=upcast, cfg=cfg),
-            num_warps=cfg.wg_warps,
-            num_stages=cfg.wg_stages,
-        )
+
+        def launch(wc: BwdConfig) -> None:
+            _nca_step_bwd_wgrad_kernel[grid](
+                a_ptr=a, b_ptr=bmat, dw_ptr=dw, db_ptr=db, M=m, H=hh, W=ww, cells_per_split=per_split, S=n_splits,
+                N_MAT=n_mat, **_wgrad_constexprs(na, nbc, taps, gather=gather, double=double,
+                                                 input_precision=input_precision, interp_bf16=upcast, cfg=wc),
+                num_warps=wc.wg_warps, num_stages=wc.wg_stages,
+            )
+
+        launch_fitting(("wgrad", cfg, *key, na, nbc, taps, gather), cfg, fewer_stages("wg_stages"), launch)
         return dw.sum(0), db.sum(0)
 
     dwp, dbp = wgrad(dpre, z, 1, 9, True)  # (1, 9, hp, C): [3 ky + kx, o, c]

@@ -38,11 +38,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import fewer_stages, launch_fitting
 from .nca_step import (
     _INTERPRET,
     StepConfig,
     _check_inputs,
     _nca_step_fwd_kernel,
+    fwd_candidates,
     fwd_constexprs,
     fwd_k_major,
     fwd_kernel_spec,
@@ -64,6 +66,7 @@ from .nca_step_bwd import (
     _wgrad_tile,
     bwd_config,
     bwd_kernel_specs,
+    main_candidates,
     main_weight_args,
 )
 from .reference import UpdateWeights
@@ -267,6 +270,11 @@ class StepPlan:
         self.fwd = pack_weights(w, self.dtype, k_major=fwd_k_major(self.input_precision))
         self.upcast = _INTERPRET and self.dtype == torch.bfloat16
 
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What the kernels' shared memory depends on besides tiles and flags (``launch.launch_fitting``'s keys)."""
+        return self.c, self.h, self.nb, self.dtype, self.input_precision
+
     def step_config(self, num_cells: int, store_acts: bool = False) -> StepConfig:
         return step_config(self.c, self.h, self.dtype, input_precision=self.input_precision, num_cells=num_cells,
                            store_acts=store_acts)
@@ -365,14 +373,19 @@ def _launch_fwd(sp: StepPlan, src: Tensor, dst: Tensor, mask: Tensor | None, dou
     to keep its activations (``_Layout``), or None."""
     h, w = grid_hw
     m = batch * h * w
-    cfg = sp.step_config(m, store_acts=acts is not None)
+    store = acts is not None
+    cfg = sp.step_config(m, store_acts=store)
     p = sp.fwd
-    consts = sp.fwd_constexprs(double=double, has_mask=mask is not None, cfg=cfg, store_acts=acts is not None)
-    _nca_step_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
-        z_ptr=src, out_ptr=dst, mask_ptr=p["w3"] if mask is None else mask,
-        **fwd_weight_args(p, consts["W_KMAJOR"]), acts_ptr=dst if acts is None else acts, M=m, H=h, W=w, **consts,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+
+    def launch(cfg: StepConfig) -> None:
+        consts = sp.fwd_constexprs(double=double, has_mask=mask is not None, cfg=cfg, store_acts=store)
+        _nca_step_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+            z_ptr=src, out_ptr=dst, mask_ptr=p["w3"] if mask is None else mask,
+            **fwd_weight_args(p, consts["W_KMAJOR"]), acts_ptr=acts if store else dst, M=m, H=h, W=w, **consts,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    launch_fitting(("fwd", cfg, *sp.key, double, mask is not None, store, src.device), cfg, fwd_candidates, launch)
 
 
 class _Workspace:
@@ -418,27 +431,36 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
     da, dy = ws.da[: max(nb, 1) * m * hp], ws.dy[: max(nb, 1) * m * hp]
     g, dpre = ws.g[: m * c], ws.dpre[: m * hp]
     zf = sp.zeros_f32
-    mconsts = sp.main_constexprs(double=double, has_mask=mask is not None, cfg=cfg, m=m, recompute=acts is None)
-    _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
-        z_ptr=z, gout_ptr=gout, mask_ptr=z if mask is None else mask,
-        **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
-        b1_ptr=p["b1"] if p["b1"] is not None else zf, b2_ptr=p["b2"] if p["b2"] is not None else zf,
-        y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre, M=m, H=hh, W=ww, **mconsts,
-        num_warps=cfg.warps, num_stages=cfg.stages,
-    )
+    has_mask, recompute = mask is not None, acts is None
+
+    def main(cfg: BwdConfig) -> None:
+        mconsts = sp.main_constexprs(double=double, has_mask=has_mask, cfg=cfg, m=m, recompute=recompute)
+        _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+            z_ptr=z, gout_ptr=gout, mask_ptr=z if mask is None else mask,
+            **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
+            b1_ptr=p["b1"] if p["b1"] is not None else zf, b2_ptr=p["b2"] if p["b2"] is not None else zf,
+            y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre, M=m, H=hh, W=ww, **mconsts,
+            num_warps=cfg.warps, num_stages=cfg.stages,
+        )
+
+    launch_fitting(("main", cfg, *sp.key, double, has_mask, recompute, z.device), cfg, main_candidates, main)
+
+    def post(pcfg: BwdConfig) -> None:
+        consts = sp.post_constexprs(double=double, cfg=pcfg)
+        per_split, n_splits = _splits(m, pcfg.wg_block_cells, _POST_MIN_CELLS_PER_SPLIT)
+        n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"]) * (consts["C_PAD"] // consts["DS_BLOCK_N"])
+        n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits
+        n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits
+        n_w1 = (hp // consts["BA_H"]) ** 2 * nb * n_splits
+        _rollout_bwd_post_kernel[(n_ds + n_wp + n_wo + 2 * n_w1,)](
+            dpre_ptr=dpre, wb_ptr=sp.wb[double], gout_ptr=gout, dz_ptr=dz, z_ptr=z, y_ptr=y, a_ptr=a, da_ptr=da,
+            dy_ptr=dy, g_ptr=g, acc_ptr=ws.acc, M=m, M_in=m_in, H=hh, W=ww, cells_per_split=per_split, S=n_splits,
+            SLOT=sp.slot, n_ds=n_ds, n_wp=n_wp, n_wo=n_wo, n_w1=n_w1, **consts,
+            num_warps=pcfg.wg_warps, num_stages=pcfg.wg_stages,
+        )
+
     pcfg = sp.post_config
-    consts = sp.post_constexprs(double=double, cfg=pcfg)
-    per_split, n_splits = _splits(m, pcfg.wg_block_cells, _POST_MIN_CELLS_PER_SPLIT)
-    n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"]) * (consts["C_PAD"] // consts["DS_BLOCK_N"])
-    n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits
-    n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits
-    n_w1 = (hp // consts["BA_H"]) ** 2 * nb * n_splits
-    _rollout_bwd_post_kernel[(n_ds + n_wp + n_wo + 2 * n_w1,)](
-        dpre_ptr=dpre, wb_ptr=sp.wb[double], gout_ptr=gout, dz_ptr=dz, z_ptr=z, y_ptr=y, a_ptr=a, da_ptr=da,
-        dy_ptr=dy, g_ptr=g, acc_ptr=ws.acc, M=m, M_in=m_in, H=hh, W=ww, cells_per_split=per_split, S=n_splits,
-        SLOT=sp.slot, n_ds=n_ds, n_wp=n_wp, n_wo=n_wo, n_w1=n_w1, **consts,
-        num_warps=pcfg.wg_warps, num_stages=pcfg.wg_stages,
-    )
+    launch_fitting(("post", pcfg, *sp.key, double, z.device), pcfg, fewer_stages("wg_stages"), post)
 
 
 def _launch_small_bwd(sp: StepPlan, ws: _Workspace, z0: Tensor, keep: Tensor, gin: Tensor, masks: Tensor | None,
@@ -618,10 +640,16 @@ def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, m
         if _INTERPRET:  # tiles sized to one program's cells at the largest small step
             cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, num_cells=spp * hh * ww,
                                store_acts=store)
-        launch_small_fwd(sp.fwd, sp.fwd_constexprs(double=False, has_mask=masks[0] is not None, cfg=cfg,
-                                                   store_acts=store), cfg,
-                         z0, keep, last, _flat_masks(masks[:n_small]), plan.flags[:n_small], b, h0, w0, spp,
-                         acts=lay.act(keep, 0))
+        flat_masks = _flat_masks(masks[:n_small])
+
+        def launch(cfg: StepConfig) -> None:
+            launch_small_fwd(sp.fwd, sp.fwd_constexprs(double=False, has_mask=masks[0] is not None, cfg=cfg,
+                                                       store_acts=store), cfg,
+                             z0, keep, last, flat_masks, plan.flags[:n_small], b, h0, w0, spp, acts=lay.act(keep, 0))
+
+        # the programs own whole samples (spp): the candidates keep the cells per program
+        launch_fitting(("small-fwd", cfg, *sp.key, masks[0] is not None, store, state.device), cfg,
+                       lambda k: fwd_candidates(k, keep_cells=True), launch)
         src = last
     for i in range(n_small, t):
         hh, ww = grids[i]
