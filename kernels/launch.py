@@ -4,12 +4,12 @@ The tiles of ``step_config`` / ``bwd_config`` / ``post_config`` are sized for th
 memory per block) and checked there by the sm_90 fit. Other GPUs allow less: 163 KiB on the A100 (sm_80), 99 KiB on
 the sm_86 / sm_89 / sm_120 cards (RTX 30xx / 40xx / 50xx, A10, A40, L4, L40S). Compiled for sm_86, 18 of the 161
 shipped kernels need more than 99 KiB, among them the 256-channel forward of every precision (bf16: 144 KiB) and the
-bf16 backward main kernel (108 KiB) (``python -m fastnca.kernels.fit --only small-smem`` lists them). Triton checks a compiled
-kernel's shared memory against the device's limit before it launches it and raises ``OutOfResources`` without
-launching anything, so :func:`launch_fitting` tries the shipped tile first and, where it does not fit, smaller ones
-(:func:`smaller_tiles`: fewer pipeline stages, then narrower channel chunks, then fewer cells per program), and
-remembers per launch site and device which one ran. On the H100 the first candidate always fits (the fit tests
-assert it), so nothing changes there.
+bf16 backward main kernel (108 KiB) (``python -m fastnca.kernels.fit --only small-smem`` lists them). Triton checks
+a compiled kernel's shared memory against the device's limit before it launches it and raises ``OutOfResources``
+without launching anything, so :func:`launch_fitting` tries the shipped tile first and, where it does not fit,
+smaller ones (:func:`smaller_tiles`: fewer pipeline stages, then narrower channel chunks, then fewer cells per
+program), and remembers per launch site and device which one ran. On the H100 the first candidate always fits (the
+fit tests assert it), so nothing changes there.
 
 Stages, cells per program and the forward's output-channel chunks leave every sum's order as it is; the backward
 main kernel's state-channel chunk groups its output-conv sums differently (last bits). On a given GPU the same
@@ -19,14 +19,18 @@ candidate runs every time, so runs stay bitwise repeatable there.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import torch
 from triton.runtime import OutOfResources
 
-__all__ = ["fewer_stages", "launch_fitting", "smaller_tiles"]
+__all__ = ["fewer_stages", "launch_fitting", "on_input_device", "smaller_tiles"]
 
 C = TypeVar("C")
+F = TypeVar("F", bound=Callable[..., Any])
 
 # (launch site, its specialisation, device) -> index of the first candidate that launched there
 _FITTING: dict[tuple[Any, ...], int] = {}
@@ -90,3 +94,23 @@ def launch_fitting(key: tuple[Any, ...], cfg: C, smaller: Callable[[C], Sequence
         f"fastnca.kernels: none of the {len(candidates)} tilings of this kernel fits the GPU ({err}); the reference "
         "backend (backend='torch') runs on any GPU"
     ) from err
+
+
+def on_input_device(fn: F) -> F:
+    """Run ``fn`` with the device of its first CUDA tensor argument current.
+
+    Triton launches a kernel on the current CUDA device, whatever device its tensors are on: a model moved to
+    ``cuda:1`` in a process whose current device is ``cuda:0`` (``fastnca train --device cuda:1``) would have its
+    kernels launched on ``cuda:0`` with ``cuda:1`` pointers. The entry points that launch (``nca_step_fwd``,
+    ``nca_step_bwd``, the rollout's forward and backward, the likelihood's) switch to their inputs' device first.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for a in itertools.chain(args, kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.is_cuda:
+                with torch.cuda.device(a.device):
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import on_input_device
 from .spec import KernelSpec
 from .utils import cast_rne
 
@@ -384,6 +385,7 @@ def _check_inputs(x: Tensor, params: Tensor, n_mix: int) -> None:
                          f"{params.device}")
 
 
+@on_input_device
 def dml_log_prob_fwd(x: Tensor, params: Tensor, n_mix: int) -> Tensor:
     """Check, allocate and launch the forward (no autograd): log p(x) per example, fp32 ``(B,)``."""
     _check_inputs(x, params, n_mix)
@@ -402,6 +404,7 @@ def dml_log_prob_fwd(x: Tensor, params: Tensor, n_mix: int) -> Tensor:
     return out
 
 
+@on_input_device
 def dml_log_prob_bwd(x: Tensor, params: Tensor, n_mix: int, grad: Tensor) -> Tensor:
     """Check, allocate and launch the backward: ``grad[b] * d log p(x_b) / d params``, in the params' dtype and
     layout (``empty_like``: a channels-last state gets a channels-last gradient), every channel written."""

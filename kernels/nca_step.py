@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import launch_fitting, smaller_tiles
+from .launch import launch_fitting, on_input_device, smaller_tiles
 from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights, check_step_inputs, nca_step_ref
 from .spec import KernelSpec
@@ -517,6 +517,7 @@ def _packed(weights: UpdateWeights, dtype: torch.dtype, k_major: bool = False) -
     return _PACK_CACHE.get(weights, dtype, k_major)
 
 
+@on_input_device
 def nca_step_fwd(
     state: Tensor,
     weights: UpdateWeights,

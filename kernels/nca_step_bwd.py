@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import fewer_stages, launch_fitting, smaller_tiles
+from .launch import fewer_stages, launch_fitting, on_input_device, smaller_tiles
 from .reference import UpdateWeights, check_step_inputs
 from .spec import KernelSpec
 from .utils import (
@@ -1045,6 +1045,7 @@ def _transposed_conv_weights(w_perceive: Tensor, double: bool, dtype: torch.dtyp
     return (out.transpose(1, 2).contiguous() if k_major_ else out).to(dtype)
 
 
+@on_input_device
 def nca_step_bwd(
     state: Tensor,
     weights: UpdateWeights,

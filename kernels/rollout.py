@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import fewer_stages, launch_fitting
+from .launch import fewer_stages, launch_fitting, on_input_device
 from .nca_step import (
     _INTERPRET,
     StepConfig,
@@ -612,6 +612,7 @@ class _Saved:
     n_small_bwd: int
 
 
+@on_input_device
 def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, masks: list[Tensor | None],
                      input_precision: str, small_grid: bool,
                      small_grid_backward: bool) -> tuple[Tensor, Tensor, _Saved]:
@@ -666,6 +667,7 @@ def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, m
     return out, keep, _Saved(sp, lay, n_small_bwd)
 
 
+@on_input_device
 def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan: RolloutPlan,
                       masks: list[Tensor | None], saved: _Saved,
                       grad_out: Tensor) -> tuple[Tensor, list[Tensor | None]]:

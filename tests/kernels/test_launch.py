@@ -196,3 +196,50 @@ def test_rollout_falls_back_to_tiles_the_gpu_can_run(monkeypatch):
     _check_each_fell_back(fakes, sites)
     for i, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(g, w), f"output / gradient {i}: the 1-stage fallback must compute the same bits"
+
+
+def test_launching_functions_switch_to_their_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device: the entry points make their first CUDA input's device current."""
+    from unittest import mock
+
+    from fastnca.kernels.launch import on_input_device
+
+    entered = []
+
+    class _Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", _Device)
+    on_cuda1 = mock.MagicMock(spec=torch.Tensor, is_cuda=True, device=torch.device("cuda", 1))
+    ran = on_input_device(lambda *args, **kwargs: entered.append("ran"))
+    ran(torch.zeros(1), on_cuda1, weights=None)
+    assert entered == [torch.device("cuda", 1), "ran", "exit"], entered
+    entered.clear()
+    ran(torch.zeros(1), mask=None)
+    assert entered == ["ran"], f"CPU inputs (the interpreter) need no device switch: {entered}"
+    from fastnca.kernels import likelihood as lk
+
+    for fn in (fwd_mod.nca_step_fwd, bwd_mod.nca_step_bwd, ro._rollout_forward, ro._rollout_backward,
+               lk.dml_log_prob_fwd, lk.dml_log_prob_bwd):
+        assert getattr(fn, "__wrapped__", None) is not None, f"{fn.__name__}: expected @on_input_device"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_step_on_the_second_gpu_matches_the_first():
+    weights = make_weights(32, 32, 1)
+    state = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.cuda.device(0):
+        want = fwd_mod.nca_step_fwd(state.cuda(0), UpdateWeights.from_flat(
+            [None if t is None else t.cuda(0) for t in weights.flat()]))
+        got = fwd_mod.nca_step_fwd(state.cuda(1), UpdateWeights.from_flat(
+            [None if t is None else t.cuda(1) for t in weights.flat()]))
+    assert got.device == torch.device("cuda", 1)
+    assert torch.equal(got.cpu(), want.cpu()), "the step on cuda:1 (current device cuda:0) must match cuda:0's"
