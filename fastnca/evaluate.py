@@ -37,7 +37,10 @@ SUBSET_SEED = 0  # which test images a partial evaluation (batches > 0) uses: th
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None) is CUDA when available, else the CPU; anything but auto, cpu, cuda, cuda:N is refused."""
+    """'auto' (or None) is CUDA when available, else the CPU; anything but auto, cpu, cuda, cuda:N is refused.
+
+    A CUDA device is made the process's current one (``torch.cuda.set_device``): CUDA graphs capture on a stream
+    of the current device and Triton launches there, so ``--device cuda:1`` must not leave ``cuda:0`` current."""
     if device is None or str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -51,6 +54,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise ValueError(f"device: {str(device)!r} was asked for but CUDA is not available here; use --device cpu")
         if dev.index is None:  # an explicit index, so generator and tensor devices compare equal
             dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index != torch.cuda.current_device():
+            torch.cuda.set_device(dev)
     return dev
 
 

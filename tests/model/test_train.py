@@ -82,6 +82,20 @@ def test_precision_note_names_the_fused_fp32_path_on_cuda_only():
     assert train_mod.precision_note(cfg.replace(backend="torch"), cuda) is None
 
 
+def test_an_explicit_cuda_device_becomes_the_current_one(monkeypatch):
+    """--device cuda:1: CUDA graphs and Triton launch on the current device, which resolve_device makes cuda:1."""
+    from fastnca.evaluate import resolve_device
+
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.__setitem__(0, torch.device(d).index))
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert current == [1], f"expected cuda:1 made current, current device is {current[0]}"
+    assert resolve_device("cuda") == torch.device("cuda", 1), "'cuda' is the current device, with its index"
+    assert resolve_device("cpu") == torch.device("cpu") and current == [1]
+
+
 def test_damage_zeroes_one_square_per_example():
     gen = torch.Generator().manual_seed(0)
     states = torch.rand(6, 5, 12, 10) + 0.5  # no zeros before damage
