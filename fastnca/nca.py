@@ -108,9 +108,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if device.type != "cuda" or not _triton_available():
+            return "torch"
         # without CUDA here, a plan for "a CUDA device" (memory model, benchmarks) assumes a capable one
         capable = not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= MIN_TRITON_CAPABILITY
-        return "triton" if device.type == "cuda" and _triton_available() and capable else "torch"
+        return "triton" if capable else "torch"
     return backend
 
 
