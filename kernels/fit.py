@@ -7,6 +7,7 @@ Usage::
     python -m fastnca.kernels.fit --json       # the same as JSON lines, each pass's rows when it is done
     FASTNCA_FIT_JOBS=1 python -m fastnca.kernels.fit   # one compile at a time (default: CPUs, at most 8)
     python -m fastnca.kernels.fit --python .ci/.venv-triton36/bin/python   # compiled by another Triton release
+    python -m fastnca.kernels.fit --only small-smem   # the tiles each kernel falls back to on a 99 KiB sm_86 GPU
 
 Every kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (no GPU needed)
 (:func:`compile_sm90`), and the cubin is read with the ``cuobjdump`` / ``nvdisasm`` that ship in
@@ -29,6 +30,9 @@ machines' (3.6, ``GPU_TRITON``), which allocates registers differently. ``python
 a child process of another interpreter, e.g. a virtual environment with ``triton==3.6.0`` beside this torch
 (``.ci/run`` makes one); the child imports this very checkout's kernels (checked). The tests find such
 interpreters in the environment variable ``FASTNCA_FIT_PYTHONS`` (paths separated by ``os.pathsep``).
+
+Other GPUs: ``fit_kernels(arch=86)`` compiles for another compute capability; :func:`fit_fallback` walks each launch
+site's fallback tiles (``kernels/launch.py``) compiled for sm_86 until one fits its 99 KiB of shared memory.
 """
 
 from __future__ import annotations
