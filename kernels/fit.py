@@ -651,7 +651,7 @@ def _fallback_chains(f: BwdFitSpec) -> list[tuple[str, list[KernelSpec]]]:
     tilings its launch site tries on a GPU with less shared memory (``kernels/launch.py``), the shipped one first."""
     from . import rollout as ro
     from . import small_grid as sg
-    from .launch import smaller_tiles
+    from .launch import fewer_stages
     from .nca_step import fwd_candidates, fwd_kernel_spec, step_config
     from .nca_step_bwd import bwd_config, bwd_kernel_specs, main_candidates
 
@@ -678,15 +678,15 @@ def _fallback_chains(f: BwdFitSpec) -> list[tuple[str, list[KernelSpec]]]:
         cfg = bwd_config(c, hp, dt, ip, n_blocks=nb, recompute=recompute, interpret=False)
         out.append(("main" if recompute else "main-stored", [bwd(k, 0, recompute) for k in main_candidates(cfg)]))
     cfg = bwd_config(c, hp, dt, ip, n_blocks=nb, interpret=False)
-    out.append(("dstate", [bwd(k, 1) for k in smaller_tiles(cfg, "ds_stages")]))
+    out.append(("dstate", [bwd(k, 1) for k in fewer_stages("ds_stages")(cfg)]))
     wgrads = [bwd_kernel_specs(c, h, nb, dt, double=f.double, mask=f.mask, input_precision=ip, config=k)[2:]
-              for k in smaller_tiles(cfg, "wg_stages")]
+              for k in fewer_stages("wg_stages")(cfg)]
     out += [(specs[0].name, list(specs)) for specs in zip(*wgrads)]
     pcfg = ro.post_config(c, hp, dt, ip, n_blocks=nb, interpret=False)
     for d in (False, True):
         out.append(("post-double" if d else "post", [
             ro.post_kernel_spec(c, h, nb, dt, double=d, input_precision=ip, cfg=k)
-            for k in smaller_tiles(pcfg, "wg_stages")]))
+            for k in fewer_stages("wg_stages")(pcfg)]))
     return out
 
 
