@@ -25,7 +25,7 @@ Backends (``name[@checkpoint]``, the suffix overrides the model's checkpoint pol
 * ``triton-fp32`` / ``triton-tf32`` / ``triton-bf16``: the fused Triton step (``fastnca.kernels.nca_step``);
   model cases run the fused rollout with its small-grid path on (the default).
 * ``triton-fp32-perstep`` / ``triton-bf16-perstep``: the same with the small-grid path off
-  (``nca.small_grid = False``: one forward and two backward launches per step). Model cases only.
+  (``nca.configure(small_grid=False)``: one forward and two backward launches per step). Model cases only.
 * ``triton-bf16-graph``: ``triton-bf16``'s training iteration captured once as a CUDA graph and replayed
   (``fastnca.graphs.TrainGraph``, as the trainer runs it on CUDA; the warm-up calls are the eager call and the
   capture). Train cases on CUDA only: with the other ``triton-*`` rows it gives the graphs-on/off pair.
@@ -101,8 +101,11 @@ class Backend:
 
     @property
     def model_precision(self) -> str:
-        """The NCA module's precision: autocast keeps an fp32 state and weights."""
-        return "fp32" if self.autocast else self.precision
+        """The NCA module's precision (``fastnca.run``): autocast keeps an fp32 state and weights; the fused
+        ``fp32`` rows are IEEE fp32 dots (``fp32-ieee``), the ``tf32`` rows TF32."""
+        if self.autocast:
+            return "fp32"
+        return "fp32-ieee" if self.impl == "triton" and self.precision == "fp32" else self.precision
 
     @property
     def compute_dtype(self) -> str:
@@ -115,9 +118,9 @@ def parse_backend(spec: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} (optionally @checkpoint), got {spec!r}")
     if ckpt:
-        from fastnca.nca import parse_checkpoint
+        from fastnca.kernels.schedule import parse_checkpoint
 
-        parse_checkpoint(ckpt, 1, True, "torch")  # validates
+        parse_checkpoint(ckpt, 1, True)  # validates
     impl, prec = name.split("-")[0], name.split("-")[1]
     return Backend(name, impl, prec, name.endswith("-cl") or (impl == "compile" and prec == "bf16"), ckpt or None,
                    small_grid=not name.endswith("-perstep"), graph=name.endswith("-graph"))
@@ -413,8 +416,7 @@ class CaseContext:
 
     def _point(self, backend: str, precision: str, checkpoint: str, small_grid: bool = True) -> None:
         # every backend sets small_grid, so that a per-step row never leaves the shared model in per-step mode
-        self.nca.backend, self.nca.precision, self.nca.checkpoint = backend, precision, checkpoint
-        self.nca.small_grid = small_grid
+        self.nca.configure(backend=backend, precision=precision, checkpoint=checkpoint, small_grid=small_grid)
         if hasattr(self.model, "config"):
             self.model.config = self.model.config.replace(backend=backend, precision=precision,
                                                           checkpoint=checkpoint, small_grid=small_grid)
@@ -477,7 +479,7 @@ class CaseContext:
         sched: list[bool] | int = self.flags if self.flags is not None else (
             self.num_steps if self.num_steps else self.nca.schedule(None))
         n_sched = sched if isinstance(sched, int) else len(sched)
-        seg = self.nca.plan(sched, policy, b.model_backend).segment  # the model's own rollout plan
+        seg = self.nca.plan(sched, policy).segment  # the model's own rollout plan
         dev, model, ac = self.device, self.model, b.autocast
         first = len(self.flags) if self.flags is not None else None
         extra: dict[str, Any] = {"num_steps": n_sched, "batch": self.batch}

@@ -228,9 +228,9 @@ def test_early_cases_and_perstep_backends(tmp_path: Path, monkeypatch: pytest.Mo
     ctx = cases.CaseContext(cases.CASES["rollout-bwd-mnist-doubling"], torch.device("cpu"), tiny=True)
     ref = ctx.reference()
     ctx.prepare(cases.parse_backend("triton-fp32-perstep"))
-    assert ctx.nca.small_grid is False
+    assert ctx.nca.settings.small_grid is False
     prep = ctx.prepare(cases.parse_backend("triton-fp32"))
-    assert ctx.nca.small_grid is True
+    assert ctx.nca.settings.small_grid is True
     errs = [runner_rel_err(r, o) for r, o in zip(ref, prep.parity())]
     assert len(errs) == len(ref) > 2 and max(errs) < 1e-4, errs
     # the small-grid backward is off by default (measured slower than the per-step backward on an H100; the

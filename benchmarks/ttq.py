@@ -46,10 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError) as err:
         print(f"ttq: no data: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 3
-    # the NCA's precision (state dtype, fused dots); fp32 convolutions (the reference NCA's, the encoder's) on a GPU
-    # follow cuDNN's TF32 switch (on: PyTorch's default)
-    tf32 = f", cuDNN TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}" if trainer.device.type == "cuda" else ""
-    print(f"ttq: {args.preset} backend={args.backend} on {trainer.device}, precision {cfg.precision}{tf32}, "
+    # what the NCA's dots do (fastnca.run): the trainer's settings, as resolved for its device
+    print(f"ttq: {args.preset} backend={args.backend}: {trainer.settings.describe()}, precision {cfg.precision}, "
           f"set-up {time.perf_counter() - t0:.1f} s", flush=True)
     try:
         summary = trainer.fit()

@@ -136,7 +136,9 @@ class Bench:
         from fastnca.nca import nca_from_config
 
         over = tiny_overrides(preset) if tiny else {}
-        over.update(batch_size=batch, precision=precision, backend="triton", p_update=1.0)
+        # the sweep's fp32 is the fused kernels' IEEE fp32 path (fastnca/run.py: the model's fp32 follows cuDNN's flag)
+        over.update(batch_size=batch, precision="fp32-ieee" if precision == "fp32" else precision, backend="triton",
+                    p_update=1.0)
         self.cfg = get_preset(preset, **over)
         gen = torch.Generator().manual_seed(1234)
         torch.manual_seed(0)

@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default: runs/PRESET-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument(
+        "--backend",
+        choices=("auto", "triton", "torch"),
+        default=None,
+        help="the NCA's backend, as --set backend=...: auto (the default) times both on a GPU and keeps the faster "
+        "(cached), triton / torch skip that",
+    )
+    p.add_argument(
         "--time-limit",
         type=float,
         default=None,
@@ -124,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "triton", "torch"),
+        default=None,
+        help="the NCA's backend (default: the checkpoint's config); auto on a GPU times both on the IWAE and keeps "
+        "the faster (cached)",
+    )
     _add_common(p)
 
     p = sub.add_parser("sample", help="prior samples grid and growth sequence pictures")
@@ -271,6 +285,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         file_preset, overrides = load_config_file(args.config)
     overrides.update(parse_overrides(args.overrides))  # --set applies on top of the file
+    if args.backend is not None:
+        overrides["backend"] = args.backend
     args.preset = args.preset or file_preset or (None if not args.config or args.resume else "custom")
     kwargs = dict(
         data_dir=args.data_dir,
@@ -374,10 +390,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
+    if args.backend is not None:
+        model.config = model.config.replace(backend=args.backend)
+        model.nca.configure(backend=args.backend)
     cfg = model.config
     splits = load_for_config(cfg, args.data_dir)
     _say_if_embedded(splits)
     batch_size = cfg.batch_size if args.batch_size is None else args.batch_size
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # under torchrun every rank keeps the checkpoint's backend
+        from fastnca.autobackend import decide_eval_backend
+
+        decide_eval_backend(model, splits.test, k=args.k, batch_size=batch_size, batches=args.batches, log=_info)
     on_cpu = next(model.parameters()).device.type == "cpu"
     t0 = time.perf_counter()
     res = evaluate_iwae(

@@ -11,7 +11,21 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Config", "PRESETS", "get_preset", "preset_names", "parse_value"]
+__all__ = ["Config", "PRESETS", "get_preset", "preset_names", "parse_value", "BACKENDS", "PRECISIONS", "RESOLVED_KEY",
+           "check_choice"]
+
+BACKENDS = ("torch", "triton", "auto")
+# the key of a run's config.json under which the trainer records how it resolved the config (fastnca.run)
+RESOLVED_KEY = "resolved"
+# fp32: fp32 state, the NCA's dots in TF32 where PyTorch runs convolutions in TF32 (its default on a GPU);
+# tf32: always TF32; fp32-ieee: IEEE fp32 dots; bf16: bf16 state and dots (fastnca/run.py has the table)
+PRECISIONS = ("fp32", "tf32", "fp32-ieee", "bf16")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass
@@ -42,9 +56,9 @@ class Config:
     min_steps: int = 32  # non-doubling: T ~ U{min_steps..max_steps}, drawn per batch
     max_steps: int = 64
     p_update: float = 1.0
-    backend: str = "auto"  # torch | triton | auto (triton on CUDA, torch elsewhere)
-    precision: str = "fp32"  # fp32 | tf32 | bf16: the NCA state and the fused kernels' dot precision
-    checkpoint: str = "auto"  # none | step | segments=k | auto
+    backend: str = "auto"  # torch | triton | auto (the faster on CUDA, measured by the trainer; torch elsewhere)
+    precision: str = "fp32"  # fp32 | tf32 | fp32-ieee | bf16: the NCA state and its dots (fastnca/run.py)
+    checkpoint: str = "auto"  # none | step | segments=k | auto: what the rollout keeps for backward
     small_grid: bool = True  # fused backend: the steps on grids <= 8x8 in one launch (kernels/small_grid.py)
     small_grid_backward: bool = False  # and their backward too (measured slower than per step on an H100)
     # training
@@ -132,8 +146,8 @@ class Config:
         need(self.grid_size >= 1, "grid_size", "a positive integer")
         need(1 <= self.min_steps <= self.max_steps, "min_steps", f"1 <= min_steps <= max_steps={self.max_steps}")
         need(0.0 < self.p_update <= 1.0, "p_update", "a probability in (0, 1]")
-        need(self.backend in ("torch", "triton", "auto"), "backend", "one of torch, triton, auto")
-        need(self.precision in ("fp32", "tf32", "bf16"), "precision", "one of fp32, tf32, bf16")
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("precision", self.precision, PRECISIONS)
         need(self.batch_size >= 1, "batch_size", "a positive integer")
         need(self.lr > 0 and finite(self.lr), "lr", "a finite positive number")
         need(self.beta >= 0 and finite(self.beta), "beta", "a finite number >= 0")
@@ -149,9 +163,9 @@ class Config:
         need(self.log_every >= 1, "log_every", "an integer >= 1")
         need(self.seed >= 0, "seed", "an integer >= 0")
         need(self.device.strip() != "", "device", "a device name such as auto, cpu, cuda or cuda:1")
-        c = self.checkpoint
-        ok = c in ("none", "step", "auto") or (c.startswith("segments=") and c[9:].isdigit() and int(c[9:]) >= 1)
-        need(ok, "checkpoint", "none, step, auto or segments=k with k >= 1")
+        from fastnca.kernels.schedule import parse_checkpoint  # the policy's one grammar
+
+        parse_checkpoint(self.checkpoint, self.max_steps, self.doubling)
         if self.likelihood == "dml":
             need(self.image_channels == 3, "image_channels", "3 for the discretized logistic mixture")
             need(10 * self.n_mix <= self.state_channels, "n_mix",

@@ -9,7 +9,9 @@ A file is one flat table: an optional ``preset`` (a name from ``fastnca presets`
     lr = 5e-4
 
 Every run's ``config.json`` is such a file (every field, no preset), so ``fastnca train --config
-runs/x/config.json --out runs/y`` repeats a run's settings. Values are checked against the fields' types.
+runs/x/config.json --out runs/y`` repeats a run's settings; its ``resolved`` table (how that run resolved its
+backend and precision on its machine, ``fastnca.run``) is ignored when read back. Values are checked against the
+fields' types.
 TOML needs Python >= 3.11 (``tomllib``) or the ``tomli`` package on 3.10.
 """
 
@@ -21,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fastnca.config import Config
+from fastnca.config import RESOLVED_KEY, Config
 
 __all__ = ["load_config_file", "check_value"]
 
@@ -93,6 +95,7 @@ def load_config_file(path: str | os.PathLike[str]) -> tuple[str | None, dict[str
     if not isinstance(data, dict):
         raise ValueError(f"--config {str(p)!r}: expected a table of settings at the top level")
     data = dict(data)
+    data.pop(RESOLVED_KEY, None)  # a run's record of what its machine resolved, not a setting
     preset = data.pop("preset", None)
     if preset is not None and not isinstance(preset, str):
         raise ValueError(f"--config {str(p)!r}: preset: expected a preset name, got {preset!r}")

@@ -84,37 +84,30 @@ WARMUP_CALLS = 2  # eager training iterations on a side stream before the captur
 IWAE_WARMUP_CALLS = 1  # eager IWAE batches of a shape before its capture
 
 
-def not_captured_reason(config: Any, device: torch.device, *, training: bool = True) -> str | None:
-    """Why a model with ``config`` on ``device`` runs eagerly, or None when it is captured.
+def not_captured_reason(config: Any, settings: Any, *, training: bool = True) -> str | None:
+    """Why a model with ``config`` and run ``settings`` runs eagerly, or None when it is captured.
 
     Args:
-        config: a :class:`fastnca.config.Config` (``cuda_graphs``, ``doubling``, ``pool_size``, ``checkpoint``).
-        device: the training / evaluation device.
+        config: a :class:`fastnca.config.Config` (``cuda_graphs``).
+        settings: the model's :class:`fastnca.run.RunSettings` (device, backend, doubling, checkpoint policy).
         training: the training iteration (True) or the IWAE evaluation (False, no gradients).
     """
-    if device.type != "cuda":
-        return f"CUDA graphs need a CUDA device, the model is on {device.type}"
+    if settings.device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, the model is on {settings.device.type}"
     if not getattr(config, "cuda_graphs", True):
         return "cuda_graphs=False"
-    fused = _fused_backend(config, device)
-    if not config.doubling:
+    if not settings.doubling:
         if not training:
             return "non-doubling IWAE: T is drawn on the host inside each call; it runs eagerly"
-        if not fused:
+        if not settings.fused:
             return ("non-doubling model on the reference backend: its rollout checkpointing "
                     "(torch.utils.checkpoint) saves RNG states on the host; it runs eagerly")
-    if training and not fused and config.checkpoint not in ("auto", "none"):
+    if training and not settings.fused and settings.checkpoint not in ("auto", "none"):
         # a doubling rollout under 'auto' never calls torch.utils.checkpoint, which saves and restores RNG
         # states on the host (not capture-safe); an explicit policy may. The fused rollout recomputes its own
         # segments inside the op.
-        return f"checkpoint={config.checkpoint!r} may recompute through torch.utils.checkpoint; it runs eagerly"
+        return f"checkpoint={settings.checkpoint!r} may recompute through torch.utils.checkpoint; it runs eagerly"
     return None
-
-
-def _fused_backend(config: Any, device: torch.device) -> bool:
-    from fastnca.nca import resolve_backend
-
-    return resolve_backend(getattr(config, "backend", "auto"), device) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------- machinery
@@ -424,7 +417,7 @@ class TrainGraph:
 
 def train_graph_for(trainer: Any) -> TrainGraph | None:
     """The trainer's captured iteration, or None where it runs eagerly (see :func:`not_captured_reason`)."""
-    if not_captured_reason(trainer.cfg, trainer.device) is not None:
+    if not_captured_reason(trainer.cfg, trainer.settings) is not None:
         return None
     return TrainGraph.for_trainer(trainer)
 
@@ -482,11 +475,10 @@ _IWAE_GRAPHS: weakref.WeakKeyDictionary[torch.nn.Module, IwaeGraph] = weakref.We
 
 def iwae_graph_for(model: torch.nn.Module) -> IwaeGraph | None:
     """The model's captured IWAE (one per model, kept while the model lives), or None where it runs eagerly."""
-    config = getattr(model, "config", None)
-    if config is None:
+    config, settings = getattr(model, "config", None), getattr(model, "settings", None)
+    if config is None or settings is None:  # not a fastnca model
         return None
-    device = next(model.parameters()).device
-    if not_captured_reason(config, device, training=False) is not None:
+    if not_captured_reason(config, settings, training=False) is not None:
         return None
     graph = _IWAE_GRAPHS.get(model)
     if graph is None:

@@ -16,7 +16,8 @@ import math
 from typing import Any
 
 from fastnca.config import Config, get_preset
-from fastnca.kernels.schedule import RolloutPlan, plan_rollout
+from fastnca.kernels.schedule import RolloutPlan, plan_rollout, rollout_flags
+from fastnca.run import state_dtype
 
 __all__ = ["predict_peak_memory", "rollout_plan", "rollout_state_sizes", "live_at_peak", "GIB"]
 
@@ -45,27 +46,17 @@ def _param_count(cfg: Config) -> tuple[int, int]:
 
 def rollout_state_sizes(cfg: Config, num_steps: int | None = None) -> list[int]:
     """Number of cells (per example) of each step's output grid, in rollout order."""
-    if cfg.doubling:
-        sizes = []
-        side = cfg.seed_size
-        for stage in range(cfg.n_doublings + 1):
-            if stage:
-                side *= 2
-            sizes += [side * side] * cfg.steps_per_stage
-        return sizes
+    side = cfg.seed_size if cfg.doubling else cfg.grid_size
+    return [h * w for h, w in rollout_plan(cfg, num_steps).grids(side, side)]
+
+
+def rollout_plan(cfg: Config, num_steps: int | None = None, *, checkpoint: str | None = None) -> RolloutPlan:
+    """The plan the model runs for this config (the schedule and ``kernels.schedule.plan_rollout`` the model's
+    settings use; the plan does not depend on the backend)."""
     t = cfg.max_steps if num_steps is None else num_steps
-    return [cfg.grid_size**2] * t
-
-
-def rollout_plan(cfg: Config, num_steps: int | None = None, *, checkpoint: str | None = None,
-                 backend: str = "triton") -> RolloutPlan:
-    """The plan the model runs for this config (the same ``kernels.schedule.plan_rollout`` the model calls)."""
-    if cfg.doubling:
-        m = cfg.steps_per_stage
-        flags = [False] * m + ([True] + [False] * (m - 1)) * cfg.n_doublings
-    else:
-        flags = [False] * (cfg.max_steps if num_steps is None else num_steps)
-    return plan_rollout(flags, checkpoint or cfg.checkpoint, doubling=cfg.doubling, backend=backend)
+    flags = rollout_flags(cfg.doubling, steps_per_stage=cfg.steps_per_stage, n_doublings=cfg.n_doublings,
+                          num_steps=None if cfg.doubling else t)
+    return plan_rollout(flags, checkpoint or cfg.checkpoint, doubling=cfg.doubling)
 
 
 def predict_peak_memory(
@@ -93,12 +84,12 @@ def predict_peak_memory(
     if isinstance(cfg, str):
         cfg = get_preset(cfg)
     b = cfg.batch_size if batch_size is None else batch_size
-    elem = 2 if cfg.precision == "bf16" else 4
+    elem = state_dtype(cfg.precision).itemsize
     zc, h, nb = cfg.state_channels, cfg.hidden_channels, cfg.n_blocks
     sizes = rollout_state_sizes(cfg, num_steps)
     steps = len(sizes)
     policy = checkpoint or cfg.checkpoint
-    plan = rollout_plan(cfg, num_steps, checkpoint=policy, backend=backend)
+    plan = rollout_plan(cfg, num_steps, checkpoint=policy)
     seg = plan.segment
 
     enc_params, nca_params = _param_count(cfg)

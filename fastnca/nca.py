@@ -8,6 +8,7 @@ never copy it between steps.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,12 +17,11 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from fastnca.kernels.reference import UpdateWeights, nca_step_ref
-from fastnca.kernels.schedule import RolloutPlan, draw_masks, parse_checkpoint, plan_rollout
+from fastnca.kernels.schedule import RolloutPlan, draw_masks, rollout_flags
 from fastnca.rng import generator_on
+from fastnca.run import RunSettings, resolve_run
 
-__all__ = ["UpdateNet", "ResidualBlock", "NCA", "BACKENDS", "resolve_backend", "parse_checkpoint", "RolloutPlan"]
-
-BACKENDS = ("torch", "triton", "auto")
+__all__ = ["UpdateNet", "ResidualBlock", "NCA", "RolloutPlan", "nca_from_config"]
 
 
 class ResidualBlock(nn.Module):
@@ -97,33 +97,6 @@ class UpdateNet(nn.Module):
         return self.out(y)
 
 
-# the fused kernels' bf16 / tf32 dots need tensor cores of compute capability 8.0 (A100, RTX 30xx) or newer
-MIN_TRITON_CAPABILITY = (8, 0)
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' picks the fused Triton kernels on CUDA GPUs of compute capability 8.0 or newer and the reference
-    elsewhere (older GPUs such as the T4 have no bf16 / tf32 tensor cores and too little shared memory for the
-    kernels' tiles)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type != "cuda" or not _triton_available():
-            return "torch"
-        # without CUDA here, a plan for "a CUDA device" (memory model, benchmarks) assumes a capable one
-        capable = not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= MIN_TRITON_CAPABILITY
-        return "triton" if capable else "torch"
-    return backend
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class NCA(nn.Module):
     """The VNCA decoder: seed a grid with z and apply the update network step after step.
 
@@ -137,13 +110,19 @@ class NCA(nn.Module):
         seed_size, n_doublings, steps_per_stage: the doubling schedule (2, K, M).
         grid_size, min_steps, max_steps: the non-doubling schedule.
         p_update: probability that a cell updates at a step (1: every cell, no mask work).
-        backend: 'torch' (reference), 'triton' (fused kernels) or 'auto'.
-        precision: 'fp32', 'tf32' or 'bf16' (state dtype and the fused kernels' dot precision).
+        backend: 'torch' (reference), 'triton' (fused kernels) or 'auto' (see ``fastnca.run.resolve_backend``).
+        precision: 'fp32', 'tf32', 'fp32-ieee' or 'bf16': the state dtype and the NCA's dots (``fastnca/run.py``).
         checkpoint: 'none', 'step', 'segments=k' or 'auto' (see kernels/schedule.py, parse_checkpoint).
         small_grid: fused backend: run the leading steps on grids of at most 8x8 cells in one launch
             (``kernels/small_grid.py``); False: one launch per step.
         small_grid_backward: with ``small_grid``, their backward in the small-grid kernels too (off by default: the
             per-step backward of those steps measured faster on an H100, see ``kernels.rollout.nca_rollout``).
+        settings: the run's settings already resolved (``fastnca.run.resolve_run``), e.g. by the VNCA or the
+            trainer; then ``backend``, ``precision``, ``checkpoint`` and ``small_grid`` are not read.
+
+    ``settings`` (a :class:`fastnca.run.RunSettings`) is how the module computes: resolved once for the device
+    its parameters are on, and again when the module is moved (``.to``, ``.cuda``); :meth:`configure` points it
+    at other settings.
     """
 
     def __init__(
@@ -167,18 +146,20 @@ class NCA(nn.Module):
         checkpoint: str = "auto",
         small_grid: bool = True,
         small_grid_backward: bool = False,
+        settings: RunSettings | None = None,
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if precision not in ("fp32", "tf32", "bf16"):
-            raise ValueError(f"precision: expected one of fp32, tf32, bf16, got {precision!r}")
         if not 0.0 < p_update <= 1.0:
             raise ValueError(f"p_update: expected a probability in (0, 1], got {p_update!r}")
         if not 1 <= min_steps <= max_steps:
             raise ValueError(f"min_steps: expected 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
-        parse_checkpoint(checkpoint, 1, doubling, "torch")  # validates
         self.update_net = UpdateNet(state_channels, hidden_channels, n_blocks, bias=bias, out_bias=out_bias)
+        if settings is None:
+            request = _Request(backend, precision, checkpoint, small_grid, doubling)
+            settings = resolve_run(request, self.update_net.out.weight.device)
+        elif settings.doubling != doubling:
+            raise ValueError(f"settings: resolved for doubling={settings.doubling}, the NCA has doubling={doubling}")
+        self.settings = settings
         self.state_channels = state_channels
         self.doubling = doubling
         self.seed_size = seed_size
@@ -188,39 +169,49 @@ class NCA(nn.Module):
         self.min_steps = min_steps
         self.max_steps = max_steps
         self.p_update = p_update
-        self.backend = backend
-        self.precision = precision
-        self.checkpoint = checkpoint
-        self.small_grid = small_grid
         self.small_grid_backward = small_grid_backward
 
-    # ------------------------------------------------------------------------------------------ one step
+    # ------------------------------------------------------------------------------------------ settings
+    def configure(self, settings: RunSettings | None = None, **changes: Any) -> RunSettings:
+        """Point the module at ``settings``, or at its settings with some requests changed (``backend``,
+        ``precision``, ``checkpoint``, ``small_grid``: ``RunSettings.replace``). Returns the new settings."""
+        if settings is None:
+            settings = self.settings.replace(**changes)
+        elif changes:
+            raise ValueError("configure: give settings or changes, not both")
+        self.settings = settings
+        return settings
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> NCA:
+        """``nn.Module``'s device / dtype moves; the settings follow the parameters to their new device."""
+        out = super()._apply(fn, recurse)
+        self.settings = self.settings.moved_to(self.update_net.out.weight.device)
+        return out
+
     @property
     def state_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return self.settings.state_dtype
 
     @property
     def input_precision(self) -> str:
-        """The fused kernels' dot precision for fp32 states."""
-        return "tf32" if self.precision == "tf32" else "ieee"
+        """The fused kernels' dot precision for fp32 states ('ieee' or 'tf32')."""
+        return self.settings.input_precision
 
-    def plan(self, schedule: list[bool] | int, checkpoint: str | None = None,
-             backend: str | None = None) -> RolloutPlan:
+    def plan(self, schedule: list[bool] | int, checkpoint: str | None = None) -> RolloutPlan:
         """The rollout plan of ``schedule`` (flags or a number of plain steps) under the checkpoint policy
-        (``checkpoint`` or the module's), for ``backend`` (default: the module's, resolved for a CUDA device)."""
-        backend = backend or resolve_backend(self.backend, torch.device("cuda"))
-        return plan_rollout(schedule, checkpoint or self.checkpoint, doubling=self.doubling, backend=backend)
+        (``checkpoint`` or the settings')."""
+        return self.settings.plan(schedule, checkpoint)
 
-    def step_fn(self, device: torch.device) -> Callable[..., Tensor]:
-        """The step function of the backend that runs on ``device``: (state, weights, mask, double) -> state."""
-        backend = resolve_backend(self.backend, device)
-        if backend == "torch":
+    # ------------------------------------------------------------------------------------------ one step
+    def step_fn(self) -> Callable[..., Tensor]:
+        """The step function of the settings' backend: (state, weights, mask, double) -> state."""
+        if not self.settings.fused:
             return nca_step_ref
         try:
             from fastnca.kernels.nca_step import nca_step
         except ImportError as err:  # pragma: no cover - depends on the installation
             raise RuntimeError(f"backend='triton' needs Triton and fastnca.kernels.nca_step: {err}") from err
-        input_precision = self.input_precision
+        input_precision = self.settings.input_precision
         return lambda s, w, m, d: nca_step(s, w, m, d, input_precision=input_precision)
 
     def step(self, state: Tensor, mask: Tensor | None = None, double: bool = False) -> Tensor:
@@ -231,7 +222,7 @@ class NCA(nn.Module):
             mask: ``(B, 1, H', W')`` 0/1 per cell of the updated grid, or None (every cell updates).
             double: nearest x2 upsampling before the step (fused into the kernel on the triton backend).
         """
-        return self.step_fn(state.device)(state, self.update_net.weights(), mask, double)
+        return self.step_fn()(state, self.update_net.weights(), mask, double)
 
     # ------------------------------------------------------------------------------------------ rollouts
     def seed(self, z: Tensor, size: int | None = None) -> Tensor:
@@ -245,12 +236,8 @@ class NCA(nn.Module):
 
     def schedule(self, num_steps: int | None = None) -> list[bool]:
         """The rollout as a list of per-step 'double first' flags."""
-        if self.doubling:
-            m = self.steps_per_stage
-            return [False] * m + ([True] + [False] * (m - 1)) * self.n_doublings
-        if num_steps is None:
-            raise ValueError("num_steps: a non-doubling schedule needs the number of steps")
-        return [False] * num_steps
+        return rollout_flags(self.doubling, steps_per_stage=self.steps_per_stage, n_doublings=self.n_doublings,
+                             num_steps=num_steps)
 
     def sample_num_steps(self, generator: torch.Generator | None = None) -> int:
         """T ~ U{min_steps..max_steps}, drawn once per batch (on the CPU generator given)."""
@@ -277,24 +264,24 @@ class NCA(nn.Module):
         Returns:
             The final state ``(B, |z|, H', W')``, and the list of states when ``return_states``.
         """
-        state = state.to(self.state_dtype).contiguous(memory_format=torch.channels_last)
+        settings = self.settings
+        state = state.to(settings.state_dtype).contiguous(memory_format=torch.channels_last)
         weights = self.update_net.weights()
-        backend = resolve_backend(self.backend, state.device)
-        plan = self.plan(schedule, checkpoint, backend)
+        plan = settings.plan(schedule, checkpoint)
         # masks are drawn up front so that recomputation in backward sees exactly the same cells
         b, _, h, w = state.shape
         masks = draw_masks(plan, b, h, w, self.p_update, generator=generator, device=state.device)
-        if backend == "triton" and not return_states and plan.num_steps:
+        if settings.fused and not return_states and plan.num_steps:
             from fastnca.kernels.rollout import nca_rollout
 
-            return nca_rollout(state, weights, plan, masks, input_precision=self.input_precision,
-                               small_grid=self.small_grid, small_grid_backward=self.small_grid_backward)
-        step = self.step_fn(state.device)
+            return nca_rollout(state, weights, plan, masks, input_precision=settings.input_precision,
+                               small_grid=settings.small_grid, small_grid_backward=self.small_grid_backward)
+        step = self.step_fn()
         states = [state] if return_states else []
         grad_on = torch.is_grad_enabled() and (state.requires_grad or any(p.requires_grad for p in self.parameters()))
         # The per-step fused autograd saves only each step's input: that is 'step' already.
         seg = plan.segment
-        use_ckpt = grad_on and seg > 1 or (grad_on and seg == 1 and backend == "torch")
+        use_ckpt = grad_on and seg > 1 or (grad_on and seg == 1 and not settings.fused)
         for start, end in (plan.segments() if use_ckpt else [(0, plan.num_steps)]):
             flags, ms = list(plan.flags[start:end]), masks[start:end]
             if use_ckpt:
@@ -329,7 +316,8 @@ class NCA(nn.Module):
     def extra_repr(self) -> str:
         sched = (f"doubling seed={self.seed_size} K={self.n_doublings} M={self.steps_per_stage}" if self.doubling
                  else f"non-doubling grid={self.grid_size} T=U{{{self.min_steps}..{self.max_steps}}}")
-        return f"{sched}, p_update={self.p_update}, backend={self.backend}, precision={self.precision}"
+        st = self.settings
+        return f"{sched}, p_update={self.p_update}, backend={st.backend}, arithmetic={st.arithmetic}"
 
 
 def _run_steps(
@@ -348,12 +336,25 @@ def _run_steps(
     return state, inter
 
 
-def nca_from_config(cfg: Any) -> NCA:
-    """Build the NCA of a :class:`fastnca.config.Config`."""
+@dataclass(frozen=True)
+class _Request:
+    """The NCA's constructor arguments that ``fastnca.run.resolve_run`` reads."""
+
+    backend: str
+    precision: str
+    checkpoint: str
+    small_grid: bool
+    doubling: bool
+
+
+def nca_from_config(cfg: Any, settings: RunSettings | None = None) -> NCA:
+    """Build the NCA of a :class:`fastnca.config.Config`, with its settings resolved (``settings``) or resolved
+    here from the config for the CPU, where the parameters are made."""
     return NCA(
         cfg.state_channels, cfg.hidden_channels, cfg.n_blocks, bias=cfg.bias, out_bias=cfg.out_bias,
         doubling=cfg.doubling, seed_size=cfg.seed_size, n_doublings=cfg.n_doublings,
         steps_per_stage=cfg.steps_per_stage, grid_size=cfg.grid_size, min_steps=cfg.min_steps,
         max_steps=cfg.max_steps, p_update=cfg.p_update, backend=cfg.backend, precision=cfg.precision,
         checkpoint=cfg.checkpoint, small_grid=cfg.small_grid, small_grid_backward=cfg.small_grid_backward,
+        settings=settings,
     )

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastnca import distributed
-from fastnca.config import Config
+from fastnca import autobackend, distributed
+from fastnca.autobackend import Decision
+from fastnca.config import RESOLVED_KEY, Config
 from fastnca.data import Splits, load_for_config, to_model
 from fastnca.evaluate import (
     CHECKPOINT_NAME,
@@ -50,6 +51,7 @@ from fastnca.evaluate import (
 from fastnca.graphs import not_captured_reason, train_graph_for
 from fastnca.pool import Pool, damage, damage_masks
 from fastnca.rng import rng_state, set_rng_state
+from fastnca.run import RunSettings, resolve_run
 from fastnca.utils import atomic_write
 
 __all__ = [
@@ -183,30 +185,17 @@ def remove_orphan_temps(out_dir: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _check_backend(cfg: Config, device: torch.device) -> None:
-    """Refuse, before any data is loaded or step is run, a fused backend that cannot run on ``device``."""
-    from fastnca.nca import resolve_backend
+def precision_note(settings: RunSettings) -> str | None:
+    """A line for the log where the run's arithmetic is much slower than it need be, else None.
 
-    if resolve_backend(cfg.backend, device) == "triton" and device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend: 'triton' needs a CUDA device, and {device} is not one (TRITON_INTERPRET=1 runs the fused "
-                "kernels in the Triton interpreter on the CPU, slowly); use --set backend=auto or backend=torch"
-            )
-
-
-def precision_note(cfg: Config, device: torch.device) -> str | None:
-    """A line for the log where the run's precision is much slower than it need be on ``device``, else None.
-
-    On CUDA the fused backend's ``fp32`` is exact fp32 arithmetic (FMA units, no tensor cores): measured on an H100,
-    a mnist-doubling iteration took 218 ms against 45 ms in bf16 (docs/TRAINING.md, "Precision on a GPU").
+    On CUDA the fused backend's IEEE fp32 dots run without tensor cores: measured on an H100, a mnist-doubling
+    iteration took 218 ms in fp32 against 45 ms in bf16 (docs/TRAINING.md, "Precision on a GPU").
     """
-    from fastnca.nca import resolve_backend
-
-    if device.type == "cuda" and cfg.precision == "fp32" and resolve_backend(cfg.backend, device) == "triton":
-        return ("note: precision fp32 on the fused backend is exact fp32 arithmetic without tensor cores, about 5x "
-                "slower than bf16 on an H100 (docs/TRAINING.md, 'Precision on a GPU'); --set precision=bf16 trains "
-                "in bf16")
+    if settings.device.type == "cuda" and settings.fused and settings.arithmetic == "fp32-ieee":
+        why = ("precision=fp32-ieee" if settings.precision == "fp32-ieee"
+               else "PyTorch's cuDNN TF32 flag is off, so precision=fp32 means IEEE fp32")
+        return (f"note: {why}: the fused kernels' dots run without tensor cores, about 5x slower than bf16 on an "
+                "H100 (docs/TRAINING.md, 'Precision on a GPU'); --set precision=tf32 or precision=bf16 use them")
     return None
 
 
@@ -225,6 +214,11 @@ class Trainer:
         log: where messages go.
         final_outputs: evaluate and draw samples at the end.
         final_eval: the evaluation at the end (False: only the pictures; for short timed benchmark runs).
+        auto_backend: on a CUDA device, decide ``backend="auto"`` by timing both backends on this run's job
+            (``fastnca.autobackend``, cached); False: the capability rule of ``fastnca.run.resolve_backend``.
+        recorded_run: the settings a resumed run's checkpoint recorded (``RunSettings.record``): an 'auto'
+            backend keeps the backend recorded there on a device of the same type, so a resume never changes the
+            run's numerics.
     """
 
     def __init__(
@@ -240,6 +234,8 @@ class Trainer:
         log: Callable[[str], None] | None = None,
         final_outputs: bool = True,
         final_eval: bool = True,
+        auto_backend: bool = True,
+        recorded_run: dict[str, Any] | None = None,
     ) -> None:
         from fastnca.vae import VNCA
 
@@ -256,15 +252,14 @@ class Trainer:
         self.cfg = config
         self.out_dir = Path(out_dir)
         self.device = resolve_device(device or config.device)
-        _check_backend(config, self.device)
+        self.settings = resolve_run(config, self.device)
+        self.settings.check_device()
         self.time_limit = time_limit
         self.is_main = self.dist is None or self.dist.is_main  # rank 0 alone logs and writes files
         self.progress = progress and self.is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         if not self.is_main:
             self.log = lambda msg: None
-        if (note := precision_note(config, self.device)) is not None:
-            self.log(note)
         self.final_outputs = final_outputs
         self.final_eval = final_eval
         self.splits = splits if splits is not None else load_for_config(config, data_dir)
@@ -280,9 +275,15 @@ class Trainer:
         # training images go to the device once when they fit comfortably, so batches are cheap to gather
         on_device = self.device.type == "cuda" and self.splits.train.nbytes < 4 * 2**30
         self.train_images = self.splits.train.to(self.device) if on_device else self.splits.train
+        self.backend_decision: Decision | None = None
+        self.settings = self._resolve_settings(recorded_run, auto_backend)
+        self.log(f"model: {self.settings.describe()}")
+        if (note := precision_note(self.settings)) is not None:
+            self.log(note)
 
         torch.manual_seed(config.seed)  # parameter initialisation
-        self.model = VNCA(config).to(self.device)
+        self.model = VNCA(config, settings=self.settings).to(self.device)
+        self.settings = self.model.settings  # the same decision, now on the model's device
         self.model.train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True)  # one kernel
         self.gen = torch.Generator().manual_seed(config.seed)
@@ -307,9 +308,52 @@ class Trainer:
             # CUDA: the whole iteration replays as a graph (one per T for non-doubling models); None where it
             # runs eagerly
             self.train_graph = train_graph_for(self)
-            why = not_captured_reason(config, self.device)
+            why = not_captured_reason(config, self.settings)
             if self.device.type == "cuda" and config.cuda_graphs and why is not None:
                 self.log(f"CUDA graphs: training runs eagerly ({why})")
+
+    def _resolve_settings(self, recorded: dict[str, Any] | None, measure: bool) -> RunSettings:
+        """The run's settings: a resumed run keeps what its checkpoint recorded (``recorded``: its backend where
+        the config says 'auto' and the device type is the same, and the fused dots' arithmetic), so that its
+        numerics do not change; a new 'auto' run on CUDA takes the faster backend by a (cached) measurement."""
+        cfg, settings = self.cfg, self.settings
+        if recorded is not None:
+            same_type = str(recorded.get("device", "")).split(":")[0] == self.device.type
+            backend = recorded.get("backend") if cfg.backend == "auto" and same_type else None
+            arithmetic = recorded.get("arithmetic") if same_type else None
+            if backend is not None:
+                self.log(f"backend auto: {backend}, as the checkpoint recorded (a resume keeps its backend)")
+            kept = resolve_run(cfg, self.device, backend=backend, backend_source="checkpoint" if backend else None,
+                               arithmetic=arithmetic if (backend or settings.backend) == "triton" else None)
+            return kept
+        if cfg.backend != "auto" or self.device.type != "cuda" or not measure or settings.backend != "triton":
+            return settings  # explicit, not a GPU, or the fused kernels cannot run here: nothing to compare
+        candidates = ["triton", "torch"]
+        key = {**autobackend.machine_key(self.device),
+               **autobackend.job_key(cfg, "train", world_size=1 if self.dist is None else self.dist.world_size)}
+        cache = autobackend.DecisionCache(warn=self.log)
+        if self.dist is not None:  # every rank must take the same path: a cached decision, else the rule
+            entry = cache.get(key)
+            if entry is None:
+                self.log("backend auto: under torchrun no measurement runs (time it once in one process: the "
+                         "decision is cached and shared); triton by the capability rule")
+                return settings
+            decision = autobackend.Decision(entry["backend"], "cached", ms=dict(entry["ms"]), gpu=key["gpu"])
+        else:
+            decision = autobackend.choose_backend(
+                key, candidates, autobackend.training_measure(cfg, self.device, self.splits),
+                planned_iterations=cfg.iterations, planned_seconds=self.time_limit, cache=cache, gpu=key["gpu"],
+                progress=lambda msg: self.log(f"backend auto: {msg} ..."))
+        self.log(decision.line())
+        self.backend_decision = decision
+        return resolve_run(cfg, self.device, backend=decision.backend, backend_source=decision.settings_source)
+
+    def run_record(self) -> dict[str, Any]:
+        """What ran, for the run's files: the settings' record, and the times behind a measured 'auto'."""
+        record = self.settings.record()
+        if self.backend_decision is not None and self.backend_decision.ms:
+            record["auto_ms_per_iteration"] = dict(self.backend_decision.ms)
+        return record
 
     # ------------------------------------------------------------------------------------------ data
     def next_batch(self) -> Tensor:
@@ -437,6 +481,7 @@ class Trainer:
             "data": {"perm": self.perm, "pos": self.pos},
             "elapsed_s": self.elapsed_s,
             "log_window": [[row[k] for k in STAT_KEYS] for row in self.window],
+            "run": self.run_record(),  # what ran: backend and arithmetic (a resume keeps both)
             "torch_version": str(torch.__version__),
         }
 
@@ -536,7 +581,10 @@ class Trainer:
             )
         if overrides:
             cfg = cfg.replace(**overrides)
-        trainer = cls(cfg, out_dir, **kwargs)
+        # a checkpoint from before runs recorded their settings ran 'auto' by the capability rule and, on the fused
+        # backend, fp32 as IEEE fp32: a resume keeps both
+        recorded = ckpt.get("run") or {"device": "cuda", "arithmetic": "fp32-ieee" if cfg.precision == "fp32" else None}
+        trainer = cls(cfg, out_dir, recorded_run=recorded, **kwargs)
         load_weights(trainer, ckpt, path, what="training")
         trainer._truncate_metrics(trainer.step)
         return trainer
@@ -622,7 +670,9 @@ class Trainer:
             if orphans:
                 self.log(f"removed {len(orphans)} temporary file(s) left in {self.out_dir} by an interrupted write")
             self._truncate_metrics(self.step)  # a fresh run (step 0) starts a fresh metrics file
-            _write_text_atomic(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            # the config as asked, and how this process resolved it (read back by --config, which ignores it)
+            doc = {**cfg.to_dict(), RESOLVED_KEY: self.run_record()}
+            _write_text_atomic(self.out_dir / "config.json", json.dumps(doc, indent=2) + "\n")
         session_start = time.perf_counter()
         stopped = "done"
         last_train: dict[str, Any] = {}
@@ -657,6 +707,8 @@ class Trainer:
                 **{k: sum(s[k] for s in window) / len(window) for k in STAT_KEYS},
                 "it_per_s": round((len(window) - carried) / dt, 3) if dt > 0 and len(window) > carried else None,
                 "elapsed_s": round(self.elapsed_s, 3),
+                "backend": self.settings.backend,
+                "arithmetic": self.settings.arithmetic,
             }
             self.write_metrics(row)
             window.clear()

@@ -21,8 +21,9 @@ from fastnca.likelihoods import (
     dml_mean,
     dml_sample,
 )
-from fastnca.nca import NCA, nca_from_config, resolve_backend
+from fastnca.nca import NCA, nca_from_config
 from fastnca.rng import generator_on
+from fastnca.run import RunSettings, resolve_run
 
 __all__ = ["Encoder", "VNCA", "ConvVAE", "build_model", "gaussian_kl", "LOG_2PI"]
 
@@ -138,9 +139,10 @@ class _LatentVAE(nn.Module):
     def kl(mu: Tensor, log_sigma: Tensor) -> Tensor:
         return gaussian_kl(mu, log_sigma)
 
-    def backend_on(self, device: torch.device) -> str:
-        """The backend the model runs on ``device``: 'triton' (fused kernels) or 'torch' (the reference ops)."""
-        return resolve_backend(self.config.backend, device)
+    @property
+    def settings(self) -> RunSettings:
+        """How the model computes (``fastnca.run.RunSettings``): resolved when it is built, again when moved."""
+        raise NotImplementedError
 
     def log_likelihood(self, x: Tensor, out: Tensor) -> Tensor:
         """log p(x | decoder output) in nats, ``(B,)``.
@@ -151,7 +153,7 @@ class _LatentVAE(nn.Module):
         """
         if self.config.likelihood == "bernoulli":
             return bernoulli_log_prob(x, out)
-        if self.backend_on(out.device) == "triton":
+        if self.settings.fused:
             from fastnca.kernels.likelihood import dml_log_prob_fused
 
             return dml_log_prob_fused(x, out, self.config.n_mix)
@@ -255,17 +257,23 @@ class _LatentVAE(nn.Module):
 class VNCA(_LatentVAE):
     """Variational Neural Cellular Automaton (Palm et al., ICLR 2022).
 
-    ``build_model(preset)`` is the usual way to make one. Attributes: ``config``, ``encoder``, ``nca``
-    (the decoder; ``nca.update_net`` is the update network).
+    ``build_model(preset)`` is the usual way to make one. Attributes: ``config`` (what was asked for),
+    ``settings`` (how it computes: the decoder's ``fastnca.run.RunSettings``), ``encoder``, ``nca`` (the decoder;
+    ``nca.update_net`` is the update network).
+
+    Args:
+        config: the model and its requests (backend, precision, checkpoint policy).
+        settings: the run's settings already resolved for its device (the trainer's); default: resolved from
+            ``config`` for the CPU, where the parameters are made, and again when the model is moved.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, settings: RunSettings | None = None) -> None:
         super().__init__(config)
-        self.nca: NCA = nca_from_config(config)
+        self.nca: NCA = nca_from_config(config, settings)
 
-    def backend_on(self, device: torch.device) -> str:
-        """The decoder's: ``nca.backend`` (which may be changed after construction) resolved for ``device``."""
-        return resolve_backend(self.nca.backend, device)
+    @property
+    def settings(self) -> RunSettings:
+        return self.nca.settings
 
     def decode(self, z: Tensor, *, num_steps: int | None = None, generator: torch.Generator | None = None,
                return_states: bool = False, checkpoint: str | None = None,
@@ -331,6 +339,7 @@ class ConvVAE(_LatentVAE):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        self._settings = resolve_run(config, "cpu")
         size = 32 if config.image_size == 28 else config.image_size
         n_up = int(round(math.log2(size / 2)))
         if 2 * 2**n_up != size:
@@ -345,6 +354,16 @@ class ConvVAE(_LatentVAE):
         layers.append(nn.ConvTranspose2d(c, out_c, 5, stride=1, padding=2))
         self.decoder = nn.Sequential(*layers)
         self.crop = (size - config.image_size) // 2
+
+    @property
+    def settings(self) -> RunSettings:
+        """The likelihood's backend (the fused DML kernels on 'triton'); the decoder is plain PyTorch."""
+        return self._settings
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        out = super()._apply(fn, recurse)
+        self._settings = self._settings.moved_to(self.decoder_linear[0].weight.device)
+        return out
 
     def decode(self, z: Tensor, **_unused) -> Tensor:
         h = self.decoder_linear(z).view(-1, 1024, 2, 2)

@@ -736,7 +736,7 @@ class _RolloutFunction(torch.autograd.Function):
 # flags, segment length and policy; masks as a list with one tensor per step, or empty. The forward also returns the
 # stored states, which the backward op takes back (a custom op's outputs are its only saved state).
 def _op_plan(flags: list[bool], segment: int, policy: str) -> RolloutPlan:
-    return RolloutPlan(tuple(bool(f) for f in flags), segment, policy, "triton")
+    return RolloutPlan(tuple(bool(f) for f in flags), segment, policy)
 
 
 def _op_weights(tensors: list[Tensor], present: list[bool]) -> UpdateWeights:

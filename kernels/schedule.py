@@ -18,20 +18,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RolloutPlan", "draw_masks", "parse_checkpoint", "plan_rollout"]
+__all__ = ["RolloutPlan", "draw_masks", "parse_checkpoint", "plan_rollout", "rollout_flags", "POLICIES"]
 
 POLICIES = "none, step, segments=k or auto"
 
 
-def parse_checkpoint(policy: str, num_steps: int, doubling: bool, backend: str) -> int:
+def parse_checkpoint(policy: str, num_steps: int, doubling: bool) -> int:
     """The checkpoint policy as a segment length: 0 keeps everything ('none'), 1 is 'step', k is 'segments=k'.
 
     'auto': non-doubling rollouts keep the state every ~sqrt(T) steps (memory ~ 2 sqrt(T) states); doubling
     rollouts keep everything ('none'): on the reference its own behaviour, on the fused backend every step's
     activations, so its backward recomputes nothing (2 nb + 1 planes of h per cell, under half of what the
     reference keeps; 'step' keeps only the inputs, at about 3x the backward main kernel's tensor work,
-    ``fastnca.memory.predict_peak_memory`` gives both).
+    ``fastnca.memory.predict_peak_memory`` gives both). The policy means the same on both backends.
+
+    Raises:
+        ValueError: ``policy`` is not one of none, step, segments=k (k >= 1) or auto.
     """
+    if not isinstance(policy, str):
+        raise ValueError(f"checkpoint: expected {POLICIES}, got {policy!r}")
     if policy == "none":
         return 0
     if policy == "step":
@@ -48,6 +53,21 @@ def parse_checkpoint(policy: str, num_steps: int, doubling: bool, backend: str) 
     raise ValueError(f"checkpoint: expected {POLICIES}, got {policy!r}")
 
 
+def rollout_flags(doubling: bool, *, steps_per_stage: int = 8, n_doublings: int = 4,
+                  num_steps: int | None = None) -> list[bool]:
+    """A model's rollout as per-step "double first" flags.
+
+    Doubling: M steps on the seed, then K x [double, M steps] (the doubling folded into each stage's first step).
+    Non-doubling: ``num_steps`` plain steps.
+    """
+    if doubling:
+        m = steps_per_stage
+        return [False] * m + ([True] + [False] * (m - 1)) * n_doublings
+    if num_steps is None:
+        raise ValueError("num_steps: a non-doubling schedule needs the number of steps")
+    return [False] * num_steps
+
+
 @dataclass(frozen=True)
 class RolloutPlan:
     """One rollout's schedule and what its forward stores.
@@ -56,13 +76,11 @@ class RolloutPlan:
         flags: per step, whether it doubles the grid first.
         segment: the policy's segment length (0: keep everything, 1: every step's input, k: every k-th).
         policy: the policy as written ('auto', 'segments=5', ...).
-        backend: 'triton' (the fused rollout op) or 'torch' (the reference, with torch.utils.checkpoint).
     """
 
     flags: tuple[bool, ...]
     segment: int
     policy: str
-    backend: str
 
     @property
     def num_steps(self) -> int:
@@ -103,13 +121,13 @@ class RolloutPlan:
         return out
 
 
-def plan_rollout(flags: list[bool] | tuple[bool, ...] | int, policy: str, *, doubling: bool,
-                 backend: str) -> RolloutPlan:
-    """The plan of a rollout: ``flags`` (or a number of plain steps) under checkpoint ``policy``."""
+def plan_rollout(flags: list[bool] | tuple[bool, ...] | int, policy: str, *, doubling: bool) -> RolloutPlan:
+    """The plan of a rollout: ``flags`` (or a number of plain steps) under checkpoint ``policy``, for a model whose
+    rollouts double the grid (``doubling``) or not; the same on both backends."""
     if isinstance(flags, int):
         flags = [False] * flags
     flags = tuple(bool(f) for f in flags)
-    return RolloutPlan(flags, parse_checkpoint(policy, len(flags), doubling, backend), policy, backend)
+    return RolloutPlan(flags, parse_checkpoint(policy, len(flags), doubling), policy)
 
 
 def draw_masks(

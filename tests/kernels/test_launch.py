@@ -174,8 +174,7 @@ FLAGS = [False, True, True, True]  # 2x2 -> 16x16: three small-grid steps, then 
 def _rollout_grads(weights, state, masks, upstream, policy):
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in weights.flat()]
     s = state.detach().clone().requires_grad_(True)
-    out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan_rollout(FLAGS, policy, doubling=True,
-                                                                       backend="triton"), masks)
+    out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan_rollout(FLAGS, policy, doubling=True), masks)
     (out * upstream).sum().backward()
     return [out.detach(), s.grad] + [t.grad for t in leaves if t is not None]
 
@@ -183,7 +182,7 @@ def _rollout_grads(weights, state, masks, upstream, policy):
 def test_rollout_falls_back_to_tiles_the_gpu_can_run(monkeypatch):
     weights = make_weights(32, 32, 1, gain=0.4)
     state = make_state(2, 32, 2, 2)
-    plan = plan_rollout(FLAGS, "none", doubling=True, backend="torch")
+    plan = plan_rollout(FLAGS, "none", doubling=True)
     masks = draw_masks(plan, 2, 2, 2, 0.7, generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE)
     upstream = torch.randn(2, 32, 16, 16, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     want = _rollout_grads(weights, state, masks, upstream, "none")

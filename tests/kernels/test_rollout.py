@@ -34,14 +34,14 @@ def _ref_grads(state, weights, masks, upstream, dtype):
 def _fused_grads(state, weights, masks, upstream, policy, small_grid=True):
     leaves = _leaves(weights)
     s = state.detach().clone().requires_grad_(True)
-    plan = plan_rollout(FLAGS, policy, doubling=True, backend="triton")
+    plan = plan_rollout(FLAGS, policy, doubling=True)
     out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan, masks, small_grid=small_grid)
     (out.double() * upstream).sum().backward()
     return out, [s.grad] + [t.grad for t in leaves if t is not None]
 
 
 def _masks(b, p=0.6):
-    plan = plan_rollout(FLAGS, "none", doubling=True, backend="torch")
+    plan = plan_rollout(FLAGS, "none", doubling=True)
     return draw_masks(plan, b, 2, 2, p, generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE)
 
 
@@ -49,8 +49,7 @@ def test_rollout_is_one_autograd_node_over_the_weights():
     weights = make_weights(16, 32, 2, gain=0.4)
     leaves = _leaves(weights)
     s = make_state(2, 16, 2, 2).requires_grad_(True)
-    out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan_rollout(FLAGS, "step", doubling=True,
-                                                                        backend="triton"))
+    out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan_rollout(FLAGS, "step", doubling=True))
     fn = out.grad_fn
     while type(fn).__name__ != "_RolloutFunctionBackward":  # the permute back to (B, C, H, W)
         fn = fn.next_functions[0][0]
@@ -152,7 +151,7 @@ def test_without_gradients_no_activations_are_kept(monkeypatch):
 
     weights = make_weights(16, 16, 1, gain=0.4)
     state = make_state(2, 16, 2, 2)
-    plan = plan_rollout(FLAGS, "none", doubling=True, backend="triton")
+    plan = plan_rollout(FLAGS, "none", doubling=True)
     seen = []
     real = rollout._layout
     monkeypatch.setattr(rollout, "_layout", lambda p, *a: seen.append(p.keeps_activations) or real(p, *a))
@@ -174,7 +173,7 @@ def test_rollout_traces_whole_under_torch_compile_fullgraph(policy):
     weights = make_weights(16, 16, 1, gain=0.4)
     state = make_state(b, 16, 2, 2)
     masks = _masks(b)
-    plan = plan_rollout(FLAGS, policy, doubling=True, backend="triton")
+    plan = plan_rollout(FLAGS, policy, doubling=True)
     upstream = torch.randn(b, 16, 8, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
 
     def run(s, *flat):
@@ -226,15 +225,14 @@ def test_kept_activations_match_the_recompute_at_the_mnist_doubling_shape_on_gpu
     weights = make_weights(256, 256, 4, gain=0.3)
     weights = UpdateWeights.from_flat([None if t is None else t.to(dtype) for t in weights.flat()])
     state = make_state(32, 256, 2, 2).to(dtype)
-    masks = draw_masks(plan_rollout(flags, "none", doubling=True, backend="torch"), 32, 2, 2, 0.5,
+    masks = draw_masks(plan_rollout(flags, "none", doubling=True), 32, 2, 2, 0.5,
                        generator=torch.Generator(device=DEVICE).manual_seed(4), device=DEVICE)
     upstream = torch.randn(32, 256, 32, 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
     results = {}
     for policy in ("none", "step"):
         leaves = _leaves(weights, dtype)
         s = state.detach().clone().requires_grad_(True)
-        out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan_rollout(flags, policy, doubling=True,
-                                                                            backend="triton"), masks,
+        out = nca_rollout(s, UpdateWeights.from_flat(leaves), plan_rollout(flags, policy, doubling=True), masks,
                           input_precision=ip)
         (out.float() * upstream).sum().backward()
         results[policy] = [out.detach(), s.grad] + [t.grad for t in leaves if t is not None]

@@ -35,7 +35,7 @@ def _reference_rollout(nca: NCA, state: torch.Tensor, schedule: list[bool], seed
     s = state.detach().double().requires_grad_(True)
     x = s
     b, _, h, w = s.shape
-    masks = draw_masks(plan_rollout(schedule, "none", doubling=nca.doubling, backend="torch"), b, h, w,
+    masks = draw_masks(plan_rollout(schedule, "none", doubling=nca.doubling), b, h, w,
                        nca.p_update, generator=gen, device=DEVICE)
     for double, mask in zip(schedule, masks):
         x = nca_step_ref(x, weights, mask, double)

@@ -30,12 +30,12 @@ def _reference(state, weights, flags, masks, dtype):
 
 def _fused(state, weights, flags, masks, *, small_grid=True, small_grid_backward=True, policy="auto"):
     """The rollout op; this module tests the small-grid kernels, so their backward is on unless said otherwise."""
-    plan = plan_rollout(flags, policy, doubling=True, backend="triton")
+    plan = plan_rollout(flags, policy, doubling=True)
     return nca_rollout(state, weights, plan, masks, small_grid=small_grid, small_grid_backward=small_grid_backward)
 
 
 def _masks(flags, b, h, w, p):
-    plan = plan_rollout(flags, "none", doubling=True, backend="torch")
+    plan = plan_rollout(flags, "none", doubling=True)
     return draw_masks(plan, b, h, w, p, generator=torch.Generator(device=DEVICE).manual_seed(3), device=DEVICE)
 
 
@@ -77,7 +77,7 @@ def test_tf32_rollout_forward_reads_k_major_weights_as_ieee_reads_its_own():
     masks = _masks(ODD_FLAGS, 3, 1, 3, 0.5)
     out = {}
     for prec in ("ieee", "tf32"):
-        plan = plan_rollout(ODD_FLAGS, "auto", doubling=True, backend="triton")
+        plan = plan_rollout(ODD_FLAGS, "auto", doubling=True)
         with torch.no_grad():
             out[prec] = nca_rollout(state, weights, plan, masks, input_precision=prec, small_grid=True)
     assert torch.equal(out["tf32"], out["ieee"]), f"differ by {(out['tf32'] - out['ieee']).abs().max():.3g}"
@@ -93,7 +93,7 @@ def test_tf32_rollout_gradients_equal_ieee_with_k_major_weights():
     for prec in ("ieee", "tf32"):
         w = UpdateWeights.from_flat([None if t is None else t.clone().requires_grad_(True) for t in weights.flat()])
         state = state0.clone().requires_grad_(True)
-        plan = plan_rollout(GRAD_FLAGS, "auto", doubling=True, backend="triton")
+        plan = plan_rollout(GRAD_FLAGS, "auto", doubling=True)
         out = nca_rollout(state, w, plan, masks, input_precision=prec, small_grid=True, small_grid_backward=True)
         out.backward(torch.ones_like(out))
         grads[prec] = [out.detach(), state.grad] + [t.grad for t in w.flat() if t is not None]

@@ -77,7 +77,7 @@ def test_update_masks_of_a_rank_are_its_rows_of_one_process_masks():
     rows of one process's masks (a step-major draw would give every rank different cells than one process)."""
     from fastnca.kernels.schedule import draw_masks, plan_rollout
 
-    plan = plan_rollout([False] * 3 + [True] + [False] * 2, "none", doubling=True, backend="torch")
+    plan = plan_rollout([False] * 3 + [True] + [False] * 2, "none", doubling=True)
     global_rows, world = 5, 2
     ref = draw_masks(plan, global_rows, 2, 2, 0.5, generator=torch.Generator().manual_seed(3))
     for rank in range(world):

@@ -26,6 +26,7 @@ from fastnca.graphs import (
     iwae_graph_for,
     not_captured_reason,
 )
+from fastnca.run import resolve_run
 from fastnca.train import Trainer
 from fastnca.vae import VNCA
 from tests.utils import mnist_slices
@@ -105,23 +106,29 @@ def test_cuda_graphs_flag_defaults_on_and_parses():
         parse_value("cuda_graphs", "maybe")
 
 
+def _reason(cfg, device=CUDA, **kw):
+    """not_captured_reason for ``cfg`` on ``device``, its 'auto' backend taken as the fused one (a capable GPU)."""
+    backend = "triton" if cfg.backend == "auto" and device.type == "cuda" else None
+    return not_captured_reason(cfg, resolve_run(cfg, device, backend=backend), **kw)
+
+
 def test_what_is_captured():
     doubling = get_preset("mnist-doubling")
-    assert not_captured_reason(doubling, CUDA) is None, "a doubling model's step and IWAE are captured on CUDA"
-    assert "CUDA" in not_captured_reason(doubling, torch.device("cpu"))
-    assert not_captured_reason(doubling.replace(cuda_graphs=False), CUDA) == "cuda_graphs=False"
+    assert _reason(doubling) is None, "a doubling model's step and IWAE are captured on CUDA"
+    assert "CUDA" in _reason(doubling, torch.device("cpu"))
+    assert _reason(doubling.replace(cuda_graphs=False)) == "cuda_graphs=False"
     for name in ("mnist-nondoubling", "celeba-nondoubling", "celeba-nondoubling-256"):
         cfg = get_preset(name)
-        assert not_captured_reason(cfg, CUDA) is None, f"{name}: training is captured per T on the fused backend"
-        assert "non-doubling IWAE" in not_captured_reason(cfg, CUDA, training=False), "T is drawn inside iwae"
-        reason = not_captured_reason(cfg.replace(backend="torch"), CUDA)
+        assert _reason(cfg) is None, f"{name}: training is captured per T on the fused backend"
+        assert "non-doubling IWAE" in _reason(cfg, training=False), "T is drawn inside iwae"
+        reason = _reason(cfg.replace(backend="torch"))
         assert "reference backend" in reason, f"{name}: torch.utils.checkpoint saves RNG states on the host"
     seg = doubling.replace(checkpoint="segments=4")
-    assert not_captured_reason(seg, CUDA) is None, "the fused rollout recomputes its segments inside the op"
+    assert _reason(seg) is None, "the fused rollout recomputes its segments inside the op"
     seg_ref = seg.replace(backend="torch")
-    assert "checkpoint" in not_captured_reason(seg_ref, CUDA), "torch.utils.checkpoint is not capture-safe"
-    assert not_captured_reason(seg_ref, CUDA, training=False) is None, "IWAE has no gradients, no recomputation"
-    assert not_captured_reason(doubling.replace(checkpoint="none", backend="torch"), CUDA) is None
+    assert "checkpoint" in _reason(seg_ref), "torch.utils.checkpoint is not capture-safe"
+    assert _reason(seg_ref, training=False) is None, "IWAE has no gradients, no recomputation"
+    assert _reason(doubling.replace(checkpoint="none", backend="torch")) is None
 
 
 @needs_data

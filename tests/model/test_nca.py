@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastnca.kernels.reference import double_ref, make_update_mask, nca_step_ref
-from fastnca.nca import NCA, UpdateNet, parse_checkpoint
+from fastnca.kernels.schedule import parse_checkpoint
+from fastnca.nca import NCA, UpdateNet
 
 
 def _randomise(module: nn.Module, std: float = 0.1) -> None:
@@ -134,14 +135,14 @@ def test_checkpoint_policies_give_the_same_gradients_as_keeping_everything(polic
 
 
 def test_parse_checkpoint():
-    assert parse_checkpoint("none", 100, False, "torch") == 0
-    assert parse_checkpoint("step", 100, True, "torch") == 1
-    assert parse_checkpoint("segments=8", 100, False, "triton") == 8
-    assert parse_checkpoint("auto", 100, False, "triton") == 10
-    assert parse_checkpoint("auto", 40, True, "triton") == 0, "doubling: keep the activations on both backends"
-    assert parse_checkpoint("auto", 40, True, "torch") == 0
+    assert parse_checkpoint("none", 100, False) == 0
+    assert parse_checkpoint("step", 100, True) == 1
+    assert parse_checkpoint("segments=8", 100, False) == 8
+    assert parse_checkpoint("auto", 100, False) == 10
+    assert parse_checkpoint("auto", 40, True) == 0, "doubling: keep the activations on both backends"
+    assert parse_checkpoint("auto", 40, True) == 0
     with pytest.raises(ValueError, match="checkpoint"):
-        parse_checkpoint("segments=0", 10, False, "torch")
+        parse_checkpoint("segments=0", 10, False)
 
 
 def test_step_bad_input_names_the_argument():

@@ -11,6 +11,7 @@ import torch
 from fastnca import train as train_mod
 from fastnca.config import get_preset
 from fastnca.data import Splits
+from fastnca.run import resolve_run
 from fastnca.train import NonFiniteLossError, Pool, Trainer, damage, damage_masks, save_checkpoint
 from tests.utils import mnist_slices
 
@@ -72,14 +73,14 @@ def make_trainer(cfg, out, splits, **kw) -> Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- damage and pool
-def test_precision_note_names_the_fused_fp32_path_on_cuda_only():
+def test_precision_note_names_the_fused_ieee_fp32_path_on_cuda_only():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # devices as names: nothing is allocated
-    cfg = get_preset("mnist-doubling", backend="triton")  # fp32
-    note = train_mod.precision_note(cfg, cuda)
-    assert note is not None and "--set precision=bf16" in note, f"expected a pointer to bf16 on CUDA, got {note!r}"
-    assert train_mod.precision_note(cfg, cpu) is None, "expected no note on the CPU (the reference backend runs)"
-    assert train_mod.precision_note(cfg.replace(precision="bf16"), cuda) is None
-    assert train_mod.precision_note(cfg.replace(backend="torch"), cuda) is None
+    cfg = get_preset("mnist-doubling", backend="triton", precision="fp32-ieee")
+    note = train_mod.precision_note(resolve_run(cfg, cuda))
+    assert note is not None and "precision=bf16" in note, f"expected a pointer to bf16 on CUDA, got {note!r}"
+    assert train_mod.precision_note(resolve_run(cfg, cpu)) is None, "expected no note on the CPU"
+    assert train_mod.precision_note(resolve_run(cfg.replace(precision="bf16"), cuda)) is None
+    assert train_mod.precision_note(resolve_run(cfg.replace(backend="torch"), cuda)) is None
 
 
 def test_an_explicit_cuda_device_becomes_the_current_one(monkeypatch):
@@ -497,3 +498,22 @@ def test_log_every_zero_logs_only_the_last_step(tmp_path, mnist_small):
     tr.fit()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3], f"expected one train row at the last step, got {rows}"
+
+
+@needs_data
+def test_run_files_record_the_backend_and_arithmetic_that_ran(tmp_path, mnist_small):
+    from fastnca.configfile import load_config_file
+
+    trainer = make_trainer(doubling_config(iterations=2, log_every=1), tmp_path, mnist_small)
+    trainer.fit()
+    want = {"device": "cpu", "backend": "torch", "backend_source": "capability", "precision": "fp32",
+            "arithmetic": "fp32-ieee", "checkpoint": "auto"}
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["resolved"] == want, f"config.json: expected the resolved settings {want}, got {conf.get('resolved')}"
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["run"] == want, "the checkpoint records the same settings"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert train_rows and all((r["backend"], r["arithmetic"]) == ("torch", "fp32-ieee") for r in train_rows)
+    _, overrides = load_config_file(tmp_path / "config.json")
+    assert "resolved" not in overrides and overrides["precision"] == "fp32", "config.json reads back as a config"

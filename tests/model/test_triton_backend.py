@@ -7,31 +7,10 @@ import torch
 import fastnca
 from fastnca.config import get_preset
 from fastnca.data import load_for_config
-from fastnca.nca import resolve_backend
 from fastnca.train import Trainer
 from tests.utils import assert_close
 
 pytest.importorskip("triton")
-
-
-def test_auto_backend_picks_the_reference_on_the_cpu():
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert resolve_backend("triton", torch.device("cpu")) == "triton"
-
-
-@pytest.mark.parametrize("capability, expected", [((7, 5), "torch"), ((8, 0), "triton"), ((8, 6), "triton"),
-                                                  ((9, 0), "triton")])
-def test_auto_backend_takes_the_fused_kernels_from_compute_capability_8(monkeypatch, capability, expected):
-    def get_device_capability(device=None):
-        assert torch.device(device).type == "cuda", f"asked the capability of {device}"
-        return capability
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
-    got = resolve_backend("auto", torch.device("cuda"))
-    assert got == expected, f"compute capability {capability}: expected {expected!r}, got {got!r}"
-    assert resolve_backend("triton", torch.device("cuda")) == "triton", "an explicit backend is kept"
-    assert resolve_backend("auto", torch.device("cpu")) == "torch", "the CPU of a GPU machine: the reference"
 
 
 @pytest.mark.slow
