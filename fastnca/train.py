@@ -52,7 +52,7 @@ from fastnca.graphs import not_captured_reason, train_graph_for
 from fastnca.pool import Pool, damage, damage_masks
 from fastnca.rng import rng_state, set_rng_state
 from fastnca.run import RunSettings, resolve_run
-from fastnca.utils import atomic_write
+from fastnca.utils import atomic_write, release_cuda_memory
 
 __all__ = [
     "Trainer",
@@ -219,6 +219,9 @@ class Trainer:
         recorded_run: the settings a resumed run's checkpoint recorded (``RunSettings.record``): an 'auto'
             backend keeps the backend recorded there on a device of the same type, so a resume never changes the
             run's numerics.
+        precompile: on a CUDA device with the fused kernels, compile every kernel the run will launch before the
+            first step, in parallel worker processes, into Triton's cache (``fastnca.kernels.warmup``); a second
+            run finds them cached.
     """
 
     def __init__(
@@ -236,6 +239,7 @@ class Trainer:
         final_eval: bool = True,
         auto_backend: bool = True,
         recorded_run: dict[str, Any] | None = None,
+        precompile: bool = True,
     ) -> None:
         from fastnca.vae import VNCA
 
@@ -276,6 +280,10 @@ class Trainer:
         on_device = self.device.type == "cuda" and self.splits.train.nbytes < 4 * 2**30
         self.train_images = self.splits.train.to(self.device) if on_device else self.splits.train
         self.backend_decision: Decision | None = None
+        self.compile_report: Any = None
+        recorded_torch = (recorded_run or {}).get("backend") == "torch" and config.backend == "auto"
+        if precompile and self.device.type == "cuda" and self.settings.fused and not recorded_torch:
+            self.compile_report = self._precompile()  # before anything launches a kernel (and before timing)
         self.settings = self._resolve_settings(recorded_run, auto_backend)
         self.log(f"model: {self.settings.describe()}")
         if (note := precision_note(self.settings)) is not None:
@@ -311,6 +319,41 @@ class Trainer:
             why = not_captured_reason(config, self.settings)
             if self.device.type == "cuda" and config.cuda_graphs and why is not None:
                 self.log(f"CUDA graphs: training runs eagerly ({why})")
+
+    def _precompile(self) -> Any:
+        """Compile the fused kernels of one training iteration, one periodic evaluation's IWAE chunk and the final
+        samples (recorded on a throw-away copy of the model, nothing of which runs), in worker processes."""
+        from tqdm.auto import tqdm
+
+        from fastnca.kernels import warmup
+        from fastnca.vae import VNCA
+
+        cfg, device = self.cfg, self.device
+        gpu = torch.cuda.get_device_name(device)
+
+        def job() -> None:
+            model = VNCA(cfg, settings=self.settings).to(device)
+            x = to_model(self.train_images[: cfg.batch_size], cfg.likelihood, device=device)
+            gen = torch.Generator(device=device).manual_seed(0)
+            steps = {} if cfg.doubling else {"num_steps": cfg.max_steps}
+            model(x, generator=gen, check_values=False, **steps)["loss"].backward()
+            with torch.no_grad():
+                model.iwae(x, min(cfg.eval_samples, max(1, 256 // cfg.batch_size)), generator=gen)
+                model.sample(8, generator=gen, **steps)
+
+        ranks = 1 if self.dist is None else self.dist.world_size  # every rank of a node compiles: share the CPUs
+        workers = max(1, warmup.default_workers() // ranks)
+        with tqdm(desc=f"compiling kernels for {gpu}", unit="kernel", disable=not self.progress, leave=False) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            report = warmup.precompile(job, warmup.target_of(device), workers=workers, progress=progress)
+        self.log(report.line(gpu))
+        for failure in report.failed[:3]:
+            self.log(f"  not precompiled: {failure}")
+        release_cuda_memory()
+        return report
 
     def _resolve_settings(self, recorded: dict[str, Any] | None, measure: bool) -> RunSettings:
         """The run's settings: a resumed run keeps what its checkpoint recorded (``recorded``: its backend where

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "release_cuda_memory"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -54,3 +54,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def release_cuda_memory() -> None:
+    """Free what a throw-away model left on the GPU (collected, then returned by the caching allocator)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -517,3 +517,32 @@ def test_run_files_record_the_backend_and_arithmetic_that_ran(tmp_path, mnist_sm
     assert train_rows and all((r["backend"], r["arithmetic"]) == ("torch", "fp32-ieee") for r in train_rows)
     _, overrides = load_config_file(tmp_path / "config.json")
     assert "resolved" not in overrides and overrides["precision"] == "fp32", "config.json reads back as a config"
+
+
+@needs_data
+def test_precompile_records_the_training_evaluation_and_sampling_kernels(tmp_path, mnist_small, monkeypatch):
+    """The trainer's warm-up job, recorded in the interpreter: the fused kernels of one training iteration (the
+    forward keeping activations, the backward), of the IWAE (a forward that keeps none) and of the samples."""
+    from fastnca.kernels import warmup
+
+    seen = []
+
+    def stand_in(job, target, *, workers, progress):
+        with warmup.record_launches() as launches:
+            job()
+        seen.extend(launches)
+        progress(1, 1)
+        return warmup.Report(kernels=1, compiled=1, workers=workers, launches=len(launches))
+
+    monkeypatch.setattr(warmup, "precompile", stand_in)
+    monkeypatch.setattr(warmup, "target_of", lambda device: {"backend": "cuda", "arch": 90, "warp_size": 32})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+    lines = []
+    cfg = doubling_config(backend="triton", iterations=1, state_channels=16, hidden_channels=16)
+    trainer = make_trainer(cfg, tmp_path, mnist_small)
+    trainer.log = lines.append
+    report = trainer._precompile()
+    assert report.launches == len(seen) > 0 and "Stand-in GPU" in lines[-1], lines
+    stores = {dict(launch.kwargs).get("STORE_ACTS") for launch in seen if launch.kernel.endswith("_nca_step_fwd_kernel")}
+    assert stores == {True, False}, f"expected the training forward (keeps activations) and the IWAE's, got {stores}"
+    assert any(launch.kernel.endswith("_rollout_bwd_post_kernel") for launch in seen), "the backward is recorded"
