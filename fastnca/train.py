@@ -22,6 +22,7 @@ evaluation), ``checkpoint.pt`` (loads with ``torch.load(path, weights_only=True)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -199,6 +200,23 @@ def precision_note(settings: RunSettings) -> str | None:
     return None
 
 
+def warmup_job(cfg: Config, settings: RunSettings, images: Tensor) -> None:
+    """What a training run launches, on a throw-away copy of the model: one training iteration (forward and
+    backward), one periodic evaluation's IWAE chunk and the final samples (``images``: one uint8 batch). Run under
+    ``fastnca.kernels.warmup.record_launches`` it records the run's kernels without running them."""
+    from fastnca.vae import VNCA
+
+    device = settings.device
+    model = VNCA(cfg, settings=settings).to(device)
+    x = to_model(images[: cfg.batch_size], cfg.likelihood, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    steps = {} if cfg.doubling else {"num_steps": cfg.max_steps}
+    model(x, generator=gen, check_values=False, **steps)["loss"].backward()
+    with torch.no_grad():
+        model.iwae(x, min(cfg.eval_samples, max(1, 256 // cfg.batch_size)), generator=gen)
+        model.sample(8, generator=gen, **steps)
+
+
 # ---------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     """Trains a VNCA on its config's dataset and writes metrics, checkpoints and pictures to ``out_dir``.
@@ -326,21 +344,10 @@ class Trainer:
         from tqdm.auto import tqdm
 
         from fastnca.kernels import warmup
-        from fastnca.vae import VNCA
 
         cfg, device = self.cfg, self.device
         gpu = torch.cuda.get_device_name(device)
-
-        def job() -> None:
-            model = VNCA(cfg, settings=self.settings).to(device)
-            x = to_model(self.train_images[: cfg.batch_size], cfg.likelihood, device=device)
-            gen = torch.Generator(device=device).manual_seed(0)
-            steps = {} if cfg.doubling else {"num_steps": cfg.max_steps}
-            model(x, generator=gen, check_values=False, **steps)["loss"].backward()
-            with torch.no_grad():
-                model.iwae(x, min(cfg.eval_samples, max(1, 256 // cfg.batch_size)), generator=gen)
-                model.sample(8, generator=gen, **steps)
-
+        job = functools.partial(warmup_job, cfg, self.settings, self.train_images[: cfg.batch_size])
         ranks = 1 if self.dist is None else self.dist.world_size  # every rank of a node compiles: share the CPUs
         workers = max(1, warmup.default_workers() // ranks)
         with tqdm(desc=f"compiling kernels for {gpu}", unit="kernel", disable=not self.progress, leave=False) as bar:

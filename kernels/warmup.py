@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Launch", "Pointer", "Report", "compile_launch", "precompile", "record_launches", "target_of"]
+__all__ = ["Launch", "Pointer", "Report", "compile_launch", "load_launches", "precompile", "record_launches",
+           "save_launches", "target_of"]
 
 
 @dataclass(frozen=True)
@@ -359,9 +360,56 @@ def precompile(
     return report
 
 
-if __name__ == "__main__":  # the compile workers
+def save_launches(launches: list[Launch], path: str | os.PathLike[str]) -> None:
+    """Write recorded launches (a pickle: Pointer and Launch hold only dtypes, numbers and strings)."""
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(list(launches), f)
+
+
+def load_launches(path: str | os.PathLike[str]) -> list[Launch]:
+    """Read what :func:`save_launches` wrote (only ever a file this process's tools wrote: it is a pickle)."""
+    import pickle
+
+    with open(path, "rb") as f:
+        return list(pickle.load(f))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastnca.kernels.warmup --compile FILE... [--workers N]``: compile the launches recorded in the
+    files for this machine's GPU, in parallel (``--worker``: one compile worker, used by :func:`precompile`)."""
+    import argparse
     import sys
 
-    if sys.argv[1:] != ["--worker"]:
-        sys.exit("usage: python -m fastnca.kernels.warmup --worker  (a compile worker of fastnca.kernels.warmup)")
-    _worker_main()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--worker"]:
+        _worker_main()
+        return 0
+    p = argparse.ArgumentParser(prog="python -m fastnca.kernels.warmup", description=main.__doc__.split("\n")[0])
+    p.add_argument("--compile", nargs="+", required=True, metavar="FILE", help="recorded launches (save_launches)")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: the CPUs, at most 16)")
+    p.add_argument("--arch", type=int, default=None, help="compile for this CUDA arch (e.g. 90) instead of the GPU's")
+    a = p.parse_args(args)
+    launches = [launch for path in a.compile for launch in load_launches(path)]
+    target = {"backend": "cuda", "arch": a.arch, "warp_size": 32} if a.arch else target_of()
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.perf_counter() - last[0] > 5 or done == total:
+            last[0] = time.perf_counter()
+            print(f"warmup: {done}/{total} kernels, {time.perf_counter() - t0:.0f} s", flush=True)
+
+    report = precompile(launches, target, workers=a.workers, progress=progress)
+    arch = f"sm_{target['arch']}"
+    print(f"warmup: {report.line(arch)} ({report.launches} launches recorded)")
+    for failure in report.failed:
+        print(f"warmup: not compiled: {failure}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
