@@ -220,13 +220,14 @@ def served(tmp_path):
     server.server_close()
 
 
-def _get(port: int, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request(method, path, body=body)
-    res = conn.getresponse()
-    out = res.status, json.loads(res.read())
-    conn.close()
-    return out
+def _get(port: int, path: str, method: str = "GET", body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body)
+        res = conn.getresponse()
+        return res.status, json.loads(res.read())
+    finally:
+        conn.close()
 
 
 def test_frames_are_streamed_as_computed_without_blocking_other_requests(served):
@@ -237,21 +238,24 @@ def test_frames_are_streamed_as_computed_without_blocking_other_requests(served)
     def held(*args, **kwargs):  # the rollout stops after its first step until the test releases it
         steps = run(*args, **kwargs)
         yield next(steps)
-        assert release.wait(60), "the test did not release the rollout"
+        assert release.wait(20), "the test did not release the rollout"
         yield from steps
 
     demo.model.nca.iter_run = held
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", "/api/grow?seed=2")
-    res = conn.getresponse()
-    assert res.status == 200 and res.getheader("Transfer-Encoding") == "chunked"
-    first = [json.loads(res.readline()) for _ in range(2)]
-    assert [f["step"] for f in first] == [0, 1], "expected the seed and step 1 while the rollout is held"
-    status, info = _get(port, "/api/info")  # answered while the growth's thread is held
-    assert status == 200 and info["side"] == 32
-    release.set()
-    rest = [json.loads(line) for line in res.read().splitlines() if line.strip()]
-    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a response held back fails after 10 s
+    try:
+        conn.request("GET", "/api/grow?seed=2")
+        res = conn.getresponse()
+        assert res.status == 200 and res.getheader("Transfer-Encoding") == "chunked"
+        first = [json.loads(res.readline()) for _ in range(2)]
+        assert [f["step"] for f in first] == [0, 1], "expected the seed and step 1 while the rollout is held"
+        status, info = _get(port, "/api/info", timeout=10)  # answered while the growth's thread is held
+        assert status == 200 and info["side"] == 32
+        release.set()
+        rest = [json.loads(line) for line in res.read().splitlines() if line.strip()]
+    finally:
+        release.set()
+        conn.close()
     assert [f["step"] for f in rest[:-1]] == list(range(2, 1 + len(demo.schedule))) and rest[-1]["kind"] == "done"
 
 
