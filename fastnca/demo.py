@@ -529,6 +529,10 @@ class _Handler(BaseHTTPRequestHandler):
             if known:
                 return self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{path}: use {other}")
             return self._error(HTTPStatus.NOT_FOUND, f"{path}: no such page; the demo is at /")
+        demo = self.server.demo
+        if demo is not None and demo.device.type == "cuda":
+            # the current CUDA device is per thread and a new thread's is cuda:0: Triton launches on the current one
+            torch.cuda.set_device(demo.device)
         try:
             routes[path]()
         except DemoError as err:
