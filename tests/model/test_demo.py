@@ -19,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -358,7 +357,7 @@ def _serve(run: Path) -> tuple[subprocess.Popen, str]:
     return proc, match.group(0)
 
 
-def _chrome(binary: str, driver: str):
+def _chrome(binary: str, driver: str, profile: Path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -380,7 +379,7 @@ def _chrome(binary: str, driver: str):
         "--force-color-profile=srgb",
     ):
         options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='fastnca-demo-chrome-')}")
+    options.add_argument(f"--user-data-dir={profile}")  # a fresh profile
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
@@ -441,7 +440,7 @@ def test_the_page_grows_damages_regrows_interpolates_and_encodes_in_a_real_brows
             shutil.copy(shots / name, Path(extra) / name)
 
     proc, url = _serve(trained_run)
-    driver = _chrome(binary, driver_path)
+    driver = _chrome(binary, driver_path, tmp_path / "chrome-profile")
     try:
         driver.get(url)
         by_id = lambda name: driver.find_element("id", name)  # noqa: E731
