@@ -1,4 +1,4 @@
-"""fastnca command line: train, evaluate, sample and damage VNCAs, list and download data.
+"""fastnca command line: train, evaluate, sample and damage VNCAs, serve a demo page, list and download data.
 
 Usage::
 
@@ -11,6 +11,7 @@ Usage::
     fastnca damage --checkpoint runs/small/checkpoint.pt --out figs [--kind half|square]
     fastnca damage --checkpoint runs/small --out figs --image digit.png [--mask mask.png]   # inpainting
     fastnca figures --checkpoint runs/small [--out DIR] [--only growth tsne ...]     # the paper's figures
+    fastnca demo --checkpoint runs/small [--port 8000] [--device cuda]   # a local page: grow, damage, regrow
     fastnca data [--data-dir DIR] [--download]
     fastnca presets
     torchrun --nproc-per-node 4 -m fastnca train ...   # data-parallel (DDP) training; `eval` likewise
@@ -188,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tsne-images", type=int, default=5000, help="test images in the t-SNE (the paper: 5000)")
     _add_common(p)
+
+    p = sub.add_parser("demo", help="a local web page: watch a model grow, paint damage, watch it regrow")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0: any free one)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 lets the network in)",
+    )
+    p.add_argument(
+        "--frame-ms", type=int, default=80, metavar="MS", help="shortest time the page shows each step (default: 80)"
+    )
+    _add_common(p, data=False)
 
     p = sub.add_parser("data", help="list the datasets found in the data directory; --download fetches them")
     p.add_argument("--data-dir", default=None, help="data directory (default: $FASTNCA_DATA, else ./data)")
@@ -554,6 +568,37 @@ def cmd_figures(args: argparse.Namespace) -> int:
     return 0 if written or not skipped else 2
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``fastnca demo``: listen first (a port in use is said at once), then load the model and serve the page."""
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port: expected a TCP port in 0..65535 (0: any free one), got {args.port}")
+    if args.frame_ms < 0:
+        raise CLIError(f"--frame-ms: expected an integer >= 0, got {args.frame_ms}")
+    from fastnca.demo import Demo, bind, bind_message, url_of
+    from fastnca.evaluate import checkpoint_file, load_checkpoint
+
+    try:
+        server = bind(args.host, args.port)
+    except OSError as err:
+        raise CLIError(bind_message(err, args.host, args.port)) from None
+    try:
+        model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
+        server.demo = Demo(model, (checkpoint_file(args.checkpoint), ckpt), frame_ms=args.frame_ms)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            _info(f"fastnca demo: listening on {args.host}: anyone who can reach this machine can use the page")
+        print(
+            f"fastnca demo: {args.checkpoint} (step {int(ckpt['step'])}) on {server.demo.device} at "
+            f"{url_of(server)} (Ctrl-C stops it)",
+            flush=True,
+        )
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("fastnca demo: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from fastnca.data import DATASETS, describe
     from fastnca.downloads import download
@@ -603,6 +648,7 @@ COMMANDS = {
     "sample": cmd_sample,
     "damage": cmd_damage,
     "figures": cmd_figures,
+    "demo": cmd_demo,
     "data": cmd_data,
     "presets": cmd_presets,
 }

@@ -7,7 +7,7 @@ never copy it between steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,12 +265,8 @@ class NCA(nn.Module):
             The final state ``(B, |z|, H', W')``, and the list of states when ``return_states``.
         """
         settings = self.settings
-        state = state.to(settings.state_dtype).contiguous(memory_format=torch.channels_last)
+        state, plan, masks = self._prepare(state, schedule, checkpoint, generator)
         weights = self.update_net.weights()
-        plan = settings.plan(schedule, checkpoint)
-        # masks are drawn up front so that recomputation in backward sees exactly the same cells
-        b, _, h, w = state.shape
-        masks = draw_masks(plan, b, h, w, self.p_update, generator=generator, device=state.device)
         if settings.fused and not return_states and plan.num_steps:
             from fastnca.kernels.rollout import nca_rollout
 
@@ -292,6 +288,41 @@ class NCA(nn.Module):
             state, inter = out
             states.extend(inter)
         return (state, states) if return_states else state
+
+    def iter_run(
+        self, state: Tensor, schedule: list[bool] | int, *, generator: torch.Generator | None = None
+    ) -> Iterator[Tensor]:
+        """Yield the state after every step of ``schedule``, one step at a time, as it is computed.
+
+        The states are those of ``run(state, schedule, generator=generator, return_states=True)`` after the
+        input (the same masks, drawn up front on ``generator``, and the same step function), so a caller can show
+        each one before the next is computed (``fastnca demo``). Meant for inference: no activation checkpointing.
+
+        Args:
+            state: ``(B, |z|, H, W)``, any memory format.
+            schedule: a list of per-step doubling flags, or a number of plain steps.
+            generator: draws the update masks when p_update < 1 (on the state's device).
+
+        Yields:
+            ``(B, |z|, H', W')`` after each step, channels-last.
+        """
+        state, plan, masks = self._prepare(state, schedule, None, generator)
+        weights = self.update_net.weights()
+        step = self.step_fn()
+        for double, mask in zip(plan.flags, masks):
+            state = step(state, weights, mask, double)
+            yield state
+
+    def _prepare(
+        self, state: Tensor, schedule: list[bool] | int, checkpoint: str | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, RolloutPlan, list[Tensor | None]]:
+        """A rollout's channels-last input state, its plan and every step's update mask."""
+        state = state.to(self.settings.state_dtype).contiguous(memory_format=torch.channels_last)
+        plan = self.settings.plan(schedule, checkpoint)
+        # masks are drawn up front so that recomputation in backward sees exactly the same cells
+        b, _, h, w = state.shape
+        masks = draw_masks(plan, b, h, w, self.p_update, generator=generator, device=state.device)
+        return state, plan, masks
 
     def forward(
         self,

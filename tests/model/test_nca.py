@@ -98,6 +98,29 @@ def test_doubling_rollout_shapes_and_step_count():
     assert torch.equal(states[-1], final)
 
 
+
+@pytest.mark.parametrize("doubling", [True, False], ids=["doubling", "nondoubling"])
+def test_iter_run_yields_runs_states_one_step_at_a_time(doubling):
+    # the same step function on the same masks in the same order: bitwise equal to run(return_states=True)
+    nca = NCA(8, 8, 1, doubling=doubling, seed_size=2, n_doublings=2, steps_per_stage=3, grid_size=6,
+              p_update=0.5, backend="torch")
+    _randomise(nca)
+    z = torch.randn(2, 8)
+    schedule = nca.schedule(None if doubling else 7)
+    with torch.no_grad():
+        final, states = nca.run(nca.seed(z), schedule, generator=torch.Generator().manual_seed(3), return_states=True)
+        calls = []
+        step_fn = nca.step_fn
+        nca.step_fn = lambda: (lambda *a: calls.append(1) or step_fn()(*a))
+        it = nca.iter_run(nca.seed(z), schedule, generator=torch.Generator().manual_seed(3))
+        first = next(it)
+        assert len(calls) == 1, f"expected the first state after one step, got it after {len(calls)} steps"
+        yielded = [first, *it]
+    assert len(yielded) == len(schedule) == len(states) - 1
+    for t, (got, want) in enumerate(zip(yielded, states[1:]), 1):
+        assert torch.equal(got, want), f"step {t}: expected run's state, got a different one"
+    assert torch.equal(yielded[-1], final)
+
 def test_seed_fills_every_cell_with_z():
     nca = NCA(4, 4, 0, doubling=False, grid_size=5, backend="torch")
     z = torch.randn(3, 4)
