@@ -1,7 +1,8 @@
-"""The dataset loaders on the real data: shapes, ranges, splits, errors, and the MNIST shipped in the package.
+"""The dataset loaders on the data directory: shapes, ranges, splits, errors, and the MNIST shipped in the package.
 
-MNIST comes from $FASTNCA_DATA when set (tests/conftest.py sets it to ../shared/data when that exists), else from
-the package's embedded copy; the emoji and CelebA tests need a data directory and skip without one.
+The data directory is $FASTNCA_DATA (tests/conftest.py: the real datasets where they are, else the test fixture
+of tests/fixture_data.py: the real MNIST, synthetic emoji and CelebA). The split sizes follow from the number of
+files; the real releases' own counts are checked where the data directory is a real one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from fastnca import data
 from fastnca.config import get_preset
+from tests.fixture_data import is_fixture
 
 DATA_DIR = Path(os.environ.get("FASTNCA_DATA", "")) if os.environ.get("FASTNCA_DATA") else None
 
@@ -93,8 +95,12 @@ def test_missing_data_dir_is_named(tmp_path):
 @pytest.mark.data("emoji")
 def test_emoji_split_and_compositing():
     before = sorted(os.listdir(DATA_DIR))
+    n = len(list((DATA_DIR / data.EMOJI_DIR / "128").glob("*.png")))
+    if not is_fixture(DATA_DIR):
+        assert n == 3320, "expected the 3320 PNGs of Noto Emoji v2.028's png/128"
     e = data.load_emoji(image_size=64)
-    assert e.train.shape == (2656, 3, 64, 64) and e.test.shape == (664, 3, 64, 64)
+    n_test = int(n * 0.2)  # the authors' 80/20 split: 2656 / 664 for the real release
+    assert e.train.shape == (n - n_test, 3, 64, 64) and e.test.shape == (n_test, 3, 64, 64)
     assert e.train.dtype == torch.uint8
     # transparent corners composite to white for almost every emoji
     corners = torch.cat([e.train[:, :, 0, 0], e.train[:, :, -1, -1]])
@@ -107,14 +113,18 @@ def test_emoji_split_and_compositing():
 
 @pytest.mark.data("celeba")
 def test_celeba_folder_split_and_speed():
+    n = len(list((DATA_DIR / data.CELEBA_FOLDER).glob("*.jpg")))
+    if not is_fixture(DATA_DIR):
+        assert n == 6000, "expected the 6000 photos of the CelebA subset (the data README)"
     t0 = time.perf_counter()
     c = data.load_celeba(image_size=64)
     took = time.perf_counter() - t0
-    assert c.train.shape == (5400, 3, 64, 64) and c.test.shape == (600, 3, 64, 64), "last 10% of names = test"
+    n_test = round(n * 0.1)  # 600 of 6000
+    assert c.train.shape == (n - n_test, 3, 64, 64) and c.test.shape == (n_test, 3, 64, 64), "last 10% = test"
     assert c.train.dtype == torch.uint8 and c.train.max() > 200 and c.train.min() < 30
-    assert took < 60, f"decoding 6000 JPEGs took {took:.1f} s"
+    assert took < 60, f"decoding {n} JPEGs took {took:.1f} s"
     c32 = data.load_celeba(image_size=32)
-    assert c32.test.shape == (600, 3, 32, 32)
+    assert c32.test.shape == (n_test, 3, 32, 32)
 
 
 def test_image_folders_missing_or_corrupt(tmp_path):
