@@ -255,3 +255,60 @@ def test_a_wrong_mnist_amat_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatc
     with pytest.warns(UserWarning, match=r"expected shape \(9, 784\).*rebuilding"):
         again = data.load_mnist(tmp_path, image_size=28)
     assert torch.equal(again.train, first.train) and torch.equal(again.test, first.test)
+
+
+# ---------------------------------------------------------------------------------------------- bad values, images
+@pytest.mark.parametrize(
+    "values, dtype, shown",
+    [((0, 0.5), np.float32, "0.5"), ((-1, 1), np.int8, "-1"), ((0, 2), np.uint8, "2")],
+)
+def test_mnist_values_other_than_0_and_1_are_named_with_the_file(tmp_path, values, dtype, shown):
+    """A float 0/0.5 array cast to uint8 would make every image blank, an int -1/1 one 255/1: refused, not cast."""
+    rows = np.full((4, 784), values[0], dtype)
+    rows[:, :392] = values[1]
+    np.savez(tmp_path / "binarized_mnist.npz", train=rows, valid=rows, test=rows)
+    with pytest.raises(data.DataError, match=rf"binarized_mnist\.npz: split 'train' expected binary 0/1 values.*got "
+                                             rf"(np\.\w+\()?{shown}\)? in \d+ pixel"):
+        data.load_mnist(tmp_path)
+
+
+def test_mnist_amat_values_other_than_0_and_1_are_named(tmp_path):
+    for s in ("train", "valid", "test"):
+        np.savetxt(tmp_path / f"binarized_mnist_{s}.amat", np.full((2, 784), 0.5), fmt="%g")
+    with pytest.raises(data.DataError, match=r"binarized_mnist_train\.amat.*expected binary 0/1 values.*0\.5"):
+        data.load_mnist(tmp_path)
+
+
+def test_read_image_scales_16_bit_and_float_images(tmp_path):
+    """PIL's convert clips wider pixels to 0..255 (a 16-bit PNG turns white, a float TIFF black): scaled instead."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(ramp.astype(np.float32), "F").save(tmp_path / "float.tiff")
+    want = (ramp * 255).round()
+    for name in ("grey16.png", "float.tiff"):
+        got = np.asarray(data.read_image(tmp_path / name))
+        assert got.dtype == np.uint8 and got.shape == (8, 8, 4)
+        assert np.abs(got[..., 0] - want).max() <= 1, f"{name}: expected the grey ramp, got {got[..., 0]}"
+        assert (got[..., 3] == 255).all()
+
+
+def test_read_image_refuses_more_pixels_than_the_limit_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fastnca.figures import mask_from_file
+
+    Image.new("L", (40, 30)).save(tmp_path / "big.png")
+    monkeypatch.setenv(data.PIXEL_LIMIT_ENV, "1000")
+    for read in (lambda p: data.read_image(p, "--image"), lambda p: mask_from_file(p, 8)):
+        with pytest.raises(ValueError, match=r"big\.png'?: 40x30 = 0\.0 Mpx is more than the limit of 0\.001 Mpx; "
+                                             r"resize it first, or raise the limit with \$FASTNCA_MAX_IMAGE_PIXELS"):
+            read(tmp_path / "big.png")
+    # past PIL's own bomb limit, PIL refuses while opening: the message is still one line naming the file
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ValueError, match=r"big\.png'?: more than the limit"):
+        data.read_image(tmp_path / "big.png")
+    monkeypatch.setenv(data.PIXEL_LIMIT_ENV, "lots")
+    with pytest.raises(ValueError, match=r"FASTNCA_MAX_IMAGE_PIXELS='lots': expected a positive whole number"):
+        data.read_image(tmp_path / "big.png")
