@@ -17,7 +17,8 @@ the pool and the data order are in every checkpoint, so ``resume`` continues exa
 
 Files in ``out_dir``: ``config.json``, ``metrics.jsonl`` (train rows every log_every steps, test rows at each
 evaluation), ``checkpoint.pt`` (loads with ``torch.load(path, weights_only=True)``), ``samples.png`` and
-``growth.png`` at the end.
+``growth.png`` at the end, and ``.fastnca.lock`` while a trainer is at work there (``fastnca.utils.FolderLock``: a
+second process training into the folder is refused; the lock ends with its process, however that ends).
 """
 
 from __future__ import annotations
