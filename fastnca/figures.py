@@ -697,10 +697,9 @@ def image_from_file(path: str | os.PathLike[str], config: Any, *, invert: bool =
     """A user's image as one model input, ``(1, C, S, S)`` uint8 in the model's data format.
 
     Read by :func:`fastnca.data.read_image` (at most ``FASTNCA_MAX_IMAGE_PIXELS`` pixels; 16-bit and float images
-    scaled to 8 bits). RGBA is composited onto white and the image resized to the model's ``image_size`` (bilinear).
-    Bernoulli
-    models: the grey level thresholded at 0.5, white (1) strokes on black as in MNIST; ``invert`` for dark
-    strokes on a light background. RGB models: 0..255.
+    scaled to 8 bits). RGBA is composited onto white and the image resized to the model's ``image_size``
+    (bilinear). Bernoulli models: the grey level thresholded at 0.5, white (1) strokes on black as in MNIST;
+    ``invert`` for dark strokes on a light background. RGB models: 0..255.
     """
     from fastnca.data import read_image
 

@@ -579,8 +579,8 @@ def test_inpainting_a_16_bit_png_reads_its_grey_levels(run_dir, tmp_path):
     from fastnca.vae import build_model
 
     cfg = build_model("small").config
-    a = np.zeros((32, 32), np.uint16)
-    a[8:24, 8:24] = 65535  # a white square on black, 16-bit
+    a = np.full((32, 32), 20000, np.uint16)  # dark grey (31 %): clipped to 8 bits it would read as white
+    a[8:24, 8:24] = 65535  # a white square, 16-bit
     path = tmp_path / "digit16.png"
     Image.fromarray(a).save(path)
     assert Image.open(path).mode.startswith("I"), "expected PIL to read the file as a 16-bit mode"
