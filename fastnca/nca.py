@@ -7,6 +7,7 @@ never copy it between steps.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -240,7 +241,7 @@ class NCA(nn.Module):
             raise ValueError(f"z: expected shape (B, {self.state_channels}), got {tuple(z.shape)}")
         if size is None:
             size = self.seed_size if self.doubling else self.grid_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
             raise ValueError(f"size: expected an integer >= 1 (the side of the seed grid), got {size!r}")
         state = z.to(self.state_dtype)[:, :, None, None].expand(-1, -1, size, size)
         return state.contiguous(memory_format=torch.channels_last)
@@ -252,7 +253,7 @@ class NCA(nn.Module):
             return [False] * m + ([True] + [False] * (m - 1)) * self.n_doublings
         if num_steps is None:
             raise ValueError("num_steps: a non-doubling schedule needs the number of steps")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 0:
             raise ValueError(f"num_steps: expected an integer >= 0, got {num_steps!r}")
         return [False] * num_steps
 
@@ -325,7 +326,7 @@ class NCA(nn.Module):
         Returns:
             The final state ``(B, |z|, H', W')``, and the list of states when ``return_states``.
         """
-        if isinstance(schedule, bool) or (isinstance(schedule, int) and schedule < 0):
+        if isinstance(schedule, bool) or (isinstance(schedule, numbers.Integral) and schedule < 0):
             raise ValueError(f"schedule: expected a number of steps >= 0 or a list of doubling flags, got {schedule!r}")
         state = state.to(self.state_dtype).contiguous(memory_format=torch.channels_last)
         weights = self.update_net.weights()
