@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SUBSET_SEED = 0  # which test images a partial evaluation (batches > 0) uses: the same ones in every run
+CHUNK_GRIDS = 256  # VNCA.iwae's default chunk decodes about this many grids at once
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -71,6 +74,7 @@ def evaluate_iwae(
     progress: bool = False,
     desc: str = "eval",
     on_first_batch: Callable[[float, int], None] | None = None,
+    steps: str | None = None,
 ) -> dict[str, float]:
     """The importance-weighted bound on log p(x), averaged over held-out images.
 
@@ -83,16 +87,23 @@ def evaluate_iwae(
             subset of ``batches * batch_size`` images (the same in every run and for every model).
         seed: seeds the evaluation's own generator, so that evaluation never moves the training RNG streams.
         progress: show a tqdm bar.
-        on_first_batch: called once after the first batch with its seconds and the number of batches (to warn
-            about a long evaluation).
+        on_first_batch: called once with the seconds of one batch and the number of batches (to warn about a
+            long evaluation): where a batch decodes more than one chunk of grids, before the first batch with an
+            estimate timed on one chunk of the first image (its own generator: the result does not change);
+            otherwise after the first batch, with its time.
+        steps: a non-doubling model's T in the bound, 'image' or 'sample' (``VNCA.iwae``); None: the model
+            config's ``iwae_steps``.
 
     Under torchrun (a process group of W > 1 ranks) every rank calls this: each test batch is split over the
     ranks, each rank draws one process's random numbers for the whole batch and keeps its rows
     (:class:`fastnca.distributed.GlobalBatchDraws`), and the sums are all-reduced, so every rank returns one
-    process's result (up to float reduction order). CUDA graphs are not used then.
+    process's result (up to float reduction order). CUDA graphs are not used then. The exception: a non-doubling
+    model with ``p_update < 1``, whose rows grow in groups of equal T (``NCA.run_per_row``), draws its update masks
+    per group and rank, so its result is the same bound with other draws, not one process's numbers.
 
     Returns:
-        dict with iwae (mean nats per image), bpd (bits/dim), k, n_images.
+        dict with iwae (mean nats per image), bpd (bits/dim), k, n_images, and iwae_steps for a non-doubling
+        model.
 
     Raises:
         ValueError: an evaluation over zero images (an empty split, ``batch_size`` < 1, ``batches`` < 0) or k < 1.
@@ -108,6 +119,10 @@ def evaluate_iwae(
     n = images.shape[0]
     if n == 0:
         raise ValueError("evaluation: the test split holds no images; a bound over zero images means nothing")
+    # a non-doubling VNCA's T per image or per sample; other models have no random T and get no steps argument
+    random_t = not getattr(getattr(model, "nca", None), "doubling", True)
+    steps = steps or getattr(model.config, "iwae_steps", "image")
+    t_kw = {"steps": steps} if random_t else {}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -124,13 +139,23 @@ def evaluate_iwae(
     graph = iwae_graph_for(model) if ctx is None else None
     total, count = 0.0, 0
     show = progress and (ctx is None or ctx.is_main)
+    first_rows = min(batch_size, n) if ctx is None else max(1, min(batch_size, n) // ctx.world_size)
+    if on_first_batch is not None and first_rows * k > CHUNK_GRIDS:
+        # the first batch alone may take minutes: estimate it on one chunk of one image before starting
+        x = to_model(images[:1], model.config.likelihood, device=device)
+        own = torch.Generator(device=device).manual_seed(seed + 1)
+        chunk = min(k, CHUNK_GRIDS)
+        t0 = time.perf_counter()
+        model.iwae(x, chunk, chunk=chunk, generator=own, **t_kw)
+        on_first_batch((time.perf_counter() - t0) * first_rows * k / chunk, n_batches)
+        on_first_batch = None
     bar = tqdm(range(n_batches), desc=desc, unit="batch", disable=not show, leave=False)
     t0 = time.perf_counter()
     for i in bar:
         batch = images[i * batch_size : (i + 1) * batch_size]
         if ctx is None:
             x = to_model(batch, model.config.likelihood, device=device)
-            log_px = model.iwae(x, k, generator=generator) if graph is None else graph(x, k, generator)
+            log_px = model.iwae(x, k, generator=generator, **t_kw) if graph is None else graph(x, k, generator)
         else:
             start, stop = distributed.shard_bounds(batch.shape[0], ctx)
             if stop == start:  # a last batch with fewer images than ranks
@@ -139,7 +164,7 @@ def evaluate_iwae(
             # one process's chunking of this batch (VNCA.iwae's default for the whole batch), so the draws match
             chunk = max(1, min(k, 256 // batch.shape[0]))
             with distributed.GlobalBatchDraws(generator, start, stop, batch.shape[0]):
-                log_px = model.iwae(x, k, chunk=chunk, generator=generator)
+                log_px = model.iwae(x, k, chunk=chunk, generator=generator, **t_kw)
         total += log_px.double().sum().item()
         count += x.shape[0]
         bar.set_postfix(nats=f"{total / count:.2f}")
@@ -150,7 +175,10 @@ def evaluate_iwae(
         total, n = distributed.sum_over_ranks([total, count], ctx, device)
         count = int(round(n))
     nats = total / count  # count > 0: an evaluation over zero images was refused above
-    return {"iwae": nats, "bpd": float(model.bits_per_dim(nats)), "k": k, "n_images": count}
+    res = {"iwae": nats, "bpd": float(model.bits_per_dim(nats)), "k": k, "n_images": count}
+    if random_t:
+        res["iwae_steps"] = steps
+    return res
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -163,11 +191,23 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(
             f"checkpoint {str(p)!r} not found: expected a file written by `fastnca train` (OUT/{CHECKPOINT_NAME})"
         )
+    expected = f"expected a checkpoint written by `fastnca train` (OUT/{CHECKPOINT_NAME})"
+    if not zipfile.is_zipfile(p):  # torch.save's format is a zip archive; a text log or random bytes are not
+        raise ValueError(f"checkpoint {str(p)!r} is not a checkpoint file (not a PyTorch zip archive); {expected}")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"checkpoint {str(p)!r} could not be read ({type(err).__name__}: {first})") from err
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run whatever code the file holds: never that
+        raise ValueError(
+            f"checkpoint {str(p)!r} holds Python objects other than tensors and plain containers, which a fastnca "
+            f"checkpoint never does, so it was not written by `fastnca train`; fastnca loads checkpoints with "
+            f"weights_only=True and does not unpickle arbitrary objects; {expected}"
+        ) from None
+    except Exception as err:  # torch raises several types for a damaged archive
+        raise ValueError(
+            f"checkpoint {str(p)!r} could not be read: a damaged or truncated archive ({type(err).__name__}); "
+            f"{expected}"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"checkpoint {str(p)!r}: expected a fastnca training checkpoint with 'model' and 'config'")
     return ckpt
@@ -231,5 +271,11 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device | N
         cfg = cfg.replace(backend="auto")
     model = VNCA(cfg)
     load_weights(model, ckpt["model"], path)
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:  # every result of such a model is NaN or meaningless: refuse it before any work
+        raise ValueError(
+            f"checkpoint {str(path)!r}: parameter {bad} holds NaN or inf (the run diverged); `fastnca train` never "
+            f"writes such a checkpoint: use one written before the divergence"
+        )
     model.to(dev).eval()
     return model, ckpt

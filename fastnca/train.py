@@ -17,7 +17,8 @@ the pool and the data order are in every checkpoint, so ``resume`` continues exa
 
 Files in ``out_dir``: ``config.json``, ``metrics.jsonl`` (train rows every log_every steps, test rows at each
 evaluation), ``checkpoint.pt`` (loads with ``torch.load(path, weights_only=True)``), ``samples.png`` and
-``growth.png`` at the end.
+``growth.png`` at the end, and ``.fastnca.lock`` while a trainer is at work there (``fastnca.utils.FolderLock``: a
+second process training into the folder is refused; the lock ends with its process, however that ends).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,7 @@ from fastnca.graphs import not_captured_reason, train_graph_for
 from fastnca.pool import Pool, damage, damage_masks
 from fastnca.rng import rng_state, set_rng_state
 from fastnca.run import RunSettings, resolve_run
-from fastnca.utils import atomic_write, release_cuda_memory
+from fastnca.utils import FolderLock, atomic_write, release_cuda_memory
 
 __all__ = [
     "Trainer",
@@ -217,6 +219,39 @@ def warmup_job(cfg: Config, settings: RunSettings, images: Tensor) -> None:
         model.sample(8, generator=gen, **steps)
 
 
+def no_checkpoint_message(out_dir: Path) -> str:
+    """Why ``--resume`` of ``out_dir`` cannot work, and what to do instead."""
+    path = out_dir / CHECKPOINT_NAME
+    held = [n for n in (METRICS_NAME, "config.json") if (out_dir / n).is_file()]
+    if held:  # a run started here and stopped (diverged, crashed, was killed) before its first checkpoint
+        return (f"--resume: {str(out_dir)!r} holds a run that stopped before writing its first checkpoint (it has "
+                f"{' and '.join(held)}, no {CHECKPOINT_NAME}): there is nothing to resume; start it again as a new "
+                f"run: remove the folder's files (or choose another --out) and run without --resume")
+    return f"--resume: no checkpoint at {str(path)!r}: nothing to resume; start a new run without --resume"
+
+
+def pool_note(cfg: Config, capacity: int, dist: Any = None) -> str | None:
+    """A warning where pool training is asked for but can never happen, else None.
+
+    Half of each (per-rank) batch comes from the pool only while the pool holds more entries than that half
+    (:meth:`Trainer.pool_batch`); a pool of at most half a batch is never drawn from, and the run trains as if
+    ``pool_size`` were 0.
+    """
+    if cfg.pool_size <= 0:
+        return None
+    local = cfg.batch_size // (1 if dist is None else dist.world_size)
+    half = local // 2
+    if half > 0 and capacity > half:
+        return None
+    world = 1 if dist is None else dist.world_size
+    ranks = "" if dist is None else f" per rank ({world} ranks)"
+    fix = (f"--set pool_size={(half + 1) * world} or more turns it on (the paper: 1024)" if half > 0 else
+           f"a batch of at least {2 * world} images turns it on")
+    return (f"warning: pool_size={cfg.pool_size} holds {capacity} entries{ranks}, and a pool is drawn from only when "
+            f"it holds more than half a batch ({local} // 2 = {half}): pool and damage training is off in this run; "
+            f"{fix}")
+
+
 # ---------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     """Trains a VNCA on its config's dataset and writes metrics, checkpoints and pictures to ``out_dir``.
@@ -269,7 +304,7 @@ class Trainer:
             )
         self.dist = distributed.active()  # None in one process; under torchrun: rank, world size (DDP)
         distributed.check_config(config, self.dist)
-        if time_limit is not None and time_limit <= 0:
+        if time_limit is not None and not time_limit > 0:  # NaN too
             raise ValueError(f"time_limit: expected a positive number of seconds, got {time_limit}")
         self.cfg = config
         self.out_dir = Path(out_dir)
@@ -337,6 +372,15 @@ class Trainer:
             why = not_captured_reason(config, self.settings)
             if self.device.type == "cuda" and config.cuda_graphs and why is not None:
                 self.log(f"CUDA graphs: training runs eagerly ({why})")
+        if (note := pool_note(config, self.pool.capacity, self.dist)) is not None:
+            self.log(note)
+        # one run at a time writes into out_dir: a second process (a new run or a --resume) is refused here, before
+        # it truncates or appends to this run's files; rank 0 alone writes them under torchrun
+        self.lock = FolderLock(self.out_dir)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            weakref.finalize(self, self.lock.release)
 
     def _precompile(self) -> Any:
         """Compile the fused kernels of one training iteration, one periodic evaluation's IWAE chunk and the final
@@ -619,7 +663,7 @@ class Trainer:
         """A trainer that continues the run in ``out_dir`` from its checkpoint (config overrides allowed)."""
         path = Path(out_dir) / CHECKPOINT_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}; start the run without --resume")
+            raise FileNotFoundError(no_checkpoint_message(Path(out_dir)))
         ckpt = read_checkpoint(path)
         cfg = checkpoint_config(ckpt, path)
         fixed = {k: v for k, v in (overrides or {}).items() if k in RESUME_FIXED and v != getattr(cfg, k)}
@@ -703,6 +747,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train up to ``config.iterations`` steps (or the time limit), then checkpoint, evaluate and draw.
 
+        A run that already finished (all its iterations trained and its summary.json written) is left as it is: the
+        log says there is nothing to do and its summary is returned, so no file of it is rewritten.
+
         Returns:
             A summary: step, stopped ('done' | 'time_limit'), elapsed_s, last train row, last eval row.
 
@@ -711,6 +758,31 @@ class Trainer:
             TrainingInterrupted: SIGINT or SIGTERM; the step in flight was finished and checkpointed.
             KeyboardInterrupt: a second signal; no new checkpoint (the last one on disk is kept).
         """
+        cfg = self.cfg
+        if self.is_main:
+            self.lock.acquire()  # held from __init__ on; taken again by a second fit() after the first released it
+        try:
+            finished = self._finished_summary()
+            if finished is not None:
+                self.log(f"nothing to do: the run in {self.out_dir} finished at step {self.step} "
+                         f"(iterations={cfg.iterations}); --set iterations=N with N > {self.step} trains it longer")
+                return finished
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a run that already trained all its iterations and wrote it, else None."""
+        path = self.out_dir / "summary.json"
+        if self.step < self.cfg.iterations or self.step == 0 or not path.is_file():
+            return None
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # damaged: finishing again rewrites it
+        return summary if isinstance(summary, dict) and summary.get("step") == self.step else None
+
+    def _fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg

@@ -187,3 +187,29 @@ def test_step_bad_input_names_the_argument():
         NCA(8, 8, 1, backend="cuda")
     with pytest.raises(ValueError, match="hidden_channels"):
         UpdateNet(8, 0, 1)
+
+
+def test_negative_step_counts_and_seed_sizes_are_refused():
+    nca = NCA(8, 8, 1, doubling=False, grid_size=4)
+    z = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"schedule: expected a number of steps >= 0.*-1"):
+        nca.run(nca.seed(z), -1)
+    with pytest.raises(ValueError, match=r"size: expected an integer >= 1.*-1"):
+        nca.seed(z, -1)
+    with pytest.raises(ValueError, match=r"num_steps: expected an integer >= 0.*-3"):
+        nca(z, num_steps=-3)
+
+
+def test_per_row_step_counts_grow_each_row_as_its_own_rollout():
+    """Rows sorted by T grow together and stop at their own T: each row as if it ran alone (fp32 reordering
+    only: the batch size of a convolution may change its summation order)."""
+    nca = NCA(8, 8, 1, doubling=False, grid_size=4)
+    nn.init.normal_(nca.update_net.out.weight, std=0.2)
+    z = torch.randn(5, 8)
+    steps = torch.tensor([3, 0, 4, 1, 3])
+    out = nca(z, num_steps=steps)
+    for i, t in enumerate(steps.tolist()):
+        alone = nca(z[i : i + 1], num_steps=t)
+        torch.testing.assert_close(out[i : i + 1], alone, rtol=1e-5, atol=1e-6, msg=f"row {i} with T={t}")
+    with pytest.raises(ValueError, match="per-row step counts are for non-doubling models"):
+        NCA(8, 8, 1).run_per_row(z, steps)
