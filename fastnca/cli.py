@@ -354,7 +354,7 @@ def _refuse_if_running(out: Path) -> None:
 
 def _check_new_run_folder(out: Path, checkpoint_name: str) -> None:
     """A new run needs an empty (or new) --out: its files would mix with, or overwrite, another run's."""
-    from fastnca.train import METRICS_NAME
+    from fastnca.checkpoints import METRICS_NAME
     from fastnca.utils import FolderLock
 
     _refuse_if_running(out)
@@ -394,8 +394,8 @@ def _say_if_embedded(splits) -> None:  # noqa: ANN001 - fastnca.data.Splits, imp
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fastnca.checkpoints import CHECKPOINT_NAME
     from fastnca.config import get_preset
-    from fastnca.evaluate import CHECKPOINT_NAME
     from fastnca.train import Trainer
     from fastnca.utils import FolderLocked
 
@@ -520,8 +520,7 @@ def _cpu_eval_warning(k: int, batch_size: int) -> Any:
 
 def _check_json_target(path: Path, checkpoint: str) -> None:
     """Refuse, before the evaluation, a --json that is a folder, cannot be written, or is one of the run's files."""
-    from fastnca.evaluate import checkpoint_file
-    from fastnca.train import RUN_FILES
+    from fastnca.checkpoints import RUN_FILES, checkpoint_file
 
     if path.is_dir():
         raise CLIError(f"--json {str(path)!r} is a folder: name a file, e.g. {str(path / 'eval.json')!r}")
@@ -557,8 +556,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace, json_path: Path | None) -> int:
+    from fastnca.checkpoints import load_checkpoint
     from fastnca.data import load_for_config
-    from fastnca.evaluate import evaluate_iwae, load_checkpoint
+    from fastnca.evaluate import evaluate_iwae
 
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
     if args.backend is not None:
@@ -613,7 +613,7 @@ def _eval(args: argparse.Namespace, json_path: Path | None) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastnca.evaluate import load_checkpoint
+    from fastnca.checkpoints import load_checkpoint
     from fastnca.figures import growth_figure, growth_gif, sample_grid
 
     if args.n < 1 or args.growth_n < 1:
@@ -642,7 +642,7 @@ def cmd_damage(args: argparse.Namespace) -> int:
     if args.mask:
         raise CLIError("--mask needs --image (the picture to inpaint)")
 
-    from fastnca.evaluate import load_checkpoint
+    from fastnca.checkpoints import load_checkpoint
     from fastnca.figures import damage_figure
 
     if args.n < 1:
@@ -678,7 +678,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     """``fastnca damage --image FILE``: encode a user's image, zero cells, show the regrowth."""
     import torch
 
-    from fastnca.evaluate import load_checkpoint
+    from fastnca.checkpoints import load_checkpoint
     from fastnca.figures import DAMAGE_NOTE, image_from_file, inpaint, mask_from_file, untrained_damage_note
 
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
@@ -740,8 +740,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"--port: expected a TCP port in 0..65535 (0: any free one), got {args.port}")
     if args.frame_ms < 0:
         raise CLIError(f"--frame-ms: expected an integer >= 0, got {args.frame_ms}")
+    from fastnca.checkpoints import checkpoint_file, load_checkpoint
     from fastnca.demo import Demo, bind, bind_message, url_of
-    from fastnca.evaluate import checkpoint_file, load_checkpoint
 
     try:
         server = bind(args.host, args.port)

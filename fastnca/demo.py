@@ -101,7 +101,7 @@ def last_test_result(checkpoint: str | os.PathLike[str], step: int) -> dict[str,
     ``checkpoint`` is the checkpoint file; its run directory is the folder holding it. Unreadable lines (a run
     stopped mid-write) are skipped.
     """
-    from fastnca.train import METRICS_NAME
+    from fastnca.checkpoints import METRICS_NAME
 
     path = Path(checkpoint).parent / METRICS_NAME
     try:
@@ -165,7 +165,7 @@ class Demo:
     Thread-safe: the HTTP server calls it from one thread per connection, several at once.
 
     Args:
-        model: a VNCA (from :func:`fastnca.evaluate.load_checkpoint`); its parameters are frozen here.
+        model: a VNCA (from :func:`fastnca.checkpoints.load_checkpoint`); its parameters are frozen here.
         checkpoint: ``(path, dict)``: the checkpoint file and what it held (``step``; its run's metrics.jsonl
             gives the test result).
         frame_ms: the shortest time the page shows a frame (the animation's pace when steps are faster).

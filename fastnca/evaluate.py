@@ -1,4 +1,4 @@
-"""Held-out evaluation and checkpoint loading: the importance-weighted bound over a test split.
+"""Held-out evaluation: the importance-weighted bound over a test split (checkpoint files: fastnca.checkpoints).
 
 The paper reports log p(x) as the importance-weighted bound with K = 128 samples on the test set (Burda et al.,
 2015), in nats summed over all dimensions of the (padded) image, or in bits/dim = -nats / (H W C ln 2).
@@ -7,59 +7,21 @@ The paper reports log p(x) as the importance-weighted bound with K = 128 samples
 from __future__ import annotations
 
 import math
-import os
-import pickle
 import time
-import zipfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fastnca import distributed
-from fastnca.config import Config
 from fastnca.data import to_model
 from fastnca.graphs import iwae_graph_for
 
-__all__ = [
-    "evaluate_iwae",
-    "read_checkpoint",
-    "checkpoint_config",
-    "checkpoint_file",
-    "load_weights",
-    "load_checkpoint",
-    "resolve_device",
-    "CHECKPOINT_NAME",
-]
+__all__ = ["evaluate_iwae"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
 SUBSET_SEED = 0  # which test images a partial evaluation (batches > 0) uses: the same ones in every run
 CHUNK_GRIDS = 256  # VNCA.iwae's default chunk decodes about this many grids at once
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None) is CUDA when available, else the CPU; anything but auto, cpu, cuda, cuda:N is refused.
-
-    A CUDA device is made the process's current one (``torch.cuda.set_device``): CUDA graphs capture on a stream
-    of the current device and Triton launches there, so ``--device cuda:1`` must not leave ``cuda:0`` current."""
-    if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {str(device)!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {str(device)!r} was asked for but CUDA is not available here; use --device cpu")
-        if dev.index is None:  # an explicit index, so generator and tensor devices compare equal
-            dev = torch.device("cuda", torch.cuda.current_device())
-        elif dev.index != torch.cuda.current_device():
-            torch.cuda.set_device(dev)
-    return dev
 
 
 @torch.no_grad()
@@ -179,103 +141,3 @@ def evaluate_iwae(
     if random_t:
         res["iwae_steps"] = steps
     return res
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a training checkpoint dict with ``torch.load(..., weights_only=True)`` onto the CPU.
-
-    ``path`` may be the checkpoint file or the run directory holding ``checkpoint.pt``.
-    """
-    p = checkpoint_file(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(p)!r} not found: expected a file written by `fastnca train` (OUT/{CHECKPOINT_NAME})"
-        )
-    expected = f"expected a checkpoint written by `fastnca train` (OUT/{CHECKPOINT_NAME})"
-    if not zipfile.is_zipfile(p):  # torch.save's format is a zip archive; a text log or random bytes are not
-        raise ValueError(f"checkpoint {str(p)!r} is not a checkpoint file (not a PyTorch zip archive); {expected}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's own message advises weights_only=False, which would run whatever code the file holds: never that
-        raise ValueError(
-            f"checkpoint {str(p)!r} holds Python objects other than tensors and plain containers, which a fastnca "
-            f"checkpoint never does, so it was not written by `fastnca train`; fastnca loads checkpoints with "
-            f"weights_only=True and does not unpickle arbitrary objects; {expected}"
-        ) from None
-    except Exception as err:  # torch raises several types for a damaged archive
-        raise ValueError(
-            f"checkpoint {str(p)!r} could not be read: a damaged or truncated archive ({type(err).__name__}); "
-            f"{expected}"
-        ) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"checkpoint {str(p)!r}: expected a fastnca training checkpoint with 'model' and 'config'")
-    return ckpt
-
-
-def _first_line(err: BaseException) -> str:
-    """The error's first line (and the next one when the first only announces a list, as torch's often do)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-
-
-def checkpoint_file(path: str | os.PathLike[str]) -> Path:
-    """The checkpoint file that ``path`` names: the file itself, or ``checkpoint.pt`` in a run directory."""
-    p = Path(path)
-    return p / CHECKPOINT_NAME if p.is_dir() else p
-
-
-def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> Config:
-    """The Config a checkpoint was trained with; a ValueError naming the file when it is missing or malformed."""
-    d = ckpt.get("config")
-    if not isinstance(d, dict):
-        raise ValueError(
-            f"checkpoint {str(path)!r}: its config is not a dict of Config fields (got {type(d).__name__})"
-        )
-    try:
-        return Config.from_dict(d)
-    except (TypeError, ValueError, AttributeError) as err:
-        raise ValueError(
-            f"checkpoint {str(path)!r}: its config is not a valid fastnca config ({_first_line(err)})"
-        ) from None
-
-
-def load_weights(module: Any, state: Any, path: str | os.PathLike[str], what: str = "model") -> None:
-    """``module.load_state_dict(state)`` (a model or a Trainer); a ValueError naming the file when it does not fit."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(
-            f"checkpoint {str(path)!r}: its {what} state does not fit the model its config describes "
-            f"({_first_line(err)})"
-        ) from None
-
-
-def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device | None = "cpu") -> tuple[Any, dict]:
-    """Load a training checkpoint (``weights_only=True``) and rebuild its model on ``device``.
-
-    ``path`` may be the checkpoint file or the run directory holding ``checkpoint.pt``.
-
-    Returns:
-        ``(model, checkpoint_dict)``; the model is in eval mode.
-    """
-    from fastnca.vae import VNCA
-
-    path = checkpoint_file(path)
-    ckpt = read_checkpoint(path)
-    cfg = checkpoint_config(ckpt, path)
-    dev = resolve_device(device)
-    if dev.type != "cuda" and cfg.backend == "triton":
-        cfg = cfg.replace(backend="auto")
-    model = VNCA(cfg)
-    load_weights(model, ckpt["model"], path)
-    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-    if bad is not None:  # every result of such a model is NaN or meaningless: refuse it before any work
-        raise ValueError(
-            f"checkpoint {str(path)!r}: parameter {bad} holds NaN or inf (the run diverged); `fastnca train` never "
-            f"writes such a checkpoint: use one written before the divergence"
-        )
-    model.to(dev).eval()
-    return model, ckpt

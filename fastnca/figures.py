@@ -834,8 +834,8 @@ def make_figures(
     Returns:
         ``(written, skipped)``: figure name -> files written (pictures and captions); name -> why it was skipped.
     """
+    from fastnca.checkpoints import load_checkpoint
     from fastnca.data import DataError, load_for_config
-    from fastnca.evaluate import load_checkpoint
 
     names = list(FIGURES) if not only else list(dict.fromkeys(only))
     bad = [n for n in names if n not in FIGURES]

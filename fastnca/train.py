@@ -41,20 +41,24 @@ from torch import Tensor
 
 from fastnca import autobackend, distributed
 from fastnca.autobackend import Decision
+from fastnca.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    checkpoint_config,
+    load_weights,
+    no_checkpoint_message,
+    read_checkpoint,
+    remove_orphan_temps,
+    save_checkpoint,
+)
 from fastnca.config import RESOLVED_KEY, Config
 from fastnca.data import Splits, load_for_config, to_model
-from fastnca.evaluate import (
-    CHECKPOINT_NAME,
-    checkpoint_config,
-    evaluate_iwae,
-    load_weights,
-    read_checkpoint,
-    resolve_device,
-)
+from fastnca.evaluate import evaluate_iwae
 from fastnca.graphs import not_captured_reason, train_graph_for
 from fastnca.pool import Pool, damage, damage_masks
 from fastnca.rng import rng_state, set_rng_state
-from fastnca.run import RunSettings, resolve_run
+from fastnca.run import RunSettings, resolve_device, resolve_run
 from fastnca.utils import FolderLock, atomic_write, release_cuda_memory
 
 __all__ = [
@@ -64,15 +68,10 @@ __all__ = [
     "TrainingInterrupted",
     "damage",
     "damage_masks",
-    "save_checkpoint",
-    "remove_orphan_temps",
     "rng_state",
     "set_rng_state",
-    "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_FORMAT = "fastnca-checkpoint-v1"
-METRICS_NAME = "metrics.jsonl"
 STAT_KEYS = ("loss", "recon", "kl", "elbo", "grad_norm")  # per-step training statistics, in this order
 EVAL_SEED_OFFSET = 1_000_003  # the evaluation generator's seed is cfg.seed + this, apart from the training streams
 PROBE_SEED_OFFSET = 2_000_003  # the checkpoint probe's generator, apart from the training and evaluation streams
@@ -157,35 +156,8 @@ class _StopRequests:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with torch.save atomically: a temp file in the same folder, fsync, os.replace.
-
-    A crash or an exception mid-write leaves the previous file at ``path`` untouched and no temp file behind.
-    """
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def _write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, "config.json", "summary.json")  # the files a run writes atomically
-
-
-def remove_orphan_temps(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temp files (``.checkpoint.pt.*.tmp``, ...) that a crash in the middle of a write left in a run folder.
-
-    Only the run's own atomic-write temps are touched. Returns the removed paths.
-    """
-    removed = []
-    for name in RUN_FILES:
-        for tmp in Path(out_dir).glob(f".{name}.*.tmp"):
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(tmp)
-    return removed
 
 
 def precision_note(settings: RunSettings) -> str | None:
@@ -217,17 +189,6 @@ def warmup_job(cfg: Config, settings: RunSettings, images: Tensor) -> None:
     with torch.no_grad():
         model.iwae(x, min(cfg.eval_samples, max(1, 256 // cfg.batch_size)), generator=gen)
         model.sample(8, generator=gen, **steps)
-
-
-def no_checkpoint_message(out_dir: Path) -> str:
-    """Why ``--resume`` of ``out_dir`` cannot work, and what to do instead."""
-    path = out_dir / CHECKPOINT_NAME
-    held = [n for n in (METRICS_NAME, "config.json") if (out_dir / n).is_file()]
-    if held:  # a run started here and stopped (diverged, crashed, was killed) before its first checkpoint
-        return (f"--resume: {str(out_dir)!r} holds a run that stopped before writing its first checkpoint (it has "
-                f"{' and '.join(held)}, no {CHECKPOINT_NAME}): there is nothing to resume; start it again as a new "
-                f"run: remove the folder's files (or choose another --out) and run without --resume")
-    return f"--resume: no checkpoint at {str(path)!r}: nothing to resume; start a new run without --resume"
 
 
 def pool_note(cfg: Config, capacity: int, dist: Any = None) -> str | None:

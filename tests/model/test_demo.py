@@ -392,7 +392,7 @@ def _shot(element) -> np.ndarray:
 def _expected_regrowth(run: Path, seed: int, cells: str) -> list[np.ndarray]:
     """The grown sample of ``seed``, its damaged frame and every regrowth frame, computed in this process on the
     CPU with one thread as the server computes them: ``(32, 32)`` grey levels each."""
-    from fastnca.evaluate import checkpoint_file, load_checkpoint
+    from fastnca.checkpoints import checkpoint_file, load_checkpoint
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)

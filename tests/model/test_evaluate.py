@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastnca.evaluate import evaluate_iwae, read_checkpoint
+from fastnca.checkpoints import read_checkpoint
+from fastnca.evaluate import evaluate_iwae
 from fastnca.vae import build_model
 
 

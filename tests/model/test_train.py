@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from fastnca import train as train_mod
+from fastnca.checkpoints import CHECKPOINT_FORMAT, save_checkpoint
 from fastnca.config import get_preset
 from fastnca.data import Splits
 from fastnca.run import resolve_run
-from fastnca.train import NonFiniteLossError, Pool, Trainer, damage, damage_masks, save_checkpoint
+from fastnca.train import NonFiniteLossError, Pool, Trainer, damage, damage_masks
 from tests.utils import mnist_slices
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons, 2 shared cores
@@ -85,7 +86,7 @@ def test_precision_note_names_the_fused_ieee_fp32_path_on_cuda_only():
 
 def test_an_explicit_cuda_device_becomes_the_current_one(monkeypatch):
     """--device cuda:1: CUDA graphs and Triton launch on the current device, which resolve_device makes cuda:1."""
-    from fastnca.evaluate import resolve_device
+    from fastnca.run import resolve_device
 
     current = [0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -251,7 +252,7 @@ def test_time_limit_stops_cleanly(tmp_path, mnist_small):
     summary = tr.fit()
     assert summary["stopped"] == "time_limit" and summary["step"] == 1
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 1 and ckpt["format"] == train_mod.CHECKPOINT_FORMAT
+    assert ckpt["step"] == 1 and ckpt["format"] == CHECKPOINT_FORMAT
     assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "generators"}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1 and rows[-1]["split"] == "train"
