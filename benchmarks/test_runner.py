@@ -124,22 +124,22 @@ def test_summarize_gpu_check_folder(tmp_path: Path, cli_run) -> None:
     (tmp_path / "tests.txt").write_text("....\n==== 12 passed, 1 skipped in 41.2s ====\n")
     (tmp_path / "stages.tsv").write_text("tests\t0\t42\t12 passed, 1 skipped in 41.2s\nncu\tnote\t0\tncu not found\n")
     rows = [{"step": s, "split": "train", "loss": 500.0 - s, "it_per_s": 5.0, "elapsed_s": s / 5} for s in (10, 20)]
-    (tmp_path / "train_triton.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken")
+    (tmp_path / "train_auto.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken")
     (tmp_path / "train_torch.jsonl").write_text(json.dumps({**rows[0], "loss": 491.0, "it_per_s": 2.0,
                                                             "elapsed_s": 5.0}) + "\n")
     text = summarize(tmp_path, note="import: test")
     assert (tmp_path / "summary.md").read_text() == text
     assert "| kernel tests (compiled) | 12 passed, 1 skipped in 41.2s (rc 0) |" in text and "import: test" in text
     assert "| ncu | note | 0 | ncu not found |" in text
-    assert "step 10: triton 490.0000 vs torch 491.0000" in text
+    assert "step 10: default 490.0000 vs torch 491.0000" in text
     assert "| step | triton-bf16 |" in text or "| step | torch-fp32 |" in text
     check = json.loads((tmp_path / "check.json").read_text())
-    assert check["train"]["triton"] == rows and check["tests"] == "12 passed, 1 skipped in 41.2s"
+    assert check["train"]["auto"] == rows and check["tests"] == "12 passed, 1 skipped in 41.2s"
     assert pytest_line("no summary here") == "no summary here"
     assert compare_losses([], rows) == {"common_steps": 0}
     empty = summarize(tmp_path / "nothing")
     assert "missing: bench.json" in empty and "| kernel tests (compiled) | not run |" in empty
-    assert "no metrics rows from the fused run" in empty
+    assert "no metrics rows from the default run" in empty
 
 
 def test_import_shim_serves_fastnca_kernels(tmp_path: Path) -> None:
