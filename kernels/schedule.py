@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["RolloutPlan", "draw_masks", "parse_checkpoint", "plan_rollout", "rollout_flags", "POLICIES", "WGRADS",
-           "WGRAD_BATCH_MIB", "WGRAD_MAX_STEPS"]
+           "WGRAD_BATCH_BYTES", "WGRAD_MAX_STEPS"]
 
 POLICIES = "none, step, segments=k or auto"
 
@@ -31,11 +31,11 @@ POLICIES = "none, step, segments=k or auto"
 # into one operand each. 'per-step' stays the default until a GPU measures a batched design faster
 # (benchmarks/RESULTS.md, "Batched weight gradients": the rule that picks each preset's default).
 WGRADS = ("per-step", "batched", "batched-cublas")
-# The batch buffers' cap (MiB): the per-cell gradients (and, when the backward recomputes, the activations) of the
+# The batch buffers' cap (bytes): the per-cell gradients (and, when the backward recomputes, the activations) of the
 # batch's steps. 2 GiB holds the whole mnist-doubling rollout at B = 32 in bf16 (1.8 GB: one batch, K = 349,184
 # cells) and one step of celeba-nondoubling-256 (1.2 GB: 123k cells a step, already a long K), so its memory stays
 # what the per-step design needs.
-WGRAD_BATCH_MIB = 2048
+WGRAD_BATCH_BYTES = 2 * 2**30
 # Steps per batch at most: the GEMM kernel reads the batch's doubling flags as the bits of one int64.
 WGRAD_MAX_STEPS = 63
 
@@ -94,14 +94,14 @@ class RolloutPlan:
         segment: the policy's segment length (0: keep everything, 1: every step's input, k: every k-th).
         policy: the policy as written ('auto', 'segments=5', ...).
         wgrad: the fused backward's weight-gradient design (:data:`WGRADS`).
-        wgrad_batch_bytes: 'batched*': the cap of the batch buffers, in MiB (:meth:`wgrad_batches`).
+        wgrad_batch_bytes: 'batched*': the cap of the batch buffers, in bytes (:meth:`wgrad_batches`).
     """
 
     flags: tuple[bool, ...]
     segment: int
     policy: str
     wgrad: str = "per-step"
-    wgrad_batch_bytes: int = WGRAD_BATCH_MIB
+    wgrad_batch_bytes: int = WGRAD_BATCH_BYTES
 
     @property
     def num_steps(self) -> int:
@@ -148,7 +148,7 @@ class RolloutPlan:
         """
         if len(step_bytes) != self.num_steps:
             raise ValueError(f"step_bytes: expected {self.num_steps} (one per step), got {len(step_bytes)}")
-        cap = self.wgrad_batch_bytes * 2**20
+        cap = self.wgrad_batch_bytes
         bounds = [(a, b) for a, b in self.segments()] if self.stride > 1 else [(0, self.num_steps)]
         out = []
         for start, end in reversed(bounds):
@@ -173,14 +173,14 @@ class RolloutPlan:
 
 
 def plan_rollout(flags: list[bool] | tuple[bool, ...] | int, policy: str, *, doubling: bool, wgrad: str = "per-step",
-                 wgrad_batch_bytes: int = WGRAD_BATCH_MIB) -> RolloutPlan:
+                 wgrad_batch_bytes: int = WGRAD_BATCH_BYTES) -> RolloutPlan:
     """The plan of a rollout: ``flags`` (or a number of plain steps) under checkpoint ``policy``, for a model whose
     rollouts double the grid (``doubling``) or not; the same on both backends (``wgrad`` and ``wgrad_batch_bytes``:
     the fused backward's weight-gradient design and its batch cap, :class:`RolloutPlan`; the reference ignores
     them).
 
     Raises:
-        ValueError: a policy outside the grammar, a ``wgrad`` not in :data:`WGRADS`, a cap below 1 MiB.
+        ValueError: a policy outside the grammar, a ``wgrad`` not in :data:`WGRADS`, a cap below 1 byte.
     """
     if isinstance(flags, int):
         flags = [False] * flags
@@ -188,7 +188,7 @@ def plan_rollout(flags: list[bool] | tuple[bool, ...] | int, policy: str, *, dou
     if wgrad not in WGRADS:
         raise ValueError(f"wgrad: expected one of {WGRADS}, got {wgrad!r}")
     if isinstance(wgrad_batch_bytes, bool) or not isinstance(wgrad_batch_bytes, int) or wgrad_batch_bytes < 1:
-        raise ValueError(f"wgrad_batch_bytes: expected an integer >= 1 (MiB), got {wgrad_batch_bytes!r}")
+        raise ValueError(f"wgrad_batch_bytes: expected an integer >= 1 (bytes), got {wgrad_batch_bytes!r}")
     return RolloutPlan(flags, parse_checkpoint(policy, len(flags), doubling), policy, wgrad, wgrad_batch_bytes)
 
 
