@@ -25,8 +25,8 @@ def _leaves(weights: UpdateWeights, dtype: torch.dtype = torch.float32) -> list:
 
 
 def _grads(state, weights, flags, masks, upstream, *, dtype=torch.float32, plan=None):
-    """Output and gradients [state, *present weights]: the fused rollout under ``plan``, or (None) the reference's
-    per-step rollout in ``dtype``."""
+    """Output and gradients [state, *present weights] with the state and weights in ``dtype``: the fused rollout
+    under ``plan``, or (None) the reference's per-step rollout."""
     leaves = _leaves(weights, dtype)
     s = state.detach().to(dtype).clone().requires_grad_(True)
     if plan is None:
@@ -62,7 +62,6 @@ CASES = [("none", "batched", None), ("step", "batched-cublas", None), ("segments
          ("none", "batched-cublas", 1), ("auto", "batched", 20_000)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("policy,wgrad,cap", CASES, ids=[f"{p}-{w}-cap{c}" for p, w, c in CASES])
 def test_batched_gradients_match_float64_doubling_masks_odd_batch(policy, wgrad, cap, nan_poison):
     b, c, h, nb = 3, 16, 32, 2
@@ -79,7 +78,6 @@ def test_batched_gradients_match_float64_doubling_masks_odd_batch(policy, wgrad,
         assert rel_err(a, t) < 1e-4, f"grad {i}: expected relative error < 1e-4, got {rel_err(a, t):.3g}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("wgrad", ["batched", "batched-cublas"])
 def test_batched_gradients_match_float64_without_doubling_blocks_or_bias(wgrad, nan_poison):
     """A non-doubling rollout on an odd 5x5 grid, no residual blocks (ELU after the perception), no biases, B = 1,
@@ -94,16 +92,14 @@ def test_batched_gradients_match_float64_without_doubling_blocks_or_bias(wgrad, 
         assert rel_err(a, t) < 1e-4, f"grad {i}: expected relative error < 1e-4, got {rel_err(a, t):.3g}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "segments=3"])
 def test_batched_bf16_gradients_within_twice_the_reference_bf16_error(policy, nan_poison):
     b, c, h, nb = 2, 16, 32, 2
     weights, state, masks, upstream = _case(b, c, h, nb, FLAGS, 2, 0.6)
     ref64, g64 = _grads(state, weights, FLAGS, masks, upstream, dtype=torch.float64)
     ref16, g16 = _grads(state, weights, FLAGS, masks, upstream, dtype=torch.bfloat16)
-    w16 = UpdateWeights.from_flat([None if t is None else t.bfloat16() for t in weights.flat()])
     plan = plan_rollout(FLAGS, policy, doubling=True, wgrad="batched", wgrad_batch_bytes=20_000)
-    out, gtri = _grads(state.bfloat16(), w16, FLAGS, masks, upstream, plan=plan)
+    out, gtri = _grads(state, weights, FLAGS, masks, upstream, dtype=torch.bfloat16, plan=plan)
     assert out.dtype == torch.bfloat16
     assert rel_err(ref64, out) <= 2 * rel_err(ref64, ref16) + 1e-5
     for i, (a, r, t) in enumerate(zip(g64, g16, gtri)):
