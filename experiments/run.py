@@ -31,10 +31,12 @@ from pathlib import Path
 
 import torch
 
+from fastnca.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from fastnca.cli import parse_overrides
 from fastnca.config import get_preset, preset_names
-from fastnca.evaluate import CHECKPOINT_NAME, evaluate_iwae, load_checkpoint, resolve_device
+from fastnca.evaluate import evaluate_iwae
 from fastnca.figures import FIGURES, make_figures
+from fastnca.run import resolve_device
 from fastnca.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastnca.utils import release_cuda_memory
+
 __all__ = [
     "CACHE_ENV",
     "Decision",
@@ -314,16 +316,6 @@ def _timed(run: Callable[[], Any], out_of_time: Callable[[], bool], *, warmup: i
     return times
 
 
-def _release_memory() -> None:
-    """Free what a measured copy left behind before the next backend (or the run) allocates."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def training_measure(config: Any, device: Any, splits: Any) -> Measure:
     """``measure`` for :func:`choose_backend`: real training iterations of ``config`` on ``device`` and ``splits``.
 
@@ -344,11 +336,11 @@ def training_measure(config: Any, device: Any, splits: Any) -> Measure:
             cfg = cfg.replace(min_steps=mid, max_steps=mid)
         with tempfile.TemporaryDirectory(prefix="fastnca-auto-") as tmp:
             trainer = Trainer(cfg, tmp, device=str(device), splits=splits, progress=False, log=lambda msg: None,
-                              final_outputs=False, auto_backend=False)
+                              final_outputs=False, auto_backend=False, precompile=False)
             warmup = (WARMUP_CALLS + 1 if trainer.train_graph is not None else 1) * (2 if cfg.pool_size else 1)
             times = _timed(trainer.train_step, out_of_time, warmup=warmup, device=device)
             del trainer
-        _release_memory()
+        release_cuda_memory()
         return times
 
     return measure
@@ -378,7 +370,7 @@ def iwae_measure(model: Any, x: Any, k: int) -> tuple[Measure, int]:
 
     def measure(backend: str, out_of_time: Callable[[], bool]) -> list[float]:
         times = time_copy(backend, out_of_time)
-        _release_memory()  # the copy is gone now
+        release_cuda_memory()  # the copy is gone now
         return times
 
     return measure, chunk

@@ -1,4 +1,4 @@
-"""fastnca command line: train, evaluate, sample and damage VNCAs, list and download data.
+"""fastnca command line: train, evaluate, sample and damage VNCAs, serve a demo page, list and download data.
 
 Usage::
 
@@ -11,6 +11,7 @@ Usage::
     fastnca damage --checkpoint runs/small/checkpoint.pt --out figs [--kind half|square]
     fastnca damage --checkpoint runs/small --out figs --image digit.png [--mask mask.png]   # inpainting
     fastnca figures --checkpoint runs/small [--out DIR] [--only growth tsne ...]     # the paper's figures
+    fastnca demo --checkpoint runs/small [--port 8000] [--device cuda]   # a local page: grow, damage, regrow
     fastnca data [--data-dir DIR] [--download]
     fastnca presets
     torchrun --nproc-per-node 4 -m fastnca train ...   # data-parallel (DDP) training; `eval` likewise
@@ -23,16 +24,21 @@ overrides any field of ``fastnca.config.Config`` (its type is checked). ``python
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "build_parser", "parse_overrides"]
 
 
+# fastnca.data.IMAGE_PIXEL_LIMIT, here so that parsing arguments does not import torch (a test keeps them equal)
+IMAGE_PIXEL_LIMIT = 50_000_000
 # fastnca.figures.FIGURES' names, here so that parsing arguments does not import torch (a test keeps them equal)
 FIGURE_NAMES = ("samples", "reconstructions", "growth", "interpolation", "tsne", "damage", "regrowth")
 
@@ -55,6 +61,30 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         except ValueError as err:
             raise CLIError(f"--set {item!r}: {err}") from None
     return out
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed in 0..MAX_SEED (torch's generators take 64 bits; offsets are added to it)."""
+    from fastnca.config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds (inf: no limit; NaN, 0 and negative numbers refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser, *, data: bool = True, device: bool = True) -> None:
@@ -105,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--time-limit",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="S",
         help="stop cleanly after S seconds of training (checkpoint, final evaluation, pictures)",
@@ -120,17 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="importance-weighted log-likelihood on the test split")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
-    p.add_argument("--k", type=int, default=128, help="importance samples (the paper: 128)")
+    p.add_argument("--k", type=int, default=128, help="importance samples (default: 128, as in the paper)")
     p.add_argument(
         "--units",
         choices=("nats", "bpd"),
         default=None,
         help="report unit (default: nats for Bernoulli models, bits/dim for RGB)",
     )
-    p.add_argument("--batches", type=int, default=0, help="test batches to use (0: the whole split)")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=0,
+        help="test batches to use, a fixed random subset (default: 0, the whole split)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the config's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    p.add_argument(
+        "--iwae-steps",
+        choices=("image", "sample"),
+        default=None,
+        help="non-doubling models: one step count T per image, shared by its k samples (the authors' test), or "
+        "one per sample (default: the config's iwae_steps, 'image')",
+    )
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the evaluation's draws (default: 0)")
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="also write the result as JSON (not onto the run's own files)"
+    )
     p.add_argument(
         "--backend",
         choices=("auto", "triton", "torch"),
@@ -147,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--growth-n", type=int, default=8, help="rows of the growth picture")
     p.add_argument("--mode", choices=("mean", "sample"), default="mean", help="likelihood mean or a sample")
     p.add_argument("--gif", action="store_true", help="also write an animated growth.gif")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the samples (default: 0)")
     _add_common(p, data=False)
 
     p = sub.add_parser("damage", help="damage-recovery figure (paper figs. 9-11)")
@@ -167,12 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         default=None,
         metavar="FILE.png",
-        help="inpainting: encode this image, damage it (--mask, else --kind) and show the regrowth",
+        help="inpainting: encode this image, damage it (--mask, else --kind) and show the regrowth (PNG, JPEG, "
+        "TIFF, ...; 8- or 16-bit, float TIFFs in [0, 1]; at most FASTNCA_MAX_IMAGE_PIXELS pixels, default "
+        f"{IMAGE_PIXEL_LIMIT // 10**6} Mpx)",
     )
-    p.add_argument("--mask", default=None, metavar="FILE.png", help="with --image: light pixels mark the cells to zero")
+    p.add_argument(
+        "--mask",
+        default=None,
+        metavar="FILE.png",
+        help="with --image: light pixels mark the cells to zero (the same formats and pixel limit as --image)",
+    )
     p.add_argument("--invert", action="store_true", help="with --image on MNIST models: dark strokes on light")
     p.add_argument("--steps", type=int, default=None, help="with --image: regrowth steps (default: as in figures)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the samples and the damage (default: 0)")
     _add_common(p, data=False)
 
     p = sub.add_parser("figures", help="every figure of the paper that applies to a run, with captions")
@@ -185,9 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="draw only these: " + ", ".join(FIGURE_NAMES),
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of every figure's draws (default: 0)")
     p.add_argument("--tsne-images", type=int, default=5000, help="test images in the t-SNE (the paper: 5000)")
     _add_common(p)
+
+    p = sub.add_parser("demo", help="a local web page: watch a model grow, paint damage, watch it regrow")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0: any free one)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 lets the network in)",
+    )
+    p.add_argument(
+        "--frame-ms", type=int, default=80, metavar="MS", help="shortest time the page shows each step (default: 80)"
+    )
+    _add_common(p, data=False)
 
     p = sub.add_parser("data", help="list the datasets found in the data directory; --download fetches them")
     p.add_argument("--data-dir", default=None, help="data directory (default: $FASTNCA_DATA, else ./data)")
@@ -246,8 +310,54 @@ def _os_error_message(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def _new_folders(folder: Path) -> list[Path]:
+    """The folders that creating ``folder`` (with its parents) would make, deepest first."""
+    missing, p = [], folder.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(folders: list[Path]) -> Iterator[None]:
+    """On an error, remove those of ``folders`` (deepest first) that the failed command made and left empty."""
+    try:
+        yield
+    except BaseException:
+        for folder in folders:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not ours to remove): keep it and its parents
+                break
+        raise
+
+
+def _running_refusal(out: Path, err: Any) -> CLIError:  # noqa: ANN401 - a fastnca.utils.FolderLocked
+    return CLIError(f"--out {str(out)!r}: another fastnca train is running in this folder ({err.owner}); wait for it "
+                    "to finish (or stop it), or choose another --out")
+
+
+def _refuse_if_running(out: Path) -> None:
+    """Refuse an ``--out`` that another process is training into (its lock file is held)."""
+    from fastnca.utils import FolderLock, FolderLocked
+
+    lock = FolderLock(out)
+    if not lock.path.is_file():
+        return
+    try:
+        lock.acquire()
+    except FolderLocked as err:
+        raise _running_refusal(out, err) from None
+    lock.release()
+
+
 def _check_new_run_folder(out: Path, checkpoint_name: str) -> None:
     """A new run needs an empty (or new) --out: its files would mix with, or overwrite, another run's."""
+    from fastnca.checkpoints import METRICS_NAME
+    from fastnca.utils import FolderLock
+
+    _refuse_if_running(out)
     if (out / checkpoint_name).exists():
         raise CLIError(
             f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue it, or choose another --out"
@@ -255,8 +365,17 @@ def _check_new_run_folder(out: Path, checkpoint_name: str) -> None:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} is a file, not a folder: choose another --out")
     if out.is_dir():
-        # under torchrun every rank checks and probes the folder at once: another rank's probe is not a run's file
-        held = sorted(p.name for p in out.iterdir() if not p.name.startswith(_WRITE_PROBE))
+        # under torchrun every rank checks and probes the folder at once: another rank's probe is not a run's file;
+        # a lock file left by a run that ended is not one either
+        lock = FolderLock(out).path.name
+        held = sorted(p.name for p in out.iterdir() if not p.name.startswith(_WRITE_PROBE) and p.name != lock)
+        started = [n for n in ("config.json", METRICS_NAME) if n in held]
+        if started:
+            raise CLIError(
+                f"--out {str(out)!r} holds a run that stopped before writing its first checkpoint (it has "
+                f"{' and '.join(started)}, no {checkpoint_name}), so --resume cannot continue it: remove the "
+                "folder's files to start it again there, or choose another --out"
+            )
         if held:
             shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
             raise CLIError(
@@ -275,9 +394,10 @@ def _say_if_embedded(splits) -> None:  # noqa: ANN001 - fastnca.data.Splits, imp
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fastnca.checkpoints import CHECKPOINT_NAME
     from fastnca.config import get_preset
-    from fastnca.evaluate import CHECKPOINT_NAME
-    from fastnca.train import NonFiniteLossError, Trainer, TrainingInterrupted
+    from fastnca.train import Trainer
+    from fastnca.utils import FolderLocked
 
     file_preset, overrides = None, {}
     if args.config:
@@ -298,40 +418,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise CLIError("--resume needs --out, the run directory to continue")
+        out = Path(args.out)
+        _refuse_if_running(out)
         if Path(args.out, CHECKPOINT_NAME).is_file():
-            _check_writable(Path(args.out))
-        trainer = Trainer.resume(args.out, overrides=overrides, **kwargs)
+            _check_writable(out)
+        try:
+            trainer = Trainer.resume(args.out, overrides=overrides, **kwargs)
+        except FolderLocked as err:
+            raise _running_refusal(out, err) from None
         if args.preset and args.preset != "custom":
             _info(f"resuming {args.out} at step {trainer.step} (its checkpoint's config; --preset is ignored)")
         else:
             _info(f"resuming {args.out} at step {trainer.step}")
-    else:
-        if not args.preset:
-            raise CLIError("train: --preset NAME is required (or --resume --out DIR); see `fastnca presets`")
-        try:
-            if args.preset == "custom":  # a config file without a preset: Config's defaults under its fields
-                from fastnca.config import Config
+        return _fit(args, trainer)
+    if not args.preset:
+        raise CLIError("train: --preset NAME is required (or --resume --out DIR); see `fastnca presets`")
+    try:
+        if args.preset == "custom":  # a config file without a preset: Config's defaults under its fields
+            from fastnca.config import Config
 
-                cfg = Config().replace(**overrides)
-            else:
-                cfg = get_preset(args.preset, **overrides)
-        except ValueError as err:
-            raise CLIError(str(err)) from None
-        out = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        _check_new_run_folder(out, CHECKPOINT_NAME)
+            cfg = Config().replace(**overrides)
+        else:
+            cfg = get_preset(args.preset, **overrides)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    out = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_new_run_folder(out, CHECKPOINT_NAME)
+    with _removed_if_left_empty(_new_folders(out)):  # a failed start leaves no empty run folder behind
         _check_writable(out)
-        trainer = Trainer(cfg, out, **kwargs)
+        try:
+            trainer = Trainer(cfg, out, **kwargs)
+        except FolderLocked as err:
+            raise _running_refusal(out, err) from None
         ranks = f" x {trainer.dist.world_size} ranks (DDP)" if trainer.dist is not None else ""
         _info(f"training {args.preset} on {trainer.device}{ranks} -> {out}")
-    _say_if_embedded(trainer.splits)
-    if args.tensorboard and _is_main():  # rank 0 writes every run file under torchrun
-        from fastnca.tracking import TENSORBOARD_DIR, TensorBoardTracker
+        return _fit(args, trainer)
 
-        try:
-            trainer.tracker = TensorBoardTracker(trainer.out_dir / TENSORBOARD_DIR, seed=trainer.cfg.seed)
-        except ImportError as err:
-            raise CLIError(str(err)) from None
+
+def _fit(args: argparse.Namespace, trainer: Any) -> int:
+    """``fastnca train``'s second half: the trainer's fit, its result line and the files it wrote."""
+    from fastnca.train import NonFiniteLossError, TrainingInterrupted
+
     try:
+        _say_if_embedded(trainer.splits)
+        if args.tensorboard and _is_main():  # rank 0 writes every run file under torchrun
+            from fastnca.tracking import TENSORBOARD_DIR, TensorBoardTracker
+
+            try:
+                trainer.tracker = TensorBoardTracker(trainer.out_dir / TENSORBOARD_DIR, seed=trainer.cfg.seed)
+            except ImportError as err:
+                raise CLIError(str(err)) from None
         summary = trainer.fit()
     except NonFiniteLossError as err:
         print(f"fastnca: error: {err}", file=sys.stderr)
@@ -339,10 +475,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"fastnca: {err}", file=sys.stderr)
         return err.exit_status
+    finally:
+        trainer.lock.release()  # fit releases it too; an error before fit must not leave it held
     ev = summary.get("eval")
     line = f"done: step {summary['step']} ({summary['stopped']}), {summary['elapsed_s']:.1f} s of training"
     if ev:
-        line += f"; test IWAE({ev['k']}) {ev['iwae']:.2f} nats = {ev['bpd']:.4f} bits/dim"
+        line += (f"; test IWAE({ev['k']}, {ev['n_images']} images) {ev['iwae']:.2f} nats = {ev['bpd']:.4f} "
+                 "bits/dim")
     print(line)
     names = ["config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "samples.png", "growth.png"]
     print(f"outputs in {trainer.out_dir}: " + " ".join(n for n in names if (trainer.out_dir / n).is_file()))
@@ -379,16 +518,48 @@ def _cpu_eval_warning(k: int, batch_size: int) -> Any:
     return warn
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from fastnca.data import load_for_config
-    from fastnca.evaluate import evaluate_iwae, load_checkpoint
+def _check_json_target(path: Path, checkpoint: str) -> None:
+    """Refuse, before the evaluation, a --json that is a folder, cannot be written, or is one of the run's files."""
+    from fastnca.checkpoints import RUN_FILES, checkpoint_file
 
+    if path.is_dir():
+        raise CLIError(f"--json {str(path)!r} is a folder: name a file, e.g. {str(path / 'eval.json')!r}")
+    ckpt = checkpoint_file(checkpoint)
+    target = path.resolve()
+    if target == ckpt.resolve() or (target.parent == ckpt.resolve().parent and target.name in RUN_FILES):
+        what = "the checkpoint being read" if target == ckpt.resolve() else f"the run's own {target.name}"
+        raise CLIError(
+            f"--json {str(path)!r} would overwrite {what} in {str(ckpt.parent)!r}: name another file, e.g. "
+            f"{str(ckpt.parent / 'eval.json')!r}"
+        )
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise CLIError(f"--k: expected an integer >= 1, got {args.k}")
     if args.batches < 0:
         raise CLIError(f"--batches: expected an integer >= 0, got {args.batches}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    json_path = Path(args.json) if args.json else None
+    new = _new_folders(json_path.parent) if json_path is not None else []
+    with _removed_if_left_empty(new):
+        if json_path is not None:  # before the work: an evaluation can take hours
+            _check_json_target(json_path, args.checkpoint)
+            if _is_main():
+                _check_writable(json_path.parent, "--json")
+        return _eval(args, json_path)
+
+
+def _eval(args: argparse.Namespace, json_path: Path | None) -> int:
+    from fastnca.checkpoints import load_checkpoint
+    from fastnca.data import load_for_config
+    from fastnca.evaluate import evaluate_iwae
+
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
     if args.backend is not None:
         model.config = model.config.replace(backend=args.backend)
@@ -413,6 +584,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=True,
         desc=f"IWAE k={args.k}",
         on_first_batch=_cpu_eval_warning(args.k, batch_size) if on_cpu else None,
+        steps=args.iwae_steps,
     )
     res.update(
         checkpoint=str(args.checkpoint),
@@ -424,24 +596,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     value = f"{res['iwae']:.2f} nats" if units == "nats" else f"{res['bpd']:.4f} bits/dim"
     other = f"{res['bpd']:.4f} bits/dim" if units == "nats" else f"{res['iwae']:.2f} nats"
     print(f"test log p(x) >= {value} ({other}; IWAE k={args.k}, {res['n_images']} images, step {res['step']})")
-    if args.json and _is_main():
+    finite = math.isfinite(res["iwae"])
+    if json_path is not None and _is_main():
         from fastnca.utils import atomic_write
 
-        text = json.dumps(res, indent=2) + "\n"
-        atomic_write(args.json, lambda f: f.write(text), binary=False)
+        # strict JSON: a non-finite bound is written as null (json.dumps would write a bare NaN, which is not JSON)
+        text = json.dumps({k: _finite_or_none(v) for k, v in res.items()}, indent=2, allow_nan=False) + "\n"
+        atomic_write(json_path, lambda f: f.write(text), binary=False)
+    if not finite:
+        print(f"fastnca eval: error: the bound is {res['iwae']} nats: the model gives non-finite log-likelihoods on "
+              "these test images (a diverged or damaged checkpoint); use an earlier checkpoint", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastnca.evaluate import load_checkpoint
+    from fastnca.checkpoints import load_checkpoint
     from fastnca.figures import growth_figure, growth_gif, sample_grid
 
     if args.n < 1 or args.growth_n < 1:
         raise CLIError(f"--n and --growth-n: expected integers >= 1, got {args.n} and {args.growth_n}")
-    _check_writable(Path(args.out))
-    model, _ = load_checkpoint(args.checkpoint, args.device or "auto")
+    with _removed_if_left_empty(_new_folders(Path(args.out))):  # a refused checkpoint leaves no empty --out
+        _check_writable(Path(args.out))
+        model, _ = load_checkpoint(args.checkpoint, args.device or "auto")
     device = next(model.parameters()).device
     out = Path(args.out)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -463,15 +642,16 @@ def cmd_damage(args: argparse.Namespace) -> int:
     if args.mask:
         raise CLIError("--mask needs --image (the picture to inpaint)")
 
-    from fastnca.evaluate import load_checkpoint
+    from fastnca.checkpoints import load_checkpoint
     from fastnca.figures import damage_figure
 
     if args.n < 1:
         raise CLIError(f"--n: expected an integer >= 1, got {args.n}")
     if args.size is not None and args.size < 1:
         raise CLIError(f"--size: expected an integer >= 1, got {args.size}")
-    _check_writable(Path(args.out))
-    model, _ = load_checkpoint(args.checkpoint, args.device or "auto")
+    with _removed_if_left_empty(_new_folders(Path(args.out))):  # a refused checkpoint leaves no empty --out
+        _check_writable(Path(args.out))
+        model, _ = load_checkpoint(args.checkpoint, args.device or "auto")
     device = next(model.parameters()).device
     size = args.size or (model.config.damage_size or None)
     kinds = ("half", "square") if args.kind == "both" else (args.kind,)
@@ -498,8 +678,8 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     """``fastnca damage --image FILE``: encode a user's image, zero cells, show the regrowth."""
     import torch
 
-    from fastnca.evaluate import load_checkpoint
-    from fastnca.figures import DAMAGE_NOTE, image_from_file, inpaint, mask_from_file
+    from fastnca.checkpoints import load_checkpoint
+    from fastnca.figures import DAMAGE_NOTE, image_from_file, inpaint, mask_from_file, untrained_damage_note
 
     model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
     if args.steps is not None and args.steps < 1:
@@ -526,7 +706,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         f"Inpainting: {args.image} encoded (posterior mean), grown, cells zeroed by {damage}, then regrown; "
         f"columns: the image, its reconstruction, the damaged state, regrowth steps (+t).\n"
         f"checkpoint: {args.checkpoint} (step {int(ckpt['step'])}); seed {args.seed}\n"
-        f"{DAMAGE_NOTE}.\n"
+        f"{DAMAGE_NOTE}.\n" + (f"{note}\n" if (note := untrained_damage_note(cfg)) else "")
     )
     print("wrote " + " ".join(str(p) for p in [*written, caption]))
     return 0
@@ -552,6 +732,37 @@ def cmd_figures(args: argparse.Namespace) -> int:
     for name, files in written.items():
         print(f"{name}: " + " ".join(str(p) for p in files))
     return 0 if written or not skipped else 2
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``fastnca demo``: listen first (a port in use is said at once), then load the model and serve the page."""
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port: expected a TCP port in 0..65535 (0: any free one), got {args.port}")
+    if args.frame_ms < 0:
+        raise CLIError(f"--frame-ms: expected an integer >= 0, got {args.frame_ms}")
+    from fastnca.checkpoints import checkpoint_file, load_checkpoint
+    from fastnca.demo import Demo, bind, bind_message, url_of
+
+    try:
+        server = bind(args.host, args.port)
+    except OSError as err:
+        raise CLIError(bind_message(err, args.host, args.port)) from None
+    try:
+        model, ckpt = load_checkpoint(args.checkpoint, args.device or "auto")
+        server.demo = Demo(model, (checkpoint_file(args.checkpoint), ckpt), frame_ms=args.frame_ms)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            _info(f"fastnca demo: listening on {args.host}: anyone who can reach this machine can use the page")
+        print(
+            f"fastnca demo: {args.checkpoint} (step {int(ckpt['step'])}) on {server.demo.device} at "
+            f"{url_of(server)} (Ctrl-C stops it)",
+            flush=True,
+        )
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("fastnca demo: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -603,6 +814,7 @@ COMMANDS = {
     "sample": cmd_sample,
     "damage": cmd_damage,
     "figures": cmd_figures,
+    "demo": cmd_demo,
     "data": cmd_data,
     "presets": cmd_presets,
 }

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Config", "PRESETS", "get_preset", "preset_names", "parse_value", "BACKENDS", "PRECISIONS", "RESOLVED_KEY",
-           "check_choice"]
+__all__ = ["Config", "PRESETS", "get_preset", "preset_names", "parse_value", "unknown_key_message", "MAX_SEED",
+           "BACKENDS", "PRECISIONS", "RESOLVED_KEY", "check_choice"]
 
 BACKENDS = ("torch", "triton", "auto")
 # the key of a run's config.json under which the trainer records how it resolved the config (fastnca.run)
@@ -26,6 +26,22 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     """Raise ValueError naming ``key`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+# Seeds go to torch.Generator.manual_seed (64 bits) with offsets added (fastnca.train, fastnca.figures): 32 bits
+# leave room for every offset, as in NumPy's legacy seeding.
+MAX_SEED = 2**32 - 1
+
+
+def unknown_key_message(key: str, keys: list[str] | None = None) -> str:
+    """``unknown config key 'iteration'; did you mean 'iterations'?`` (the valid keys when nothing is close)."""
+    import difflib
+
+    keys = sorted(keys or Config.keys())
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    if close:
+        return f"unknown config key {key!r}; did you mean {' or '.join(repr(k) for k in close)}?"
+    return f"unknown config key {key!r}; valid keys: {keys}"
 
 
 @dataclass
@@ -55,7 +71,7 @@ class Config:
     grid_size: int = 32  # non-doubling: side of the grid the seed fills
     min_steps: int = 32  # non-doubling: T ~ U{min_steps..max_steps}, drawn per batch
     max_steps: int = 64
-    p_update: float = 1.0
+    p_update: float = 1.0  # mnist-nondoubling: 0.5, the authors' code behind fig. 9 (docs/PAPER.md, "Step")
     backend: str = "auto"  # torch | triton | auto (the faster on CUDA, measured by the trainer; torch elsewhere)
     precision: str = "fp32"  # fp32 | tf32 | fp32-ieee | bf16: the NCA state and its dots (fastnca/run.py)
     checkpoint: str = "auto"  # none | step | segments=k | auto: what the rollout keeps for backward
@@ -76,6 +92,9 @@ class Config:
     eval_every: int = 5000
     eval_samples: int = 128  # K of the importance-weighted bound
     eval_batches: int = 20  # periodic evaluation on this many test batches (a fixed random subset); 0: all
+    # non-doubling models' T in the IWAE: 'image' (one T per image for all its samples: the authors' test, so the
+    # paper's numbers compare) or 'sample' (a T drawn with each z: the bound with T as a latent); VNCA.iwae
+    iwae_steps: str = "image"
     ckpt_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -163,9 +182,11 @@ class Config:
         need(self.eval_every >= 0, "eval_every", "an integer >= 0 (0: no periodic evaluation)")
         need(self.eval_samples >= 1, "eval_samples", "an integer >= 1")
         need(self.eval_batches >= 0, "eval_batches", "an integer >= 0 (0: the whole test set)")
+        need(self.iwae_steps in ("image", "sample"), "iwae_steps", "'image' or 'sample' (a non-doubling T per "
+             "image or per sample in the IWAE)")
         need(self.ckpt_every >= 0, "ckpt_every", "an integer >= 0 (0: no periodic checkpoints)")
         need(self.log_every >= 1, "log_every", "an integer >= 1")
-        need(self.seed >= 0, "seed", "an integer >= 0")
+        need(0 <= self.seed <= MAX_SEED, "seed", f"an integer in 0..{MAX_SEED}")
         need(self.device.strip() != "", "device", "a device name such as auto, cpu, cuda or cuda:1")
         from fastnca.kernels.schedule import parse_checkpoint  # the policy's one grammar
 
@@ -187,7 +208,7 @@ class Config:
     def replace(self, **overrides: Any) -> Config:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown config key(s) {sorted(unknown)}; valid keys: {self.keys()}")
+            raise ValueError(unknown_key_message(sorted(unknown)[0]))
         return dataclasses.replace(self, **overrides)
 
     @classmethod
@@ -207,7 +228,7 @@ def parse_value(key: str, text: str) -> Any:
     """Parse ``text`` into the type of Config field ``key`` (for ``--set key=value``)."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     if key not in fields:
-        raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(fields)}")
+        raise ValueError(unknown_key_message(key))
     default = getattr(Config(), key)
     kind = fields[key].type
     try:
@@ -270,6 +291,6 @@ def get_preset(name: str, **overrides: Any) -> Config:
     base = dict(PRESETS[name])
     unknown = set(overrides) - set(Config.keys())
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(unknown)} for preset {name!r}; valid keys: {Config.keys()}")
+        raise ValueError(f"preset {name!r}: {unknown_key_message(sorted(unknown)[0])}")
     base.update(overrides)
     return Config(**base)

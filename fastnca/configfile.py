@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fastnca.config import RESOLVED_KEY, Config
+from fastnca.config import RESOLVED_KEY, Config, unknown_key_message
 
 __all__ = ["load_config_file", "check_value"]
 
@@ -44,13 +44,16 @@ def _load_toml(path: Path) -> Any:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"--config {str(path)!r}: not valid TOML ({err})") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8 by definition
+        raise ValueError(f"--config {str(path)!r}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                         "save it as UTF-8") from None
 
 
 def check_value(key: str, value: Any) -> Any:
     """``value`` if it has the type of Config field ``key`` (ints are accepted for floats), else ValueError."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     if key not in fields:
-        raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(fields)}")
+        raise ValueError(unknown_key_message(key))
     default = getattr(Config(), key)
     kind = str(fields[key].type)
     if value is None and "None" in kind:
@@ -87,8 +90,11 @@ def load_config_file(path: str | os.PathLike[str]) -> tuple[str | None, dict[str
         data = _load_toml(p)
     elif suffix == ".json":
         try:
-            data = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = json.loads(p.read_text(encoding="utf-8"))  # JSON files are UTF-8 (RFC 8259), whatever the locale
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--config {str(p)!r}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                             "save it as UTF-8") from None
+        except json.JSONDecodeError as err:
             raise ValueError(f"--config {str(p)!r}: not valid JSON ({err})") from None
     else:
         raise ValueError(f"--config {str(p)!r}: expected a .toml or .json file")

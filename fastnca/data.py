@@ -32,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +56,9 @@ __all__ = [
     "load_for_config",
     "to_model",
     "describe",
+    "read_image",
+    "image_pixel_limit",
+    "IMAGE_PIXEL_LIMIT",
 ]
 
 DATASETS = ("mnist", "emoji", "celeba")
@@ -73,6 +77,8 @@ CELEBA_TV_DIR = "celeba"  # torchvision.datasets.CelebA(root=data_dir) keeps its
 CELEBA_FOLDER = "celeba-subset/images"
 CELEBA_FOLDER_TEST_FRACTION = 0.1
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_PIXEL_LIMIT = 50_000_000  # read_image refuses larger images (a 50 Mpx RGBA image decodes to 200 MB)
+PIXEL_LIMIT_ENV = "FASTNCA_MAX_IMAGE_PIXELS"
 
 # The binarized MNIST shipped as package data, and the sha256 of each array's bytes (fastnca/datasets/README.md).
 EMBEDDED_MNIST = Path(__file__).resolve().parent / "datasets" / MNIST_NPZ
@@ -210,17 +216,27 @@ def _count_lines(path: Path) -> int:
 
 def _read_amat(path: Path) -> np.ndarray:
     try:
-        rows = np.loadtxt(path, dtype=np.uint8)
+        rows = np.loadtxt(path, dtype=np.float64)  # read as written: a "0.5" or "-1" is named, not cast
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: expected one image per line of 784 space-separated 0/1 values ({err})") from err
     return rows
 
 
 def _check_mnist(path: Path, split: str, rows: np.ndarray) -> np.ndarray:
+    """The split as uint8, refused unless every value is exactly 0 or 1 (before any cast: a float 0.5 or an int -1
+    would otherwise become 0 or 255)."""
     if rows.ndim != 2 or rows.shape[1] != 784:
         raise DataError(f"{path}: split {split!r} expected shape (N, 784), got {rows.shape}; {_HOW_TO_GET}")
-    if rows.size and rows.max() > 1:
-        raise DataError(f"{path}: split {split!r} expected binary 0/1 values, got a maximum of {rows.max()}")
+    if rows.dtype.kind not in "biuf":
+        raise DataError(f"{path}: split {split!r} expected 0/1 numbers, got an array of dtype {rows.dtype}")
+    if rows.dtype != np.bool_:
+        bad = (rows != 0) & (rows != 1)  # NaN too
+        if bad.any():
+            value = rows[bad].flat[0]
+            raise DataError(
+                f"{path}: split {split!r} expected binary 0/1 values (statically binarized MNIST), got {value!r} "
+                f"in {int(bad.sum())} pixel(s) ({rows.dtype}); {_HOW_TO_GET}"
+            )
     return rows.astype(np.uint8, copy=False)
 
 
@@ -302,25 +318,100 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, image_size: in
     return Splits("mnist", train, images(rows["test"]), str(source))
 
 
+# ---------------------------------------------------------------------------------------------- image files
+def image_pixel_limit() -> int:
+    """The most pixels :func:`read_image` decodes: ``$FASTNCA_MAX_IMAGE_PIXELS``, else :data:`IMAGE_PIXEL_LIMIT`."""
+    env = os.environ.get(PIXEL_LIMIT_ENV)
+    if env is None:
+        return IMAGE_PIXEL_LIMIT
+    try:
+        limit = int(env)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"${PIXEL_LIMIT_ENV}={env!r}: expected a positive whole number of pixels")
+    return limit
+
+
+def _to_rgba8(im: Any) -> Any:
+    """8-bit RGBA of an opened image, scaled from its own bit depth.
+
+    PIL's ``convert`` clips 16- and 32-bit integer and float pixels to 0..255 instead of scaling them (a 16-bit
+    PNG would turn white, a float TIFF black): those modes are scaled here. 16-bit ('I;16*', and 'I', PIL's mode
+    for 16-bit PNGs, whose values fit 0..65535) by 255 / 65535; wider 'I' by 255 / (2**31 - 1); float ('F') is read
+    as [0, 1]. Every other mode (1, L, LA, P, RGB, RGBA, CMYK, ...) has 8 bits per channel and converts as is.
+    """
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            scale = 1.0
+        elif im.mode.startswith("I;16") or (a.size and a.max() <= 65535):
+            scale = 65535.0
+        else:
+            scale = 2.0**31 - 1
+        a = np.nan_to_num(a / scale, nan=0.0)
+        im = Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8), "L")
+    return im.convert("RGBA")
+
+
+def read_image(path: str | os.PathLike[str], what: str = "image") -> Any:
+    """Decode one image file as 8-bit RGBA (a PIL image), bounded in size.
+
+    The pixel count is read from the header and refused above :func:`image_pixel_limit` before anything is
+    decoded (so a small file that would decode to gigabytes is refused at once); 16-bit and float images are
+    scaled to 8 bits (see :func:`_to_rgba8`).
+
+    Raises:
+        ValueError: not a readable image, or more pixels than the limit; the message names ``what`` and the file.
+    """
+    import warnings as _warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    limit = image_pixel_limit()
+    how = (f"resize it first, or raise the limit with ${PIXEL_LIMIT_ENV} (default {IMAGE_PIXEL_LIMIT // 10**6} "
+           "Mpx)")
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below says it clearly
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as err:  # PIL refuses at twice its own limit, above ours
+            raise ValueError(f"{what} {str(path)!r}: more than the limit of {limit / 1e6:g} Mpx ({err}); "
+                             f"{how}") from None
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"{what} {str(path)!r}: not a readable image file ({err})") from None
+        with im:
+            w, h = im.size
+            if w * h > limit:
+                raise ValueError(f"{what} {str(path)!r}: {w}x{h} = {w * h / 1e6:.1f} Mpx is more than the limit of "
+                                 f"{limit / 1e6:g} Mpx; {how}")
+            try:
+                im.load()
+                return _to_rgba8(im)
+            except (OSError, ValueError, SyntaxError) as err:  # truncated or damaged pixel data
+                raise ValueError(f"{what} {str(path)!r}: not a readable image file ({err})") from None
+
+
 # ---------------------------------------------------------------------------------------------- image folders
 def _decode(path: Path, image_size: int, on_white: bool) -> np.ndarray:
     """One image as ``(image_size, image_size, 3)`` uint8: RGBA composited onto white, then resized."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            if on_white:
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                rgb = Image.alpha_composite(white, rgba).convert("RGB")
-            else:
-                rgb = im.convert("RGB")
-            if rgb.size != (image_size, image_size):
-                # PIL's bilinear filter antialiases when shrinking, as torchvision's Resize does on PIL images
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+        rgba = read_image(path, "dataset image")
+    except ValueError as err:
         raise DataError(f"{path}: expected a readable image file ({err}); re-download the dataset") from err
+    if on_white:
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    else:
+        rgb = rgba.convert("RGB")
+    if rgb.size != (image_size, image_size):
+        # PIL's bilinear filter antialiases when shrinking, as torchvision's Resize does on PIL images
+        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _decode_all(files: list[Path], image_size: int, on_white: bool, desc: str) -> np.ndarray:

@@ -49,6 +49,7 @@ __all__ = [
     "inpaint",
     "encode_means",
     "DAMAGE_NOTE",
+    "untrained_damage_note",
     "FIGURES",
     "make_figures",
 ]
@@ -57,6 +58,16 @@ _SEPARATOR = (220, 60, 60)  # the column gap that marks a doubling in growth pic
 _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 DAMAGE_NOTE = "flat grey = zeroed (damaged) cells: an all-zero state decodes to p = 0.5 / mid-grey"
+
+
+def untrained_damage_note(cfg: Any) -> str | None:
+    """A caption line for damage figures of a model trained without damage, else None: such a model has never
+    had to regrow (the paper's regrowth comes from pool and damage training, its section 3.3)."""
+    if cfg.pool_size > 0 and cfg.damage_size > 0:
+        return None
+    why = "pool_size=0" if cfg.pool_size <= 0 else "damage_size=0"
+    return (f"This model was trained without damage ({why}), so it is not expected to regrow the damaged cells: "
+            "regrowth is learnt by pool and damage training (paper sec. 3.3; e.g. the mnist-nondoubling preset).")
 
 
 def _to_uint8_hwc(x: Tensor) -> Tensor:
@@ -685,18 +696,15 @@ def tsne_figure(
 def image_from_file(path: str | os.PathLike[str], config: Any, *, invert: bool = False) -> Tensor:
     """A user's image as one model input, ``(1, C, S, S)`` uint8 in the model's data format.
 
-    RGBA is composited onto white and the image resized to the model's ``image_size`` (bilinear). Bernoulli
-    models: the grey level thresholded at 0.5, white (1) strokes on black as in MNIST; ``invert`` for dark
-    strokes on a light background. RGB models: 0..255.
+    Read by :func:`fastnca.data.read_image` (at most ``FASTNCA_MAX_IMAGE_PIXELS`` pixels; 16-bit and float images
+    scaled to 8 bits). RGBA is composited onto white and the image resized to the model's ``image_size``
+    (bilinear). Bernoulli models: the grey level thresholded at 0.5, white (1) strokes on black as in MNIST;
+    ``invert`` for dark strokes on a light background. RGB models: 0..255.
     """
-    from PIL import UnidentifiedImageError
+    from fastnca.data import read_image
 
     s = config.image_size
-    try:
-        with Image.open(path) as im:
-            rgba = im.convert("RGBA")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"--image {str(path)!r}: not a readable image file ({err})") from None
+    rgba = read_image(path, "--image")  # bounded in pixels; 16-bit and float images scaled to 8 bits
     rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     rgb = rgb.resize((s, s), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(rgb, dtype="uint8").copy()).permute(2, 0, 1)  # (3, S, S)
@@ -711,13 +719,9 @@ def image_from_file(path: str | os.PathLike[str], config: Any, *, invert: bool =
 def mask_from_file(path: str | os.PathLike[str], side: int) -> Tensor:
     """A damage mask from a PNG: ``(side, side)`` bool, True (cells to zero) where the mask is light (> 50%
     grey), resized to the cell grid with nearest-neighbour sampling."""
-    from PIL import UnidentifiedImageError
+    from fastnca.data import read_image
 
-    try:
-        with Image.open(path) as im:
-            grey = im.convert("L").resize((side, side), Image.Resampling.NEAREST)
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"--mask {str(path)!r}: not a readable image file ({err})") from None
+    grey = read_image(path, "--mask").convert("L").resize((side, side), Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(grey, dtype="uint8").copy()) > 127
 
 
@@ -830,8 +834,8 @@ def make_figures(
     Returns:
         ``(written, skipped)``: figure name -> files written (pictures and captions); name -> why it was skipped.
     """
+    from fastnca.checkpoints import load_checkpoint
     from fastnca.data import DataError, load_for_config
-    from fastnca.evaluate import load_checkpoint
 
     names = list(FIGURES) if not only else list(dict.fromkeys(only))
     bad = [n for n in names if n not in FIGURES]
@@ -874,6 +878,7 @@ def make_figures(
 
     damage_size = cfg.damage_size or None
     side = cfg.image_size
+    damage_extra = DAMAGE_NOTE + "." + (f"\n{note}" if (note := untrained_damage_note(cfg)) else "")
     for name in names:
         try:
             files: list[Path] = []
@@ -980,7 +985,7 @@ def make_figures(
                             f"Damage recovery (figs. 9, 10): 8 prior samples after {cfg.max_steps} steps, the same "
                             f"with {where} of the cells zeroed, and after {cfg.max_steps} more steps."
                         )
-                    files.append(caption(stem, what, DAMAGE_NOTE + "."))
+                    files.append(caption(stem, what, damage_extra))
             elif name == "regrowth":
                 steps = _recover_steps(model, None)
                 files.append(
@@ -1010,7 +1015,7 @@ def make_figures(
                         f"cells zeroed ('damaged'), then {steps} steps of regrowth (columns '+t': steps after the "
                         "damage, evenly spaced to the last). regrowth.png: 8 samples; regrowth.gif: 16 samples, "
                         "every step.",
-                        DAMAGE_NOTE + ".",
+                        damage_extra,
                     )
                 )
             written[name] = files

@@ -7,7 +7,8 @@ never copy it between steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,17 +237,66 @@ class NCA(nn.Module):
             raise ValueError(f"z: expected shape (B, {self.state_channels}), got {tuple(z.shape)}")
         if size is None:
             size = self.seed_size if self.doubling else self.grid_size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(f"size: expected an integer >= 1 (the side of the seed grid), got {size!r}")
         state = z.to(self.state_dtype)[:, :, None, None].expand(-1, -1, size, size)
         return state.contiguous(memory_format=torch.channels_last)
 
     def schedule(self, num_steps: int | None = None) -> list[bool]:
         """The rollout as a list of per-step 'double first' flags."""
+        if not self.doubling and num_steps is not None and (
+                isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 0):
+            raise ValueError(f"num_steps: expected an integer >= 0, got {num_steps!r}")
         return rollout_flags(self.doubling, steps_per_stage=self.steps_per_stage, n_doublings=self.n_doublings,
-                             num_steps=num_steps)
+                             num_steps=None if num_steps is None else int(num_steps))
 
     def sample_num_steps(self, generator: torch.Generator | None = None) -> int:
         """T ~ U{min_steps..max_steps}, drawn once per batch (on the CPU generator given)."""
         return int(torch.randint(self.min_steps, self.max_steps + 1, (1,), generator=generator).item())
+
+    def draw_num_steps(self, n: int, generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> Tensor:
+        """``n`` independent T ~ U{min_steps..max_steps}, ``(n,)`` int64 on the CPU.
+
+        Drawn as one ``torch.rand`` on ``generator`` (on ``device``; the global generator when None), so that under
+        torchrun each rank gets its rows of one process's draws (``fastnca.distributed.GlobalBatchDraws``).
+        """
+        span = self.max_steps - self.min_steps + 1
+        u = torch.rand((n,), generator=generator, device=device)
+        return (self.min_steps + (u * span).long().clamp_max(span - 1)).cpu()
+
+    def run_per_row(self, z: Tensor, num_steps: Tensor, *, generator: torch.Generator | None = None,
+                    checkpoint: str | None = None) -> Tensor:
+        """Non-doubling rollouts where row i of ``z`` ``(B, |z|)`` grows for ``num_steps[i]`` steps: ``(B, |z|, S, S)``.
+
+        The rows are sorted by T and grown together: one rollout up to the smallest T, then the rows still growing
+        continue to the next one, and so on (one :meth:`run` per distinct T, no step computed twice). Each row's
+        result is the rollout it would have on its own, up to the update masks, which are drawn per call.
+        """
+        if self.doubling:
+            raise ValueError("num_steps: a doubling rollout has a fixed schedule; per-row step counts are for "
+                             "non-doubling models")
+        steps = torch.as_tensor(num_steps).to("cpu", torch.long)
+        if steps.shape != (z.shape[0],) or bool((steps < 0).any()):
+            raise ValueError(f"num_steps: expected {z.shape[0]} step counts >= 0 (one per row of z), got "
+                             f"{num_steps!r}")
+        order = torch.argsort(steps, stable=True)
+        ts = steps[order].tolist()
+        live = self.seed(z[order.to(z.device)])
+        out = torch.empty_like(live)
+        done, t = 0, 0
+        while done < len(ts):
+            if ts[done] > t:
+                live = self.run(live, ts[done] - t, generator=generator, checkpoint=checkpoint)
+                t = ts[done]
+            end = done
+            while end < len(ts) and ts[end] == t:
+                end += 1
+            out[done:end] = live[: end - done]
+            live, done = live[end - done :], end
+        result = torch.empty_like(out)
+        result[order.to(out.device)] = out
+        return result
 
     def run(
         self,
@@ -270,12 +320,8 @@ class NCA(nn.Module):
             The final state ``(B, |z|, H', W')``, and the list of states when ``return_states``.
         """
         settings = self.settings
-        state = state.to(settings.state_dtype).contiguous(memory_format=torch.channels_last)
+        state, plan, masks = self._prepare(state, schedule, checkpoint, generator)
         weights = self.update_net.weights()
-        plan = settings.plan(schedule, checkpoint)
-        # masks are drawn up front so that recomputation in backward sees exactly the same cells
-        b, _, h, w = state.shape
-        masks = draw_masks(plan, b, h, w, self.p_update, generator=generator, device=state.device)
         if settings.fused and not return_states and plan.num_steps:
             from fastnca.kernels.rollout import nca_rollout
 
@@ -298,6 +344,45 @@ class NCA(nn.Module):
             states.extend(inter)
         return (state, states) if return_states else state
 
+    def iter_run(
+        self, state: Tensor, schedule: list[bool] | int, *, generator: torch.Generator | None = None
+    ) -> Iterator[Tensor]:
+        """Yield the state after every step of ``schedule``, one step at a time, as it is computed.
+
+        The states are those of ``run(state, schedule, generator=generator, return_states=True)`` after the
+        input (the same masks, drawn up front on ``generator``, and the same step function), so a caller can show
+        each one before the next is computed (``fastnca demo``). Meant for inference: no activation checkpointing.
+
+        Args:
+            state: ``(B, |z|, H, W)``, any memory format.
+            schedule: a list of per-step doubling flags, or a number of plain steps.
+            generator: draws the update masks when p_update < 1 (on the state's device).
+
+        Yields:
+            ``(B, |z|, H', W')`` after each step, channels-last.
+        """
+        state, plan, masks = self._prepare(state, schedule, None, generator)
+        weights = self.update_net.weights()
+        step = self.step_fn()
+        for double, mask in zip(plan.flags, masks):
+            state = step(state, weights, mask, double)
+            yield state
+
+    def _prepare(
+        self, state: Tensor, schedule: list[bool] | int, checkpoint: str | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, RolloutPlan, list[Tensor | None]]:
+        """A rollout's channels-last input state, its plan and every step's update mask."""
+        if isinstance(schedule, bool) or (isinstance(schedule, numbers.Integral) and schedule < 0):
+            raise ValueError(f"schedule: expected a number of steps >= 0 or a list of doubling flags, got {schedule!r}")
+        if isinstance(schedule, numbers.Integral):
+            schedule = int(schedule)
+        state = state.to(self.settings.state_dtype).contiguous(memory_format=torch.channels_last)
+        plan = self.settings.plan(schedule, checkpoint)
+        # masks are drawn up front so that recomputation in backward sees exactly the same cells
+        b, _, h, w = state.shape
+        masks = draw_masks(plan, b, h, w, self.p_update, generator=generator, device=state.device)
+        return state, plan, masks
+
     def forward(
         self,
         z: Tensor,
@@ -310,8 +395,13 @@ class NCA(nn.Module):
         """Grow an image-sized grid of cell states from latents ``z`` ``(B, |z|)``.
 
         Non-doubling: ``num_steps`` fixes T, otherwise T ~ U{min_steps..max_steps} (drawn with the CPU
-        generator ``generator`` when it is a CPU generator, else torch's global one).
+        generator ``generator`` when it is a CPU generator, else torch's global one); a ``(B,)`` tensor gives each
+        row its own T (:meth:`run_per_row`).
         """
+        if isinstance(num_steps, Tensor):
+            if return_states:
+                raise ValueError("return_states: not available with a step count per row (num_steps a tensor)")
+            return self.run_per_row(z, num_steps, generator=generator_on(generator, z.device), checkpoint=checkpoint)
         if not self.doubling and num_steps is None:
             cpu_gen = generator if generator is not None and generator.device.type == "cpu" else None
             num_steps = self.sample_num_steps(cpu_gen)

@@ -41,6 +41,7 @@ __all__ = [
     "RunSettings",
     "resolve_run",
     "resolve_backend",
+    "resolve_device",
     "conv_allows_tf32",
     "state_dtype",
     "MIN_TRITON_CAPABILITY",
@@ -292,3 +293,26 @@ def resolve_run(
         requested_backend=requested,
         backend_source=source,
     )
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' (or None) is CUDA when available, else the CPU; anything but auto, cpu, cuda, cuda:N is refused.
+
+    A CUDA device is made the process's current one (``torch.cuda.set_device``): CUDA graphs capture on a stream
+    of the current device and Triton launches there, so ``--device cuda:1`` must not leave ``cuda:0`` current."""
+    if device is None or str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {str(device)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {str(device)!r} was asked for but CUDA is not available here; use --device cpu")
+        if dev.index is None:  # an explicit index, so generator and tensor devices compare equal
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index != torch.cuda.current_device():
+            torch.cuda.set_device(dev)
+    return dev

@@ -17,11 +17,13 @@ the pool and the data order are in every checkpoint, so ``resume`` continues exa
 
 Files in ``out_dir``: ``config.json``, ``metrics.jsonl`` (train rows every log_every steps, test rows at each
 evaluation), ``checkpoint.pt`` (loads with ``torch.load(path, weights_only=True)``), ``samples.png`` and
-``growth.png`` at the end.
+``growth.png`` at the end, and ``.fastnca.lock`` while a trainer is at work there (``fastnca.utils.FolderLock``: a
+second process training into the folder is refused; the lock ends with its process, however that ends).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,21 +41,25 @@ from torch import Tensor
 
 from fastnca import autobackend, distributed
 from fastnca.autobackend import Decision
+from fastnca.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    checkpoint_config,
+    load_weights,
+    no_checkpoint_message,
+    read_checkpoint,
+    remove_orphan_temps,
+    save_checkpoint,
+)
 from fastnca.config import RESOLVED_KEY, Config
 from fastnca.data import Splits, load_for_config, to_model
-from fastnca.evaluate import (
-    CHECKPOINT_NAME,
-    checkpoint_config,
-    evaluate_iwae,
-    load_weights,
-    read_checkpoint,
-    resolve_device,
-)
+from fastnca.evaluate import evaluate_iwae
 from fastnca.graphs import not_captured_reason, train_graph_for
 from fastnca.pool import Pool, damage, damage_masks
 from fastnca.rng import rng_state, set_rng_state
-from fastnca.run import RunSettings, resolve_run
-from fastnca.utils import atomic_write
+from fastnca.run import RunSettings, resolve_device, resolve_run
+from fastnca.utils import FolderLock, atomic_write, release_cuda_memory
 
 __all__ = [
     "Trainer",
@@ -61,15 +68,10 @@ __all__ = [
     "TrainingInterrupted",
     "damage",
     "damage_masks",
-    "save_checkpoint",
-    "remove_orphan_temps",
     "rng_state",
     "set_rng_state",
-    "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_FORMAT = "fastnca-checkpoint-v1"
-METRICS_NAME = "metrics.jsonl"
 STAT_KEYS = ("loss", "recon", "kl", "elbo", "grad_norm")  # per-step training statistics, in this order
 EVAL_SEED_OFFSET = 1_000_003  # the evaluation generator's seed is cfg.seed + this, apart from the training streams
 PROBE_SEED_OFFSET = 2_000_003  # the checkpoint probe's generator, apart from the training and evaluation streams
@@ -154,35 +156,8 @@ class _StopRequests:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with torch.save atomically: a temp file in the same folder, fsync, os.replace.
-
-    A crash or an exception mid-write leaves the previous file at ``path`` untouched and no temp file behind.
-    """
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def _write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, "config.json", "summary.json")  # the files a run writes atomically
-
-
-def remove_orphan_temps(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temp files (``.checkpoint.pt.*.tmp``, ...) that a crash in the middle of a write left in a run folder.
-
-    Only the run's own atomic-write temps are touched. Returns the removed paths.
-    """
-    removed = []
-    for name in RUN_FILES:
-        for tmp in Path(out_dir).glob(f".{name}.*.tmp"):
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(tmp)
-    return removed
 
 
 def precision_note(settings: RunSettings) -> str | None:
@@ -197,6 +172,45 @@ def precision_note(settings: RunSettings) -> str | None:
         return (f"note: {why}: the fused kernels' dots run without tensor cores, about 5x slower than bf16 on an "
                 "H100 (docs/TRAINING.md, 'Precision on a GPU'); --set precision=tf32 or precision=bf16 use them")
     return None
+
+
+def warmup_job(cfg: Config, settings: RunSettings, images: Tensor) -> None:
+    """What a training run launches, on a throw-away copy of the model: one training iteration (forward and
+    backward), one periodic evaluation's IWAE chunk and the final samples (``images``: one uint8 batch). Run under
+    ``fastnca.kernels.warmup.record_launches`` it records the run's kernels without running them."""
+    from fastnca.vae import VNCA
+
+    device = settings.device
+    model = VNCA(cfg, settings=settings).to(device)
+    x = to_model(images[: cfg.batch_size], cfg.likelihood, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    steps = {} if cfg.doubling else {"num_steps": cfg.max_steps}
+    model(x, generator=gen, check_values=False, **steps)["loss"].backward()
+    with torch.no_grad():
+        model.iwae(x, min(cfg.eval_samples, max(1, 256 // cfg.batch_size)), generator=gen)
+        model.sample(8, generator=gen, **steps)
+
+
+def pool_note(cfg: Config, capacity: int, dist: Any = None) -> str | None:
+    """A warning where pool training is asked for but can never happen, else None.
+
+    Half of each (per-rank) batch comes from the pool only while the pool holds more entries than that half
+    (:meth:`Trainer.pool_batch`); a pool of at most half a batch is never drawn from, and the run trains as if
+    ``pool_size`` were 0.
+    """
+    if cfg.pool_size <= 0:
+        return None
+    local = cfg.batch_size // (1 if dist is None else dist.world_size)
+    half = local // 2
+    if half > 0 and capacity > half:
+        return None
+    world = 1 if dist is None else dist.world_size
+    ranks = "" if dist is None else f" per rank ({world} ranks)"
+    fix = (f"--set pool_size={(half + 1) * world} or more turns it on (the paper: 1024)" if half > 0 else
+           f"a batch of at least {2 * world} images turns it on")
+    return (f"warning: pool_size={cfg.pool_size} holds {capacity} entries{ranks}, and a pool is drawn from only when "
+            f"it holds more than half a batch ({local} // 2 = {half}): pool and damage training is off in this run; "
+            f"{fix}")
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -219,6 +233,9 @@ class Trainer:
         recorded_run: the settings a resumed run's checkpoint recorded (``RunSettings.record``): an 'auto'
             backend keeps the backend recorded there on a device of the same type, so a resume never changes the
             run's numerics.
+        precompile: on a CUDA device with the fused kernels, compile every kernel the run will launch before the
+            first step, in parallel worker processes, into Triton's cache (``fastnca.kernels.warmup``); a second
+            run finds them cached.
     """
 
     def __init__(
@@ -236,6 +253,7 @@ class Trainer:
         final_eval: bool = True,
         auto_backend: bool = True,
         recorded_run: dict[str, Any] | None = None,
+        precompile: bool = True,
     ) -> None:
         from fastnca.vae import VNCA
 
@@ -247,7 +265,7 @@ class Trainer:
             )
         self.dist = distributed.active()  # None in one process; under torchrun: rank, world size (DDP)
         distributed.check_config(config, self.dist)
-        if time_limit is not None and time_limit <= 0:
+        if time_limit is not None and not time_limit > 0:  # NaN too
             raise ValueError(f"time_limit: expected a positive number of seconds, got {time_limit}")
         self.cfg = config
         self.out_dir = Path(out_dir)
@@ -276,6 +294,10 @@ class Trainer:
         on_device = self.device.type == "cuda" and self.splits.train.nbytes < 4 * 2**30
         self.train_images = self.splits.train.to(self.device) if on_device else self.splits.train
         self.backend_decision: Decision | None = None
+        self.compile_report: Any = None
+        recorded_torch = (recorded_run or {}).get("backend") == "torch" and config.backend == "auto"
+        if precompile and self.device.type == "cuda" and self.settings.fused and not recorded_torch:
+            self.compile_report = self._precompile()  # before anything launches a kernel (and before timing)
         self.settings = self._resolve_settings(recorded_run, auto_backend)
         self.log(f"model: {self.settings.describe()}")
         if (note := precision_note(self.settings)) is not None:
@@ -311,6 +333,39 @@ class Trainer:
             why = not_captured_reason(config, self.settings)
             if self.device.type == "cuda" and config.cuda_graphs and why is not None:
                 self.log(f"CUDA graphs: training runs eagerly ({why})")
+        if (note := pool_note(config, self.pool.capacity, self.dist)) is not None:
+            self.log(note)
+        # one run at a time writes into out_dir: a second process (a new run or a --resume) is refused here, before
+        # it truncates or appends to this run's files; rank 0 alone writes them under torchrun
+        self.lock = FolderLock(self.out_dir)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            weakref.finalize(self, self.lock.release)
+
+    def _precompile(self) -> Any:
+        """Compile the fused kernels of one training iteration, one periodic evaluation's IWAE chunk and the final
+        samples (recorded on a throw-away copy of the model, nothing of which runs), in worker processes."""
+        from tqdm.auto import tqdm
+
+        from fastnca.kernels import warmup
+
+        cfg, device = self.cfg, self.device
+        gpu = torch.cuda.get_device_name(device)
+        job = functools.partial(warmup_job, cfg, self.settings, self.train_images[: cfg.batch_size])
+        ranks = 1 if self.dist is None else self.dist.world_size  # every rank of a node compiles: share the CPUs
+        workers = max(1, warmup.default_workers() // ranks)
+        with tqdm(desc=f"compiling kernels for {gpu}", unit="kernel", disable=not self.progress, leave=False) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            report = warmup.precompile(job, warmup.target_of(device), workers=workers, progress=progress)
+        self.log(report.line(gpu))
+        for failure in report.failed[:3]:
+            self.log(f"  not precompiled: {failure}")
+        release_cuda_memory()
+        return report
 
     def _resolve_settings(self, recorded: dict[str, Any] | None, measure: bool) -> RunSettings:
         """The run's settings: a resumed run keeps what its checkpoint recorded (``recorded``: its backend where
@@ -569,7 +624,7 @@ class Trainer:
         """A trainer that continues the run in ``out_dir`` from its checkpoint (config overrides allowed)."""
         path = Path(out_dir) / CHECKPOINT_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}; start the run without --resume")
+            raise FileNotFoundError(no_checkpoint_message(Path(out_dir)))
         ckpt = read_checkpoint(path)
         cfg = checkpoint_config(ckpt, path)
         fixed = {k: v for k, v in (overrides or {}).items() if k in RESUME_FIXED and v != getattr(cfg, k)}
@@ -653,6 +708,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train up to ``config.iterations`` steps (or the time limit), then checkpoint, evaluate and draw.
 
+        A run that already finished (all its iterations trained and its summary.json written) is left as it is: the
+        log says there is nothing to do and its summary is returned, so no file of it is rewritten.
+
         Returns:
             A summary: step, stopped ('done' | 'time_limit'), elapsed_s, last train row, last eval row.
 
@@ -661,6 +719,31 @@ class Trainer:
             TrainingInterrupted: SIGINT or SIGTERM; the step in flight was finished and checkpointed.
             KeyboardInterrupt: a second signal; no new checkpoint (the last one on disk is kept).
         """
+        cfg = self.cfg
+        if self.is_main:
+            self.lock.acquire()  # held from __init__ on; taken again by a second fit() after the first released it
+        try:
+            finished = self._finished_summary()
+            if finished is not None:
+                self.log(f"nothing to do: the run in {self.out_dir} finished at step {self.step} "
+                         f"(iterations={cfg.iterations}); --set iterations=N with N > {self.step} trains it longer")
+                return finished
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a run that already trained all its iterations and wrote it, else None."""
+        path = self.out_dir / "summary.json"
+        if self.step < self.cfg.iterations or self.step == 0 or not path.is_file():
+            return None
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # damaged: finishing again rewrites it
+        return summary if isinstance(summary, dict) and summary.get("step") == self.step else None
+
+    def _fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg

@@ -25,9 +25,15 @@ from fastnca.nca import NCA, nca_from_config
 from fastnca.rng import generator_on
 from fastnca.run import RunSettings, resolve_run
 
-__all__ = ["Encoder", "VNCA", "ConvVAE", "build_model", "gaussian_kl", "LOG_2PI"]
+__all__ = ["Encoder", "VNCA", "ConvVAE", "build_model", "gaussian_kl", "LOG_2PI", "IWAE_STEPS"]
 
 LOG_2PI = math.log(2 * math.pi)
+IWAE_STEPS = ("image", "sample")  # VNCA.iwae(steps=...): a non-doubling model's T per image or per sample
+
+
+def _check_count(n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an integer >= 1 (the number of samples), got {n!r}")
 
 
 class Encoder(nn.Module):
@@ -108,6 +114,8 @@ class _LatentVAE(nn.Module):
         want = (cfg.image_channels, cfg.image_size, cfg.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"{name}: expected shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:  # a mean over no images is NaN, not a loss
+            raise ValueError(f"{name}: expected a batch of at least one image, got shape {tuple(x.shape)}")
         dtype = self.encoder.linear.weight.dtype
         if x.dtype != dtype:
             x = x.to(dtype)
@@ -197,6 +205,9 @@ class _LatentVAE(nn.Module):
             dict with loss (scalar), elbo, recon, kl (each ``(B,)``), z ``(B, |z|)`` and state (decoder output;
             the VNCA's final NCA state, which pool training stores).
         """
+        if not isinstance(beta, Tensor) and (isinstance(beta, bool) or not isinstance(beta, (int, float))
+                                             or not math.isfinite(beta) or beta < 0):
+            raise ValueError(f"beta: expected a finite number >= 0 (the KL weight), got {beta!r}")
         x = self.check_images(x, values=check_values)
         mu, log_sigma = self.encoder(x)
         z = self.sample_posterior(mu, log_sigma, generator)
@@ -212,34 +223,58 @@ class _LatentVAE(nn.Module):
         return self.forward(x, beta=beta, generator=generator, **decode_kwargs)["elbo"]
 
     def log_weights(self, x: Tensor, z: Tensor, mu: Tensor, log_sigma: Tensor,
-                    generator: torch.Generator | None = None) -> Tensor:
-        """log p(x|z) + log p(z) - log q(z|x) for ``z`` ``(B, |z|)``: ``(B,)``."""
-        out = self.decode(z, generator=generator)
+                    generator: torch.Generator | None = None, num_steps: Tensor | None = None) -> Tensor:
+        """log p(x|z) + log p(z) - log q(z|x) for ``z`` ``(B, |z|)``: ``(B,)``.
+
+        ``num_steps``: a non-doubling VNCA's T per row ``(B,)`` (see :meth:`draw_iwae_steps`); None: the decoder's
+        own draw."""
+        out = self.decode(z, generator=generator) if num_steps is None else self.decode(
+            z, generator=generator, num_steps=num_steps)
         log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).sum(-1)
         return self.log_likelihood(x, out) + log_pz - _normal_log_prob(z, mu, log_sigma)
 
+    def draw_iwae_steps(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor | None:
+        """``n`` step counts T for :meth:`iwae`, or None for a model without a random T (this one)."""
+        return None
+
     @torch.no_grad()
     def iwae(self, x: Tensor, k: int = 128, *, chunk: int | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, steps: str = "image") -> Tensor:
         """Importance-weighted bound on log p(x) with ``k`` samples (Burda et al., 2015), ``(B,)`` nats.
 
         ``log p(x) >= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log k``, evaluated ``chunk``
         samples at a time (default: enough to decode about 256 grids at once) so that k = 128 fits in memory.
+
+        ``steps`` says how a non-doubling VNCA's random step count T enters (doubling models and the baseline have
+        none; :data:`IWAE_STEPS`):
+
+        - ``'image'`` (default): one T ~ U{min_steps..max_steps} per image, shared by all k samples of that image:
+          the authors' test (one image at a time, k = 128, one T per forward call), so the number compares with
+          the paper's. It averages over T the bound on log p(x | T): a valid, looser bound on log p(x).
+        - ``'sample'``: T drawn with each z_k, as one more latent whose proposal is its prior: the bound on
+          log p(x) = log E_T p(x | T), which is at least as tight for large k.
+
+        T is drawn on ``generator`` (on its device; torch's global generator when None), with the update masks.
         """
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected an integer >= 1 (number of importance samples), got {k!r}")
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk: expected an integer >= 1 or None, got {chunk!r}")
+        if steps not in IWAE_STEPS:
+            raise ValueError(f"steps: expected one of {IWAE_STEPS} (one T per image, or per sample), got {steps!r}")
         x = self.check_images(x)
         mu, log_sigma = self.encoder(x)
         b = x.shape[0]
         chunk = chunk or max(1, min(k, 256 // max(1, b)))
+        per_image = self.draw_iwae_steps(b, generator, x.device) if steps == "image" else None
         log_w = []
         for start in range(0, k, chunk):
             n = min(chunk, k - start)
             mu_r, ls_r = mu.repeat(n, 1), log_sigma.repeat(n, 1)  # (n B, |z|), sample-major
             z = self.sample_posterior(mu_r, ls_r, generator)
-            log_w.append(self.log_weights(x.repeat(n, 1, 1, 1), z, mu_r, ls_r, generator).view(n, b))
+            rows = per_image.repeat(n) if per_image is not None else (
+                self.draw_iwae_steps(n * b, generator, x.device) if steps == "sample" else None)
+            log_w.append(self.log_weights(x.repeat(n, 1, 1, 1), z, mu_r, ls_r, generator, rows).view(n, b))
         return torch.logsumexp(torch.cat(log_w, 0), dim=0) - math.log(k)
 
     @torch.no_grad()
@@ -248,6 +283,7 @@ class _LatentVAE(nn.Module):
         """``n`` images from the prior, in the data domain: the likelihood's mean or a sample."""
         if mode not in ("mean", "sample"):
             raise ValueError(f"mode: expected 'mean' or 'sample', got {mode!r}")
+        _check_count(n)
         dev = next(self.parameters()).device
         z = torch.randn((n, self.latent_size), generator=generator, device=dev)
         out = self.decode(z, generator=generator, **decode_kwargs)
@@ -275,6 +311,12 @@ class VNCA(_LatentVAE):
     def settings(self) -> RunSettings:
         return self.nca.settings
 
+    def draw_iwae_steps(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor | None:
+        """``n`` step counts T ~ U{min_steps..max_steps} for :meth:`iwae` (None for a doubling model)."""
+        if self.nca.doubling:
+            return None
+        return self.nca.draw_num_steps(n, generator_on(generator, device), device)
+
     def decode(self, z: Tensor, *, num_steps: int | None = None, generator: torch.Generator | None = None,
                return_states: bool = False, checkpoint: str | None = None,
                steps_generator: torch.Generator | None = None, start_states: Tensor | None = None):
@@ -282,8 +324,9 @@ class VNCA(_LatentVAE):
 
         Args:
             z: ``(B, |z|)`` latents; row i seeds the grid of example i.
-            num_steps: T of a non-doubling rollout; None draws T ~ U{min_steps..max_steps} after the posterior
-                sample, on ``steps_generator`` (else on ``generator`` when it is a CPU generator, else on
+            num_steps: T of a non-doubling rollout, or a ``(B,)`` tensor of one T per row
+                (:meth:`NCA.run_per_row`; not with ``start_states``); None draws T ~ U{min_steps..max_steps} after
+                the posterior sample, on ``steps_generator`` (else on ``generator`` when it is a CPU generator, else on
                 torch's global RNG).
             generator: draws the update masks (on z's device).
             return_states: also return every step's state.
@@ -322,6 +365,7 @@ class VNCA(_LatentVAE):
         """Prior samples; with ``return_states`` also the images of every step (a growth sequence)."""
         if not return_states:
             return super().sample(n, generator=generator, mode=mode, num_steps=num_steps)
+        _check_count(n)
         dev = next(self.parameters()).device
         z = torch.randn((n, self.latent_size), generator=generator, device=dev)
         final, states = self.decode(z, num_steps=num_steps, generator=generator, return_states=True)

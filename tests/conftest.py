@@ -2,9 +2,11 @@
 
 Runs before ``fastnca.kernels`` is imported: ``@triton.jit`` reads TRITON_INTERPRET when it decorates a kernel.
 
-Tests that read real data say which datasets with ``@pytest.mark.data("mnist", ...)``. MNIST is always there:
-from the data directory when one is set, else from the copy shipped in the package. Emoji and CelebA need a data
-directory (``FASTNCA_DATA``; CI sets it to ``../shared/data``); without one those tests skip and say why.
+Tests that read data say which datasets with ``@pytest.mark.data("mnist", ...)``. The data directory is
+``FASTNCA_DATA`` when set, else the ``shared/data`` folder beside the checkout when there is one (CI's real
+datasets), else a small one the tests make themselves (``tests/fixture_data.py``: the MNIST shipped in the
+package, synthetic emoji and CelebA pictures; in ``tests/.fixture-data``, git-ignored), so that no test skips
+for want of data on a fresh clone. ``tests.fixture_data.is_fixture`` tells a test which one it has.
 """
 
 import os
@@ -15,10 +17,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# CI sets FASTNCA_DATA to ../shared/data; this default serves a local checkout with shared/ beside it.
-_shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if "FASTNCA_DATA" not in os.environ and _shared.is_dir():
-    os.environ["FASTNCA_DATA"] = str(_shared)
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_DATA = ROOT / "tests" / ".fixture-data"
+_shared = ROOT.parent / "shared" / "data"
+if "FASTNCA_DATA" not in os.environ:
+    if _shared.is_dir():
+        os.environ["FASTNCA_DATA"] = str(_shared)
+    else:
+        from tests.fixture_data import ensure_fixture_data
+
+        os.environ["FASTNCA_DATA"] = str(ensure_fixture_data(FIXTURE_DATA))
 
 import pytest  # noqa: E402
 

@@ -30,3 +30,16 @@ def test_every_cited_docs_page_is_in_the_repository():
                 if not inside or not (ROOT / "docs" / name).is_file():
                     bad.append(f"{path.relative_to(ROOT)}:{n}: {ref}")
     assert not bad, "expected every cited docs page to exist in this repository's docs/; not found:\n" + "\n".join(bad)
+
+
+def test_the_readmes_api_snippet_runs_as_written_in_seconds(tmp_path):
+    """The README's `Use` example, run as a user would paste it (on the CPU here: it must stay quick there)."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "README.md").read_text()
+    use = text[text.index("## Use") :]
+    snippet = use[use.index("```python") + len("```python") : use.index("```", use.index("```python") + 9)]
+    assert "model.iwae(" in snippet, "expected the snippet with the IWAE call"
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"the README snippet failed:\n{proc.stderr[-2000:]}"

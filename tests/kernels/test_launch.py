@@ -22,6 +22,7 @@ from fastnca.kernels.reference import UpdateWeights
 from fastnca.kernels.rollout import nca_rollout
 from fastnca.kernels.schedule import draw_masks, plan_rollout
 from tests.conftest import DEVICE
+from tests.kernels.fp32_bounds import gamma, step_depth, step_magnitude
 from tests.kernels.test_nca_step_fwd import make_state, make_weights
 
 pytestmark = pytest.mark.usefixtures("nan_poison")
@@ -157,7 +158,8 @@ def test_step_forward_and_backward_fall_back_to_tiles_the_gpu_can_run(monkeypatc
 
 def test_forward_falls_back_to_fewer_cells_per_program(monkeypatch):
     """The grid follows the candidate that runs: refusing more than 32 cells per program still covers every cell
-    (an output cell left unwritten is NaN here)."""
+    (an output cell left unwritten is NaN here). Another tile shape may sum in another order, so the two results
+    agree to the bound fp32 rounding guarantees (tests/kernels/fp32_bounds.py), not bitwise."""
     weights = make_weights(32, 32, 1)
     state = make_state(2, 32, 8, 8)
     want = fwd_mod.nca_step_fwd(state, weights)
@@ -165,7 +167,10 @@ def test_forward_falls_back_to_fewer_cells_per_program(monkeypatch):
     (fake,) = _stand_ins(monkeypatch, sites, lambda kw: kw["BLOCK_M"] > 32)
     got = fwd_mod.nca_step_fwd(state, weights)
     _check_each_fell_back([fake], sites)
-    assert torch.equal(got, want), "fewer cells per program must compute the same bits"
+    assert torch.isfinite(got).all(), "expected every output cell written (a NaN is a cell left unwritten)"
+    bound = 2 * gamma(step_depth(32, 32, 1)) * step_magnitude(state, weights)
+    excess = ((got.double() - want.double()).abs() - bound).max().item()
+    assert excess <= 0, f"fewer cells per program: expected |difference| <= 2 gamma(D) A, over by {excess:.3g}"
 
 
 FLAGS = [False, True, True, True]  # 2x2 -> 16x16: three small-grid steps, then a per-step one

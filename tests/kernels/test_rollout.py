@@ -10,6 +10,7 @@ from fastnca.kernels.reference import UpdateWeights, nca_step_ref
 from fastnca.kernels.rollout import nca_rollout
 from fastnca.kernels.schedule import draw_masks, plan_rollout
 from tests.conftest import DEVICE
+from tests.kernels.fp32_bounds import backward_step_depth, chain_bound, step_depth
 from tests.kernels.test_nca_step_fwd import make_state, make_weights
 from tests.utils import rel_err
 
@@ -193,7 +194,10 @@ def test_rollout_traces_whole_under_torch_compile_fullgraph(policy):
 def test_post_kernel_state_gradient_split_over_channel_programs_is_the_same(monkeypatch, nan_poison):
     """The post kernel's state-gradient programs may each take part of the state channels (``ds_block_n``, shipped
     for bf16 / tf32 on the GPU so that the kernel fits two programs per SM); the interpreter's tiles take all of them.
-    Split in two here, with and without doubling: the same gradients, every channel written (NaN-poisoned)."""
+    Split in two here, with and without doubling: every channel written (NaN-poisoned), and the same gradients up
+    to what fp32 rounding allows for sums in another order (the tile shapes' dots may sum differently): the chain
+    bound of tests/kernels/fp32_bounds.py over the 7 steps forward and backward and the weight gradients' sums over
+    every cell and step."""
     import dataclasses
 
     from fastnca.kernels import rollout
@@ -208,9 +212,12 @@ def test_post_kernel_state_gradient_split_over_channel_programs_is_the_same(monk
     monkeypatch.setattr(rollout, "post_config", lambda *a, **k: dataclasses.replace(real(*a, **k), ds_block_n=c // 2))
     assert rollout.post_config(c, 32, torch.float32).ds_block_n == c // 2
     split = _fused_grads(state, weights, masks, upstream, "segments=3")[1]
+    steps = len(FLAGS)
+    depth = steps * (step_depth(c, 32, 1) + backward_step_depth(c, 32, 1)) + b * 8 * 8 + steps
     for i, (x, y) in enumerate(zip(whole, split)):
         assert torch.isfinite(y).all(), f"grad {i}: expected finite values (a channel chunk left unwritten?)"
-        assert torch.equal(x, y), f"grad {i}: expected the same gradients, max diff {(x - y).abs().max():.3g}"
+        diff, bound = (x.double() - y.double()).abs().max().item(), chain_bound(x, depth)
+        assert diff <= bound, f"grad {i}: expected the same gradients up to {bound:.3g} (D={depth}), got {diff:.3g}"
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -291,8 +292,14 @@ def test_a_new_run_in_a_non_empty_folder_is_refused(tmp_path):
     (out / "config.json").write_text("{}\n")
     (out / "metrics.jsonl").write_text('{"step": 10, "split": "train"}\n')
     proc = _fastnca("train", "--preset", "small", "--out", str(out), *TINY)
-    _one_line_error(proc, r"--out '.*crashed' is not empty \(it holds config.json, metrics.jsonl\).*--resume")
-    assert (out / "metrics.jsonl").read_text() == '{"step": 10, "split": "train"}\n', "the old files are untouched"
+    _one_line_error(proc, r"--out '.*crashed' holds a run that stopped before writing its first checkpoint \(it has "
+                          r"config.json and metrics.jsonl, no checkpoint.pt\), so --resume cannot continue it: remove")
+    (out / "notes.txt").write_text("")
+    (out / "config.json").unlink()
+    (out / "metrics.jsonl").rename(out / "log.jsonl")
+    proc = _fastnca("train", "--preset", "small", "--out", str(out), *TINY)
+    _one_line_error(proc, r"--out '.*crashed' is not empty \(it holds log.jsonl, notes.txt\).*--resume")
+    assert (out / "log.jsonl").read_text() == '{"step": 10, "split": "train"}\n', "the old files are untouched"
 
 
 @pytest.mark.parametrize(
@@ -429,6 +436,154 @@ def test_a_new_run_folder_may_hold_another_ranks_write_probe_but_no_other_file(t
     out.mkdir()
     (out / f"{cli._WRITE_PROBE}abc123.tmp").touch()  # another rank's probe, caught between create and unlink
     cli._check_new_run_folder(out, "checkpoint.pt")
-    (out / "metrics.jsonl").touch()
-    with pytest.raises(cli.CLIError, match=r"is not empty \(it holds metrics.jsonl\)"):
+    (out / "notes.txt").touch()
+    with pytest.raises(cli.CLIError, match=r"is not empty \(it holds notes.txt\)"):
         cli._check_new_run_folder(out, "checkpoint.pt")
+
+
+# ---------------------------------------------------------------------------------------------- nothing lost
+@needs_data
+def test_resume_of_a_finished_run_says_nothing_to_do_and_keeps_its_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "small", "--out", str(out), *TINY]) == 0
+    done = capsys.readouterr().out
+    assert re.search(r"done: step 3 .*test IWAE\(2, 8 images\)", done), f"expected the image count, got {done!r}"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before, "expected no file rewritten"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"] and summary["eval"], f"expected the summary's train and eval rows kept, got {summary}"
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.jsonl", "summary.json", "config.json"])
+def test_eval_json_never_overwrites_the_runs_own_files(run_dir, name, monkeypatch, capsys):
+    import fastnca.evaluate
+
+    monkeypatch.setattr(fastnca.evaluate, "evaluate_iwae", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    before = (run_dir / name).read_bytes()
+    for checkpoint in (run_dir, run_dir / "checkpoint.pt"):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--json", str(run_dir / name)]) == 2
+        err = capsys.readouterr().err
+        assert "would overwrite" in err and "eval.json" in err, err
+    assert (run_dir / name).read_bytes() == before
+
+
+@needs_data
+def test_eval_json_path_problems_are_named_before_the_evaluation(run_dir, tmp_path, monkeypatch, capsys):
+    import fastnca.evaluate
+
+    monkeypatch.setattr(fastnca.evaluate, "evaluate_iwae", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    assert main(["eval", "--checkpoint", str(run_dir), "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {str(tmp_path)!r} is a folder" in err and ".tmp" not in err, err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main(["eval", "--checkpoint", str(run_dir), "--json", str(blocked / "eval.json")]) == 2
+    assert "--json" in capsys.readouterr().err
+
+
+def _nan_checkpoint(run_dir, tmp_path):
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))
+    path = tmp_path / "nan.pt"
+    torch.save(ckpt, path)
+    return path, name
+
+
+@needs_data
+def test_a_checkpoint_with_nan_weights_is_refused_by_eval_sample_and_damage(run_dir, tmp_path, capsys):
+    path, name = _nan_checkpoint(run_dir, tmp_path)
+    out = tmp_path / "figs"
+    quick_eval = ["eval", "--json", str(tmp_path / "e.json"), "--k", "2", "--batches", "1"]
+    for argv in (quick_eval, ["sample", "--out", str(out)], ["damage", "--out", str(out)]):
+        assert main([argv[0], "--checkpoint", str(path), *argv[1:]]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"parameter {name} holds NaN or inf" in err, err
+    assert not out.exists() and not (tmp_path / "e.json").exists(), "expected no output of a refused checkpoint"
+
+
+@needs_data
+def test_a_non_finite_bound_is_written_as_strict_json_and_exits_1(run_dir, tmp_path, monkeypatch, capsys):
+    import fastnca.evaluate
+
+    fake = {"iwae": float("nan"), "bpd": float("nan"), "k": 2, "n_images": 8}
+    monkeypatch.setattr(fastnca.evaluate, "evaluate_iwae", lambda *a, **k: dict(fake))
+    out = tmp_path / "e.json"
+    assert main(["eval", "--checkpoint", str(run_dir), "--json", str(out)]) == 1
+    assert "non-finite" in capsys.readouterr().err
+    assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))["iwae"] is None
+
+
+@needs_data
+def test_a_run_that_stopped_before_its_first_checkpoint_says_what_to_do(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("")
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    assert "stopped before writing its first checkpoint" in capsys.readouterr().err
+    assert main(["train", "--preset", "small", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "stopped before writing its first checkpoint" in err and "remove the folder's files" in err, err
+
+
+def test_a_failed_start_leaves_no_empty_run_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "emoji"
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    assert main(["train", "--preset", "emoji-doubling", "--out", str(out), "--data-dir", str(empty)]) == 2
+    assert "Noto Emoji not found" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists(), "expected the folders made for the failed run removed"
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["train", "--preset", "small", "--time-limit", "nan"], r"--time-limit: expected a positive number.*nan"),
+        (["train", "--preset", "small", "--set", f"seed={2**70}"], r"seed: expected an integer in 0\.\.4294967295"),
+        (["sample", "--checkpoint", "x", "--out", "y", "--seed", str(10**23)], r"--seed: expected an integer in 0"),
+        (["train", "--preset", "small", "--set", "iteration=10"], r"did you mean 'iterations'\?"),
+    ],
+)
+def test_bad_numbers_and_keys_are_named(argv, pattern, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "r")] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), f"expected {pattern!r} in {err!r}"
+    assert "Overflow" not in err and "valid keys" not in err, err
+
+
+def test_eval_help_shows_the_defaults_of_k_and_batches(capsys):
+    assert main(["eval", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128, as in the paper)" in text and "(default: 0, the whole split)" in text, text
+
+
+def test_damage_help_documents_the_image_pixel_limit(capsys):
+    from fastnca import cli, data
+
+    assert cli.IMAGE_PIXEL_LIMIT == data.IMAGE_PIXEL_LIMIT, "the CLI's copy of the limit must match the library's"
+    assert main(["damage", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"FASTNCA_MAX_IMAGE_PIXELS pixels, default {data.IMAGE_PIXEL_LIMIT // 10**6} Mpx" in text, text
+
+
+@needs_data
+def test_inpainting_a_16_bit_png_reads_its_grey_levels(run_dir, tmp_path):
+    """PIL's convert clips 16-bit pixels to 255 (all white): the image is scaled to 8 bits instead."""
+    from PIL import Image
+
+    from fastnca.figures import image_from_file
+    from fastnca.vae import build_model
+
+    cfg = build_model("small").config
+    a = np.full((32, 32), 20000, np.uint16)  # dark grey (31 %): clipped to 8 bits it would read as white
+    a[8:24, 8:24] = 65535  # a white square, 16-bit
+    path = tmp_path / "digit16.png"
+    Image.fromarray(a).save(path)
+    assert Image.open(path).mode.startswith("I"), "expected PIL to read the file as a 16-bit mode"
+    x = image_from_file(path, cfg)[0, 0]
+    assert x[16, 16] == 1 and x[0, 0] == 0, f"expected the square white and the border black, got {x.sum()} white"
+    assert main(["damage", "--checkpoint", str(run_dir), "--out", str(tmp_path / "o"), "--image", str(path)]) == 0

@@ -95,3 +95,18 @@ def test_train_with_a_config_file_and_set_on_top(tmp_path):
     again_saved.pop("resolved")
     assert again_saved == saved, "a run's config.json repeats its settings"
     assert main(["train", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, suffix):
+    path = tmp_path / f"run{suffix}"
+    path.write_bytes(b'preset = "small"\n# \xff\xfe\n' if suffix == ".toml" else b'{"preset": "sm\xffall"}')
+    with pytest.raises(ValueError, match=rf"--config '.*run\{suffix}': not UTF-8 text .*save it as UTF-8"):
+        load_config_file(path)
+
+
+def test_an_unknown_key_suggests_the_closest_one(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"iteration": 10}')
+    with pytest.raises(ValueError, match=r"unknown config key 'iteration'; did you mean 'iterations'\?"):
+        load_config_file(path)

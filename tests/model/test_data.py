@@ -1,7 +1,8 @@
-"""The dataset loaders on the real data: shapes, ranges, splits, errors, and the MNIST shipped in the package.
+"""The dataset loaders on the data directory: shapes, ranges, splits, errors, and the MNIST shipped in the package.
 
-MNIST comes from $FASTNCA_DATA when set (tests/conftest.py sets it to ../shared/data when that exists), else from
-the package's embedded copy; the emoji and CelebA tests need a data directory and skip without one.
+The data directory is $FASTNCA_DATA (tests/conftest.py: the real datasets where they are, else the test fixture
+of tests/fixture_data.py: the real MNIST, synthetic emoji and CelebA). The split sizes follow from the number of
+files; the real releases' own counts are checked where the data directory is a real one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from fastnca import data
 from fastnca.config import get_preset
+from tests.fixture_data import is_fixture
 
 DATA_DIR = Path(os.environ.get("FASTNCA_DATA", "")) if os.environ.get("FASTNCA_DATA") else None
 
@@ -93,8 +95,12 @@ def test_missing_data_dir_is_named(tmp_path):
 @pytest.mark.data("emoji")
 def test_emoji_split_and_compositing():
     before = sorted(os.listdir(DATA_DIR))
+    n = len(list((DATA_DIR / data.EMOJI_DIR / "128").glob("*.png")))
+    if not is_fixture(DATA_DIR):
+        assert n == 3320, "expected the 3320 PNGs of Noto Emoji v2.028's png/128"
     e = data.load_emoji(image_size=64)
-    assert e.train.shape == (2656, 3, 64, 64) and e.test.shape == (664, 3, 64, 64)
+    n_test = int(n * 0.2)  # the authors' 80/20 split: 2656 / 664 for the real release
+    assert e.train.shape == (n - n_test, 3, 64, 64) and e.test.shape == (n_test, 3, 64, 64)
     assert e.train.dtype == torch.uint8
     # transparent corners composite to white for almost every emoji
     corners = torch.cat([e.train[:, :, 0, 0], e.train[:, :, -1, -1]])
@@ -107,14 +113,18 @@ def test_emoji_split_and_compositing():
 
 @pytest.mark.data("celeba")
 def test_celeba_folder_split_and_speed():
+    n = len(list((DATA_DIR / data.CELEBA_FOLDER).glob("*.jpg")))
+    if not is_fixture(DATA_DIR):
+        assert n == 6000, "expected the 6000 photos of the CelebA subset (the data README)"
     t0 = time.perf_counter()
     c = data.load_celeba(image_size=64)
     took = time.perf_counter() - t0
-    assert c.train.shape == (5400, 3, 64, 64) and c.test.shape == (600, 3, 64, 64), "last 10% of names = test"
+    n_test = round(n * 0.1)  # 600 of 6000
+    assert c.train.shape == (n - n_test, 3, 64, 64) and c.test.shape == (n_test, 3, 64, 64), "last 10% = test"
     assert c.train.dtype == torch.uint8 and c.train.max() > 200 and c.train.min() < 30
-    assert took < 60, f"decoding 6000 JPEGs took {took:.1f} s"
+    assert took < 60, f"decoding {n} JPEGs took {took:.1f} s"
     c32 = data.load_celeba(image_size=32)
-    assert c32.test.shape == (600, 3, 32, 32)
+    assert c32.test.shape == (n_test, 3, 32, 32)
 
 
 def test_image_folders_missing_or_corrupt(tmp_path):
@@ -245,3 +255,60 @@ def test_a_wrong_mnist_amat_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatc
     with pytest.warns(UserWarning, match=r"expected shape \(9, 784\).*rebuilding"):
         again = data.load_mnist(tmp_path, image_size=28)
     assert torch.equal(again.train, first.train) and torch.equal(again.test, first.test)
+
+
+# ---------------------------------------------------------------------------------------------- bad values, images
+@pytest.mark.parametrize(
+    "values, dtype, shown",
+    [((0, 0.5), np.float32, "0.5"), ((-1, 1), np.int8, "-1"), ((0, 2), np.uint8, "2")],
+)
+def test_mnist_values_other_than_0_and_1_are_named_with_the_file(tmp_path, values, dtype, shown):
+    """A float 0/0.5 array cast to uint8 would make every image blank, an int -1/1 one 255/1: refused, not cast."""
+    rows = np.full((4, 784), values[0], dtype)
+    rows[:, :392] = values[1]
+    np.savez(tmp_path / "binarized_mnist.npz", train=rows, valid=rows, test=rows)
+    with pytest.raises(data.DataError, match=rf"binarized_mnist\.npz: split 'train' expected binary 0/1 values.*got "
+                                             rf"(np\.\w+\()?{shown}\)? in \d+ pixel"):
+        data.load_mnist(tmp_path)
+
+
+def test_mnist_amat_values_other_than_0_and_1_are_named(tmp_path):
+    for s in ("train", "valid", "test"):
+        np.savetxt(tmp_path / f"binarized_mnist_{s}.amat", np.full((2, 784), 0.5), fmt="%g")
+    with pytest.raises(data.DataError, match=r"binarized_mnist_train\.amat.*expected binary 0/1 values.*0\.5"):
+        data.load_mnist(tmp_path)
+
+
+def test_read_image_scales_16_bit_and_float_images(tmp_path):
+    """PIL's convert clips wider pixels to 0..255 (a 16-bit PNG turns white, a float TIFF black): scaled instead."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(ramp.astype(np.float32), "F").save(tmp_path / "float.tiff")
+    want = (ramp * 255).round()
+    for name in ("grey16.png", "float.tiff"):
+        got = np.asarray(data.read_image(tmp_path / name))
+        assert got.dtype == np.uint8 and got.shape == (8, 8, 4)
+        assert np.abs(got[..., 0] - want).max() <= 1, f"{name}: expected the grey ramp, got {got[..., 0]}"
+        assert (got[..., 3] == 255).all()
+
+
+def test_read_image_refuses_more_pixels_than_the_limit_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fastnca.figures import mask_from_file
+
+    Image.new("L", (40, 30)).save(tmp_path / "big.png")
+    monkeypatch.setenv(data.PIXEL_LIMIT_ENV, "1000")
+    for read in (lambda p: data.read_image(p, "--image"), lambda p: mask_from_file(p, 8)):
+        with pytest.raises(ValueError, match=r"big\.png'?: 40x30 = 0\.0 Mpx is more than the limit of 0\.001 Mpx; "
+                                             r"resize it first, or raise the limit with \$FASTNCA_MAX_IMAGE_PIXELS"):
+            read(tmp_path / "big.png")
+    # past PIL's own bomb limit, PIL refuses while opening: the message is still one line naming the file
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ValueError, match=r"big\.png'?: more than the limit"):
+        data.read_image(tmp_path / "big.png")
+    monkeypatch.setenv(data.PIXEL_LIMIT_ENV, "lots")
+    with pytest.raises(ValueError, match=r"FASTNCA_MAX_IMAGE_PIXELS='lots': expected a positive whole number"):
+        data.read_image(tmp_path / "big.png")

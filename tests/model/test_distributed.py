@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastnca.checkpoints import load_checkpoint
 from fastnca.config import get_preset
 from fastnca.distributed import DistContext, GlobalBatchDraws, check_config, restore_rank_state, shard_bounds
-from fastnca.evaluate import evaluate_iwae, load_checkpoint
+from fastnca.evaluate import evaluate_iwae
 from fastnca.train import Pool, Trainer
 
 needs_data = pytest.mark.data("mnist")  # the embedded copy when no data directory is set

@@ -27,6 +27,7 @@ from fastnca.downloads import (
     fetch_verified,
     folder_digest,
 )
+from tests.fixture_data import is_fixture
 
 GOOD = bytes(range(256)) * 400  # 102,400 bytes
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()
@@ -193,17 +194,13 @@ def test_emoji_download_checks_the_extracted_folder(server, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the recorded values
-def _data_dir() -> Path | None:
-    d = os.environ.get("FASTNCA_DATA")
-    return Path(d) if d else None
+def _data_dir() -> Path:
+    return Path(os.environ["FASTNCA_DATA"])  # set by tests/conftest.py: a real data directory or the fixture
 
 
 def test_recorded_mnist_checksum_matches_the_data_written_as_amat():
     """The .amat digest recorded in the code is reproduced by this project's binarized_mnist.npz test split."""
-    d = _data_dir()
-    if d is None or not (d / "binarized_mnist.npz").is_file():
-        pytest.skip("needs binarized_mnist.npz in FASTNCA_DATA")
-    with np.load(d / "binarized_mnist.npz") as f:
+    with np.load(_data_dir() / "binarized_mnist.npz") as f:
         rows = f["test"]
     text = "\n".join(" ".join(r) for r in np.where(rows > 0, "1", "0")) + "\n"
     assert len(text) == MNIST_FILES["test"].size, "expected the recorded byte size"
@@ -211,11 +208,15 @@ def test_recorded_mnist_checksum_matches_the_data_written_as_amat():
 
 
 def test_recorded_emoji_digest_matches_the_data_folder():
+    """folder_digest is the documented sha256 of the ``sha256sum`` listing (checked here on its own terms), and on
+    the real release it gives the recorded digest and count."""
     d = _data_dir()
-    folder = d / "noto-emoji-v2.028" / "128" if d else None
-    if folder is None or not folder.is_dir():
-        pytest.skip("needs noto-emoji-v2.028/128 in FASTNCA_DATA")
-    assert folder_digest(folder) == (EMOJI_FOLDER_SHA256, EMOJI_FILE_COUNT)
+    folder = d / "noto-emoji-v2.028" / "128"
+    files = sorted(folder.glob("*.png"))
+    listing = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in files)
+    assert folder_digest(folder) == (hashlib.sha256(listing.encode()).hexdigest(), len(files))
+    if not is_fixture(d):
+        assert folder_digest(folder) == (EMOJI_FOLDER_SHA256, EMOJI_FILE_COUNT)
 
 
 def test_cli_download_reports_a_bad_checksum(server, tmp_path, monkeypatch, capsys):

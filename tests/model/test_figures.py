@@ -276,6 +276,19 @@ def test_nondoubling_run_figures(tmp_path):
     assert _size(out / "damage_half.png")[1] == 3 * (side * scale + 2) + 2 + figures.FOOTER_H, "3 rows"
     assert _gif_frames(out / "regrowth.gif")[0] == 2 + 3, "grown, damaged, max_steps steps of regrowth"
     assert "after 3 more steps" in (out / "damage_half.txt").read_text()
+    assert "trained without damage" not in (out / "damage_half.txt").read_text(), "this model trained with damage"
+
+
+def test_damage_captions_of_a_model_trained_without_damage_say_why_it_does_not_regrow(drawn, run_dir, tmp_path):
+    """The quickstart (small preset) trains without pool or damage: its damage figures show no regrowth."""
+    out = run_dir / "figs-a"
+    for name in ("damage_half.txt", "damage_square.txt", "regrowth.txt"):
+        text = (out / name).read_text()
+        assert "trained without damage (pool_size=0), so it is not expected to regrow" in text, f"{name}: {text}"
+    digit = tmp_path / "digit.png"
+    Image.new("L", (28, 28), 0).save(digit)
+    assert main(["damage", "--checkpoint", str(run_dir), "--out", str(tmp_path / "o"), "--image", str(digit)]) == 0
+    assert "trained without damage" in (tmp_path / "o" / "inpaint.txt").read_text()
 
 
 @needs_data

@@ -98,6 +98,29 @@ def test_doubling_rollout_shapes_and_step_count():
     assert torch.equal(states[-1], final)
 
 
+
+@pytest.mark.parametrize("doubling", [True, False], ids=["doubling", "nondoubling"])
+def test_iter_run_yields_runs_states_one_step_at_a_time(doubling):
+    # the same step function on the same masks in the same order: bitwise equal to run(return_states=True)
+    nca = NCA(8, 8, 1, doubling=doubling, seed_size=2, n_doublings=2, steps_per_stage=3, grid_size=6,
+              p_update=0.5, backend="torch")
+    _randomise(nca)
+    z = torch.randn(2, 8)
+    schedule = nca.schedule(None if doubling else 7)
+    with torch.no_grad():
+        final, states = nca.run(nca.seed(z), schedule, generator=torch.Generator().manual_seed(3), return_states=True)
+        calls = []
+        step_fn = nca.step_fn
+        nca.step_fn = lambda: (lambda *a: calls.append(1) or step_fn()(*a))
+        it = nca.iter_run(nca.seed(z), schedule, generator=torch.Generator().manual_seed(3))
+        first = next(it)
+        assert len(calls) == 1, f"expected the first state after one step, got it after {len(calls)} steps"
+        yielded = [first, *it]
+    assert len(yielded) == len(schedule) == len(states) - 1
+    for t, (got, want) in enumerate(zip(yielded, states[1:]), 1):
+        assert torch.equal(got, want), f"step {t}: expected run's state, got a different one"
+    assert torch.equal(yielded[-1], final)
+
 def test_seed_fills_every_cell_with_z():
     nca = NCA(4, 4, 0, doubling=False, grid_size=5, backend="torch")
     z = torch.randn(3, 4)
@@ -164,3 +187,29 @@ def test_step_bad_input_names_the_argument():
         NCA(8, 8, 1, backend="cuda")
     with pytest.raises(ValueError, match="hidden_channels"):
         UpdateNet(8, 0, 1)
+
+
+def test_negative_step_counts_and_seed_sizes_are_refused():
+    nca = NCA(8, 8, 1, doubling=False, grid_size=4)
+    z = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"schedule: expected a number of steps >= 0.*-1"):
+        nca.run(nca.seed(z), -1)
+    with pytest.raises(ValueError, match=r"size: expected an integer >= 1.*-1"):
+        nca.seed(z, -1)
+    with pytest.raises(ValueError, match=r"num_steps: expected an integer >= 0.*-3"):
+        nca(z, num_steps=-3)
+
+
+def test_per_row_step_counts_grow_each_row_as_its_own_rollout():
+    """Rows sorted by T grow together and stop at their own T: each row as if it ran alone (fp32 reordering
+    only: the batch size of a convolution may change its summation order)."""
+    nca = NCA(8, 8, 1, doubling=False, grid_size=4)
+    nn.init.normal_(nca.update_net.out.weight, std=0.2)
+    z = torch.randn(5, 8)
+    steps = torch.tensor([3, 0, 4, 1, 3])
+    out = nca(z, num_steps=steps)
+    for i, t in enumerate(steps.tolist()):
+        alone = nca(z[i : i + 1], num_steps=t)
+        torch.testing.assert_close(out[i : i + 1], alone, rtol=1e-5, atol=1e-6, msg=f"row {i} with T={t}")
+    with pytest.raises(ValueError, match="per-row step counts are for non-doubling models"):
+        NCA(8, 8, 1).run_per_row(z, steps)

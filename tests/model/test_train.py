@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from fastnca import train as train_mod
+from fastnca.checkpoints import CHECKPOINT_FORMAT, save_checkpoint
 from fastnca.config import get_preset
 from fastnca.data import Splits
 from fastnca.run import resolve_run
-from fastnca.train import NonFiniteLossError, Pool, Trainer, damage, damage_masks, save_checkpoint
+from fastnca.train import NonFiniteLossError, Pool, Trainer, damage, damage_masks
 from tests.utils import mnist_slices
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons, 2 shared cores
@@ -85,7 +86,7 @@ def test_precision_note_names_the_fused_ieee_fp32_path_on_cuda_only():
 
 def test_an_explicit_cuda_device_becomes_the_current_one(monkeypatch):
     """--device cuda:1: CUDA graphs and Triton launch on the current device, which resolve_device makes cuda:1."""
-    from fastnca.evaluate import resolve_device
+    from fastnca.run import resolve_device
 
     current = [0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -251,7 +252,7 @@ def test_time_limit_stops_cleanly(tmp_path, mnist_small):
     summary = tr.fit()
     assert summary["stopped"] == "time_limit" and summary["step"] == 1
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 1 and ckpt["format"] == train_mod.CHECKPOINT_FORMAT
+    assert ckpt["step"] == 1 and ckpt["format"] == CHECKPOINT_FORMAT
     assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "generators"}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1 and rows[-1]["split"] == "train"
@@ -517,3 +518,120 @@ def test_run_files_record_the_backend_and_arithmetic_that_ran(tmp_path, mnist_sm
     assert train_rows and all((r["backend"], r["arithmetic"]) == ("torch", "fp32-ieee") for r in train_rows)
     _, overrides = load_config_file(tmp_path / "config.json")
     assert "resolved" not in overrides and overrides["precision"] == "fp32", "config.json reads back as a config"
+
+
+@needs_data
+def test_precompile_records_the_training_evaluation_and_sampling_kernels(tmp_path, mnist_small, monkeypatch):
+    """The trainer's warm-up job, recorded in the interpreter: the fused kernels of one training iteration (the
+    forward keeping activations, the backward), of the IWAE (a forward that keeps none) and of the samples."""
+    from fastnca.kernels import warmup
+
+    seen = []
+
+    def stand_in(job, target, *, workers, progress):
+        with warmup.record_launches() as launches:
+            job()
+        seen.extend(launches)
+        progress(1, 1)
+        return warmup.Report(kernels=1, compiled=1, workers=workers, launches=len(launches))
+
+    monkeypatch.setattr(warmup, "precompile", stand_in)
+    monkeypatch.setattr(warmup, "target_of", lambda device: {"backend": "cuda", "arch": 90, "warp_size": 32})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+    lines = []
+    cfg = doubling_config(backend="triton", iterations=1, state_channels=16, hidden_channels=16)
+    trainer = make_trainer(cfg, tmp_path, mnist_small)
+    trainer.log = lines.append
+    report = trainer._precompile()
+    assert report.launches == len(seen) > 0 and "Stand-in GPU" in lines[-1], lines
+    fwd = [launch for launch in seen if launch.kernel.endswith("_nca_step_fwd_kernel")]
+    stores = {dict(launch.kwargs).get("STORE_ACTS") for launch in fwd}
+    assert stores == {True, False}, f"expected the training forward (keeps activations) and the IWAE's, got {stores}"
+    assert any(launch.kernel.endswith("_rollout_bwd_post_kernel") for launch in seen), "the backward is recorded"
+
+
+# ---------------------------------------------------------------------------------------------- one run per folder
+_HOLD_A_TRAINER = """
+import sys
+from fastnca.config import get_preset
+from fastnca.data import Splits, load_mnist
+from fastnca.train import Trainer
+m = load_mnist(image_size=32)
+splits = Splits("mnist", m.train[:64].clone(), m.test[:8].clone(), m.source)
+cfg = get_preset("small", batch_size=8, iterations=4, eval_every=0)
+trainer = Trainer(cfg, sys.argv[1], splits=splits, progress=False, final_outputs=False)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+@needs_data
+def test_a_second_process_cannot_train_into_a_folder_in_use_and_a_killed_one_leaves_it_free(tmp_path, capsys):
+    """Two trainings on one --out would interleave their metrics and overwrite each other's checkpoints: the second
+    is refused (exit 2, naming the holder); a run killed with SIGKILL leaves no stale lock behind."""
+    import subprocess
+    import sys
+
+    from fastnca.cli import main
+    from fastnca.utils import FolderLock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_A_TRAINER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding", "expected the child to hold a trainer"
+        for argv in (["--preset", "small"], ["--resume"]):
+            assert main(["train", *argv, "--out", str(out), "--no-progress"]) == 2, argv
+            err = capsys.readouterr().err
+            assert "another fastnca train is running in this folder" in err and f"pid {holder.pid}" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [".fastnca.lock"], "expected nothing written by the refused"
+    finally:
+        holder.kill()
+        holder.wait()
+    FolderLock(out).acquire().release()  # the kernel dropped the dead process's lock: the folder is free
+
+
+def test_the_folder_lock_is_reentrant_in_one_process_and_removed_on_release(tmp_path):
+    from fastnca.utils import FolderLock
+
+    a, b = FolderLock(tmp_path).acquire(), FolderLock(tmp_path).acquire()
+    a.release()
+    assert b.path.is_file(), "expected the lock kept while another holder in this process has it"
+    b.release()
+    assert not b.path.exists(), "expected the lock file removed with the last release"
+
+
+def test_a_pool_at_most_half_a_batch_warns_that_pool_training_is_off(tmp_path, mnist_small):
+    """A pool is drawn from only when it holds more than B/2 entries: pool_size=4 with batch 16 never is."""
+    messages = []
+    for name, cfg in (("a", pool_config(pool_size=4, batch_size=16)), ("b", pool_config(pool_size=16, batch_size=8))):
+        Trainer(cfg, tmp_path / name, splits=mnist_small[28], progress=False, log=messages.append)
+        if name == "a":
+            assert any("pool and damage training is off" in m and "pool_size=9" in m for m in messages), messages
+            messages.clear()
+    assert not any("pool" in m for m in messages), messages
+
+
+def test_time_limit_nan_is_refused(tmp_path, mnist_small):
+    with pytest.raises(ValueError, match="time_limit: expected a positive number of seconds, got nan"):
+        make_trainer(doubling_config(), tmp_path, mnist_small, time_limit=float("nan"))
+
+
+def test_fit_of_a_finished_run_rewrites_nothing(tmp_path, mnist_small):
+    """Fitting a run that trained all its iterations (a --resume of a finished run) keeps its summary and files."""
+    cfg = doubling_config(iterations=2)
+    Trainer(cfg, tmp_path, splits=mnist_small[32], progress=False, log=lambda m: None).fit()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    messages = []
+    summary = _resume_quietly(tmp_path, mnist_small[32], messages).fit()
+    assert summary["train"] and summary["eval"], f"expected the finished run's summary back, got {summary}"
+    assert any("nothing to do" in m for m in messages), messages
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before, "expected no file of the finished run rewritten"
+
+
+def test_resume_of_a_run_without_checkpoint_says_what_to_do(tmp_path, mnist_small):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="stopped before writing its first checkpoint.*start it again"):
+        Trainer.resume(tmp_path, splits=mnist_small[32], progress=False, log=lambda m: None)

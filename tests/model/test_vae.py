@@ -177,3 +177,78 @@ def test_dml_images_outside_minus1_1_are_refused(value):
     x[0, 2, 5, 5] = value
     with pytest.raises(ValueError, match=r"x: expected images in \[-1, 1\]"):
         model(x)
+
+
+# ---------------------------------------------------------------------------------------------- API checks
+def _tiny(preset: str = "small", **kw):
+    return fastnca.build_model(preset, state_channels=8, hidden_channels=8, enc_channels=4, **kw)
+
+
+def test_an_empty_batch_is_refused_instead_of_a_nan_loss():
+    with pytest.raises(ValueError, match=r"x: expected a batch of at least one image, got shape \(0, 1, 32, 32\)"):
+        _tiny(steps_per_stage=1)(torch.zeros(0, 1, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "call, pattern",
+    [
+        (lambda m, x: m(x, beta=float("nan")), r"beta: expected a finite number >= 0.*nan"),
+        (lambda m, x: m(x, beta=-1.0), r"beta: expected a finite number >= 0.*-1"),
+        (lambda m, x: m.iwae(x, k=True), r"k: expected an integer >= 1.*True"),
+        (lambda m, x: m.iwae(x, k=2, chunk=True), r"chunk: expected an integer >= 1.*True"),
+        (lambda m, x: m.iwae(x, k=2, steps="cell"), r"steps: expected one of \('image', 'sample'\)"),
+        (lambda m, x: m.sample(-1), r"n: expected an integer >= 1.*-1"),
+        (lambda m, x: m.sample(-1, return_states=True), r"n: expected an integer >= 1.*-1"),
+    ],
+)
+def test_bad_api_arguments_are_named(call, pattern):
+    model = _tiny(steps_per_stage=1)
+    with pytest.raises(ValueError, match=pattern):
+        call(model, torch.zeros(2, 1, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------------- IWAE's T
+def _record_steps(model):
+    """Wrap the decoder so each call's per-row step counts are recorded: list of (B,) tensors."""
+    seen, decode = [], model.decode
+
+    def recording(z, **kw):
+        seen.append(kw.get("num_steps"))
+        return decode(z, **kw)
+
+    model.decode = recording
+    return seen
+
+
+def test_iwae_per_image_shares_one_T_over_all_samples_of_an_image():
+    """The authors' test: one image at a time, k samples, one T per forward call."""
+    model = _tiny("mnist-nondoubling", min_steps=2, max_steps=9, p_update=1.0)
+    seen = _record_steps(model)
+    b, k = 3, 10
+    model.iwae(torch.zeros(b, 1, 28, 28), k=k, chunk=4, generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([t.view(-1, b) for t in seen])  # (k, B): sample-major chunks
+    assert rows.shape == (k, b) and ((2 <= rows) & (rows <= 9)).all(), rows
+    assert (rows == rows[0]).all(), f"expected every sample of an image to share its T, got {rows.T.tolist()}"
+
+
+def test_iwae_per_sample_draws_T_with_each_z():
+    model = _tiny("mnist-nondoubling", min_steps=2, max_steps=9, p_update=1.0)
+    seen = _record_steps(model)
+    b, k = 3, 10
+    model.iwae(torch.zeros(b, 1, 28, 28), k=k, chunk=4, generator=torch.Generator().manual_seed(0), steps="sample")
+    rows = torch.cat([t.view(-1, b) for t in seen])
+    assert rows.shape == (k, b) and ((2 <= rows) & (rows <= 9)).all(), rows
+    assert all(len(set(col.tolist())) > 1 for col in rows.T), f"expected T to vary over samples: {rows.T.tolist()}"
+
+
+def test_iwae_step_counts_follow_the_generator_and_the_uniform_range():
+    model = _tiny("mnist-nondoubling", min_steps=32, max_steps=64)
+    t1 = model.nca.draw_num_steps(20_000, torch.Generator().manual_seed(5))
+    t2 = model.nca.draw_num_steps(20_000, torch.Generator().manual_seed(5))
+    assert torch.equal(t1, t2), "expected the draws to repeat for a seeded generator"
+    counts = torch.bincount(t1 - 32, minlength=33)
+    assert counts.numel() == 33 and counts.min() > 0.8 * 20_000 / 33, f"expected U{{32..64}}, got {counts.tolist()}"
+
+
+def test_a_doubling_model_has_no_T_to_draw():
+    assert _tiny(steps_per_stage=1).draw_iwae_steps(4, None, torch.device("cpu")) is None
