@@ -84,7 +84,7 @@ from .small_grid import (
 )
 from .spec import KernelSpec
 from .utils import k_major
-from .wgrad import Batch, batch_cell_elems, launch_batched_wgrad
+from .wgrad import Batch, batch_cell_elems, launch_batched_wgrad, wgrad_kernel_spec
 
 __all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs", "small_bwd_kernel_specs"]
 
@@ -1030,8 +1030,8 @@ def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: in
                          input_precision: str = "ieee") -> list[KernelSpec]:
     """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling; the forward
     that keeps the activations and the backward main kernel that reads them (the 'none' policy, with doubling and
-    masks); and the small-grid forward (both ways) and backward kernels (``kernels/small_grid.py``) where tiles are
-    known to fit these shapes."""
+    masks); the batched designs' weight-gradient kernel (``kernels/wgrad.py``); and the small-grid forward (both ways)
+    and backward kernels (``kernels/small_grid.py``) where tiles are known to fit these shapes."""
     specs = [post_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, double=d,
                               input_precision=input_precision)._replace(name=f"post{'-double' if d else ''}")
              for d in (False, True)]
@@ -1039,6 +1039,7 @@ def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: in
                                  double=True, mask=True, store_acts=True))
     specs.append(bwd_kernel_specs(state_channels, hidden_channels, n_blocks, dtype, double=True, mask=True,
                                   input_precision=input_precision, recompute=False)[0]._replace(name="main-stored"))
+    specs.append(wgrad_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, input_precision=input_precision))
     if small_config(state_channels, hidden_channels, dtype, input_precision=input_precision, interpret=False):
         specs += [small_fwd_kernel_spec(state_channels, hidden_channels, n_blocks, dtype,
                                         input_precision=input_precision, mask=True, store_acts=st)

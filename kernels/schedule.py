@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RolloutPlan", "draw_masks", "parse_checkpoint", "plan_rollout", "rollout_flags", "POLICIES", "WGRADS",
-           "WGRAD_BATCH_BYTES", "WGRAD_MAX_STEPS"]
+__all__ = ["RolloutPlan", "batch_cell_elems", "draw_masks", "parse_checkpoint", "plan_rollout", "rollout_flags",
+           "POLICIES", "WGRADS", "WGRAD_BATCH_BYTES", "WGRAD_MAX_STEPS"]
 
 POLICIES = "none, step, segments=k or auto"
 
@@ -170,6 +170,13 @@ class RolloutPlan:
                 height, width = 2 * height, 2 * width
             out.append((height, width))
         return out
+
+
+def batch_cell_elems(c: int, hp: int, n_blocks: int, *, recompute: bool) -> int:
+    """Elements per cell of the batched designs' batch buffers (``kernels/wgrad.py``): ``da`` and ``dy``
+    (``max(nb, 1)`` planes of hp each), ``g`` (|z|), ``dpre`` (hp), and, when the backward recomputes the activations
+    (any policy but 'none'), those too (``2 nb + 1`` planes of hp). The backward and ``fastnca.memory`` read it."""
+    return 2 * max(n_blocks, 1) * hp + c + hp + ((2 * n_blocks + 1) * hp if recompute else 0)
 
 
 def plan_rollout(flags: list[bool] | tuple[bool, ...] | int, policy: str, *, doubling: bool, wgrad: str = "per-step",

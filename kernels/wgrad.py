@@ -42,10 +42,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .nca_step_bwd import _INTERPRET, _MAX_SPLITS, _chunk, _colsum_tile
+from .schedule import batch_cell_elems
 from .spec import KernelSpec
 from .utils import mma, udiv, udiv_magic
 
-__all__ = ["WgradConfig", "batch_cell_elems", "launch_batched_wgrad", "wgrad_config", "wgrad_kernel_spec"]
+__all__ = ["Batch", "WgradConfig", "batch_cell_elems", "launch_batched_wgrad", "wgrad_config", "wgrad_kernel_spec"]
 
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 # cells per split of the batched GEMMs, at least (as the post kernel's: fewer fp32 partials to add)
@@ -264,16 +265,18 @@ class WgradConfig:
 def wgrad_config(dtype: torch.dtype, input_precision: str = "ieee", *, interpret: bool = _INTERPRET) -> WgradConfig:
     """The shipped tiles (sm_90 fit: ``python -m fastnca.kernels.fit --only rollout``, table in kernels/BACKWARD.md).
 
-    One kernel holds the perception's gather branch and the 1x1 branch, so it takes the registers of the larger:
-    the per-step weight-gradient kernel's 128 x 128 tiles (bf16: 64 cells per k-step, tf32: 32) with 2 stages, 64 x
-    64 x 32 cells for fp32 "ieee" (FMA units). In the interpreter: small tiles, so tests run partial tiles.
+    One kernel holds the perception's gather branch and the 1x1 branch (and the walk over the batch's steps), so it
+    takes the registers of the larger: with 128 x 128 tiles (the per-step weight-gradient kernel's) every tensor-core
+    variant spilled 32-144 B at 255 registers under Triton 3.8 (8 warps, 2 stages; 1 stage: 48-232 B). 64 x 64 tiles
+    with 8 warps and 2 stages fit: bf16 64 cells per k-step (<= 128 registers: two programs per SM), tf32 32 cells,
+    fp32 "ieee" 32 cells on FMA units. In the interpreter: small tiles, so tests run partial tiles.
     """
     if interpret:
         return WgradConfig(16, 16, 4, 1)
     if dtype == torch.bfloat16:
-        return WgradConfig(128, 64, 8, 2)
+        return WgradConfig(64, 64, 8, 2)
     if input_precision == "tf32":
-        return WgradConfig(128, 32, 8, 2)
+        return WgradConfig(64, 32, 8, 2)
     return WgradConfig(64, 32, 8, 2)
 
 
@@ -301,12 +304,6 @@ def wgrad_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, 
 
 
 # ------------------------------------------------------------------------------------------------ launches
-def batch_cell_elems(c: int, hp: int, n_blocks: int, *, recompute: bool) -> int:
-    """Elements per cell of the batch buffers: ``da`` and ``dy`` (``max(nb, 1)`` planes each), ``g``, ``dpre``, and
-    when the backward recomputes the activations too (``2 nb + 1`` planes). ``fastnca.memory`` counts the same."""
-    return 2 * max(n_blocks, 1) * hp + c + hp + ((2 * n_blocks + 1) * hp if recompute else 0)
-
-
 @dataclass
 class Batch:
     """One batch of steps as the kernel walks it, and its buffers (flat views, regions step after step)."""

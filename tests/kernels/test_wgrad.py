@@ -51,7 +51,7 @@ def _case(b: int, c: int, h: int, nb: int, flags: list[bool], side: int, p: floa
 
 
 def _step_bytes(plan, b: int, c: int, h: int, nb: int, side: int, itemsize: int = 4) -> list[int]:
-    from fastnca.kernels.wgrad import batch_cell_elems
+    from fastnca.kernels.schedule import batch_cell_elems
 
     elems = batch_cell_elems(c, h, nb, recompute=not plan.keeps_activations)
     return [b * hh * ww * elems * itemsize for hh, ww in plan.grids(side, side)]
