@@ -398,7 +398,8 @@ def _cublas_1x1(sp: Any, bt: Batch, slot: Tensor) -> None:
     scratch2 = torch.empty(k * hp, dtype=bt.dpre.dtype, device=bt.dpre.device) if nb else scratch
 
     def cat(buf: Tensor, row: int, plane: int, out: Tensor) -> Tensor:
-        return torch.cat(_rows(bt, buf, row, plane, hp), out=out.view(k, hp))
+        views = _rows(bt, buf, row, plane, hp)
+        return views[0] if len(views) == 1 else torch.cat(views, out=out.view(k, hp))  # one step: its own plane
 
     def add(off: int, a: Tensor, b: Tensor) -> None:
         na, nbc = a.shape[1], b.shape[1]
