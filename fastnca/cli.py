@@ -39,8 +39,6 @@ __all__ = ["main", "build_parser", "parse_overrides"]
 
 # fastnca.data.IMAGE_PIXEL_LIMIT, here so that parsing arguments does not import torch (a test keeps them equal)
 IMAGE_PIXEL_LIMIT = 50_000_000
-# fastnca.figures.FIGURES' names, here so that parsing arguments does not import torch (a test keeps them equal)
-FIGURE_NAMES = ("samples", "reconstructions", "growth", "interpolation", "tsne", "damage", "regrowth")
 
 
 class CLIError(Exception):
@@ -227,14 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, data=False)
 
     p = sub.add_parser("figures", help="every figure of the paper that applies to a run, with captions")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file or run directory (required but with --list)")
+    p.add_argument("--list", action="store_true", help="name every figure and what it shows, then exit")
     p.add_argument("--out", default=None, help="output folder (default: RUN/figures)")
     p.add_argument(
         "--only",
         nargs="+",
         default=None,
         metavar="NAME",
-        help="draw only these: " + ", ".join(FIGURE_NAMES),
+        help="draw only these figures (--list names them)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="seed of every figure's draws (default: 0)")
     p.add_argument("--tsne-images", type=int, default=5000, help="test images in the t-SNE (the paper: 5000)")
@@ -713,8 +712,18 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from fastnca.figures import make_figures
+    from fastnca.figures import FIGURES, make_figures
 
+    if args.list:
+        for fig in FIGURES.values():
+            print(f"{fig.name:16s} {fig.description}")
+        return 0
+    if args.checkpoint is None:
+        raise CLIError("figures: --checkpoint FILE_OR_RUN is required (or --list)")
+    if args.only:
+        bad = [n for n in args.only if n not in FIGURES]
+        if bad:
+            raise CLIError(f"--only: unknown figure(s) {', '.join(bad)}; expected some of {', '.join(FIGURES)}")
     if args.tsne_images < 10:
         raise CLIError(f"--tsne-images: expected an integer >= 10, got {args.tsne_images}")
     ckpt = Path(args.checkpoint)

@@ -13,6 +13,8 @@ and mid-grey for a logistic mixture, so damage shows as flat grey; the figures s
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -787,16 +789,30 @@ def inpaint(
 
 
 # ---------------------------------------------------------------------------------------------- every figure of a run
-FIGURES = {
-    "samples": "prior samples (paper figs. 3, 6, 7, 13 right)",
-    "reconstructions": "test images and their reconstructions (figs. 3, 6, 7, 13 left)",
-    "growth": "growth of prior samples, every step, as a picture and a GIF (figs. 1 left, 4, 8, 15)",
-    "interpolation": "linear and spherical interpolation between test-image latents (fig. 5a)",
-    "tsne": "t-SNE of test-set latent means coloured by digit class, MNIST only (fig. 5b)",
-    "damage": "damage recovery: right half and a random square zeroed (figs. 9, 10 left; 11 for doubling)",
-    "regrowth": "damage and every step of regrowth, as a grid and a GIF (figs. 1 right, 9 right, 16)",
-}
-_SEED_OFFSET = {name: i for i, name in enumerate(FIGURES)}  # each figure its own stream: --only draws the same
+class _Skip(Exception):
+    """A figure that does not apply to this run (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of :func:`make_figures`: what it shows (``fastnca figures --list``) and the function that draws it
+    into a run's figure folder, ``draw(ctx) -> files written`` (raising ``_Skip`` where it does not apply)."""
+
+    name: str
+    description: str
+    draw: Callable[[_Run], list[Path]]
+
+
+FIGURES: dict[str, Figure] = {}  # name -> Figure, in the order make_figures draws them
+
+
+def _figure(name: str, description: str) -> Callable[[Callable[[_Run], list[Path]]], Callable[[_Run], list[Path]]]:
+    """Register a figure's drawing function under ``name``."""
+    def register(draw: Callable[[_Run], list[Path]]) -> Callable[[_Run], list[Path]]:
+        FIGURES[name] = Figure(name, description, draw)
+        return draw
+
+    return register
 
 
 def _rollout_text(cfg: Any) -> str:
@@ -811,6 +827,164 @@ def _rollout_text(cfg: Any) -> str:
         f"non-doubling rollout on {cfg.grid_size}x{cfg.grid_size} cells: T={cfg.max_steps} steps for figures "
         f"(trained with T ~ U{{{cfg.min_steps}..{cfg.max_steps}}}, p_update={cfg.p_update})"
     )
+
+
+@dataclass
+class _Run:
+    """What every figure of one run draws from: the model, its checkpoint, the seed, the output folder."""
+
+    model: Any
+    checkpoint: str | os.PathLike[str]
+    step: int
+    out: Path
+    seed: int
+    data_dir: str | os.PathLike[str] | None
+    tsne_images: int
+    _test: Tensor | None = None
+
+    @property
+    def cfg(self) -> Any:
+        return self.model.config
+
+    def test_images(self) -> Tensor:
+        """The test split, loaded once (DataError where the run's data cannot be found)."""
+        from fastnca.data import load_for_config
+
+        if self._test is None:
+            self._test = load_for_config(self.cfg, self.data_dir).test
+        return self._test
+
+    def seed_of(self, name: str) -> int:
+        """Each figure its own stream, so that ``--only`` draws the same pictures as a run of all of them."""
+        return self.seed * 1000 + list(FIGURES).index(name)
+
+    def gen(self, name: str) -> torch.Generator:
+        return torch.Generator(device=next(self.model.parameters()).device).manual_seed(self.seed_of(name))
+
+    def cpu_gen(self, name: str) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed_of(name))
+
+    def caption(self, stem: str, what: str, extra: str = "") -> Path:
+        """``OUT/stem.txt``: what the picture shows, the checkpoint, the rollout, the seed."""
+        cfg = self.cfg
+        text = (
+            f"{what}\n"
+            f"checkpoint: {self.checkpoint} (step {self.step}; dataset {cfg.dataset}, {cfg.image_size}x"
+            f"{cfg.image_size}, |z|={cfg.state_channels}, h={cfg.hidden_channels})\n"
+            f"{_rollout_text(cfg)}\n"
+            f"seed {self.seed} (generator seed {self.seed_of(stem.split('_')[0])}); images are the "
+            f'likelihood\'s means ("sample averages for clarity")\n' + (extra + "\n" if extra else "")
+        )
+        path = self.out / f"{stem}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    @property
+    def damage_extra(self) -> str:
+        return DAMAGE_NOTE + "." + (f"\n{note}" if (note := untrained_damage_note(self.cfg)) else "")
+
+
+@_figure("samples", "prior samples (paper figs. 3, 6, 7, 13 right)")
+def _samples(run: _Run) -> list[Path]:
+    return [sample_grid(run.model, run.out / "samples.png", n=64, generator=run.gen("samples")),
+            run.caption("samples", "64 prior samples z ~ N(0, I), 8x8 grid.")]
+
+
+@_figure("reconstructions", "test images and their reconstructions (figs. 3, 6, 7, 13 left)")
+def _reconstructions(run: _Run) -> list[Path]:
+    test = run.test_images()
+    shown = torch.randperm(test.shape[0], generator=run.cpu_gen("reconstructions"))[:16]
+    return [reconstruction_figure(run.model, test[shown], run.out / "reconstructions.png",
+                                  generator=run.gen("reconstructions")),
+            run.caption("reconstructions",
+                        "16 random test images (top) and their reconstructions from one posterior sample (bottom).")]
+
+
+@_figure("growth", "growth of prior samples, every step, as a picture and a GIF (figs. 1 left, 4, 8, 15)")
+def _growth(run: _Run) -> list[Path]:
+    return [growth_figure(run.model, run.out / "growth.png", n=8, generator=run.gen("growth")),
+            growth_gif(run.model, run.out / "growth.gif", n=16, generator=run.gen("growth")),
+            run.caption("growth",
+                        "Growth of prior samples: growth.png has 8 samples (rows), one column per NCA step "
+                        "(number over each column, 0 = the seed; the cell grid's size over the seed and each "
+                        "doubling; a red bar marks a doubling); growth.gif animates 16 samples, one frame per step "
+                        "titled with the step and the grid size.")]
+
+
+@_figure("interpolation", "linear and spherical interpolation between test-image latents (fig. 5a)")
+def _interpolation(run: _Run) -> list[Path]:
+    test = run.test_images()
+    pick = torch.randperm(test.shape[0], generator=run.cpu_gen("interpolation"))[:8]
+    files = []
+    for method in ("linear", "slerp"):
+        stem = f"interpolation_{method}"
+        files.append(interpolation_figure(run.model, test[pick], run.out / f"{stem}.png", method=method,
+                                          generator=run.gen("interpolation")))
+        how = "(1-t) a + t b" if method == "linear" else "spherical (slerp) along the great circle"
+        files.append(run.caption(stem, f"{method} interpolation between the posterior means of 4 pairs of random test "
+                                       f"images: each row shows image a, 8 decoded points from mu(a) to mu(b), ends "
+                                       f"included ({how}), image b."))
+    return files
+
+
+@_figure("tsne", "t-SNE of test-set latent means coloured by digit class, MNIST only (fig. 5b)")
+def _tsne(run: _Run) -> list[Path]:
+    if run.cfg.dataset != "mnist":
+        raise _Skip(f"the t-SNE figure is MNIST's (fig. 5b); {run.cfg.dataset} has no class labels")
+    test = run.test_images()
+    try:
+        labels = mnist_test_labels(test.shape[0])
+    except ValueError as err:
+        raise _Skip(str(err)) from None
+    n_img = min(run.tsne_images, test.shape[0])
+    pick = torch.randperm(test.shape[0], generator=run.cpu_gen("tsne"))[:n_img]
+    try:
+        picture = tsne_figure(run.model, test[pick], labels[pick], run.out / "tsne.png", seed=run.seed,
+                              title=f"t-SNE of q(z|x) means, {n_img} MNIST test images")
+    except ImportError as err:
+        raise _Skip(str(err)) from None
+    return [picture, run.caption(
+        "tsne",
+        f"t-SNE (scikit-learn, perplexity 30, PCA init, random_state {run.seed}) of the posterior means of "
+        f"{n_img} random test images, one dot per image, coloured by digit class (legend right).",
+        "Labels: binarized MNIST ships without labels; each test image's class is inferred from its "
+        "position in the class-sorted test split using MNIST's test class counts "
+        f"{MNIST_TEST_CLASS_COUNTS} (see fastnca.figures.MNIST_TEST_CLASS_COUNTS).")]
+
+
+@_figure("damage", "damage recovery: right half and a random square zeroed (figs. 9, 10 left; 11 for doubling)")
+def _damage(run: _Run) -> list[Path]:
+    cfg, size = run.cfg, run.cfg.damage_size or None
+    files = []
+    for kind in ("half", "square"):
+        stem = f"damage_{kind}"
+        files.append(damage_figure(run.model, run.out / f"{stem}.png", n=8, kind=kind, size=size,
+                                   generator=run.gen("damage"), cpu_generator=run.cpu_gen("damage")))
+        where = "the right half" if kind == "half" else f"a random {size or cfg.image_size // 2}-cell square"
+        if cfg.doubling:
+            what = (f"Damage at each stage of growth (fig. 11): 8 prior samples (top row), then for each stage "
+                    f"the state with {where} of the cells zeroed at the end of that stage and the final image "
+                    f"after the rest of the rollout (M={cfg.steps_per_stage} more steps for the last stage).")
+        else:
+            what = (f"Damage recovery (figs. 9, 10): 8 prior samples after {cfg.max_steps} steps, the same "
+                    f"with {where} of the cells zeroed, and after {cfg.max_steps} more steps.")
+        files.append(run.caption(stem, what, run.damage_extra))
+    return files
+
+
+@_figure("regrowth", "damage and every step of regrowth, as a grid and a GIF (figs. 1 right, 9 right, 16)")
+def _regrowth(run: _Run) -> list[Path]:
+    size = run.cfg.damage_size or None
+    steps = _recover_steps(run.model, None)
+    common = dict(size=size, generator=run.gen("regrowth"), cpu_generator=run.cpu_gen("regrowth"))
+    return [regrowth_figure(run.model, run.out / "regrowth.png", n=8, **common),
+            regrowth_gif(run.model, run.out / "regrowth.gif", n=16, **common),
+            run.caption("regrowth",
+                        f"Damage and regrowth: prior samples grown in full (column 'grown'), the right half of the "
+                        f"cells zeroed ('damaged'), then {steps} steps of regrowth (columns '+t': steps after the "
+                        "damage, evenly spaced to the last). regrowth.png: 8 samples; regrowth.gif: 16 samples, "
+                        "every step.", run.damage_extra)]
 
 
 def make_figures(
@@ -835,195 +1009,20 @@ def make_figures(
         ``(written, skipped)``: figure name -> files written (pictures and captions); name -> why it was skipped.
     """
     from fastnca.checkpoints import load_checkpoint
-    from fastnca.data import DataError, load_for_config
+    from fastnca.data import DataError
 
     names = list(FIGURES) if not only else list(dict.fromkeys(only))
     bad = [n for n in names if n not in FIGURES]
     if bad:
         raise ValueError(f"--only: unknown figure(s) {bad}; expected some of {list(FIGURES)}")
     model, ckpt = load_checkpoint(checkpoint, device or "auto")
-    cfg = model.config
-    dev = next(model.parameters()).device
-    out = Path(out_dir)
-    step = int(ckpt["step"])
+    run = _Run(model, checkpoint, int(ckpt["step"]), Path(out_dir), seed, data_dir, tsne_images)
     written: dict[str, list[Path]] = {}
     skipped: dict[str, str] = {}
-    splits = None
-
-    def test_images() -> Tensor:
-        nonlocal splits
-        if splits is None:
-            splits = load_for_config(cfg, data_dir)
-        return splits.test
-
-    def gen(name: str) -> torch.Generator:
-        return torch.Generator(device=dev).manual_seed(seed * 1000 + _SEED_OFFSET[name])
-
-    def cpu_gen(name: str) -> torch.Generator:
-        return torch.Generator().manual_seed(seed * 1000 + _SEED_OFFSET[name])
-
-    def caption(stem: str, what: str, extra: str = "") -> Path:
-        text = (
-            f"{what}\n"
-            f"checkpoint: {checkpoint} (step {step}; dataset {cfg.dataset}, {cfg.image_size}x{cfg.image_size}, "
-            f"|z|={cfg.state_channels}, h={cfg.hidden_channels})\n"
-            f"{_rollout_text(cfg)}\n"
-            f"seed {seed} (generator seed {seed * 1000 + _SEED_OFFSET[stem.split('_')[0]]}); images are the "
-            f'likelihood\'s means ("sample averages for clarity")\n' + (extra + "\n" if extra else "")
-        )
-        path = out / f"{stem}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return path
-
-    damage_size = cfg.damage_size or None
-    side = cfg.image_size
-    damage_extra = DAMAGE_NOTE + "." + (f"\n{note}" if (note := untrained_damage_note(cfg)) else "")
     for name in names:
         try:
-            files: list[Path] = []
-            if name == "samples":
-                files.append(sample_grid(model, out / "samples.png", n=64, generator=gen(name)))
-                files.append(caption("samples", "64 prior samples z ~ N(0, I), 8x8 grid."))
-            elif name == "reconstructions":
-                test = test_images()
-                shown = torch.randperm(test.shape[0], generator=cpu_gen(name))[:16]
-                files.append(
-                    reconstruction_figure(model, test[shown], out / "reconstructions.png", generator=gen(name))
-                )
-                files.append(
-                    caption(
-                        "reconstructions",
-                        "16 random test images (top) and their reconstructions from one posterior sample (bottom).",
-                    )
-                )
-            elif name == "growth":
-                files.append(growth_figure(model, out / "growth.png", n=8, generator=gen(name)))
-                files.append(growth_gif(model, out / "growth.gif", n=16, generator=gen(name)))
-                files.append(
-                    caption(
-                        "growth",
-                        "Growth of prior samples: growth.png has 8 samples (rows), one column per NCA step "
-                        "(number over each column, 0 = the seed; the cell grid's size over the seed and each "
-                        "doubling; a red bar marks a doubling); growth.gif animates 16 samples, one frame per step "
-                        "titled with the step and the grid size.",
-                    )
-                )
-            elif name == "interpolation":
-                test = test_images()
-                pick = torch.randperm(test.shape[0], generator=cpu_gen(name))[:8]
-                for method in ("linear", "slerp"):
-                    stem = f"interpolation_{method}"
-                    files.append(
-                        interpolation_figure(model, test[pick], out / f"{stem}.png", method=method, generator=gen(name))
-                    )
-                    how = "(1-t) a + t b" if method == "linear" else "spherical (slerp) along the great circle"
-                    files.append(
-                        caption(
-                            stem,
-                            f"{method} interpolation between the posterior means of 4 pairs of random test images: "
-                            f"each row shows image a, 8 decoded points from mu(a) to mu(b), ends included ({how}), "
-                            "image b.",
-                        )
-                    )
-            elif name == "tsne":
-                if cfg.dataset != "mnist":
-                    raise _Skip(f"the t-SNE figure is MNIST's (fig. 5b); {cfg.dataset} has no class labels")
-                test = test_images()
-                try:
-                    labels = mnist_test_labels(test.shape[0])
-                except ValueError as err:
-                    raise _Skip(str(err)) from None
-                n_img = min(tsne_images, test.shape[0])
-                pick = torch.randperm(test.shape[0], generator=cpu_gen(name))[:n_img]
-                try:
-                    files.append(
-                        tsne_figure(
-                            model,
-                            test[pick],
-                            labels[pick],
-                            out / "tsne.png",
-                            seed=seed,
-                            title=f"t-SNE of q(z|x) means, {n_img} MNIST test images",
-                        )
-                    )
-                except ImportError as err:
-                    raise _Skip(str(err)) from None
-                files.append(
-                    caption(
-                        "tsne",
-                        f"t-SNE (scikit-learn, perplexity 30, PCA init, random_state {seed}) of the posterior means of "
-                        f"{n_img} random test images, one dot per image, coloured by digit class (legend right).",
-                        "Labels: binarized MNIST ships without labels; each test image's class is inferred from its "
-                        "position in the class-sorted test split using MNIST's test class counts "
-                        f"{MNIST_TEST_CLASS_COUNTS} (see fastnca.figures.MNIST_TEST_CLASS_COUNTS).",
-                    )
-                )
-            elif name == "damage":
-                for kind in ("half", "square"):
-                    stem = f"damage_{kind}"
-                    files.append(
-                        damage_figure(
-                            model,
-                            out / f"{stem}.png",
-                            n=8,
-                            kind=kind,
-                            size=damage_size,
-                            generator=gen(name),
-                            cpu_generator=cpu_gen(name),
-                        )
-                    )
-                    where = "the right half" if kind == "half" else f"a random {damage_size or side // 2}-cell square"
-                    if cfg.doubling:
-                        what = (
-                            f"Damage at each stage of growth (fig. 11): 8 prior samples (top row), then for each stage "
-                            f"the state with {where} of the cells zeroed at the end of that stage and the final image "
-                            f"after the rest of the rollout (M={cfg.steps_per_stage} more steps for the last stage)."
-                        )
-                    else:
-                        what = (
-                            f"Damage recovery (figs. 9, 10): 8 prior samples after {cfg.max_steps} steps, the same "
-                            f"with {where} of the cells zeroed, and after {cfg.max_steps} more steps."
-                        )
-                    files.append(caption(stem, what, damage_extra))
-            elif name == "regrowth":
-                steps = _recover_steps(model, None)
-                files.append(
-                    regrowth_figure(
-                        model,
-                        out / "regrowth.png",
-                        n=8,
-                        size=damage_size,
-                        generator=gen(name),
-                        cpu_generator=cpu_gen(name),
-                    )
-                )
-                files.append(
-                    regrowth_gif(
-                        model,
-                        out / "regrowth.gif",
-                        n=16,
-                        size=damage_size,
-                        generator=gen(name),
-                        cpu_generator=cpu_gen(name),
-                    )
-                )
-                files.append(
-                    caption(
-                        "regrowth",
-                        f"Damage and regrowth: prior samples grown in full (column 'grown'), the right half of the "
-                        f"cells zeroed ('damaged'), then {steps} steps of regrowth (columns '+t': steps after the "
-                        "damage, evenly spaced to the last). regrowth.png: 8 samples; regrowth.gif: 16 samples, "
-                        "every step.",
-                        damage_extra,
-                    )
-                )
-            written[name] = files
+            written[name] = FIGURES[name].draw(run)
         except (_Skip, DataError) as err:
             skipped[name] = str(err)
             log(f"figures: skipped {name}: {err}")
     return written, skipped
-
-
-class _Skip(Exception):
-    """A figure that does not apply to this run (the message says why)."""

@@ -23,6 +23,7 @@ second process training into the folder is refused; the lock ends with its proce
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,72 @@ def pool_note(cfg: Config, capacity: int, dist: Any = None) -> str | None:
     return (f"warning: pool_size={cfg.pool_size} holds {capacity} entries{ranks}, and a pool is drawn from only when "
             f"it holds more than half a batch ({local} // 2 = {half}): pool and damage training is off in this run; "
             f"{fix}")
+
+
+class _SessionClock:
+    """Training time of a run over its sessions: ``elapsed()`` adds this session's wall time, less the periodic
+    evaluations (``exclude``), to what earlier sessions trained."""
+
+    def __init__(self, elapsed_before: float) -> None:
+        self.start = time.perf_counter()
+        self.before = elapsed_before
+        self.excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start - self.excluded
+
+
+class _TrainLog:
+    """The training statistics between log points: the steps' device-side stats (read back in one transfer at a log
+    point, a checkpoint or an evaluation), the current window (resumed from the checkpoint), and its rows."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.pending: list[Tensor] = []
+        self.window = trainer.window  # an interrupted window continues
+        self.carried = len(self.window)  # its steps trained by an earlier session: not in this session's it/s
+        self.t0 = time.perf_counter()
+        self.last_row: dict[str, Any] = {}
+
+    def add(self, stats: Tensor) -> None:
+        self.pending.append(stats)
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something else (an evaluation) is not the window's training time."""
+        self.t0 += seconds
+
+    def sync(self) -> None:
+        """Read the pending steps back; NonFiniteLossError (saying where the last good checkpoint is) on a NaN."""
+        t = self.trainer
+        try:
+            self.window.extend(t.sync_stats(self.pending, t.step - len(self.pending) + 1))
+        except NonFiniteLossError as err:
+            where = (f"the last good checkpoint is {t.checkpoint_path}" if t.checkpoint_path.is_file()
+                     else "no checkpoint was written yet")
+            raise NonFiniteLossError(f"{err}; training stopped, {where}", err.step) from None
+        self.pending = []
+
+    def log_row(self) -> dict[str, Any]:
+        """Sync, write the window's means as a train row of metrics.jsonl, start a new window."""
+        self.sync()
+        t, window = self.trainer, self.window
+        dt = time.perf_counter() - self.t0
+        row = {
+            "step": t.step,
+            "split": "train",
+            **{k: sum(s[k] for s in window) / len(window) for k in STAT_KEYS},
+            "it_per_s": round((len(window) - self.carried) / dt, 3) if dt > 0 and len(window) > self.carried else None,
+            "elapsed_s": round(t.elapsed_s, 3),
+            "backend": t.settings.backend,
+            "arithmetic": t.settings.arithmetic,
+        }
+        t.write_metrics(row)
+        window.clear()
+        self.t0, self.carried, self.last_row = time.perf_counter(), 0, row
+        return row
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -744,128 +811,87 @@ class Trainer:
         return summary if isinstance(summary, dict) and summary.get("step") == self.step else None
 
     def _fit(self) -> dict[str, Any]:
+        """The training loop, top to bottom: step, log, evaluate, checkpoint, stop; then the run's end."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:  # rank 0 alone writes run files under torchrun
-            orphans = remove_orphan_temps(self.out_dir)
-            if orphans:
-                self.log(f"removed {len(orphans)} temporary file(s) left in {self.out_dir} by an interrupted write")
-            self._truncate_metrics(self.step)  # a fresh run (step 0) starts a fresh metrics file
-            # the config as asked, and how this process resolved it (read back by --config, which ignores it)
-            doc = {**cfg.to_dict(), RESOLVED_KEY: self.run_record()}
-            _write_text_atomic(self.out_dir / "config.json", json.dumps(doc, indent=2) + "\n")
-        session_start = time.perf_counter()
-        stopped = "done"
-        last_train: dict[str, Any] = {}
-        last_eval: dict[str, Any] | None = None
-        pending: list[Tensor] = []  # device-side stats of steps not yet read back
-        window = self.window  # read-back stats of the current logging window (an interrupted one is resumed)
-        carried = len(window)  # steps of the window done by an earlier session: not in this session's it/s
-        window_t0 = time.perf_counter()
-        elapsed_at_start = self.elapsed_s
-        eval_s = 0.0  # periodic evaluation time this session, kept out of elapsed_s (but not out of time_limit)
-
-        def sync() -> None:
-            nonlocal pending
-            first = self.step - len(pending) + 1
-            try:
-                window.extend(self.sync_stats(pending, first))
-            except NonFiniteLossError as err:
-                where = (
-                    f"the last good checkpoint is {self.checkpoint_path}"
-                    if self.checkpoint_path.is_file()
-                    else "no checkpoint was written yet"
-                )
-                raise NonFiniteLossError(f"{err}; training stopped, {where}", err.step) from None
-            pending = []
-
-        def log_window() -> dict[str, Any]:
-            nonlocal window_t0, carried
-            dt = time.perf_counter() - window_t0
-            row = {
-                "step": self.step,
-                "split": "train",
-                **{k: sum(s[k] for s in window) / len(window) for k in STAT_KEYS},
-                "it_per_s": round((len(window) - carried) / dt, 3) if dt > 0 and len(window) > carried else None,
-                "elapsed_s": round(self.elapsed_s, 3),
-                "backend": self.settings.backend,
-                "arithmetic": self.settings.arithmetic,
-            }
-            self.write_metrics(row)
-            window.clear()
-            window_t0, carried = time.perf_counter(), 0
-            return row
-
-        bar = tqdm(
-            total=cfg.iterations,
-            initial=self.step,
-            desc="train",
-            unit="it",
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
-        stop = _StopRequests()
-        interrupted = False
-        try:
-            stop.__enter__()
+        self._start_session()
+        stats = _TrainLog(self)  # steps' statistics: read back from the device at log points only
+        clock = _SessionClock(self.elapsed_s)
+        stopped, last_eval = "done", None
+        bar = tqdm(total=cfg.iterations, initial=self.step, desc="train", unit="it", disable=not self.progress,
+                   dynamic_ncols=True)
+        with bar, _StopRequests() as stop, self._said_where_on_a_second_signal():
             while self.step < cfg.iterations:
-                pending.append(self.train_step())
-                self.elapsed_s = elapsed_at_start + time.perf_counter() - session_start - eval_s
+                stats.add(self.train_step())
+                self.elapsed_s = clock.elapsed()
                 bar.update(1)
-                if (cfg.log_every > 0 and self.step % cfg.log_every == 0) or self.step == cfg.iterations:
-                    sync()
-                    last_train = log_window()
-                    bar.set_postfix(
-                        loss=f"{last_train['loss']:.2f}",
-                        kl=f"{last_train['kl']:.2f}",
-                        its=f"{last_train['it_per_s'] or 0:.2f}",
-                    )
-                if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.iterations:
-                    sync()
-                    last_eval = self.evaluate(progress=False)
-                    bar.write(
-                        f"step {self.step}: test IWAE({cfg.eval_samples}) {last_eval['iwae']:.2f} nats "
-                        f"({last_eval['bpd']:.4f} bits/dim)"
-                    )
-                    window_t0 += last_eval["eval_s"]
-                    eval_s += last_eval["eval_s"]
-                if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
-                    sync()
+                if self._due(cfg.log_every) or self.step == cfg.iterations:
+                    row = stats.log_row()
+                    bar.set_postfix(loss=f"{row['loss']:.2f}", kl=f"{row['kl']:.2f}", its=f"{row['it_per_s'] or 0:.2f}")
+                if self._due(cfg.eval_every) and self.step < cfg.iterations:
+                    stats.sync()
+                    last_eval = ev = self.evaluate(progress=False)
+                    bar.write(f"step {self.step}: test IWAE({cfg.eval_samples}) {ev['iwae']:.2f} nats "
+                              f"({ev['bpd']:.4f} bits/dim)")
+                    clock.exclude(ev["eval_s"])
+                    stats.exclude(ev["eval_s"])
+                if self._due(cfg.ckpt_every):
+                    stats.sync()
                     self.save()
-                if self.time_limit is not None and self._time_up(session_start):
+                if self.time_limit is not None and self._time_up(clock.start):
                     stopped = "time_limit"
                     break
                 if self._stop_requested(stop):
-                    interrupted = True
-                    break
-            sync()
-            if interrupted:
-                bar.close()
-                self.save()  # at a step boundary, with the unlogged window, so --resume continues exactly
-                signum = stop.signum if stop.signum is not None else signal.SIGTERM  # another rank's signal
-                name = signal.Signals(signum).name
-                raise TrainingInterrupted(
-                    f"{name} at step {self.step}: checkpoint written to {self.checkpoint_path} "
-                    "(continue with --resume)",
-                    self.step,
-                    signum,
-                )
+                    stats.sync()
+                    self._checkpoint_and_raise_interrupted(stop)
+            stats.sync()
+        if stats.window:  # the steps of a time-limited stop between log points
+            stats.log_row()
+        return self._finish(stopped, stats.last_row, last_eval)
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def _start_session(self) -> None:
+        """Run files at the start of a session: orphan temps removed, the metrics cut to the checkpoint's step (a
+        fresh run starts a fresh file), config.json (the config as asked, and how this process resolved it)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self.is_main:  # rank 0 alone writes run files under torchrun
+            return
+        orphans = remove_orphan_temps(self.out_dir)
+        if orphans:
+            self.log(f"removed {len(orphans)} temporary file(s) left in {self.out_dir} by an interrupted write")
+        self._truncate_metrics(self.step)
+        doc = {**self.cfg.to_dict(), RESOLVED_KEY: self.run_record()}  # --config reads it back, ignoring 'resolved'
+        _write_text_atomic(self.out_dir / "config.json", json.dumps(doc, indent=2) + "\n")
+
+    def _checkpoint_and_raise_interrupted(self, stop: _StopRequests) -> None:
+        """SIGINT / SIGTERM: checkpoint at this step boundary (the unlogged window included, so --resume continues
+        exactly) and raise TrainingInterrupted."""
+        self.save()
+        signum = stop.signum if stop.signum is not None else signal.SIGTERM  # another rank's signal
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name} at step {self.step}: checkpoint written to {self.checkpoint_path} "
+            "(continue with --resume)", self.step, signum)
+
+    @contextlib.contextmanager
+    def _said_where_on_a_second_signal(self) -> Iterator[None]:
+        """A second signal stops at once (KeyboardInterrupt, no new checkpoint): say where the last one is."""
+        try:
+            yield
         except KeyboardInterrupt:
-            bar.close()
-            where = (
-                f"the last checkpoint is {self.checkpoint_path}"
-                if self.checkpoint_path.is_file()
-                else "no checkpoint was written yet"
-            )
+            where = (f"the last checkpoint is {self.checkpoint_path}" if self.checkpoint_path.is_file()
+                     else "no checkpoint was written yet")
             self.log(f"stopped at once during step {self.step + 1}, without a new checkpoint; {where}")
             raise
-        finally:
-            stop.__exit__()
-            bar.close()
-        if window:  # the steps of a time-limited stop between log points
-            last_train = log_window()
+
+    def _finish(self, stopped: str, last_train: dict[str, Any], last_eval: dict[str, Any] | None) -> dict[str, Any]:
+        """The run's end: a checkpoint, the final evaluation (else the last periodic one is the summary's) and
+        pictures, summary.json."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
         self.save()
         if stopped == "time_limit":
             self.log(f"time limit of {self.time_limit:g} s reached at step {self.step}; checkpoint written")
@@ -877,14 +903,8 @@ class Trainer:
             )
         if self.final_outputs:
             self.draw()
-        summary = {
-            "step": self.step,
-            "stopped": stopped,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "train": last_train,
-            "eval": last_eval,
-            "out_dir": str(self.out_dir),
-        }
+        summary = {"step": self.step, "stopped": stopped, "elapsed_s": round(self.elapsed_s, 3), "train": last_train,
+                   "eval": last_eval, "out_dir": str(self.out_dir)}
         if self.is_main:
             _write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.tracker is not None:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fastnca import figures
-from fastnca.cli import FIGURE_NAMES, main
+from fastnca.cli import main
 from fastnca.config import get_preset
 from fastnca.data import load_mnist
 from fastnca.figures import (
@@ -72,8 +72,12 @@ def _gif_frames(path):
         return im.n_frames, im.size
 
 
-def test_figure_names_in_the_cli_match_the_figures_module():
-    assert FIGURE_NAMES == tuple(FIGURES)
+def test_the_cli_lists_the_registry_and_refuses_unknown_names(capsys):
+    assert main(["figures", "--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(FIGURES), f"--list names the registry in drawing order, got {listed}"
+    assert main(["figures", "--checkpoint", "nowhere", "--only", "samples", "growht"]) == 2
+    assert "unknown figure(s) growht" in capsys.readouterr().err, "an unknown name is refused before any work"
 
 
 def test_every_figure_is_written_with_a_caption(drawn):
