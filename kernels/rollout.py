@@ -711,15 +711,15 @@ def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan:
     b, c = state.shape[:2]
     lay, n_small = saved.layout, saved.n_small_bwd
     grids, sizes = lay.grids, lay.sizes
+    z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
+    if plan.batched_wgrad:  # its own batch buffers instead of the per-step workspace below
+        gout, acc = _backward_batched(sp, plan, masks, lay, z0, keep, gout)
+        return gout.permute(0, 3, 1, 2), sp.unpack_grads(acc.sum(0))
     m_small = sum(b * h * w for h, w in grids[1: n_small + 1])  # the small-grid steps' cells, all together
     m_max = max(b * h * w for h, w in grids[1:])  # >= m_small (_small_bwd_fits)
     ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device,
                     recompute=lay.acts is None or n_small > 0)
-    z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-    gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
-    if plan.batched_wgrad:
-        gout, acc = _backward_batched(sp, plan, masks, lay, z0, keep, gout)
-        return gout.permute(0, 3, 1, 2), sp.unpack_grads(acc.sum(0))
     which = 0
     for start, end in reversed(plan.segments()):
         if end <= n_small:  # the small-grid steps: two launches below (their segments are single steps)

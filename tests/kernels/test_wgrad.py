@@ -112,7 +112,8 @@ def test_batched_bf16_gradients_within_twice_the_reference_bf16_error(policy, na
 def test_batched_gradients_rerun_bitwise_and_launch_per_step_and_per_batch(monkeypatch):
     """Two identical runs give bitwise-identical gradients (fixed split order, one writer per accumulator slot, no
     atomics); the backward launches per step the main kernel and the post kernel's state-gradient programs only,
-    and one weight-gradient launch per batch (here the cap cuts the 4 steps into 3 batches)."""
+    and one weight-gradient launch per batch (here the cap cuts the 4 steps into 3 batches), and allocates no
+    per-step per-cell workspace beside its batch buffers (the memory model counts none)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     b, c, h, nb, flags = 2, 16, 16, 1, [False, True, False, True]
@@ -131,6 +132,12 @@ def test_batched_gradients_rerun_bitwise_and_launch_per_step_and_per_batch(monke
         return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", run)
+    from fastnca.kernels import rollout
+
+    per_cell_rows: list[int] = []  # the per-step workspace's rows: none (the batch buffers replace it)
+    real_ws = rollout._Workspace
+    monkeypatch.setattr(rollout, "_Workspace", lambda sp, m_max, *a, **k: per_cell_rows.append(m_max) or
+                        real_ws(sp, m_max, *a, **k))
     for _ in range(2):
         counts.clear()
         runs.append(_grads(state, weights, flags, masks, upstream, plan=plan)[1])
@@ -139,6 +146,7 @@ def test_batched_gradients_rerun_bitwise_and_launch_per_step_and_per_batch(monke
     assert counts["_nca_step_bwd_kernel"] == 4 and counts["_rollout_bwd_post_kernel"] == 4, dict(counts)
     assert counts["_wgrad_batched_kernel"] == 3, dict(counts)
     assert set(grids) == {(0, 0)}, f"expected state-gradient-only post launches, got {grids}"
+    assert per_cell_rows == [0, 0], f"expected no per-step per-cell workspace beside the batch buffers: {per_cell_rows}"
 
 
 def test_tf32_batched_gradients_equal_ieee_in_the_interpreter():
