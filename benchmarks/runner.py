@@ -256,6 +256,12 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
         off = (r["case"], r["backend"].replace("-graph", ""))
         if "time_ms" in r and "-graph" in r["backend"] and off in eager:
             r["speedup"]["vs graphs off"] = eager[off] / r["time_ms"]["median"]
+    # batched weight gradients against per-step ones (issue 30): triton-<p>-batched[-cublas] against triton-<p>
+    for r in rows:
+        name, _, ckpt = r["backend"].partition("@")
+        base = (r["case"], name.replace("-batched-cublas", "").replace("-batched", "") + (f"@{ckpt}" if ckpt else ""))
+        if "time_ms" in r and "-batched" in name and base in eager:
+            r["speedup"]["vs per-step wgrad"] = eager[base] / r["time_ms"]["median"]
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -328,6 +334,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         if "vs per-step" in r.get("speedup", {}):
             lines.append(f"\n{r['case']} {r['backend']}: small-grid path {r['speedup']['vs per-step']:.2f}x "
                          "the per-step path's speed")
+        if "vs per-step wgrad" in r.get("speedup", {}):
+            lines.append(f"\n{r['case']} {r['backend']}: weight gradients batched over steps, "
+                         f"{r['speedup']['vs per-step wgrad']:.2f}x the per-step post kernels' speed")
         if "vs graphs off" in r.get("speedup", {}):
             lines.append(f"\n{r['case']} {r['backend']}: replayed as a CUDA graph, "
                          f"{r['speedup']['vs graphs off']:.2f}x the eager iteration's speed")

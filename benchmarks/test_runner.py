@@ -260,6 +260,18 @@ def test_speedup_vs_graphs_off_pairs_the_graph_row_with_its_eager_row() -> None:
     assert rows[1]["speedup"] == {} and rows[2]["speedup"] == {}, "no eager row of case d to compare with"
 
 
+def test_speedup_vs_per_step_wgrad_pairs_batched_rows_with_the_per_step_row() -> None:
+    def row(case: str, backend: str, ms: float) -> dict:
+        return {"case": case, "backend": backend, "impl": backend.split("-")[0], "time_ms": {"median": ms}}
+
+    rows = [row("c", "triton-bf16", 3.0), row("c", "triton-bf16-batched", 2.0),
+            row("c", "triton-bf16-batched-cublas", 1.5), row("c", "triton-bf16-batched@step", 1.0),
+            row("c", "triton-bf16@step", 4.0), row("d", "triton-bf16-batched", 1.0)]
+    runner._speedups(rows)
+    assert [rows[i]["speedup"].get("vs per-step wgrad") for i in range(len(rows))] == [None, 1.5, 2.0, 4.0, None,
+                                                                                         None]
+
+
 @pytest.mark.slow
 def test_batched_weight_gradient_backends_run_beside_the_per_step_one(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
