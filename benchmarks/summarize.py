@@ -269,11 +269,12 @@ def _curve(rows: list[dict[str, Any]], window: int = 3) -> list[tuple[int, float
     return out
 
 
-def time_to_quality(fused: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:
-    """Both runs had the same wall-clock budget: loss at equal wall times and iterations, it/s, and how long the
-    fused run took to reach the reference's final loss (losses smoothed over 3 logged windows)."""
-    cf, cr = _curve(fused), _curve(ref)
-    out: dict[str, Any] = {"fused": train_summary(fused), "reference": train_summary(ref)}
+def time_to_quality(default: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run at default settings (backend auto) against the reference backend (--backend torch), the same
+    wall-clock budget each: loss at equal wall times and iterations, it/s, and how long the default run took to
+    reach the reference's final loss (losses smoothed over 3 logged windows)."""
+    cf, cr = _curve(default), _curve(ref)
+    out: dict[str, Any] = {"default": train_summary(default), "reference": train_summary(ref)}
     if not cf or not cr:
         return out
     horizon = min(cf[-1][1], cr[-1][1])
@@ -282,24 +283,24 @@ def time_to_quality(fused: list[dict[str, Any]], ref: list[dict[str, Any]]) -> d
         before = [x for x in c if x[1] <= t + 1e-9]
         return before[-1][2] if before else None
 
-    out["at_wall_time"] = [{"t_s": round(horizon * f, 2), "fused": at_time(cf, horizon * f),
+    out["at_wall_time"] = [{"t_s": round(horizon * f, 2), "default": at_time(cf, horizon * f),
                             "reference": at_time(cr, horizon * f)} for f in (0.25, 0.5, 0.75, 1.0)]
     sf, sr = {s: lo for s, _, lo in cf}, {s: lo for s, _, lo in cr}
     common = sorted(set(sf) & set(sr))
     if common:
         picks = sorted({common[0], common[len(common) // 2], common[-1]})
-        out["at_iteration"] = [{"step": s, "fused": sf[s], "reference": sr[s]} for s in picks]
+        out["at_iteration"] = [{"step": s, "default": sf[s], "reference": sr[s]} for s in picks]
     target = cr[-1][2]
     reach = next((x for x in cf if x[2] <= target), None)
     out["reference_final_loss"] = target
     out["reference_elapsed_s"] = cr[-1][1]
     if reach is not None:
-        out["fused_reaches_reference_loss_s"] = reach[1]
-        out["fused_reaches_reference_loss_step"] = reach[0]
+        out["default_reaches_reference_loss_s"] = reach[1]
+        out["default_reaches_reference_loss_step"] = reach[0]
         out["time_to_quality_speedup"] = cr[-1][1] / reach[1] if reach[1] > 0 else None
-    if out["fused"].get("it_per_s_overall") and out["reference"].get("it_per_s_overall"):
-        out["it_per_s_ratio"] = out["fused"]["it_per_s_overall"] / out["reference"]["it_per_s_overall"]
-    out["curves"] = {"fused": cf, "reference": cr}
+    if out["default"].get("it_per_s_overall") and out["reference"].get("it_per_s_overall"):
+        out["it_per_s_ratio"] = out["default"]["it_per_s_overall"] / out["reference"]["it_per_s_overall"]
+    out["curves"] = {"default": cf, "reference": cr}
     return out
 
 
@@ -313,58 +314,60 @@ def _g(x: Any, f: str = ".4g") -> str:
 
 
 def train_precision(stages: list[dict[str, Any]]) -> dict[str, str]:
-    """The precision each training run computed in, from the train stages' notes ('precision bf16, cuDNN TF32 on;
-    ...', from ttq's set-up line): {"fused": ..., "reference": ...}, where known."""
+    """How each training run computed, from the train stages' notes (the trainer's 'model: ...' line, e.g. 'fused
+    Triton kernels on cuda:0, TF32 dots (...)'): {"default": ..., "reference": ...}, where known."""
     out = {}
     for s in stages:
-        name = {"train_triton": "fused", "train_torch": "reference"}.get(s.get("stage"))
-        m = re.match(r"precision ([^;]+)", s.get("note") or "")
-        if name and m:
-            out[name] = m.group(1).strip()
+        name = {"train_auto": "default", "train_triton": "default", "train_torch": "reference"}.get(s.get("stage"))
+        note = (s.get("note") or "").split(";")[0].strip()
+        if name and note and not note.startswith(("failed", "no MNIST", "time limit")):
+            out[name] = re.sub(r"^precision ", "", note)
     return out
 
 
 def _precision_note(prec: dict[str, str]) -> str:
-    return f"; precision: triton {prec.get('fused', '?')} / torch {prec.get('reference', '?')}" if prec else ""
+    return f"; default: {prec.get('default', '?')} / reference: {prec.get('reference', '?')}" if prec else ""
 
 
 def ttq_line(t: dict[str, Any]) -> str:
-    f, r = t.get("fused", {}), t.get("reference", {})
+    f, r = t.get("default", {}), t.get("reference", {})
     if not f.get("rows") or not r.get("rows"):
-        return f"no metrics rows from the {'fused' if not f.get('rows') else 'reference'} run"
+        return f"no metrics rows from the {'default' if not f.get('rows') else 'reference'} run"
     prec = t.get("precision") or {}
-    pf, pr = (f" ({prec[k]})" if prec.get(k) else "" for k in ("fused", "reference"))
-    s = (f"fused{pf} {_g(f.get('it_per_s_overall'), '.2f')} it/s vs reference{pr} "
+    pf, pr = (f" ({prec[k]})" if prec.get(k) else "" for k in ("default", "reference"))
+    s = (f"default settings{pf} {_g(f.get('it_per_s_overall'), '.2f')} it/s vs --backend torch{pr} "
          f"{_g(r.get('it_per_s_overall'), '.2f')} it/s ({_g(t.get('it_per_s_ratio'), '.2f')}x); {f['step']} vs "
          f"{r['step']} iterations")
     if t.get("at_wall_time"):
         last = t["at_wall_time"][-1]
-        s += (f"; loss at {last['t_s']:.0f} s: fused {_g(last['fused'], '.2f')} vs reference "
+        s += (f"; loss at {last['t_s']:.0f} s: default {_g(last['default'], '.2f')} vs reference "
               f"{_g(last['reference'], '.2f')}")
-    if "fused_reaches_reference_loss_s" in t:
-        s += (f"; the fused run reached the reference's final loss {t['reference_final_loss']:.2f} after "
-              f"{t['fused_reaches_reference_loss_s']:.1f} s (reference: {t['reference_elapsed_s']:.1f} s, "
+    if "default_reaches_reference_loss_s" in t:
+        s += (f"; the default run reached the reference's final loss {t['reference_final_loss']:.2f} after "
+              f"{t['default_reaches_reference_loss_s']:.1f} s (reference: {t['reference_elapsed_s']:.1f} s, "
               f"{_g(t.get('time_to_quality_speedup'), '.2f')}x)")
     elif "reference_final_loss" in t:
-        s += f"; the fused run did not reach the reference's final loss {t['reference_final_loss']:.2f}"
+        s += f"; the default run did not reach the reference's final loss {t['reference_final_loss']:.2f}"
     return s
 
 
 def ttq_markdown(t: dict[str, Any]) -> str:
-    lines = ["## Time to quality: mnist-doubling, fused vs reference backend, the same wall-clock budget", "",
+    lines = ["## Time to quality: mnist-doubling at default settings (`fastnca train`, backend auto) vs "
+             "`--backend torch`, the same wall-clock budget", "",
              f"- {ttq_line(t)}", ""]
     if t.get("at_wall_time"):
-        lines += ["| wall time s | fused loss | reference loss |", "|---:|---:|---:|"]
-        lines += [f"| {x['t_s']} | {_g(x['fused'], '.3f')} | {_g(x['reference'], '.3f')} |" for x in t["at_wall_time"]]
+        lines += ["| wall time s | default loss | reference loss |", "|---:|---:|---:|"]
+        lines += [f"| {x['t_s']} | {_g(x['default'], '.3f')} | {_g(x['reference'], '.3f')} |"
+                  for x in t["at_wall_time"]]
         lines.append("")
     if t.get("at_iteration"):
-        lines += ["| iteration | fused loss | reference loss |", "|---:|---:|---:|"]
-        lines += [f"| {x['step']} | {x['fused']:.3f} | {x['reference']:.3f} |" for x in t["at_iteration"]]
+        lines += ["| iteration | default loss | reference loss |", "|---:|---:|---:|"]
+        lines += [f"| {x['step']} | {x['default']:.3f} | {x['reference']:.3f} |" for x in t["at_iteration"]]
         lines.append("")
     prec = t.get("precision") or {}
     if prec:
-        lines.append(f"Precision: fused {prec.get('fused', '?')}; reference {prec.get('reference', '?')} (the NCA's "
-                     "state and dots; 'cuDNN TF32 on', PyTorch's default, runs fp32 convolutions in TF32).")
+        lines.append(f"How each ran: default {prec.get('default', '?')}; reference {prec.get('reference', '?')} (the "
+                     "trainer's own line: backend and the NCA's dot arithmetic).")
     lines.append("Losses are each run's logged training loss averaged over 3 consecutive log windows; same seed and "
                  "data order, so at equal iterations they differ only by the backends' rounding (and precisions).")
     return "\n".join(lines) + "\n"
@@ -443,6 +446,19 @@ def _headline(check: dict[str, Any]) -> list[str]:
         else:
             s += f" at {r.get('sizes', 'tiny sizes')} (no speed claim)"
         rows.append((f"{r['case']} {r['backend']}", s))
+    for r in bench.get("rows", []):
+        if claim and r.get("samples_per_s"):  # importance samples (decoded latents) per second
+            test_min = 10_000 * 128 / r["samples_per_s"] / 60
+            rows.append((f"{r['case']} {r['backend']} throughput",
+                         f"{r['samples_per_s']:.4g} importance samples/s: the 10,000-image test set at k = 128 "
+                         f"would take {test_min:.1f} min (extrapolated)"))
+        pred, mem = r.get("predicted_memory"), r.get("mem") or {}
+        if claim and r.get("case", "").startswith("train") and isinstance(pred, dict) and mem.get("torch_peak_bytes"):
+            measured = mem["torch_peak_bytes"]
+            rows.append((f"memory: {r['case']} {r['backend']}",
+                         f"predicted {pred['total'] / 2**30:.2f} GiB, measured peak {measured / 2**30:.2f} GiB "
+                         f"(torch.cuda.max_memory_allocated; {mem.get('torch_before_bytes', 0) / 2**30:.2f} GiB "
+                         f"allocated before the row; predicted / measured {pred['total'] / max(measured, 1):.2f})"))
     launches = check.get("launches")
     rows.append(("launches / training iteration",
                  launches_note_from(launches) if launches else stages.get("launches", {}).get("note", "not run")))
@@ -498,11 +514,14 @@ def summarize(out_dir: Path, parts: Path | None = None, note: str = "") -> str:
                              "bench": _read_json(out_dir / "bench.json")}
     tests = out_dir / "tests.txt"
     check["tests"] = pytest_line(tests.read_text()) if tests.is_file() else None
-    runs = {name: read_jsonl(parts / f"train_{name}.jsonl") for name in ("triton", "torch")}
+    # the run at default settings (train_auto; train_triton in checks before 2026-12) and the reference's
+    default = parts / "train_auto.jsonl"
+    runs = {"auto": read_jsonl(default if default.is_file() else parts / "train_triton.jsonl"),
+            "torch": read_jsonl(parts / "train_torch.jsonl")}
     check["train"] = runs
-    check["time_to_quality"] = time_to_quality(runs["triton"], runs["torch"])
+    check["time_to_quality"] = time_to_quality(runs["auto"], runs["torch"])
     check["time_to_quality"]["precision"] = train_precision(check["stages"])
-    check["loss_at_equal_iterations"] = compare_losses(runs["triton"], runs["torch"])
+    check["loss_at_equal_iterations"] = compare_losses(runs["auto"], runs["torch"])
     (out_dir / "check.json").write_text(json.dumps(check, indent=1, default=str))
 
     env = check["env"] or {}
@@ -523,8 +542,8 @@ def summarize(out_dir: Path, parts: Path | None = None, note: str = "") -> str:
     cmp_ = check["loss_at_equal_iterations"]
     lines.append("")
     if cmp_.get("common_steps"):
-        lines.append(f"loss at equal iterations: step {cmp_['first_step']}: triton {cmp_['loss_a_first']:.4f} vs "
-                     f"torch {cmp_['loss_b_first']:.4f}; step {cmp_['step']}: triton {cmp_['loss_a']:.4f} vs torch "
+        lines.append(f"loss at equal iterations: step {cmp_['first_step']}: default {cmp_['loss_a_first']:.4f} vs "
+                     f"torch {cmp_['loss_b_first']:.4f}; step {cmp_['step']}: default {cmp_['loss_a']:.4f} vs torch "
                      f"{cmp_['loss_b']:.4f} (rel diff {cmp_['rel_diff']:.2e}); {cmp_['common_steps']} common steps"
                      + _precision_note(check["time_to_quality"].get("precision") or {}))
     else:

@@ -19,7 +19,7 @@ from benchmarks import profiling, record, summarize
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_FILES = {"summary.md", "check.json", "details.md", "bench.json", "bench.md", "tests.txt", "gpu_check.log"}
 MAX_FILES, MAX_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2  # what a GPU run may hand back: files, bytes each, folders deep
-STAGES = ["env", "fit", "tests", "bench", "launches", "profile", "train_triton", "train_torch", "ncu"]
+STAGES = ["env", "compile", "train_auto", "train_torch", "bench", "tests", "launches", "profile", "ncu", "fit"]
 
 
 # ------------------------------------------------------------------------------------------- the dry run
@@ -66,6 +66,8 @@ def test_dry_run_every_stage_ran_or_left_a_one_line_note(dry_run) -> None:
     assert check["fit"] and all(r["pass"] == "fwd" and r["registers"] > 0 for r in check["fit"]), check["fit"][:2]
     assert "compiled for sm_90" in stages["fit"]["note"]
     assert "passed" in stages["tests"]["note"], stages["tests"]["note"]
+    # the compile pass: the jobs' launches recorded, a few of them compiled for sm_90 (no GPU here)
+    assert "launches" in stages["compile"]["note"] and "compiled" in stages["compile"]["note"], stages["compile"]
     rows = {(r["case"], r["backend"]): r for r in check["bench"]["rows"]}
     assert rows[("step", "triton-bf16")]["status"] == "ok" and rows[("step", "torch-fp32")]["status"] == "ok"
     assert ("step", "triton-bf16-perstep") not in rows  # the per-step backends apply to rollouts only
@@ -81,11 +83,12 @@ def test_dry_run_every_stage_ran_or_left_a_one_line_note(dry_run) -> None:
         assert "error" not in t, t
         assert t["top"] and t["top"][0]["count"] >= 1 and t["busy_share"] is None
     assert stages["ncu"]["rc"] == "note" and "ncu" in stages["ncu"]["note"]
-    for b in ("triton", "torch"):
+    for b in ("auto", "torch"):
         if "no MNIST data" in stages[f"train_{b}"]["note"]:
             pytest.skip("no MNIST data here: the training stage said so in one line")
         assert check["train"][b], f"expected metrics rows from the {b} training run"
-    assert check["time_to_quality"]["fused"]["rows"] > 0 and check["time_to_quality"]["reference"]["rows"] > 0
+    assert "PyTorch reference on cpu" in stages["train_auto"]["note"], "the run says how it computed"
+    assert check["time_to_quality"]["default"]["rows"] > 0 and check["time_to_quality"]["reference"]["rows"] > 0
 
 
 @pytest.mark.slow
@@ -174,20 +177,32 @@ def _rows(rate: float, loss0: float, n: int) -> list[dict]:
             for i in range(1, n + 1)]
 
 
+def test_the_plan_fits_in_eight_minutes() -> None:
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "unused", "--plan"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    stages = [line.split()[0] for line in lines[:-1]]
+    assert stages == ["env", "compile", "train", "bench", "tests", "launches", "profile", "ncu", "fit"], stages
+    total = int(lines[-1].split()[1].rstrip("s"))
+    assert total <= 480, f"the GPU stages' caps add up to {total} s, more than 8 minutes: {proc.stdout}"
+    assert "train 102s x 2" in proc.stdout, "two training runs of 90 s after set-up"
+
+
 def test_time_to_quality_compares_equal_wall_time_and_iterations() -> None:
-    fused, ref = _rows(10.0, 100.0, 20), _rows(2.5, 100.0, 5)  # both 10 s; same losses at equal steps
-    t = summarize.time_to_quality(fused, ref)
+    default, ref = _rows(10.0, 100.0, 20), _rows(2.5, 100.0, 5)  # both 10 s; same losses at equal steps
+    t = summarize.time_to_quality(default, ref)
     assert t["it_per_s_ratio"] == pytest.approx(4.0)
     assert [x["step"] for x in t["at_iteration"]] == [5, 15, 25]
-    assert all(x["fused"] == x["reference"] for x in t["at_iteration"])
+    assert all(x["default"] == x["reference"] for x in t["at_iteration"])
     # the reference's final smoothed loss (mean of its last 3: 96) is reached by the fused run at step 25, 2.5 s
     assert t["reference_final_loss"] == pytest.approx(96.0)
-    assert t["fused_reaches_reference_loss_s"] == pytest.approx(2.5) and t["time_to_quality_speedup"] == 4.0
+    assert t["default_reaches_reference_loss_s"] == pytest.approx(2.5) and t["time_to_quality_speedup"] == 4.0
     last = t["at_wall_time"][-1]
-    assert last["t_s"] == 10.0 and last["fused"] < last["reference"]
+    assert last["t_s"] == 10.0 and last["default"] < last["reference"]
     line = summarize.ttq_line(t)
     assert "(4.00x)" in line and "after 2.5 s (reference: 10.0 s, 4.00x)" in line
-    assert summarize.ttq_line(summarize.time_to_quality([], ref)) == "no metrics rows from the fused run"
+    assert summarize.ttq_line(summarize.time_to_quality([], ref)) == "no metrics rows from the default run"
 
 
 def test_profile_markdown_of_a_gpu_result() -> None:
@@ -272,7 +287,7 @@ def test_summary_of_a_gpu_run_holds_the_headline_table(tmp_path: Path) -> None:
             "gpu_busy_ms": 4.0, "busy_share": 0.4, "idle_share": 0.6, "top": []}]}
     (tmp_path / "profile.json").write_text(json.dumps(prof))
     (tmp_path / "ncu.json").write_text(json.dumps({"ncu": profiling.parse_ncu_csv(NCU_CSV)}))
-    (tmp_path / "train_triton.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(10.0, 100.0, 20)))
+    (tmp_path / "train_auto.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(10.0, 100.0, 20)))
     (tmp_path / "train_torch.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(2.5, 100.0, 5)))
     text = summarize.summarize(tmp_path, tmp_path)
     assert "| card | NVIDIA H100, sm_90, 132 SMs, SM clock 1755 MHz (max 1980 MHz) |" in text
@@ -282,7 +297,7 @@ def test_summary_of_a_gpu_run_holds_the_headline_table(tmp_path: Path) -> None:
     assert "| GPU busy: train mnist-doubling fused bf16 | 40.0 % of 10.000 ms wall (idle 60.0 % = host" in text
     assert "| fit on the installed Triton | 11 fwd configs + 60 bwd kernels compiled for sm_90; no spills |" in text
     assert "_nca_step_bwd_kernel: tensor pipe - %" in text and "_nca_step_fwd_kernel: tensor pipe 61.3 %" in text
-    assert "| time to quality | fused 10.00 it/s vs reference 2.50 it/s (4.00x)" in text
+    assert "| time to quality | default settings 10.00 it/s vs --backend torch 2.50 it/s (4.00x)" in text
     assert "No CUDA device" not in text and "WARNING" not in text
     details = (tmp_path / "details.md").read_text()
     assert "## Nsight Compute" in details and "## Time to quality" in details
@@ -311,14 +326,29 @@ def test_pytest_line_reports_each_run_and_what_ran_before_a_timeout() -> None:
         "3 passed, 3 skipped, then tests stopped by the 90s timeout")
 
 
-def test_time_to_quality_says_which_precision_each_backend_ran() -> None:
-    stages = [{"stage": "train_triton", "rc": "0", "note": "precision bf16, cuDNN TF32 on; time limit 20s; done"},
-              {"stage": "train_torch", "rc": "0", "note": "precision fp32, cuDNN TF32 on; time limit 20s; done"},
+def test_time_to_quality_says_how_each_run_computed() -> None:
+    stages = [{"stage": "train_auto", "rc": "0",
+               "note": "fused Triton kernels on cuda:0, TF32 dots (PyTorch's cuDNN TF32 flag); backend auto: triton "
+                       "20.00 ms/it, torch 40.00 ms/it -> triton (measured on X); time limit 90s; done"},
+              {"stage": "train_torch", "rc": "0", "note": "PyTorch reference on cuda:0, TF32 dots; time limit 90s"},
               {"stage": "fit", "rc": "0", "note": "precision x"}]
     prec = summarize.train_precision(stages)
-    assert prec == {"fused": "bf16, cuDNN TF32 on", "reference": "fp32, cuDNN TF32 on"}
+    assert prec == {"default": "fused Triton kernels on cuda:0, TF32 dots (PyTorch's cuDNN TF32 flag)",
+                    "reference": "PyTorch reference on cuda:0, TF32 dots"}
     t = summarize.time_to_quality(_rows(10.0, 100.0, 20), _rows(2.5, 100.0, 5))
     t["precision"] = prec
-    assert summarize.ttq_line(t).startswith("fused (bf16, cuDNN TF32 on) 10.00 it/s vs reference (fp32, cuDNN TF32 "
-                                            "on) 2.50 it/s (4.00x)")
-    assert "Precision: fused bf16, cuDNN TF32 on; reference fp32, cuDNN TF32 on" in summarize.ttq_markdown(t)
+    assert summarize.ttq_line(t).startswith("default settings (fused Triton kernels on cuda:0, TF32 dots (PyTorch's "
+                                            "cuDNN TF32 flag)) 10.00 it/s vs --backend torch (PyTorch reference")
+    assert "How each ran: default fused Triton kernels" in summarize.ttq_markdown(t)
+
+
+def test_the_summary_extrapolates_iwae_and_holds_memory_against_the_model(tmp_path: Path) -> None:
+    rows = [{"case": "iwae-mnist-doubling", "backend": "triton-bf16", "impl": "triton", "status": "ok",
+             "time_ms": {"median": 10.0}, "samples_per_s": 1e5},  # 1.28e6 samples: 12.8 s
+            {"case": "train-celeba-nondoubling-256-T128", "backend": "triton-bf16", "impl": "triton", "status": "ok",
+             "time_ms": {"median": 100.0}, "predicted_memory": {"total": 3 * 2**30},
+             "mem": {"torch_peak_bytes": 4 * 2**30, "torch_before_bytes": 2**29}}]
+    (tmp_path / "bench.json").write_text(json.dumps({"meta": {"speed_claim": True}, "peaks": {}, "rows": rows}))
+    text = summarize.summarize(tmp_path, tmp_path)
+    assert "the 10,000-image test set at k = 128 would take 0.2 min (extrapolated)" in text, text
+    assert "predicted 3.00 GiB, measured peak 4.00 GiB" in text and "predicted / measured 0.75" in text

@@ -390,8 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", nargs="+", required=True, metavar="FILE", help="recorded launches (save_launches)")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: the CPUs, at most 16)")
     p.add_argument("--arch", type=int, default=None, help="compile for this CUDA arch (e.g. 90) instead of the GPU's")
+    p.add_argument("--max-kernels", type=int, default=None, help="compile only the first N distinct kernels (a "
+                   "code-path check on a machine without a GPU)")
     a = p.parse_args(args)
     launches = [launch for path in a.compile for launch in load_launches(path)]
+    recorded = len(launches)
+    if a.max_kernels is not None:
+        launches = list({launch.dedupe_key(): launch for launch in launches}.values())[: a.max_kernels]
     target = {"backend": "cuda", "arch": a.arch, "warp_size": 32} if a.arch else target_of()
     t0 = time.perf_counter()
     last = [0.0]
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = precompile(launches, target, workers=a.workers, progress=progress)
     arch = f"sm_{target['arch']}"
-    print(f"warmup: {report.line(arch)} ({report.launches} launches recorded)")
+    print(f"warmup: {report.line(arch)} ({recorded} launches recorded)")
     for failure in report.failed:
         print(f"warmup: not compiled: {failure}")
     return 0
