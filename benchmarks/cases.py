@@ -12,6 +12,8 @@ Cases (GPU sizes; ``tiny=True`` shrinks every one to C = h = 16, 1 block, B = 2,
   a rollout whose largest step is itself small (its buffers would outgrow the per-step backward's,
   ``kernels/rollout.py`` ``_small_bwd_fits``), so it runs only under the later steps, as in training.
   Compare ``triton-*`` with ``triton-*-perstep`` on both: the later steps run the same kernels either way.
+* ``rollout-bwd-celeba-nondoubling-256-T128``: the same for the non-doubling 62x62 preset at T = 128 (its
+  'auto' policy: sqrt(T) segments, recomputed in the backward), the batched weight gradients' other A/B shape.
 * ``train-<preset>[-T<n>]``: one training iteration of the whole VNCA (forward, backward, gradient clipping,
   Adam step) on random images of the preset's shape.
 * ``iwae-mnist-doubling``: the importance-weighted bound with k = 128 samples on B = 8 images (samples/s).
@@ -26,6 +28,10 @@ Backends (``name[@checkpoint]``, the suffix overrides the model's checkpoint pol
   model cases run the fused rollout with its small-grid path on (the default).
 * ``triton-fp32-perstep`` / ``triton-bf16-perstep``: the same with the small-grid path off
   (``nca.configure(small_grid=False)``: one forward and two backward launches per step). Model cases only.
+* ``triton-bf16-batched`` / ``triton-bf16-batched-cublas`` (and ``triton-tf32-batched``): the fused rollout
+  with the backward's weight gradients batched over steps (``RolloutPlan.wgrad``, ``kernels/wgrad.py``: the Triton
+  split-K GEMM, or cuBLAS for the 1x1 weights), against ``triton-bf16``'s per-step post kernels on the same
+  shapes. Model cases with a backward only (rollout-bwd, train).
 * ``triton-bf16-graph``: ``triton-bf16``'s training iteration captured once as a CUDA graph and replayed
   (``fastnca.graphs.TrainGraph``, as the trainer runs it on CUDA; the warm-up calls are the eager call and the
   capture). Train cases on CUDA only: with the other ``triton-*`` rows it gives the graphs-on/off pair.
@@ -60,7 +66,8 @@ __all__ = [
 ]
 
 BACKENDS = ("torch-fp32", "torch-bf16-cl", "compile-fp32", "compile-bf16", "triton-fp32", "triton-tf32",
-            "triton-bf16", "triton-fp32-perstep", "triton-bf16-perstep", "triton-bf16-graph")
+            "triton-bf16", "triton-fp32-perstep", "triton-bf16-perstep", "triton-bf16-graph", "triton-bf16-batched",
+            "triton-bf16-batched-cublas", "triton-tf32-batched")
 
 # Cells per sample of the largest grid the small-grid kernels run (kernels/small_grid.py, SMALL_GRID_CELLS; a
 # copy, so that the torch backends run without Triton): the early-stage cases stop at the last such step.
@@ -89,6 +96,7 @@ class Backend:
     checkpoint: str | None = None
     small_grid: bool = True  # fused rollouts: the leading steps on small grids in one launch (False: per step)
     graph: bool = False  # train cases: the iteration replayed as a CUDA graph
+    wgrad: str = "per-step"  # fused backward: the weight-gradient design (kernels/schedule.py WGRADS)
 
     @property
     def label(self) -> str:
@@ -122,8 +130,10 @@ def parse_backend(spec: str) -> Backend:
 
         parse_checkpoint(ckpt, 1, True)  # validates
     impl, prec = name.split("-")[0], name.split("-")[1]
+    wgrad = "batched-cublas" if name.endswith("-batched-cublas") else "batched" if name.endswith("-batched") else \
+        "per-step"
     return Backend(name, impl, prec, name.endswith("-cl") or (impl == "compile" and prec == "bf16"), ckpt or None,
-                   small_grid=not name.endswith("-perstep"), graph=name.endswith("-graph"))
+                   small_grid=not name.endswith("-perstep"), graph=name.endswith("-graph"), wgrad=wgrad)
 
 
 def tolerance(backend: Backend, kind: str) -> float:
@@ -157,6 +167,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              description="62x62, h=256, T=64"),
     CaseSpec("rollout-celeba-nondoubling-256-T128", "rollout", "celeba-nondoubling-256", 128,
              description="62x62, h=256, T=128"),
+    CaseSpec("rollout-bwd-celeba-nondoubling-256-T128", "rollout-bwd", "celeba-nondoubling-256", 128,
+             description="62x62, h=256, T=128, forward + backward to z and the weights"),
     CaseSpec("train-mnist-doubling", "train", "mnist-doubling", description="fwd+bwd+clip+Adam, B=32"),
     CaseSpec("train-celeba-doubling", "train", "celeba-doubling", description="fwd+bwd+clip+Adam, B=32"),
     CaseSpec("train-celeba-nondoubling-256-T128", "train", "celeba-nondoubling-256", 128,
@@ -409,17 +421,21 @@ class CaseContext:
             shape = (self.batch, self.cfg.state_channels, side, side)
             self.dy = torch.randn(shape, generator=self.gen).to(self.device)
 
-    def _configure(self, backend: str, precision: str, checkpoint: str, small_grid: bool = True) -> None:
+    def _configure(self, backend: str, precision: str, checkpoint: str, small_grid: bool = True,
+                   wgrad: str = "per-step") -> None:
         """Reset the shared model's weights and point it at a backend (the NCA reads these at every run)."""
         self.model.load_state_dict(self.init_state)
-        self._point(backend, precision, checkpoint, small_grid)
+        self._point(backend, precision, checkpoint, small_grid, wgrad)
 
-    def _point(self, backend: str, precision: str, checkpoint: str, small_grid: bool = True) -> None:
-        # every backend sets small_grid, so that a per-step row never leaves the shared model in per-step mode
-        self.nca.configure(backend=backend, precision=precision, checkpoint=checkpoint, small_grid=small_grid)
+    def _point(self, backend: str, precision: str, checkpoint: str, small_grid: bool = True,
+               wgrad: str = "per-step") -> None:
+        # every backend sets small_grid and wgrad, so that a per-step or batched row never leaves the shared model in
+        # its mode
+        self.nca.configure(backend=backend, precision=precision, checkpoint=checkpoint, small_grid=small_grid,
+                           wgrad=wgrad)
         if hasattr(self.model, "config"):
             self.model.config = self.model.config.replace(backend=backend, precision=precision,
-                                                          checkpoint=checkpoint, small_grid=small_grid)
+                                                          checkpoint=checkpoint, small_grid=small_grid, wgrad=wgrad)
 
     def _rollout(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The case's rollout from latents ``z``: the whole schedule, or its leading steps (``self.flags``)."""
@@ -474,7 +490,9 @@ class CaseContext:
         if b.graph and (kind != "train" or self.device.type != "cuda"):
             raise NotImplementedError("CUDA graphs are benchmarked on training iterations on a CUDA device only")
         policy = b.checkpoint or cfg.checkpoint
-        self._configure(b.model_backend, b.model_precision, policy, b.small_grid)
+        if b.wgrad != "per-step" and kind not in ("rollout-bwd", "train"):
+            raise NotImplementedError("the batched weight-gradient backends differ in cases with a backward only")
+        self._configure(b.model_backend, b.model_precision, policy, b.small_grid, b.wgrad)
         itemsize = 2 if b.model_precision == "bf16" else 4
         sched: list[bool] | int = self.flags if self.flags is not None else (
             self.num_steps if self.num_steps else self.nca.schedule(None))
@@ -485,6 +503,7 @@ class CaseContext:
         extra: dict[str, Any] = {"num_steps": n_sched, "batch": self.batch}
         if b.impl == "triton":
             extra["small_grid"] = b.small_grid
+            extra["wgrad"] = b.wgrad
         if kind == "rollout":
             cost = rollout_cost(cfg, self.batch, self.num_steps, itemsize=itemsize, first_steps=first)
             z = self.z
@@ -541,9 +560,9 @@ class CaseContext:
 
             ckpt = _ckpt_words(policy, seg, b.model_backend)
             extra["predicted_memory"] = _predicted_memory(
-                cfg.replace(backend=b.model_backend, precision=b.model_precision), policy, self.num_steps,
-                b.model_backend)
-        point = (b.model_backend, b.model_precision, policy, b.small_grid)
+                cfg.replace(backend=b.model_backend, precision=b.model_precision, wgrad=b.wgrad), policy,
+                self.num_steps, b.model_backend)
+        point = (b.model_backend, b.model_precision, policy, b.small_grid, b.wgrad)
 
         def run_fn() -> Any:
             self._point(*point)
@@ -585,6 +604,8 @@ class CaseContext:
         """Bind the case to backend ``b`` (raises NotImplementedError when the pair does not apply)."""
         if not b.small_grid and self.spec.kind.startswith("step"):
             raise NotImplementedError("the per-step backends differ from triton-* in whole rollouts only")
+        if b.wgrad != "per-step" and self.spec.kind.startswith("step"):
+            raise NotImplementedError("the batched weight-gradient backends differ in whole rollouts only")
         if b.impl == "triton":
             why = triton_unavailable(self.device)
             if why:

@@ -3,6 +3,7 @@
 Usage::
 
     python -m benchmarks.flops              # the floor table of benchmarks/RESULTS.md, as markdown
+    python -m benchmarks.flops --wgrad-k    # the weight-gradient FLOPs grouped by GEMM K, per backward design
 
 Counting rules (a multiply-add is 2 FLOPs; biases and ELUs are ignored, they are < 0.5 % of the total):
 
@@ -20,6 +21,10 @@ Counting rules (a multiply-add is 2 FLOPs; biases and ELUs are ignored, they are
   schedule has ``M`` steps per stage on a ``seed * 2**k`` grid, k = 0..K.
 * the encoder (5x5 convs and one linear layer) is counted in training iterations and IWAE; it is about
   0.4 % of the MNIST doubling model's forward FLOPs.
+* weight gradients: one forward's FLOPs per cell (each weight's GEMM ``dW = A^T B`` has the forward product's
+  multiply-adds), reduced over cells: a GEMM's K is the cells it sums. The fused backward's 'per-step' design runs
+  each step's GEMMs on its own (K = the step's cells); the 'batched' designs run one GEMM per weight over a batch
+  of steps (K = the batch's cells; ``RolloutPlan.wgrad_batches``, the batch buffers' cap). :func:`wgrad_k_table`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ __all__ = [
     "train_cost",
     "iwae_cost",
     "floor_table",
+    "wgrad_gemm_k",
+    "wgrad_k_table",
+    "wgrad_ks",
 ]
 
 
@@ -220,11 +228,65 @@ def floor_table() -> str:
     return "\n".join(out)
 
 
+def wgrad_ks(cfg, batch: int, num_steps: int | None = None, *, wgrad: str, itemsize: int = 2) -> list[int]:
+    """The K (cells summed) of the weight-gradient GEMMs of one fused backward of ``cfg``'s rollout, one per step
+    ('per-step') or one per batch of steps ('batched', 'batched-cublas': the batches its plan cuts under the
+    preset's checkpoint policy; ``itemsize``: the state's bytes, which size the batch buffers), in backward order."""
+    from fastnca.kernels.schedule import batch_cell_elems
+    from fastnca.memory import rollout_plan
+
+    plan = rollout_plan(cfg, num_steps, wgrad=wgrad)
+    side = cfg.seed_size if cfg.doubling else cfg.grid_size
+    cells = [batch * h * w for h, w in plan.grids(side, side)]
+    if not plan.batched_wgrad:
+        return cells[::-1]
+    hp = 1 << (cfg.hidden_channels - 1).bit_length()
+    elems = batch_cell_elems(cfg.state_channels, hp, cfg.n_blocks, recompute=not plan.keeps_activations)
+    return [sum(cells[a:e]) for a, e in plan.wgrad_batches([m * elems * itemsize for m in cells])]
+
+
+def wgrad_gemm_k(cfg, batch: int, num_steps: int | None = None, *, wgrad: str, itemsize: int = 2) -> dict[int, int]:
+    """Weight-gradient FLOPs of one fused backward by GEMM K (:func:`wgrad_ks`): one forward's FLOPs per cell."""
+    per_cell = step_flops_per_cell(cfg.state_channels, cfg.hidden_channels, cfg.n_blocks)
+    out: dict[int, int] = {}
+    for k in wgrad_ks(cfg, batch, num_steps, wgrad=wgrad, itemsize=itemsize):
+        out[k] = out.get(k, 0) + k * per_cell
+    return dict(sorted(out.items()))
+
+
+WGRAD_K_CASES = (("mnist-doubling", None), ("celeba-nondoubling-256", 128))
+LONG_K = 65_536  # the goal of issue 30: every weight-gradient FLOP of mnist-doubling in a GEMM with K >= 64k cells
+
+
+def wgrad_k_table() -> str:
+    """Markdown: per preset (B = 32, bf16) and backward design, the weight-gradient GFLOP by GEMM K and the share in
+    GEMMs with K >= 64k cells."""
+    from fastnca.config import get_preset
+
+    out = ["| case | design | GEMM K (cells): GFLOP of weight gradients | share at K >= 64k |", "|---|---|---|---:|"]
+    for preset, t in WGRAD_K_CASES:
+        cfg = get_preset(preset)
+        for design in ("per-step", "batched"):
+            by_k = wgrad_gemm_k(cfg, 32, t, wgrad=design)
+            total = sum(by_k.values())
+            long = sum(v for k, v in by_k.items() if k >= LONG_K)
+            counts: dict[int, int] = {}
+            for k in wgrad_ks(cfg, 32, t, wgrad=design):
+                counts[k] = counts.get(k, 0) + 1
+            groups = ", ".join(f"{k:,}{f' (x{counts[k]})' if counts[k] > 1 else ''}: {_gf(v)}"
+                               for k, v in by_k.items())
+            name = preset + (f" T={t}" if t else "") + " (B=32, bf16)"
+            out.append(f"| {name} | {design} | {groups} | {100 * long / total:.1f} % |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Print the floor table (markdown)."""
+    """Print the floor table (markdown), or the weight-gradient FLOPs by GEMM K."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n")[0])
-    parser.parse_args(argv)
-    print(floor_table())
+    parser.add_argument("--wgrad-k", action="store_true",
+                        help="the weight-gradient FLOPs grouped by GEMM K, per-step vs batched backward")
+    args = parser.parse_args(argv)
+    print(wgrad_k_table() if args.wgrad_k else floor_table())
 
 
 if __name__ == "__main__":

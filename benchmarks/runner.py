@@ -37,15 +37,20 @@ QUICK_PLAN: list[tuple[str, list[str]]] = [
     # the training goal's row (issue 10: >= 85 it/s, >= 4x the authors' setting, the reference in fp32 with per-step
     # checkpointing) first: the H100 check of 2026-11-28 ran out of bench time before it, after the fused fp32 row
     ("train-mnist-doubling", ["triton-bf16", "torch-fp32@step"]),
+    # issue 30's A/B: the backward's weight gradients per step (triton-bf16, the default) against batched over steps
+    # (the Triton split-K GEMM; cuBLAS for the 1x1 weights), same shapes, same run: the rollout's forward + backward
+    # and the training iteration, mnist-doubling and celeba-nondoubling-256 T = 128 (benchmarks/RESULTS.md, the rule)
+    ("rollout-bwd-mnist-doubling", ["triton-bf16", "triton-bf16-batched", "triton-bf16-batched-cublas"]),
+    ("train-mnist-doubling", ["triton-bf16-batched"]),
+    ("rollout-bwd-celeba-nondoubling-256-T128", ["triton-bf16", "triton-bf16-batched"]),
+    ("train-celeba-nondoubling-256-T128", ["triton-bf16", "triton-bf16-batched"]),
     # the fused rollout keeping every step's activations (the doubling presets' 'auto' since 2026-11-28) against
     # recomputing each step in the backward main kernel ('step', the default before)
     ("train-mnist-doubling", ["triton-bf16@step"]),
     # the small-grid kernels (issue 11) against the per-step path (the early forward alone; the rollout forward +
     # backward, whose small-grid backward runs only under later steps): milliseconds a row
     ("rollout-mnist-doubling-early", ["triton-bf16", "triton-bf16-perstep"]),
-    ("rollout-bwd-mnist-doubling", ["triton-bf16"]),
     ("train-mnist-doubling", ["triton-bf16-graph", "torch-bf16-cl"]),
-    ("train-celeba-nondoubling-256-T128", ["triton-bf16"]),
     ("rollout-bwd-mnist-doubling", ["triton-bf16-perstep"]),
     ("train-mnist-doubling", ["triton-fp32", "triton-bf16-perstep"]),
     ("train-celeba-nondoubling-256-T128", ["torch-bf16-cl", "triton-bf16-graph"]),
@@ -56,6 +61,7 @@ _STEP_BACKENDS = ["torch-fp32", "torch-bf16-cl", "compile-fp32", "compile-bf16",
                   "triton-bf16"]
 _MODEL_BACKENDS = ["torch-fp32", "torch-bf16-cl", "triton-fp32", "triton-bf16"]
 _PERSTEP_BACKENDS = ["triton-fp32-perstep", "triton-bf16-perstep"]
+_BATCHED_BACKENDS = ["triton-bf16-batched", "triton-bf16-batched-cublas", "triton-tf32-batched"]
 BASELINES = ("torch-fp32", "torch-bf16-cl")
 
 
@@ -75,9 +81,11 @@ def default_plan() -> list[tuple[str, list[str]]]:
             # the reference's recomputed segments at T = 1024 need tens of GB: only the fused path is measured
             plan.append((name, ["triton-bf16", "triton-fp32"]))
         elif spec.kind == "train":
-            plan.append((name, ["torch-fp32@step", *_MODEL_BACKENDS, *perstep, "triton-bf16-graph"]))
+            plan.append((name, ["torch-fp32@step", *_MODEL_BACKENDS, *perstep, "triton-bf16-graph",
+                                *_BATCHED_BACKENDS]))
         else:
-            plan.append((name, [*_MODEL_BACKENDS, *perstep]))
+            batched = _BATCHED_BACKENDS if spec.kind == "rollout-bwd" else []
+            plan.append((name, [*_MODEL_BACKENDS, *perstep, *batched]))
     return plan
 
 
@@ -98,9 +106,10 @@ def _select(plan: list[tuple[str, list[str]]], cases: list[str] | None,
         for name, _ in plan:
             step = CASES[name].kind.startswith("step")
             if name not in {n for n, _ in out}:
-                # compile-* are benchmarked per step only; *-perstep differ from triton-* in rollouts only
-                out.append((name, [b for b in backends
-                                   if (parse_backend(b).small_grid if step else not b.startswith("compile"))]))
+                # compile-* are benchmarked per step only; *-perstep and *-batched* differ from triton-* in rollouts
+                out.append((name, [b for b in backends if (
+                    parse_backend(b).small_grid and parse_backend(b).wgrad == "per-step" if step
+                    else not b.startswith("compile"))]))
         plan = out
     return plan
 
@@ -247,6 +256,12 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
         off = (r["case"], r["backend"].replace("-graph", ""))
         if "time_ms" in r and "-graph" in r["backend"] and off in eager:
             r["speedup"]["vs graphs off"] = eager[off] / r["time_ms"]["median"]
+    # batched weight gradients against per-step ones (issue 30): triton-<p>-batched[-cublas] against triton-<p>
+    for r in rows:
+        name, _, ckpt = r["backend"].partition("@")
+        base = (r["case"], name.replace("-batched-cublas", "").replace("-batched", "") + (f"@{ckpt}" if ckpt else ""))
+        if "time_ms" in r and "-batched" in name and base in eager:
+            r["speedup"]["vs per-step wgrad"] = eager[base] / r["time_ms"]["median"]
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -319,6 +334,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         if "vs per-step" in r.get("speedup", {}):
             lines.append(f"\n{r['case']} {r['backend']}: small-grid path {r['speedup']['vs per-step']:.2f}x "
                          "the per-step path's speed")
+        if "vs per-step wgrad" in r.get("speedup", {}):
+            lines.append(f"\n{r['case']} {r['backend']}: weight gradients batched over steps, "
+                         f"{r['speedup']['vs per-step wgrad']:.2f}x the per-step post kernels' speed")
         if "vs graphs off" in r.get("speedup", {}):
             lines.append(f"\n{r['case']} {r['backend']}: replayed as a CUDA graph, "
                          f"{r['speedup']['vs graphs off']:.2f}x the eager iteration's speed")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.flops import (
+    LONG_K,
     encoder_flops,
     floor_table,
     iwae_cost,
@@ -16,6 +17,9 @@ from benchmarks.flops import (
     step_flops_per_cell,
     train_cost,
     update_params,
+    wgrad_gemm_k,
+    wgrad_k_table,
+    wgrad_ks,
 )
 from fastnca.config import get_preset
 
@@ -62,3 +66,24 @@ def test_results_md_floor_table_is_the_models() -> None:
     """benchmarks/RESULTS.md quotes floor_table() verbatim: regenerate it when the model changes."""
     text = (Path(__file__).parent / "RESULTS.md").read_text()
     assert floor_table() in text, "RESULTS.md's floor table is stale: paste `python -m benchmarks.flops` output"
+
+
+def test_batched_design_puts_every_mnist_weight_gradient_flop_in_a_long_k_gemm() -> None:
+    """Issue 30's goal, counted: mnist-doubling (B = 32, bf16, 'auto' = 'none') runs its weight gradients per step
+    with K = 128 ... 32,768 cells (none at K >= 64k) and, batched, as one GEMM per weight over all 349,184 cells;
+    both designs do the same FLOPs (one forward's per cell: 0.82 TFLOP)."""
+    cfg = get_preset("mnist-doubling")
+    per_step = wgrad_gemm_k(cfg, 32, wgrad="per-step")
+    batched = wgrad_gemm_k(cfg, 32, wgrad="batched")
+    assert sorted(per_step) == [128, 512, 2048, 8192, 32768]
+    assert list(batched) == [349_184] and max(per_step) < LONG_K <= min(batched)
+    assert sum(per_step.values()) == sum(batched.values()) == rollout_cost(cfg, 32).flops_fwd
+    assert sum(batched.values()) / 1e12 == pytest.approx(0.82, abs=0.01)
+    # celeba-nondoubling-256 (T = 128): one step a batch (123,008 cells each) under the 2 GiB cap, K >= 64k already
+    celeba = wgrad_ks(get_preset("celeba-nondoubling-256"), 32, 128, wgrad="batched")
+    assert celeba == [32 * 62 * 62] * 128
+
+
+def test_results_md_quotes_the_weight_gradient_k_table() -> None:
+    text = (Path(__file__).parent / "RESULTS.md").read_text()
+    assert wgrad_k_table() in text, "RESULTS.md's GEMM K table is stale: paste `python -m benchmarks.flops --wgrad-k`"

@@ -258,3 +258,55 @@ def test_speedup_vs_graphs_off_pairs_the_graph_row_with_its_eager_row() -> None:
     runner._speedups(rows)
     assert rows[0]["speedup"] == {"vs graphs off": 1.5}, rows[0]["speedup"]
     assert rows[1]["speedup"] == {} and rows[2]["speedup"] == {}, "no eager row of case d to compare with"
+
+
+def test_speedup_vs_per_step_wgrad_pairs_batched_rows_with_the_per_step_row() -> None:
+    def row(case: str, backend: str, ms: float) -> dict:
+        return {"case": case, "backend": backend, "impl": backend.split("-")[0], "time_ms": {"median": ms}}
+
+    rows = [row("c", "triton-bf16", 3.0), row("c", "triton-bf16-batched", 2.0),
+            row("c", "triton-bf16-batched-cublas", 1.5), row("c", "triton-bf16-batched@step", 1.0),
+            row("c", "triton-bf16@step", 4.0), row("d", "triton-bf16-batched", 1.0)]
+    runner._speedups(rows)
+    assert [rows[i]["speedup"].get("vs per-step wgrad") for i in range(len(rows))] == [None, 1.5, 2.0, 4.0, None,
+                                                                                         None]
+
+
+@pytest.mark.slow
+def test_batched_weight_gradient_backends_run_beside_the_per_step_one(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 30's A/B rows: triton-bf16 (per-step post kernels) and triton-bf16-batched* (kernels/wgrad.py) on the
+    same case in one run, each passing parity and pointing the shared model at its own design; the batched rows
+    launch the batched weight-gradient kernel, the per-step row does not; step cases skip them."""
+    b = cases.parse_backend("triton-bf16-batched-cublas@step")
+    assert (b.wgrad, b.precision, b.checkpoint, b.small_grid) == ("batched-cublas", "bf16", "step", True)
+    assert cases.parse_backend("triton-bf16").wgrad == "per-step"
+    assert runner._select(runner.QUICK_PLAN, ["step"], ["triton-bf16", "triton-bf16-batched"]) == [
+        ("step", ["triton-bf16"])]
+    quick = [(c, b) for c, bs in runner.QUICK_PLAN for b in bs]
+    for case in ("rollout-bwd-mnist-doubling", "train-mnist-doubling", "rollout-bwd-celeba-nondoubling-256-T128",
+                 "train-celeba-nondoubling-256-T128"):
+        assert {(case, "triton-bf16"), (case, "triton-bf16-batched")} <= set(quick), case
+    if cases.triton_unavailable(torch.device("cpu")):
+        pytest.skip("fused step not importable")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched: list[str] = []
+    real_run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run",
+                        lambda self, *a, **k: launched.append(self.fn.__name__) or real_run(self, *a, **k))
+    res = runner.run([("rollout-bwd-mnist-doubling", ["triton-bf16", "triton-bf16-batched"])],
+                     device=torch.device("cpu"), out=tmp_path, tiny=True, quick=False, peaks=False, quiet=True)
+    rows = res["rows"]
+    assert [r["status"] for r in rows] == ["ok"] * 2, [r["status"] for r in rows]
+    assert [r["wgrad"] for r in rows] == ["per-step", "batched"]
+    assert all(r["parity"]["ok"] for r in rows), [r["parity"] for r in rows]
+    assert "_wgrad_batched_kernel" in launched
+    ctx = cases.CaseContext(cases.CASES["rollout-bwd-mnist-doubling"], torch.device("cpu"), tiny=True)
+    ctx.prepare(cases.parse_backend("triton-bf16-batched"))
+    assert ctx.nca.settings.wgrad == "batched"
+    ctx.prepare(cases.parse_backend("triton-bf16"))
+    assert ctx.nca.settings.wgrad == "per-step", "expected a per-step row to point the shared model back"
+    with pytest.raises(NotImplementedError, match="batched"):
+        cases.CaseContext(cases.CASES["step"], torch.device("cpu"), tiny=True).prepare(
+            cases.parse_backend("triton-bf16-batched"))

@@ -26,6 +26,13 @@ def test_a_variant_patches_the_configs_and_restores_them():
         assert rollout._POST_MIN_CELLS_PER_SPLIT == 7
     assert (sp.post_config, sp.main_config(False), rollout._POST_MIN_CELLS_PER_SPLIT) == (post, main, split), \
         "expected the shipped configuration back after the variant"
+    from fastnca.kernels import wgrad
+
+    shipped, least = wgrad.wgrad_config(torch.bfloat16), wgrad.MIN_CELLS_PER_SPLIT
+    with _patched({"wgrad.warps": 4, "wgrad_min_cells": 9}):
+        assert wgrad.wgrad_config(torch.bfloat16) == dataclasses.replace(shipped, warps=4)
+        assert wgrad.MIN_CELLS_PER_SPLIT == 9
+    assert (wgrad.wgrad_config(torch.bfloat16), wgrad.MIN_CELLS_PER_SPLIT) == (shipped, least)
 
 
 def test_combined_takes_each_groups_best_ok_variant_that_beats_the_shipped_one():
@@ -40,10 +47,15 @@ def test_combined_takes_each_groups_best_ok_variant_that_beats_the_shipped_one()
 
 
 def test_every_variant_names_known_changes():
+    from fastnca.kernels.schedule import WGRADS
+    from fastnca.kernels.wgrad import WgradConfig
+
     fields = {f.name for f in dataclasses.fields(rollout.BwdConfig)}
+    wg_fields = {f.name for f in dataclasses.fields(WgradConfig)}
     for group, name, changes in VARIANTS:
+        assert changes.get("wgrad", "per-step") in WGRADS, f"{group} / {name}: unknown design"
         for key in changes:
             kind, _, field = key.partition(".")
-            ok = (kind in ("post", "main") and field in fields) or key in (
-                "min_cells_per_split", "small_grid", "small_grid_backward", "checkpoint")
+            ok = (kind in ("post", "main") and field in fields) or (kind == "wgrad" and field in wg_fields) or key in (
+                "min_cells_per_split", "small_grid", "small_grid_backward", "checkpoint", "wgrad", "wgrad_min_cells")
             assert ok, f"{group} / {name}: unknown change {key!r}"

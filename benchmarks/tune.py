@@ -3,7 +3,8 @@
 Usage::
 
     python -m benchmarks.tune --out DIR                    # mnist-doubling, B = 32, bf16: every variant below
-    python -m benchmarks.tune --only post small --out DIR  # some groups (post, main, ckpt, small)
+    python -m benchmarks.tune --only post small --out DIR  # some groups (post, main, ckpt, small, wgrad)
+    python -m benchmarks.tune --only wgrad --preset celeba-nondoubling-256 --out DIR   # issue 30's designs
     python -m benchmarks.tune --tiny --device cpu          # CPU dry run (interpreter, tiny sizes): the code path
 
 Each variant changes one thing against the shipped configuration (the kernels' own ``bwd_config`` /
@@ -42,7 +43,9 @@ from benchmarks.utils import rel_err, time_fn
 
 # (group, name, changes): changes are "post.<field>" / "main.<field>" (BwdConfig fields), "min_cells_per_split"
 # (the post kernel's, kernels.rollout._POST_MIN_CELLS_PER_SPLIT), "small_grid_backward" or "small_grid" (the NCA's
-# options of those names), "checkpoint" (the rollout's policy; shipped: the preset's)
+# options of those names), "checkpoint" (the rollout's policy; shipped: the preset's), "wgrad" (the backward's
+# weight-gradient design, RolloutPlan.wgrad; shipped: per-step), "wgrad.<field>" (the batched kernel's WgradConfig,
+# kernels/wgrad.py) and "wgrad_min_cells" (its splits' least cells, wgrad.MIN_CELLS_PER_SPLIT)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "64 cells per k-step, splits >= 1024 (before 2026-11-28)",
      {"post.wg_block_cells": 64, "min_cells_per_split": 1024}),
@@ -89,6 +92,14 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     # at |z| = h = 256 with 4 blocks instead of 9); the doubling presets' 'auto' keeps the activations (2026-11-28)
     ("ckpt", "per-step checkpointing: recompute in the backward (before 2026-11-28)", {"checkpoint": "step"}),
     ("small", "small-grid backward on", {"small_grid_backward": True}),
+    # issue 30: the weight gradients of a batch of steps (the whole mnist-doubling rollout under 'none') as long-K
+    # GEMMs after the steps' data gradients, instead of each step's in its post kernel (kernels/wgrad.py)
+    ("wgrad", "batched weight gradients (Triton split-K GEMM)", {"wgrad": "batched"}),
+    ("wgrad", "batched weight gradients, cuBLAS for the 1x1 weights", {"wgrad": "batched-cublas"}),
+    # sm_90 fit of these tiles, bf16 z = h = 256 (Triton 3.8): 143 registers (128 cells), 184 (4 warps), no spills
+    ("wgrad", "batched, 128 cells per k-step", {"wgrad": "batched", "wgrad.block_cells": 128}),
+    ("wgrad", "batched, 4 warps", {"wgrad": "batched", "wgrad.warps": 4}),
+    ("wgrad", "batched, splits >= 16384 cells", {"wgrad": "batched", "wgrad_min_cells": 16384}),
     ("small", "small-grid off (forward too)", {"small_grid": False}),
 ]
 
@@ -104,7 +115,10 @@ def _patched(changes: dict[str, Any]) -> Iterator[None]:
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
+    from fastnca.kernels import wgrad
+
     post = {k[5:]: v for k, v in changes.items() if k.startswith("post.")}
+    wg = {k[6:]: v for k, v in changes.items() if k.startswith("wgrad.")}
     main = {k[5:]: v for k, v in changes.items() if k.startswith("main.")}
     try:
         if post:
@@ -121,6 +135,11 @@ def _patched(changes: dict[str, Any]) -> Iterator[None]:
             put(rollout.StepPlan, "main_config", main_config)
         if "min_cells_per_split" in changes:
             put(rollout, "_POST_MIN_CELLS_PER_SPLIT", changes["min_cells_per_split"])
+        if wg:
+            real_wg = wgrad.wgrad_config
+            put(wgrad, "wgrad_config", lambda *a, **k: dataclasses.replace(real_wg(*a, **k), **wg))
+        if "wgrad_min_cells" in changes:
+            put(wgrad, "MIN_CELLS_PER_SPLIT", changes["wgrad_min_cells"])
         yield
     finally:
         for obj, name, value in reversed(saved):
@@ -160,6 +179,8 @@ class Bench:
         z = self.z.detach().clone().requires_grad_(True)
         self.nca.small_grid = changes.get("small_grid", self.cfg.small_grid)
         self.nca.small_grid_backward = changes.get("small_grid_backward", self.cfg.small_grid_backward)
+        if self.nca.settings.wgrad != changes.get("wgrad", self.cfg.wgrad):
+            self.nca.configure(wgrad=changes.get("wgrad", self.cfg.wgrad))
         out = self.nca.run(self.nca.seed(z), self.flags, checkpoint=changes.get("checkpoint"))
         out.backward(self.dy.to(out.dtype).contiguous(memory_format=torch.channels_last))
         return [out.detach().float(), z.grad.float()] + [p.grad.float() for p in params]
@@ -244,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="mnist-doubling")
     p.add_argument("--batch", type=int, default=None, help="default: the preset's batch (tiny: 2)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "tf32", "fp32"))
-    p.add_argument("--only", nargs="+", choices=("post", "main", "ckpt", "small"), help="only these groups")
+    p.add_argument("--only", nargs="+", choices=("post", "main", "ckpt", "small", "wgrad"), help="only these groups")
     p.add_argument("--reps", type=int, default=5, help="timed repeats per variant (after one warm-up)")
     p.add_argument("--time-budget", type=float, default=240.0, help="seconds; variants not started by then skip")
     p.add_argument("--device", default="cuda")
@@ -266,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args.preset, batch, args.precision, device, args.tiny)
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
     if args.tiny:  # one per kind of patch: the code path, not a sweep
-        variants = [v for v in variants if v[1] in ("splits >= 16384", "hidden chunk 64", "small-grid backward on")]
+        variants = [v for v in variants if v[1] in ("splits >= 16384", "hidden chunk 64", "small-grid backward on",
+                                                    "batched, 4 warps")]
         args.reps = 1
     shipped, ref = _measure(bench, "shipped", "-", {}, None, args.reps)
     base = shipped.get("median_ms") or float("nan")

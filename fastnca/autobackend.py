@@ -58,7 +58,7 @@ CACHE_VERSION = 1
 SHAPE_FIELDS = (
     "image_size", "image_channels", "likelihood", "n_mix", "enc_channels", "enc_first_padding", "state_channels",
     "hidden_channels", "n_blocks", "bias", "out_bias", "doubling", "seed_size", "n_doublings", "steps_per_stage",
-    "grid_size", "min_steps", "max_steps", "p_update", "pool_size", "damage_size", "checkpoint", "small_grid",
+    "grid_size", "min_steps", "max_steps", "p_update", "pool_size", "damage_size", "checkpoint", "small_grid", "wgrad",
     "precision", "batch_size", "cuda_graphs",
 )
 

@@ -77,6 +77,10 @@ class Config:
     checkpoint: str = "auto"  # none | step | segments=k | auto: what the rollout keeps for backward
     small_grid: bool = True  # fused backend: the steps on grids <= 8x8 in one launch (kernels/small_grid.py)
     small_grid_backward: bool = False  # and their backward too (measured slower than per step on an H100)
+    # fused backward's weight gradients: per-step | batched | batched-cublas (kernels/schedule.py WGRADS); per-step
+    # stays the default until a GPU measures a batched design faster (benchmarks/RESULTS.md)
+    wgrad: str = "per-step"
+    wgrad_batch_mib: int = 2048  # batched designs: the cap of the buffers of one batch of steps (MiB)
     # training
     batch_size: int = 32
     lr: float = 1e-4
@@ -187,6 +191,10 @@ class Config:
         from fastnca.kernels.schedule import parse_checkpoint  # the policy's one grammar
 
         parse_checkpoint(self.checkpoint, self.max_steps, self.doubling)
+        from fastnca.kernels.schedule import WGRADS
+
+        check_choice("wgrad", self.wgrad, WGRADS)
+        need(self.wgrad_batch_mib >= 1, "wgrad_batch_mib", "an integer >= 1 (MiB)")
         if self.likelihood == "dml":
             need(self.image_channels == 3, "image_channels", "3 for the discretized logistic mixture")
             need(10 * self.n_mix <= self.state_channels, "n_mix",

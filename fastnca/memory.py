@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from fastnca.config import Config, get_preset
-from fastnca.kernels.schedule import RolloutPlan, plan_rollout, rollout_flags
+from fastnca.kernels.schedule import RolloutPlan, batch_cell_elems, plan_rollout, rollout_flags
 from fastnca.run import state_dtype
 
 __all__ = ["predict_peak_memory", "rollout_plan", "rollout_state_sizes", "live_at_peak", "GIB"]
@@ -50,13 +50,16 @@ def rollout_state_sizes(cfg: Config, num_steps: int | None = None) -> list[int]:
     return [h * w for h, w in rollout_plan(cfg, num_steps).grids(side, side)]
 
 
-def rollout_plan(cfg: Config, num_steps: int | None = None, *, checkpoint: str | None = None) -> RolloutPlan:
+def rollout_plan(cfg: Config, num_steps: int | None = None, *, checkpoint: str | None = None,
+                 wgrad: str | None = None) -> RolloutPlan:
     """The plan the model runs for this config (the schedule and ``kernels.schedule.plan_rollout`` the model's
-    settings use; the plan does not depend on the backend)."""
+    settings use; the plan does not depend on the backend). ``wgrad``: the fused backward's weight-gradient design,
+    default the config's."""
     t = cfg.max_steps if num_steps is None else num_steps
     flags = rollout_flags(cfg.doubling, steps_per_stage=cfg.steps_per_stage, n_doublings=cfg.n_doublings,
                           num_steps=None if cfg.doubling else t)
-    return plan_rollout(flags, checkpoint or cfg.checkpoint, doubling=cfg.doubling)
+    return plan_rollout(flags, checkpoint or cfg.checkpoint, doubling=cfg.doubling, wgrad=wgrad or cfg.wgrad,
+                        wgrad_batch_bytes=cfg.wgrad_batch_mib * 2**20)
 
 
 def predict_peak_memory(
@@ -66,6 +69,7 @@ def predict_peak_memory(
     num_steps: int | None = None,
     backend: str = "triton",
     batch_size: int | None = None,
+    wgrad: str | None = None,
 ) -> dict[str, Any]:
     """Predict the peak memory of one training iteration, in bytes.
 
@@ -76,6 +80,9 @@ def predict_peak_memory(
         backend: 'triton' (the fused rollout: the inputs the policy stores, under 'none' also every step's
             activations, 2 nb + 1 planes of h per cell) or 'torch' (reference ops).
         batch_size: default the config's.
+        wgrad: the fused backward's weight-gradient design (``kernels/schedule.py`` WGRADS); default the config's.
+            The batched designs replace the per-step working set by their batch buffers (the largest batch's;
+            ``RolloutPlan.wgrad_batches``), plus, for 'batched-cublas', two gathered ``(K, hp)`` operands.
 
     Returns:
         dict with the components (bytes), 'total', 'stored_states' (how many grids the policy keeps at the
@@ -89,7 +96,7 @@ def predict_peak_memory(
     sizes = rollout_state_sizes(cfg, num_steps)
     steps = len(sizes)
     policy = checkpoint or cfg.checkpoint
-    plan = rollout_plan(cfg, num_steps, checkpoint=policy)
+    plan = rollout_plan(cfg, num_steps, checkpoint=policy, wgrad=wgrad)
     seg = plan.segment
 
     enc_params, nca_params = _param_count(cfg)
@@ -128,6 +135,13 @@ def predict_peak_memory(
         recompute = (plan.stride - 1) * biggest * elem * zc
         ya = (nb + 1) + max(nb, 1) if not plan.keeps_activations or cfg.small_grid_backward else 0
         work = biggest * ((ya + 2 * max(nb, 1)) * hp + zc + hp) * elem + 2 * biggest * zc * elem
+        if plan.batched_wgrad:  # kernels/wgrad.py: every cell's buffers of the largest batch of steps, no per-step ones
+            step_bytes = [n * batch_cell_elems(zc, hp, nb, recompute=not plan.keeps_activations) * elem
+                          for n in state_cells]
+            batches = plan.wgrad_batches(step_bytes)
+            work = max(sum(step_bytes[a:e]) for a, e in batches) + 2 * biggest * zc * elem
+            if plan.wgrad == "batched-cublas":
+                work += 2 * max(sum(state_cells[a:e]) for a, e in batches) * hp * elem
         work += _MAX_SPLITS * 4 * (9 * hp * zc + hp + zc * hp + zc + 2 * nb * (hp * hp + hp))
     elif seg == 0:  # the reference keeps every activation
         stored = sum(state_cells) * ref_step_per_cell
@@ -150,7 +164,7 @@ def predict_peak_memory(
         "params": params, "grads": grads, "optimiser": optimiser, "encoder_activations": enc_act,
         "rollout_states": stored, "recompute": recompute, "step_working_set": work, "likelihood": final,
         "total": total, "total_gib": total / GIB, "stored_states": n_stored, "pool": pool, "pool_gib": pool / GIB,
-        "policy": policy, "segment": seg, "num_steps": steps, "backend": backend,
+        "policy": policy, "segment": seg, "num_steps": steps, "backend": backend, "wgrad": plan.wgrad,
     }
 
 

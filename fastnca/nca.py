@@ -118,6 +118,9 @@ class NCA(nn.Module):
             (``kernels/small_grid.py``); False: one launch per step.
         small_grid_backward: with ``small_grid``, their backward in the small-grid kernels too (off by default: the
             per-step backward of those steps measured faster on an H100, see ``kernels.rollout.nca_rollout``).
+        wgrad: fused backend: the backward's weight-gradient design, 'per-step' (one post kernel per step),
+            'batched' or 'batched-cublas' (the weight gradients of a batch of steps as long-K GEMMs,
+            ``kernels/wgrad.py``); ``wgrad_batch_mib`` caps a batch's buffers (MiB).
         settings: the run's settings already resolved (``fastnca.run.resolve_run``), e.g. by the VNCA or the
             trainer; then ``backend``, ``precision``, ``checkpoint`` and ``small_grid`` are not read.
 
@@ -147,6 +150,8 @@ class NCA(nn.Module):
         checkpoint: str = "auto",
         small_grid: bool = True,
         small_grid_backward: bool = False,
+        wgrad: str = "per-step",
+        wgrad_batch_mib: int = 2048,
         settings: RunSettings | None = None,
     ) -> None:
         super().__init__()
@@ -156,7 +161,7 @@ class NCA(nn.Module):
             raise ValueError(f"min_steps: expected 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
         self.update_net = UpdateNet(state_channels, hidden_channels, n_blocks, bias=bias, out_bias=out_bias)
         if settings is None:
-            request = _Request(backend, precision, checkpoint, small_grid, doubling)
+            request = _Request(backend, precision, checkpoint, small_grid, doubling, wgrad, wgrad_batch_mib)
             settings = resolve_run(request, self.update_net.out.weight.device)
         elif settings.doubling != doubling:
             raise ValueError(f"settings: resolved for doubling={settings.doubling}, the NCA has doubling={doubling}")
@@ -435,6 +440,8 @@ class _Request:
     checkpoint: str
     small_grid: bool
     doubling: bool
+    wgrad: str = "per-step"
+    wgrad_batch_mib: int = 2048
 
 
 def nca_from_config(cfg: Any, settings: RunSettings | None = None) -> NCA:
@@ -446,5 +453,6 @@ def nca_from_config(cfg: Any, settings: RunSettings | None = None) -> NCA:
         steps_per_stage=cfg.steps_per_stage, grid_size=cfg.grid_size, min_steps=cfg.min_steps,
         max_steps=cfg.max_steps, p_update=cfg.p_update, backend=cfg.backend, precision=cfg.precision,
         checkpoint=cfg.checkpoint, small_grid=cfg.small_grid, small_grid_backward=cfg.small_grid_backward,
+        wgrad=cfg.wgrad, wgrad_batch_mib=cfg.wgrad_batch_mib,
         settings=settings,
     )

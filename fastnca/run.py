@@ -123,6 +123,8 @@ class RunSettings:
         checkpoint: the rollout checkpoint policy ('auto', 'none', 'step', 'segments=k').
         doubling: whether the model's rollouts double the grid (the policy's 'auto' depends on it).
         small_grid: fused backend: the steps on grids of <= 8x8 cells in one launch.
+        wgrad: fused backend: the backward's weight-gradient design ('per-step', 'batched', 'batched-cublas';
+            ``kernels/schedule.py``), and ``wgrad_batch_mib`` its batches' cap; both reach the rollout plan.
         requested_backend: the backend asked for ('auto', 'torch', 'triton').
         backend_source: why ``backend`` was chosen: 'explicit', 'capability' (the rule of :func:`resolve_backend`),
             or what the caller said ('measured', 'checkpoint').
@@ -135,6 +137,8 @@ class RunSettings:
     checkpoint: str
     doubling: bool
     small_grid: bool = True
+    wgrad: str = "per-step"
+    wgrad_batch_mib: int = 2048
     requested_backend: str = "auto"
     backend_source: str = "explicit"
 
@@ -156,7 +160,8 @@ class RunSettings:
     def plan(self, flags: list[bool] | tuple[bool, ...] | int, checkpoint: str | None = None) -> RolloutPlan:
         """The rollout plan of ``flags`` (per-step doubling flags, or a number of plain steps) under the run's
         checkpoint policy, or ``checkpoint`` for this one rollout."""
-        return plan_rollout(flags, checkpoint or self.checkpoint, doubling=self.doubling)
+        return plan_rollout(flags, checkpoint or self.checkpoint, doubling=self.doubling, wgrad=self.wgrad,
+                            wgrad_batch_bytes=self.wgrad_batch_mib * 2**20)
 
     def check_device(self) -> None:
         """Raise ValueError where the fused backend cannot run on this device (before any work is done).
@@ -182,9 +187,11 @@ class RunSettings:
 
     def replace(self, **changes: Any) -> RunSettings:
         """The settings resolved again on the same device with some requests changed (``backend``, ``precision``,
-        ``checkpoint``, ``small_grid``), as benchmarks do to point one model at several backends."""
+        ``checkpoint``, ``small_grid``, ``wgrad``, ``wgrad_batch_mib``), as benchmarks do to point one model at
+        several backends."""
         request = {"backend": self.requested_backend, "precision": self.precision, "checkpoint": self.checkpoint,
-                   "small_grid": self.small_grid, "doubling": self.doubling}
+                   "small_grid": self.small_grid, "doubling": self.doubling, "wgrad": self.wgrad,
+                   "wgrad_batch_mib": self.wgrad_batch_mib}
         unknown = set(changes) - set(request)
         if unknown:
             raise ValueError(f"RunSettings.replace: unknown setting(s) {sorted(unknown)}; expected {sorted(request)}")
@@ -200,6 +207,7 @@ class RunSettings:
             "precision": self.precision,
             "arithmetic": self.arithmetic,
             "checkpoint": self.checkpoint,
+            "wgrad": self.wgrad,
         }
 
     def describe(self) -> str:
@@ -223,6 +231,8 @@ class _Request:
     checkpoint: str = "auto"
     small_grid: bool = True
     doubling: bool = True
+    wgrad: str = "per-step"
+    wgrad_batch_mib: int = 2048
 
 
 def resolve_run(
@@ -255,7 +265,10 @@ def resolve_run(
     requested = request.requested_backend if isinstance(request, RunSettings) else request.backend
     check_choice("backend", requested, BACKENDS)
     check_choice("precision", request.precision, PRECISIONS)
-    plan_rollout(1, request.checkpoint, doubling=request.doubling)  # raises on a policy outside the grammar
+    # the fused backward's weight-gradient design (requests without one: the default)
+    wgrad, wgrad_mib = getattr(request, "wgrad", "per-step"), getattr(request, "wgrad_batch_mib", 2048)
+    # raises on a policy outside the grammar, a design not known
+    plan_rollout(1, request.checkpoint, doubling=request.doubling, wgrad=wgrad, wgrad_batch_bytes=wgrad_mib * 2**20)
     if backend is not None:
         check_choice("backend", backend, ("torch", "triton"))
         source = backend_source or "explicit"
@@ -275,6 +288,8 @@ def resolve_run(
         checkpoint=request.checkpoint,
         doubling=bool(request.doubling),
         small_grid=bool(request.small_grid),
+        wgrad=wgrad,
+        wgrad_batch_mib=int(wgrad_mib),
         requested_backend=requested,
         backend_source=source,
     )

@@ -201,6 +201,10 @@ def needed_flops(spec: KernelSpec) -> int | None:
         sites += [(c["BA_H"], c["BA_H"], cells)] * (2 * (c["N_BLOCKS"] > 0))
         if spec.name != "small-wgrad":
             sites.append((c["DS_BLOCK_M"], c["DS_BLOCK_N"], c["DS_BLOCK_K"]))
+    elif spec.name == "wgrad-batched":  # kernels/wgrad.py: the perception's, the output conv's, W1's and W2's tiles
+        cells = c["BLOCK_CELLS"]
+        sites = [(c["BA_P"], c["BB_P"], cells), (c["BA_O"], c["BB_O"], cells)]
+        sites += [(c["BA_H"], c["BA_H"], cells)] * (2 * (c["N_BLOCKS"] > 0))
     elif spec.name == "dstate":
         sites = [(c["BLOCK_M"], c["C_PAD"], c["BLOCK_K"])]
     elif spec.name.startswith("wgrad"):

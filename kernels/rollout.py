@@ -84,6 +84,7 @@ from .small_grid import (
 )
 from .spec import KernelSpec
 from .utils import k_major
+from .wgrad import Batch, batch_cell_elems, launch_batched_wgrad, wgrad_kernel_spec
 
 __all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs", "small_bwd_kernel_specs"]
 
@@ -417,21 +418,41 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
     """The backward of one step: the main kernel, then the post kernel (state gradient + weight-gradient GEMMs
     accumulated into ``ws.acc``). ``z``, ``gout``, ``dz``: channels-last ``(B, H, W, C)`` views of workspaces;
     ``acts``: the step's activations as the forward kept them (the main kernel then recomputes nothing), or None."""
-    cfg = sp.main_config(recompute=acts is None)
     hh, ww = grid_hw
     m = batch * hh * ww
-    h_in, w_in = (hh // 2, ww // 2) if double else (hh, ww)
-    m_in = batch * h_in * w_in
     hp, nb, c = sp.hp, sp.nb, sp.c
-    p = sp.fwd
     if acts is None:
         y, a = ws.y[: (nb + 1) * m * hp], ws.a[: max(nb, 1) * m * hp]
     else:  # the forward's planes: y_0 .. y_nb, then u_0 .. u_{nb-1} (none without blocks: a is then not read)
         y, a = acts[: (nb + 1) * m * hp], acts[(nb + 1) * m * hp if nb else 0:]
-    da, dy = ws.da[: max(nb, 1) * m * hp], ws.dy[: max(nb, 1) * m * hp]
-    g, dpre = ws.g[: m * c], ws.dpre[: m * hp]
+    bufs = _StepBuffers(y, a, ws.da[: max(nb, 1) * m * hp], ws.dy[: max(nb, 1) * m * hp], ws.g[: m * c],
+                        ws.dpre[: m * hp])
+    _launch_main(sp, z, gout, mask, double, batch, grid_hw, bufs, recompute=acts is None)
+    _launch_post(sp, z, gout, dz, double, batch, grid_hw, bufs, ws.acc)
+
+
+@dataclass
+class _StepBuffers:
+    """One step's per-cell buffers (flat views): y_0 .. y_nb, u_i, da_i, dy_{i+1} as (planes, m, hp), g, dpre."""
+
+    y: Tensor
+    a: Tensor
+    da: Tensor
+    dy: Tensor
+    g: Tensor
+    dpre: Tensor
+
+
+def _launch_main(sp: StepPlan, z: Tensor, gout: Tensor, mask: Tensor | None, double: bool, batch: int,
+                 grid_hw: tuple[int, int], bufs: _StepBuffers, *, recompute: bool) -> None:
+    """The backward main kernel of one step: backprop from ``gout`` to the step's per-cell buffers ``bufs``
+    (recomputing y and a into them, or reading the forward's there)."""
+    cfg = sp.main_config(recompute=recompute)
+    hh, ww = grid_hw
+    m = batch * hh * ww
+    p = sp.fwd
     zf = sp.zeros_f32
-    has_mask, recompute = mask is not None, acts is None
+    has_mask = mask is not None
 
     def main(cfg: BwdConfig) -> None:
         mconsts = sp.main_constexprs(double=double, has_mask=has_mask, cfg=cfg, m=m, recompute=recompute)
@@ -439,24 +460,36 @@ def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: 
             z_ptr=z, gout_ptr=gout, mask_ptr=z if mask is None else mask,
             **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
             b1_ptr=p["b1"] if p["b1"] is not None else zf, b2_ptr=p["b2"] if p["b2"] is not None else zf,
-            y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre, M=m, H=hh, W=ww, **mconsts,
-            num_warps=cfg.warps, num_stages=cfg.stages,
+            y_ptr=bufs.y, a_ptr=bufs.a, da_ptr=bufs.da, dy_ptr=bufs.dy, g_ptr=bufs.g, dpre_ptr=bufs.dpre, M=m, H=hh,
+            W=ww, **mconsts, num_warps=cfg.warps, num_stages=cfg.stages,
         )
 
     launch_fitting(("main", cfg, *sp.key, double, has_mask, recompute, z.device), cfg, main_candidates, main)
+
+
+def _launch_post(sp: StepPlan, z: Tensor, gout: Tensor, dz: Tensor, double: bool, batch: int,
+                 grid_hw: tuple[int, int], bufs: _StepBuffers, acc: Tensor, *, wgrad: bool = True) -> None:
+    """The post kernel of one step: its state-gradient tiles (``gout`` and ``bufs.dpre`` to ``dz``) and, with
+    ``wgrad``, every weight-gradient GEMM tile of the step, accumulated into ``acc`` (without: the batched designs'
+    state-gradient-only launch, the same compiled kernel on a grid of its state-gradient programs)."""
+    hh, ww = grid_hw
+    m = batch * hh * ww
+    h_in, w_in = (hh // 2, ww // 2) if double else (hh, ww)
+    m_in = batch * h_in * w_in
+    hp, nb, c = sp.hp, sp.nb, sp.c
 
     def post(pcfg: BwdConfig) -> None:
         consts = sp.post_constexprs(double=double, cfg=pcfg)
         per_split, n_splits = _splits(m, pcfg.wg_block_cells, _POST_MIN_CELLS_PER_SPLIT)
         n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"]) * (consts["C_PAD"] // consts["DS_BLOCK_N"])
-        n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits
-        n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits
-        n_w1 = (hp // consts["BA_H"]) ** 2 * nb * n_splits
+        n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits if wgrad else 0
+        n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits if wgrad else 0
+        n_w1 = (hp // consts["BA_H"]) ** 2 * nb * n_splits if wgrad else 0
         _rollout_bwd_post_kernel[(n_ds + n_wp + n_wo + 2 * n_w1,)](
-            dpre_ptr=dpre, wb_ptr=sp.wb[double], gout_ptr=gout, dz_ptr=dz, z_ptr=z, y_ptr=y, a_ptr=a, da_ptr=da,
-            dy_ptr=dy, g_ptr=g, acc_ptr=ws.acc, M=m, M_in=m_in, H=hh, W=ww, cells_per_split=per_split, S=n_splits,
-            SLOT=sp.slot, n_ds=n_ds, n_wp=n_wp, n_wo=n_wo, n_w1=n_w1, **consts,
-            num_warps=pcfg.wg_warps, num_stages=pcfg.wg_stages,
+            dpre_ptr=bufs.dpre, wb_ptr=sp.wb[double], gout_ptr=gout, dz_ptr=dz, z_ptr=z, y_ptr=bufs.y, a_ptr=bufs.a,
+            da_ptr=bufs.da, dy_ptr=bufs.dy, g_ptr=bufs.g, acc_ptr=acc, M=m, M_in=m_in, H=hh, W=ww,
+            cells_per_split=per_split, S=n_splits, SLOT=sp.slot, n_ds=n_ds, n_wp=n_wp, n_wo=n_wo, n_w1=n_w1,
+            **consts, num_warps=pcfg.wg_warps, num_stages=pcfg.wg_stages,
         )
 
     pcfg = sp.post_config
@@ -678,12 +711,15 @@ def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan:
     b, c = state.shape[:2]
     lay, n_small = saved.layout, saved.n_small_bwd
     grids, sizes = lay.grids, lay.sizes
+    z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
+    if plan.batched_wgrad:  # its own batch buffers instead of the per-step workspace below
+        gout, acc = _backward_batched(sp, plan, masks, lay, z0, keep, gout)
+        return gout.permute(0, 3, 1, 2), sp.unpack_grads(acc.sum(0))
     m_small = sum(b * h * w for h, w in grids[1: n_small + 1])  # the small-grid steps' cells, all together
     m_max = max(b * h * w for h, w in grids[1:])  # >= m_small (_small_bwd_fits)
     ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device,
                     recompute=lay.acts is None or n_small > 0)
-    z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-    gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
     which = 0
     for start, end in reversed(plan.segments()):
         if end <= n_small:  # the small-grid steps: two launches below (their segments are single steps)
@@ -706,6 +742,71 @@ def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan:
                                  grids[: n_small + 1], m_small)
     grads = sp.unpack_grads(ws.acc.sum(0))
     return gout.permute(0, 3, 1, 2), grads
+
+
+def _backward_batched(sp: StepPlan, plan: RolloutPlan, masks: list[Tensor | None], lay: _Layout, z0: Tensor,
+                      keep: Tensor, gout: Tensor) -> tuple[Tensor, Tensor]:
+    """The 'batched*' designs' backward (``kernels/wgrad.py``): per batch of steps (``plan.wgrad_batches``, last
+    first), per step (last first) the main kernel and the post kernel's state-gradient programs, each step's per-cell
+    buffers in its region of the batch buffers; then the batch's weight gradients in one launch (or, 'batched-cublas',
+    the perception's in one launch and the 1x1 weights' in cuBLAS). Under segment policies a segment's inputs are
+    recomputed when its first (last-walked) batch is reached. Returns the gradient of the rollout's input
+    ``(B, H0, W0, C)`` and the fp32 accumulator ``(S_MAX, SLOT)``."""
+    b, c, hp, nb = z0.shape[0], sp.c, sp.hp, sp.nb
+    grids, sizes = lay.grids, lay.sizes
+    cells = [b * h * w for h, w in grids[1:]]
+    recompute = lay.acts is None
+    elems = batch_cell_elems(c, hp, nb, recompute=recompute)
+    batches = plan.wgrad_batches([m * elems * sp.dtype.itemsize for m in cells])
+    rows = max(sum(cells[a:e]) for a, e in batches)
+    ws = _Workspace(sp, 0, max(sizes), plan.stride - 1, z0.device, recompute=False)  # dz, states, acc
+    dt, dev = sp.dtype, z0.device
+    nbp = max(nb, 1)
+    da, dy = (torch.empty(nbp * rows * hp, dtype=dt, device=dev) for _ in range(2))
+    g, dpre = torch.empty(rows * c, dtype=dt, device=dev), torch.empty(rows * hp, dtype=dt, device=dev)
+    ya = torch.empty((2 * nb + 1) * rows * hp, dtype=dt, device=dev) if recompute else None
+    seg_of = {i: (a, e) for a, e in plan.segments() for i in range(a, e)}
+    inputs: dict[int, Tensor] = {}  # step -> its input, (B, H, W, C)
+
+    def input_of(i: int) -> Tensor:
+        if i == 0:
+            return z0
+        return lay.state(keep, i, b, c) if i in lay.states else inputs[i]
+
+    which = 0
+    for g0, g1 in batches:
+        start, end = seg_of[g1 - 1]
+        if plan.stride > 1 and g1 == end:  # the segment's recomputed inputs, before its last batch
+            inputs.clear()
+            for j, i in enumerate(range(start, end - 1)):
+                hh, ww = grids[i + 1]
+                dst = ws.states[j * ws.state_max: j * ws.state_max + sizes[i + 1]].view(b, hh, ww, c)
+                _launch_fwd(sp, input_of(i), dst, masks[i], plan.flags[i], (hh, ww), b)
+                inputs[i + 1] = dst
+        offs = [sum(cells[g0:i]) for i in range(g0, g1)]
+        for i in reversed(range(g0, g1)):
+            m, o = cells[i], offs[i - g0]
+            if recompute:
+                y, a = ya[(2 * nb + 1) * o * hp:], ya[((2 * nb + 1) * o + (nb + 1) * m) * hp:]
+            else:
+                acts = lay.act(keep, i)
+                y, a = acts, acts[(nb + 1) * m * hp if nb else 0:]
+            bufs = _StepBuffers(y, a, da[nbp * o * hp:], dy[nbp * o * hp:], g[o * c:], dpre[o * hp:])
+            h_in, w_in = grids[i]
+            dz = ws.dz[which][: sizes[i]].view(b, h_in, w_in, c)
+            _launch_main(sp, input_of(i), gout, masks[i], plan.flags[i], b, grids[i + 1], bufs, recompute=recompute)
+            _launch_post(sp, input_of(i), gout, dz, plan.flags[i], b, grids[i + 1], bufs, ws.acc, wgrad=False)
+            gout, which = dz, 1 - which
+        if g1 - g0 == 1:
+            zs, zstride = z0, 0
+        elif plan.stride > 1:  # the later inputs are recomputed ones, ws.state_max apart
+            zs, zstride = ws.states[(g0 - start) * ws.state_max:], ws.state_max
+        else:  # every input stored, back to back in keep
+            zs, zstride = keep[lay.states[g0 + 1]:], 0
+        bt = Batch(b, grids[g0], plan.flags[g0:g1], cells[g0:g1], input_of(g0), zs, zstride, dpre, g,
+                   ya if recompute else keep[lay.acts[g0]:], da, dy)
+        launch_batched_wgrad(sp, bt, ws.acc, cublas=plan.wgrad == "batched-cublas")
+    return gout, ws.acc
 
 
 class _RolloutFunction(torch.autograd.Function):
@@ -735,8 +836,8 @@ class _RolloutFunction(torch.autograd.Function):
 # of ``UpdateWeights.flat()`` plus a ``bool[]`` of which are present (as ``fastnca::nca_step``); the plan as its
 # flags, segment length and policy; masks as a list with one tensor per step, or empty. The forward also returns the
 # stored states, which the backward op takes back (a custom op's outputs are its only saved state).
-def _op_plan(flags: list[bool], segment: int, policy: str) -> RolloutPlan:
-    return RolloutPlan(tuple(bool(f) for f in flags), segment, policy)
+def _op_plan(flags: list[bool], segment: int, policy: str, wgrad: str, wgrad_batch_bytes: int) -> RolloutPlan:
+    return RolloutPlan(tuple(bool(f) for f in flags), segment, policy, wgrad, wgrad_batch_bytes)
 
 
 def _op_weights(tensors: list[Tensor], present: list[bool]) -> UpdateWeights:
@@ -746,10 +847,10 @@ def _op_weights(tensors: list[Tensor], present: list[bool]) -> UpdateWeights:
 
 @torch.library.custom_op("fastnca::nca_rollout", mutates_args=())
 def _nca_rollout_op(state: Tensor, tensors: list[Tensor], present: list[bool], masks: list[Tensor],
-                    flags: list[bool], segment: int, policy: str, input_precision: str,
-                    small_grid: bool, small_grid_backward: bool) -> tuple[Tensor, Tensor]:
+                    flags: list[bool], segment: int, policy: str, wgrad: str, wgrad_batch_bytes: int,
+                    input_precision: str, small_grid: bool, small_grid_backward: bool) -> tuple[Tensor, Tensor]:
     """The rollout's final state (channels-last ``(B, C, H', W')``) and its stored states (flat)."""
-    plan = _op_plan(flags, segment, policy)
+    plan = _op_plan(flags, segment, policy, wgrad, wgrad_batch_bytes)
     out, keep, _ = _rollout_forward(state, _op_weights(tensors, present), plan, list(masks) or [None] * len(flags),
                                     input_precision, small_grid, small_grid_backward)
     out = out.permute(0, 3, 1, 2)
@@ -757,10 +858,10 @@ def _nca_rollout_op(state: Tensor, tensors: list[Tensor], present: list[bool], m
 
 
 @_nca_rollout_op.register_fake
-def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, input_precision, small_grid,
-                      small_grid_backward):
+def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, wgrad, wgrad_batch_bytes,
+                      input_precision, small_grid, small_grid_backward):
     b, c, h0, w0 = state.shape
-    plan = _op_plan(flags, segment, policy)
+    plan = _op_plan(flags, segment, policy, wgrad, wgrad_batch_bytes)
     weights = _op_weights(tensors, present)
     lay = _layout(plan, b, c, h0, w0, triton.next_power_of_2(weights.hidden_channels), weights.n_blocks)
     h, w = lay.grids[-1]
@@ -770,10 +871,11 @@ def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, in
 
 @torch.library.custom_op("fastnca::nca_rollout_backward", mutates_args=())
 def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], present: list[bool], masks: list[Tensor],
-                        flags: list[bool], segment: int, policy: str, input_precision: str, small_grid: bool,
-                        small_grid_backward: bool, grad_out: Tensor) -> list[Tensor]:
+                        flags: list[bool], segment: int, policy: str, wgrad: str, wgrad_batch_bytes: int,
+                        input_precision: str, small_grid: bool, small_grid_backward: bool,
+                        grad_out: Tensor) -> list[Tensor]:
     """``[grad_state, *gradients of the present weights]``."""
-    plan = _op_plan(flags, segment, policy)
+    plan = _op_plan(flags, segment, policy, wgrad, wgrad_batch_bytes)
     weights = _op_weights(tensors, present)
     ms = list(masks) or [None] * len(flags)
     # the forward's decisions and packed weights, rebuilt (an op keeps nothing between calls)
@@ -796,25 +898,24 @@ def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], pres
 
 
 @_nca_rollout_bwd_op.register_fake
-def _nca_rollout_bwd_fake(state, keep, tensors, present, masks, flags, segment, policy, input_precision, small_grid,
-                          small_grid_backward, grad_out):
+def _nca_rollout_bwd_fake(state, keep, tensors, present, masks, flags, segment, policy, wgrad, wgrad_batch_bytes,
+                          input_precision, small_grid, small_grid_backward, grad_out):
     return [torch.empty_like(state)] + [torch.empty_like(t) for t in tensors]
 
 
 def _nca_rollout_setup_context(ctx, inputs, output) -> None:
-    state, tensors, present, masks, flags, segment, policy, input_precision, small_grid, small_grid_backward = inputs
+    state, tensors, present, masks, *args = inputs
     ctx.save_for_backward(state, output[1], *tensors, *masks)
     ctx.n_tensors = len(tensors)
-    ctx.args = (present, flags, segment, policy, input_precision, small_grid, small_grid_backward)
+    ctx.args = (present, *args)  # flags, segment, policy, wgrad, wgrad_batch_bytes, input_precision, small_grid(s)
 
 
 def _nca_rollout_backward(ctx, grad_out, grad_keep):
     state, keep, *rest = ctx.saved_tensors
     tensors, masks = rest[: ctx.n_tensors], rest[ctx.n_tensors:]
-    present, flags, segment, policy, input_precision, small_grid, small_grid_backward = ctx.args
-    grads = _nca_rollout_bwd_op(state, keep, list(tensors), present, list(masks), flags, segment, policy,
-                                input_precision, small_grid, small_grid_backward, grad_out)
-    return grads[0], list(grads[1:]), None, [None] * len(masks), None, None, None, None, None, None
+    present, *args = ctx.args
+    grads = _nca_rollout_bwd_op(state, keep, list(tensors), present, list(masks), *args, grad_out)
+    return grads[0], list(grads[1:]), None, [None] * len(masks), *[None] * len(args)
 
 
 _nca_rollout_op.register_autograd(_nca_rollout_backward, setup_context=_nca_rollout_setup_context)
@@ -867,7 +968,8 @@ def nca_rollout(
         flat = weights.flat()
         return _nca_rollout_op(state, [t for t in flat if t is not None], [t is not None for t in flat],
                                [m for m in masks if m is not None], list(plan.flags), plan.segment, plan.policy,
-                               input_precision, bool(small_grid), bool(small_grid_backward))[0]
+                               plan.wgrad, plan.wgrad_batch_bytes, input_precision, bool(small_grid),
+                               bool(small_grid_backward))[0]
     return _RolloutFunction.apply(state, plan, masks, input_precision, bool(small_grid), bool(small_grid_backward),
                                   *weights.flat())
 
@@ -928,8 +1030,8 @@ def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: in
                          input_precision: str = "ieee") -> list[KernelSpec]:
     """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling; the forward
     that keeps the activations and the backward main kernel that reads them (the 'none' policy, with doubling and
-    masks); and the small-grid forward (both ways) and backward kernels (``kernels/small_grid.py``) where tiles are
-    known to fit these shapes."""
+    masks); the batched designs' weight-gradient kernel (``kernels/wgrad.py``); and the small-grid forward (both ways)
+    and backward kernels (``kernels/small_grid.py``) where tiles are known to fit these shapes."""
     specs = [post_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, double=d,
                               input_precision=input_precision)._replace(name=f"post{'-double' if d else ''}")
              for d in (False, True)]
@@ -937,6 +1039,7 @@ def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: in
                                  double=True, mask=True, store_acts=True))
     specs.append(bwd_kernel_specs(state_channels, hidden_channels, n_blocks, dtype, double=True, mask=True,
                                   input_precision=input_precision, recompute=False)[0]._replace(name="main-stored"))
+    specs.append(wgrad_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, input_precision=input_precision))
     if small_config(state_channels, hidden_channels, dtype, input_precision=input_precision, interpret=False):
         specs += [small_fwd_kernel_spec(state_channels, hidden_channels, n_blocks, dtype,
                                         input_precision=input_precision, mask=True, store_acts=st)

@@ -18,9 +18,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RolloutPlan", "draw_masks", "parse_checkpoint", "plan_rollout", "rollout_flags", "POLICIES"]
+__all__ = ["RolloutPlan", "batch_cell_elems", "draw_masks", "parse_checkpoint", "plan_rollout", "rollout_flags",
+           "POLICIES", "WGRADS", "WGRAD_BATCH_BYTES", "WGRAD_MAX_STEPS"]
 
 POLICIES = "none, step, segments=k or auto"
+
+# The fused backward's two designs of the weight gradients (kernels/rollout.py, kernels/wgrad.py):
+# 'per-step': the post kernel runs each step's state gradient and weight-gradient GEMMs in one launch (K = the
+# step's cells); 'batched': per step the main kernel and a state-gradient-only launch, and after a batch of steps
+# one launch of split-K GEMMs over all of the batch's cells (a Triton GEMM that walks the steps);
+# 'batched-cublas': the same, with the 1x1 weights' GEMMs in cuBLAS (torch ops) over the batch's rows gathered
+# into one operand each. 'per-step' stays the default until a GPU measures a batched design faster
+# (benchmarks/RESULTS.md, "Batched weight gradients": the rule that picks each preset's default).
+WGRADS = ("per-step", "batched", "batched-cublas")
+# The batch buffers' cap (bytes): the per-cell gradients (and, when the backward recomputes, the activations) of the
+# batch's steps. 2 GiB holds the whole mnist-doubling rollout at B = 32 in bf16 (1.8 GB: one batch, K = 349,184
+# cells) and one step of celeba-nondoubling-256 (1.2 GB: 123k cells a step, already a long K), so its memory stays
+# what the per-step design needs.
+WGRAD_BATCH_BYTES = 2 * 2**30
+# Steps per batch at most: the GEMM kernel reads the batch's doubling flags as the bits of one int64.
+WGRAD_MAX_STEPS = 63
 
 
 def parse_checkpoint(policy: str, num_steps: int, doubling: bool) -> int:
@@ -76,11 +93,15 @@ class RolloutPlan:
         flags: per step, whether it doubles the grid first.
         segment: the policy's segment length (0: keep everything, 1: every step's input, k: every k-th).
         policy: the policy as written ('auto', 'segments=5', ...).
+        wgrad: the fused backward's weight-gradient design (:data:`WGRADS`).
+        wgrad_batch_bytes: 'batched*': the cap of the batch buffers, in bytes (:meth:`wgrad_batches`).
     """
 
     flags: tuple[bool, ...]
     segment: int
     policy: str
+    wgrad: str = "per-step"
+    wgrad_batch_bytes: int = WGRAD_BATCH_BYTES
 
     @property
     def num_steps(self) -> int:
@@ -111,6 +132,36 @@ class RolloutPlan:
         """States held at the fused backward's peak: the stored inputs plus one segment's recomputed inputs."""
         return len(self.stored_inputs) + (self.stride - 1 if self.stride > 1 else 0)
 
+    @property
+    def batched_wgrad(self) -> bool:
+        """Whether the backward batches the weight gradients over steps (a 'batched*' design)."""
+        return self.wgrad != "per-step"
+
+    def wgrad_batches(self, step_bytes: list[int]) -> list[tuple[int, int]]:
+        """The batches of steps whose weight gradients the 'batched*' designs compute together, ``[start, end)``
+        step ranges, last first (the backward's order), given the batch buffers' bytes of each step.
+
+        A batch is the longest run of consecutive steps, walking back from the last, whose bytes add up to at most
+        the cap (``wgrad_batch_bytes``; one step at least, however large), of at most :data:`WGRAD_MAX_STEPS` steps,
+        inside one of the plan's segments when the backward recomputes segments (``segments=k``, k > 1: their
+        recomputed inputs live only while the segment is walked). One rule for the backward and the memory model.
+        """
+        if len(step_bytes) != self.num_steps:
+            raise ValueError(f"step_bytes: expected {self.num_steps} (one per step), got {len(step_bytes)}")
+        cap = self.wgrad_batch_bytes
+        bounds = [(a, b) for a, b in self.segments()] if self.stride > 1 else [(0, self.num_steps)]
+        out = []
+        for start, end in reversed(bounds):
+            hi = end
+            while hi > start:
+                lo, total = hi - 1, step_bytes[hi - 1]
+                while lo > start and hi - lo < WGRAD_MAX_STEPS and total + step_bytes[lo - 1] <= cap:
+                    lo -= 1
+                    total += step_bytes[lo]
+                out.append((lo, hi))
+                hi = lo
+        return out
+
     def grids(self, height: int, width: int) -> list[tuple[int, int]]:
         """The output grid ``(H, W)`` of every step, from an input grid of ``height`` x ``width``."""
         out = []
@@ -121,13 +172,31 @@ class RolloutPlan:
         return out
 
 
-def plan_rollout(flags: list[bool] | tuple[bool, ...] | int, policy: str, *, doubling: bool) -> RolloutPlan:
+def batch_cell_elems(c: int, hp: int, n_blocks: int, *, recompute: bool) -> int:
+    """Elements per cell of the batched designs' batch buffers (``kernels/wgrad.py``): ``da`` and ``dy``
+    (``max(nb, 1)`` planes of hp each), ``g`` (|z|), ``dpre`` (hp), and, when the backward recomputes the activations
+    (any policy but 'none'), those too (``2 nb + 1`` planes of hp). The backward and ``fastnca.memory`` read it."""
+    return 2 * max(n_blocks, 1) * hp + c + hp + ((2 * n_blocks + 1) * hp if recompute else 0)
+
+
+def plan_rollout(flags: list[bool] | tuple[bool, ...] | int, policy: str, *, doubling: bool, wgrad: str = "per-step",
+                 wgrad_batch_bytes: int = WGRAD_BATCH_BYTES) -> RolloutPlan:
     """The plan of a rollout: ``flags`` (or a number of plain steps) under checkpoint ``policy``, for a model whose
-    rollouts double the grid (``doubling``) or not; the same on both backends."""
+    rollouts double the grid (``doubling``) or not; the same on both backends (``wgrad`` and ``wgrad_batch_bytes``:
+    the fused backward's weight-gradient design and its batch cap, :class:`RolloutPlan`; the reference ignores
+    them).
+
+    Raises:
+        ValueError: a policy outside the grammar, a ``wgrad`` not in :data:`WGRADS`, a cap below 1 byte.
+    """
     if isinstance(flags, int):
         flags = [False] * flags
     flags = tuple(bool(f) for f in flags)
-    return RolloutPlan(flags, parse_checkpoint(policy, len(flags), doubling), policy)
+    if wgrad not in WGRADS:
+        raise ValueError(f"wgrad: expected one of {WGRADS}, got {wgrad!r}")
+    if isinstance(wgrad_batch_bytes, bool) or not isinstance(wgrad_batch_bytes, int) or wgrad_batch_bytes < 1:
+        raise ValueError(f"wgrad_batch_bytes: expected an integer >= 1 (bytes), got {wgrad_batch_bytes!r}")
+    return RolloutPlan(flags, parse_checkpoint(policy, len(flags), doubling), policy, wgrad, wgrad_batch_bytes)
 
 
 def draw_masks(

@@ -30,13 +30,26 @@ def test_mnist_doubling_iteration_stays_within_300_launches():
     assert res["total"] <= 300, f"expected <= 300 launches per iteration, got {res['total']}: {res['by_op']}"
 
 
-def _celeba(t: int) -> dict:
+@pytest.mark.parametrize("wgrad", ["batched", "batched-cublas"])
+def test_mnist_doubling_iteration_with_batched_weight_gradients_stays_within_300_launches(wgrad):
+    """The batched designs (kernels/wgrad.py): per step the main kernel and the state-gradient launch, then the whole
+    rollout's weight gradients in one launch (the 40 steps are one batch); cuBLAS adds the gathers, GEMMs and bias
+    sums of the 1x1 weights (torch ops)."""
+    res = count_training_launches("mnist-doubling", overrides=dict(SMALL, wgrad=wgrad), execute=False)
+    assert res["by_op"]["triton::_wgrad_batched_kernel"] == 1, res["by_op"]
+    assert res["triton"] == (1 + 16) + 2 * 40 + 1, f"expected 98 Triton launches, got {res['triton']}: {res['by_op']}"
+    assert res["total"] <= 300, f"expected <= 300 launches per iteration, got {res['total']}: {res['by_op']}"
+
+
+def _celeba(t: int, **over) -> dict:
     return count_training_launches("celeba-nondoubling-256", overrides=dict(
-        SMALL, image_size=8, grid_size=8, min_steps=t, max_steps=t, pool_size=4, damage_size=3), execute=False)
+        SMALL, image_size=8, grid_size=8, min_steps=t, max_steps=t, pool_size=4, damage_size=3, **over),
+        execute=False)
 
 
-def test_celeba_nondoubling_256_adds_at_most_4_launches_per_step():
-    short, long = _celeba(16), _celeba(32)
+@pytest.mark.parametrize("wgrad", ["per-step", "batched"])
+def test_celeba_nondoubling_256_adds_at_most_4_launches_per_step(wgrad):
+    short, long = _celeba(16, wgrad=wgrad), _celeba(32, wgrad=wgrad)
     assert (short["steps"], long["steps"]) == (16, 32)
     per_step = (long["total"] - short["total"]) / 16
     assert per_step <= 4, f"expected <= 4 launches per added step, got {per_step}: {short['by_op']} {long['by_op']}"

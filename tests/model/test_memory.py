@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastnca
+from fastnca.config import get_preset
 from fastnca.memory import GIB, live_at_peak, predict_peak_memory
 
 
@@ -45,14 +46,40 @@ def test_kept_activations_are_modelled_on_the_fused_backend():
     assert predict_peak_memory("mnist-doubling")["total"] == keep["total"]
 
 
+def test_batched_designs_hold_their_largest_batch_and_keep_celeba_under_6_gb():
+    """The batched weight-gradient designs (kernels/wgrad.py): the working set is the largest batch's buffers (da,
+    dy, g, dpre per cell; the activations too where the backward recomputes) instead of one step's; mnist-doubling's
+    whole rollout is one batch under the 2 GiB cap; celeba-nondoubling-256 (T = 128, B = 32, bf16) takes a batch per
+    step (123k cells each) and stays within its 6 GB goal."""
+    cfg = get_preset("mnist-doubling", precision="bf16")
+    per_step = predict_peak_memory(cfg)
+    batched = predict_peak_memory(cfg, wgrad="batched")
+    cells = 32 * 8 * (2**2 + 4**2 + 8**2 + 16**2 + 32**2)
+    assert cells == 349_184
+    acc = 32 * 4 * (9 * 256 * 256 + 256 + 256 * 256 + 256 + 8 * (256 * 256 + 256))
+    assert batched["step_working_set"] == cells * (2 * 4 * 256 + 256 + 256) * 2 + 2 * 32 * 32 * 32 * 256 * 2 + acc
+    assert batched["total"] - per_step["total"] == batched["step_working_set"] - per_step["step_working_set"]
+    cublas = predict_peak_memory(cfg, wgrad="batched-cublas")
+    assert cublas["step_working_set"] - batched["step_working_set"] == 2 * cells * 256 * 2, "two (K, hp) operands"
+    celeba = get_preset("celeba-nondoubling-256", precision="bf16")
+    for w in ("batched", "batched-cublas"):
+        pred = predict_peak_memory(celeba, num_steps=128, batch_size=32, wgrad=w)
+        assert pred["total"] <= 6e9, f"{w}: expected <= 6 GB, got {pred['total'] / 1e9:.2f} GB"
+    assert predict_peak_memory(celeba, num_steps=128, wgrad="batched")["total"] == \
+        predict_peak_memory(celeba, num_steps=128)["total"], "one step a batch: the per-step design's buffers"
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset,batch,kwargs", [("celeba-nondoubling-256", 8, {"num_steps": 64}),
-                                                 ("mnist-doubling", 32, {})], ids=["celeba-nd-256", "mnist-doubling"])
-def test_prediction_is_within_10_percent_of_the_measured_peak(preset, batch, kwargs):
+@pytest.mark.parametrize("preset,batch,kwargs,over", [
+    ("celeba-nondoubling-256", 8, {"num_steps": 64}, {}), ("mnist-doubling", 32, {}, {}),
+    ("mnist-doubling", 32, {}, {"wgrad": "batched"}), ("celeba-nondoubling-256", 8, {"num_steps": 64},
+                                                       {"wgrad": "batched-cublas"})],
+    ids=["celeba-nd-256", "mnist-doubling", "mnist-doubling-batched", "celeba-nd-256-batched-cublas"])
+def test_prediction_is_within_10_percent_of_the_measured_peak(preset, batch, kwargs, over):
     """The fused rollout op's buffers as modelled, against torch.cuda.max_memory_allocated over training steps
     (Adam and gradient clipping as the Trainer runs them): segments of sqrt(T) steps (non-doubling), and every
-    step's activations kept (doubling, 'auto' = 'none')."""
-    model = fastnca.build_model(preset, backend="triton", batch_size=batch).cuda()
+    step's activations kept (doubling, 'auto' = 'none'); per-step and batched weight gradients."""
+    model = fastnca.build_model(preset, backend="triton", batch_size=batch, **over).cuda()
     cfg = model.config
     opt = torch.optim.Adam(model.parameters(), fused=True)
     x = torch.rand(batch, cfg.image_channels, cfg.image_size, cfg.image_size, device="cuda")

@@ -158,6 +158,27 @@ def test_the_record_is_json_and_says_what_ran():
     run = resolve_run(get_preset("small", precision="bf16"), CPU)
     rec = json.loads(json.dumps(run.record()))
     assert rec == {"device": "cpu", "backend": "torch", "backend_source": "capability", "precision": "bf16",
-                   "arithmetic": "bf16", "checkpoint": "auto"}
+                   "arithmetic": "bf16", "checkpoint": "auto", "wgrad": "per-step"}
     assert "PyTorch reference on cpu, bf16 dots" in run.describe()
     assert isinstance(run, RunSettings)
+
+
+def test_the_weight_gradient_design_reaches_the_rollout_plan():
+    """``wgrad`` and ``wgrad_batch_mib`` go from the config (or the NCA's arguments) through the run settings into
+    every rollout plan, and ``replace`` / ``configure`` point a model at the other design; per-step by default."""
+    from fastnca.nca import nca_from_config
+
+    cfg = get_preset("small")
+    assert resolve_run(cfg, CPU).plan(4).wgrad == "per-step"
+    run = resolve_run(cfg.replace(wgrad="batched", wgrad_batch_mib=3), CPU)
+    plan = run.plan(4)
+    assert (plan.wgrad, plan.wgrad_batch_bytes) == ("batched", 3 * 2**20)
+    assert run.replace(wgrad="batched-cublas").plan(4).wgrad == "batched-cublas"
+    nca = nca_from_config(cfg.replace(wgrad="batched"))
+    assert nca.plan(4).wgrad == "batched"
+    nca.configure(wgrad="per-step")
+    assert nca.plan(4).wgrad == "per-step"
+    with pytest.raises(ValueError, match="wgrad"):
+        Config(wgrad="fused")
+    with pytest.raises(ValueError, match="wgrad_batch_mib"):
+        Config(wgrad_batch_mib=0)
