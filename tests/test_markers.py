@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The slowest tests on 2 CPU cores (measured with the interpreter; see README, "Test")
+# The slowest tests on 2 CPU cores (measured with the interpreter; see docs/TESTING.md, "Markers")
 SLOW = [
     "benchmarks/test_runner.py::test_cli_writes_json_with_expected_fields",  # these three share one CLI run
     "benchmarks/test_runner.py::test_cli_writes_markdown_and_prints_parity_first",
     "benchmarks/test_runner.py::test_summarize_gpu_check_folder",
     "benchmarks/test_runner.py::test_first_backend_of_a_model_case_runs_on_its_backend",
+    "benchmarks/test_runner.py::test_batched_weight_gradient_backends_run_beside_the_per_step_one",
     "tests/kernels/test_rollout_grad.py::test_rollout_gradients_match_float64_reference_under_every_policy",
     "tests/model/test_triton_backend.py::test_training_step_matches_the_reference_backend",
     "tests/model/test_triton_backend.py::test_small_preset_trains_on_the_fused_backend",
