@@ -508,7 +508,7 @@ def test_run_files_record_the_backend_and_arithmetic_that_ran(tmp_path, mnist_sm
     trainer = make_trainer(doubling_config(iterations=2, log_every=1), tmp_path, mnist_small)
     trainer.fit()
     want = {"device": "cpu", "backend": "torch", "backend_source": "capability", "precision": "fp32",
-            "arithmetic": "fp32-ieee", "checkpoint": "auto"}
+            "arithmetic": "fp32-ieee", "checkpoint": "auto", "wgrad": "per-step"}
     conf = json.loads((tmp_path / "config.json").read_text())
     assert conf["resolved"] == want, f"config.json: expected the resolved settings {want}, got {conf.get('resolved')}"
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
