@@ -43,7 +43,7 @@ __all__ = [
     "choose_backend",
     "job_key",
     "machine_key",
-    "training_measure",
+    "timed",
     "decide_eval_backend",
 ]
 
@@ -300,7 +300,7 @@ def choose_backend(
     return decision
 
 
-def _timed(run: Callable[[], Any], out_of_time: Callable[[], bool], *, warmup: int, device: Any) -> list[float]:
+def timed(run: Callable[[], Any], out_of_time: Callable[[], bool], *, warmup: int, device: Any) -> list[float]:
     """``warmup`` untimed calls of ``run``, then up to TIMED_ITERATIONS timed ones (each synchronised)."""
     import torch
 
@@ -314,36 +314,6 @@ def _timed(run: Callable[[], Any], out_of_time: Callable[[], bool], *, warmup: i
         torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return times
-
-
-def training_measure(config: Any, device: Any, splits: Any) -> Measure:
-    """``measure`` for :func:`choose_backend`: real training iterations of ``config`` on ``device`` and ``splits``.
-
-    Each backend trains a throw-away copy of the run (its own trainer, a temporary folder, the run's shapes,
-    precision, CUDA-graph setting and pool) for its warm-up (the eager iterations and the capture of a CUDA
-    graph, twice where a pool changes the batch's layout) and then the timed iterations. A non-doubling rollout
-    runs at one T, the middle of the run's range, so that one graph is timed, not the capture of a new T.
-    """
-    import tempfile
-
-    def measure(backend: str, out_of_time: Callable[[], bool]) -> list[float]:
-        from fastnca.graphs import WARMUP_CALLS
-        from fastnca.train import Trainer
-
-        cfg = config.replace(backend=backend, eval_every=0, ckpt_every=0, log_every=10**9)
-        if not cfg.doubling:
-            mid = (cfg.min_steps + cfg.max_steps) // 2
-            cfg = cfg.replace(min_steps=mid, max_steps=mid)
-        with tempfile.TemporaryDirectory(prefix="fastnca-auto-") as tmp:
-            trainer = Trainer(cfg, tmp, device=str(device), splits=splits, progress=False, log=lambda msg: None,
-                              final_outputs=False, auto_backend=False, precompile=False)
-            warmup = (WARMUP_CALLS + 1 if trainer.train_graph is not None else 1) * (2 if cfg.pool_size else 1)
-            times = _timed(trainer.train_step, out_of_time, warmup=warmup, device=device)
-            del trainer
-        release_cuda_memory()
-        return times
-
-    return measure
 
 
 def iwae_measure(model: Any, x: Any, k: int) -> tuple[Measure, int]:
@@ -365,8 +335,8 @@ def iwae_measure(model: Any, x: Any, k: int) -> tuple[Measure, int]:
         gen = torch.Generator(device=x.device).manual_seed(0)
         graph = iwae_graph_for(m)
         if graph is not None:
-            return _timed(lambda: graph(x, chunk, gen), out_of_time, warmup=IWAE_WARMUP_CALLS + 1, device=x.device)
-        return _timed(lambda: m.iwae(x, chunk, generator=gen), out_of_time, warmup=1, device=x.device)
+            return timed(lambda: graph(x, chunk, gen), out_of_time, warmup=IWAE_WARMUP_CALLS + 1, device=x.device)
+        return timed(lambda: m.iwae(x, chunk, generator=gen), out_of_time, warmup=1, device=x.device)
 
     def measure(backend: str, out_of_time: Callable[[], bool]) -> list[float]:
         times = time_copy(backend, out_of_time)

@@ -30,6 +30,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -56,7 +57,7 @@ from fastnca.checkpoints import (
 from fastnca.config import RESOLVED_KEY, Config
 from fastnca.data import Splits, load_for_config, to_model
 from fastnca.evaluate import evaluate_iwae
-from fastnca.graphs import not_captured_reason, train_graph_for
+from fastnca.graphs import WARMUP_CALLS, not_captured_reason, train_graph_for
 from fastnca.pool import Pool, damage, damage_masks
 from fastnca.rng import rng_state, set_rng_state
 from fastnca.run import RunSettings, resolve_device, resolve_run
@@ -71,6 +72,8 @@ __all__ = [
     "damage_masks",
     "rng_state",
     "set_rng_state",
+    "training_measure",
+    "warmup_job",
 ]
 
 STAT_KEYS = ("loss", "recon", "kl", "elbo", "grad_norm")  # per-step training statistics, in this order
@@ -190,6 +193,32 @@ def warmup_job(cfg: Config, settings: RunSettings, images: Tensor) -> None:
     with torch.no_grad():
         model.iwae(x, min(cfg.eval_samples, max(1, 256 // cfg.batch_size)), generator=gen)
         model.sample(8, generator=gen, **steps)
+
+
+def training_measure(config: Any, device: Any, splits: Any) -> autobackend.Measure:
+    """``measure`` for :func:`fastnca.autobackend.choose_backend`: real training iterations of ``config`` on
+    ``device`` and ``splits``.
+
+    Each backend trains a throw-away copy of the run (its own trainer, a temporary folder, the run's shapes,
+    precision, CUDA-graph setting and pool) for its warm-up (the eager iterations and the capture of a CUDA
+    graph, twice where a pool changes the batch's layout) and then the timed iterations. A non-doubling rollout
+    runs at one T, the middle of the run's range, so that one graph is timed, not the capture of a new T.
+    """
+    def measure(backend: str, out_of_time: Callable[[], bool]) -> list[float]:
+        cfg = config.replace(backend=backend, eval_every=0, ckpt_every=0, log_every=10**9)
+        if not cfg.doubling:
+            mid = (cfg.min_steps + cfg.max_steps) // 2
+            cfg = cfg.replace(min_steps=mid, max_steps=mid)
+        with tempfile.TemporaryDirectory(prefix="fastnca-auto-") as tmp:
+            trainer = Trainer(cfg, tmp, device=str(device), splits=splits, progress=False, log=lambda msg: None,
+                              final_outputs=False, auto_backend=False, precompile=False)
+            warmup = (WARMUP_CALLS + 1 if trainer.train_graph is not None else 1) * (2 if cfg.pool_size else 1)
+            times = autobackend.timed(trainer.train_step, out_of_time, warmup=warmup, device=device)
+            del trainer
+        release_cuda_memory()
+        return times
+
+    return measure
 
 
 def pool_note(cfg: Config, capacity: int, dist: Any = None) -> str | None:
@@ -463,7 +492,7 @@ class Trainer:
             decision = autobackend.Decision(entry["backend"], "cached", ms=dict(entry["ms"]), gpu=key["gpu"])
         else:
             decision = autobackend.choose_backend(
-                key, candidates, autobackend.training_measure(cfg, self.device, self.splits),
+                key, candidates, training_measure(cfg, self.device, self.splits),
                 planned_iterations=cfg.iterations, planned_seconds=self.time_limit, cache=cache, gpu=key["gpu"],
                 progress=lambda msg: self.log(f"backend auto: {msg} ..."))
         self.log(decision.line())

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastnca import autobackend
+from fastnca import autobackend, train
 from fastnca.autobackend import DecisionCache, choose_backend, job_key
 from fastnca.config import get_preset
 from fastnca.run import resolve_run
@@ -131,7 +131,7 @@ def stand_in_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv(autobackend.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(autobackend, "machine_key", lambda device: dict(KEY))
     job = FakeJob({"triton": 0.050, "torch": 0.010}, warmup_s=0.0)
-    monkeypatch.setattr(autobackend, "training_measure", lambda cfg, device, splits: job)
+    monkeypatch.setattr(train, "training_measure", lambda cfg, device, splits: job)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     return job
 
