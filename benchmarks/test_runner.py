@@ -146,7 +146,7 @@ def test_import_shim_serves_fastnca_kernels(tmp_path: Path) -> None:
     """gpu_check.sh's fallback: with only PYTHONPATH (no editable install), fastnca.kernels still imports."""
     code = ("import sys; sys.path[:0] = [{shim!r}, {root!r}] + {sp!r}; import sitecustomize; "
             "import fastnca.kernels.reference as r; print(r.__file__)").format(
-        shim=str(ROOT / "benchmarks" / "_import_shim"), root=str(ROOT), sp=site.getsitepackages())
+        shim=str(ROOT / "tools" / "_import_shim"), root=str(ROOT), sp=site.getsitepackages())
     # -S: no site-packages .pth files, so the project's own editable-install finder is not active
     proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
@@ -165,7 +165,7 @@ def test_gpu_check_script_setup_and_summary_only(tmp_path: Path) -> None:
     assert files == ["check.json", "details.md", "gpu_check.log", "summary.md"], files
     assert proc.stdout.rstrip().endswith("no step logged by both runs")
     log = (tmp_path / "out" / "gpu_check.log").read_text()
-    assert "import: PYTHONPATH + benchmarks/_import_shim" in log
+    assert "import: PYTHONPATH + tools/_import_shim" in log
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m fastnca.launches --preset mnist-doubling              # CPU: the Triton interpreter
-    python -m fastnca.launches --preset celeba-nondoubling-256 --device cuda --json
+    python -m tools.launches --preset mnist-doubling              # CPU: the Triton interpreter
+    python -m tools.launches --preset celeba-nondoubling-256 --device cuda --json
 
 One training iteration is run as the Trainer runs it (``Trainer.train_step``: zero_grad, ELBO, backward, gradient
 clipping, Adam) on synthetic images of the preset's shape, after one unprofiled warm-up iteration (Adam's state,
