@@ -92,11 +92,13 @@ PARTS=$TMP/parts
 mkdir -p "$PARTS"
 T0=$SECONDS
 export PYTHONUNBUFFERED=1 FASTNCA_CACHE=$TMP/cache
+# Each Python entry point below chooses the kernels' mode itself (fastnca.kernels.use_interpreter: Triton's
+# interpreter exactly when no CUDA device is visible), so nothing inherited may force it either way.
+unset TRITON_INTERPRET
 if ((TINY)); then
-  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+  export CUDA_VISIBLE_DEVICES=""
   DEV=cpu
 else
-  unset TRITON_INTERPRET # the kernels must be compiled for the GPU, not interpreted
   DEV=cuda
 fi
 
@@ -300,7 +302,7 @@ if has_stage bench; then
   stage_done bench $? $((SECONDS - t)) ""
 fi
 
-# ---- tests: the kernel parity tests, compiled (tests/conftest.py sets TRITON_INTERPRET only without CUDA), then the
+# ---- tests: the kernel parity tests, compiled (tests/conftest.py interprets them only without CUDA), then the
 # GPU-marked model tests (CUDA graph replay vs eager, the memory model vs the measured peak); both in tests.txt
 # run_pytest LABEL SECONDS ARGS...: one pytest run appended to tests.txt under a '### gpu_check: LABEL' header. At the
 # timeout pytest gets SIGINT (set to KeyboardInterrupt even where the shell ignores it), so it still prints its

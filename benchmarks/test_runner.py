@@ -28,7 +28,7 @@ META_FIELDS = {"date_utc", "torch", "triton", "commit", "gpu", "sm_count", "driv
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, subprocess.CompletedProcess]:
-    """One real `python -m benchmarks` run in a subprocess (TRITON_INTERPRET set by the package itself)."""
+    """One real `python -m benchmarks` run in a subprocess (the runner chooses the interpreter itself: no GPU)."""
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""

@@ -17,12 +17,13 @@ warpgroup (HGMMA) and older (HMMA) tensor-core instructions.
 
 The kernel modules say what they launch: ``nca_step.fwd_kernel_spec`` and ``nca_step_bwd.bwd_kernel_specs``
 return :class:`KernelSpec` s (jit function, signature, constexprs, warps, stages); :func:`fit_kernels` compiles
-a list of them. With ``TRITON_INTERPRET=1`` (set by tests/conftest.py without a GPU) ``@triton.jit`` has already
-produced an interpreter function that ``triton.compile`` cannot take, so :func:`fit_kernels` then compiles in
-a child process with TRITON_INTERPRET removed from its environment (the function is found there by module
-and name). Several kernels are compiled by several such children at once, ``FASTNCA_FIT_JOBS`` of them (default:
-the usable CPUs, at most 8; 1: one child, or this process where it can compile). Results are kept for the rest of
-the process, and Triton caches the compiles on disk. With ``--json`` each pass's rows are printed (flushed) as
+a list of them. In the interpreter (``fastnca.kernels.use_interpreter``, which tests/conftest.py calls without a
+GPU) ``@triton.jit`` has already produced an interpreter function that ``triton.compile`` cannot take, so
+:func:`fit_kernels` then compiles in a child process with TRITON_INTERPRET removed from its environment
+(``fastnca.kernels.env_without_interpreter``; the function is found there by module and name). Several kernels
+are compiled by several such children at once, ``FASTNCA_FIT_JOBS`` of them (default: the usable CPUs, at most 8;
+1: one child, or this process where it can compile). Results are kept for the rest of the process, and Triton
+caches the compiles on disk. With ``--json`` each pass's rows are printed (flushed) as
 soon as that pass is done, so a caller's timeout keeps the passes already compiled.
 
 Tiles must fit every Triton release the kernels run under: CI's (the one installed with torch) and the GPU
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import fastnca.kernels
+from fastnca.kernels import env_without_interpreter, interpreting
 from fastnca.kernels.spec import KernelSpec
 
 __all__ = [
@@ -248,7 +250,7 @@ def _child_env() -> dict[str, str]:
     ``tools/_import_shim`` (a sitecustomize that serves ``fastnca.kernels`` from ``kernels/``) on PYTHONPATH, so
     that another interpreter compiles exactly this checkout's kernels whatever it has installed.
     """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     env["PYTHONPATH"] = os.pathsep.join([str(_SHIM), str(_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
@@ -317,7 +319,7 @@ def fit_kernels(specs: list[KernelSpec] | tuple[KernelSpec, ...], python: str | 
     jobs = min(fit_jobs(), len(todo))
     if jobs > 1:
         _FITS.update(zip(((who, k) for k in todo), _run_children(python or sys.executable, todo, jobs)))
-    elif todo and not python and os.environ.get("TRITON_INTERPRET") != "1":
+    elif todo and not python and not interpreting():
         for k in todo:
             _FITS[who, k] = _compile_job(json.loads(k))
     elif todo:
