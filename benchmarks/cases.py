@@ -182,9 +182,9 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
 
 def triton_unavailable(device: torch.device) -> str | None:
     """Why the fused step cannot run here, or None when it can."""
-    from fastnca.kernels import interpreting
+    from fastnca.kernels import interpreter_on
 
-    if device.type != "cuda" and not interpreting():
+    if device.type != "cuda" and not interpreter_on():
         return "no GPU and the kernels are not interpreted (fastnca.kernels.use_interpreter)"
     try:
         from fastnca.kernels.nca_step import nca_step  # noqa: F401

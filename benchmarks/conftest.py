@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fastnca.kernels import interpreting, use_interpreter  # the package only: no kernel module is imported yet
+from fastnca.kernels import interpreter_on, use_interpreter  # the package only: no kernel module is imported yet
 
 # The data directory, as tests/conftest.py sets it: CI sets FASTNCA_DATA to ../shared/data; this default serves a
 # local checkout (the GPU check's dry run trains on it).
@@ -21,7 +21,7 @@ use_interpreter()
 
 import pytest  # noqa: E402
 
-INTERPRET = interpreting()
+INTERPRET = interpreter_on()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
 TINY = DEVICE.type != "cuda"
 

@@ -6,7 +6,7 @@ imported lazily so that the package works where Triton is not installed.
 Interpreter or compiled: ``@triton.jit`` makes an interpreted kernel (CPU tensors, one program after another) or a
 compiled one (CUDA) when it decorates the function, i.e. when the kernel's module is imported, from
 ``TRITON_INTERPRET``. :func:`use_interpreter` is where that choice is made (the tests' conftest, the benchmarks'
-CPU dry runs and the launch counter call it before they import a kernel module); :func:`interpreting` reads it;
+CPU dry runs and the launch counter call it before they import a kernel module); :func:`interpreter_on` reads it;
 :func:`env_without_interpreter` is the environment of a child process that compiles kernels for a GPU.
 """
 
@@ -18,20 +18,21 @@ from collections.abc import Mapping
 
 from .reference import UpdateWeights, double_ref, make_update_mask, nca_step_ref, update_ref
 
-__all__ = ["UpdateWeights", "double_ref", "env_without_interpreter", "interpreting", "make_update_mask",
+__all__ = ["UpdateWeights", "double_ref", "env_without_interpreter", "interpreter_on", "make_update_mask",
            "nca_step_ref", "update_ref", "use_interpreter"]
 
 _FLAG = "TRITON_INTERPRET"  # read by Triton's @triton.jit when it decorates a kernel, and by the kernel modules
 
 
-def interpreting() -> bool:
+def interpreter_on() -> bool:
     """Whether this process's kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) rather than compiled."""
     return os.environ.get(_FLAG) == "1"
 
 
 def _imported_modes() -> dict[str, bool]:
-    """The imported modules of this package that hold Triton kernels, each with whether they are interpreted."""
-    if "triton" not in sys.modules:  # no kernel can have been decorated yet
+    """The imported modules of this package that fixed a mode, each with whether it is the interpreter's: a module
+    that read the flag at import (a bool ``INTERPRET`` or ``_INTERPRET``), else one holding Triton kernels."""
+    if "triton" not in sys.modules:  # no kernel module can have been imported yet (each imports Triton)
         return {}
     from triton.runtime.jit import JITFunction
 
@@ -42,6 +43,11 @@ def _imported_modes() -> dict[str, bool]:
     modes = {}
     for name, module in list(sys.modules.items()):
         if module is None or not name.startswith(__name__ + "."):
+            continue
+        read = [v for v in (getattr(module, "INTERPRET", None), getattr(module, "_INTERPRET", None))
+                if isinstance(v, bool)]
+        if read:
+            modes[name] = read[0]
             continue
         for value in list(vars(module).values()):
             if isinstance(value, InterpretedFunction):
@@ -74,7 +80,7 @@ def use_interpreter(on: bool | None = None) -> bool:
     """
     if on is None:
         if _FLAG in os.environ:
-            on = interpreting()
+            on = interpreter_on()
         else:
             import torch
 

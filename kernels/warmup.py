@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from . import env_without_interpreter, interpreting
+from . import env_without_interpreter, interpreter_on
 
 __all__ = ["Launch", "Pointer", "Report", "compile_launch", "load_launches", "precompile", "record_launches",
            "save_launches", "target_of"]
@@ -334,7 +334,7 @@ def precompile(
             progress(len(keys) + len(report.failed), len(distinct))
 
     todo = distinct
-    if compile_fn is compile_launch and not interpreting():
+    if compile_fn is compile_launch and not interpreter_on():
         # this process has real JIT functions: what the cache holds already needs no worker
         todo = []
         for launch in distinct:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastnca.kernels import interpreting, use_interpreter  # the package only: no kernel module is imported yet
+from fastnca.kernels import interpreter_on, use_interpreter  # the package only: no kernel module is imported yet
 
 use_interpreter()
 
@@ -33,7 +33,7 @@ if "FASTNCA_DATA" not in os.environ:
 
 import pytest  # noqa: E402
 
-INTERPRET = interpreting()
+INTERPRET = interpreter_on()
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
 

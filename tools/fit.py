@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import fastnca.kernels
-from fastnca.kernels import env_without_interpreter, interpreting
+from fastnca.kernels import env_without_interpreter, interpreter_on
 from fastnca.kernels.spec import KernelSpec
 
 __all__ = [
@@ -319,7 +319,7 @@ def fit_kernels(specs: list[KernelSpec] | tuple[KernelSpec, ...], python: str | 
     jobs = min(fit_jobs(), len(todo))
     if jobs > 1:
         _FITS.update(zip(((who, k) for k in todo), _run_children(python or sys.executable, todo, jobs)))
-    elif todo and not python and not interpreting():
+    elif todo and not python and not interpreter_on():
         for k in todo:
             _FITS[who, k] = _compile_job(json.loads(k))
     elif todo:

@@ -32,7 +32,7 @@ def _run(code: str, **env: str) -> dict:
 
 _SWITCH_AFTER_IMPORT = """
     import json, os
-    from fastnca.kernels import interpreting, use_interpreter
+    from fastnca.kernels import interpreter_on, use_interpreter
     first = use_interpreter({first})
     from fastnca.kernels import nca_step
     kind = type(nca_step._nca_step_fwd_kernel).__name__
@@ -42,7 +42,7 @@ _SWITCH_AFTER_IMPORT = """
     except RuntimeError as err:
         error = str(err)
     print(json.dumps(dict(first=first, kind=kind, error=error, again=use_interpreter({first}),
-                          flag=os.environ.get("TRITON_INTERPRET"), interpreting=interpreting())))
+                          flag=os.environ.get("TRITON_INTERPRET"), interpreter_on=interpreter_on())))
 """
 
 
@@ -54,7 +54,7 @@ def test_the_mode_is_chosen_before_import_and_cannot_change_after(first):
         f"expected the kernels decorated in the chosen mode, got {res['kind']}"
     assert res["error"] and "fastnca.kernels.nca_step" in res["error"] and "before importing" in res["error"], \
         f"expected an error naming the module imported in the other mode, got {res['error']!r}"
-    assert res["flag"] == ("1" if first else None) and res["interpreting"] is first, res
+    assert res["flag"] == ("1" if first else None) and res["interpreter_on"] is first, res
 
 
 _DEFAULT = """
