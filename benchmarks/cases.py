@@ -182,10 +182,10 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
 
 def triton_unavailable(device: torch.device) -> str | None:
     """Why the fused step cannot run here, or None when it can."""
-    import os
+    from fastnca.kernels import interpreter_on
 
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no GPU and TRITON_INTERPRET is not 1"
+    if device.type != "cuda" and not interpreter_on():
+        return "no GPU and the kernels are not interpreted (fastnca.kernels.use_interpreter)"
     try:
         from fastnca.kernels.nca_step import nca_step  # noqa: F401
     except Exception as err:  # ImportError, or a module still being written

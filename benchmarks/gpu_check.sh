@@ -27,10 +27,10 @@
 #   tests     python -m pytest tests/kernels --ignore-glob='tests/kernels/test_fit*.py' (compiled kernels, from the
 #             compile stage's cache), then python -m pytest tests/model -m 'gpu and not slow': to completion, failures
 #             with their messages in tests.txt
-#   launches  python -m fastnca.launches --preset mnist-doubling --json (kernel launches per training iteration)
+#   launches  python -m tools.launches --preset mnist-doubling --json (kernel launches per training iteration)
 #   profile   python -m benchmarks.profiling (torch.profiler: top kernels, GPU-busy vs wall time)
 #   ncu       Nsight Compute on the fused step forward + backward (only where ncu exists and is permitted)
-#   fit       python -m fastnca.kernels.fit --json (sm_90 registers/spills/HGMMA on the installed Triton; CI checks
+#   fit       python -m tools.fit --json (sm_90 registers/spills/HGMMA on the installed Triton; CI checks
 #             both releases on the CPU), in the background on the CPUs the GPU stages leave idle
 #
 # Writes 7 files into OUTDIR (no sub-folders; each well under 16 MiB):
@@ -92,11 +92,13 @@ PARTS=$TMP/parts
 mkdir -p "$PARTS"
 T0=$SECONDS
 export PYTHONUNBUFFERED=1 FASTNCA_CACHE=$TMP/cache
+# Each Python entry point below chooses the kernels' mode itself (fastnca.kernels.use_interpreter: Triton's
+# interpreter exactly when no CUDA device is visible), so nothing inherited may force it either way.
+unset TRITON_INTERPRET
 if ((TINY)); then
-  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+  export CUDA_VISIBLE_DEVICES=""
   DEV=cpu
 else
-  unset TRITON_INTERPRET # the kernels must be compiled for the GPU, not interpreted
   DEV=cuda
 fi
 
@@ -133,7 +135,7 @@ stage_done() {
 log "fastnca gpu_check in $ROOT -> $OUTDIR (deadline ${DEADLINE}s, stages: $STAGES$( ((TINY)) && echo '; tiny CPU dry run'))"
 
 # ---- setup: make `fastnca` and `fastnca.kernels` of this checkout importable, without installing anything
-# (auto: use an install of this checkout if there is one, else PYTHONPATH plus benchmarks/_import_shim, whose
+# (auto: use an install of this checkout if there is one, else PYTHONPATH plus tools/_import_shim, whose
 # sitecustomize maps fastnca.kernels to kernels/ as pyproject's package-dir does; editable: pip install -e .)
 IMPORT_MODE=${GPU_CHECK_IMPORT:-auto}
 IMPORT=failed
@@ -150,8 +152,8 @@ if [[ $IMPORT == failed && $IMPORT_MODE == editable ]] &&
   IMPORT="pip install --no-deps -e ."
 fi
 if [[ $IMPORT == failed ]]; then
-  export PYTHONPATH="$ROOT/benchmarks/_import_shim:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-  check_import && IMPORT="PYTHONPATH + benchmarks/_import_shim"
+  export PYTHONPATH="$ROOT/tools/_import_shim:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  check_import && IMPORT="PYTHONPATH + tools/_import_shim"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 log "import: $IMPORT"
@@ -261,10 +263,10 @@ if has_stage fit; then
   FIT_T=$SECONDS
   FIT_CAP=$(cap 150 0)
   FIT_ARGS=${GPU_CHECK_FIT_ARGS:-$( ((TINY)) && echo "--only fwd")}
-  log "fit: python -m fastnca.kernels.fit --json $FIT_ARGS (background, timeout ${FIT_CAP}s)"
+  log "fit: python -m tools.fit --json $FIT_ARGS (background, timeout ${FIT_CAP}s)"
   (
     # the fit compiles with triton.compile; under the interpreter it starts its own child without it
-    timeout "$FIT_CAP" $PY -m fastnca.kernels.fit --json $FIT_ARGS >"$PARTS/fit.jsonl" 2>"$PARTS/fit.err"
+    timeout "$FIT_CAP" $PY -m tools.fit --json $FIT_ARGS >"$PARTS/fit.jsonl" 2>"$PARTS/fit.err"
     echo "$? $((SECONDS - FIT_T))" >"$PARTS/fit.rc" # its exit code and when it ended
   ) &
   FIT_PID=$!
@@ -300,7 +302,7 @@ if has_stage bench; then
   stage_done bench $? $((SECONDS - t)) ""
 fi
 
-# ---- tests: the kernel parity tests, compiled (tests/conftest.py sets TRITON_INTERPRET only without CUDA), then the
+# ---- tests: the kernel parity tests, compiled (tests/conftest.py interprets them only without CUDA), then the
 # GPU-marked model tests (CUDA graph replay vs eager, the memory model vs the measured peak); both in tests.txt
 # run_pytest LABEL SECONDS ARGS...: one pytest run appended to tests.txt under a '### gpu_check: LABEL' header. At the
 # timeout pytest gets SIGINT (set to KeyboardInterrupt even where the shell ignores it), so it still prints its
@@ -338,18 +340,18 @@ if has_stage tests; then
 print(pytest_line(open(sys.argv[1]).read()))" "$OUTDIR/tests.txt" 2>/dev/null)"
 fi
 
-# ---- launches: kernel launches per training iteration (fastnca.launches, if this checkout has it)
+# ---- launches: kernel launches per training iteration (tools.launches, if this checkout has it)
 if has_stage launches; then
   t=$SECONDS
   LT=$(cap_of launches)
-  if ! (cd "$TMP" && $PY -c "import fastnca.launches") >>"$TMP/launches.err" 2>&1; then
-    stage_done launches note 0 "fastnca.launches is not in this checkout: no launch count"
+  if ! (cd "$TMP" && $PY -c "import tools.launches") >>"$TMP/launches.err" 2>&1; then
+    stage_done launches note 0 "tools.launches is not in this checkout: no launch count"
   else
     LP=$( ((TINY)) && echo small || echo mnist-doubling)
     # on the CPU the interpreter would run every kernel for minutes: count the launches and skip their bodies
     LX=$([[ $DEV == cpu ]] && echo --no-execute)
-    log "launches: python -m fastnca.launches --preset $LP --device $DEV --json $LX (timeout ${LT}s)"
-    timeout "$LT" $PY -m fastnca.launches --preset "$LP" --device "$DEV" --json $LX >"$PARTS/launches.out" 2>>"$LOG"
+    log "launches: python -m tools.launches --preset $LP --device $DEV --json $LX (timeout ${LT}s)"
+    timeout "$LT" $PY -m tools.launches --preset "$LP" --device "$DEV" --json $LX >"$PARTS/launches.out" 2>>"$LOG"
     rc=$?
     cat "$PARTS/launches.out" >>"$LOG"
     stage_done launches $rc $((SECONDS - t)) "$($PY -c "import sys; from benchmarks.summarize import launches_note

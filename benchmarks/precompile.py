@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="the dry run's sizes")
     p.add_argument("--preset", default="mnist-doubling", help="the time-to-quality stage's preset")
     args = p.parse_args(argv)
+    from fastnca.kernels import use_interpreter
+
+    use_interpreter()  # the dry run (no GPU) records the interpreted kernels; before a kernel module is imported
     from fastnca.kernels.warmup import record_launches, save_launches
     from fastnca.run import resolve_device
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from fastnca.kernels import use_interpreter
+
 __all__ = ["TARGETS", "busy_time_us", "profile_target", "profile_all", "to_markdown", "parse_ncu_csv",
            "ncu_markdown", "ncu_target", "main"]
 
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--ncu-target", action="store_true", help="run the program Nsight Compute profiles")
     p.add_argument("--ncu-csv", type=Path, default=None, help="parse ncu's raw CSV page instead of profiling")
     args = p.parse_args(argv)
+    use_interpreter()  # the interpreter without a GPU (the dry run); before a target imports a kernel module
     if args.ncu_target:
         ncu_target(args.tiny)
         return None

@@ -9,8 +9,9 @@ Usage::
 
 Writes ``OUT/bench.json`` (meta, peaks, one object per row) and ``OUT/bench.md`` after every row, so a run cut
 short still leaves what it measured. Backend names: see ``benchmarks/cases.py``; ``name@policy`` overrides the
-checkpoint policy (``torch-fp32@step``). Without a GPU the runner sets TRITON_INTERPRET=1 (before Triton is
-imported) and shrinks every case; those rows are code-path checks and make no speed claim.
+checkpoint policy (``torch-fp32@step``). Without a GPU the runner runs the kernels in Triton's interpreter
+(``fastnca.kernels.use_interpreter``, before a kernel module is imported) and shrinks every case; those rows are
+code-path checks and make no speed claim.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastnca.kernels import use_interpreter
 
 __all__ = ["QUICK_PLAN", "default_plan", "run", "main", "to_markdown"]
 
@@ -433,8 +436,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI entry point (``python -m benchmarks``)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    use_interpreter()  # the interpreter without a GPU; before a case imports a kernel module
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = args.tiny or device.type != "cuda"

@@ -194,7 +194,7 @@ def fit_markdown(rows: list[dict[str, Any]], triton: str | None) -> str:
 
 # ----------------------------------------------------------------------------------------------- launches
 def read_launches(parts: Path) -> dict[str, Any] | None:
-    """The dict ``python -m fastnca.launches --json`` printed (the last JSON object in its output)."""
+    """The dict ``python -m tools.launches --json`` printed (the last JSON object in its output)."""
     p = parts / "launches.out"
     if not p.is_file():
         return None
@@ -220,7 +220,7 @@ def read_launches(parts: Path) -> dict[str, Any] | None:
 def launches_note(parts: str | Path) -> str:
     d = read_launches(Path(parts))
     if not d:
-        return "no launch count in fastnca.launches' output"
+        return "no launch count in tools.launches' output"
     s = f"{d.get('total')} kernel launches per training iteration (triton {d.get('triton')}, aten {d.get('aten')})"
     return (f"{d['preset']}: " if d.get("preset") else "") + s
 
@@ -479,7 +479,7 @@ def _headline(check: dict[str, Any]) -> list[str]:
     fit_text = fit.get("note") or "not run"
     cap = str(env.get("capability") or "")
     if fit and cap and cap != "9.0":
-        fit_text += f" (the GPU present is sm_{cap.replace('.', '')}: fastnca.kernels.fit compiles for sm_90 only)"
+        fit_text += f" (the GPU present is sm_{cap.replace('.', '')}: tools.fit compiles for sm_90 only)"
     rows.append(("fit on the installed Triton", fit_text))
     ncu = check.get("ncu") or []
     if ncu:

@@ -76,7 +76,7 @@ def test_dry_run_every_stage_ran_or_left_a_one_line_note(dry_run) -> None:
     if stages["launches"]["rc"] == "0":
         assert check["launches"]["total"] > 0, check["launches"]
     else:
-        assert "fastnca.launches" in stages["launches"]["note"]
+        assert "tools.launches" in stages["launches"]["note"]
     targets = check["profile"]["targets"]
     assert [t["label"] for t in targets] == [t[0] for t in profiling.TINY_TARGETS]
     for t in targets:
@@ -229,7 +229,7 @@ def test_launch_count_is_read_from_the_cli_output(tmp_path: Path) -> None:
         assert summarize.launches_note(tmp_path) == "160 kernel launches per training iteration (triton 40, aten 120)"
     (tmp_path / "launches.out").write_text("Traceback ...\nValueError: x\n")
     assert summarize.read_launches(tmp_path) is None
-    assert summarize.launches_note(tmp_path) == "no launch count in fastnca.launches' output"
+    assert summarize.launches_note(tmp_path) == "no launch count in tools.launches' output"
 
 
 def test_record_of_a_gpu_run_is_stamped_from_its_files(tmp_path: Path) -> None:

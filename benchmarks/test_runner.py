@@ -28,7 +28,7 @@ META_FIELDS = {"date_utc", "torch", "triton", "commit", "gpu", "sm_count", "driv
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, subprocess.CompletedProcess]:
-    """One real `python -m benchmarks` run in a subprocess (TRITON_INTERPRET set by the package itself)."""
+    """One real `python -m benchmarks` run in a subprocess (the runner chooses the interpreter itself: no GPU)."""
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -146,7 +146,7 @@ def test_import_shim_serves_fastnca_kernels(tmp_path: Path) -> None:
     """gpu_check.sh's fallback: with only PYTHONPATH (no editable install), fastnca.kernels still imports."""
     code = ("import sys; sys.path[:0] = [{shim!r}, {root!r}] + {sp!r}; import sitecustomize; "
             "import fastnca.kernels.reference as r; print(r.__file__)").format(
-        shim=str(ROOT / "benchmarks" / "_import_shim"), root=str(ROOT), sp=site.getsitepackages())
+        shim=str(ROOT / "tools" / "_import_shim"), root=str(ROOT), sp=site.getsitepackages())
     # -S: no site-packages .pth files, so the project's own editable-install finder is not active
     proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
@@ -165,7 +165,7 @@ def test_gpu_check_script_setup_and_summary_only(tmp_path: Path) -> None:
     assert files == ["check.json", "details.md", "gpu_check.log", "summary.md"], files
     assert proc.stdout.rstrip().endswith("no step logged by both runs")
     log = (tmp_path / "out" / "gpu_check.log").read_text()
-    assert "import: PYTHONPATH + benchmarks/_import_shim" in log
+    assert "import: PYTHONPATH + tools/_import_shim" in log
 
 
 @pytest.mark.slow

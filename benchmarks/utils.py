@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastnca.kernels import interpreter_on
+
 __all__ = [
     "REPO_ROOT",
     "Timing",
@@ -308,7 +310,7 @@ def env_info(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "triton_interpret": interpreter_on(),
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         **git_commit(),

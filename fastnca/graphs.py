@@ -257,10 +257,9 @@ def invalidate_packed_weights() -> None:
     unchanged. A capture must record the packing itself (else the graph would read the eager cache's buffers
     forever), and a replay updates the parameters without bumping their counters.
     """
-    module = sys.modules.get("fastnca.kernels.nca_step")  # not imported: nothing is cached
-    cache = getattr(module, "_PACK_CACHE", None)
-    if cache is not None and hasattr(cache, "key"):
-        cache.key = None
+    module = sys.modules.get("fastnca.kernels.nca_step")  # not imported (nor Triton perhaps): nothing is cached
+    if module is not None:
+        module.forget_packed_weights()
 
 
 @contextmanager

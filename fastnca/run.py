@@ -28,13 +28,13 @@ what the NCA's dots do; the trainer records it in the run's files.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fastnca.config import BACKENDS, PRECISIONS, check_choice
+from fastnca.kernels import interpreter_on
 from fastnca.kernels.schedule import RolloutPlan, plan_rollout
 
 __all__ = [
@@ -169,7 +169,7 @@ class RunSettings:
         The fused kernels need a CUDA device; on the CPU they run only in the Triton interpreter
         (``TRITON_INTERPRET=1``, slowly: tests do that).
         """
-        if self.fused and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if self.fused and self.device.type != "cuda" and not interpreter_on():
             raise ValueError(
                 f"backend: 'triton' needs a CUDA device, and {self.device} is not one (TRITON_INTERPRET=1 runs the "
                 "fused kernels in the Triton interpreter on the CPU, slowly); use --set backend=auto or backend=torch"

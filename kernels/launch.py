@@ -4,7 +4,7 @@ The tiles of ``step_config`` / ``bwd_config`` / ``post_config`` are sized for th
 memory per block) and checked there by the sm_90 fit. Other GPUs allow less: 163 KiB on the A100 (sm_80), 99 KiB on
 the sm_86 / sm_89 / sm_120 cards (RTX 30xx / 40xx / 50xx, A10, A40, L4, L40S). Compiled for sm_86, 18 of the 161
 shipped kernels need more than 99 KiB, among them the 256-channel forward of every precision (bf16: 144 KiB) and the
-bf16 backward main kernel (108 KiB) (``python -m fastnca.kernels.fit --only small-smem`` lists them). Triton checks
+bf16 backward main kernel (108 KiB) (``python -m tools.fit --only small-smem`` lists them). Triton checks
 a compiled kernel's shared memory against the device's limit before it launches it and raises ``OutOfResources``
 without launching anything, so :func:`launch_fitting` tries the shipped tile first and, where it does not fit,
 smaller ones (:func:`smaller_tiles`: fewer pipeline stages, then narrower channel chunks, then fewer cells per

@@ -42,6 +42,7 @@ __all__ = [
     "fwd_k_major",
     "fwd_kernel_spec",
     "fwd_weight_args",
+    "forget_packed_weights",
     "nca_step",
     "nca_step_fwd",
     "pack_weights",
@@ -509,6 +510,12 @@ class _PackCache:
 
 
 _PACK_CACHE = _PackCache()
+
+
+def forget_packed_weights() -> None:
+    """Make the next fused step pack its weights again, even from unmodified tensors (CUDA graphs: a capture must
+    record the packing itself, and a replay updates the parameters without bumping their version counters)."""
+    _PACK_CACHE.key = None
 
 
 def _packed(weights: UpdateWeights, dtype: torch.dtype, k_major: bool = False) -> dict[str, Tensor | None]:

@@ -1,5 +1,5 @@
 """What one kernel launch compiles to: shared by the kernel modules (which say what they launch) and the sm_90
-fit tool (``kernels/fit.py``, which compiles it), so that shipped kernels never import the developer tool."""
+fit tool (``tools/fit.py``, which compiles it), so that shipped kernels never import the developer tool."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``@triton.jit`` helpers shared by the fused forward (``nca_step.py``) and backward (``nca_step_bwd.py``) kernels.
 
 Triton inlines jit functions into the kernel that calls them, so the compiled code is the same as if each kernel
-wrote them out (checked with the sm_90 fit: ``python -m fastnca.kernels.fit``).
+wrote them out (checked with the sm_90 fit: ``python -m tools.fit``).
 
 Two constexpr flags work around interpreter defects (docs/KERNELS.md); both are False on the GPU:
 

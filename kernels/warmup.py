@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from . import env_without_interpreter, interpreter_on
+
 __all__ = ["Launch", "Pointer", "Report", "compile_launch", "load_launches", "precompile", "record_launches",
            "save_launches", "target_of"]
 
@@ -227,7 +229,7 @@ def _run_workers(tasks: list[Launch], target: dict[str, Any], workers: int, comp
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     selector = selectors.DefaultSelector()
     procs = []
     for w in range(workers):
@@ -332,7 +334,7 @@ def precompile(
             progress(len(keys) + len(report.failed), len(distinct))
 
     todo = distinct
-    if compile_fn is compile_launch and os.environ.get("TRITON_INTERPRET") != "1":
+    if compile_fn is compile_launch and not interpreter_on():
         # this process has real JIT functions: what the cache holds already needs no worker
         todo = []
         for launch in distinct:

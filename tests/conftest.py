@@ -1,6 +1,8 @@
 """Test setup: interpreter mode without a GPU, seeded tests, and the data directory.
 
-Runs before ``fastnca.kernels`` is imported: ``@triton.jit`` reads TRITON_INTERPRET when it decorates a kernel.
+Chooses the kernels' mode first (``fastnca.kernels.use_interpreter``: Triton's interpreter without a GPU, unless
+TRITON_INTERPRET says otherwise), before any test imports a kernel module: ``@triton.jit`` decides when it
+decorates a kernel.
 
 Tests that read data say which datasets with ``@pytest.mark.data("mnist", ...)``. The data directory is
 ``FASTNCA_DATA`` when set, else the ``shared/data`` folder beside the checkout when there is one (CI's real
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fastnca.kernels import interpreter_on, use_interpreter  # the package only: no kernel module is imported yet
+
+use_interpreter()
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_DATA = ROOT / "tests" / ".fixture-data"
@@ -30,7 +33,7 @@ if "FASTNCA_DATA" not in os.environ:
 
 import pytest  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = interpreter_on()
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
 

@@ -1,5 +1,6 @@
 """The package installs from a plain (non-editable) wheel with fastnca.kernels and the embedded MNIST inside it,
-and a fresh virtual environment holding only that wheel trains the small preset with no data directory.
+and a fresh virtual environment holding only that wheel trains the small preset with no data directory. The
+developer tools (tools/) and the benchmarks stay out of the wheel, and the library never imports them.
 
 Both tests work whatever the running interpreter is (a venv with or without system site-packages, a system
 Python): the wheel's copy of fastnca is put ahead of any other, and the fresh venv reaches torch and the other
@@ -8,8 +9,10 @@ dependencies through a .pth file naming the running interpreter's site-packages 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -38,6 +41,60 @@ def test_wheel_ships_the_kernels_and_the_embedded_mnist(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("fastnca/kernels/reference.py", "fastnca/datasets/binarized_mnist.npz", "fastnca/datasets/README.md"):
         assert name in names, f"expected {name} in {wheel.name}"
+
+
+def test_wheel_ships_only_the_library(wheel):
+    """tools/ (the sm_90 fit, the launch counter, the import shim), benchmarks/ and tests/ are run from a checkout:
+    the wheel holds the fastnca package (fastnca.kernels included) and its metadata, nothing else."""
+    names = zipfile.ZipFile(wheel).namelist()
+    outside = [n for n in names if not n.startswith(("fastnca/", "fastnca-"))]
+    assert not outside, f"expected only fastnca/ and its metadata in {wheel.name}, got {outside}"
+    tools = [n for n in names if n.rsplit("/", 1)[-1] in ("fit.py", "launches.py", "sitecustomize.py")]
+    assert not tools, f"expected no developer tool in {wheel.name}, got {tools}"
+
+
+# what the library must not import: the folders of the checkout that are not installed
+_NOT_INSTALLED = ("tools", "benchmarks", "tests")
+_MODULE_NAME = re.compile(rf"(?:{'|'.join(_NOT_INSTALLED)})(?:\.\w+)*")
+
+
+def _reaches_outside(path: Path) -> list[str]:
+    """The lines of ``path`` that import tools/benchmarks/tests, name one of them as a module (importlib), or
+    name the import shim (a path into tools/)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    bad = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        if any(n.split(".")[0] in _NOT_INSTALLED for n in names):
+            bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {', '.join(names)}")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if _MODULE_NAME.fullmatch(node.value) or "_import_shim" in node.value:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: names {node.value!r}")
+    return bad
+
+
+def test_the_library_imports_neither_tools_nor_benchmarks():
+    """Imports go one way: tools/ and benchmarks/ import fastnca, never the reverse (the wheel lacks them)."""
+    files = sorted(p for d in ("fastnca", "kernels") for p in (ROOT / d).rglob("*.py"))
+    assert len(files) > 20, f"expected the library's modules under fastnca/ and kernels/, found {len(files)}"
+    bad = [line for p in files for line in _reaches_outside(p)]
+    assert not bad, "expected fastnca/ and kernels/ to import nothing outside the package:\n" + "\n".join(bad)
+
+
+def test_the_import_check_sees_an_import_of_tools(tmp_path, monkeypatch):
+    """The check above finds each way in: a plain import, a from-import, an importlib name, the shim's path."""
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    src = tmp_path / "m.py"
+    src.write_text('"""tools.fit is not imported by this docstring."""\nimport tools.fit\n'
+                   'from benchmarks.cases import CASES\nimport importlib\nimportlib.import_module("tools.launches")\n'
+                   'SHIM = "tools/_import_shim"\n')
+    found = _reaches_outside(src)
+    assert sorted(line.split(": ", 1)[0] for line in found) == ["m.py:2", "m.py:3", "m.py:5", "m.py:6"], found
 
 
 def test_plain_install_ships_and_imports_fastnca_kernels(wheel, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fastnca.kernels.fit import FIT_PYTHONS_ENV, GPU_TRITON, fit_pythons, triton_version
+from tools.fit import FIT_PYTHONS_ENV, GPU_TRITON, fit_pythons, triton_version
 
 RELEASES = ("ci", f"gpu-triton-{GPU_TRITON}")
 

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import pytest
 
-from fastnca.kernels.fit import SHIPPED, SMEM_LIMIT, _copy_width, fit_many, format_table, tensor_flops, triton_version
+from tools.fit import SHIPPED, SMEM_LIMIT, _copy_width, fit_many, format_table, tensor_flops, triton_version
 
 from .fit_releases import RELEASES, release_python
 
@@ -85,7 +85,7 @@ def test_copies_are_16_bytes(fits, spec):
 def test_parallel_fit_keeps_the_order_of_the_jobs(monkeypatch):
     """FASTNCA_FIT_JOBS children compile interleaved shares of the job list at once; each result goes back to its
     job's place (checked with a stand-in child that returns its jobs' names; the real compiles: every fit test)."""
-    import fastnca.kernels.fit as fit
+    import tools.fit as fit
 
     seen = []
 

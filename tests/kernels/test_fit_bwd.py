@@ -2,10 +2,10 @@
 with no local-memory spills and fits in shared memory, under this process's Triton (CI's) and under the GPU
 machines' Triton 3.6 (``fit_releases.py``; skipped unless FASTNCA_FIT_PYTHONS names an interpreter with it).
 
-The compiles and the cubin reading live in ``kernels/fit.py`` (with ``TRITON_INTERPRET=1``, set by
-tests/conftest.py, they run once per module in a child process). For the table::
+The compiles and the cubin reading live in ``tools/fit.py`` (in the interpreter, which tests/conftest.py chooses
+without a GPU, they run once per module in a child process). For the table::
 
-    python -m fastnca.kernels.fit --only bwd
+    python -m tools.fit --only bwd
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import pytest
 
-from fastnca.kernels.fit import (
+from tools.fit import (
     BWD_SHIPPED,
     SMEM_LIMIT,
     BwdFitResult,

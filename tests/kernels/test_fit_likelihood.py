@@ -2,14 +2,14 @@
 shipped (n_mix, dtype) compiles for sm_90 with no spills and fits in shared memory, under CI's Triton and the GPU
 machines' Triton 3.6 (``fit_releases.py``). The table::
 
-    python -m fastnca.kernels.fit --only likelihood
+    python -m tools.fit --only likelihood
 """
 
 from __future__ import annotations
 
 import pytest
 
-from fastnca.kernels.fit import (
+from tools.fit import (
     LIKELIHOOD_SHIPPED,
     SMEM_LIMIT,
     BwdFitResult,

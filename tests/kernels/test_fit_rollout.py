@@ -8,14 +8,16 @@ machines' Triton 3.6 (``fit_releases.py``); every tensor-core kernel does the te
 warpgroup repeats another's products) and copies 16 bytes at a time, except the known narrow copies below. The
 table::
 
-    python -m fastnca.kernels.fit --only rollout
+    python -m tools.fit --only rollout
 """
 
 from __future__ import annotations
 
 import pytest
 
-from fastnca.kernels.fit import (
+from fastnca.kernels.rollout import small_bwd_config
+from fastnca.kernels.small_grid import small_config
+from tools.fit import (
     BWD_SHIPPED,
     SMEM_LIMIT,
     BwdFitResult,
@@ -25,8 +27,6 @@ from fastnca.kernels.fit import (
     format_bwd_table,
     triton_version,
 )
-from fastnca.kernels.rollout import small_bwd_config
-from fastnca.kernels.small_grid import small_config
 
 from .fit_releases import RELEASES, release_python
 

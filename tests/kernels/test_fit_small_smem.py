@@ -4,14 +4,14 @@ backend launches for the 256-channel networks has a tiling among its launch site
 (``kernels/launch.py``) that fits, and the kernels whose shipped tiles do not fit are the ones the launch sites
 were given fallbacks for. The table::
 
-    python -m fastnca.kernels.fit --only small-smem
+    python -m tools.fit --only small-smem
 """
 
 from __future__ import annotations
 
 import pytest
 
-from fastnca.kernels.fit import SMALL_SMEM, FallbackResult, fit_fallback, format_fallback_table, triton_version
+from tools.fit import SMALL_SMEM, FallbackResult, fit_fallback, format_fallback_table, triton_version
 
 
 @pytest.fixture(scope="module")

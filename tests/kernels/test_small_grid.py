@@ -14,10 +14,10 @@ from fastnca.kernels.reference import UpdateWeights, nca_step_ref
 from fastnca.kernels.rollout import nca_rollout, small_bwd_config
 from fastnca.kernels.schedule import draw_masks, plan_rollout
 from fastnca.kernels.small_grid import SMALL_GRID_CELLS, samples_per_program, small_config, small_grid_steps
-from fastnca.launches import interpreter_launches
 from tests.conftest import DEVICE
 from tests.kernels.test_nca_step_fwd import make_state, make_weights
 from tests.utils import rel_err
+from tools.launches import interpreter_launches
 
 
 def _reference(state, weights, flags, masks, dtype):

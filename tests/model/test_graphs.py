@@ -293,16 +293,18 @@ def test_capturable_optimizer_leaves_cpu_groups_alone_and_restores_flags():
 
 
 def test_packed_weight_cache_is_invalidated():
+    """The fused step reuses its packed weights while the tensors are unmodified; after invalidate_packed_weights
+    (before a capture, after a replay) it packs them again."""
     from fastnca.kernels import nca_step
+    from fastnca.kernels.reference import UpdateWeights
 
-    cache = nca_step._PACK_CACHE
-    saved = cache.key
-    try:
-        cache.key = ("a key",)
-        invalidate_packed_weights()
-        assert cache.key is None, "the fused step's pack cache must miss after a replay or before a capture"
-    finally:
-        cache.key = saved
+    w = UpdateWeights(torch.randn(16, 16, 3, 3), torch.randn(16), (), torch.randn(16, 16, 1, 1), None)
+    first = nca_step._packed(w, torch.float32)
+    assert nca_step._packed(w, torch.float32) is first, "expected the cache to serve unmodified weights"
+    invalidate_packed_weights()
+    again = nca_step._packed(w, torch.float32)
+    assert again is not first, "the fused step's pack cache must miss after a replay or before a capture"
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(first.values(), again.values()))
 
 
 # ---------------------------------------------------------------------------------------------- GPU: replay

@@ -1,4 +1,4 @@
-"""The launch budget of one training iteration on the fused backend, counted on the CPU (fastnca/launches.py).
+"""The launch budget of one training iteration on the fused backend, counted on the CPU (tools/launches.py).
 
 The count does not depend on channel widths, batch or grid size (one launch per op however large), so the presets
 run shrunk: the schedules (40 doubling steps; T non-doubling steps under the sqrt(T) checkpoint policy), the
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fastnca.config import get_preset
-from fastnca.launches import count_training_launches, interpreter_launches
 from fastnca.nca import nca_from_config
+from tools.launches import count_training_launches, interpreter_launches
 
 pytest.importorskip("triton")
 

@@ -2,12 +2,12 @@
 
 Usage::
 
-    python -m fastnca.kernels.fit              # forward and backward tables of every shipped configuration
-    python -m fastnca.kernels.fit --only bwd   # one of them ("fwd", "bwd", "rollout" or "likelihood")
-    python -m fastnca.kernels.fit --json       # the same as JSON lines, each pass's rows when it is done
-    FASTNCA_FIT_JOBS=1 python -m fastnca.kernels.fit   # one compile at a time (default: CPUs, at most 8)
-    python -m fastnca.kernels.fit --python .ci/.venv-triton36/bin/python   # compiled by another Triton release
-    python -m fastnca.kernels.fit --only small-smem   # the tiles each kernel falls back to on a 99 KiB sm_86 GPU
+    python -m tools.fit              # forward and backward tables of every shipped configuration
+    python -m tools.fit --only bwd   # one of them ("fwd", "bwd", "rollout" or "likelihood")
+    python -m tools.fit --json       # the same as JSON lines, each pass's rows when it is done
+    FASTNCA_FIT_JOBS=1 python -m tools.fit   # one compile at a time (default: CPUs, at most 8)
+    python -m tools.fit --python .ci/.venv-triton36/bin/python   # compiled by another Triton release
+    python -m tools.fit --only small-smem   # the tiles each kernel falls back to on a 99 KiB sm_86 GPU
 
 Every kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (no GPU needed)
 (:func:`compile_sm90`), and the cubin is read with the ``cuobjdump`` / ``nvdisasm`` that ship in
@@ -17,12 +17,13 @@ warpgroup (HGMMA) and older (HMMA) tensor-core instructions.
 
 The kernel modules say what they launch: ``nca_step.fwd_kernel_spec`` and ``nca_step_bwd.bwd_kernel_specs``
 return :class:`KernelSpec` s (jit function, signature, constexprs, warps, stages); :func:`fit_kernels` compiles
-a list of them. With ``TRITON_INTERPRET=1`` (set by tests/conftest.py without a GPU) ``@triton.jit`` has already
-produced an interpreter function that ``triton.compile`` cannot take, so :func:`fit_kernels` then compiles in
-a child process with TRITON_INTERPRET removed from its environment (the function is found there by module
-and name). Several kernels are compiled by several such children at once, ``FASTNCA_FIT_JOBS`` of them (default:
-the usable CPUs, at most 8; 1: one child, or this process where it can compile). Results are kept for the rest of
-the process, and Triton caches the compiles on disk. With ``--json`` each pass's rows are printed (flushed) as
+a list of them. In the interpreter (``fastnca.kernels.use_interpreter``, which tests/conftest.py calls without a
+GPU) ``@triton.jit`` has already produced an interpreter function that ``triton.compile`` cannot take, so
+:func:`fit_kernels` then compiles in a child process with TRITON_INTERPRET removed from its environment
+(``fastnca.kernels.env_without_interpreter``; the function is found there by module and name). Several kernels
+are compiled by several such children at once, ``FASTNCA_FIT_JOBS`` of them (default: the usable CPUs, at most 8;
+1: one child, or this process where it can compile). Results are kept for the rest of the process, and Triton
+caches the compiles on disk. With ``--json`` each pass's rows are printed (flushed) as
 soon as that pass is done, so a caller's timeout keeps the passes already compiled.
 
 Tiles must fit every Triton release the kernels run under: CI's (the one installed with torch) and the GPU
@@ -52,7 +53,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .spec import KernelSpec
+import fastnca.kernels
+from fastnca.kernels import env_without_interpreter, interpreter_on
+from fastnca.kernels.spec import KernelSpec
 
 __all__ = [
     "BWD_SHIPPED",
@@ -235,28 +238,27 @@ def _compile_job(job: dict[str, Any]) -> KernelFit:
 
 
 _FITS: dict[tuple[str, str], KernelFit] = {}  # compiled this process: (python, json of the job) -> fit
-_KERNELS_DIR = Path(__file__).resolve().parent
+_KERNELS_DIR = Path(fastnca.kernels.__file__).resolve().parent  # the kernels this process imported
+_ROOT = Path(__file__).resolve().parents[1]  # the checkout this tool belongs to
+_SHIM = Path(__file__).resolve().parent / "_import_shim"
 
 
 def _child_env() -> dict[str, str]:
     """The environment of a compiling child: no TRITON_INTERPRET, and this checkout first on its import path.
 
-    pyproject maps ``fastnca.kernels`` to ``kernels/``; from a source checkout the child gets the checkout and
-    ``benchmarks/_import_shim`` (a sitecustomize that serves ``fastnca.kernels`` from ``kernels/``) on PYTHONPATH,
-    so that another interpreter compiles exactly these kernels whatever it has installed.
+    pyproject maps ``fastnca.kernels`` to ``kernels/``; the child gets the checkout (for ``tools``) and
+    ``tools/_import_shim`` (a sitecustomize that serves ``fastnca.kernels`` from ``kernels/``) on PYTHONPATH, so
+    that another interpreter compiles exactly this checkout's kernels whatever it has installed.
     """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = _KERNELS_DIR.parent
-    shim = root / "benchmarks" / "_import_shim"
-    if _KERNELS_DIR.name == "kernels" and (root / "fastnca" / "__init__.py").is_file() and shim.is_dir():
-        env["PYTHONPATH"] = os.pathsep.join([str(shim), str(root), *filter(None, [env.get("PYTHONPATH")])])
+    env = env_without_interpreter()
+    env["PYTHONPATH"] = os.pathsep.join([str(_SHIM), str(_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
 def _run_child(python: str, todo: list[str]) -> list[KernelFit]:
-    """Compile the JSON jobs in a child ``python -m fastnca.kernels.fit --jobs-stdin``; check it read our kernels."""
+    """Compile the JSON jobs in a child ``python -m tools.fit --jobs-stdin``; check it read our kernels."""
     proc = subprocess.run(
-        [python, "-m", "fastnca.kernels.fit", "--jobs-stdin"],
+        [python, "-m", "tools.fit", "--jobs-stdin"],
         env=_child_env(),
         input="[" + ",".join(todo) + "]",
         capture_output=True,
@@ -269,7 +271,9 @@ def _run_child(python: str, todo: list[str]) -> list[KernelFit]:
     if not lines or "kernels" not in lines[0]:
         raise RuntimeError(f"fit: no header from the child {python}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     if Path(lines[0]["kernels"]).resolve() != _KERNELS_DIR:
-        raise RuntimeError(f"fit: {python} imported the kernels from {lines[0]['kernels']}, not {_KERNELS_DIR}")
+        raise RuntimeError(f"fit: {python} imported the kernels from {lines[0]['kernels']}, not {_KERNELS_DIR} "
+                           f"(the compiling children read the kernels of this tool's checkout, {_ROOT / 'kernels'}: "
+                           "run it with that checkout's fastnca, e.g. pip install -e .)")
     results = [KernelFit(**line) for line in lines[1:]]
     if len(results) != len(todo):
         raise RuntimeError(f"fit: expected {len(todo)} results from the child {python}, got {len(results)}")
@@ -315,7 +319,7 @@ def fit_kernels(specs: list[KernelSpec] | tuple[KernelSpec, ...], python: str | 
     jobs = min(fit_jobs(), len(todo))
     if jobs > 1:
         _FITS.update(zip(((who, k) for k in todo), _run_children(python or sys.executable, todo, jobs)))
-    elif todo and not python and os.environ.get("TRITON_INTERPRET") != "1":
+    elif todo and not python and not interpreter_on():
         for k in todo:
             _FITS[who, k] = _compile_job(json.loads(k))
     elif todo:
@@ -422,7 +426,7 @@ def fit_many(
 ) -> list[FitResult]:
     """Compile several configurations of the forward kernel (see :func:`fit_kernels`; ``python``: compile with
     another interpreter's Triton)."""
-    from . import nca_step as ns
+    from fastnca.kernels import nca_step as ns
 
     configs = list(configs) if configs is not None else [None] * len(specs)
     kernels = [
@@ -535,7 +539,7 @@ def fit_bwd(
 ) -> list[BwdFitResult]:
     """Compile every kernel the backward launches for each configuration (see :func:`fit_kernels`; ``python``:
     compile with another interpreter's Triton)."""
-    from . import nca_step_bwd as nb
+    from fastnca.kernels import nca_step_bwd as nb
 
     named = [
         (f.name, k)
@@ -587,7 +591,7 @@ def fit_rollout(
 ) -> list[BwdFitResult]:
     """Compile the kernel the rollout's backward adds (``rollout.post_kernel_spec``, with and without doubling)
     for each configuration (``python``: compile with another interpreter's Triton, see :func:`fit_kernels`)."""
-    from . import rollout as ro
+    from fastnca.kernels import rollout as ro
 
     named = [
         (f.name, k)
@@ -616,7 +620,7 @@ def fit_likelihood(
 ) -> list[BwdFitResult]:
     """Compile the fused DML likelihood's two kernels (``likelihood.likelihood_kernel_specs``) for each shipped
     (n_mix, dtype) (``python``: compile with another interpreter's Triton, see :func:`fit_kernels`)."""
-    from . import likelihood as lk
+    from fastnca.kernels import likelihood as lk
 
     named = [(f"dml-n{n}-{dt}", k) for n, dt in shipped for k in lk.likelihood_kernel_specs(n, _torch_dtype(dt))]
     results = fit_kernels([k for _, k in named], python)
@@ -653,11 +657,11 @@ def _fallback_chains(f: BwdFitSpec) -> list[tuple[str, list[KernelSpec]]]:
     """Every kernel the fused backend launches for ``f`` by default (per-step forward and backward, the rollout's
     forward that keeps activations, small-grid forward, main kernel on kept activations, post kernel), each with the
     tilings its launch site tries on a GPU with less shared memory (``kernels/launch.py``), the shipped one first."""
-    from . import rollout as ro
-    from . import small_grid as sg
-    from .launch import fewer_stages
-    from .nca_step import fwd_candidates, fwd_kernel_spec, step_config
-    from .nca_step_bwd import bwd_config, bwd_kernel_specs, main_candidates
+    from fastnca.kernels import rollout as ro
+    from fastnca.kernels import small_grid as sg
+    from fastnca.kernels.launch import fewer_stages
+    from fastnca.kernels.nca_step import fwd_candidates, fwd_kernel_spec, step_config
+    from fastnca.kernels.nca_step_bwd import bwd_config, bwd_kernel_specs, main_candidates
 
     dt = _torch_dtype(f.dtype)
     c, h, nb, ip = f.state_channels, f.hidden_channels, f.n_blocks, f.input_precision

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m fastnca.launches --preset mnist-doubling              # CPU: the Triton interpreter
-    python -m fastnca.launches --preset celeba-nondoubling-256 --device cuda --json
+    python -m tools.launches --preset mnist-doubling              # CPU: the Triton interpreter
+    python -m tools.launches --preset celeba-nondoubling-256 --device cuda --json
 
 One training iteration is run as the Trainer runs it (``Trainer.train_step``: zero_grad, ELBO, backward, gradient
 clipping, Adam) on synthetic images of the preset's shape, after one unprofiled warm-up iteration (Adam's state,
@@ -30,11 +30,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
+
+from fastnca.kernels import use_interpreter
 
 __all__ = ["NOT_LAUNCHES", "count_training_launches", "interpreter_launches", "main"]
 
@@ -140,8 +140,8 @@ def count_training_launches(preset: str, *, device: str = "cpu", overrides: dict
 
     Args:
         preset: a preset name (``fastnca.preset_names()``).
-        device: "cpu" (Triton interpreter; TRITON_INTERPRET=1 must be set before Triton is imported, which this
-            function does when it can) or "cuda".
+        device: "cpu" (Triton's interpreter) or "cuda" (compiled): chosen with ``fastnca.kernels.use_interpreter``,
+            so no kernel module may have been imported in the other mode before.
         overrides: config fields to override (e.g. smaller channel widths for the interpreter).
         execute: on the CPU, run the kernels in the interpreter (False: count each launch and skip its body; the
             host issues the same ops, the numbers are garbage, and the count is ~100x faster).
@@ -149,10 +149,9 @@ def count_training_launches(preset: str, *, device: str = "cpu", overrides: dict
     Returns:
         ``{"triton": int, "aten": int, "total": int, "by_op": {name: count}, "steps": int}``.
     """
-    if device == "cpu":
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("count_training_launches(device='cpu') needs TRITON_INTERPRET=1 before triton import")
-        os.environ["TRITON_INTERPRET"] = "1"
+    # the CPU runs the kernels in the interpreter, CUDA compiled (raises where a kernel module was imported in the
+    # other mode: call this before anything imports one)
+    use_interpreter(device == "cpu")
     import tempfile
 
     import torch
