@@ -57,5 +57,5 @@ def test_every_variant_names_known_changes():
         for key in changes:
             kind, _, field = key.partition(".")
             ok = (kind in ("post", "main") and field in fields) or (kind == "wgrad" and field in wg_fields) or key in (
-                "min_cells_per_split", "small_grid", "small_grid_backward", "checkpoint", "wgrad", "wgrad_min_cells")
+                "min_cells_per_split", "small_grid", "checkpoint", "wgrad", "wgrad_min_cells")
             assert ok, f"{group} / {name}: unknown change {key!r}"

@@ -9,7 +9,7 @@ Usage::
 
 Each variant changes one thing against the shipped configuration (the kernels' own ``bwd_config`` /
 ``post_config``, the post kernel's weight-gradient splits ``rollout._POST_MIN_CELLS_PER_SPLIT``, the NCA's
-``small_grid`` / ``small_grid_backward``) and times the whole rollout forward + backward
+``small_grid``) and times the whole rollout forward + backward
 (``kernels.rollout.nca_rollout``: the latents' and every weight's gradient) at the preset's shape, with CUDA
 events. Every variant's gradients are compared with the shipped configuration's (relative error), so a variant that
 computes something else is flagged, not timed as a win. After the single changes, the best variant of each group is
@@ -42,8 +42,8 @@ import torch
 from benchmarks.utils import rel_err, time_fn
 
 # (group, name, changes): changes are "post.<field>" / "main.<field>" (BwdConfig fields), "min_cells_per_split"
-# (the post kernel's, kernels.rollout._POST_MIN_CELLS_PER_SPLIT), "small_grid_backward" or "small_grid" (the NCA's
-# options of those names), "checkpoint" (the rollout's policy; shipped: the preset's), "wgrad" (the backward's
+# (the post kernel's, kernels.rollout._POST_MIN_CELLS_PER_SPLIT), "small_grid" (the NCA's
+# option of that name), "checkpoint" (the rollout's policy; shipped: the preset's), "wgrad" (the backward's
 # weight-gradient design, RolloutPlan.wgrad; shipped: per-step), "wgrad.<field>" (the batched kernel's WgradConfig,
 # kernels/wgrad.py) and "wgrad_min_cells" (its splits' least cells, wgrad.MIN_CELLS_PER_SPLIT)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
@@ -91,7 +91,6 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     # 'step': the backward main kernel recomputes each step's forward from its input (26 h^2 multiply-adds per cell
     # at |z| = h = 256 with 4 blocks instead of 9); the doubling presets' 'auto' keeps the activations (2026-11-28)
     ("ckpt", "per-step checkpointing: recompute in the backward (before 2026-11-28)", {"checkpoint": "step"}),
-    ("small", "small-grid backward on", {"small_grid_backward": True}),
     # issue 30: the weight gradients of a batch of steps (the whole mnist-doubling rollout under 'none') as long-K
     # GEMMs after the steps' data gradients, instead of each step's in its post kernel (kernels/wgrad.py)
     ("wgrad", "batched weight gradients (Triton split-K GEMM)", {"wgrad": "batched"}),
@@ -178,7 +177,6 @@ class Bench:
             p.grad = None
         z = self.z.detach().clone().requires_grad_(True)
         self.nca.small_grid = changes.get("small_grid", self.cfg.small_grid)
-        self.nca.small_grid_backward = changes.get("small_grid_backward", self.cfg.small_grid_backward)
         if self.nca.settings.wgrad != changes.get("wgrad", self.cfg.wgrad):
             self.nca.configure(wgrad=changes.get("wgrad", self.cfg.wgrad))
         out = self.nca.run(self.nca.seed(z), self.flags, checkpoint=changes.get("checkpoint"))

@@ -30,13 +30,12 @@ from torch import Tensor
 
 from .launch import launch_fitting, on_input_device, smaller_tiles
 from .nca_step_bwd import nca_step_bwd
-from .reference import UpdateWeights, check_step_inputs, nca_step_ref
+from .reference import UpdateWeights, check_step_inputs
 from .spec import KernelSpec
 from .utils import cast_rne, elu, k_major, mma, mma_first, perceive_conv3x3, unchain
 
 __all__ = [
     "SUPPORTED_CHANNELS",
-    "NCAStepFunction",
     "StepConfig",
     "fwd_constexprs",
     "fwd_k_major",
@@ -50,9 +49,6 @@ __all__ = [
 
 # Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Which backward the autograd Function and the custom op run: "fused" (the Triton kernels of nca_step_bwd.py)
-# or "reference" (recompute with the reference ops; kept as an oracle and a fallback). FASTNCA_BACKWARD overrides.
-BACKWARD = os.environ.get("FASTNCA_BACKWARD", "fused")
 
 SUPPORTED_CHANNELS = "multiples of 16 from 16 to 256 (|z| and h)"
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -575,81 +571,6 @@ def nca_step_fwd(
     return out
 
 
-# ------------------------------------------------------------------------------------------------- autograd
-class NCAStepFunction(torch.autograd.Function):
-    """Fused forward; fused backward that recomputes the step's activations on chip. Saves only the input
-    state and the mask (and the weights, which are inputs anyway), never the activations.
-
-    ``apply(state, mask, double, input_precision, *weights.flat())``.
-    """
-
-    @staticmethod
-    def forward(ctx, state: Tensor, mask: Tensor | None, double: bool, input_precision: str,
-                *flat: Tensor | None) -> Tensor:
-        out = nca_step_fwd(state, UpdateWeights.from_flat(flat), mask, double, input_precision=input_precision)
-        ctx.save_for_backward(state, mask, *flat)
-        ctx.double = double
-        ctx.input_precision = input_precision
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        state, mask, *flat = ctx.saved_tensors
-        grad_state, grad_weights = NCAStepFunction._backward(
-            state, UpdateWeights.from_flat(flat), mask, ctx.double, grad_out, input_precision=ctx.input_precision)
-        return (grad_state, None, None, None, *grad_weights)
-
-    @staticmethod
-    def _backward(
-        state: Tensor,
-        weights: UpdateWeights,
-        mask: Tensor | None,
-        double: bool,
-        grad_out: Tensor,
-        *,
-        input_precision: str = "ieee",
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """The step's gradients: the fused Triton backward, or the reference recompute when BACKWARD says so."""
-        if BACKWARD == "reference":
-            return NCAStepFunction._backward_ref(state, weights, mask, double, grad_out,
-                                                 input_precision=input_precision)
-        if BACKWARD != "fused":
-            raise ValueError(f"FASTNCA_BACKWARD: expected 'fused' or 'reference', got {BACKWARD!r}")
-        return nca_step_bwd(state, weights, mask, double, grad_out.to(state.dtype), input_precision=input_precision)
-
-    @staticmethod
-    def _backward_ref(
-        state: Tensor,
-        weights: UpdateWeights,
-        mask: Tensor | None,
-        double: bool,
-        grad_out: Tensor,
-        *,
-        input_precision: str = "ieee",
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """Gradients of the step by recomputing it with the reference ops in the state's dtype.
-
-        Same contract as ``kernels/nca_step_bwd.py::nca_step_bwd``: returns the state's gradient and one
-        gradient per entry of ``weights.flat()`` (None where a bias is None), each in its tensor's dtype.
-        """
-        flat = weights.flat()
-        leaves = [None if t is None else t.detach().requires_grad_(True) for t in flat]
-        state_leaf = state.detach().requires_grad_(True)
-        inputs = [state_leaf] + [t for t in leaves if t is not None]
-        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        try:
-            # "ieee" must not silently become tf32 in cuDNN's convolutions (their default allows it)
-            torch.backends.cudnn.allow_tf32 = input_precision == "tf32"
-            torch.backends.cuda.matmul.allow_tf32 = input_precision == "tf32"
-            with torch.enable_grad():
-                out = nca_step_ref(state_leaf, UpdateWeights.from_flat(leaves), mask, double)
-                grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-        it = iter(grads[1:])
-        return grads[0], [None if t is None else next(it) for t in leaves]
-
-
 # ------------------------------------------------------------------------------------------- custom op
 # Weights cross the op boundary as the present tensors of ``UpdateWeights.flat()`` plus one flag per entry:
 # register_autograd does not take a list of optional tensors.
@@ -690,8 +611,8 @@ def _nca_step_bwd_op(
 ) -> list[Tensor]:
     """``fastnca::nca_step_backward``: the step's gradients, [state, *present weights], as an opaque op, so that
     torch.compile traces the backward graph without launching kernels on fake tensors."""
-    grad_state, grad_weights = NCAStepFunction._backward(
-        state, _join(tensors, present), mask, double, grad_out, input_precision=input_precision)
+    grad_state, grad_weights = nca_step_bwd(state, _join(tensors, present), mask, double, grad_out.to(state.dtype),
+                                            input_precision=input_precision)
     outs = [grad_state] + [g for g in grad_weights if g is not None]
     # A custom op's outputs may not share storage with its inputs or each other; the backward returns some
     # gradients as views of one buffer (e.g. the bias gradients), so those few small ones are copied.
@@ -730,9 +651,8 @@ def nca_step(
     """One fused NCA step ``z' = z + m * f(z)``, differentiable, traceable by torch.compile.
 
     Runs the fused Triton forward (the op ``torch.ops.fastnca.nca_step``) and, in backward, the fused Triton
-    backward (``nca_step_bwd``: recompute on chip, then backprop; ``FASTNCA_BACKWARD=reference`` recomputes
-    with the reference ops instead). Works on CUDA tensors, and on CPU tensors in interpreter mode
-    (``TRITON_INTERPRET=1``).
+    backward (``nca_step_bwd``: recompute on chip, then backprop). Works on CUDA tensors, and on CPU tensors in
+    interpreter mode (``TRITON_INTERPRET=1``).
 
     Args:
         state: ``(B, |z|, H, W)`` fp32 or bf16, channels-last in memory (physically ``(B, H, W, |z|)``; other
