@@ -32,7 +32,8 @@ from .launch import launch_fitting, on_input_device, smaller_tiles
 from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights, check_step_inputs
 from .spec import KernelSpec
-from .utils import cast_rne, elu, k_major, mma, mma_first, perceive_conv3x3, unchain
+from .stages import step_cells
+from .utils import k_major, unchain
 
 __all__ = [
     "SUPPORTED_CHANNELS",
@@ -87,7 +88,7 @@ def _nca_step_fwd_kernel(
     UPCAST_DOT: tl.constexpr,  # interpreter + bf16 only: dots in fp32, fp32 -> bf16 rounding emulated (RNE)
     W_KMAJOR: tl.constexpr,  # weights packed K-major (tf32: wgmma reads fp32 operands K-major only)
     UNCHAIN: tl.constexpr,  # the blocks' first dot without the chained-dot layout (utils.mma_first)
-    STORE_ACTS: tl.constexpr,  # keep the activations for the backward (see _step_cells)
+    STORE_ACTS: tl.constexpr,  # keep the activations for the backward (see stages.step_cells)
     BLOCK_M: tl.constexpr,  # cells per program
     BLOCK_K: tl.constexpr,  # K chunk of the 3x3 conv (over C) and hidden chunk of the residual blocks
     BLOCK_N: tl.constexpr,  # output channels per chunk of the output conv
@@ -107,125 +108,10 @@ def _nca_step_fwd_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
-    _step_cells(z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,
+    step_cells(z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,
                 acts_ptr, (pid * 0 + M) * HID, offs_m, offs_m < M, H, W, C, HID, N_BLOCKS, 1 if DOUBLE else 0,
                 HAS_MASK, HAS_B3, HAS_B1, HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR,
                 UNCHAIN, STORE_ACTS, BLOCK_M, BLOCK_K, BLOCK_N)
-
-
-@triton.jit
-def _step_cells(
-    z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,  # as the kernel's
-    acts_ptr,  # out, STORE_ACTS only: the step's (2 N_BLOCKS + 1) planes of (M, HID), y_0 .. y_nb then u_0 ..
-    act_stride,  # elements between two of those planes (M * HID, int64)
-    offs_m,  # (BLOCK_M,) int64 output cell ids, flattened over (B, H, W)
-    mask_m,  # (BLOCK_M,) which of them to compute (the others are neither read nor written)
-    H,  # output grid height
-    W,  # output grid width
-    C: tl.constexpr,
-    HID: tl.constexpr,
-    N_BLOCKS: tl.constexpr,
-    SHIFT,  # 1: double the input first (read through (row >> 1, col >> 1)), 0: not; constexpr or runtime
-    HAS_MASK: tl.constexpr,
-    HAS_B3: tl.constexpr,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    HAS_BOUT: tl.constexpr,
-    PERCEIVE_ELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    W_KMAJOR: tl.constexpr,
-    UNCHAIN: tl.constexpr,
-    STORE_ACTS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """The whole step for the cells ``offs_m`` (masked by ``mask_m``): the body of :func:`_nca_step_fwd_kernel`,
-    shared with the small-grid rollout kernel (``kernels/small_grid.py``), which runs it for many steps in one
-    program. Inlined by Triton: the per-step kernel compiles as if it were written out (sm_90 fit unchanged).
-
-    With ``STORE_ACTS`` it also writes what the backward main kernel would otherwise recompute, exactly the
-    operands this step's dots read (so the gradients are those of the values the forward computed): the blocks'
-    inputs y_i and the output conv's input y_nb (planes 0 .. N_BLOCKS; with no blocks y_0 = ELU(pre)), then the
-    activations u_i = ELU(a_i) (planes N_BLOCKS + 1 ..), one plane per (M, HID) buffer in the state's dtype, row =
-    cell id: ``nca_step_bwd``'s y and a buffers, so its main kernel runs without recomputing (``RECOMPUTE``)."""
-    H_in = H >> SHIFT
-    W_in = W >> SHIFT
-    hw = H * W
-    bat = offs_m // hw
-    rem = offs_m % hw
-    row = rem // W
-    col = rem % W
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_h = tl.arange(0, HID)
-    # strides of the blocks' (HID, HID) weights: [k, n] at k * SK + n * SN (K-major: k contiguous)
-    SK: tl.constexpr = 1 if W_KMAJOR else HID
-    SN: tl.constexpr = HID if W_KMAJOR else 1
-
-    # ---- 3x3 perception conv: 9 taps x C/BLOCK_K chunks, one pipelined loop
-    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT, HAS_B3,
-                           BLOCK_M, BLOCK_K, UPCAST_DOT, INPUT_PRECISION, W_KMAJOR)
-    if PERCEIVE_ELU:
-        acc = elu(acc)
-    y = acc  # (BLOCK_M, HID) fp32 residual stream
-
-    # ---- residual blocks: K-chunk the second dot so no register tensor is ever sliced
-    # the activation inside the unchained first dot's branch (utils.mma_first) in bf16; in tf32 its fp32 result
-    # spilled 8 B in the small-grid forward that keeps activations at h = 128 (both Triton releases)
-    ACT_IN_DOT: tl.constexpr = UNCHAIN and z_ptr.dtype.element_ty == tl.bfloat16
-    if STORE_ACTS:
-        cells_h = offs_m[:, None] * HID + offs_h[None, :]
-        cells_k = offs_m[:, None] * HID + offs_k[None, :]
-    for blk in range(N_BLOCKS):
-        y_a = cast_rne(y, z_ptr.dtype.element_ty, UPCAST_DOT)
-        if STORE_ACTS:
-            tl.store(acts_ptr + blk * act_stride + cells_h, y_a, mask=mask_m[:, None])
-        if HAS_B2:
-            acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
-        else:
-            acc = y
-        for j in range(0, HID, BLOCK_K):
-            b_w1 = tl.load(w1_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-            if ACT_IN_DOT:  # ELU(y W1 + b1), rounded, inside mma_first's branch (once per element)
-                u = mma_first(y_a, b_w1, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, UPCAST_DOT,
-                              INPUT_PRECISION, z_ptr.dtype.element_ty)
-            else:
-                t = mma_first(y_a, b_w1, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, UPCAST_DOT,
-                              INPUT_PRECISION)
-                u = cast_rne(elu(t), z_ptr.dtype.element_ty, UPCAST_DOT)
-            if STORE_ACTS:
-                tl.store(acts_ptr + (N_BLOCKS + 1 + blk) * act_stride + j + cells_k, u, mask=mask_m[:, None])
-            b_w2 = tl.load(w2_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
-            acc = mma(u, b_w2, acc, UPCAST_DOT, INPUT_PRECISION)
-        y = acc
-
-    # ---- output 1x1 conv, N-chunked, fused with the masked residual update and the store
-    y_a = cast_rne(y, z_ptr.dtype.element_ty, UPCAST_DOT)
-    if STORE_ACTS:
-        tl.store(acts_ptr + N_BLOCKS * act_stride + offs_m[:, None] * HID + offs_h[None, :], y_a,
-                 mask=mask_m[:, None])
-    if HAS_MASK:
-        upd = tl.load(mask_ptr + offs_m, mask=mask_m, other=0) != 0
-    if SHIFT == 0:  # static when SHIFT is a constexpr (the per-step kernel: the code it had before SHIFT existed)
-        center = offs_m
-    else:
-        center = (bat * H_in + (row >> SHIFT)) * W_in + (col >> SHIFT)
-    offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(0, C, BLOCK_N):
-        if W_KMAJOR:
-            b_wo = tl.load(wout_ptr + (n0 + offs_n)[None, :] * HID + offs_h[:, None])
-        else:
-            b_wo = tl.load(wout_ptr + offs_h[:, None] * C + (n0 + offs_n)[None, :])
-        f = mma(y_a, b_wo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
-        if HAS_BOUT:
-            f += tl.load(bout_ptr + n0 + offs_n)[None, :]
-        b_z = tl.load(z_ptr + center[:, None] * C + (n0 + offs_n)[None, :], mask=mask_m[:, None], other=0.0)
-        new = b_z.to(tl.float32) + f
-        if HAS_MASK:
-            new = tl.where(upd[:, None], new, b_z.to(tl.float32))
-        new = cast_rne(new, out_ptr.dtype.element_ty, UPCAST_DOT)
-        tl.store(out_ptr + offs_m[:, None] * C + (n0 + offs_n)[None, :], new, mask=mask_m[:, None])
 
 
 # ------------------------------------------------------------------------------------------------- launcher

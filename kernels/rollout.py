@@ -55,19 +55,16 @@ from .nca_step import (
 from .nca_step_bwd import (
     _MAX_SPLITS,
     BwdConfig,
-    _acc_wgrad_1x1_tile,
     _chunk,
-    _dstate_constexprs,
-    _dstate_tile,
-    _main_constexprs,
     _nca_step_bwd_kernel,
     _splits,
-    _transposed_conv_weights,
-    _wgrad_tile,
     bwd_config,
     bwd_kernel_specs,
+    dstate_constexprs,
     main_candidates,
+    main_constexprs,
     main_weight_args,
+    transposed_conv_weights,
 )
 from .reference import UpdateWeights
 from .schedule import RolloutPlan
@@ -79,6 +76,7 @@ from .small_grid import (
     small_grid_steps,
 )
 from .spec import KernelSpec
+from .stages import acc_wgrad_1x1_tile, dstate_tile, wgrad_tile
 from .utils import k_major
 from .wgrad import Batch, batch_cell_elems, launch_batched_wgrad, wgrad_kernel_spec
 
@@ -133,9 +131,9 @@ def _rollout_bwd_post_kernel(
     """The state gradient and every weight gradient of one step, accumulated across the rollout's steps.
 
     Grid: ``(n_ds + n_wp + n_wo + 2 * n_w1,)``, a flat range of programs cut into parts: the first ``n_ds`` run
-    the state-gradient tiles (``nca_step_bwd._dstate_tile``: ``dz = S(grad_out + conv3x3^T(dpre))``, ``DS_BLOCK_M``
+    the state-gradient tiles (``stages.dstate_tile``: ``dz = S(grad_out + conv3x3^T(dpre))``, ``DS_BLOCK_M``
     input cells x ``DS_BLOCK_N`` state channels each), the others
-    one ``(BLOCK_A, BLOCK_B)`` tile of one split of one weight-gradient GEMM (``nca_step_bwd._wgrad_tile``), in the
+    one ``(BLOCK_A, BLOCK_B)`` tile of one split of one weight-gradient GEMM (``stages.wgrad_tile``), in the
     order perception (9 taps, B gathered from the input state), output conv, first and second 1x1 of every block.
     Each GEMM tile adds its fp32 partial ``a[cells of s]^T b[cells of s]`` to its slot of ``acc``: one writer per
     slot, launches in order, so the accumulation is deterministic.
@@ -143,18 +141,18 @@ def _rollout_bwd_post_kernel(
     pid = tl.program_id(0)
     if pid < n_ds:
         N_CHUNKS: tl.constexpr = C_PAD // DS_BLOCK_N  # neighbouring programs: one cell tile, its channel chunks
-        _dstate_tile((pid // N_CHUNKS).to(tl.int64) * DS_BLOCK_M, M_in, (pid % N_CHUNKS) * DS_BLOCK_N, dpre_ptr,
+        dstate_tile((pid // N_CHUNKS).to(tl.int64) * DS_BLOCK_M, M_in, (pid % N_CHUNKS) * DS_BLOCK_N, dpre_ptr,
                      wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID, DOUBLE, INPUT_PRECISION, INTERP_BF16,
                      DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, DS_BLOCK_N, DS_KMAJOR)
     elif pid < n_ds + n_wp:
         q = pid - n_ds
         GA: tl.constexpr = HID // BA_P
         GTB: tl.constexpr = 9 * (C // BB_P)
-        _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), dpre_ptr, z_ptr, acc_ptr,
+        wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), dpre_ptr, z_ptr, acc_ptr,
                     acc_ptr + 9 * HID * C, M, H, W, cells_per_split, S, 1, SLOT, SLOT, HID, C, 9, True,
                     1 if DOUBLE else 0, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True, True)
     else:
-        _acc_wgrad_1x1_tile(pid - n_ds - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, M, cells_per_split, S,
+        acc_wgrad_1x1_tile(pid - n_ds - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, M, cells_per_split, S,
                             SLOT, n_wo, n_w1, C, HID, N_BLOCKS, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BA_H,
                             BLOCK_CELLS)
 
@@ -193,7 +191,7 @@ _POST_MIN_CELLS_PER_SPLIT = 4096
 def _post_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, input_precision: str, interp_bf16: bool,
                      cfg: BwdConfig) -> dict[str, Any]:
     """The post kernel's constexprs: one builder for the launch and the sm_90 fit spec."""
-    ds = _dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=interp_bf16, cfg=cfg)
+    ds = dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=interp_bf16, cfg=cfg)
     return dict(C=c, C_PAD=ds["C_PAD"], HID=hp, N_BLOCKS=n_blocks, DOUBLE=bool(double),
                 INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, DS_BLOCK_M=ds["BLOCK_M"],
                 DS_BLOCK_K=ds["BLOCK_K"], DS_BLOCK_N=min(ds["C_PAD"], cfg.ds_block_n or ds["C_PAD"]),
@@ -257,7 +255,7 @@ class StepPlan:
     def main_constexprs(self, *, double: bool, has_mask: bool, cfg: BwdConfig, m: int | None = None,
                         recompute: bool = True) -> dict[str, Any]:
         p = self.fwd
-        return _main_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
+        return main_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
                                 has_b3=p["b3"] is not None, has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
                                 input_precision=self.input_precision, interp_bf16=self.upcast, dtype=self.dtype,
                                 cfg=cfg, m=m, recompute=recompute)
@@ -272,7 +270,7 @@ class StepPlan:
             self.w2 = p["w2k"] if "w2k" in p else p["w2"].transpose(1, 2).contiguous()
         self.wout = p["woutk"] if "woutk" in p else p["wout"].t().contiguous()  # (C, hp)
         cp = triton.next_power_of_2(c)
-        self.wb = {d: _transposed_conv_weights(w.w_perceive, d, dt, hp, cp, k_major(self.input_precision))
+        self.wb = {d: transposed_conv_weights(w.w_perceive, d, dt, hp, cp, k_major(self.input_precision))
                    for d in sorted(doubles)}
         self.zeros_f32 = torch.zeros(max(hp, c), dtype=torch.float32, device=dev)  # absent biases' pointer
 
@@ -490,7 +488,7 @@ class _Layout:
     """Where the forward keeps what the backward reads, in one flat buffer (``keep``): the inputs of the plan's
     ``stored_inputs`` steps (the seed excepted: the caller owns it), then, where the plan keeps activations
     (``RolloutPlan.keeps_activations``), every step's activation planes in step order: (2 nb + 1) planes of
-    (B H_i W_i, hp) per step, y_0 .. y_nb then u_0 .. u_{nb-1}, as ``nca_step._step_cells`` writes them."""
+    (B H_i W_i, hp) per step, y_0 .. y_nb then u_0 .. u_{nb-1}, as ``stages.step_cells`` writes them."""
 
     sizes: list[int]  # elements of step i's input state (sizes[t]: the output's)
     grids: list[tuple[int, int]]  # the input grid, then every step's output grid

@@ -8,7 +8,7 @@ costs a whole launch and one program's latency. Here one launch runs every one o
   program: no program waits for another, and the steps follow each other inside the program, separated by a
   barrier (``tl.debug_barrier``: every thread's stores of step s are visible to every thread of the program before
   step s + 1 reads them);
-- a step is :func:`nca_step._step_cells`, the per-step kernel's own body (doubling folded into the reads as
+- a step is :func:`stages.step_cells`, the per-step kernel's own body (doubling folded into the reads as
   there), run over the program's cells in tiles of ``BLOCK_M``;
 - each step's output is written once, into the rollout's buffer of stored states (the backward needs every one of
   these inputs anyway), and read back by the next step from L1/L2: a sample's state at 8x8 x 256 channels in
@@ -36,8 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .nca_step import _INTERPRET, StepConfig, _step_cells, fwd_constexprs, fwd_weight_args, step_config
+from .nca_step import _INTERPRET, StepConfig, fwd_constexprs, fwd_weight_args, step_config
 from .spec import KernelSpec
+from .stages import step_cells
 
 __all__ = ["SMALL_GRID_CELLS", "samples_per_program", "small_config", "small_fwd_kernel_spec", "small_grid_steps"]
 
@@ -109,7 +110,7 @@ def _rollout_fwd_small_kernel(
         hi = b_hi * hw
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            _step_cells(src, dst, mask_ptr + mask_off, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr,
+            step_cells(src, dst, mask_ptr + mask_off, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr,
                         bout_ptr, acts_ptr + act_off, batch * hw * HID, offs_m, offs_m < hi, h, w, C, HID, N_BLOCKS,
                         shift, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT,
                         W_KMAJOR, UNCHAIN, STORE_ACTS, BLOCK_M, BLOCK_K, BLOCK_N)

@@ -41,9 +41,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .nca_step_bwd import _INTERPRET, _MAX_SPLITS, _chunk, _colsum_tile
+from .nca_step_bwd import _INTERPRET, _MAX_SPLITS, _chunk
 from .schedule import batch_cell_elems
 from .spec import KernelSpec
+from .stages import colsum_tile
 from .utils import mma, udiv, udiv_magic
 
 __all__ = ["Batch", "WgradConfig", "batch_cell_elems", "launch_batched_wgrad", "wgrad_config", "wgrad_kernel_spec"]
@@ -137,7 +138,7 @@ def _batched_tile(
             ok = offs_l < (end - l0).to(tl.int32)
             b_at = tl.load(a_base + cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
             if GATHER:
-                # int32 index arithmetic (B * H * W < 2**31, as in nca_step_bwd._wgrad_tile), int64 element offsets
+                # int32 index arithmetic (B * H * W < 2**31, as in stages.wgrad_tile), int64 element offsets
                 cu = cell.to(tl.uint32)
                 bat = udiv(cu, m_hw, l_hw)
                 rem = cu - bat * hw.to(tl.uint32)
@@ -155,7 +156,7 @@ def _batched_tile(
         row0 += m
     tl.store(dw_tile, acc)
     if WITH_DB:
-        if (pid_b == 0) & (tap == 0):  # the bias: the column sums of a, in its own walk (as _wgrad_tile's)
+        if (pid_b == 0) & (tap == 0):  # the bias: the column sums of a, in its own walk (as stages.wgrad_tile's)
             db_tile = db_ptr + s * SLOT + mat * NA + offs_a
             colsum = tl.load(db_tile)
             h = H0
@@ -167,7 +168,7 @@ def _batched_tile(
                 w = w << shift
                 m = B * h * w
                 a_base = a_ptr + A_ROW * row0 + (A_PLANE0 + mat) * m * NA
-                colsum = _colsum_tile(a_base, offs_a, tl.maximum(lo, row0) - row0, tl.minimum(hi, row0 + m) - row0,
+                colsum = colsum_tile(a_base, offs_a, tl.maximum(lo, row0) - row0, tl.minimum(hi, row0 + m) - row0,
                                       colsum, NA, BLOCK_A, BLOCK_CELLS)
                 row0 += m
             tl.store(db_tile, colsum)

@@ -264,7 +264,7 @@ def test_bwd_main_kernel_variants_are_bitwise_the_default(dtype: torch.dtype, mo
                                    out_stages=1)
 
     monkeypatch.setattr(bwd_mod, "bwd_config", variant)
-    assert bwd_mod._main_constexprs(16, 32, 2, double=True, has_mask=True, has_b3=True, has_b1=True, has_b2=True,
+    assert bwd_mod.main_constexprs(16, 32, 2, double=True, has_mask=True, has_b3=True, has_b1=True, has_b2=True,
                                     input_precision="ieee", interp_bf16=False, dtype=dtype,
                                     cfg=variant(16, 32, dtype),
                                     m=120)["IDX64"] is False, "expected int32 offsets for a small grid"
@@ -279,7 +279,7 @@ def test_main_kernel_offsets_widen_where_int32_overflows() -> None:
     """int32 offsets only where every offset fits: the largest buffer is (n_blocks + 1, m, max(h, |z|))."""
     cfg = dataclasses.replace(bwd_mod.bwd_config(256, 256, torch.bfloat16, n_blocks=4), int32_index=True)
     m_max = (2**31 - 1) // (5 * 256)
-    flags = [{k: bwd_mod._main_constexprs(256, 256, 4, double=False, has_mask=False, has_b3=True, has_b1=True,
+    flags = [{k: bwd_mod.main_constexprs(256, 256, 4, double=False, has_mask=False, has_b3=True, has_b1=True,
                                           has_b2=True, input_precision="ieee", interp_bf16=False,
                                           dtype=torch.bfloat16, cfg=c,
                                           m=m)[k] for k in ("IDX64", "WIDE")}
