@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import TL_DTYPE, check_device
 from .launch import on_input_device
 from .spec import KernelSpec
 from .utils import cast_rne
@@ -339,7 +340,7 @@ def _constexprs(n_mix: int) -> dict:
 def likelihood_kernel_specs(n_mix: int, dtype: torch.dtype) -> list[KernelSpec]:
     """Both kernels as the launchers compile them on the GPU, for params of ``dtype`` and an fp32 image (the fit)."""
     cfg = dml_plan(interpret=False)
-    t = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    t = f"*{TL_DTYPE[dtype]}"
     strides = ("b", "c", "h", "w")
     fwd_sig = {"x_ptr": "*fp32", "p_ptr": t, "out_ptr": "*fp32", "HW": "i32", "W": "i32",
                **{f"stride_x_{s}": "i32" for s in strides}, **{f"stride_p_{s}": "i32" for s in strides}}
@@ -378,11 +379,7 @@ def _check_inputs(x: Tensor, params: Tensor, n_mix: int) -> None:
                          f"but params has {params.shape[1]}")
     if x.device != params.device:
         raise ValueError(f"x: expected a tensor on {params.device} (the params' device), got {x.device}")
-    if _INTERPRET and params.device.type != "cpu":
-        raise ValueError(f"params: expected a CPU tensor in interpreter mode (TRITON_INTERPRET=1), got {params.device}")
-    if not _INTERPRET and params.device.type != "cuda":
-        raise ValueError(f"params: expected a CUDA tensor (set TRITON_INTERPRET=1 to run on the CPU), got "
-                         f"{params.device}")
+    check_device("params", params)
 
 
 @on_input_device

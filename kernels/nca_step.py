@@ -28,9 +28,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import SUPPORTED_CHANNELS, check_inputs
 from .launch import launch_fitting, on_input_device, smaller_tiles
 from .nca_step_bwd import nca_step_bwd
-from .reference import UpdateWeights, check_step_inputs
+from .reference import UpdateWeights
 from .spec import KernelSpec
 from .stages import step_cells
 from .utils import k_major, unchain
@@ -51,9 +52,6 @@ __all__ = [
 # Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-SUPPORTED_CHANNELS = "multiples of 16 from 16 to 256 (|z| and h)"
-_DTYPES = (torch.float32, torch.bfloat16)
-_PRECISIONS = ("ieee", "tf32")
 
 
 # --------------------------------------------------------------------------------------------------- kernel
@@ -256,64 +254,6 @@ def fwd_kernel_spec(
                       cfg.num_warps, cfg.num_stages)
 
 
-def _check_device(name: str, t: Tensor, device: torch.device | None = None) -> None:
-    if device is not None:
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (the state's device), got {t.device}")
-        return
-    if _INTERPRET and t.device.type != "cpu":
-        raise ValueError(f"{name}: expected a CPU tensor in interpreter mode (TRITON_INTERPRET=1), got {t.device}")
-    if not _INTERPRET and t.device.type != "cuda":
-        raise ValueError(f"{name}: expected a CUDA tensor (set TRITON_INTERPRET=1 to run on the CPU), got {t.device}")
-
-
-def _check_channels(name: str, what: str, n: int) -> None:
-    if n % 16 != 0 or not 16 <= n <= 256:
-        raise ValueError(f"{name}: {what} = {n} is not supported; supported: {SUPPORTED_CHANNELS}")
-
-
-def _check_inputs(
-    state: Tensor, weights: UpdateWeights, mask: Tensor | None, double: bool, input_precision: str
-) -> None:
-    """Every check of the fused step, with the argument's name in each message."""
-    if not isinstance(weights, UpdateWeights):
-        raise TypeError(f"weights: expected an UpdateWeights, got {type(weights).__name__}")
-    if not isinstance(weights.w_perceive, Tensor) or weights.w_perceive.dim() != 4:
-        raise ValueError("weights.w_perceive: expected a tensor of shape (h, |z|, 3, 3)")
-    check_step_inputs(state, weights, mask, double)
-    if input_precision not in _PRECISIONS:
-        raise ValueError(f"input_precision: expected one of {_PRECISIONS}, got {input_precision!r}")
-    if state.dtype not in _DTYPES:
-        raise TypeError(f"state: expected float32 or bfloat16, got {state.dtype}")
-    _check_device("state", state)
-    c, h = weights.state_channels, weights.hidden_channels
-    _check_channels("weights.w_perceive", "|z|", c)
-    _check_channels("weights.w_perceive", "h", h)
-    expected = {"w_perceive": (h, c, 3, 3), "b_perceive": (h,), "w_out": (c, h, 1, 1), "b_out": (c,)}
-    named: list[tuple[str, Tensor | None, tuple[int, ...]]] = [
-        (f"weights.{k}", getattr(weights, k), v) for k, v in expected.items()
-    ]
-    for i, blk in enumerate(weights.blocks):
-        if len(blk) != 4:
-            raise ValueError(f"weights.blocks[{i}]: expected (w1, b1, w2, b2), got {len(blk)} entries")
-        for name, t, shape in zip(("w1", "b1", "w2", "b2"), blk, ((h, h, 1, 1), (h,), (h, h, 1, 1), (h,))):
-            named.append((f"weights.blocks[{i}].{name}", t, shape))
-    for name, t, shape in named:
-        if t is None:
-            if not name.split(".")[-1].startswith("b"):
-                raise TypeError(f"{name}: expected a tensor, got None")
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: expected float32 or bfloat16 (cast to the state's {state.dtype}), got {t.dtype}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-        _check_device(name, t, state.device)
-    if mask is not None:
-        _check_device("mask", mask, state.device)
-
-
 def _stack(ts: list[Tensor | None], shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Biases of the blocks as one fp32 tensor, zeros where a block has none."""
     return torch.stack([torch.zeros(shape, device=device) if t is None else t.detach().float() for t in ts])
@@ -423,7 +363,7 @@ def nca_step_fwd(
     Returns:
         ``(B, |z|, H', W')`` in the state's dtype, channels-last.
     """
-    _check_inputs(state, weights, mask, double, input_precision)
+    check_inputs(state, weights, mask, double, input_precision)
     b, c, h_in, w_in = state.shape
     h_out, w_out = (2 * h_in, 2 * w_in) if double else (h_in, w_in)
     num_cells = b * h_out * w_out
@@ -553,7 +493,7 @@ def nca_step(
     Returns:
         ``(B, |z|, H', W')`` in the state's dtype, channels-last; ``H' = 2H`` when doubling, else ``H``.
     """
-    _check_inputs(state, weights, mask, double, input_precision)
+    check_inputs(state, weights, mask, double, input_precision)
     flat = weights.flat()
     return _nca_step_op(state, [t for t in flat if t is not None], [t is not None for t in flat], mask, bool(double),
                         input_precision)

@@ -38,8 +38,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import TL_DTYPE, check_inputs
 from .launch import fewer_stages, launch_fitting, on_input_device, smaller_tiles
-from .reference import UpdateWeights, check_step_inputs
+from .reference import UpdateWeights
 from .spec import KernelSpec
 from .stages import colsum_tile, dstate_tile, main_cells
 from .utils import (
@@ -53,9 +54,6 @@ __all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
 # Read once, like @triton.jit does when it decorates a kernel (tests/conftest.py sets it without a GPU).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-_DTYPES = (torch.float32, torch.bfloat16)
-_PRECISIONS = ("ieee", "tf32")
-_MAX_CHANNELS = 256
 
 # Weight-gradient GEMMs cut the cells into at most _MAX_SPLITS splits of at least _MIN_CELLS_PER_SPLIT cells.
 # The split count depends only on the number of cells, never on the device, so results are reproducible.
@@ -381,9 +379,6 @@ def _splits(m: int, block_cells: int, min_cells: int | None = None) -> tuple[int
     return per, triton.cdiv(m, per)
 
 
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
-
 def main_needs_int64(m: int, c: int, hp: int, n_blocks: int) -> bool:
     """Whether the main kernel's cell or element offsets for ``m`` cells could overflow int32 (its largest buffer
     is ``(n_blocks + 1, m, hp)``)."""
@@ -454,7 +449,7 @@ def bwd_kernel_specs(
     cfg = config or bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision,
                                n_blocks=n_blocks, recompute=recompute, interpret=False)
     c, h = state_channels, hidden_channels
-    ty = _TL_DTYPE[dtype]
+    ty = TL_DTYPE[dtype]
 
     def sig(fn: Any, ptrs: dict[str, str], consts: dict[str, Any]) -> dict[str, str]:
         out = {}
@@ -532,61 +527,6 @@ def _wgrad_variants(c: int, h: int, n_blocks: int) -> list[tuple[str, int, int, 
 
 
 # --------------------------------------------------------------------------------------------------- launcher
-def _check_bwd_inputs(
-    state: Tensor, weights: UpdateWeights, mask: Tensor | None, double: bool, grad_out: Tensor, input_precision: str
-) -> None:
-    if not isinstance(weights, UpdateWeights):
-        raise TypeError(f"weights: expected an UpdateWeights, got {type(weights).__name__}")
-    if not isinstance(double, bool):
-        raise TypeError(f"double: expected a bool, got {type(double).__name__}")
-    check_step_inputs(state, weights, mask, double)
-    if state.dtype not in _DTYPES:
-        raise TypeError(f"state: expected float32 or bfloat16, got {state.dtype}")
-    if state.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"state: expected a CUDA tensor (or TRITON_INTERPRET=1 before import), got {state.device}")
-    if input_precision not in _PRECISIONS:
-        raise ValueError(f"input_precision: expected one of {_PRECISIONS}, got {input_precision!r}")
-    c, h = weights.state_channels, weights.hidden_channels
-    for name, n in (("|z| (state channels)", c), ("h (hidden channels)", h)):
-        if n % 16 or not 16 <= n <= _MAX_CHANNELS:
-            raise ValueError(f"weights: {name} must be a multiple of 16 in [16, {_MAX_CHANNELS}], got {n}")
-    wshape, bshape = (h, h, 1, 1), (h,)
-    expected = [("w_perceive", (h, c, 3, 3), False), ("b_perceive", bshape, True)]
-    for i in range(weights.n_blocks):
-        expected += [
-            (f"blocks[{i}].w1", wshape, False),
-            (f"blocks[{i}].b1", bshape, True),
-            (f"blocks[{i}].w2", wshape, False),
-            (f"blocks[{i}].b2", bshape, True),
-        ]
-    expected += [("w_out", (c, h, 1, 1), False), ("b_out", (c,), True)]
-    for (name, shape, is_bias), t in zip(expected, weights.flat(), strict=True):
-        if t is None:
-            if not is_bias:
-                raise TypeError(f"weights.{name}: expected a tensor, got None")
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"weights.{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"weights.{name}: expected shape {shape}, got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"weights.{name}: expected float32 or bfloat16, got {t.dtype}")
-        if t.device != state.device:
-            raise ValueError(f"weights.{name}: expected device {state.device}, got {t.device}")
-    if not isinstance(grad_out, Tensor):
-        raise TypeError(f"grad_out: expected a torch.Tensor, got {type(grad_out).__name__}")
-    b, _, hh, ww = state.shape
-    out_shape = (b, c, 2 * hh, 2 * ww) if double else (b, c, hh, ww)
-    if tuple(grad_out.shape) != out_shape:
-        raise ValueError(f"grad_out: expected shape {out_shape} (the step's output), got {tuple(grad_out.shape)}")
-    if grad_out.dtype != state.dtype:
-        raise TypeError(f"grad_out: expected the state's dtype {state.dtype}, got {grad_out.dtype}")
-    if grad_out.device != state.device:
-        raise ValueError(f"grad_out: expected device {state.device}, got {grad_out.device}")
-    if mask is not None and mask.device != state.device:
-        raise ValueError(f"mask: expected device {state.device}, got {mask.device}")
-
-
 def _channels_last(x: Tensor) -> Tensor:
     """``(B, C, H, W)`` -> its ``(B, H, W, C)`` contiguous view (a copy only if x is not channels-last)."""
     return x.permute(0, 2, 3, 1).contiguous()
@@ -642,7 +582,7 @@ def nca_step_bwd(
         ``(grad_state, grads)``: grad_state ``(B, |z|, H, W)`` in the state's dtype, channels-last; grads in
         ``weights.flat()`` order, each in its weight's dtype, None where the bias is None.
     """
-    _check_bwd_inputs(state, weights, mask, double, grad_out, input_precision)
+    check_inputs(state, weights, mask, double, input_precision, grad_out)
     dt = state.dtype
     dev = state.device
     b, c, h_in, w_in = state.shape

@@ -38,11 +38,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import TL_DTYPE, check_inputs
 from .launch import fewer_stages, launch_fitting, on_input_device
 from .nca_step import (
     _INTERPRET,
     StepConfig,
-    _check_inputs,
     _nca_step_fwd_kernel,
     fwd_candidates,
     fwd_constexprs,
@@ -81,9 +81,6 @@ from .utils import k_major
 from .wgrad import Batch, batch_cell_elems, launch_batched_wgrad, wgrad_kernel_spec
 
 __all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs"]
-
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
 
 # --------------------------------------------------------------------------------------------------- kernel
 @triton.jit
@@ -831,7 +828,7 @@ def nca_rollout(
         raise ValueError(f"masks: expected {plan.num_steps} (one per step), got {len(masks)}")
     b = state.shape[0]
     grids = plan.grids(state.shape[2], state.shape[3]) if state.dim() == 4 else []
-    _check_inputs(state, weights, masks[0] if masks else None, plan.flags[0] if plan.flags else False,
+    check_inputs(state, weights, masks[0] if masks else None, plan.flags[0] if plan.flags else False,
                   input_precision)
     masks = [_as_u8(m, (b, 1, h, w)) for m, (h, w) in zip(masks, grids)]
     if torch.compiler.is_compiling():  # the custom op: opaque to torch.compile, so fullgraph=True traces through
@@ -853,7 +850,7 @@ def post_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, d
     cfg = cfg or post_config(state_channels, hp, dtype, input_precision, n_blocks=n_blocks, interpret=False)
     consts = _post_constexprs(state_channels, hp, n_blocks, double=double, input_precision=input_precision,
                               interp_bf16=False, cfg=cfg)
-    ty = _TL_DTYPE[dtype]
+    ty = TL_DTYPE[dtype]
     ptrs = {n: f"*{ty}" for n in ("dpre_ptr", "wb_ptr", "gout_ptr", "dz_ptr", "z_ptr", "y_ptr", "a_ptr", "da_ptr",
                                    "dy_ptr", "g_ptr")}
     ptrs["acc_ptr"] = "*fp32"

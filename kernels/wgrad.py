@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import TL_DTYPE
 from .nca_step_bwd import _INTERPRET, _MAX_SPLITS, _chunk
 from .schedule import batch_cell_elems
 from .spec import KernelSpec
@@ -297,7 +298,7 @@ def wgrad_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, 
     cfg = cfg or wgrad_config(dtype, input_precision, interpret=False)
     consts = wgrad_constexprs(state_channels, hp, n_blocks, input_precision=input_precision, interp_bf16=False,
                               cfg=cfg)
-    ty = _TL_DTYPE[dtype]
+    ty = TL_DTYPE[dtype]
     fn = _wgrad_batched_kernel
     sig = {n: "constexpr" if n in consts else "*fp32" if n == "acc_ptr" else f"*{ty}" if n.endswith("_ptr")
            else "i64" if n == "flags" else "i32" for n in fn.arg_names}  # flags: mnist-doubling's bits pass 2**31

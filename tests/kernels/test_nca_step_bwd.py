@@ -332,7 +332,7 @@ def test_bwd_rejects_bad_precision_and_channels() -> None:
         nca_step_bwd(state, weights, None, False, grad_out, input_precision="fp16")
     w24 = make_weights(24, 16, 0, "bias", torch.float32)
     s24 = torch.randn(1, 24, 3, 3, device=DEVICE)
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="multiples of 16"):
         nca_step_bwd(s24, w24, None, False, torch.randn(1, 24, 3, 3, device=DEVICE))
     with pytest.raises(ValueError, match="mask"):
         nca_step_bwd(state, weights, torch.ones(1, 1, 3, 4, dtype=torch.bool), False, grad_out)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastnca.kernels import nca_step as ns
+from fastnca.kernels import tiles
 from fastnca.kernels.nca_step import nca_step, nca_step_fwd
 from fastnca.kernels.reference import UpdateWeights, nca_step_ref
 from tests.conftest import DEVICE
@@ -364,7 +365,7 @@ BAD = {
 }
 
 
-@pytest.mark.skipif(not ns._INTERPRET, reason="interpreter-mode messages")
+@pytest.mark.skipif(not tiles.INTERPRET, reason="interpreter-mode messages")
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input(name):
     make, err, match = BAD[name]
@@ -380,8 +381,8 @@ def test_bad_input_precision():
         nca_step_fwd(**_bad(), input_precision="fp16")
 
 
-@pytest.mark.skipif(not ns._INTERPRET, reason="checks the message a CPU tensor gets outside the interpreter")
+@pytest.mark.skipif(not tiles.INTERPRET, reason="checks the message a CPU tensor gets outside the interpreter")
 def test_cpu_tensor_outside_interpreter(monkeypatch):
-    monkeypatch.setattr(ns, "_INTERPRET", False)
+    monkeypatch.setattr(tiles, "INTERPRET", False)
     with pytest.raises(ValueError, match="state: expected a CUDA tensor"):
         nca_step_fwd(**_bad())
