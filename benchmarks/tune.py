@@ -8,15 +8,16 @@ Usage::
     python -m benchmarks.tune --tiny --device cpu          # CPU dry run (interpreter, tiny sizes): the code path
 
 Each variant changes one thing against the shipped configuration (the kernels' own ``bwd_config`` /
-``post_config``, the post kernel's weight-gradient splits ``rollout._POST_MIN_CELLS_PER_SPLIT``, the NCA's
+``post_config``, the post kernel's weight-gradient splits ``tiles.split_cells().post``, the NCA's
 ``small_grid``) and times the whole rollout forward + backward
 (``kernels.rollout.nca_rollout``: the latents' and every weight's gradient) at the preset's shape, with CUDA
 events. Every variant's gradients are compared with the shipped configuration's (relative error), so a variant that
 computes something else is flagged, not timed as a win. After the single changes, the best variant of each group is
 combined and timed, and ``torch.profiler`` splits the shipped and the combined run into kernels.
 
-Variants are applied by patching the configuration for the duration of one variant only (``_patched``); nothing
-here changes what ships. A variant that fails to compile or launch (shared memory, registers) is reported as such.
+Variants are applied through the kernels' tile overrides (``kernels/tiles.py``, ``tiles.override``) for the
+duration of one variant only (``_patched``); nothing here changes what ships. A variant that fails to compile or
+launch (shared memory, registers) is reported as such.
 Whether a variant also fits both Triton releases without spills is the sm_90 fit's job (``python -m
 fastnca.kernels.fit``), which must pass before a variant ships.
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -42,10 +42,10 @@ import torch
 from benchmarks.utils import rel_err, time_fn
 
 # (group, name, changes): changes are "post.<field>" / "main.<field>" (BwdConfig fields), "min_cells_per_split"
-# (the post kernel's, kernels.rollout._POST_MIN_CELLS_PER_SPLIT), "small_grid" (the NCA's
+# (the post kernel's, kernels.tiles.split_cells().post), "small_grid" (the NCA's
 # option of that name), "checkpoint" (the rollout's policy; shipped: the preset's), "wgrad" (the backward's
 # weight-gradient design, RolloutPlan.wgrad; shipped: per-step), "wgrad.<field>" (the batched kernel's WgradConfig,
-# kernels/wgrad.py) and "wgrad_min_cells" (its splits' least cells, wgrad.MIN_CELLS_PER_SPLIT)
+# kernels/wgrad.py) and "wgrad_min_cells" (its splits' least cells, tiles.split_cells().batched)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "64 cells per k-step, splits >= 1024 (before 2026-11-28)",
      {"post.wg_block_cells": 64, "min_cells_per_split": 1024}),
@@ -105,44 +105,24 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
 
 @contextlib.contextmanager
 def _patched(changes: dict[str, Any]) -> Iterator[None]:
-    """Apply one variant's changes to the rollout's configuration; restored on exit."""
-    from fastnca.kernels import nca_step_bwd, rollout
+    """Apply one variant's tile changes through the kernels' override hook (``kernels/tiles.py``); undone on exit.
+    The NCA options (``small_grid``, ``checkpoint``, ``wgrad``) are :meth:`Bench.run`'s."""
+    from fastnca.kernels import tiles
 
-    saved: list[tuple[Any, str, Any]] = []
-
-    def put(obj: Any, name: str, value: Any) -> None:
-        saved.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    from fastnca.kernels import wgrad
-
-    post = {k[5:]: v for k, v in changes.items() if k.startswith("post.")}
-    wg = {k[6:]: v for k, v in changes.items() if k.startswith("wgrad.")}
-    main = {k[5:]: v for k, v in changes.items() if k.startswith("main.")}
-    try:
-        if post:
-            fget = rollout.StepPlan.post_config.fget
-            put(rollout.StepPlan, "post_config", property(lambda sp: dataclasses.replace(fget(sp), **post)))
-        if main:
-            real_main = rollout.StepPlan.main_config
-            chunks = {"block_k": "hp", "ds_block_k": "hp", "block_c": "c"}  # tiles divide the channels they cut
-
-            def main_config(sp: Any, recompute: bool) -> Any:
-                fit = {k: nca_step_bwd._chunk(getattr(sp, chunks[k]), v) if k in chunks else v for k, v in main.items()}
-                return dataclasses.replace(real_main(sp, recompute), **fit)
-
-            put(rollout.StepPlan, "main_config", main_config)
-        if "min_cells_per_split" in changes:
-            put(rollout, "_POST_MIN_CELLS_PER_SPLIT", changes["min_cells_per_split"])
-        if wg:
-            real_wg = wgrad.wgrad_config
-            put(wgrad, "wgrad_config", lambda *a, **k: dataclasses.replace(real_wg(*a, **k), **wg))
-        if "wgrad_min_cells" in changes:
-            put(wgrad, "MIN_CELLS_PER_SPLIT", changes["wgrad_min_cells"])
+    kinds = {"post": "post", "main": "bwd", "wgrad": "wgrad"}  # "wgrad" alone is the design, not a tile field
+    fields: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        prefix, _, name = key.partition(".")
+        if name and prefix in kinds:
+            fields.setdefault(kinds[prefix], {})[name] = value
+    split = {"post": changes.get("min_cells_per_split"), "batched": changes.get("wgrad_min_cells")}
+    split = {k: v for k, v in split.items() if v is not None}
+    if split:
+        fields["splits"] = split
+    with contextlib.ExitStack() as stack:
+        for kind, f in fields.items():
+            stack.enter_context(tiles.override(kind, **f))
         yield
-    finally:
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
 
 
 class Bench:

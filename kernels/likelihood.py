@@ -19,8 +19,6 @@ programs write disjoint pixels of the gradient.
 from __future__ import annotations
 
 import math
-import os
-from typing import NamedTuple
 
 import torch
 import triton
@@ -30,6 +28,7 @@ from torch import Tensor
 from .checks import TL_DTYPE, check_device
 from .launch import on_input_device
 from .spec import KernelSpec
+from .tiles import DMLPlan, dml_plan, interpreting
 from .utils import cast_rne
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
 ]
 
 # Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The constants of fastnca/likelihoods.py, repeated: fastnca.kernels imports nothing from the library
 # (tests/kernels/test_likelihood.py checks that they agree).
@@ -312,26 +310,6 @@ def _dml_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- the plan
-class DMLPlan(NamedTuple):
-    """Launch settings, decided once (``dml_plan``) and read by both launchers and the sm_90 fit."""
-
-    fwd_block_p: int  # pixels per loop iteration of the forward's program (one program per example)
-    bwd_block_p: int  # pixels per backward program
-    bwd_block_c: int  # channels per zero-store of the unread channels
-    num_warps: int
-
-
-def dml_plan(interpret: bool = _INTERPRET) -> DMLPlan:
-    """Interpreter: wide blocks (each program is one numpy pass; fewer programs run faster). GPU: one pixel per
-    thread (128 pixels x 4 warps) and 16-channel zero stores, from the sm_90 fit (``python -m fastnca.kernels.fit
-    --only likelihood``, Triton 3.8 / 3.6): at n_mix = 4 the forward's hoisted loads take 168-192 registers
-    with one pixel per thread and spill (255 registers, 40-128 B) with two; 32-channel zero stores cost the
-    n_mix = 1 backward 128 registers under 3.8 (its 64-bit pointer tile), 16-channel ones 61."""
-    if interpret:
-        return DMLPlan(fwd_block_p=1024, bwd_block_p=1024, bwd_block_c=64, num_warps=4)
-    return DMLPlan(fwd_block_p=128, bwd_block_p=128, bwd_block_c=16, num_warps=4)
-
-
 def _constexprs(n_mix: int) -> dict:
     return dict(N_MIX=n_mix, LOG_SCALE_MIN=LOG_SCALE_MIN, HALF_BIN=HALF_BIN, LOG_HALF_BINS=LOG_HALF_BINS,
                 WIDE_BIN=WIDE_BIN)
@@ -423,7 +401,7 @@ def dml_log_prob_bwd(x: Tensor, params: Tensor, n_mix: int, grad: Tensor) -> Ten
         stride_dp_b=dparams.stride(0), stride_dp_c=dparams.stride(1), stride_dp_h=dparams.stride(2),
         stride_dp_w=dparams.stride(3),
         BLOCK_P=cfg.bwd_block_p, BLOCK_C=cfg.bwd_block_c, **_constexprs(n_mix),
-        EMULATE_RNE=_INTERPRET and params.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+        EMULATE_RNE=interpreting() and params.dtype == torch.bfloat16, num_warps=cfg.num_warps,
     )
     return dparams
 

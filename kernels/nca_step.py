@@ -19,9 +19,8 @@ The residual stream ``y`` stays in fp32 registers; it is rounded to the compute 
 
 from __future__ import annotations
 
-import os
 import weakref
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -34,6 +33,7 @@ from .nca_step_bwd import nca_step_bwd
 from .reference import UpdateWeights
 from .spec import KernelSpec
 from .stages import step_cells
+from .tiles import StepConfig, interpreting, padded_hidden, step_config
 from .utils import k_major, unchain
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "StepConfig",
     "fwd_constexprs",
     "fwd_k_major",
+    "fwd_kernel",
     "fwd_kernel_spec",
     "fwd_weight_args",
     "nca_step",
@@ -49,8 +50,6 @@ __all__ = [
     "step_config",
 ]
 
-# Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 
@@ -113,73 +112,8 @@ def _nca_step_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------- launcher
-class StepConfig(NamedTuple):
-    """Tiling of one launch: cells per program, K/hidden chunk, output-channel chunk, warps, pipeline stages."""
-
-    block_m: int
-    block_k: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _padded_hidden(hidden: int) -> int:
-    """h rounded up to a power of two (``tl.arange`` needs one); the padded channels carry exact zeros."""
-    return triton.next_power_of_2(hidden)
-
-
-def _largest_divisor(n: int, options: tuple[int, ...]) -> int:
-    return next(o for o in options if n % o == 0)
-
-
-def step_config(
-    state_channels: int,
-    hidden_channels: int,
-    dtype: torch.dtype,
-    *,
-    input_precision: str = "ieee",
-    num_cells: int | None = None,
-    store_acts: bool = False,
-    interpret: bool = _INTERPRET,
-) -> StepConfig:
-    """The tiling shipped for a network shape and dtype (the fit numbers in kernels/README.md come from these).
-
-    Chosen with ``python -m fastnca.kernels.fit`` (sm_90 compile, no spills, shared memory <= 227 KiB) under
-    both Triton releases that matter: CI's (3.8) and the GPU machines' (3.6, ``--python``); a tile must fit
-    both. bf16 at h = 256 takes 128 cells x 8 warps, which halves the weight bytes streamed from L2 per FLOP
-    against 64 cells and still fits the fp32 block accumulator in registers; its hidden chunk is 16 wide because
-    32 spills 16 B under Triton 3.6 (254 registers under 3.8). fp32 state takes 32-wide output chunks at h <= 128
-    (64 spill under 3.6) and "ieee" (FFMA) 16-wide K chunks at h = 256 (32 spill 304 B under 3.6). The
-    interpreter takes one config sized to the problem (fewer, larger programs run faster in numpy).
-
-    ``store_acts``: the tile of the rollout's forward that also writes the activations (``STORE_ACTS``, under the
-    'none' checkpoint policy). The stores' addresses take registers (3.8 / 3.6): bf16 at h = 256 spills 176 B with
-    128 cells and fits with 64 cells x 8 warps and 32-wide hidden chunks (231 / 236 registers); at h = 128 its
-    64-wide output chunks spill 8 B under 3.6, 32-wide ones fit; fp32 "ieee" at h = 256 spills 40-56 B with 64
-    cells and fits with 32 (184 / 255), at h = 128 spills 8 B with 32-wide output chunks and fits with 16; tf32 at
-    h = 128 spills 72-80 B on 4 warps and fits on 8 (228 / 236).
-    """
-    hid = _padded_hidden(hidden_channels)
-    base_k = min(_largest_divisor(state_channels, (64, 32, 16)), hid)
-    block_n = _largest_divisor(state_channels, (64, 32, 16))
-    if interpret:
-        block_m = 64 if num_cells is None else max(16, min(128, triton.next_power_of_2(num_cells)))
-        return StepConfig(block_m, base_k, block_n, 4, 1)
-    if dtype == torch.bfloat16:
-        if hid >= 256:
-            if store_acts:
-                return StepConfig(64, min(32, base_k), block_n, 8, 3)
-            return StepConfig(128, min(16, base_k), block_n, 8, 3)
-        if hid >= 128:
-            return StepConfig(128, base_k, min(32, block_n) if store_acts else block_n, 8, 2)
-        return StepConfig(64, base_k, block_n, 4, 2)
-    if hid >= 256:
-        if store_acts and input_precision != "tf32":
-            return StepConfig(32, min(16, base_k), min(32, block_n), 8, 2)
-        return StepConfig(64, min(32 if input_precision == "tf32" else 16, base_k), block_n, 8, 2)
-    if input_precision == "tf32":
-        return StepConfig(64, min(32, base_k), min(32, block_n), 8 if store_acts else 4, 2)
-    return StepConfig(32, min(32, base_k), min(16 if store_acts else 32, block_n), 8, 2)
+# The kernel by a public name, for the rollout's launches (its own name is the one profiles and launch counts show)
+fwd_kernel = _nca_step_fwd_kernel
 
 
 def fwd_candidates(cfg: StepConfig, keep_cells: bool = False) -> list[StepConfig]:
@@ -245,7 +179,7 @@ def fwd_kernel_spec(
     t = "*bf16" if dtype == torch.bfloat16 else "*fp32"
     pointers = {"z_ptr": t, "out_ptr": t, "mask_ptr": "*u8", "w3_ptr": t, "b3_ptr": "*fp32", "w1_ptr": t,
                 "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32", "acts_ptr": t}
-    constexprs = fwd_constexprs(state_channels, _padded_hidden(hidden_channels), n_blocks, double=double,
+    constexprs = fwd_constexprs(state_channels, padded_hidden(hidden_channels), n_blocks, double=double,
                                 has_mask=mask, has_b3=bias, has_b1=bias and n_blocks > 0,
                                 has_b2=bias and n_blocks > 0, has_bout=out_bias, input_precision=input_precision,
                                 upcast_dot=False, dtype=dtype, cfg=cfg, store_acts=store_acts)
@@ -269,7 +203,7 @@ def pack_weights(weights: UpdateWeights, dtype: torch.dtype, *, k_major: bool = 
         :func:`fwd_k_major`): ``w3k (9, hp, C)`` ``[tap, o, c]``, ``w1k / w2k`` ``[blk, n, k]``, ``woutk (C, hp)``.
     """
     c, h, nb = weights.state_channels, weights.hidden_channels, weights.n_blocks
-    hp = _padded_hidden(h)
+    hp = padded_hidden(h)
     pad = hp - h
     dev = weights.w_perceive.device
 
@@ -384,10 +318,10 @@ def nca_step_fwd(
         _nca_step_fwd_kernel[(triton.cdiv(num_cells, cfg.block_m),)](
             z_ptr=state, out_ptr=out, mask_ptr=p["w3"] if mask is None else mask, **fwd_weight_args(p, k_major),
             acts_ptr=out, M=num_cells, H=h_out, W=w_out,
-            **fwd_constexprs(c, _padded_hidden(weights.hidden_channels), weights.n_blocks, double=double,
+            **fwd_constexprs(c, padded_hidden(weights.hidden_channels), weights.n_blocks, double=double,
                              has_mask=mask is not None, has_b3=p["b3"] is not None, has_b1=p["b1"] is not None,
                              has_b2=p["b2"] is not None, has_bout=p["bout"] is not None,
-                             input_precision=input_precision, upcast_dot=_INTERPRET and dtype == torch.bfloat16,
+                             input_precision=input_precision, upcast_dot=interpreting() and dtype == torch.bfloat16,
                              dtype=dtype, cfg=cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

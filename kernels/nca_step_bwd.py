@@ -29,8 +29,6 @@ each weight's own dtype.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,22 +41,17 @@ from .launch import fewer_stages, launch_fitting, on_input_device, smaller_tiles
 from .reference import UpdateWeights
 from .spec import KernelSpec
 from .stages import colsum_tile, dstate_tile, main_cells
+from .tiles import BwdConfig, bwd_config, chunk, interpreting, split_cells, splits
 from .utils import (
     k_major,
     mma,
     unchain,
 )
 
-__all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
-
-# Read once, like @triton.jit does when it decorates a kernel (tests/conftest.py sets it without a GPU).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+__all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "main_kernel", "nca_step_bwd"]
 
 
-# Weight-gradient GEMMs cut the cells into at most _MAX_SPLITS splits of at least _MIN_CELLS_PER_SPLIT cells.
-# The split count depends only on the number of cells, never on the device, so results are reproducible.
-_MAX_SPLITS = 32
-_MIN_CELLS_PER_SPLIT = 1024
+
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -262,30 +255,9 @@ def _nca_step_bwd_wgrad_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- configs
-@dataclass(frozen=True)
-class BwdConfig:
-    """Tile sizes and launch options of the three backward kernels for one (|z|, h, dtype)."""
-
-    block_m: int  # cells per program of the main kernel
-    block_k: int  # hidden chunk of the main kernel
-    block_c: int  # state-channel chunk of the main kernel
-    warps: int
-    stages: int
-    ds_block_m: int  # input cells per program of the state-gradient kernel
-    ds_block_k: int
-    ds_warps: int
-    ds_stages: int
-    wg_block: int  # max tile edge of the weight-gradient kernel
-    wg_block_cells: int
-    wg_warps: int
-    wg_stages: int
-    blk_stages: int | None = None  # pipeline stages of the main kernel's hidden-chunk loops (None: ``stages``)
-    out_stages: int | None = None  # of its output-conv loop (None: ``stages``)
-    reload_operand: bool = False  # the main kernel's residual-stream dot operand from its buffer (stages.main_cells)
-    int32_index: bool = False  # int32 cell and element offsets in the main kernel where they fit (main_needs_int64)
-    k_major: bool | None = None  # the main kernel's weights K-major (None: utils.k_major, i.e. for tf32)
-    unchain: bool | None = None  # its hidden-chunk loops' first dots unchained (None: utils.unchain's rule)
-    ds_block_n: int | None = None  # state channels per state-gradient program of the rollout's post kernel (None: all)
+# The main kernel by a public name, for the rollout's launches (its own name is the one profiles and launch counts
+# show)
+main_kernel = _nca_step_bwd_kernel
 
 
 def main_candidates(cfg: BwdConfig) -> list[BwdConfig]:
@@ -294,89 +266,6 @@ def main_candidates(cfg: BwdConfig) -> list[BwdConfig]:
     then fewer cells per program. Compiled for sm_86 (99 KiB per block; ``python -m fastnca.kernels.fit --only
     small-smem``), the bf16 h = 256 main kernels fit at 2 stages (72-76 KiB), tf32 at 1 (80-84 KiB)."""
     return smaller_tiles(cfg, "stages", ("block_c", "block_m"), caps=("blk_stages", "out_stages"))
-
-
-def _chunk(n: int, cap: int) -> int:
-    """The largest of cap, cap/2, ..., 16 that divides n (n is a multiple of 16)."""
-    b = cap
-    while n % b:
-        b //= 2
-    return b
-
-
-def bwd_config(
-    state_channels: int,
-    hidden_channels: int,
-    dtype: torch.dtype,
-    input_precision: str = "ieee",
-    *,
-    n_blocks: int | None = None,
-    recompute: bool = True,
-    interpret: bool = _INTERPRET,
-) -> BwdConfig:
-    """The shipped tile configuration; ``python -m fastnca.kernels.fit`` compiles each one for sm_90.
-
-    Chosen by compiling for sm_90 (numbers in ``kernels/BACKWARD.md``): the main kernel keeps two fp32
-    ``(BLOCK_M, h)`` tensors live (the dot operand of the residual stream and its accumulator), so wide networks
-    take small hidden chunks; fp32 "ieee" dots run on FMA units with register operands and take 32-cell tiles.
-    In the interpreter (``interpret``, by default whether TRITON_INTERPRET=1 was set at import) the tiles are small,
-    so that tests run many programs and partial tiles quickly.
-
-    ``n_blocks`` (None: not known, taken as 0) picks the main kernel's rows: with residual blocks and h <= 128 the
-    tensor-core paths take 128 cells x 8 warps (each warpgroup its own 64 rows, half the weight bytes per cell of
-    a 64-cell tile); at h = 256, or without blocks, 128 rows spill, so those keep 64. On 64 rows x 8 warps the
-    hidden-chunk loops' first dots are issued unchained (``utils.mma_first``, ``UNCHAIN``): as chained dots Triton
-    laid them out [8,1] and both warpgroups computed them (4/3 of the needed tensor work before 2026-11-28,
-    kernels/BACKWARD.md).
-
-    ``recompute=False``: the main kernel that reads the forward's kept activations (the rollout under 'none'); the
-    same tiles, except tf32 at h = 256, whose pipelined output-conv loop then spills 16 B (both releases) and runs
-    unpipelined (255 / 255 registers, no spills). 128-cell tiles still spill at h = 256 without the recompute
-    (bf16: 16-464 B; 16-24 B with the operand reloaded and int32 offsets).
-    """
-    c, h = state_channels, hidden_channels
-    if interpret:
-        return BwdConfig(16, _chunk(h, 32), _chunk(c, 32), 4, 1, 16, _chunk(h, 32), 4, 1, 32, 16, 4, 1)
-    wide = max(c, h) > 128
-    ieee = dtype == torch.float32 and input_precision == "ieee"
-    # (BLOCK_M, BLOCK_K, BLOCK_C, warps, stages) of the main kernel, (BLOCK_M, BLOCK_K, warps) of the state kernel
-    # Every tile fits (no spills) under Triton 3.8 (CI) and 3.6 (the GPU machines); see kernels/BACKWARD.md.
-    own_rows = bool(n_blocks) and h <= 128  # 128 cells x 8 warps: each warpgroup computes its own 64 rows
-    if dtype == torch.bfloat16:
-        # wide: 3 stages measured 1.07x faster than 2 over the mnist-doubling rollout's backward (H100, bf16, B = 32,
-        # benchmarks/tune.py; table in benchmarks/RESULTS.md)
-        main, dstate = ((64, 32, 32, 8, 3), (64, 64, 8)) if wide else ((64, 64, 64, 8, 2), (64, 64, 4))
-        main = (128, 32, 32, 8, 2) if own_rows else main
-    elif input_precision == "tf32":
-        main, dstate = ((64, 16, 32, 8, 2), (64, 32, 8)) if wide else ((64, 32, 32, 8, 2), (64, 32, 4))
-        main = (128, 16, 32, 8, 2) if own_rows else main
-    else:
-        main, dstate = ((16, 16, 16, 8, 2), (16, 16, 4)) if wide else ((32, 32, 16, 4, 2), (32, 32, 4))
-    out_stages = 1 if not recompute and input_precision == "tf32" and dtype == torch.float32 and wide else None
-    return BwdConfig(
-        out_stages=out_stages,
-        block_m=main[0],
-        block_k=_chunk(h, main[1]),
-        block_c=_chunk(c, main[2]),
-        warps=main[3],
-        stages=main[4],
-        ds_block_m=dstate[0],
-        ds_block_k=_chunk(h, dstate[1]),
-        ds_warps=dstate[2],
-        ds_stages=2,
-        wg_block=64 if ieee else 128,
-        wg_block_cells=64 if dtype == torch.bfloat16 else 32,
-        wg_warps=8,
-        wg_stages=3,
-    )
-
-
-def _splits(m: int, block_cells: int, min_cells: int | None = None) -> tuple[int, int]:
-    """(cells per split, number of splits) for m cells, splits of at least ``min_cells`` (default
-    ``_MIN_CELLS_PER_SPLIT``): a function of m only, so results are reproducible."""
-    per = max(_MIN_CELLS_PER_SPLIT if min_cells is None else min_cells, triton.cdiv(m, _MAX_SPLITS))
-    per = triton.cdiv(per, block_cells) * block_cells
-    return per, triton.cdiv(m, per)
 
 
 def main_needs_int64(m: int, c: int, hp: int, n_blocks: int) -> bool:
@@ -426,8 +315,8 @@ def _wgrad_constexprs(na: int, nb: int, taps: int, *, gather: bool, double: bool
                       interp_bf16: bool, cfg: BwdConfig) -> dict[str, Any]:
     """A weight-gradient GEMM's constexprs (launch and fit); the column sums (bias gradients) are always made."""
     return dict(NA=na, NB=nb, T=taps, GATHER=gather, DOUBLE=double and gather, WITH_DB=True,
-                INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, BLOCK_A=_chunk(na, cfg.wg_block),
-                BLOCK_B=_chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells)
+                INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, BLOCK_A=chunk(na, cfg.wg_block),
+                BLOCK_B=chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells)
 
 
 def bwd_kernel_specs(
@@ -591,7 +480,7 @@ def nca_step_bwd(
     hh, ww = (2 * h_in, 2 * w_in) if double else (h_in, w_in)
     m = b * hh * ww
     cfg = bwd_config(c, triton.next_power_of_2(h), dt, input_precision, n_blocks=nb)
-    upcast = _INTERPRET and dt == torch.bfloat16
+    upcast = interpreting() and dt == torch.bfloat16
     kmaj = k_major(input_precision) if cfg.k_major is None else cfg.k_major
 
     # ---- pack
@@ -669,12 +558,12 @@ def nca_step_bwd(
 
     launch_fitting(("dstate", cfg, *key), cfg, fewer_stages("ds_stages"), dstate)
 
-    per_split, n_splits = _splits(m, cfg.wg_block_cells)
+    per_split, n_splits = splits(m, cfg.wg_block_cells, split_cells().step)
 
     def wgrad(a: Tensor, bmat: Tensor, n_mat: int, taps: int, gather: bool) -> tuple[Tensor, Tensor]:
         """fp32 ``(n_mat, taps, NA, NB)`` sums of a^T b over all cells and ``(n_mat, NA)`` column sums of a."""
         na, nbc = a.shape[-1], bmat.shape[-1]
-        block_a, block_b = _chunk(na, cfg.wg_block), _chunk(nbc, cfg.wg_block)  # as in _wgrad_constexprs
+        block_a, block_b = chunk(na, cfg.wg_block), chunk(nbc, cfg.wg_block)  # as in _wgrad_constexprs
         dw = torch.empty((n_splits, n_mat, taps, na, nbc), **f32)
         db = torch.empty((n_splits, n_mat, na), **f32)
         grid = (na // block_a, taps * (nbc // block_b), n_mat * n_splits)

@@ -41,28 +41,20 @@ from torch import Tensor
 from .checks import TL_DTYPE, check_inputs
 from .launch import fewer_stages, launch_fitting, on_input_device
 from .nca_step import (
-    _INTERPRET,
-    StepConfig,
-    _nca_step_fwd_kernel,
     fwd_candidates,
     fwd_constexprs,
     fwd_k_major,
+    fwd_kernel,
     fwd_kernel_spec,
     fwd_weight_args,
     pack_weights,
-    step_config,
 )
 from .nca_step_bwd import (
-    _MAX_SPLITS,
-    BwdConfig,
-    _chunk,
-    _nca_step_bwd_kernel,
-    _splits,
-    bwd_config,
     bwd_kernel_specs,
     dstate_constexprs,
     main_candidates,
     main_constexprs,
+    main_kernel,
     main_weight_args,
     transposed_conv_weights,
 )
@@ -71,12 +63,24 @@ from .schedule import RolloutPlan
 from .small_grid import (
     launch_small_fwd,
     samples_per_program,
-    small_config,
     small_fwd_kernel_spec,
     small_grid_steps,
 )
 from .spec import KernelSpec
 from .stages import acc_wgrad_1x1_tile, dstate_tile, wgrad_tile
+from .tiles import (
+    MAX_SPLITS,
+    BwdConfig,
+    StepConfig,
+    bwd_config,
+    chunk,
+    interpreting,
+    post_config,
+    small_config,
+    split_cells,
+    splits,
+    step_config,
+)
 from .utils import k_major
 from .wgrad import Batch, batch_cell_elems, launch_batched_wgrad, wgrad_kernel_spec
 
@@ -155,36 +159,6 @@ def _rollout_bwd_post_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------- plan
-def post_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee", *,
-                n_blocks: int | None = None, interpret: bool = _INTERPRET) -> BwdConfig:
-    """The post kernel's tiles: the backward's state-gradient and weight-gradient tiles (``bwd_config``), with
-    weight-gradient tiles of at most 64 x 64 and 2 stages, and state-gradient programs of at most 128 state
-    channels (bf16) or 64 (tf32).
-
-    One kernel holds every branch, so it needs the registers of the largest and the shared memory the compiler
-    gives them together: at |z| = h = 256 bf16 the per-step kernels' 128 x 128 tiles compiled to 255 registers
-    with 16-24 B of spills and 160-240 KiB of shared memory (2-3 stages); 64 x 64 tiles with 2 stages fit in 166
-    registers and 80 KiB (``python -m fastnca.kernels.fit``, table in kernels/README.md). The largest branch was
-    then the state gradient's (64, |z|) fp32 accumulator: with its channels split over programs every bf16 and tf32
-    post kernel fits in at most 128 registers at 8 warps (Triton 3.8 and 3.6; 130-218 before), so two programs
-    share an SM instead of one.
-    """
-    cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=interpret)
-    if interpret:
-        return cfg
-    # bf16: 128 cells per reduction step (with splits of >= _POST_MIN_CELLS_PER_SPLIT cells) measured 1.12x faster
-    # than 64 over the mnist-doubling rollout's backward (H100, B = 32, benchmarks/tune.py, benchmarks/RESULTS.md)
-    cells = 128 if dtype == torch.bfloat16 else cfg.wg_block_cells
-    ds_n = 128 if dtype == torch.bfloat16 else 64 if input_precision == "tf32" else None
-    return dataclasses.replace(cfg, wg_block=min(cfg.wg_block, 64), wg_block_cells=cells, wg_stages=2,
-                               ds_block_n=ds_n)
-
-
-# Cells per split of the post kernel's weight-gradient reductions, at least: longer reductions per program, fewer
-# fp32 partials to add (measured with the 128-cell steps above)
-_POST_MIN_CELLS_PER_SPLIT = 4096
-
-
 def _post_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, input_precision: str, interp_bf16: bool,
                      cfg: BwdConfig) -> dict[str, Any]:
     """The post kernel's constexprs: one builder for the launch and the sm_90 fit spec."""
@@ -192,9 +166,9 @@ def _post_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, input_prec
     return dict(C=c, C_PAD=ds["C_PAD"], HID=hp, N_BLOCKS=n_blocks, DOUBLE=bool(double),
                 INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, DS_BLOCK_M=ds["BLOCK_M"],
                 DS_BLOCK_K=ds["BLOCK_K"], DS_BLOCK_N=min(ds["C_PAD"], cfg.ds_block_n or ds["C_PAD"]),
-                DS_KMAJOR=ds["W_KMAJOR"], BA_P=_chunk(hp, cfg.wg_block),
-                BB_P=_chunk(c, cfg.wg_block),
-                BA_O=_chunk(c, cfg.wg_block), BB_O=_chunk(hp, cfg.wg_block), BA_H=_chunk(hp, cfg.wg_block),
+                DS_KMAJOR=ds["W_KMAJOR"], BA_P=chunk(hp, cfg.wg_block),
+                BB_P=chunk(c, cfg.wg_block),
+                BA_O=chunk(c, cfg.wg_block), BB_O=chunk(hp, cfg.wg_block), BA_H=chunk(hp, cfg.wg_block),
                 BLOCK_CELLS=cfg.wg_block_cells)
 
 
@@ -221,7 +195,7 @@ class StepPlan:
         self.hp = triton.next_power_of_2(self.h)
         # w3 (9, C, hp), w1 / w2 [blk, k, n], wout (hp, C), fp32 biases; the forward's K-major copies for tf32
         self.fwd = pack_weights(w, self.dtype, k_major=fwd_k_major(self.input_precision))
-        self.upcast = _INTERPRET and self.dtype == torch.bfloat16
+        self.upcast = interpreting() and self.dtype == torch.bfloat16
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -328,7 +302,7 @@ def _launch_fwd(sp: StepPlan, src: Tensor, dst: Tensor, mask: Tensor | None, dou
 
     def launch(cfg: StepConfig) -> None:
         consts = sp.fwd_constexprs(double=double, has_mask=mask is not None, cfg=cfg, store_acts=store)
-        _nca_step_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+        fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
             z_ptr=src, out_ptr=dst, mask_ptr=p["w3"] if mask is None else mask,
             **fwd_weight_args(p, consts["W_KMAJOR"]), acts_ptr=acts if store else dst, M=m, H=h, W=w, **consts,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -352,7 +326,7 @@ class _Workspace:
         self.dpre = torch.empty(m_max * hp, dtype=dt, device=device)
         self.dz = [torch.empty(state_max, dtype=dt, device=device) for _ in range(2)]
         self.states = torch.empty(max(n_recompute, 0) * state_max, dtype=dt, device=device)
-        self.acc = torch.zeros((_MAX_SPLITS, sp.slot), dtype=torch.float32, device=device)  # the one fill
+        self.acc = torch.zeros((MAX_SPLITS, sp.slot), dtype=torch.float32, device=device)  # the one fill
         self.state_max = state_max
         self.dtype, self.device = dt, device
 
@@ -400,7 +374,7 @@ def _launch_main(sp: StepPlan, z: Tensor, gout: Tensor, mask: Tensor | None, dou
 
     def main(cfg: BwdConfig) -> None:
         mconsts = sp.main_constexprs(double=double, has_mask=has_mask, cfg=cfg, m=m, recompute=recompute)
-        _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+        main_kernel[(triton.cdiv(m, cfg.block_m),)](
             z_ptr=z, gout_ptr=gout, mask_ptr=z if mask is None else mask,
             **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
             b1_ptr=p["b1"] if p["b1"] is not None else zf, b2_ptr=p["b2"] if p["b2"] is not None else zf,
@@ -424,7 +398,7 @@ def _launch_post(sp: StepPlan, z: Tensor, gout: Tensor, dz: Tensor, double: bool
 
     def post(pcfg: BwdConfig) -> None:
         consts = sp.post_constexprs(double=double, cfg=pcfg)
-        per_split, n_splits = _splits(m, pcfg.wg_block_cells, _POST_MIN_CELLS_PER_SPLIT)
+        per_split, n_splits = splits(m, pcfg.wg_block_cells, split_cells().post)
         n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"]) * (consts["C_PAD"] // consts["DS_BLOCK_N"])
         n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits if wgrad else 0
         n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits if wgrad else 0
@@ -557,7 +531,7 @@ def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, m
         last = out if n_small == t else lay.state(keep, n_small, b, c)
         cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, store_acts=store)
         spp = samples_per_program(b, hh * ww, cfg.block_m)
-        if _INTERPRET:  # tiles sized to one program's cells at the largest small step
+        if interpreting():  # tiles sized to one program's cells at the largest small step
             cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, num_cells=spp * hh * ww,
                                store_acts=store)
         flat_masks = _flat_masks(masks[:n_small])

@@ -36,9 +36,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .nca_step import _INTERPRET, StepConfig, fwd_constexprs, fwd_weight_args, step_config
+from .nca_step import fwd_constexprs, fwd_weight_args
 from .spec import KernelSpec
 from .stages import step_cells
+from .tiles import StepConfig, small_config
 
 __all__ = ["SMALL_GRID_CELLS", "samples_per_program", "small_config", "small_fwd_kernel_spec", "small_grid_steps"]
 
@@ -145,41 +146,6 @@ def samples_per_program(batch: int, cells: int, block_m: int, target_programs: i
     if batch <= target_programs:
         return 1
     return max(1, min(triton.cdiv(batch, target_programs), block_m // max(cells, 1)))
-
-
-def small_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, *, input_precision: str = "ieee",
-                 num_cells: int | None = None, store_acts: bool = False,
-                 interpret: bool = _INTERPRET) -> StepConfig | None:
-    """The small-grid kernel's tiles, or None where no tile is known to fit (the rollout then runs those steps one
-    launch each).
-
-    The per-step forward's tile (``step_config``) wherever it fits here too: the step body is the same, but the
-    loops around it hold a few more values, and at h = 256 that kernel's tiles sit at 244-255 registers. Measured
-    with the sm_90 fit under Triton 3.8 and 3.6 (``python -m fastnca.kernels.fit --only rollout``): bf16 at h = 256
-    spills 16 / 24-32 B with the per-step 128-cell tile, none with 64 cells x 8 warps and 32-wide hidden chunks
-    (226 / 225 registers; 64 cells is one 8 x 8 sample); tf32 spills at every 64-row tile tried at h = 256 (8-88 B
-    under 3.6; 32-row tiles lose the tensor cores), so tf32 at h = 256 stays on the per-step path; tf32 at h = 128
-    with 4 blocks spills 48 / 96 B with the per-step tile, none with 8 warps (218 / 236 registers).
-    ``num_cells`` (interpreter only) sizes the tile to one program's cells at its largest step. ``store_acts``: the
-    kernel that also writes every step's activations (the 'none' checkpoint policy, ``STORE_ACTS``): bf16 at h = 128
-    then spills 176 B under 3.6 with the per-step 128-cell tile and fits with 64 cells x 8 warps and 32-wide hidden
-    chunks (218 / 252-254 registers); fp32 "ieee" at h = 256 spills 72-152 B with 64 cells and fits with 32; tf32 at
-    h = 128 spills 32 B under 3.6 with 32-wide output chunks and fits with 16 (236 / 254).
-    """
-    hid = triton.next_power_of_2(hidden_channels)
-    cfg = step_config(state_channels, hidden_channels, dtype, input_precision=input_precision, num_cells=num_cells,
-                      store_acts=store_acts, interpret=interpret)
-    if interpret:
-        return cfg
-    if dtype == torch.bfloat16 and hid >= 256:
-        return StepConfig(64, 32 if state_channels % 32 == 0 else 16, cfg.block_n, 8, 3)
-    if store_acts and dtype == torch.bfloat16 and cfg.block_m > 64:
-        return StepConfig(64, min(32, cfg.block_k), cfg.block_n, 8, 2)
-    if dtype == torch.float32 and input_precision == "tf32":
-        if hid >= 256:
-            return None
-        return cfg._replace(num_warps=8, block_n=min(16, cfg.block_n) if store_acts else cfg.block_n)
-    return cfg
 
 
 def small_fwd_constexprs(step_consts: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastnca.kernels import nca_step_bwd as bwd_mod
+from fastnca.kernels import tiles
 from fastnca.kernels.nca_step_bwd import nca_step_bwd
 from fastnca.kernels.reference import UpdateWeights, nca_step_ref
 from tests.conftest import DEVICE
@@ -214,12 +215,13 @@ def test_bwd_bf16_within_twice_reference_error(case: Case, weight_dtype: torch.d
 # ------------------------------------------------------------------------------------------ splits, determinism
 def test_bwd_multi_split_matches_and_is_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
     """Several splits per weight-gradient GEMM (forced small) still match, and two runs agree bitwise."""
-    monkeypatch.setattr(bwd_mod, "_MIN_CELLS_PER_SPLIT", 32)
+    monkeypatch.setitem(tiles.OVERRIDES, "splits", {"step": 32})
     case = Case(2, 9, 11, 16, 32, 2, "bias", True, False)
     weights = make_weights(case.channels, case.hidden, case.n_blocks, case.bias, torch.float32)
     state, mask, grad_out = make_inputs(case, torch.float32)
     m = case.batch * case.height * case.width
-    per, splits = bwd_mod._splits(m, bwd_mod.bwd_config(case.channels, case.hidden, torch.float32).wg_block_cells)
+    per, splits = tiles.splits(m, tiles.bwd_config(case.channels, case.hidden, torch.float32).wg_block_cells,
+                               tiles.split_cells().step)
     assert splits > 1, f"expected several splits for {m} cells, got {splits} of {per}"
     ref = autograd_grads(state, weights, mask, case.double, grad_out, torch.float64)
 
