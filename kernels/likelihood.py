@@ -1,8 +1,9 @@
 """Fused discretized logistic mixture (DML) log-likelihood: one Triton launch forward, one backward.
 
 The model's observation model for colour images (Salimans et al. 2017, PixelCNN++; reference and oracle:
-``fastnca.likelihoods.dml_log_prob``). Per example it is ~65 small elementwise ATen ops forward and as many
-backward (slices, selects, where, logsumexp, their gradients); here each pass is one kernel over the pixels.
+``reference.dml_log_prob``, which is ``fastnca.likelihoods.dml_log_prob``, with the constants both share). Per
+example it is ~65 small elementwise ATen ops forward and as many backward (slices, selects, where, logsumexp, their
+gradients); here each pass is one kernel over the pixels.
 
 Layouts: ``x`` is ``(B, 3, H, W)`` in [-1, 1]; ``params`` is the final NCA state ``(B, |z|, H, W)``, any strides
 (the NCA's is channels-last, physically ``(B, H, W, |z|)``), of which only the first ``10 n_mix`` channels are read:
@@ -18,8 +19,6 @@ programs write disjoint pixels of the gradient.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from .checks import TL_DTYPE, check_device
 from .launch import on_input_device
+from .reference import DML_HALF_BIN, DML_LOG_HALF_BINS, DML_LOG_SCALE_MIN, DML_WIDE_BIN
 from .spec import KernelSpec
 from .tiles import DMLPlan, dml_plan, interpreting
 from .utils import cast_rne
@@ -40,16 +40,6 @@ __all__ = [
     "dml_plan",
     "likelihood_kernel_specs",
 ]
-
-# Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
-
-# The constants of fastnca/likelihoods.py, repeated: fastnca.kernels imports nothing from the library
-# (tests/kernels/test_likelihood.py checks that they agree).
-LOG_SCALE_MIN = -7.0  # PixelCNN++ clamps log-scales here
-BINS = 256
-HALF_BIN = 1.0 / (BINS - 1)  # half a bin's width on [-1, 1]
-LOG_HALF_BINS = math.log((BINS - 1) / 2)  # the pdf midpoint times the bin width, in logs
-WIDE_BIN = 1e-5  # above this CDF difference the bin's mass is taken as the difference, below as the pdf midpoint
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -311,8 +301,9 @@ def _dml_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------- the plan
 def _constexprs(n_mix: int) -> dict:
-    return dict(N_MIX=n_mix, LOG_SCALE_MIN=LOG_SCALE_MIN, HALF_BIN=HALF_BIN, LOG_HALF_BINS=LOG_HALF_BINS,
-                WIDE_BIN=WIDE_BIN)
+    """The constants the kernels share with the reference (``reference.py``), as constexprs."""
+    return dict(N_MIX=n_mix, LOG_SCALE_MIN=DML_LOG_SCALE_MIN, HALF_BIN=DML_HALF_BIN, LOG_HALF_BINS=DML_LOG_HALF_BINS,
+                WIDE_BIN=DML_WIDE_BIN)
 
 
 def likelihood_kernel_specs(n_mix: int, dtype: torch.dtype) -> list[KernelSpec]:
