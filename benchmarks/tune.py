@@ -68,7 +68,7 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "128x128 tiles, 64 cells per k-step", {"post.wg_block": 128, "post.wg_block_cells": 64}),
     ("post", "128x128 tiles, 4 warps", {"post.wg_block": 128, "post.wg_warps": 4}),
     # the state-gradient programs over every state channel: 130-218 registers, one program per SM; shipped: 128
-    # channels (bf16) / 64 (tf32) per program, <= 128 registers, two per SM (kernels/rollout.post_config)
+    # channels (bf16) / 64 (tf32) per program, <= 128 registers, two per SM (kernels/tiles.post_config)
     ("post", "state gradient over all channels (before 2026-11-28)", {"post.ds_block_n": None}),
     ("main", "2 stages (before 2026-11-28)", {"main.stages": 2}),
     ("main", "hidden chunk 64", {"main.block_k": 64}),
@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args.preset, batch, args.precision, device, args.tiny)
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
     if args.tiny:  # one per kind of patch: the code path, not a sweep
-        variants = [v for v in variants if v[1] in ("splits >= 16384", "hidden chunk 64", "small-grid backward on",
-                                                    "batched, 4 warps")]
+        variants = [v for v in variants if v[1] in ("splits >= 16384", "hidden chunk 64",
+                                                    "small-grid off (forward too)", "batched, 4 warps")]
         args.reps = 1
     shipped, ref = _measure(bench, "shipped", "-", {}, None, args.reps)
     base = shipped.get("median_ms") or float("nan")

@@ -21,7 +21,7 @@ from fastnca.run import state_dtype
 
 __all__ = ["predict_peak_memory", "rollout_plan", "rollout_state_sizes", "live_at_peak", "GIB"]
 
-_MAX_SPLITS = 32  # split slots of the fused backward's fp32 weight-gradient accumulator (kernels/nca_step_bwd.py)
+_MAX_SPLITS = 32  # split slots of the fused backward's fp32 weight-gradient accumulator (kernels/tiles.py MAX_SPLITS)
 
 GIB = 1024**3
 
