@@ -8,10 +8,8 @@ Cases (GPU sizes; ``tiny=True`` shrinks every one to C = h = 16, 1 block, B = 2,
   (mnist-doubling: the first 24 steps, 2x2, 4x4 and 8x8; the steps the small-grid forward of
   ``kernels/small_grid.py`` runs in one launch), forward (no grad).
 * ``rollout-bwd-mnist-doubling``: the whole 40-step rollout, forward + backward to the latents and the update
-  network's weights (no encoder, decoder or optimizer). Not the early steps alone: the small-grid backward declines
-  a rollout whose largest step is itself small (its buffers would outgrow the per-step backward's,
-  ``kernels/rollout.py`` ``_small_bwd_fits``), so it runs only under the later steps, as in training.
-  Compare ``triton-*`` with ``triton-*-perstep`` on both: the later steps run the same kernels either way.
+  network's weights (no encoder, decoder or optimizer). Compare ``triton-*`` with ``triton-*-perstep`` on both:
+  the backward and the later steps run the same kernels either way, so the rows differ in the early steps' forward.
 * ``rollout-bwd-celeba-nondoubling-256-T128``: the same for the non-doubling 62x62 preset at T = 128 (its
   'auto' policy: sqrt(T) segments, recomputed in the backward), the batched weight gradients' other A/B shape.
 * ``train-<preset>[-T<n>]``: one training iteration of the whole VNCA (forward, backward, gradient clipping,

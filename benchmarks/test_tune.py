@@ -16,23 +16,24 @@ def _plan() -> rollout.StepPlan:
 
 
 def test_a_variant_patches_the_configs_and_restores_them():
+    from fastnca.kernels import tiles, wgrad
+
     sp = _plan()
-    post, main, split = sp.post_config, sp.main_config(False), rollout._POST_MIN_CELLS_PER_SPLIT
+    post, main, split = sp.post_config, sp.main_config(False), tiles.split_cells()
     with _patched({"post.wg_warps": 2, "main.stages": 5, "main.block_k": 64, "min_cells_per_split": 7}):
         assert sp.post_config == dataclasses.replace(post, wg_warps=2), "expected the post kernel's warps patched"
         assert sp.main_config(True).stages == sp.main_config(False).stages == 5, \
             "expected the main kernel's stages patched, recomputing or on kept activations"
         assert sp.main_config(True).block_k == 32, "expected a hidden chunk cut to the padded h = 32 it must divide"
-        assert rollout._POST_MIN_CELLS_PER_SPLIT == 7
-    assert (sp.post_config, sp.main_config(False), rollout._POST_MIN_CELLS_PER_SPLIT) == (post, main, split), \
+        assert tiles.split_cells() == split._replace(post=7)
+    assert (sp.post_config, sp.main_config(False), tiles.split_cells()) == (post, main, split), \
         "expected the shipped configuration back after the variant"
-    from fastnca.kernels import wgrad
-
-    shipped, least = wgrad.wgrad_config(torch.bfloat16), wgrad.MIN_CELLS_PER_SPLIT
+    shipped = wgrad.wgrad_config(torch.bfloat16)
     with _patched({"wgrad.warps": 4, "wgrad_min_cells": 9}):
         assert wgrad.wgrad_config(torch.bfloat16) == dataclasses.replace(shipped, warps=4)
-        assert wgrad.MIN_CELLS_PER_SPLIT == 9
-    assert (wgrad.wgrad_config(torch.bfloat16), wgrad.MIN_CELLS_PER_SPLIT) == (shipped, least)
+        assert tiles.split_cells().batched == 9
+    assert (wgrad.wgrad_config(torch.bfloat16), tiles.split_cells()) == (shipped, split)
+    assert tiles.OVERRIDES == {}, f"expected no override left, got {tiles.OVERRIDES}"
 
 
 def test_combined_takes_each_groups_best_ok_variant_that_beats_the_shipped_one():
@@ -57,5 +58,5 @@ def test_every_variant_names_known_changes():
         for key in changes:
             kind, _, field = key.partition(".")
             ok = (kind in ("post", "main") and field in fields) or (kind == "wgrad" and field in wg_fields) or key in (
-                "min_cells_per_split", "small_grid", "small_grid_backward", "checkpoint", "wgrad", "wgrad_min_cells")
+                "min_cells_per_split", "small_grid", "checkpoint", "wgrad", "wgrad_min_cells")
             assert ok, f"{group} / {name}: unknown change {key!r}"

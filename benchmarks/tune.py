@@ -8,17 +8,18 @@ Usage::
     python -m benchmarks.tune --tiny --device cpu          # CPU dry run (interpreter, tiny sizes): the code path
 
 Each variant changes one thing against the shipped configuration (the kernels' own ``bwd_config`` /
-``post_config``, the post kernel's weight-gradient splits ``rollout._POST_MIN_CELLS_PER_SPLIT``, the NCA's
-``small_grid`` / ``small_grid_backward``) and times the whole rollout forward + backward
+``post_config``, the post kernel's weight-gradient splits ``tiles.split_cells().post``, the NCA's
+``small_grid``) and times the whole rollout forward + backward
 (``kernels.rollout.nca_rollout``: the latents' and every weight's gradient) at the preset's shape, with CUDA
 events. Every variant's gradients are compared with the shipped configuration's (relative error), so a variant that
 computes something else is flagged, not timed as a win. After the single changes, the best variant of each group is
 combined and timed, and ``torch.profiler`` splits the shipped and the combined run into kernels.
 
-Variants are applied by patching the configuration for the duration of one variant only (``_patched``); nothing
-here changes what ships. A variant that fails to compile or launch (shared memory, registers) is reported as such.
+Variants are applied through the kernels' tile overrides (``kernels/tiles.py``, ``tiles.override``) for the
+duration of one variant only (``_patched``); nothing here changes what ships. A variant that fails to compile or
+launch (shared memory, registers) is reported as such.
 Whether a variant also fits both Triton releases without spills is the sm_90 fit's job (``python -m
-fastnca.kernels.fit``), which must pass before a variant ships.
+tools.fit``), which must pass before a variant ships.
 
 Writes ``tune.json`` (every row) and ``tune.md`` (the table) into ``--out``.
 """
@@ -27,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,10 +41,10 @@ import torch
 from benchmarks.utils import rel_err, time_fn
 
 # (group, name, changes): changes are "post.<field>" / "main.<field>" (BwdConfig fields), "min_cells_per_split"
-# (the post kernel's, kernels.rollout._POST_MIN_CELLS_PER_SPLIT), "small_grid_backward" or "small_grid" (the NCA's
-# options of those names), "checkpoint" (the rollout's policy; shipped: the preset's), "wgrad" (the backward's
+# (the post kernel's, kernels.tiles.split_cells().post), "small_grid" (the NCA's
+# option of that name), "checkpoint" (the rollout's policy; shipped: the preset's), "wgrad" (the backward's
 # weight-gradient design, RolloutPlan.wgrad; shipped: per-step), "wgrad.<field>" (the batched kernel's WgradConfig,
-# kernels/wgrad.py) and "wgrad_min_cells" (its splits' least cells, wgrad.MIN_CELLS_PER_SPLIT)
+# kernels/wgrad.py) and "wgrad_min_cells" (its splits' least cells, tiles.split_cells().batched)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "64 cells per k-step, splits >= 1024 (before 2026-11-28)",
      {"post.wg_block_cells": 64, "min_cells_per_split": 1024}),
@@ -68,7 +67,7 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "128x128 tiles, 64 cells per k-step", {"post.wg_block": 128, "post.wg_block_cells": 64}),
     ("post", "128x128 tiles, 4 warps", {"post.wg_block": 128, "post.wg_warps": 4}),
     # the state-gradient programs over every state channel: 130-218 registers, one program per SM; shipped: 128
-    # channels (bf16) / 64 (tf32) per program, <= 128 registers, two per SM (kernels/rollout.post_config)
+    # channels (bf16) / 64 (tf32) per program, <= 128 registers, two per SM (kernels/tiles.post_config)
     ("post", "state gradient over all channels (before 2026-11-28)", {"post.ds_block_n": None}),
     ("main", "2 stages (before 2026-11-28)", {"main.stages": 2}),
     ("main", "hidden chunk 64", {"main.block_k": 64}),
@@ -91,7 +90,6 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     # 'step': the backward main kernel recomputes each step's forward from its input (26 h^2 multiply-adds per cell
     # at |z| = h = 256 with 4 blocks instead of 9); the doubling presets' 'auto' keeps the activations (2026-11-28)
     ("ckpt", "per-step checkpointing: recompute in the backward (before 2026-11-28)", {"checkpoint": "step"}),
-    ("small", "small-grid backward on", {"small_grid_backward": True}),
     # issue 30: the weight gradients of a batch of steps (the whole mnist-doubling rollout under 'none') as long-K
     # GEMMs after the steps' data gradients, instead of each step's in its post kernel (kernels/wgrad.py)
     ("wgrad", "batched weight gradients (Triton split-K GEMM)", {"wgrad": "batched"}),
@@ -106,44 +104,24 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
 
 @contextlib.contextmanager
 def _patched(changes: dict[str, Any]) -> Iterator[None]:
-    """Apply one variant's changes to the rollout's configuration; restored on exit."""
-    from fastnca.kernels import nca_step_bwd, rollout
+    """Apply one variant's tile changes through the kernels' override hook (``kernels/tiles.py``); undone on exit.
+    The NCA options (``small_grid``, ``checkpoint``, ``wgrad``) are :meth:`Bench.run`'s."""
+    from fastnca.kernels import tiles
 
-    saved: list[tuple[Any, str, Any]] = []
-
-    def put(obj: Any, name: str, value: Any) -> None:
-        saved.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    from fastnca.kernels import wgrad
-
-    post = {k[5:]: v for k, v in changes.items() if k.startswith("post.")}
-    wg = {k[6:]: v for k, v in changes.items() if k.startswith("wgrad.")}
-    main = {k[5:]: v for k, v in changes.items() if k.startswith("main.")}
-    try:
-        if post:
-            fget = rollout.StepPlan.post_config.fget
-            put(rollout.StepPlan, "post_config", property(lambda sp: dataclasses.replace(fget(sp), **post)))
-        if main:
-            real_main = rollout.StepPlan.main_config
-            chunks = {"block_k": "hp", "ds_block_k": "hp", "block_c": "c"}  # tiles divide the channels they cut
-
-            def main_config(sp: Any, recompute: bool) -> Any:
-                fit = {k: nca_step_bwd._chunk(getattr(sp, chunks[k]), v) if k in chunks else v for k, v in main.items()}
-                return dataclasses.replace(real_main(sp, recompute), **fit)
-
-            put(rollout.StepPlan, "main_config", main_config)
-        if "min_cells_per_split" in changes:
-            put(rollout, "_POST_MIN_CELLS_PER_SPLIT", changes["min_cells_per_split"])
-        if wg:
-            real_wg = wgrad.wgrad_config
-            put(wgrad, "wgrad_config", lambda *a, **k: dataclasses.replace(real_wg(*a, **k), **wg))
-        if "wgrad_min_cells" in changes:
-            put(wgrad, "MIN_CELLS_PER_SPLIT", changes["wgrad_min_cells"])
+    kinds = {"post": "post", "main": "bwd", "wgrad": "wgrad"}  # "wgrad" alone is the design, not a tile field
+    fields: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        prefix, _, name = key.partition(".")
+        if name and prefix in kinds:
+            fields.setdefault(kinds[prefix], {})[name] = value
+    split = {"post": changes.get("min_cells_per_split"), "batched": changes.get("wgrad_min_cells")}
+    split = {k: v for k, v in split.items() if v is not None}
+    if split:
+        fields["splits"] = split
+    with contextlib.ExitStack() as stack:
+        for kind, f in fields.items():
+            stack.enter_context(tiles.override(kind, **f))
         yield
-    finally:
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
 
 
 class Bench:
@@ -178,7 +156,6 @@ class Bench:
             p.grad = None
         z = self.z.detach().clone().requires_grad_(True)
         self.nca.small_grid = changes.get("small_grid", self.cfg.small_grid)
-        self.nca.small_grid_backward = changes.get("small_grid_backward", self.cfg.small_grid_backward)
         if self.nca.settings.wgrad != changes.get("wgrad", self.cfg.wgrad):
             self.nca.configure(wgrad=changes.get("wgrad", self.cfg.wgrad))
         out = self.nca.run(self.nca.seed(z), self.flags, checkpoint=changes.get("checkpoint"))
@@ -275,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the torch.profiler split of the shipped and the combined run into kernels")
     args = p.parse_args(argv)
     if args.tiny:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+        from fastnca.kernels import use_interpreter
+
+        use_interpreter()  # the dry run without a GPU: the interpreter, chosen before the kernels are imported
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("tune: no CUDA device (use --tiny --device cpu for the dry run)", file=sys.stderr)
@@ -287,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args.preset, batch, args.precision, device, args.tiny)
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
     if args.tiny:  # one per kind of patch: the code path, not a sweep
-        variants = [v for v in variants if v[1] in ("splits >= 16384", "hidden chunk 64", "small-grid backward on",
-                                                    "batched, 4 warps")]
+        variants = [v for v in variants if v[1] in ("splits >= 16384", "hidden chunk 64",
+                                                    "small-grid off (forward too)", "batched, 4 warps")]
         args.reps = 1
     shipped, ref = _measure(bench, "shipped", "-", {}, None, args.reps)
     base = shipped.get("median_ms") or float("nan")

@@ -17,6 +17,9 @@ __all__ = ["Config", "PRESETS", "get_preset", "preset_names", "parse_value", "un
 BACKENDS = ("torch", "triton", "auto")
 # the key of a run's config.json under which the trainer records how it resolved the config (fastnca.run)
 RESOLVED_KEY = "resolved"
+# Keys of earlier releases that no setting reads any more: a config file or checkpoint that carries one loads with it
+# ignored (small_grid_backward: the small-grid backward kernels, removed; the per-step backward runs those steps)
+RETIRED_KEYS = ("small_grid_backward",)
 # fp32: fp32 state, the NCA's dots in TF32 where PyTorch runs convolutions in TF32 (its default on a GPU);
 # tf32: always TF32; fp32-ieee: IEEE fp32 dots; bf16: bf16 state and dots (fastnca/run.py has the table)
 PRECISIONS = ("fp32", "tf32", "fp32-ieee", "bf16")
@@ -76,7 +79,6 @@ class Config:
     precision: str = "fp32"  # fp32 | tf32 | fp32-ieee | bf16: the NCA state and its dots (fastnca/run.py)
     checkpoint: str = "auto"  # none | step | segments=k | auto: what the rollout keeps for backward
     small_grid: bool = True  # fused backend: the steps on grids <= 8x8 in one launch (kernels/small_grid.py)
-    small_grid_backward: bool = False  # and their backward too (measured slower than per step on an H100)
     # fused backward's weight gradients: per-step | batched | batched-cublas (kernels/schedule.py WGRADS); per-step
     # stays the default until a GPU measures a batched design faster (benchmarks/RESULTS.md)
     wgrad: str = "per-step"

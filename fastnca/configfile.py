@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fastnca.config import RESOLVED_KEY, Config, unknown_key_message
+from fastnca.config import RESOLVED_KEY, RETIRED_KEYS, Config, unknown_key_message
 
 __all__ = ["load_config_file", "check_value"]
 
@@ -102,6 +102,8 @@ def load_config_file(path: str | os.PathLike[str]) -> tuple[str | None, dict[str
         raise ValueError(f"--config {str(p)!r}: expected a table of settings at the top level")
     data = dict(data)
     data.pop(RESOLVED_KEY, None)  # a run's record of what its machine resolved, not a setting
+    for key in RETIRED_KEYS:  # an earlier release's run config: the setting no longer exists
+        data.pop(key, None)
     preset = data.pop("preset", None)
     if preset is not None and not isinstance(preset, str):
         raise ValueError(f"--config {str(p)!r}: preset: expected a preset name, got {preset!r}")

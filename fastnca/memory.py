@@ -21,7 +21,7 @@ from fastnca.run import state_dtype
 
 __all__ = ["predict_peak_memory", "rollout_plan", "rollout_state_sizes", "live_at_peak", "GIB"]
 
-_MAX_SPLITS = 32  # split slots of the fused backward's fp32 weight-gradient accumulator (kernels/nca_step_bwd.py)
+_MAX_SPLITS = 32  # split slots of the fused backward's fp32 weight-gradient accumulator (kernels/tiles.py MAX_SPLITS)
 
 GIB = 1024**3
 
@@ -124,7 +124,7 @@ def predict_peak_memory(
         # g (C) and dpre (hp) values per cell in the state's dtype, two state gradients, and the fp32
         # weight-gradient accumulator (one slot per split of the cells).
         # Under 'none' (plan.keeps_activations) the forward also keeps every step's activations, (2 nb + 1) planes
-        # of hp per cell, and the backward needs no y / a buffers (unless the small-grid backward recomputes).
+        # of hp per cell, and the backward needs no y / a buffers.
         hp = 1 << (h - 1).bit_length()
         seed_cells = b * cfg.seed_size**2 if cfg.doubling else b * cfg.grid_size**2
         cells_in = [seed_cells] + state_cells[:-1]  # step i's input grid
@@ -133,7 +133,7 @@ def predict_peak_memory(
             stored += sum(state_cells) * (2 * nb + 1) * hp * elem
         n_stored = plan.stored_states
         recompute = (plan.stride - 1) * biggest * elem * zc
-        ya = (nb + 1) + max(nb, 1) if not plan.keeps_activations or cfg.small_grid_backward else 0
+        ya = (nb + 1) + max(nb, 1) if not plan.keeps_activations else 0
         work = biggest * ((ya + 2 * max(nb, 1)) * hp + zc + hp) * elem + 2 * biggest * zc * elem
         if plan.batched_wgrad:  # kernels/wgrad.py: every cell's buffers of the largest batch of steps, no per-step ones
             step_bytes = [n * batch_cell_elems(zc, hp, nb, recompute=not plan.keeps_activations) * elem

@@ -116,8 +116,6 @@ class NCA(nn.Module):
         checkpoint: 'none', 'step', 'segments=k' or 'auto' (see kernels/schedule.py, parse_checkpoint).
         small_grid: fused backend: run the leading steps on grids of at most 8x8 cells in one launch
             (``kernels/small_grid.py``); False: one launch per step.
-        small_grid_backward: with ``small_grid``, their backward in the small-grid kernels too (off by default: the
-            per-step backward of those steps measured faster on an H100, see ``kernels.rollout.nca_rollout``).
         wgrad: fused backend: the backward's weight-gradient design, 'per-step' (one post kernel per step),
             'batched' or 'batched-cublas' (the weight gradients of a batch of steps as long-K GEMMs,
             ``kernels/wgrad.py``); ``wgrad_batch_mib`` caps a batch's buffers (MiB).
@@ -149,7 +147,6 @@ class NCA(nn.Module):
         precision: str = "fp32",
         checkpoint: str = "auto",
         small_grid: bool = True,
-        small_grid_backward: bool = False,
         wgrad: str = "per-step",
         wgrad_batch_mib: int = 2048,
         settings: RunSettings | None = None,
@@ -175,7 +172,6 @@ class NCA(nn.Module):
         self.min_steps = min_steps
         self.max_steps = max_steps
         self.p_update = p_update
-        self.small_grid_backward = small_grid_backward
 
     # ------------------------------------------------------------------------------------------ settings
     def configure(self, settings: RunSettings | None = None, **changes: Any) -> RunSettings:
@@ -326,7 +322,7 @@ class NCA(nn.Module):
             from fastnca.kernels.rollout import nca_rollout
 
             return nca_rollout(state, weights, plan, masks, input_precision=settings.input_precision,
-                               small_grid=settings.small_grid, small_grid_backward=self.small_grid_backward)
+                               small_grid=settings.small_grid)
         step = self.step_fn()
         states = [state] if return_states else []
         grad_on = torch.is_grad_enabled() and (state.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -452,7 +448,7 @@ def nca_from_config(cfg: Any, settings: RunSettings | None = None) -> NCA:
         doubling=cfg.doubling, seed_size=cfg.seed_size, n_doublings=cfg.n_doublings,
         steps_per_stage=cfg.steps_per_stage, grid_size=cfg.grid_size, min_steps=cfg.min_steps,
         max_steps=cfg.max_steps, p_update=cfg.p_update, backend=cfg.backend, precision=cfg.precision,
-        checkpoint=cfg.checkpoint, small_grid=cfg.small_grid, small_grid_backward=cfg.small_grid_backward,
+        checkpoint=cfg.checkpoint, small_grid=cfg.small_grid,
         wgrad=cfg.wgrad, wgrad_batch_mib=cfg.wgrad_batch_mib,
         settings=settings,
     )

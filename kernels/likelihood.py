@@ -1,8 +1,9 @@
 """Fused discretized logistic mixture (DML) log-likelihood: one Triton launch forward, one backward.
 
 The model's observation model for colour images (Salimans et al. 2017, PixelCNN++; reference and oracle:
-``fastnca.likelihoods.dml_log_prob``). Per example it is ~65 small elementwise ATen ops forward and as many
-backward (slices, selects, where, logsumexp, their gradients); here each pass is one kernel over the pixels.
+``reference.dml_log_prob``, which is ``fastnca.likelihoods.dml_log_prob``, with the constants both share). Per
+example it is ~65 small elementwise ATen ops forward and as many backward (slices, selects, where, logsumexp, their
+gradients); here each pass is one kernel over the pixels.
 
 Layouts: ``x`` is ``(B, 3, H, W)`` in [-1, 1]; ``params`` is the final NCA state ``(B, |z|, H, W)``, any strides
 (the NCA's is channels-last, physically ``(B, H, W, |z|)``), of which only the first ``10 n_mix`` channels are read:
@@ -18,17 +19,16 @@ programs write disjoint pixels of the gradient.
 
 from __future__ import annotations
 
-import math
-import os
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import TL_DTYPE, check_device
 from .launch import on_input_device
+from .reference import DML_HALF_BIN, DML_LOG_HALF_BINS, DML_LOG_SCALE_MIN, DML_WIDE_BIN
 from .spec import KernelSpec
+from .tiles import DMLPlan, dml_plan, interpreting
 from .utils import cast_rne
 
 __all__ = [
@@ -40,17 +40,6 @@ __all__ = [
     "dml_plan",
     "likelihood_kernel_specs",
 ]
-
-# Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# The constants of fastnca/likelihoods.py, repeated: fastnca.kernels imports nothing from the library
-# (tests/kernels/test_likelihood.py checks that they agree).
-LOG_SCALE_MIN = -7.0  # PixelCNN++ clamps log-scales here
-BINS = 256
-HALF_BIN = 1.0 / (BINS - 1)  # half a bin's width on [-1, 1]
-LOG_HALF_BINS = math.log((BINS - 1) / 2)  # the pdf midpoint times the bin width, in logs
-WIDE_BIN = 1e-5  # above this CDF difference the bin's mass is taken as the difference, below as the pdf midpoint
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -311,35 +300,16 @@ def _dml_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- the plan
-class DMLPlan(NamedTuple):
-    """Launch settings, decided once (``dml_plan``) and read by both launchers and the sm_90 fit."""
-
-    fwd_block_p: int  # pixels per loop iteration of the forward's program (one program per example)
-    bwd_block_p: int  # pixels per backward program
-    bwd_block_c: int  # channels per zero-store of the unread channels
-    num_warps: int
-
-
-def dml_plan(interpret: bool = _INTERPRET) -> DMLPlan:
-    """Interpreter: wide blocks (each program is one numpy pass; fewer programs run faster). GPU: one pixel per
-    thread (128 pixels x 4 warps) and 16-channel zero stores, from the sm_90 fit (``python -m fastnca.kernels.fit
-    --only likelihood``, Triton 3.8 / 3.6): at n_mix = 4 the forward's hoisted loads take 168-192 registers
-    with one pixel per thread and spill (255 registers, 40-128 B) with two; 32-channel zero stores cost the
-    n_mix = 1 backward 128 registers under 3.8 (its 64-bit pointer tile), 16-channel ones 61."""
-    if interpret:
-        return DMLPlan(fwd_block_p=1024, bwd_block_p=1024, bwd_block_c=64, num_warps=4)
-    return DMLPlan(fwd_block_p=128, bwd_block_p=128, bwd_block_c=16, num_warps=4)
-
-
 def _constexprs(n_mix: int) -> dict:
-    return dict(N_MIX=n_mix, LOG_SCALE_MIN=LOG_SCALE_MIN, HALF_BIN=HALF_BIN, LOG_HALF_BINS=LOG_HALF_BINS,
-                WIDE_BIN=WIDE_BIN)
+    """The constants the kernels share with the reference (``reference.py``), as constexprs."""
+    return dict(N_MIX=n_mix, LOG_SCALE_MIN=DML_LOG_SCALE_MIN, HALF_BIN=DML_HALF_BIN, LOG_HALF_BINS=DML_LOG_HALF_BINS,
+                WIDE_BIN=DML_WIDE_BIN)
 
 
 def likelihood_kernel_specs(n_mix: int, dtype: torch.dtype) -> list[KernelSpec]:
     """Both kernels as the launchers compile them on the GPU, for params of ``dtype`` and an fp32 image (the fit)."""
     cfg = dml_plan(interpret=False)
-    t = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    t = f"*{TL_DTYPE[dtype]}"
     strides = ("b", "c", "h", "w")
     fwd_sig = {"x_ptr": "*fp32", "p_ptr": t, "out_ptr": "*fp32", "HW": "i32", "W": "i32",
                **{f"stride_x_{s}": "i32" for s in strides}, **{f"stride_p_{s}": "i32" for s in strides}}
@@ -378,11 +348,7 @@ def _check_inputs(x: Tensor, params: Tensor, n_mix: int) -> None:
                          f"but params has {params.shape[1]}")
     if x.device != params.device:
         raise ValueError(f"x: expected a tensor on {params.device} (the params' device), got {x.device}")
-    if _INTERPRET and params.device.type != "cpu":
-        raise ValueError(f"params: expected a CPU tensor in interpreter mode (TRITON_INTERPRET=1), got {params.device}")
-    if not _INTERPRET and params.device.type != "cuda":
-        raise ValueError(f"params: expected a CUDA tensor (set TRITON_INTERPRET=1 to run on the CPU), got "
-                         f"{params.device}")
+    check_device("params", params)
 
 
 @on_input_device
@@ -426,7 +392,7 @@ def dml_log_prob_bwd(x: Tensor, params: Tensor, n_mix: int, grad: Tensor) -> Ten
         stride_dp_b=dparams.stride(0), stride_dp_c=dparams.stride(1), stride_dp_h=dparams.stride(2),
         stride_dp_w=dparams.stride(3),
         BLOCK_P=cfg.bwd_block_p, BLOCK_C=cfg.bwd_block_c, **_constexprs(n_mix),
-        EMULATE_RNE=_INTERPRET and params.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+        EMULATE_RNE=interpreting() and params.dtype == torch.bfloat16, num_warps=cfg.num_warps,
     )
     return dparams
 

@@ -19,27 +19,29 @@ The residual stream ``y`` stays in fp32 registers; it is rounded to the compute 
 
 from __future__ import annotations
 
-import os
 import weakref
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import SUPPORTED_CHANNELS, check_inputs
 from .launch import launch_fitting, on_input_device, smaller_tiles
 from .nca_step_bwd import nca_step_bwd
-from .reference import UpdateWeights, check_step_inputs, nca_step_ref
+from .reference import UpdateWeights
 from .spec import KernelSpec
-from .utils import cast_rne, elu, k_major, mma, mma_first, perceive_conv3x3, unchain
+from .stages import step_cells
+from .tiles import StepConfig, interpreting, padded_hidden, step_config
+from .utils import k_major, unchain
 
 __all__ = [
     "SUPPORTED_CHANNELS",
-    "NCAStepFunction",
     "StepConfig",
     "fwd_constexprs",
     "fwd_k_major",
+    "fwd_kernel",
     "fwd_kernel_spec",
     "fwd_weight_args",
     "forget_packed_weights",
@@ -49,15 +51,7 @@ __all__ = [
     "step_config",
 ]
 
-# Set before triton is imported (tests/conftest.py does it without a GPU); read once, like @triton.jit does.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Which backward the autograd Function and the custom op run: "fused" (the Triton kernels of nca_step_bwd.py)
-# or "reference" (recompute with the reference ops; kept as an oracle and a fallback). FASTNCA_BACKWARD overrides.
-BACKWARD = os.environ.get("FASTNCA_BACKWARD", "fused")
 
-SUPPORTED_CHANNELS = "multiples of 16 from 16 to 256 (|z| and h)"
-_DTYPES = (torch.float32, torch.bfloat16)
-_PRECISIONS = ("ieee", "tf32")
 
 
 # --------------------------------------------------------------------------------------------------- kernel
@@ -92,7 +86,7 @@ def _nca_step_fwd_kernel(
     UPCAST_DOT: tl.constexpr,  # interpreter + bf16 only: dots in fp32, fp32 -> bf16 rounding emulated (RNE)
     W_KMAJOR: tl.constexpr,  # weights packed K-major (tf32: wgmma reads fp32 operands K-major only)
     UNCHAIN: tl.constexpr,  # the blocks' first dot without the chained-dot layout (utils.mma_first)
-    STORE_ACTS: tl.constexpr,  # keep the activations for the backward (see _step_cells)
+    STORE_ACTS: tl.constexpr,  # keep the activations for the backward (see stages.step_cells)
     BLOCK_M: tl.constexpr,  # cells per program
     BLOCK_K: tl.constexpr,  # K chunk of the 3x3 conv (over C) and hidden chunk of the residual blocks
     BLOCK_N: tl.constexpr,  # output channels per chunk of the output conv
@@ -112,202 +106,22 @@ def _nca_step_fwd_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 cell ids
-    _step_cells(z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,
+    step_cells(z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,
                 acts_ptr, (pid * 0 + M) * HID, offs_m, offs_m < M, H, W, C, HID, N_BLOCKS, 1 if DOUBLE else 0,
                 HAS_MASK, HAS_B3, HAS_B1, HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT, W_KMAJOR,
                 UNCHAIN, STORE_ACTS, BLOCK_M, BLOCK_K, BLOCK_N)
 
 
-@triton.jit
-def _step_cells(
-    z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,  # as the kernel's
-    acts_ptr,  # out, STORE_ACTS only: the step's (2 N_BLOCKS + 1) planes of (M, HID), y_0 .. y_nb then u_0 ..
-    act_stride,  # elements between two of those planes (M * HID, int64)
-    offs_m,  # (BLOCK_M,) int64 output cell ids, flattened over (B, H, W)
-    mask_m,  # (BLOCK_M,) which of them to compute (the others are neither read nor written)
-    H,  # output grid height
-    W,  # output grid width
-    C: tl.constexpr,
-    HID: tl.constexpr,
-    N_BLOCKS: tl.constexpr,
-    SHIFT,  # 1: double the input first (read through (row >> 1, col >> 1)), 0: not; constexpr or runtime
-    HAS_MASK: tl.constexpr,
-    HAS_B3: tl.constexpr,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    HAS_BOUT: tl.constexpr,
-    PERCEIVE_ELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    W_KMAJOR: tl.constexpr,
-    UNCHAIN: tl.constexpr,
-    STORE_ACTS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """The whole step for the cells ``offs_m`` (masked by ``mask_m``): the body of :func:`_nca_step_fwd_kernel`,
-    shared with the small-grid rollout kernel (``kernels/small_grid.py``), which runs it for many steps in one
-    program. Inlined by Triton: the per-step kernel compiles as if it were written out (sm_90 fit unchanged).
-
-    With ``STORE_ACTS`` it also writes what the backward main kernel would otherwise recompute, exactly the
-    operands this step's dots read (so the gradients are those of the values the forward computed): the blocks'
-    inputs y_i and the output conv's input y_nb (planes 0 .. N_BLOCKS; with no blocks y_0 = ELU(pre)), then the
-    activations u_i = ELU(a_i) (planes N_BLOCKS + 1 ..), one plane per (M, HID) buffer in the state's dtype, row =
-    cell id: ``nca_step_bwd``'s y and a buffers, so its main kernel runs without recomputing (``RECOMPUTE``)."""
-    H_in = H >> SHIFT
-    W_in = W >> SHIFT
-    hw = H * W
-    bat = offs_m // hw
-    rem = offs_m % hw
-    row = rem // W
-    col = rem % W
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_h = tl.arange(0, HID)
-    # strides of the blocks' (HID, HID) weights: [k, n] at k * SK + n * SN (K-major: k contiguous)
-    SK: tl.constexpr = 1 if W_KMAJOR else HID
-    SN: tl.constexpr = HID if W_KMAJOR else 1
-
-    # ---- 3x3 perception conv: 9 taps x C/BLOCK_K chunks, one pipelined loop
-    acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT, HAS_B3,
-                           BLOCK_M, BLOCK_K, UPCAST_DOT, INPUT_PRECISION, W_KMAJOR)
-    if PERCEIVE_ELU:
-        acc = elu(acc)
-    y = acc  # (BLOCK_M, HID) fp32 residual stream
-
-    # ---- residual blocks: K-chunk the second dot so no register tensor is ever sliced
-    # the activation inside the unchained first dot's branch (utils.mma_first) in bf16; in tf32 its fp32 result
-    # spilled 8 B in the small-grid forward that keeps activations at h = 128 (both Triton releases)
-    ACT_IN_DOT: tl.constexpr = UNCHAIN and z_ptr.dtype.element_ty == tl.bfloat16
-    if STORE_ACTS:
-        cells_h = offs_m[:, None] * HID + offs_h[None, :]
-        cells_k = offs_m[:, None] * HID + offs_k[None, :]
-    for blk in range(N_BLOCKS):
-        y_a = cast_rne(y, z_ptr.dtype.element_ty, UPCAST_DOT)
-        if STORE_ACTS:
-            tl.store(acts_ptr + blk * act_stride + cells_h, y_a, mask=mask_m[:, None])
-        if HAS_B2:
-            acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
-        else:
-            acc = y
-        for j in range(0, HID, BLOCK_K):
-            b_w1 = tl.load(w1_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-            if ACT_IN_DOT:  # ELU(y W1 + b1), rounded, inside mma_first's branch (once per element)
-                u = mma_first(y_a, b_w1, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, UPCAST_DOT,
-                              INPUT_PRECISION, z_ptr.dtype.element_ty)
-            else:
-                t = mma_first(y_a, b_w1, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, UPCAST_DOT,
-                              INPUT_PRECISION)
-                u = cast_rne(elu(t), z_ptr.dtype.element_ty, UPCAST_DOT)
-            if STORE_ACTS:
-                tl.store(acts_ptr + (N_BLOCKS + 1 + blk) * act_stride + j + cells_k, u, mask=mask_m[:, None])
-            b_w2 = tl.load(w2_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
-            acc = mma(u, b_w2, acc, UPCAST_DOT, INPUT_PRECISION)
-        y = acc
-
-    # ---- output 1x1 conv, N-chunked, fused with the masked residual update and the store
-    y_a = cast_rne(y, z_ptr.dtype.element_ty, UPCAST_DOT)
-    if STORE_ACTS:
-        tl.store(acts_ptr + N_BLOCKS * act_stride + offs_m[:, None] * HID + offs_h[None, :], y_a,
-                 mask=mask_m[:, None])
-    if HAS_MASK:
-        upd = tl.load(mask_ptr + offs_m, mask=mask_m, other=0) != 0
-    if SHIFT == 0:  # static when SHIFT is a constexpr (the per-step kernel: the code it had before SHIFT existed)
-        center = offs_m
-    else:
-        center = (bat * H_in + (row >> SHIFT)) * W_in + (col >> SHIFT)
-    offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(0, C, BLOCK_N):
-        if W_KMAJOR:
-            b_wo = tl.load(wout_ptr + (n0 + offs_n)[None, :] * HID + offs_h[:, None])
-        else:
-            b_wo = tl.load(wout_ptr + offs_h[:, None] * C + (n0 + offs_n)[None, :])
-        f = mma(y_a, b_wo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
-        if HAS_BOUT:
-            f += tl.load(bout_ptr + n0 + offs_n)[None, :]
-        b_z = tl.load(z_ptr + center[:, None] * C + (n0 + offs_n)[None, :], mask=mask_m[:, None], other=0.0)
-        new = b_z.to(tl.float32) + f
-        if HAS_MASK:
-            new = tl.where(upd[:, None], new, b_z.to(tl.float32))
-        new = cast_rne(new, out_ptr.dtype.element_ty, UPCAST_DOT)
-        tl.store(out_ptr + offs_m[:, None] * C + (n0 + offs_n)[None, :], new, mask=mask_m[:, None])
-
-
 # ------------------------------------------------------------------------------------------------- launcher
-class StepConfig(NamedTuple):
-    """Tiling of one launch: cells per program, K/hidden chunk, output-channel chunk, warps, pipeline stages."""
-
-    block_m: int
-    block_k: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _padded_hidden(hidden: int) -> int:
-    """h rounded up to a power of two (``tl.arange`` needs one); the padded channels carry exact zeros."""
-    return triton.next_power_of_2(hidden)
-
-
-def _largest_divisor(n: int, options: tuple[int, ...]) -> int:
-    return next(o for o in options if n % o == 0)
-
-
-def step_config(
-    state_channels: int,
-    hidden_channels: int,
-    dtype: torch.dtype,
-    *,
-    input_precision: str = "ieee",
-    num_cells: int | None = None,
-    store_acts: bool = False,
-    interpret: bool = _INTERPRET,
-) -> StepConfig:
-    """The tiling shipped for a network shape and dtype (the fit numbers in kernels/README.md come from these).
-
-    Chosen with ``python -m fastnca.kernels.fit`` (sm_90 compile, no spills, shared memory <= 227 KiB) under
-    both Triton releases that matter: CI's (3.8) and the GPU machines' (3.6, ``--python``); a tile must fit
-    both. bf16 at h = 256 takes 128 cells x 8 warps, which halves the weight bytes streamed from L2 per FLOP
-    against 64 cells and still fits the fp32 block accumulator in registers; its hidden chunk is 16 wide because
-    32 spills 16 B under Triton 3.6 (254 registers under 3.8). fp32 state takes 32-wide output chunks at h <= 128
-    (64 spill under 3.6) and "ieee" (FFMA) 16-wide K chunks at h = 256 (32 spill 304 B under 3.6). The
-    interpreter takes one config sized to the problem (fewer, larger programs run faster in numpy).
-
-    ``store_acts``: the tile of the rollout's forward that also writes the activations (``STORE_ACTS``, under the
-    'none' checkpoint policy). The stores' addresses take registers (3.8 / 3.6): bf16 at h = 256 spills 176 B with
-    128 cells and fits with 64 cells x 8 warps and 32-wide hidden chunks (231 / 236 registers); at h = 128 its
-    64-wide output chunks spill 8 B under 3.6, 32-wide ones fit; fp32 "ieee" at h = 256 spills 40-56 B with 64
-    cells and fits with 32 (184 / 255), at h = 128 spills 8 B with 32-wide output chunks and fits with 16; tf32 at
-    h = 128 spills 72-80 B on 4 warps and fits on 8 (228 / 236).
-    """
-    hid = _padded_hidden(hidden_channels)
-    base_k = min(_largest_divisor(state_channels, (64, 32, 16)), hid)
-    block_n = _largest_divisor(state_channels, (64, 32, 16))
-    if interpret:
-        block_m = 64 if num_cells is None else max(16, min(128, triton.next_power_of_2(num_cells)))
-        return StepConfig(block_m, base_k, block_n, 4, 1)
-    if dtype == torch.bfloat16:
-        if hid >= 256:
-            if store_acts:
-                return StepConfig(64, min(32, base_k), block_n, 8, 3)
-            return StepConfig(128, min(16, base_k), block_n, 8, 3)
-        if hid >= 128:
-            return StepConfig(128, base_k, min(32, block_n) if store_acts else block_n, 8, 2)
-        return StepConfig(64, base_k, block_n, 4, 2)
-    if hid >= 256:
-        if store_acts and input_precision != "tf32":
-            return StepConfig(32, min(16, base_k), min(32, block_n), 8, 2)
-        return StepConfig(64, min(32 if input_precision == "tf32" else 16, base_k), block_n, 8, 2)
-    if input_precision == "tf32":
-        return StepConfig(64, min(32, base_k), min(32, block_n), 8 if store_acts else 4, 2)
-    return StepConfig(32, min(32, base_k), min(16 if store_acts else 32, block_n), 8, 2)
+# The kernel by a public name, for the rollout's launches (its own name is the one profiles and launch counts show)
+fwd_kernel = _nca_step_fwd_kernel
 
 
 def fwd_candidates(cfg: StepConfig, keep_cells: bool = False) -> list[StepConfig]:
     """``cfg``, then smaller tiles for GPUs with less shared memory than the H100 (``launch.smaller_tiles``): fewer
     stages, then narrower output-channel chunks, then (unless ``keep_cells``: the small-grid kernel, whose programs
     own whole samples) fewer cells per program. Compiled for sm_86 (99 KiB per block; ``python -m
-    fastnca.kernels.fit --only small-smem``), the 256-channel forwards fit at 1 stage (bf16, 96 KiB), with 32-wide
+    tools.fit --only small-smem``), the 256-channel forwards fit at 1 stage (bf16, 96 KiB), with 32-wide
     output chunks (fp32 "ieee", 96 KiB) or with 16-wide ones on 32 cells (tf32, 68 KiB)."""
     return smaller_tiles(cfg, "num_stages", ("block_n",) if keep_cells else ("block_n", "block_m"))
 
@@ -359,78 +173,20 @@ def fwd_kernel_spec(
     config: StepConfig | None = None,
 ) -> KernelSpec:
     """The forward kernel as ``nca_step_fwd`` launches it on the GPU for these shapes (for the sm_90 fit,
-    ``kernels/fit.py``); ``store_acts``: as the rollout launches it to keep the activations; ``config`` overrides the
+    ``tools/fit.py``); ``store_acts``: as the rollout launches it to keep the activations; ``config`` overrides the
     shipped tiling."""
     cfg = config or step_config(state_channels, hidden_channels, dtype, input_precision=input_precision,
                                 store_acts=store_acts, interpret=False)
     t = "*bf16" if dtype == torch.bfloat16 else "*fp32"
     pointers = {"z_ptr": t, "out_ptr": t, "mask_ptr": "*u8", "w3_ptr": t, "b3_ptr": "*fp32", "w1_ptr": t,
                 "b1_ptr": "*fp32", "w2_ptr": t, "b2_ptr": "*fp32", "wout_ptr": t, "bout_ptr": "*fp32", "acts_ptr": t}
-    constexprs = fwd_constexprs(state_channels, _padded_hidden(hidden_channels), n_blocks, double=double,
+    constexprs = fwd_constexprs(state_channels, padded_hidden(hidden_channels), n_blocks, double=double,
                                 has_mask=mask, has_b3=bias, has_b1=bias and n_blocks > 0,
                                 has_b2=bias and n_blocks > 0, has_bout=out_bias, input_precision=input_precision,
                                 upcast_dot=False, dtype=dtype, cfg=cfg, store_acts=store_acts)
     signature = {**pointers, "M": "i32", "H": "i32", "W": "i32", **{k: "constexpr" for k in constexprs}}
     return KernelSpec("fwd-store" if store_acts else "fwd", _nca_step_fwd_kernel, signature, constexprs,
                       cfg.num_warps, cfg.num_stages)
-
-
-def _check_device(name: str, t: Tensor, device: torch.device | None = None) -> None:
-    if device is not None:
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (the state's device), got {t.device}")
-        return
-    if _INTERPRET and t.device.type != "cpu":
-        raise ValueError(f"{name}: expected a CPU tensor in interpreter mode (TRITON_INTERPRET=1), got {t.device}")
-    if not _INTERPRET and t.device.type != "cuda":
-        raise ValueError(f"{name}: expected a CUDA tensor (set TRITON_INTERPRET=1 to run on the CPU), got {t.device}")
-
-
-def _check_channels(name: str, what: str, n: int) -> None:
-    if n % 16 != 0 or not 16 <= n <= 256:
-        raise ValueError(f"{name}: {what} = {n} is not supported; supported: {SUPPORTED_CHANNELS}")
-
-
-def _check_inputs(
-    state: Tensor, weights: UpdateWeights, mask: Tensor | None, double: bool, input_precision: str
-) -> None:
-    """Every check of the fused step, with the argument's name in each message."""
-    if not isinstance(weights, UpdateWeights):
-        raise TypeError(f"weights: expected an UpdateWeights, got {type(weights).__name__}")
-    if not isinstance(weights.w_perceive, Tensor) or weights.w_perceive.dim() != 4:
-        raise ValueError("weights.w_perceive: expected a tensor of shape (h, |z|, 3, 3)")
-    check_step_inputs(state, weights, mask, double)
-    if input_precision not in _PRECISIONS:
-        raise ValueError(f"input_precision: expected one of {_PRECISIONS}, got {input_precision!r}")
-    if state.dtype not in _DTYPES:
-        raise TypeError(f"state: expected float32 or bfloat16, got {state.dtype}")
-    _check_device("state", state)
-    c, h = weights.state_channels, weights.hidden_channels
-    _check_channels("weights.w_perceive", "|z|", c)
-    _check_channels("weights.w_perceive", "h", h)
-    expected = {"w_perceive": (h, c, 3, 3), "b_perceive": (h,), "w_out": (c, h, 1, 1), "b_out": (c,)}
-    named: list[tuple[str, Tensor | None, tuple[int, ...]]] = [
-        (f"weights.{k}", getattr(weights, k), v) for k, v in expected.items()
-    ]
-    for i, blk in enumerate(weights.blocks):
-        if len(blk) != 4:
-            raise ValueError(f"weights.blocks[{i}]: expected (w1, b1, w2, b2), got {len(blk)} entries")
-        for name, t, shape in zip(("w1", "b1", "w2", "b2"), blk, ((h, h, 1, 1), (h,), (h, h, 1, 1), (h,))):
-            named.append((f"weights.blocks[{i}].{name}", t, shape))
-    for name, t, shape in named:
-        if t is None:
-            if not name.split(".")[-1].startswith("b"):
-                raise TypeError(f"{name}: expected a tensor, got None")
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: expected float32 or bfloat16 (cast to the state's {state.dtype}), got {t.dtype}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-        _check_device(name, t, state.device)
-    if mask is not None:
-        _check_device("mask", mask, state.device)
 
 
 def _stack(ts: list[Tensor | None], shape: tuple[int, ...], device: torch.device) -> Tensor:
@@ -448,7 +204,7 @@ def pack_weights(weights: UpdateWeights, dtype: torch.dtype, *, k_major: bool = 
         :func:`fwd_k_major`): ``w3k (9, hp, C)`` ``[tap, o, c]``, ``w1k / w2k`` ``[blk, n, k]``, ``woutk (C, hp)``.
     """
     c, h, nb = weights.state_channels, weights.hidden_channels, weights.n_blocks
-    hp = _padded_hidden(h)
+    hp = padded_hidden(h)
     pad = hp - h
     dev = weights.w_perceive.device
 
@@ -548,7 +304,7 @@ def nca_step_fwd(
     Returns:
         ``(B, |z|, H', W')`` in the state's dtype, channels-last.
     """
-    _check_inputs(state, weights, mask, double, input_precision)
+    check_inputs(state, weights, mask, double, input_precision)
     b, c, h_in, w_in = state.shape
     h_out, w_out = (2 * h_in, 2 * w_in) if double else (h_in, w_in)
     num_cells = b * h_out * w_out
@@ -569,10 +325,10 @@ def nca_step_fwd(
         _nca_step_fwd_kernel[(triton.cdiv(num_cells, cfg.block_m),)](
             z_ptr=state, out_ptr=out, mask_ptr=p["w3"] if mask is None else mask, **fwd_weight_args(p, k_major),
             acts_ptr=out, M=num_cells, H=h_out, W=w_out,
-            **fwd_constexprs(c, _padded_hidden(weights.hidden_channels), weights.n_blocks, double=double,
+            **fwd_constexprs(c, padded_hidden(weights.hidden_channels), weights.n_blocks, double=double,
                              has_mask=mask is not None, has_b3=p["b3"] is not None, has_b1=p["b1"] is not None,
                              has_b2=p["b2"] is not None, has_bout=p["bout"] is not None,
-                             input_precision=input_precision, upcast_dot=_INTERPRET and dtype == torch.bfloat16,
+                             input_precision=input_precision, upcast_dot=interpreting() and dtype == torch.bfloat16,
                              dtype=dtype, cfg=cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -580,81 +336,6 @@ def nca_step_fwd(
     launch_fitting(("fwd", cfg, c, weights.hidden_channels, weights.n_blocks, dtype, input_precision, double,
                     mask is not None, state.device), cfg, fwd_candidates, launch)
     return out
-
-
-# ------------------------------------------------------------------------------------------------- autograd
-class NCAStepFunction(torch.autograd.Function):
-    """Fused forward; fused backward that recomputes the step's activations on chip. Saves only the input
-    state and the mask (and the weights, which are inputs anyway), never the activations.
-
-    ``apply(state, mask, double, input_precision, *weights.flat())``.
-    """
-
-    @staticmethod
-    def forward(ctx, state: Tensor, mask: Tensor | None, double: bool, input_precision: str,
-                *flat: Tensor | None) -> Tensor:
-        out = nca_step_fwd(state, UpdateWeights.from_flat(flat), mask, double, input_precision=input_precision)
-        ctx.save_for_backward(state, mask, *flat)
-        ctx.double = double
-        ctx.input_precision = input_precision
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        state, mask, *flat = ctx.saved_tensors
-        grad_state, grad_weights = NCAStepFunction._backward(
-            state, UpdateWeights.from_flat(flat), mask, ctx.double, grad_out, input_precision=ctx.input_precision)
-        return (grad_state, None, None, None, *grad_weights)
-
-    @staticmethod
-    def _backward(
-        state: Tensor,
-        weights: UpdateWeights,
-        mask: Tensor | None,
-        double: bool,
-        grad_out: Tensor,
-        *,
-        input_precision: str = "ieee",
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """The step's gradients: the fused Triton backward, or the reference recompute when BACKWARD says so."""
-        if BACKWARD == "reference":
-            return NCAStepFunction._backward_ref(state, weights, mask, double, grad_out,
-                                                 input_precision=input_precision)
-        if BACKWARD != "fused":
-            raise ValueError(f"FASTNCA_BACKWARD: expected 'fused' or 'reference', got {BACKWARD!r}")
-        return nca_step_bwd(state, weights, mask, double, grad_out.to(state.dtype), input_precision=input_precision)
-
-    @staticmethod
-    def _backward_ref(
-        state: Tensor,
-        weights: UpdateWeights,
-        mask: Tensor | None,
-        double: bool,
-        grad_out: Tensor,
-        *,
-        input_precision: str = "ieee",
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """Gradients of the step by recomputing it with the reference ops in the state's dtype.
-
-        Same contract as ``kernels/nca_step_bwd.py::nca_step_bwd``: returns the state's gradient and one
-        gradient per entry of ``weights.flat()`` (None where a bias is None), each in its tensor's dtype.
-        """
-        flat = weights.flat()
-        leaves = [None if t is None else t.detach().requires_grad_(True) for t in flat]
-        state_leaf = state.detach().requires_grad_(True)
-        inputs = [state_leaf] + [t for t in leaves if t is not None]
-        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        try:
-            # "ieee" must not silently become tf32 in cuDNN's convolutions (their default allows it)
-            torch.backends.cudnn.allow_tf32 = input_precision == "tf32"
-            torch.backends.cuda.matmul.allow_tf32 = input_precision == "tf32"
-            with torch.enable_grad():
-                out = nca_step_ref(state_leaf, UpdateWeights.from_flat(leaves), mask, double)
-                grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-        it = iter(grads[1:])
-        return grads[0], [None if t is None else next(it) for t in leaves]
 
 
 # ------------------------------------------------------------------------------------------- custom op
@@ -697,8 +378,8 @@ def _nca_step_bwd_op(
 ) -> list[Tensor]:
     """``fastnca::nca_step_backward``: the step's gradients, [state, *present weights], as an opaque op, so that
     torch.compile traces the backward graph without launching kernels on fake tensors."""
-    grad_state, grad_weights = NCAStepFunction._backward(
-        state, _join(tensors, present), mask, double, grad_out, input_precision=input_precision)
+    grad_state, grad_weights = nca_step_bwd(state, _join(tensors, present), mask, double, grad_out.to(state.dtype),
+                                            input_precision=input_precision)
     outs = [grad_state] + [g for g in grad_weights if g is not None]
     # A custom op's outputs may not share storage with its inputs or each other; the backward returns some
     # gradients as views of one buffer (e.g. the bias gradients), so those few small ones are copied.
@@ -737,9 +418,8 @@ def nca_step(
     """One fused NCA step ``z' = z + m * f(z)``, differentiable, traceable by torch.compile.
 
     Runs the fused Triton forward (the op ``torch.ops.fastnca.nca_step``) and, in backward, the fused Triton
-    backward (``nca_step_bwd``: recompute on chip, then backprop; ``FASTNCA_BACKWARD=reference`` recomputes
-    with the reference ops instead). Works on CUDA tensors, and on CPU tensors in interpreter mode
-    (``TRITON_INTERPRET=1``).
+    backward (``nca_step_bwd``: recompute on chip, then backprop). Works on CUDA tensors, and on CPU tensors in
+    interpreter mode (``TRITON_INTERPRET=1``).
 
     Args:
         state: ``(B, |z|, H, W)`` fp32 or bf16, channels-last in memory (physically ``(B, H, W, |z|)``; other
@@ -754,7 +434,7 @@ def nca_step(
     Returns:
         ``(B, |z|, H', W')`` in the state's dtype, channels-last; ``H' = 2H`` when doubling, else ``H``.
     """
-    _check_inputs(state, weights, mask, double, input_precision)
+    check_inputs(state, weights, mask, double, input_precision)
     flat = weights.flat()
     return _nca_step_op(state, [t for t in flat if t is not None], [t is not None for t in flat], mask, bool(double),
                         input_precision)

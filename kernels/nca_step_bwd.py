@@ -29,8 +29,6 @@ each weight's own dtype.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,36 +36,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import TL_DTYPE, check_inputs
 from .launch import fewer_stages, launch_fitting, on_input_device, smaller_tiles
-from .reference import UpdateWeights, check_step_inputs
+from .reference import UpdateWeights
 from .spec import KernelSpec
+from .stages import colsum_tile, dstate_tile, main_cells
+from .tiles import BwdConfig, bwd_config, chunk, interpreting, split_cells, splits
 from .utils import (
-    elu,
-    elu_grad,
-    elu_grad_from_out,
     k_major,
     mma,
-    mma_first,
-    perceive_conv3x3,
-    rne,
-    udiv,
-    udiv_magic,
     unchain,
 )
 
-__all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "nca_step_bwd"]
+__all__ = ["BwdConfig", "bwd_config", "bwd_kernel_specs", "main_kernel", "nca_step_bwd"]
 
-# Read once, like @triton.jit does when it decorates a kernel (tests/conftest.py sets it without a GPU).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-_DTYPES = (torch.float32, torch.bfloat16)
-_PRECISIONS = ("ieee", "tf32")
-_MAX_CHANNELS = 256
 
-# Weight-gradient GEMMs cut the cells into at most _MAX_SPLITS splits of at least _MIN_CELLS_PER_SPLIT cells.
-# The split count depends only on the number of cells, never on the device, so results are reproducible.
-_MAX_SPLITS = 32
-_MIN_CELLS_PER_SPLIT = 1024
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -111,12 +95,12 @@ def _nca_step_bwd_kernel(
     BLOCK_C: tl.constexpr,  # state-channel chunk of the perception conv and the output conv
     BLK_STAGES: tl.constexpr,  # software-pipeline stages of the hidden-chunk loops (None: the kernel's num_stages)
     OUT_STAGES: tl.constexpr,  # of the output conv's loop
-    RELOAD_OPERAND: tl.constexpr,  # read the residual streams' dot operand back from its buffer (see _main_cells)
+    RELOAD_OPERAND: tl.constexpr,  # read the residual streams' dot operand back from its buffer (see stages.main_cells)
     IDX64: tl.constexpr,  # int64 cell and element offsets (else int32: config int32_index, where they fit)
     WIDE: tl.constexpr,  # int64 buffer-plane offsets too (the launcher sets it when M * HID could overflow int32)
     W_KMAJOR: tl.constexpr,  # the weights in their K-major layouts (tf32, utils.k_major; see the pointers above)
     UNCHAIN: tl.constexpr,  # the hidden-chunk loops' first dots without the chained-dot layout (utils.mma_first)
-    RECOMPUTE: tl.constexpr,  # recompute the forward (else y and a hold the forward's, see _main_cells)
+    RECOMPUTE: tl.constexpr,  # recompute the forward (else y and a hold the forward's, see stages.main_cells)
 ):
     """Recompute the forward and backpropagate to the perception conv's output for ``BLOCK_M`` cells.
 
@@ -144,259 +128,10 @@ def _nca_step_bwd_kernel(
         M = M.to(tl.int64)
     # int32 offsets (config int32_index, where they fit): fewer registers than int64 at the 128-cell h = 256 tiles
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # cell ids
-    _main_cells(z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,
+    main_cells(z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,
                 y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < M, 0, H, W, M * HID, C, HID, N_BLOCKS,
                 1 if DOUBLE else 0, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU, INPUT_PRECISION, INTERP_BF16,
                 BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES, RELOAD_OPERAND, W_KMAJOR, UNCHAIN, RECOMPUTE)
-
-
-@triton.jit
-def _main_cells(
-    z_ptr, gout_ptr, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,  # as the
-    y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr,  # kernel's (the buffers' and the mask's rows: row0 + offs_m)
-    offs_m,  # (BLOCK_M,) cell ids on the step's (doubled) grid, flattened over (B, H, W) (int32 where they fit)
-    mask_m,  # (BLOCK_M,) which of them to compute
-    row0,  # the step's first row in the per-cell buffers and the mask (0, or the small-grid kernel's step offset)
-    H,  # grid height (doubled when SHIFT is 1)
-    W,  # grid width
-    buf_stride,  # elements between two blocks' planes of the y / a / da / dy buffers
-    C: tl.constexpr,
-    HID: tl.constexpr,
-    N_BLOCKS: tl.constexpr,
-    SHIFT,  # 1: the step doubles its input first; constexpr (per-step kernels) or runtime (small-grid kernel)
-    HAS_MASK: tl.constexpr,
-    HAS_B3: tl.constexpr,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    PERCEIVE_ELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLK_STAGES: tl.constexpr,
-    OUT_STAGES: tl.constexpr,
-    RELOAD_OPERAND: tl.constexpr,
-    W_KMAJOR: tl.constexpr,
-    UNCHAIN: tl.constexpr,
-    RECOMPUTE: tl.constexpr,
-):
-    """The body of :func:`_nca_step_bwd_kernel` for the cells ``offs_m``, shared with the small-grid backward
-    (``kernels/small_grid.py``); inlined, so the per-step kernel compiles as before (sm_90 fit unchanged).
-
-    With ``RELOAD_OPERAND`` the residual streams' dot operand (``y_i`` forward, ``dy_{i+1}`` backward,
-    ``(BLOCK_M, HID)`` in the compute dtype) is read back from the buffer this program has just written, after a
-    barrier, instead of being converted in registers: an operand that comes from a load is given to the tensor
-    cores from shared memory (wgmma), one converted in registers stays there (64 registers per thread at
-    128 x 256 bf16 over 8 warps). It is for h = 256 on 128-cell tiles with 8 warps, where each warpgroup computes
-    its own 64 rows (no duplicated chained dots): there it cut the sm_90 spills from 384-464 B to 0-48 B
-    (kernels/BACKWARD.md, not shipped while any spill is left). Same bits either way.
-
-    Without ``RECOMPUTE`` the forward part is skipped: y and a already hold this step's y_i and u_i, written by the
-    rollout's forward (``nca_step._step_cells`` with ``STORE_ACTS``, the same layout), so the kernel does only the
-    backward (at |z| = h = 256 with 4 blocks 9 h^2 of its 26 h^2 multiply-adds per cell), and with no blocks takes
-    elu'(pre) = y_0 + 1 where y_0 = ELU(pre) <= 0."""
-    H_in = H >> SHIFT
-    W_in = W >> SHIFT
-    dt = z_ptr.dtype.element_ty
-    hw = H * W
-    bat = offs_m // hw
-    rem = offs_m % hw
-    row = rem // W
-    col = rem % W
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_h = tl.arange(0, HID)
-    rows = offs_m + row0  # the cells' rows in the per-cell buffers (offs_m when row0 is the constant 0)
-    cells_h = rows[:, None] * HID + offs_h[None, :]  # (BLOCK_M, HID) offsets into an (M, HID) buffer
-    cells_k = rows[:, None] * HID + offs_k[None, :]  # (BLOCK_M, BLOCK_K) offsets of hidden chunk 0
-    # element [k, n] of a block weight's (K, N) dot operand sits at k * SK + n * SN of the pointer's layout
-    SK: tl.constexpr = 1 if W_KMAJOR else HID
-    SN: tl.constexpr = HID if W_KMAJOR else 1
-
-    if RECOMPUTE:  # (else the forward's y_i and u_i are in the buffers already)
-        # ---- forward: 3x3 perception conv, 9 taps x C/BLOCK_C chunks
-        acc = perceive_conv3x3(z_ptr, w3_ptr, b3_ptr, bat, row, col, mask_m, H, W, H_in, W_in, C, HID, SHIFT,
-                               HAS_B3, BLOCK_M, BLOCK_C, INTERP_BF16, INPUT_PRECISION, W_KMAJOR)
-        if PERCEIVE_ELU:
-            pre = acc
-            y = elu(acc)
-        else:
-            y = acc  # (BLOCK_M, HID) fp32 residual stream
-
-        # ---- forward through the blocks, saving each block's input and activation u = ELU(a): the operand of the
-        # W2 dot as it rounds it, so dW2 = dy^T u reads it as is, and elu'(a) = u + 1 (a <= 0) needs no exp
-        for blk in range(N_BLOCKS):
-            tl.store(y_ptr + blk * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
-            if RELOAD_OPERAND:
-                tl.debug_barrier()  # the rows were written by other threads of this program
-                y_a = tl.load(y_ptr + blk * buf_stride + cells_h, mask=mask_m[:, None], other=0.0)
-            else:
-                y_a = rne(y, INTERP_BF16).to(dt)
-            if HAS_B2:
-                acc = y + tl.load(b2_ptr + blk * HID + offs_h)[None, :]
-            else:
-                acc = y
-            for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
-                b_w1t = tl.load(w1t_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-                u = mma_first(y_a, b_w1t, b1_ptr + blk * HID + j, HAS_B1, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16,
-                              INPUT_PRECISION, dt)  # ELU(y W1 + b1), rounded
-                tl.store(a_ptr + blk * buf_stride + j + cells_k, u, mask=mask_m[:, None])
-                b_w2t = tl.load(w2t_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
-                acc = mma(u, b_w2t, acc, INTERP_BF16, INPUT_PRECISION)
-            y = acc
-        tl.store(y_ptr + N_BLOCKS * buf_stride + cells_h, rne(y, INTERP_BF16).to(dt), mask=mask_m[:, None])
-        # the backward re-reads u_i written by other threads of this program
-        tl.debug_barrier()
-
-    # ---- backward through the output conv: g = m * grad_out, dy = g @ Wout
-    if HAS_MASK:
-        upd = tl.load(mask_ptr + rows, mask=mask_m, other=0) != 0
-    dy = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
-    for c0 in tl.range(0, C, BLOCK_C, num_stages=OUT_STAGES):
-        cells_c = offs_m[:, None] * C + (c0 + offs_c)[None, :]
-        b_g = tl.load(gout_ptr + cells_c, mask=mask_m[:, None], other=0.0)
-        if HAS_MASK:
-            b_g = tl.where(upd[:, None], b_g, 0.0).to(dt)
-        tl.store(g_ptr + row0 * C + cells_c, b_g, mask=mask_m[:, None])
-        if W_KMAJOR:
-            b_wo = tl.load(wout_ptr + offs_h[None, :] * C + (c0 + offs_c)[:, None])
-        else:
-            b_wo = tl.load(wout_ptr + (c0 + offs_c)[:, None] * HID + offs_h[None, :])
-        dy = mma(b_g, b_wo, dy, INTERP_BF16, INPUT_PRECISION)
-
-    # ---- backward through the blocks in reverse
-    for i in range(N_BLOCKS):
-        blk = N_BLOCKS - 1 - i
-        tl.store(dy_ptr + blk * buf_stride + cells_h, rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
-        if RELOAD_OPERAND:
-            tl.debug_barrier()
-            dy_a = tl.load(dy_ptr + blk * buf_stride + cells_h, mask=mask_m[:, None], other=0.0)
-        else:
-            dy_a = rne(dy, INTERP_BF16).to(dt)
-        acc = dy
-        for j in tl.range(0, HID, BLOCK_K, num_stages=BLK_STAGES):
-            b_w2 = tl.load(w2_ptr + blk * HID * HID + offs_h[:, None] * SK + (j + offs_k)[None, :] * SN)
-            # da = (dy W2^T) * ELU'(a) from the kept u = ELU(a), rounded
-            if UNCHAIN:  # inside mma_first's branch: once per element, not per consumer layout (utils.mma_first)
-                b_u = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
-                da = mma_first(dy_a, b_w2, b1_ptr, False, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16, INPUT_PRECISION,
-                               dt, b_u)
-            else:  # (the load after the dot: tf32 at 128 cells spilled 24 B under Triton 3.6 with it before)
-                du = mma_first(dy_a, b_w2, b1_ptr, False, UNCHAIN, BLOCK_M, BLOCK_K, INTERP_BF16, INPUT_PRECISION)
-                b_u = tl.load(a_ptr + blk * buf_stride + j + cells_k, mask=mask_m[:, None], other=0.0)
-                da = rne(du * elu_grad_from_out(b_u.to(tl.float32)), INTERP_BF16).to(dt)
-            tl.store(da_ptr + blk * buf_stride + j + cells_k, da, mask=mask_m[:, None])
-            b_w1 = tl.load(w1_ptr + blk * HID * HID + (j + offs_k)[:, None] * SK + offs_h[None, :] * SN)
-            acc = mma(da, b_w1, acc, INTERP_BF16, INPUT_PRECISION)
-        dy = acc
-    if PERCEIVE_ELU:
-        if RECOMPUTE:
-            dy = dy * elu_grad(pre)
-        else:
-            y0 = tl.load(y_ptr + cells_h, mask=mask_m[:, None], other=0.0)
-            dy = dy * elu_grad_from_out(y0.to(tl.float32))
-    tl.store(dpre_ptr + cells_h, rne(dy, INTERP_BF16).to(dt), mask=mask_m[:, None])
-
-
-@triton.jit
-def _dstate_tile(
-    start,  # int64 first input cell of the tile
-    end,  # bound of the cells this call may write (the tile's cells at or past it are skipped)
-    n_start,  # first state channel of the tile (0 unless N_SPAN < C_PAD)
-    dpre_ptr,  # (B, H, W, HID) perception conv output gradient on the (doubled) grid, compute dtype
-    wb_ptr,  # (KS * KS, HID, C_PAD) transposed-conv weights, [i * KS + j, o, c] (see nca_step_bwd)
-    gout_ptr,  # (B, H, W, C) upstream gradient, compute dtype
-    dz_ptr,  # out (B, H_in, W_in, C) state gradient, compute dtype
-    H,  # grid height (doubled when DOUBLE)
-    W,  # grid width (doubled when DOUBLE)
-    C: tl.constexpr,  # |z|
-    C_PAD: tl.constexpr,  # |z| rounded up to a power of two (the columns of wb)
-    HID: tl.constexpr,  # h (a power of two: the launcher pads the hidden channels)
-    DOUBLE: tl.constexpr,  # the input is the half-resolution state
-    INPUT_PRECISION: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # input cells per program
-    BLOCK_K: tl.constexpr,  # hidden-channel chunk
-    BLOCK_N: tl.constexpr,  # state channels per pass (C_PAD: one pass, the per-step kernels; fewer: less registers)
-    N_SPAN: tl.constexpr,  # state channels of the tile, n_start + [0, N_SPAN), in passes of BLOCK_N
-    W_KMAJOR: tl.constexpr,  # wb is (KS * KS, C_PAD, HID), [tap, c, o]: K-major for the dot (tf32, utils.k_major)
-):
-    """State gradient ``dz = S(grad_out + conv3x3^T(dpre))`` for ``BLOCK_M`` input cells.
-
-    Owns input cells ``start + [0, BLOCK_M)`` below ``end`` (the per-step kernels: ``start = pid * BLOCK_M``,
-    ``end = B * H_in * W_in``) and state channels ``n_start + [0, N_SPAN)`` (all ``C_PAD`` but in the rollout's post
-    kernel, whose programs split the channels).
-    Without doubling S is the identity and, with zero padding,
-
-        dz[p, q] = grad_out[p, q] + sum_{i, j in 0..2} dpre[p + i - 1, q + j - 1] @ Wp[:, :, 2 - i, 2 - j]
-
-    With doubling S sums each 2x2 block; the four 3x3 windows of a block cover a 4x4 window, so
-
-        dz[p, q] = sum_{2x2} grad_out + sum_{i, j in 0..3} dpre[2p + i - 1, 2q + j - 1] @ Weff[i, j]
-
-    where Weff[i, j] sums the taps Wp[:, :, dy + 2 - i, dx + 2 - j] over the block offsets dy, dx in {0, 1}.
-    Dtypes: operands in the compute dtype, fp32 accumulation, one rounding on store.
-    """
-    KS: tl.constexpr = 4 if DOUBLE else 3  # taps per axis of the (effective) transposed kernel
-    SCALE: tl.constexpr = 2 if DOUBLE else 1
-    H_in = H // SCALE
-    W_in = W // SCALE
-
-    offs_m = start + tl.arange(0, BLOCK_M)  # int64 input cell ids
-    mask_m = offs_m < end
-    hw = H_in * W_in
-    bat = offs_m // hw
-    rem = offs_m % hw
-    row = rem // W_in
-    col = rem % W_in
-    # the tensor-core tiles do the tap loop's index arithmetic in int32 (cell ids fit: B * H * W < 2**31, as in the
-    # weight-gradient gather; in int64 the row, column and cell products took 57 of the loop's 160 instructions,
-    # sm_90 SASS, bf16); the fp32 "ieee" tile at |z| = h = 256 spilled 8 B with it (Triton 3.8), so it keeps int64
-    IDX32: tl.constexpr = (dpre_ptr.dtype.element_ty == tl.bfloat16) or (INPUT_PRECISION == "tf32")
-    if IDX32:
-        row_s = (SCALE * row).to(tl.int32)
-        col_s = (SCALE * col).to(tl.int32)
-        corner = (bat * H * W).to(tl.int32) + row_s * W + col_s  # full-grid cell (SCALE row, SCALE col)
-    offs_k = tl.arange(0, BLOCK_K)
-    K_CHUNKS: tl.constexpr = HID // BLOCK_K
-    for n0 in tl.static_range(0, N_SPAN, BLOCK_N):  # one pass when BLOCK_N = N_SPAN: the code it had before
-        offs_n = n_start + n0 + tl.arange(0, BLOCK_N)
-        mask_mn = mask_m[:, None] & (offs_n < C)[None, :]
-
-        # identity path of z' = z + m * f(z)
-        if DOUBLE:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for q in tl.static_range(4):
-                src = (bat * H + SCALE * row + q // 2) * W + SCALE * col + q % 2
-                acc += tl.load(gout_ptr + src[:, None] * C + offs_n[None, :], mask=mask_mn, other=0.0)
-        else:
-            acc = tl.load(gout_ptr + offs_m[:, None] * C + offs_n[None, :], mask=mask_mn, other=0.0)
-            acc = acc.to(tl.float32)
-
-        # transposed 3x3 conv: gather the neighbours' dpre, KS x KS taps x HID/BLOCK_K chunks
-        for it in range(KS * KS * K_CHUNKS):
-            tap = it // K_CHUNKS
-            k0 = (it % K_CHUNKS) * BLOCK_K
-            dr = tap // KS - 1
-            dc = tap % KS - 1
-            if IDX32:
-                r = row_s + dr
-                c = col_s + dc
-                nbr = (corner + (dr * W + dc)).to(tl.int64)  # (BLOCK_M,) full-grid cell ids
-            else:
-                r = SCALE * row + dr
-                c = SCALE * col + dc
-                nbr = (bat * H + r) * W + c
-            ok = mask_m & (r >= 0) & (r < H) & (c >= 0) & (c < W)  # out-of-grid neighbours are masked
-            b_d = tl.load(dpre_ptr + nbr[:, None] * HID + (k0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
-            if W_KMAJOR:
-                b_w = tl.load(wb_ptr + (tap * C_PAD + offs_n)[None, :] * HID + (k0 + offs_k)[:, None])
-            else:
-                b_w = tl.load(wb_ptr + (tap * HID + k0 + offs_k)[:, None] * C_PAD + offs_n[None, :])
-            acc = mma(b_d, b_w, acc, INTERP_BF16, INPUT_PRECISION)
-        tl.store(dz_ptr + offs_m[:, None] * C + offs_n[None, :], rne(acc, INTERP_BF16).to(dz_ptr.dtype.element_ty),
-                 mask=mask_mn)
 
 
 @triton.jit
@@ -419,189 +154,14 @@ def _nca_step_bwd_dstate_kernel(
     W_KMAJOR: tl.constexpr,
 ):
     """State gradient of one step; grid ``(cdiv(B * H_in * W_in, BLOCK_M),)``, one tile per program (see
-    :func:`_dstate_tile`)."""
-    _dstate_tile(tl.program_id(0).to(tl.int64) * BLOCK_M, M_in, 0, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD,
+    :func:`stages.dstate_tile`)."""
+    dstate_tile(tl.program_id(0).to(tl.int64) * BLOCK_M, M_in, 0, dpre_ptr, wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD,
                  HID, DOUBLE, INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, C_PAD, C_PAD, W_KMAJOR)
 
 
-@triton.jit
-def _colsum_tile(a_base, offs_a, start, end, colsum, NA: tl.constexpr, BLOCK_A: tl.constexpr,
-                 BLOCK_CELLS: tl.constexpr):
-    """``colsum + sum_{cell in [start, end)} a[cell, offs_a]`` in fp32: a weight-gradient tile's bias gradient, in its
-    own pass after the GEMM and only in the programs that store it (one of each row of tiles). Summed inside the GEMM
-    loop it cost every program a cross-warp reduction per k-step (8 more barriers, 32 shuffles, 64 FADDs and up to
-    48 more registers in the sm_90 SASS, 2026-11-28). Each thread adds up its elements over the cells first, one
-    reduction at the end: a fixed order, deterministic."""
-    CELLS: tl.constexpr = min(BLOCK_CELLS, 32)  # a (32, BLOCK_A) fp32 partial: few registers at 128-row tiles
-    offs_l = tl.arange(0, CELLS)
-    part = tl.zeros((CELLS, BLOCK_A), dtype=tl.float32)
-    for l0 in range(start, end, CELLS):
-        offs_cell = l0 + offs_l
-        part += tl.load(a_base + offs_cell[:, None] * NA + offs_a[None, :], mask=(offs_cell < end)[:, None],
-                        other=0.0).to(tl.float32)
-    return colsum + tl.sum(part, axis=0)
-
-
-@triton.jit
-def _wgrad_tile(
-    pid_a,  # tile index over NA
-    pid_tb,  # tap * (NB / BLOCK_B) + tile index over NB
-    pid_sm,  # int64 mat * S + split
-    a_ptr,  # (N_MAT, M, NA) left operand, one row per cell, compute dtype
-    b_ptr,  # (N_MAT, M, NB) right operand; when GATHER the (B, H_in, W_in, NB) state
-    dw_ptr,  # out (S, N_MAT, T, NA, NB) fp32 partial sums over each split's cells
-    db_ptr,  # out (S, N_MAT, NA) fp32 partial column sums of a (written only when WITH_DB)
-    M,  # number of cells (rows of a)
-    H,  # grid height (doubled when DOUBLE), used when GATHER
-    W,  # grid width (doubled when DOUBLE), used when GATHER
-    cells_per_split,  # a multiple of BLOCK_CELLS
-    S,  # number of splits
-    N_MAT,  # number of matrices (stacked along a, b and dw)
-    stride_dw_s,  # elements between two splits' partials in dw (N_MAT * T * NA * NB when dw is its own buffer)
-    stride_db_s,  # elements between two splits' partials in db (N_MAT * NA)
-    NA: tl.constexpr,
-    NB: tl.constexpr,
-    T: tl.constexpr,  # 9 taps when GATHER, else 1
-    GATHER: tl.constexpr,  # b is the state read at the 3x3 tap's shifted cells (zero padding)
-    SHIFT,  # 1: the gathered state is at half resolution, read (row >> 1, col >> 1); constexpr or runtime
-    WITH_DB: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
-    BLOCK_A: tl.constexpr,  # rows of the dW tile (over NA)
-    BLOCK_B: tl.constexpr,  # columns of the dW tile (over NB)
-    BLOCK_CELLS: tl.constexpr,  # cells per step of the reduction
-    ACCUMULATE: tl.constexpr,  # add to the partials already in dw / db (a rollout's earlier steps) instead of
-    # overwriting them; each slot has one writer per launch and launches run in order: deterministic
-    MAGIC_DIV: tl.constexpr,  # the gather's divisions by H * W and W as multiply-highs (utils.udiv); off in the
-    # small-grid weight-gradient kernel, whose registers it raised past 128 under Triton 3.6
-):
-    """Partial weight gradients ``dW[s, mat, tap] = a[cells of s]^T @ b_tap[cells of s]`` and ``db[s, mat]``.
-
-    Called for one program of a grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)``; it owns one
-    ``(BLOCK_A, BLOCK_B)`` tile of one
-    tap of one matrix and reduces it over the cells ``[s * cells_per_split, (s + 1) * cells_per_split)``. The
-    tap-0, column-0 programs also write the column sums of a (the bias gradient). Partials are fp32 and summed
-    over s by the caller in a fixed order: deterministic, no atomics. With GATHER,
-    ``b_tap[cell] = z[row + ky - 1, col + kx - 1]`` (tap = 3 ky + kx, zero outside the grid), so the partials of
-    the perception weight are ``dWp[o, c, ky, kx] = sum_cells dpre[cell, o] z[cell + (ky - 1, kx - 1), c]``.
-    """
-    B_TILES: tl.constexpr = NB // BLOCK_B
-    tap = pid_tb // B_TILES
-    pid_b = pid_tb % B_TILES
-    s = pid_sm % S
-    mat = pid_sm // S
-
-    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_l = tl.arange(0, BLOCK_CELLS)
-    a_base = a_ptr + mat * M * NA
-    b_base = b_ptr + mat * M * NB
-    if GATHER:
-        H_in = H >> SHIFT
-        W_in = W >> SHIFT
-        hw = H * W
-        dr = tap // 3 - 1
-        dc = tap % 3 - 1
-        if MAGIC_DIV:
-            m_hw, l_hw = udiv_magic(hw)
-            m_w, l_w = udiv_magic(W)
-
-    start = s * cells_per_split
-    end = tl.minimum(start + cells_per_split, M)
-    if ACCUMULATE:  # the rollout's accumulator: split slots stride_dw_s / stride_db_s apart
-        dw_tile = dw_ptr + s * stride_dw_s + ((mat * T + tap) * NA + offs_a[:, None]) * NB + offs_b[None, :]
-        db_tile = db_ptr + s * stride_db_s + mat * NA + offs_a
-    else:  # dense (S, N_MAT, T, NA, NB) partials (this indexing compiles without spills in every shipped config)
-        slot = (s * N_MAT + mat) * T + tap
-        dw_tile = dw_ptr + (slot * NA + offs_a[:, None]) * NB + offs_b[None, :]
-        db_tile = db_ptr + (s * N_MAT + mat) * NA + offs_a
-    if ACCUMULATE:
-        acc = tl.load(dw_tile)
-    else:
-        acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for l0 in range(start, end, BLOCK_CELLS):
-        offs_cell = l0 + offs_l  # int64 cell ids
-        ok = offs_l < (end - l0).to(tl.int32)  # one int32 compare per row (as offs_cell < end: an int64 one)
-        b_at = tl.load(a_base + offs_cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
-        if GATHER:
-            # cell ids fit int32 (B * H * W < 2**31); int64 divisions were calls of a ~70-instruction routine, 4 per
-            # row per k-step (sm_90 SASS), uint32 ones ~8 instructions, multiply-highs (MAGIC_DIV) 3. Element
-            # offsets stay int64.
-            cell = offs_cell.to(tl.uint32)  # unsigned: no sign fix-ups around each division
-            if MAGIC_DIV:
-                bat = udiv(cell, m_hw, l_hw)
-            else:
-                bat = cell // hw.to(tl.uint32)
-            rem = cell - bat * hw.to(tl.uint32)
-            if MAGIC_DIV:
-                r0 = udiv(rem, m_w, l_w)
-            else:
-                r0 = rem // W.to(tl.uint32)
-            r = r0.to(tl.int32) + dr
-            c = (rem - r0 * W.to(tl.uint32)).to(tl.int32) + dc
-            bat = bat.to(tl.int32)
-            ok_g = ok & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            r = r // (1 << SHIFT)  # as r // 2 (its sm_90 fit under 3.8: r >> 1 spilled 16 B in one case)
-            c = c // (1 << SHIFT)
-            src = ((bat * H_in + r) * W_in + c).to(tl.int64)
-            b_b = tl.load(b_ptr + src[:, None] * NB + offs_b[None, :], mask=ok_g[:, None], other=0.0)
-        else:
-            b_b = tl.load(b_base + offs_cell[:, None] * NB + offs_b[None, :], mask=ok[:, None], other=0.0)
-        acc = mma(b_at, b_b, acc, INTERP_BF16, INPUT_PRECISION)
-    tl.store(dw_tile, acc)
-    if WITH_DB:
-        if (pid_b == 0) & (tap == 0):
-            if ACCUMULATE:
-                colsum = tl.load(db_tile)
-            else:
-                colsum = tl.zeros((BLOCK_A,), dtype=tl.float32)
-            tl.store(db_tile, _colsum_tile(a_base, offs_a, start, end, colsum, NA, BLOCK_A, BLOCK_CELLS))
-
-
-@triton.jit
-def _acc_wgrad_1x1_tile(
-    q,  # program index over the 1x1 weights' tiles: [0, n_wo) output conv, then n_w1 of W1, then n_w1 of W2
-    g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr,  # (M, C) and (N_BLOCKS [+ 1], M, HID) per-cell buffers of the main kernel
-    acc_ptr,  # (S_MAX, SLOT) fp32 rollout accumulator: per split, [dWp | dbp | dWout | dbout | dW1 | db1 | dW2 | db2]
-    M, cells_per_split, S, SLOT, n_wo, n_w1,
-    C: tl.constexpr, HID: tl.constexpr, N_BLOCKS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    INTERP_BF16: tl.constexpr, BA_O: tl.constexpr, BB_O: tl.constexpr, BA_H: tl.constexpr, BLOCK_CELLS: tl.constexpr,
-):
-    """One tile of the output conv's or a block's 1x1 weight gradient over M rows, added to its slot of the rollout's
-    accumulator: the part that the rollout's post kernel (one step's rows) and the small-grid weight-gradient kernel
-    (every small step's rows at once) share."""
-    OFF_WO: tl.constexpr = 9 * HID * C + HID
-    OFF_DBO: tl.constexpr = OFF_WO + C * HID
-    OFF_W1: tl.constexpr = OFF_DBO + C
-    OFF_DB1: tl.constexpr = OFF_W1 + N_BLOCKS * HID * HID
-    OFF_W2: tl.constexpr = OFF_DB1 + N_BLOCKS * HID
-    OFF_DB2: tl.constexpr = OFF_W2 + N_BLOCKS * HID * HID
-    if q < n_wo:  # dWout = sum g^T y_nb
-        GA: tl.constexpr = C // BA_O
-        GTB: tl.constexpr = HID // BB_O
-        _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), g_ptr, y_ptr + N_BLOCKS * M * HID,
-                    acc_ptr + OFF_WO, acc_ptr + OFF_DBO, M, 1, 1, cells_per_split, S, 1, SLOT, SLOT, C, HID, 1,
-                    False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BLOCK_CELLS, True, False)
-    elif N_BLOCKS > 0:
-        q = q - n_wo
-        GA: tl.constexpr = HID // BA_H
-        GTB: tl.constexpr = HID // BA_H
-        qq = q % n_w1
-        if q < n_w1:  # dW1_i = sum da_i^T y_i
-            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), da_ptr, y_ptr,
-                        acc_ptr + OFF_W1, acc_ptr + OFF_DB1, M, 1, 1, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
-                        BLOCK_CELLS, True, False)
-        else:  # dW2_i = sum dy_{i+1}^T ELU(a_i)
-            _wgrad_tile(qq % GA, (qq // GA) % GTB, (qq // (GA * GTB)).to(tl.int64), dy_ptr, a_ptr,
-                        acc_ptr + OFF_W2, acc_ptr + OFF_DB2, M, 1, 1, cells_per_split, S, N_BLOCKS, SLOT, SLOT,
-                        HID, HID, 1, False, 0, True, INPUT_PRECISION, INTERP_BF16, BA_H, BA_H,
-                        BLOCK_CELLS, True, False)
-
-
-# The per-step kernel keeps its own copy of the GEMM loop: written as a call of _wgrad_tile it compiled with a
+# The per-step kernel keeps its own copy of the GEMM loop: written as a call of stages.wgrad_tile it compiled with a
 # 24 B stack frame (spills) in the fp32 "ieee" 256/256 perceive variant under Triton 3.8 (the rollout's post
-# kernel, which calls _wgrad_tile, fits in every shipped config).
+# kernel, which calls stages.wgrad_tile, fits in every shipped config).
 @triton.jit
 def _nca_step_bwd_wgrad_kernel(
     a_ptr,  # (N_MAT, M, NA) left operand, one row per cell, compute dtype
@@ -668,8 +228,8 @@ def _nca_step_bwd_wgrad_kernel(
         ok = offs_cell < end
         b_at = tl.load(a_base + offs_cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
         if GATHER:
-            # int32 index arithmetic, int64 element offsets, as _wgrad_tile; signed here: _wgrad_tile's unsigned form
-            # took this kernel's tf32 variants from 124-145 to 155-171 registers (sm_90 fit, 2026-11-28)
+            # int32 index arithmetic, int64 element offsets, as stages.wgrad_tile; signed here: wgrad_tile's unsigned
+            # form took this kernel's tf32 variants from 124-145 to 155-171 registers (sm_90 fit)
             cell = offs_cell.to(tl.int32)
             bat = cell // hw
             rem = cell - bat * hw
@@ -689,130 +249,23 @@ def _nca_step_bwd_wgrad_kernel(
     tl.store(dw_ptr + (slot * NA + offs_a[:, None]) * NB + offs_b[None, :], acc)
     if WITH_DB:
         if (pid_b == 0) & (tap == 0):
-            colsum = _colsum_tile(a_base, offs_a, start, end, tl.zeros((BLOCK_A,), dtype=tl.float32), NA, BLOCK_A,
+            colsum = colsum_tile(a_base, offs_a, start, end, tl.zeros((BLOCK_A,), dtype=tl.float32), NA, BLOCK_A,
                                   BLOCK_CELLS)
             tl.store(db_ptr + (s * N_MAT + mat) * NA + offs_a, colsum)
 
 
 # --------------------------------------------------------------------------------------------------- configs
-@dataclass(frozen=True)
-class BwdConfig:
-    """Tile sizes and launch options of the three backward kernels for one (|z|, h, dtype)."""
-
-    block_m: int  # cells per program of the main kernel
-    block_k: int  # hidden chunk of the main kernel
-    block_c: int  # state-channel chunk of the main kernel
-    warps: int
-    stages: int
-    ds_block_m: int  # input cells per program of the state-gradient kernel
-    ds_block_k: int
-    ds_warps: int
-    ds_stages: int
-    wg_block: int  # max tile edge of the weight-gradient kernel
-    wg_block_cells: int
-    wg_warps: int
-    wg_stages: int
-    blk_stages: int | None = None  # pipeline stages of the main kernel's hidden-chunk loops (None: ``stages``)
-    out_stages: int | None = None  # of its output-conv loop (None: ``stages``)
-    reload_operand: bool = False  # the main kernel's residual-stream dot operand from its buffer (_main_cells)
-    int32_index: bool = False  # int32 cell and element offsets in the main kernel where they fit (main_needs_int64)
-    k_major: bool | None = None  # the main kernel's weights K-major (None: utils.k_major, i.e. for tf32)
-    unchain: bool | None = None  # its hidden-chunk loops' first dots unchained (None: utils.unchain's rule)
-    ds_block_n: int | None = None  # state channels per state-gradient program of the rollout's post kernel (None: all)
+# The main kernel by a public name, for the rollout's launches (its own name is the one profiles and launch counts
+# show)
+main_kernel = _nca_step_bwd_kernel
 
 
 def main_candidates(cfg: BwdConfig) -> list[BwdConfig]:
     """``cfg``, then smaller main-kernel tiles for GPUs with less shared memory than the H100
     (``launch.smaller_tiles``): fewer stages (the per-loop ones capped with them), then narrower state-channel chunks,
-    then fewer cells per program. Compiled for sm_86 (99 KiB per block; ``python -m fastnca.kernels.fit --only
+    then fewer cells per program. Compiled for sm_86 (99 KiB per block; ``python -m tools.fit --only
     small-smem``), the bf16 h = 256 main kernels fit at 2 stages (72-76 KiB), tf32 at 1 (80-84 KiB)."""
     return smaller_tiles(cfg, "stages", ("block_c", "block_m"), caps=("blk_stages", "out_stages"))
-
-
-def _chunk(n: int, cap: int) -> int:
-    """The largest of cap, cap/2, ..., 16 that divides n (n is a multiple of 16)."""
-    b = cap
-    while n % b:
-        b //= 2
-    return b
-
-
-def bwd_config(
-    state_channels: int,
-    hidden_channels: int,
-    dtype: torch.dtype,
-    input_precision: str = "ieee",
-    *,
-    n_blocks: int | None = None,
-    recompute: bool = True,
-    interpret: bool = _INTERPRET,
-) -> BwdConfig:
-    """The shipped tile configuration; ``python -m fastnca.kernels.fit`` compiles each one for sm_90.
-
-    Chosen by compiling for sm_90 (numbers in ``kernels/BACKWARD.md``): the main kernel keeps two fp32
-    ``(BLOCK_M, h)`` tensors live (the dot operand of the residual stream and its accumulator), so wide networks
-    take small hidden chunks; fp32 "ieee" dots run on FMA units with register operands and take 32-cell tiles.
-    In the interpreter (``interpret``, by default whether TRITON_INTERPRET=1 was set at import) the tiles are small,
-    so that tests run many programs and partial tiles quickly.
-
-    ``n_blocks`` (None: not known, taken as 0) picks the main kernel's rows: with residual blocks and h <= 128 the
-    tensor-core paths take 128 cells x 8 warps (each warpgroup its own 64 rows, half the weight bytes per cell of
-    a 64-cell tile); at h = 256, or without blocks, 128 rows spill, so those keep 64. On 64 rows x 8 warps the
-    hidden-chunk loops' first dots are issued unchained (``utils.mma_first``, ``UNCHAIN``): as chained dots Triton
-    laid them out [8,1] and both warpgroups computed them (4/3 of the needed tensor work before 2026-11-28,
-    kernels/BACKWARD.md).
-
-    ``recompute=False``: the main kernel that reads the forward's kept activations (the rollout under 'none'); the
-    same tiles, except tf32 at h = 256, whose pipelined output-conv loop then spills 16 B (both releases) and runs
-    unpipelined (255 / 255 registers, no spills). 128-cell tiles still spill at h = 256 without the recompute
-    (bf16: 16-464 B; 16-24 B with the operand reloaded and int32 offsets).
-    """
-    c, h = state_channels, hidden_channels
-    if interpret:
-        return BwdConfig(16, _chunk(h, 32), _chunk(c, 32), 4, 1, 16, _chunk(h, 32), 4, 1, 32, 16, 4, 1)
-    wide = max(c, h) > 128
-    ieee = dtype == torch.float32 and input_precision == "ieee"
-    # (BLOCK_M, BLOCK_K, BLOCK_C, warps, stages) of the main kernel, (BLOCK_M, BLOCK_K, warps) of the state kernel
-    # Every tile fits (no spills) under Triton 3.8 (CI) and 3.6 (the GPU machines); see kernels/BACKWARD.md.
-    own_rows = bool(n_blocks) and h <= 128  # 128 cells x 8 warps: each warpgroup computes its own 64 rows
-    if dtype == torch.bfloat16:
-        # wide: 3 stages measured 1.07x faster than 2 over the mnist-doubling rollout's backward (H100, bf16, B = 32,
-        # benchmarks/tune.py; table in benchmarks/RESULTS.md)
-        main, dstate = ((64, 32, 32, 8, 3), (64, 64, 8)) if wide else ((64, 64, 64, 8, 2), (64, 64, 4))
-        main = (128, 32, 32, 8, 2) if own_rows else main
-    elif input_precision == "tf32":
-        main, dstate = ((64, 16, 32, 8, 2), (64, 32, 8)) if wide else ((64, 32, 32, 8, 2), (64, 32, 4))
-        main = (128, 16, 32, 8, 2) if own_rows else main
-    else:
-        main, dstate = ((16, 16, 16, 8, 2), (16, 16, 4)) if wide else ((32, 32, 16, 4, 2), (32, 32, 4))
-    out_stages = 1 if not recompute and input_precision == "tf32" and dtype == torch.float32 and wide else None
-    return BwdConfig(
-        out_stages=out_stages,
-        block_m=main[0],
-        block_k=_chunk(h, main[1]),
-        block_c=_chunk(c, main[2]),
-        warps=main[3],
-        stages=main[4],
-        ds_block_m=dstate[0],
-        ds_block_k=_chunk(h, dstate[1]),
-        ds_warps=dstate[2],
-        ds_stages=2,
-        wg_block=64 if ieee else 128,
-        wg_block_cells=64 if dtype == torch.bfloat16 else 32,
-        wg_warps=8,
-        wg_stages=3,
-    )
-
-
-def _splits(m: int, block_cells: int, min_cells: int | None = None) -> tuple[int, int]:
-    """(cells per split, number of splits) for m cells, splits of at least ``min_cells`` (default
-    ``_MIN_CELLS_PER_SPLIT``): a function of m only, so results are reproducible."""
-    per = max(_MIN_CELLS_PER_SPLIT if min_cells is None else min_cells, triton.cdiv(m, _MAX_SPLITS))
-    per = triton.cdiv(per, block_cells) * block_cells
-    return per, triton.cdiv(m, per)
-
-
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def main_needs_int64(m: int, c: int, hp: int, n_blocks: int) -> bool:
@@ -832,7 +285,7 @@ def main_weight_args(k_major_: bool, *, w3: Tensor, w3k: Tensor | None, w1_nk: T
     return dict(w3_ptr=w3, w1t_ptr=w1_kn, w1_ptr=w1_nk, w2t_ptr=w2_kn, w2_ptr=w2_nk, wout_ptr=wout_ch)
 
 
-def _main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
+def main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: bool, has_b3: bool, has_b1: bool,
                      has_b2: bool, input_precision: str, interp_bf16: bool, dtype: torch.dtype, cfg: BwdConfig,
                      m: int | None = None, recompute: bool = True) -> dict[str, Any]:
     """The main kernel's constexprs: one builder for the launch and the sm_90 fit, so the two cannot drift.
@@ -850,7 +303,7 @@ def _main_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, has_mask: 
                          if cfg.unchain is None else cfg.unchain))
 
 
-def _dstate_constexprs(c: int, hp: int, *, double: bool, input_precision: str, interp_bf16: bool,
+def dstate_constexprs(c: int, hp: int, *, double: bool, input_precision: str, interp_bf16: bool,
                        cfg: BwdConfig) -> dict[str, Any]:
     """The state-gradient kernel's constexprs (launch and fit)."""
     return dict(C=c, C_PAD=triton.next_power_of_2(c), HID=hp, DOUBLE=double, INPUT_PRECISION=input_precision,
@@ -862,8 +315,8 @@ def _wgrad_constexprs(na: int, nb: int, taps: int, *, gather: bool, double: bool
                       interp_bf16: bool, cfg: BwdConfig) -> dict[str, Any]:
     """A weight-gradient GEMM's constexprs (launch and fit); the column sums (bias gradients) are always made."""
     return dict(NA=na, NB=nb, T=taps, GATHER=gather, DOUBLE=double and gather, WITH_DB=True,
-                INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, BLOCK_A=_chunk(na, cfg.wg_block),
-                BLOCK_B=_chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells)
+                INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, BLOCK_A=chunk(na, cfg.wg_block),
+                BLOCK_B=chunk(nb, cfg.wg_block), BLOCK_CELLS=cfg.wg_block_cells)
 
 
 def bwd_kernel_specs(
@@ -880,12 +333,12 @@ def bwd_kernel_specs(
     config: BwdConfig | None = None,
 ) -> list[KernelSpec]:
     """Every kernel variant ``nca_step_bwd`` launches on the GPU for these shapes, as ``fit.KernelSpec`` s (for the
-    sm_90 fit, ``kernels/fit.py``); ``recompute=False``: the main kernel as the rollout launches it on kept
+    sm_90 fit, ``tools/fit.py``); ``recompute=False``: the main kernel as the rollout launches it on kept
     activations; ``config`` overrides the shipped tiles."""
     cfg = config or bwd_config(state_channels, triton.next_power_of_2(hidden_channels), dtype, input_precision,
                                n_blocks=n_blocks, recompute=recompute, interpret=False)
     c, h = state_channels, hidden_channels
-    ty = _TL_DTYPE[dtype]
+    ty = TL_DTYPE[dtype]
 
     def sig(fn: Any, ptrs: dict[str, str], consts: dict[str, Any]) -> dict[str, str]:
         out = {}
@@ -914,11 +367,11 @@ def bwd_kernel_specs(
     }
     main_ptrs.update(mask_ptr="*u8", b3_ptr="*fp32", b1_ptr="*fp32", b2_ptr="*fp32")
     hp = triton.next_power_of_2(h)
-    main_consts = _main_constexprs(c, hp, n_blocks, double=double, has_mask=mask, has_b3=bias, has_b1=bias,
+    main_consts = main_constexprs(c, hp, n_blocks, double=double, has_mask=mask, has_b3=bias, has_b1=bias,
                                    has_b2=bias, input_precision=input_precision, interp_bf16=False, dtype=dtype,
                                    cfg=cfg, recompute=recompute)
     ds_ptrs = {n: f"*{ty}" for n in ("dpre_ptr", "wb_ptr", "gout_ptr", "dz_ptr")}
-    ds_consts = _dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=False, cfg=cfg)
+    ds_consts = dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=False, cfg=cfg)
     wg_ptrs = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
     specs = [
         KernelSpec(
@@ -963,67 +416,12 @@ def _wgrad_variants(c: int, h: int, n_blocks: int) -> list[tuple[str, int, int, 
 
 
 # --------------------------------------------------------------------------------------------------- launcher
-def _check_bwd_inputs(
-    state: Tensor, weights: UpdateWeights, mask: Tensor | None, double: bool, grad_out: Tensor, input_precision: str
-) -> None:
-    if not isinstance(weights, UpdateWeights):
-        raise TypeError(f"weights: expected an UpdateWeights, got {type(weights).__name__}")
-    if not isinstance(double, bool):
-        raise TypeError(f"double: expected a bool, got {type(double).__name__}")
-    check_step_inputs(state, weights, mask, double)
-    if state.dtype not in _DTYPES:
-        raise TypeError(f"state: expected float32 or bfloat16, got {state.dtype}")
-    if state.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"state: expected a CUDA tensor (or TRITON_INTERPRET=1 before import), got {state.device}")
-    if input_precision not in _PRECISIONS:
-        raise ValueError(f"input_precision: expected one of {_PRECISIONS}, got {input_precision!r}")
-    c, h = weights.state_channels, weights.hidden_channels
-    for name, n in (("|z| (state channels)", c), ("h (hidden channels)", h)):
-        if n % 16 or not 16 <= n <= _MAX_CHANNELS:
-            raise ValueError(f"weights: {name} must be a multiple of 16 in [16, {_MAX_CHANNELS}], got {n}")
-    wshape, bshape = (h, h, 1, 1), (h,)
-    expected = [("w_perceive", (h, c, 3, 3), False), ("b_perceive", bshape, True)]
-    for i in range(weights.n_blocks):
-        expected += [
-            (f"blocks[{i}].w1", wshape, False),
-            (f"blocks[{i}].b1", bshape, True),
-            (f"blocks[{i}].w2", wshape, False),
-            (f"blocks[{i}].b2", bshape, True),
-        ]
-    expected += [("w_out", (c, h, 1, 1), False), ("b_out", (c,), True)]
-    for (name, shape, is_bias), t in zip(expected, weights.flat(), strict=True):
-        if t is None:
-            if not is_bias:
-                raise TypeError(f"weights.{name}: expected a tensor, got None")
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"weights.{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"weights.{name}: expected shape {shape}, got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"weights.{name}: expected float32 or bfloat16, got {t.dtype}")
-        if t.device != state.device:
-            raise ValueError(f"weights.{name}: expected device {state.device}, got {t.device}")
-    if not isinstance(grad_out, Tensor):
-        raise TypeError(f"grad_out: expected a torch.Tensor, got {type(grad_out).__name__}")
-    b, _, hh, ww = state.shape
-    out_shape = (b, c, 2 * hh, 2 * ww) if double else (b, c, hh, ww)
-    if tuple(grad_out.shape) != out_shape:
-        raise ValueError(f"grad_out: expected shape {out_shape} (the step's output), got {tuple(grad_out.shape)}")
-    if grad_out.dtype != state.dtype:
-        raise TypeError(f"grad_out: expected the state's dtype {state.dtype}, got {grad_out.dtype}")
-    if grad_out.device != state.device:
-        raise ValueError(f"grad_out: expected device {state.device}, got {grad_out.device}")
-    if mask is not None and mask.device != state.device:
-        raise ValueError(f"mask: expected device {state.device}, got {mask.device}")
-
-
 def _channels_last(x: Tensor) -> Tensor:
     """``(B, C, H, W)`` -> its ``(B, H, W, C)`` contiguous view (a copy only if x is not channels-last)."""
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _transposed_conv_weights(w_perceive: Tensor, double: bool, dtype: torch.dtype, hp: int, cp: int,
+def transposed_conv_weights(w_perceive: Tensor, double: bool, dtype: torch.dtype, hp: int, cp: int,
                              k_major_: bool = False) -> Tensor:
     """``(KS * KS, hp, cp)`` weights of the state-gradient kernel's gather (see its docstring), in ``dtype``,
     zero-padded from ``(h, C)``; ``(KS * KS, cp, hp)`` with ``k_major_`` (the kernel's ``W_KMAJOR``, tf32).
@@ -1073,7 +471,7 @@ def nca_step_bwd(
         ``(grad_state, grads)``: grad_state ``(B, |z|, H, W)`` in the state's dtype, channels-last; grads in
         ``weights.flat()`` order, each in its weight's dtype, None where the bias is None.
     """
-    _check_bwd_inputs(state, weights, mask, double, grad_out, input_precision)
+    check_inputs(state, weights, mask, double, input_precision, grad_out)
     dt = state.dtype
     dev = state.device
     b, c, h_in, w_in = state.shape
@@ -1082,7 +480,7 @@ def nca_step_bwd(
     hh, ww = (2 * h_in, 2 * w_in) if double else (h_in, w_in)
     m = b * hh * ww
     cfg = bwd_config(c, triton.next_power_of_2(h), dt, input_precision, n_blocks=nb)
-    upcast = _INTERPRET and dt == torch.bfloat16
+    upcast = interpreting() and dt == torch.bfloat16
     kmaj = k_major(input_precision) if cfg.k_major is None else cfg.k_major
 
     # ---- pack
@@ -1103,7 +501,7 @@ def nca_step_bwd(
 
     wp = weights.w_perceive
     w3 = pad(wp.permute(2, 3, 1, 0).reshape(9, c, h), 9, c, hp)  # (9, C, hp): [3 ky + kx, c, o]
-    wb = _transposed_conv_weights(wp, double, dt, hp, cp, k_major(input_precision))  # (9 or 16, hp, cp) or (.., cp, hp)
+    wb = transposed_conv_weights(wp, double, dt, hp, cp, k_major(input_precision))  # (9 or 16, hp, cp) or (.., cp, hp)
     has_b3 = weights.b_perceive is not None
     b3 = pad(weights.b_perceive, hp, dtype=torch.float32) if has_b3 else torch.zeros(1, **f32)
     if nb:
@@ -1142,7 +540,7 @@ def nca_step_bwd(
         _nca_step_bwd_kernel[(triton.cdiv(m, mc.block_m),)](
             z_ptr=z, gout_ptr=gout, mask_ptr=mask_u8, **wts, b3_ptr=b3, b1_ptr=b1, b2_ptr=b2, y_ptr=ybuf, a_ptr=abuf,
             da_ptr=dabuf, dy_ptr=dybuf, g_ptr=gbuf, dpre_ptr=dpre, M=m, H=hh, W=ww,
-            **_main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=has_b3, has_b1=has_b1,
+            **main_constexprs(c, hp, nb, double=double, has_mask=mask is not None, has_b3=has_b3, has_b1=has_b1,
                                has_b2=has_b2, input_precision=input_precision, interp_bf16=upcast, dtype=dt,
                                cfg=mc, m=m),
             num_warps=mc.warps, num_stages=mc.stages,
@@ -1154,18 +552,18 @@ def nca_step_bwd(
     def dstate(dc: BwdConfig) -> None:
         _nca_step_bwd_dstate_kernel[(triton.cdiv(m_in, dc.ds_block_m),)](
             dpre_ptr=dpre, wb_ptr=wb, gout_ptr=gout, dz_ptr=dz, M_in=m_in, H=hh, W=ww,
-            **_dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=upcast, cfg=dc),
+            **dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=upcast, cfg=dc),
             num_warps=dc.ds_warps, num_stages=dc.ds_stages,
         )
 
     launch_fitting(("dstate", cfg, *key), cfg, fewer_stages("ds_stages"), dstate)
 
-    per_split, n_splits = _splits(m, cfg.wg_block_cells)
+    per_split, n_splits = splits(m, cfg.wg_block_cells, split_cells().step)
 
     def wgrad(a: Tensor, bmat: Tensor, n_mat: int, taps: int, gather: bool) -> tuple[Tensor, Tensor]:
         """fp32 ``(n_mat, taps, NA, NB)`` sums of a^T b over all cells and ``(n_mat, NA)`` column sums of a."""
         na, nbc = a.shape[-1], bmat.shape[-1]
-        block_a, block_b = _chunk(na, cfg.wg_block), _chunk(nbc, cfg.wg_block)  # as in _wgrad_constexprs
+        block_a, block_b = chunk(na, cfg.wg_block), chunk(nbc, cfg.wg_block)  # as in _wgrad_constexprs
         dw = torch.empty((n_splits, n_mat, taps, na, nbc), **f32)
         db = torch.empty((n_splits, n_mat, na), **f32)
         grid = (na // block_a, taps * (nbc // block_b), n_mat * n_splits)

@@ -1,4 +1,5 @@
-"""Plain-PyTorch reference of one NCA step: the test oracle, the benchmark baseline and the CPU backend.
+"""Plain-PyTorch references of the fused kernels: one NCA step (the test oracle, the benchmark baseline and the CPU
+backend) and the discretized logistic mixture's log-likelihood (``likelihood.py``'s oracle, the model's CPU path).
 
 Layout: tensors are ``(B, C, H, W)`` at the API; any memory format is accepted and the output keeps the
 input's format (channels-last in, channels-last out).
@@ -18,6 +19,7 @@ nearest-neighbour x2 upsampling (each cell copied to a 2x2 block), and the mask 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -31,6 +33,11 @@ __all__ = [
     "nca_step_ref",
     "make_update_mask",
     "check_step_inputs",
+    "DML_BINS",
+    "DML_LOG_SCALE_MIN",
+    "check_pair",
+    "dml_log_prob",
+    "dml_split",
 ]
 
 
@@ -192,3 +199,98 @@ def make_update_mask(
         return None
     u = torch.rand((batch, 1, height, width), generator=generator, device=device)
     return u < p_update
+
+
+# ------------------------------------------------------------------------------------- DML log-likelihood
+# The discretized logistic mixture (Salimans et al. 2017, PixelCNN++) over 256 levels; the fused kernel
+# (likelihood.py) reads these same constants.
+DML_LOG_SCALE_MIN = -7.0  # PixelCNN++ clamps log-scales here
+DML_BINS = 256
+DML_HALF_BIN = 1.0 / (DML_BINS - 1)  # half a bin's width on [-1, 1]
+DML_LOG_HALF_BINS = math.log((DML_BINS - 1) / 2)  # the pdf midpoint times the bin width, in logs
+DML_WIDE_BIN = 1e-5  # above this CDF difference a bin's mass is the difference, below it the pdf midpoint's
+
+
+def check_pair(x: Tensor, params: Tensor, pname: str) -> None:
+    """x and ``pname`` (the likelihood's parameters): floating-point ``(B, C, H, W)`` tensors of one batch and grid,
+    with the argument's name in each message."""
+    for name, t in (("x", x), (pname, params)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected rank 4 (B, C, H, W), got shape {tuple(t.shape)}")
+    if x.shape[0] != params.shape[0] or x.shape[2:] != params.shape[2:]:
+        raise ValueError(f"x and {pname}: expected the same batch and spatial size, got {tuple(x.shape)} "
+                         f"and {tuple(params.shape)}")
+
+
+def dml_split(params: Tensor, n_mix: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Split the PixelCNN++ parameter layout of the first ``10 * n_mix`` channels.
+
+    Layout: ``n_mix`` mixture logits, then for each colour (r, g, b) ``n_mix`` means, ``n_mix`` log-scales
+    (clamped at -7) and ``n_mix`` pre-tanh coupling coefficients.
+
+    Returns:
+        logit_probs ``(B, n_mix, H, W)``; means, log_scales, coeffs each ``(B, 3, n_mix, H, W)``.
+    """
+    if not isinstance(n_mix, int) or n_mix < 1:
+        raise ValueError(f"n_mix: expected an integer >= 1, got {n_mix!r}")
+    if params.dim() != 4:
+        raise ValueError(f"params: expected rank 4 (B, C, H, W), got shape {tuple(params.shape)}")
+    if params.shape[1] < 10 * n_mix:
+        raise ValueError(f"n_mix: {n_mix} mixture components need 10 * n_mix = {10 * n_mix} channels, "
+                         f"but params has {params.shape[1]}")
+    b, _, h, w = params.shape
+    params = params[:, : 10 * n_mix].float()
+    logit_probs = params[:, :n_mix]
+    rest = params[:, n_mix:].reshape(b, 3, 3 * n_mix, h, w)  # per colour: means, log-scales, coeffs
+    means = rest[:, :, :n_mix]
+    log_scales = rest[:, :, n_mix : 2 * n_mix].clamp(min=DML_LOG_SCALE_MIN)
+    coeffs = torch.tanh(rest[:, :, 2 * n_mix :])
+    return logit_probs, means, log_scales, coeffs
+
+
+def _coupled_means(means: Tensor, coeffs: Tensor, x: Tensor) -> Tensor:
+    """Condition green on red and blue on red and green: x is ``(B, 3, 1, H, W)`` (observed or sampled)."""
+    r, g, b = means[:, 0], means[:, 1], means[:, 2]
+    g = g + coeffs[:, 0] * x[:, 0]
+    b = b + coeffs[:, 1] * x[:, 0] + coeffs[:, 2] * x[:, 1]
+    return torch.stack([r, g, b], dim=1)
+
+
+def dml_log_prob(x: Tensor, params: Tensor, n_mix: int) -> Tensor:
+    """log p(x) under the discretized logistic mixture, summed per example.
+
+    Args:
+        x: ``(B, 3, H, W)`` in [-1, 1], on the 256-level grid ``2 k / 255 - 1``.
+        params: ``(B, >= 10 n_mix, H, W)``: the final NCA state (only the first 10 n_mix channels are read).
+        n_mix: number of mixture components.
+
+    Returns:
+        ``(B,)`` nats.
+    """
+    check_pair(x, params, "params")
+    if x.shape[1] != 3:
+        raise ValueError(f"x: expected 3 colour channels for the discretized logistic mixture, got {x.shape[1]}")
+    logit_probs, means, log_scales, coeffs = dml_split(params, n_mix)
+    xe = x.float().unsqueeze(2)  # (B, 3, 1, H, W)
+    means = _coupled_means(means, coeffs, xe)
+    centered = xe - means
+    inv_s = torch.exp(-log_scales)
+    plus_in = inv_s * (centered + DML_HALF_BIN)
+    min_in = inv_s * (centered - DML_HALF_BIN)
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)  # log CDF at the top of the lowest bin (x = -1)
+    log_one_minus_cdf_min = -F.softplus(min_in)  # log (1 - CDF) at the bottom of the highest bin (x = 1)
+    mid_in = inv_s * centered
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)  # for bins too narrow to difference stably
+    log_bin = torch.where(
+        cdf_delta > DML_WIDE_BIN,
+        torch.log(cdf_delta.clamp_min(1e-12)),
+        log_pdf_mid - DML_LOG_HALF_BINS,
+    )
+    log_probs = torch.where(xe < -0.999, log_cdf_plus, torch.where(xe > 0.999, log_one_minus_cdf_min, log_bin))
+    log_probs = log_probs.sum(1) + F.log_softmax(logit_probs, dim=1)  # (B, n_mix, H, W)
+    return torch.logsumexp(log_probs, dim=1).flatten(1).sum(1)

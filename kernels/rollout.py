@@ -38,58 +38,53 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import TL_DTYPE, check_inputs
 from .launch import fewer_stages, launch_fitting, on_input_device
 from .nca_step import (
-    _INTERPRET,
-    StepConfig,
-    _check_inputs,
-    _nca_step_fwd_kernel,
     fwd_candidates,
     fwd_constexprs,
     fwd_k_major,
+    fwd_kernel,
     fwd_kernel_spec,
     fwd_weight_args,
     pack_weights,
-    step_config,
 )
 from .nca_step_bwd import (
-    _MAX_SPLITS,
-    BwdConfig,
-    _acc_wgrad_1x1_tile,
-    _chunk,
-    _dstate_constexprs,
-    _dstate_tile,
-    _main_constexprs,
-    _nca_step_bwd_kernel,
-    _splits,
-    _transposed_conv_weights,
-    _wgrad_tile,
-    bwd_config,
     bwd_kernel_specs,
+    dstate_constexprs,
     main_candidates,
+    main_constexprs,
+    main_kernel,
     main_weight_args,
+    transposed_conv_weights,
 )
 from .reference import UpdateWeights
 from .schedule import RolloutPlan
 from .small_grid import (
-    _rollout_bwd_small_kernel,
-    _rollout_wgrad_small_kernel,
     launch_small_fwd,
     samples_per_program,
-    small_bwd_constexprs,
-    small_config,
     small_fwd_kernel_spec,
     small_grid_steps,
-    small_wgrad_constexprs,
 )
 from .spec import KernelSpec
+from .stages import acc_wgrad_1x1_tile, dstate_tile, wgrad_tile
+from .tiles import (
+    MAX_SPLITS,
+    BwdConfig,
+    StepConfig,
+    bwd_config,
+    chunk,
+    interpreting,
+    post_config,
+    small_config,
+    split_cells,
+    splits,
+    step_config,
+)
 from .utils import k_major
 from .wgrad import Batch, batch_cell_elems, launch_batched_wgrad, wgrad_kernel_spec
 
-__all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs", "small_bwd_kernel_specs"]
-
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
+__all__ = ["StepPlan", "nca_rollout", "post_kernel_spec", "rollout_kernel_specs"]
 
 # --------------------------------------------------------------------------------------------------- kernel
 @triton.jit
@@ -137,9 +132,9 @@ def _rollout_bwd_post_kernel(
     """The state gradient and every weight gradient of one step, accumulated across the rollout's steps.
 
     Grid: ``(n_ds + n_wp + n_wo + 2 * n_w1,)``, a flat range of programs cut into parts: the first ``n_ds`` run
-    the state-gradient tiles (``nca_step_bwd._dstate_tile``: ``dz = S(grad_out + conv3x3^T(dpre))``, ``DS_BLOCK_M``
+    the state-gradient tiles (``stages.dstate_tile``: ``dz = S(grad_out + conv3x3^T(dpre))``, ``DS_BLOCK_M``
     input cells x ``DS_BLOCK_N`` state channels each), the others
-    one ``(BLOCK_A, BLOCK_B)`` tile of one split of one weight-gradient GEMM (``nca_step_bwd._wgrad_tile``), in the
+    one ``(BLOCK_A, BLOCK_B)`` tile of one split of one weight-gradient GEMM (``stages.wgrad_tile``), in the
     order perception (9 taps, B gathered from the input state), output conv, first and second 1x1 of every block.
     Each GEMM tile adds its fp32 partial ``a[cells of s]^T b[cells of s]`` to its slot of ``acc``: one writer per
     slot, launches in order, so the accumulation is deterministic.
@@ -147,102 +142,33 @@ def _rollout_bwd_post_kernel(
     pid = tl.program_id(0)
     if pid < n_ds:
         N_CHUNKS: tl.constexpr = C_PAD // DS_BLOCK_N  # neighbouring programs: one cell tile, its channel chunks
-        _dstate_tile((pid // N_CHUNKS).to(tl.int64) * DS_BLOCK_M, M_in, (pid % N_CHUNKS) * DS_BLOCK_N, dpre_ptr,
+        dstate_tile((pid // N_CHUNKS).to(tl.int64) * DS_BLOCK_M, M_in, (pid % N_CHUNKS) * DS_BLOCK_N, dpre_ptr,
                      wb_ptr, gout_ptr, dz_ptr, H, W, C, C_PAD, HID, DOUBLE, INPUT_PRECISION, INTERP_BF16,
                      DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, DS_BLOCK_N, DS_KMAJOR)
     elif pid < n_ds + n_wp:
         q = pid - n_ds
         GA: tl.constexpr = HID // BA_P
         GTB: tl.constexpr = 9 * (C // BB_P)
-        _wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), dpre_ptr, z_ptr, acc_ptr,
+        wgrad_tile(q % GA, (q // GA) % GTB, (q // (GA * GTB)).to(tl.int64), dpre_ptr, z_ptr, acc_ptr,
                     acc_ptr + 9 * HID * C, M, H, W, cells_per_split, S, 1, SLOT, SLOT, HID, C, 9, True,
                     1 if DOUBLE else 0, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True, True)
     else:
-        _acc_wgrad_1x1_tile(pid - n_ds - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, M, cells_per_split, S,
+        acc_wgrad_1x1_tile(pid - n_ds - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, M, cells_per_split, S,
                             SLOT, n_wo, n_w1, C, HID, N_BLOCKS, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BA_H,
                             BLOCK_CELLS)
 
 
 # ----------------------------------------------------------------------------------------------------- plan
-def small_bwd_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee",
-                     *, n_blocks: int | None = None, interpret: bool = _INTERPRET) -> tuple[BwdConfig, int] | None:
-    """The small-grid backward's tiles (``kernels/small_grid.py``): the main and state-gradient tiles of the one
-    kernel that holds both, and the state channels per pass of its state gradient; None where none is known to fit
-    (those rollouts take the per-step backward).
-
-    One kernel holds the backward main kernel's body (244-255 registers on its own at h = 256) and the state
-    gradient's, so the main tiles are narrower than ``bwd_config``'s and the state gradient runs in passes of 32
-    channels instead of one of |z| (its (64, 256) fp32 accumulator alone spilled 400-580 B). Measured with the sm_90
-    fit under Triton 3.8 and 3.6 (``python -m fastnca.kernels.fit --only rollout``), no spills: bf16 at h = 256 with
-    64 cells x 16-wide chunks (255 / 255 registers); h = 128 with blocks, 128 cells x 16-wide chunks in bf16 and
-    tf32 (250-255); fp32 "ieee" at h = 128 with blocks 32 cells x 8 warps; the rest ``bwd_config``'s own; passes of
-    32 channels with blocks, 64 without. tf32 at h = 256 has no small-grid forward, hence no
-    backward either.
-    """
-    cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=interpret)
-    if interpret:  # passes of 16 channels, so that the tests' |z| = 32 takes two
-        return cfg, 16
-    hid = triton.next_power_of_2(hidden_channels)
-    main = None
-    if dtype == torch.bfloat16:
-        main = (64, 16, 16, 8, 2) if hid >= 256 else (128, 16, 16, 8, 2) if n_blocks else None
-    elif input_precision == "tf32":
-        if hid >= 256:
-            return None
-        main = (128, 16, 16, 8, 2) if n_blocks else None
-    elif n_blocks and hid <= 128:
-        main = (32, 32, 16, 8, 2)
-    if main is not None:
-        m, k, cc, warps, stages = main
-        # the per-step main kernel's loop stages and operand reload are its own fit, not this kernel's
-        cfg = dataclasses.replace(cfg, block_m=m, block_k=_chunk(hid, k), block_c=_chunk(state_channels, cc),
-                                  warps=warps, stages=stages, blk_stages=None, out_stages=None, reload_operand=False,
-                                  int32_index=False)
-    # without blocks, 32 spilled 8 B (bf16, Triton 3.6); fp32 "ieee" at |z| = h = 128 with blocks spilled 8 B with 64
-    # under 3.6 once the blocks' activations were stored instead of their pre-activations (2026-11-28)
-    return cfg, 32 if n_blocks else 64
-
-
-def post_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, input_precision: str = "ieee", *,
-                n_blocks: int | None = None, interpret: bool = _INTERPRET) -> BwdConfig:
-    """The post kernel's tiles: the backward's state-gradient and weight-gradient tiles (``bwd_config``), with
-    weight-gradient tiles of at most 64 x 64 and 2 stages, and state-gradient programs of at most 128 state
-    channels (bf16) or 64 (tf32).
-
-    One kernel holds every branch, so it needs the registers of the largest and the shared memory the compiler
-    gives them together: at |z| = h = 256 bf16 the per-step kernels' 128 x 128 tiles compiled to 255 registers
-    with 16-24 B of spills and 160-240 KiB of shared memory (2-3 stages); 64 x 64 tiles with 2 stages fit in 166
-    registers and 80 KiB (``python -m fastnca.kernels.fit``, table in kernels/README.md). The largest branch was
-    then the state gradient's (64, |z|) fp32 accumulator: with its channels split over programs every bf16 and tf32
-    post kernel fits in at most 128 registers at 8 warps (Triton 3.8 and 3.6; 130-218 before), so two programs
-    share an SM instead of one.
-    """
-    cfg = bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=interpret)
-    if interpret:
-        return cfg
-    # bf16: 128 cells per reduction step (with splits of >= _POST_MIN_CELLS_PER_SPLIT cells) measured 1.12x faster
-    # than 64 over the mnist-doubling rollout's backward (H100, B = 32, benchmarks/tune.py, benchmarks/RESULTS.md)
-    cells = 128 if dtype == torch.bfloat16 else cfg.wg_block_cells
-    ds_n = 128 if dtype == torch.bfloat16 else 64 if input_precision == "tf32" else None
-    return dataclasses.replace(cfg, wg_block=min(cfg.wg_block, 64), wg_block_cells=cells, wg_stages=2,
-                               ds_block_n=ds_n)
-
-
-# Cells per split of the post kernel's weight-gradient reductions, at least: longer reductions per program, fewer
-# fp32 partials to add (measured with the 128-cell steps above)
-_POST_MIN_CELLS_PER_SPLIT = 4096
-
-
 def _post_constexprs(c: int, hp: int, n_blocks: int, *, double: bool, input_precision: str, interp_bf16: bool,
                      cfg: BwdConfig) -> dict[str, Any]:
     """The post kernel's constexprs: one builder for the launch and the sm_90 fit spec."""
-    ds = _dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=interp_bf16, cfg=cfg)
+    ds = dstate_constexprs(c, hp, double=double, input_precision=input_precision, interp_bf16=interp_bf16, cfg=cfg)
     return dict(C=c, C_PAD=ds["C_PAD"], HID=hp, N_BLOCKS=n_blocks, DOUBLE=bool(double),
                 INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16, DS_BLOCK_M=ds["BLOCK_M"],
                 DS_BLOCK_K=ds["BLOCK_K"], DS_BLOCK_N=min(ds["C_PAD"], cfg.ds_block_n or ds["C_PAD"]),
-                DS_KMAJOR=ds["W_KMAJOR"], BA_P=_chunk(hp, cfg.wg_block),
-                BB_P=_chunk(c, cfg.wg_block),
-                BA_O=_chunk(c, cfg.wg_block), BB_O=_chunk(hp, cfg.wg_block), BA_H=_chunk(hp, cfg.wg_block),
+                DS_KMAJOR=ds["W_KMAJOR"], BA_P=chunk(hp, cfg.wg_block),
+                BB_P=chunk(c, cfg.wg_block),
+                BA_O=chunk(c, cfg.wg_block), BB_O=chunk(hp, cfg.wg_block), BA_H=chunk(hp, cfg.wg_block),
                 BLOCK_CELLS=cfg.wg_block_cells)
 
 
@@ -269,7 +195,7 @@ class StepPlan:
         self.hp = triton.next_power_of_2(self.h)
         # w3 (9, C, hp), w1 / w2 [blk, k, n], wout (hp, C), fp32 biases; the forward's K-major copies for tf32
         self.fwd = pack_weights(w, self.dtype, k_major=fwd_k_major(self.input_precision))
-        self.upcast = _INTERPRET and self.dtype == torch.bfloat16
+        self.upcast = interpreting() and self.dtype == torch.bfloat16
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -286,10 +212,6 @@ class StepPlan:
         return bwd_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb, recompute=recompute)
 
     @property
-    def small_bwd_config(self) -> tuple[BwdConfig, int] | None:
-        return small_bwd_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb)
-
-    @property
     def post_config(self) -> BwdConfig:
         return post_config(self.c, self.hp, self.dtype, self.input_precision, n_blocks=self.nb)
 
@@ -304,7 +226,7 @@ class StepPlan:
     def main_constexprs(self, *, double: bool, has_mask: bool, cfg: BwdConfig, m: int | None = None,
                         recompute: bool = True) -> dict[str, Any]:
         p = self.fwd
-        return _main_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
+        return main_constexprs(self.c, self.hp, self.nb, double=double, has_mask=has_mask,
                                 has_b3=p["b3"] is not None, has_b1=p["b1"] is not None, has_b2=p["b2"] is not None,
                                 input_precision=self.input_precision, interp_bf16=self.upcast, dtype=self.dtype,
                                 cfg=cfg, m=m, recompute=recompute)
@@ -319,7 +241,7 @@ class StepPlan:
             self.w2 = p["w2k"] if "w2k" in p else p["w2"].transpose(1, 2).contiguous()
         self.wout = p["woutk"] if "woutk" in p else p["wout"].t().contiguous()  # (C, hp)
         cp = triton.next_power_of_2(c)
-        self.wb = {d: _transposed_conv_weights(w.w_perceive, d, dt, hp, cp, k_major(self.input_precision))
+        self.wb = {d: transposed_conv_weights(w.w_perceive, d, dt, hp, cp, k_major(self.input_precision))
                    for d in sorted(doubles)}
         self.zeros_f32 = torch.zeros(max(hp, c), dtype=torch.float32, device=dev)  # absent biases' pointer
 
@@ -380,7 +302,7 @@ def _launch_fwd(sp: StepPlan, src: Tensor, dst: Tensor, mask: Tensor | None, dou
 
     def launch(cfg: StepConfig) -> None:
         consts = sp.fwd_constexprs(double=double, has_mask=mask is not None, cfg=cfg, store_acts=store)
-        _nca_step_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+        fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
             z_ptr=src, out_ptr=dst, mask_ptr=p["w3"] if mask is None else mask,
             **fwd_weight_args(p, consts["W_KMAJOR"]), acts_ptr=acts if store else dst, M=m, H=h, W=w, **consts,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -404,13 +326,9 @@ class _Workspace:
         self.dpre = torch.empty(m_max * hp, dtype=dt, device=device)
         self.dz = [torch.empty(state_max, dtype=dt, device=device) for _ in range(2)]
         self.states = torch.empty(max(n_recompute, 0) * state_max, dtype=dt, device=device)
-        self.acc = torch.zeros((_MAX_SPLITS, sp.slot), dtype=torch.float32, device=device)  # the one fill
+        self.acc = torch.zeros((MAX_SPLITS, sp.slot), dtype=torch.float32, device=device)  # the one fill
         self.state_max = state_max
         self.dtype, self.device = dt, device
-
-    def small_grads(self, numel: int) -> Tensor:
-        """The small-grid backward's two state-gradient buffers (apart from ``dz``, one of which holds its input)."""
-        return torch.empty(numel, dtype=self.dtype, device=self.device)
 
 
 def _launch_bwd_step(sp: StepPlan, ws: _Workspace, z: Tensor, gout: Tensor, dz: Tensor, mask: Tensor | None,
@@ -456,7 +374,7 @@ def _launch_main(sp: StepPlan, z: Tensor, gout: Tensor, mask: Tensor | None, dou
 
     def main(cfg: BwdConfig) -> None:
         mconsts = sp.main_constexprs(double=double, has_mask=has_mask, cfg=cfg, m=m, recompute=recompute)
-        _nca_step_bwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+        main_kernel[(triton.cdiv(m, cfg.block_m),)](
             z_ptr=z, gout_ptr=gout, mask_ptr=z if mask is None else mask,
             **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
             b1_ptr=p["b1"] if p["b1"] is not None else zf, b2_ptr=p["b2"] if p["b2"] is not None else zf,
@@ -480,7 +398,7 @@ def _launch_post(sp: StepPlan, z: Tensor, gout: Tensor, dz: Tensor, double: bool
 
     def post(pcfg: BwdConfig) -> None:
         consts = sp.post_constexprs(double=double, cfg=pcfg)
-        per_split, n_splits = _splits(m, pcfg.wg_block_cells, _POST_MIN_CELLS_PER_SPLIT)
+        per_split, n_splits = splits(m, pcfg.wg_block_cells, split_cells().post)
         n_ds = triton.cdiv(m_in, consts["DS_BLOCK_M"]) * (consts["C_PAD"] // consts["DS_BLOCK_N"])
         n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits if wgrad else 0
         n_wo = (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits if wgrad else 0
@@ -494,52 +412,6 @@ def _launch_post(sp: StepPlan, z: Tensor, gout: Tensor, dz: Tensor, double: bool
 
     pcfg = sp.post_config
     launch_fitting(("post", pcfg, *sp.key, double, z.device), pcfg, fewer_stages("wg_stages"), post)
-
-
-def _launch_small_bwd(sp: StepPlan, ws: _Workspace, z0: Tensor, keep: Tensor, gin: Tensor, masks: Tensor | None,
-                      flags: tuple[bool, ...], batch: int, grids: list[tuple[int, int]], m_small: int) -> Tensor:
-    """The backward of the leading small-grid steps in two launches (``kernels/small_grid.py``): the per-sample
-    persistent kernel (main + state gradient of every step, last first), then every weight gradient of those steps
-    into ``ws.acc``. ``grids``: the first step's input grid, then every step's output grid. Returns the gradient of
-    the first step's input, ``(B, H0, W0, C)``."""
-    cfg, ds_block_n = sp.small_bwd_config
-    pcfg = sp.post_config
-    hp, nb, c = sp.hp, sp.nb, sp.c
-    (h0, w0), (hl, wl) = grids[0], grids[-1]
-    n = len(flags)
-    bits = sum(1 << i for i, f in enumerate(flags) if f)
-    s_max = max(batch * h * w * c for h, w in grids)
-    gbuf = ws.small_grads(2 * s_max)
-    p = sp.fwd
-    zf = sp.zeros_f32
-    mconsts = sp.main_constexprs(double=False, has_mask=masks is not None, cfg=cfg)
-    spp = samples_per_program(batch, hl * wl, cfg.block_m)
-    y, a, da, dy = (ws.y[: (nb + 1) * m_small * hp], ws.a[: max(nb, 1) * m_small * hp],
-                    ws.da[: max(nb, 1) * m_small * hp], ws.dy[: max(nb, 1) * m_small * hp])
-    g, dpre = ws.g[: m_small * c], ws.dpre[: m_small * hp]
-    _rollout_bwd_small_kernel[(triton.cdiv(batch, spp),)](
-        z_ptr=z0, keep_ptr=keep, gin_ptr=gin, gbuf_ptr=gbuf, mask_ptr=z0 if masks is None else masks,
-        **sp.main_weights(mconsts), b3_ptr=p["b3"] if p["b3"] is not None else zf,
-        b1_ptr=p["b1"] if p["b1"] is not None else zf, b2_ptr=p["b2"] if p["b2"] is not None else zf,
-        wb_ptr=sp.wb.get(False, sp.wb.get(True)), wbd_ptr=sp.wb.get(True, sp.wb.get(False)),  # only flags' read
-        y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre,
-        B=batch, H0=h0, W0=w0, n_steps=n, flags=bits, spp=spp, m_total=m_small, s_max=s_max,
-        **small_bwd_constexprs(mconsts, sp.post_constexprs(double=False, cfg=cfg), ds_block_n),
-        num_warps=cfg.warps, num_stages=cfg.stages,
-    )
-    pconsts = sp.post_constexprs(double=False, cfg=pcfg)
-    cps_p, s_p = _splits(max(batch * h * w for h, w in grids[1:]), pcfg.wg_block_cells)
-    cps_1, s_1 = _splits(m_small, pcfg.wg_block_cells)
-    n_wp = (hp // pconsts["BA_P"]) * 9 * (c // pconsts["BB_P"]) * s_p
-    n_wo = (c // pconsts["BA_O"]) * (hp // pconsts["BB_O"]) * s_1
-    n_w1 = (hp // pconsts["BA_H"]) ** 2 * nb * s_1
-    _rollout_wgrad_small_kernel[(n_wp + n_wo + 2 * n_w1,)](
-        z_ptr=z0, keep_ptr=keep, y_ptr=y, a_ptr=a, da_ptr=da, dy_ptr=dy, g_ptr=g, dpre_ptr=dpre, acc_ptr=ws.acc,
-        B=batch, H0=h0, W0=w0, n_steps=n, flags=bits, m_total=m_small, cps_p=cps_p, s_p=s_p, cps_1=cps_1, s_1=s_1,
-        SLOT=sp.slot, n_wp=n_wp, n_wo=n_wo, n_w1=n_w1, **small_wgrad_constexprs(pconsts),
-        num_warps=pcfg.wg_warps, num_stages=pcfg.wg_stages,
-    )
-    return gbuf[: batch * h0 * w0 * c].view(batch, h0, w0, c)  # step 0 wrote buffer 0
 
 
 # ------------------------------------------------------------------------------------------------- autograd
@@ -568,16 +440,6 @@ def _small_steps(sp: StepPlan, plan: RolloutPlan, height: int, width: int, masks
     return n
 
 
-def _small_bwd_fits(sp: StepPlan, batch: int, grids: list[tuple[int, int]], n_small: int) -> bool:
-    """Whether the small-grid backward runs the first ``n_small`` steps (``grids``: every step's output grid): a tile
-    fits the shapes, its per-cell buffers (all those steps' cells at once) are no larger than the per-step backward's
-    for the rollout's largest step (so the backward's memory is what ``fastnca/memory.py`` models; a long rollout on
-    one small grid takes the per-step backward), and every offset fits its 32-bit indices."""
-    rows = sum(batch * h * w for h, w in grids[:n_small])
-    return (sp.small_bwd_config is not None and rows <= max(batch * h * w for h, w in grids)
-            and (sp.nb + 1) * rows * max(sp.hp, sp.c) < 2 ** 31)
-
-
 def _flat_masks(masks: list[Tensor | None]) -> Tensor | None:
     """Steps' uint8 masks as one flat buffer in step order: the masks themselves when they already lie back to back
     (``schedule.draw_masks`` draws them so), else one concatenation."""
@@ -597,7 +459,7 @@ class _Layout:
     """Where the forward keeps what the backward reads, in one flat buffer (``keep``): the inputs of the plan's
     ``stored_inputs`` steps (the seed excepted: the caller owns it), then, where the plan keeps activations
     (``RolloutPlan.keeps_activations``), every step's activation planes in step order: (2 nb + 1) planes of
-    (B H_i W_i, hp) per step, y_0 .. y_nb then u_0 .. u_{nb-1}, as ``nca_step._step_cells`` writes them."""
+    (B H_i W_i, hp) per step, y_0 .. y_nb then u_0 .. u_{nb-1}, as ``stages.step_cells`` writes them."""
 
     sizes: list[int]  # elements of step i's input state (sizes[t]: the output's)
     grids: list[tuple[int, int]]  # the input grid, then every step's output grid
@@ -642,13 +504,11 @@ class _Saved:
 
     sp: StepPlan
     layout: _Layout
-    n_small_bwd: int
 
 
 @on_input_device
 def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, masks: list[Tensor | None],
-                     input_precision: str, small_grid: bool,
-                     small_grid_backward: bool) -> tuple[Tensor, Tensor, _Saved]:
+                     input_precision: str, small_grid: bool) -> tuple[Tensor, Tensor, _Saved]:
     """The forward of every step: the final state ``(B, H', W', C)`` (channels-last storage), what it keeps for the
     backward (one flat buffer, ``_Layout``) and the rest the backward needs."""
     sp = StepPlan(weights, state.dtype, input_precision)
@@ -671,7 +531,7 @@ def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, m
         last = out if n_small == t else lay.state(keep, n_small, b, c)
         cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, store_acts=store)
         spp = samples_per_program(b, hh * ww, cfg.block_m)
-        if _INTERPRET:  # tiles sized to one program's cells at the largest small step
+        if interpreting():  # tiles sized to one program's cells at the largest small step
             cfg = small_config(c, sp.h, sp.dtype, input_precision=sp.input_precision, num_cells=spp * hh * ww,
                                store_acts=store)
         flat_masks = _flat_masks(masks[:n_small])
@@ -696,8 +556,7 @@ def _rollout_forward(state: Tensor, weights: UpdateWeights, plan: RolloutPlan, m
             dst = ping[which][: sizes[i + 1]].view(b, hh, ww, c)
         _launch_fwd(sp, src, dst, masks[i], plan.flags[i], (hh, ww), b, lay.act(keep, i))
         src = dst
-    n_small_bwd = n_small if n_small and small_grid_backward and _small_bwd_fits(sp, b, grids, n_small) else 0
-    return out, keep, _Saved(sp, lay, n_small_bwd)
+    return out, keep, _Saved(sp, lay)
 
 
 @on_input_device
@@ -709,21 +568,17 @@ def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan:
     sp.weights = weights
     sp.pack_backward({bool(f) for f in plan.flags})
     b, c = state.shape[:2]
-    lay, n_small = saved.layout, saved.n_small_bwd
+    lay = saved.layout
     grids, sizes = lay.grids, lay.sizes
     z0 = state.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
     gout = grad_out.to(state.dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy if channels-last
     if plan.batched_wgrad:  # its own batch buffers instead of the per-step workspace below
         gout, acc = _backward_batched(sp, plan, masks, lay, z0, keep, gout)
         return gout.permute(0, 3, 1, 2), sp.unpack_grads(acc.sum(0))
-    m_small = sum(b * h * w for h, w in grids[1: n_small + 1])  # the small-grid steps' cells, all together
-    m_max = max(b * h * w for h, w in grids[1:])  # >= m_small (_small_bwd_fits)
-    ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device,
-                    recompute=lay.acts is None or n_small > 0)
+    m_max = max(b * h * w for h, w in grids[1:])
+    ws = _Workspace(sp, m_max, max(sizes), plan.stride - 1, state.device, recompute=lay.acts is None)
     which = 0
     for start, end in reversed(plan.segments()):
-        if end <= n_small:  # the small-grid steps: two launches below (their segments are single steps)
-            break
         # the segment's inputs: the stored one, then recomputed ones in the workspace
         inputs = [z0 if start == 0 else lay.state(keep, start, b, c)]
         for j, i in enumerate(range(start, end - 1)):
@@ -737,9 +592,6 @@ def _rollout_backward(state: Tensor, keep: Tensor, weights: UpdateWeights, plan:
             _launch_bwd_step(sp, ws, inputs[i - start], gout, dz, masks[i], plan.flags[i], b, grids[i + 1],
                              lay.act(keep, i))
             gout, which = dz, 1 - which
-    if n_small:
-        gout = _launch_small_bwd(sp, ws, z0, keep, gout, _flat_masks(masks[:n_small]), plan.flags[:n_small], b,
-                                 grids[: n_small + 1], m_small)
     grads = sp.unpack_grads(ws.acc.sum(0))
     return gout.permute(0, 3, 1, 2), grads
 
@@ -810,14 +662,13 @@ def _backward_batched(sp: StepPlan, plan: RolloutPlan, masks: list[Tensor | None
 
 
 class _RolloutFunction(torch.autograd.Function):
-    """``apply(state, plan, masks, input_precision, small_grid, small_grid_backward, *weights.flat())``; see the
-    module docstring."""
+    """``apply(state, plan, masks, input_precision, small_grid, *weights.flat())``; see the module docstring."""
 
     @staticmethod
     def forward(ctx, state: Tensor, plan: RolloutPlan, masks: list[Tensor | None], input_precision: str,
-                small_grid: bool, small_grid_backward: bool, *flat: Tensor | None) -> Tensor:
+                small_grid: bool, *flat: Tensor | None) -> Tensor:
         out, keep, saved = _rollout_forward(state, UpdateWeights.from_flat(flat), plan, masks, input_precision,
-                                            small_grid, small_grid_backward)
+                                            small_grid)
         ctx.save_for_backward(state, keep, *flat)
         ctx.plan, ctx.masks, ctx.saved = plan, masks, saved  # saved.sp: the packed weights, packed once per call
         return out.permute(0, 3, 1, 2)
@@ -827,7 +678,7 @@ class _RolloutFunction(torch.autograd.Function):
         state, keep, *flat = ctx.saved_tensors
         grad_state, grads = _rollout_backward(state, keep, UpdateWeights.from_flat(flat), ctx.plan, ctx.masks,
                                               ctx.saved, grad_out)
-        return (grad_state, None, None, None, None, None, *grads)
+        return (grad_state, None, None, None, None, *grads)
 
 
 # ------------------------------------------------------------------------------------------- custom op
@@ -848,18 +699,18 @@ def _op_weights(tensors: list[Tensor], present: list[bool]) -> UpdateWeights:
 @torch.library.custom_op("fastnca::nca_rollout", mutates_args=())
 def _nca_rollout_op(state: Tensor, tensors: list[Tensor], present: list[bool], masks: list[Tensor],
                     flags: list[bool], segment: int, policy: str, wgrad: str, wgrad_batch_bytes: int,
-                    input_precision: str, small_grid: bool, small_grid_backward: bool) -> tuple[Tensor, Tensor]:
+                    input_precision: str, small_grid: bool) -> tuple[Tensor, Tensor]:
     """The rollout's final state (channels-last ``(B, C, H', W')``) and its stored states (flat)."""
     plan = _op_plan(flags, segment, policy, wgrad, wgrad_batch_bytes)
     out, keep, _ = _rollout_forward(state, _op_weights(tensors, present), plan, list(masks) or [None] * len(flags),
-                                    input_precision, small_grid, small_grid_backward)
+                                    input_precision, small_grid)
     out = out.permute(0, 3, 1, 2)
     return (out.clone() if not flags else out), keep  # no steps: a copy, an op's output may not alias its input
 
 
 @_nca_rollout_op.register_fake
 def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, wgrad, wgrad_batch_bytes,
-                      input_precision, small_grid, small_grid_backward):
+                      input_precision, small_grid):
     b, c, h0, w0 = state.shape
     plan = _op_plan(flags, segment, policy, wgrad, wgrad_batch_bytes)
     weights = _op_weights(tensors, present)
@@ -872,8 +723,7 @@ def _nca_rollout_fake(state, tensors, present, masks, flags, segment, policy, wg
 @torch.library.custom_op("fastnca::nca_rollout_backward", mutates_args=())
 def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], present: list[bool], masks: list[Tensor],
                         flags: list[bool], segment: int, policy: str, wgrad: str, wgrad_batch_bytes: int,
-                        input_precision: str, small_grid: bool, small_grid_backward: bool,
-                        grad_out: Tensor) -> list[Tensor]:
+                        input_precision: str, small_grid: bool, grad_out: Tensor) -> list[Tensor]:
     """``[grad_state, *gradients of the present weights]``."""
     plan = _op_plan(flags, segment, policy, wgrad, wgrad_batch_bytes)
     weights = _op_weights(tensors, present)
@@ -881,10 +731,7 @@ def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], pres
     # the forward's decisions and packed weights, rebuilt (an op keeps nothing between calls)
     b, c, h0, w0 = state.shape
     sp = StepPlan(weights, state.dtype, input_precision)
-    lay = _layout(plan, b, c, h0, w0, sp.hp, sp.nb)
-    n_small = _small_steps(sp, plan, h0, w0, ms) if small_grid else 0
-    n_small_bwd = n_small if n_small and small_grid_backward and _small_bwd_fits(sp, b, lay.grids[1:], n_small) else 0
-    saved = _Saved(sp, lay, n_small_bwd)
+    saved = _Saved(sp, _layout(plan, b, c, h0, w0, sp.hp, sp.nb))
     grad_state, grads = _rollout_backward(state, keep, weights, plan, ms, saved, grad_out)
     outs = [grad_state.contiguous(memory_format=torch.channels_last)] + [g for g in grads if g is not None]
     # an op's outputs may not share storage with its inputs or each other: the weight gradients are views of one
@@ -899,7 +746,7 @@ def _nca_rollout_bwd_op(state: Tensor, keep: Tensor, tensors: list[Tensor], pres
 
 @_nca_rollout_bwd_op.register_fake
 def _nca_rollout_bwd_fake(state, keep, tensors, present, masks, flags, segment, policy, wgrad, wgrad_batch_bytes,
-                          input_precision, small_grid, small_grid_backward, grad_out):
+                          input_precision, small_grid, grad_out):
     return [torch.empty_like(state)] + [torch.empty_like(t) for t in tensors]
 
 
@@ -907,7 +754,7 @@ def _nca_rollout_setup_context(ctx, inputs, output) -> None:
     state, tensors, present, masks, *args = inputs
     ctx.save_for_backward(state, output[1], *tensors, *masks)
     ctx.n_tensors = len(tensors)
-    ctx.args = (present, *args)  # flags, segment, policy, wgrad, wgrad_batch_bytes, input_precision, small_grid(s)
+    ctx.args = (present, *args)  # flags, segment, policy, wgrad, wgrad_batch_bytes, input_precision, small_grid
 
 
 def _nca_rollout_backward(ctx, grad_out, grad_keep):
@@ -929,7 +776,6 @@ def nca_rollout(
     *,
     input_precision: str = "ieee",
     small_grid: bool = True,
-    small_grid_backward: bool = False,
 ) -> Tensor:
     """Run every step of ``plan`` with the fused kernels, as one autograd node.
 
@@ -942,10 +788,7 @@ def nca_rollout(
         input_precision: "ieee" or "tf32", for fp32 dots.
         small_grid: run the leading steps on grids of at most ``small_grid.SMALL_GRID_CELLS`` cells per sample in
             one launch (``kernels/small_grid.py``) where the plan stores every step's input; False: one launch per
-            step (the fallback, kept for comparison).
-        small_grid_backward: with ``small_grid``, also backpropagate through those steps in the small-grid
-            backward's two launches. Off by default: on an H100 (mnist-doubling, bf16, B = 32) the per-step
-            backward of those steps made the rollout's forward + backward 1.15x faster (benchmarks/RESULTS.md).
+            step (the fallback, kept for comparison). The backward runs those steps one launch each.
 
     Returns:
         The final state ``(B, |z|, H', W')`` in the state's dtype, channels-last. Its backward yields the gradients
@@ -959,7 +802,7 @@ def nca_rollout(
         raise ValueError(f"masks: expected {plan.num_steps} (one per step), got {len(masks)}")
     b = state.shape[0]
     grids = plan.grids(state.shape[2], state.shape[3]) if state.dim() == 4 else []
-    _check_inputs(state, weights, masks[0] if masks else None, plan.flags[0] if plan.flags else False,
+    check_inputs(state, weights, masks[0] if masks else None, plan.flags[0] if plan.flags else False,
                   input_precision)
     masks = [_as_u8(m, (b, 1, h, w)) for m, (h, w) in zip(masks, grids)]
     if torch.compiler.is_compiling():  # the custom op: opaque to torch.compile, so fullgraph=True traces through
@@ -968,10 +811,8 @@ def nca_rollout(
         flat = weights.flat()
         return _nca_rollout_op(state, [t for t in flat if t is not None], [t is not None for t in flat],
                                [m for m in masks if m is not None], list(plan.flags), plan.segment, plan.policy,
-                               plan.wgrad, plan.wgrad_batch_bytes, input_precision, bool(small_grid),
-                               bool(small_grid_backward))[0]
-    return _RolloutFunction.apply(state, plan, masks, input_precision, bool(small_grid), bool(small_grid_backward),
-                                  *weights.flat())
+                               plan.wgrad, plan.wgrad_batch_bytes, input_precision, bool(small_grid))[0]
+    return _RolloutFunction.apply(state, plan, masks, input_precision, bool(small_grid), *weights.flat())
 
 
 # ------------------------------------------------------------------------------------------------------ fit
@@ -983,7 +824,7 @@ def post_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, d
     cfg = cfg or post_config(state_channels, hp, dtype, input_precision, n_blocks=n_blocks, interpret=False)
     consts = _post_constexprs(state_channels, hp, n_blocks, double=double, input_precision=input_precision,
                               interp_bf16=False, cfg=cfg)
-    ty = _TL_DTYPE[dtype]
+    ty = TL_DTYPE[dtype]
     ptrs = {n: f"*{ty}" for n in ("dpre_ptr", "wb_ptr", "gout_ptr", "dz_ptr", "z_ptr", "y_ptr", "a_ptr", "da_ptr",
                                    "dy_ptr", "g_ptr")}
     ptrs["acc_ptr"] = "*fp32"
@@ -992,46 +833,12 @@ def post_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, d
     return KernelSpec("post", fn, sig, consts, cfg.wg_warps, cfg.wg_stages)
 
 
-def small_bwd_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
-                           input_precision: str = "ieee", mask: bool = True,
-                           config: tuple[BwdConfig, int] | None = None) -> list[KernelSpec]:
-    """The small-grid backward's two kernels as ``nca_rollout``'s backward launches them on the GPU (sm_90 fit;
-    ``config`` overrides ``small_bwd_config``)."""
-    hp = triton.next_power_of_2(hidden_channels)
-    config = config or small_bwd_config(state_channels, hp, dtype, input_precision, n_blocks=n_blocks,
-                                        interpret=False)
-    if config is None:
-        raise ValueError(f"small_bwd_kernel_specs: no small-grid backward tiles for {dtype} / {input_precision} at "
-                         f"h = {hidden_channels}")
-    cfg, ds_block_n = config
-    pcfg = post_config(state_channels, hp, dtype, input_precision, n_blocks=n_blocks, interpret=False)
-    main = _main_constexprs(state_channels, hp, n_blocks, double=False, has_mask=mask, has_b3=True,
-                            has_b1=n_blocks > 0, has_b2=n_blocks > 0, input_precision=input_precision,
-                            interp_bf16=False, dtype=dtype, cfg=cfg)
-    post = _post_constexprs(state_channels, hp, n_blocks, double=False, input_precision=input_precision,
-                            interp_bf16=False, cfg=cfg)
-    wpost = _post_constexprs(state_channels, hp, n_blocks, double=False, input_precision=input_precision,
-                             interp_bf16=False, cfg=pcfg)
-    ty = _TL_DTYPE[dtype]
-    specs = []
-    for name, fn, consts, warps, stages in (
-            ("small-bwd", _rollout_bwd_small_kernel, small_bwd_constexprs(main, post, ds_block_n), cfg.warps,
-             cfg.stages),
-            ("small-wgrad", _rollout_wgrad_small_kernel, small_wgrad_constexprs(wpost), pcfg.wg_warps,
-             pcfg.wg_stages)):
-        ptrs = {n: ("*u8" if n == "mask_ptr" else "*fp32" if n in ("acc_ptr", "b3_ptr", "b1_ptr", "b2_ptr")
-                    else f"*{ty}") for n in fn.arg_names if n.endswith("_ptr")}
-        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
-        specs.append(KernelSpec(name, fn, sig, consts, warps, stages))
-    return specs
-
-
 def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
                          input_precision: str = "ieee") -> list[KernelSpec]:
     """The kernels the rollout adds to the per-step ones: the post kernel, with and without doubling; the forward
     that keeps the activations and the backward main kernel that reads them (the 'none' policy, with doubling and
-    masks); the batched designs' weight-gradient kernel (``kernels/wgrad.py``); and the small-grid forward (both ways)
-    and backward kernels (``kernels/small_grid.py``) where tiles are known to fit these shapes."""
+    masks); the batched designs' weight-gradient kernel (``kernels/wgrad.py``); and the small-grid forward (both ways,
+    ``kernels/small_grid.py``) where tiles are known to fit these shapes."""
     specs = [post_kernel_spec(state_channels, hidden_channels, n_blocks, dtype, double=d,
                               input_precision=input_precision)._replace(name=f"post{'-double' if d else ''}")
              for d in (False, True)]
@@ -1044,7 +851,4 @@ def rollout_kernel_specs(state_channels: int, hidden_channels: int, n_blocks: in
         specs += [small_fwd_kernel_spec(state_channels, hidden_channels, n_blocks, dtype,
                                         input_precision=input_precision, mask=True, store_acts=st)
                   for st in (False, True)]
-    if small_bwd_config(state_channels, hidden_channels, dtype, input_precision, n_blocks=n_blocks, interpret=False):
-        specs += small_bwd_kernel_specs(state_channels, hidden_channels, n_blocks, dtype,
-                                        input_precision=input_precision)
     return specs

@@ -8,19 +8,14 @@ costs a whole launch and one program's latency. Here one launch runs every one o
   program: no program waits for another, and the steps follow each other inside the program, separated by a
   barrier (``tl.debug_barrier``: every thread's stores of step s are visible to every thread of the program before
   step s + 1 reads them);
-- a step is :func:`nca_step._step_cells`, the per-step kernel's own body (doubling folded into the reads as
+- a step is :func:`stages.step_cells`, the per-step kernel's own body (doubling folded into the reads as
   there), run over the program's cells in tiles of ``BLOCK_M``;
 - each step's output is written once, into the rollout's buffer of stored states (the backward needs every one of
   these inputs anyway), and read back by the next step from L1/L2: a sample's state at 8x8 x 256 channels in
   bf16 is 32 KiB.
 
-The backward (only with ``nca_rollout(..., small_grid_backward=True)``: on an H100 at mnist-doubling B = 32 it was
-slower than the per-step backward of those steps, benchmarks/RESULTS.md) takes two launches:
-:func:`_rollout_bwd_small_kernel` (the same ownership of whole samples) walks the
-steps last first, per step the backward main kernel's body (``nca_step_bwd._main_cells``, recomputing from the stored
-input), a barrier, the state gradient (``nca_step_bwd._dstate_tile``), a barrier, keeping every step's per-cell
-buffers; :func:`_rollout_wgrad_small_kernel` then adds all those steps' weight gradients to the rollout's
-accumulator (kernels/rollout.py's layout) in a fixed order.
+The backward of those steps is the per-step one (``kernels/rollout.py``): a small-grid backward measured slower
+than it on an H100 and was removed (benchmarks/ARCHIVE.md).
 
 The doubling flag is a runtime bit per step (``flags``), so one compiled kernel runs any schedule: the step body
 reads its input through ``(row >> shift, col >> shift)`` with the step's bit as the shift (one inlined body; two,
@@ -41,9 +36,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .nca_step import _INTERPRET, StepConfig, _step_cells, fwd_constexprs, fwd_weight_args, step_config
-from .nca_step_bwd import _acc_wgrad_1x1_tile, _dstate_tile, _main_cells, _wgrad_tile
+from .nca_step import fwd_constexprs, fwd_weight_args
 from .spec import KernelSpec
+from .stages import step_cells
+from .tiles import StepConfig, small_config
 
 __all__ = ["SMALL_GRID_CELLS", "samples_per_program", "small_config", "small_fwd_kernel_spec", "small_grid_steps"]
 
@@ -115,7 +111,7 @@ def _rollout_fwd_small_kernel(
         hi = b_hi * hw
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            _step_cells(src, dst, mask_ptr + mask_off, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr,
+            step_cells(src, dst, mask_ptr + mask_off, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr,
                         bout_ptr, acts_ptr + act_off, batch * hw * HID, offs_m, offs_m < hi, h, w, C, HID, N_BLOCKS,
                         shift, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, HAS_BOUT, PERCEIVE_ELU, INPUT_PRECISION, UPCAST_DOT,
                         W_KMAJOR, UNCHAIN, STORE_ACTS, BLOCK_M, BLOCK_K, BLOCK_N)
@@ -150,41 +146,6 @@ def samples_per_program(batch: int, cells: int, block_m: int, target_programs: i
     if batch <= target_programs:
         return 1
     return max(1, min(triton.cdiv(batch, target_programs), block_m // max(cells, 1)))
-
-
-def small_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, *, input_precision: str = "ieee",
-                 num_cells: int | None = None, store_acts: bool = False,
-                 interpret: bool = _INTERPRET) -> StepConfig | None:
-    """The small-grid kernel's tiles, or None where no tile is known to fit (the rollout then runs those steps one
-    launch each).
-
-    The per-step forward's tile (``step_config``) wherever it fits here too: the step body is the same, but the
-    loops around it hold a few more values, and at h = 256 that kernel's tiles sit at 244-255 registers. Measured
-    with the sm_90 fit under Triton 3.8 and 3.6 (``python -m fastnca.kernels.fit --only rollout``): bf16 at h = 256
-    spills 16 / 24-32 B with the per-step 128-cell tile, none with 64 cells x 8 warps and 32-wide hidden chunks
-    (226 / 225 registers; 64 cells is one 8 x 8 sample); tf32 spills at every 64-row tile tried at h = 256 (8-88 B
-    under 3.6; 32-row tiles lose the tensor cores), so tf32 at h = 256 stays on the per-step path; tf32 at h = 128
-    with 4 blocks spills 48 / 96 B with the per-step tile, none with 8 warps (218 / 236 registers).
-    ``num_cells`` (interpreter only) sizes the tile to one program's cells at its largest step. ``store_acts``: the
-    kernel that also writes every step's activations (the 'none' checkpoint policy, ``STORE_ACTS``): bf16 at h = 128
-    then spills 176 B under 3.6 with the per-step 128-cell tile and fits with 64 cells x 8 warps and 32-wide hidden
-    chunks (218 / 252-254 registers); fp32 "ieee" at h = 256 spills 72-152 B with 64 cells and fits with 32; tf32 at
-    h = 128 spills 32 B under 3.6 with 32-wide output chunks and fits with 16 (236 / 254).
-    """
-    hid = triton.next_power_of_2(hidden_channels)
-    cfg = step_config(state_channels, hidden_channels, dtype, input_precision=input_precision, num_cells=num_cells,
-                      store_acts=store_acts, interpret=interpret)
-    if interpret:
-        return cfg
-    if dtype == torch.bfloat16 and hid >= 256:
-        return StepConfig(64, 32 if state_channels % 32 == 0 else 16, cfg.block_n, 8, 3)
-    if store_acts and dtype == torch.bfloat16 and cfg.block_m > 64:
-        return StepConfig(64, min(32, cfg.block_k), cfg.block_n, 8, 2)
-    if dtype == torch.float32 and input_precision == "tf32":
-        if hid >= 256:
-            return None
-        return cfg._replace(num_warps=8, block_n=min(16, cfg.block_n) if store_acts else cfg.block_n)
-    return cfg
 
 
 def small_fwd_constexprs(step_consts: dict[str, Any]) -> dict[str, Any]:
@@ -232,204 +193,3 @@ def small_fwd_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: i
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
     return KernelSpec("small-fwd-store" if store_acts else "small-fwd", fn, sig, consts, cfg.num_warps,
                       cfg.num_stages)
-
-
-# ------------------------------------------------------------------------------------------------- backward
-@triton.jit
-def _rollout_bwd_small_kernel(
-    z_ptr,  # (B, H0, W0, C) the first step's input
-    keep_ptr,  # flat: inputs of steps 1 .. n-1 in step order (the forward's outputs of steps 0 .. n-2)
-    gin_ptr,  # (B, H, W, C) gradient of the last step's output
-    gbuf_ptr,  # (2, s_max) state gradients: step s writes its input's gradient into buffer s % 2
-    mask_ptr,  # flat uint8: every step's (B, H_s, W_s) mask in step order (read only when HAS_MASK)
-    w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr, wout_ptr,  # as for _nca_step_bwd_kernel
-    wb_ptr,  # (9, HID, C_PAD) transposed-conv weights of a plain step ((9, C_PAD, HID) when DS_KMAJOR)
-    wbd_ptr,  # (16, HID, C_PAD) of a doubling step
-    y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr,  # per-cell buffers, rows: every step's cells in step order
-    B,
-    H0,  # the first step's input grid
-    W0,
-    n_steps,
-    flags,  # bit s set: step s doubles its input first
-    spp,  # samples per program
-    m_total,  # rows of the per-cell buffers: the cells of all steps
-    s_max,  # elements of one gbuf buffer (batch x the largest grid x C: a multiple of 16)
-    C: tl.constexpr,
-    C_PAD: tl.constexpr,
-    HID: tl.constexpr,
-    N_BLOCKS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_B3: tl.constexpr,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    PERCEIVE_ELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # main tiles (nca_step_bwd's)
-    BLOCK_K: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLK_STAGES: tl.constexpr,  # pipeline stages of the main body's loops (nca_step_bwd._main_cells)
-    OUT_STAGES: tl.constexpr,
-    RELOAD_OPERAND: tl.constexpr,
-    W_KMAJOR: tl.constexpr,
-    UNCHAIN: tl.constexpr,
-    DS_BLOCK_M: tl.constexpr,  # state-gradient tiles
-    DS_BLOCK_K: tl.constexpr,
-    DS_BLOCK_N: tl.constexpr,  # state channels per pass of the state gradient (fewer than C_PAD: less registers)
-    DS_KMAJOR: tl.constexpr,  # wb / wbd are (KS * KS, C_PAD, HID): K-major for the state gradient's dot (tf32)
-):
-    """The backward of ``n_steps`` steps, last first, for samples ``[pid * spp, pid * spp + spp)``.
-
-    Grid ``(cdiv(B, spp),)``. Per step, for the program's cells only: the backward main kernel's body
-    (``nca_step_bwd._main_cells``: recompute on chip from the stored input, backprop to the per-cell buffers, which
-    keep every step's rows for the weight gradients of :func:`_rollout_wgrad_small_kernel`), a barrier, the state
-    gradient (``nca_step_bwd._dstate_tile``, which reads the neighbours' ``dpre`` of the same samples), a barrier.
-    """
-    # int32 indices throughout (the launcher checks that every row and element offset fits): the main phase runs
-    # at the register limit, so the step's grid and rows are recomputed from s where needed (_step_rows) instead
-    # of being carried across it
-    pid = tl.program_id(0)
-    b_lo = pid * spp
-    b_hi = tl.minimum(b_lo + spp, B)
-    for i in range(n_steps):
-        s = n_steps - 1 - i
-        h, w, row0, shift = _step_rows(s, H0, W0, flags, B)
-        if s == 0:
-            zin = z_ptr
-        else:
-            zin = keep_ptr + (row0 - B * ((h >> shift) * (w >> shift))) * C  # the output of step s - 1
-        if s == n_steps - 1:
-            gout = gin_ptr
-        else:
-            gout = gbuf_ptr + ((s + 1) % 2) * s_max
-            if INPUT_PRECISION == "tf32":  # aligned: tf32's copies of it 16 bytes wide, not 4 (the hint is set on
-                gout = tl.multiple_of(gout, 16)  # the op defining gout; under "ieee" it costs the fp32 nb0 kernel
-                # 8 B of spills under Triton 3.8, and those are no tensor-core operands)
-        hi = b_hi * h * w
-        for m0 in range(b_lo * h * w, hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            _main_cells(zin, gout, mask_ptr, w3_ptr, b3_ptr, w1t_ptr, w1_ptr, b1_ptr, w2t_ptr, w2_ptr, b2_ptr,
-                        wout_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr, offs_m, offs_m < hi, row0, h, w,
-                        m_total * HID, C, HID, N_BLOCKS, shift, HAS_MASK, HAS_B3, HAS_B1, HAS_B2, PERCEIVE_ELU,
-                        INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_K, BLOCK_C, BLK_STAGES, OUT_STAGES,
-                        RELOAD_OPERAND, W_KMAJOR, UNCHAIN, True)
-        tl.debug_barrier()  # every thread's dpre before the state gradient reads the neighbours'
-        h, w, row0, shift = _step_rows(s, H0, W0, flags, B)
-        if s == n_steps - 1:
-            gout = gin_ptr
-        else:
-            gout = gbuf_ptr + ((s + 1) % 2) * s_max
-            if INPUT_PRECISION == "tf32":
-                gout = tl.multiple_of(gout, 16)
-        dz = gbuf_ptr + (s % 2) * s_max
-        if INPUT_PRECISION == "tf32":
-            dz = tl.multiple_of(dz, 16)
-        hi_in = b_hi * (h >> shift) * (w >> shift)
-        if shift != 0:
-            for m0 in range(b_lo * (h >> 1) * (w >> 1), hi_in, DS_BLOCK_M):
-                _dstate_tile(m0, hi_in, 0, dpre_ptr + row0 * HID, wbd_ptr, gout, dz, h, w, C, C_PAD, HID, True,
-                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, C_PAD, DS_KMAJOR)
-        else:
-            for m0 in range(b_lo * h * w, hi_in, DS_BLOCK_M):
-                _dstate_tile(m0, hi_in, 0, dpre_ptr + row0 * HID, wb_ptr, gout, dz, h, w, C, C_PAD, HID, False,
-                             INPUT_PRECISION, INTERP_BF16, DS_BLOCK_M, DS_BLOCK_K, DS_BLOCK_N, C_PAD, DS_KMAJOR)
-        tl.debug_barrier()  # the input's gradient is the next (earlier) step's upstream gradient
-
-
-@triton.jit
-def _step_rows(s, H0, W0, flags, B):
-    """Step s's output grid ``(h, w)``, its first row in the per-cell buffers (the cells of steps 0 .. s-1) and its
-    doubling bit, from the first input grid and the flags (a loop of s scalar steps)."""
-    h = H0
-    w = W0
-    row0 = H0 * 0
-    for t in range(s):
-        row0 += B * (h << ((flags >> t) & 1)) * (w << ((flags >> t) & 1))
-        h = h << ((flags >> t) & 1)
-        w = w << ((flags >> t) & 1)
-    shift = (flags >> s) & 1
-    return h << shift, w << shift, row0, shift
-
-
-@triton.jit
-def _rollout_wgrad_small_kernel(
-    z_ptr,  # (B, H0, W0, C) the first step's input
-    keep_ptr,  # flat: inputs of steps 1 .. n-1 in step order
-    y_ptr, a_ptr, da_ptr, dy_ptr, g_ptr, dpre_ptr,  # per-cell buffers of _rollout_bwd_small_kernel
-    acc_ptr,  # (S_MAX, SLOT) fp32 accumulator (kernels/rollout.py's post kernel layout)
-    B,
-    H0,
-    W0,
-    n_steps,
-    flags,
-    m_total,
-    cps_p,  # cells per split of the perception weight's GEMM (per step)
-    s_p,  # its splits
-    cps_1,  # cells per split of the 1x1 weights' GEMMs (over every step's rows at once)
-    s_1,
-    SLOT,
-    n_wp,  # programs of the perception weight's GEMM
-    n_wo,  # programs of the output weight's GEMM
-    n_w1,  # programs of the blocks' first GEMMs (the second ones take the same number)
-    C: tl.constexpr,
-    HID: tl.constexpr,
-    N_BLOCKS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
-    BA_P: tl.constexpr,
-    BB_P: tl.constexpr,
-    BA_O: tl.constexpr,
-    BB_O: tl.constexpr,
-    BA_H: tl.constexpr,
-    BLOCK_CELLS: tl.constexpr,
-):
-    """Every weight gradient of the small-grid steps, added to the rollout's accumulator.
-
-    Grid ``(n_wp + n_wo + 2 * n_w1,)``, cut as the post kernel's weight-gradient part (``rollout.py``). The 1x1
-    weights' GEMMs reduce over all steps' rows at once (the per-cell buffers hold them back to back); the
-    perception weight's gathers the 3x3 neighbourhood on each step's grid, so each of its tiles walks the steps in
-    order, adding to its accumulator slot (one writer per slot, a fixed order: deterministic).
-    """
-    pid = tl.program_id(0)
-    if pid < n_wp:
-        GA: tl.constexpr = HID // BA_P
-        GTB: tl.constexpr = 9 * (C // BB_P)
-        batch = pid.to(tl.int64) * 0 + B
-        h = H0
-        w = W0
-        row0 = batch * 0
-        for s in range(n_steps):
-            shift = (flags >> s) & 1
-            h_in = h
-            w_in = w
-            h = h << shift
-            w = w << shift
-            if s == 0:
-                zin = z_ptr
-            else:
-                zin = keep_ptr + (row0 - batch * h_in * w_in) * C
-            _wgrad_tile(pid % GA, (pid // GA) % GTB, (pid // (GA * GTB)).to(tl.int64), dpre_ptr + row0 * HID, zin,
-                        acc_ptr, acc_ptr + 9 * HID * C, batch * h * w, h, w, cps_p, s_p, 1, SLOT, SLOT, HID, C, 9, True,
-                        shift, True, INPUT_PRECISION, INTERP_BF16, BA_P, BB_P, BLOCK_CELLS, True, False)
-            row0 += batch * h * w
-    else:
-        _acc_wgrad_1x1_tile(pid - n_wp, g_ptr, y_ptr, a_ptr, da_ptr, dy_ptr, acc_ptr, m_total, cps_1, s_1, SLOT, n_wo,
-                            n_w1, C, HID, N_BLOCKS, INPUT_PRECISION, INTERP_BF16, BA_O, BB_O, BA_H, BLOCK_CELLS)
-
-def small_bwd_constexprs(main: dict[str, Any], post: dict[str, Any], ds_block_n: int) -> dict[str, Any]:
-    """:func:`_rollout_bwd_small_kernel`'s constexprs from the main kernel's (``nca_step_bwd._main_constexprs``)
-    and the post kernel's (``rollout._post_constexprs``, for the state-gradient tiles); no ``DOUBLE`` (a runtime
-    bit per step)."""
-    keep = ("C", "HID", "N_BLOCKS", "HAS_MASK", "HAS_B3", "HAS_B1", "HAS_B2", "PERCEIVE_ELU", "INPUT_PRECISION",
-            "INTERP_BF16", "BLOCK_M", "BLOCK_K", "BLOCK_C", "BLK_STAGES", "OUT_STAGES",
-            "RELOAD_OPERAND", "W_KMAJOR", "UNCHAIN")
-    return {**{k: main[k] for k in keep}, "C_PAD": post["C_PAD"], "DS_BLOCK_M": post["DS_BLOCK_M"],
-            "DS_BLOCK_K": post["DS_BLOCK_K"], "DS_BLOCK_N": min(post["C_PAD"], ds_block_n),
-            "DS_KMAJOR": post["DS_KMAJOR"]}
-
-
-def small_wgrad_constexprs(post: dict[str, Any]) -> dict[str, Any]:
-    """:func:`_rollout_wgrad_small_kernel`'s constexprs: the post kernel's weight-gradient tiles."""
-    keep = ("C", "HID", "N_BLOCKS", "INPUT_PRECISION", "INTERP_BF16", "BA_P", "BB_P", "BA_O", "BB_O", "BA_H",
-            "BLOCK_CELLS")
-    return {k: post[k] for k in keep}

@@ -3,7 +3,8 @@
 Triton inlines jit functions into the kernel that calls them, so the compiled code is the same as if each kernel
 wrote them out (checked with the sm_90 fit: ``python -m tools.fit``).
 
-Two constexpr flags work around interpreter defects (docs/KERNELS.md); both are False on the GPU:
+Two constexpr flags work around interpreter defects (docs/KERNELS.md); both are False on the GPU (and under
+``tiles.as_compiled()``: the launchers set them from ``tiles.interpreting()``):
 
 - ``UPCAST_DOT``: the interpreter computes a bf16 ``tl.dot`` wrongly, so :func:`mma` upcasts its operands to fp32.
 - ``EMULATE_RNE``: the interpreter truncates fp32 -> bf16 casts (checked with triton 3.8) where the GPU rounds to

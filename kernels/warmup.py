@@ -102,7 +102,14 @@ def _constexpr_names(fn: Any) -> frozenset[str]:
 
 @contextlib.contextmanager
 def record_launches() -> Iterator[list[Launch]]:
-    """Within the block, every Triton launch is appended to the yielded list and **not run** (nothing compiles)."""
+    """Within the block, every Triton launch is appended to the yielded list and **not run** (nothing compiles).
+
+    In the interpreter (``TRITON_INTERPRET=1``) the launches carry the interpreter's tiles and bf16 emulation; inside
+    ``tiles.as_compiled()`` too they carry the GPU's, so a CPU records what a GPU run compiles::
+
+        with tiles.as_compiled(), record_launches() as launches:
+            job()
+    """
     from triton.runtime.jit import JITFunction
 
     classes: list[type] = [JITFunction]

@@ -41,16 +41,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .nca_step_bwd import _INTERPRET, _MAX_SPLITS, _chunk, _colsum_tile
+from .checks import TL_DTYPE
 from .schedule import batch_cell_elems
 from .spec import KernelSpec
+from .stages import colsum_tile
+from .tiles import WgradConfig, chunk, split_cells, splits, wgrad_config
 from .utils import mma, udiv, udiv_magic
 
 __all__ = ["Batch", "WgradConfig", "batch_cell_elems", "launch_batched_wgrad", "wgrad_config", "wgrad_kernel_spec"]
 
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-# cells per split of the batched GEMMs, at least (as the post kernel's: fewer fp32 partials to add)
-MIN_CELLS_PER_SPLIT = 4096
 
 
 # --------------------------------------------------------------------------------------------------- kernel
@@ -137,7 +136,7 @@ def _batched_tile(
             ok = offs_l < (end - l0).to(tl.int32)
             b_at = tl.load(a_base + cell[None, :] * NA + offs_a[:, None], mask=ok[None, :], other=0.0)
             if GATHER:
-                # int32 index arithmetic (B * H * W < 2**31, as in nca_step_bwd._wgrad_tile), int64 element offsets
+                # int32 index arithmetic (B * H * W < 2**31, as in stages.wgrad_tile), int64 element offsets
                 cu = cell.to(tl.uint32)
                 bat = udiv(cu, m_hw, l_hw)
                 rem = cu - bat * hw.to(tl.uint32)
@@ -155,7 +154,7 @@ def _batched_tile(
         row0 += m
     tl.store(dw_tile, acc)
     if WITH_DB:
-        if (pid_b == 0) & (tap == 0):  # the bias: the column sums of a, in its own walk (as _wgrad_tile's)
+        if (pid_b == 0) & (tap == 0):  # the bias: the column sums of a, in its own walk (as stages.wgrad_tile's)
             db_tile = db_ptr + s * SLOT + mat * NA + offs_a
             colsum = tl.load(db_tile)
             h = H0
@@ -167,7 +166,7 @@ def _batched_tile(
                 w = w << shift
                 m = B * h * w
                 a_base = a_ptr + A_ROW * row0 + (A_PLANE0 + mat) * m * NA
-                colsum = _colsum_tile(a_base, offs_a, tl.maximum(lo, row0) - row0, tl.minimum(hi, row0 + m) - row0,
+                colsum = colsum_tile(a_base, offs_a, tl.maximum(lo, row0) - row0, tl.minimum(hi, row0 + m) - row0,
                                       colsum, NA, BLOCK_A, BLOCK_CELLS)
                 row0 += m
             tl.store(db_tile, colsum)
@@ -252,40 +251,12 @@ def _wgrad_batched_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------- tiles
-@dataclass(frozen=True)
-class WgradConfig:
-    """Tiles of the batched weight-gradient kernel: its output tile edges and cells per reduction step."""
-
-    block: int  # max tile edge
-    block_cells: int
-    warps: int
-    stages: int
-
-
-def wgrad_config(dtype: torch.dtype, input_precision: str = "ieee", *, interpret: bool = _INTERPRET) -> WgradConfig:
-    """The shipped tiles (sm_90 fit: ``python -m fastnca.kernels.fit --only rollout``, table in kernels/BACKWARD.md).
-
-    One kernel holds the perception's gather branch and the 1x1 branch (and the walk over the batch's steps), so it
-    takes the registers of the larger: with 128 x 128 tiles (the per-step weight-gradient kernel's) every tensor-core
-    variant spilled 32-144 B at 255 registers under Triton 3.8 (8 warps, 2 stages; 1 stage: 48-232 B). 64 x 64 tiles
-    with 8 warps and 2 stages fit: bf16 64 cells per k-step (<= 128 registers: two programs per SM), tf32 32 cells,
-    fp32 "ieee" 32 cells on FMA units. In the interpreter: small tiles, so tests run partial tiles.
-    """
-    if interpret:
-        return WgradConfig(16, 16, 4, 1)
-    if dtype == torch.bfloat16:
-        return WgradConfig(64, 64, 8, 2)
-    if input_precision == "tf32":
-        return WgradConfig(64, 32, 8, 2)
-    return WgradConfig(64, 32, 8, 2)
-
-
 def wgrad_constexprs(c: int, hp: int, n_blocks: int, *, input_precision: str, interp_bf16: bool,
                      cfg: WgradConfig) -> dict[str, Any]:
     """The kernel's constexprs: one builder for the launch and the sm_90 fit spec."""
     return dict(C=c, HID=hp, N_BLOCKS=n_blocks, INPUT_PRECISION=input_precision, INTERP_BF16=interp_bf16,
-                BA_P=_chunk(hp, cfg.block), BB_P=_chunk(c, cfg.block), BA_O=_chunk(c, cfg.block),
-                BB_O=_chunk(hp, cfg.block), BA_H=_chunk(hp, cfg.block), BLOCK_CELLS=cfg.block_cells)
+                BA_P=chunk(hp, cfg.block), BB_P=chunk(c, cfg.block), BA_O=chunk(c, cfg.block),
+                BB_O=chunk(hp, cfg.block), BA_H=chunk(hp, cfg.block), BLOCK_CELLS=cfg.block_cells)
 
 
 def wgrad_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, dtype: torch.dtype, *,
@@ -296,7 +267,7 @@ def wgrad_kernel_spec(state_channels: int, hidden_channels: int, n_blocks: int, 
     cfg = cfg or wgrad_config(dtype, input_precision, interpret=False)
     consts = wgrad_constexprs(state_channels, hp, n_blocks, input_precision=input_precision, interp_bf16=False,
                               cfg=cfg)
-    ty = _TL_DTYPE[dtype]
+    ty = TL_DTYPE[dtype]
     fn = _wgrad_batched_kernel
     sig = {n: "constexpr" if n in consts else "*fp32" if n == "acc_ptr" else f"*{ty}" if n.endswith("_ptr")
            else "i64" if n == "flags" else "i32" for n in fn.arg_names}  # flags: mnist-doubling's bits pass 2**31
@@ -326,14 +297,6 @@ class Batch:
         return sum(self.cells)
 
 
-def _splits(k: int, block_cells: int) -> tuple[int, int]:
-    """(cells per split, splits) for a batch of k rows: at most _MAX_SPLITS, at least MIN_CELLS_PER_SPLIT cells each
-    (a function of k only: reproducible)."""
-    per = max(MIN_CELLS_PER_SPLIT, triton.cdiv(k, _MAX_SPLITS))
-    per = triton.cdiv(per, block_cells) * block_cells
-    return per, triton.cdiv(k, per)
-
-
 def launch_batched_wgrad(sp: Any, bt: Batch, acc: Tensor, *, cublas: bool = False,
                          cfg: WgradConfig | None = None) -> None:
     """Add every weight gradient of the batch ``bt`` to the rollout's accumulator ``acc`` (``(S_MAX, SLOT)`` fp32):
@@ -343,7 +306,7 @@ def launch_batched_wgrad(sp: Any, bt: Batch, acc: Tensor, *, cublas: bool = Fals
     cfg = cfg or wgrad_config(sp.dtype, sp.input_precision)
     consts = wgrad_constexprs(c, hp, nb, input_precision=sp.input_precision, interp_bf16=sp.upcast, cfg=cfg)
     k = bt.rows
-    per, n_splits = _splits(k, cfg.block_cells)
+    per, n_splits = splits(k, cfg.block_cells, split_cells().batched)
     n_wp = (hp // consts["BA_P"]) * 9 * (c // consts["BB_P"]) * n_splits
     n_wo = 0 if cublas else (c // consts["BA_O"]) * (hp // consts["BB_O"]) * n_splits
     n_w1 = 0 if cublas else (hp // consts["BA_H"]) ** 2 * nb * n_splits

@@ -180,9 +180,7 @@ def needed_flops(spec: KernelSpec) -> int | None:
     """FLOPs the tile needs in one pass through the kernel's dot sites (each site once, as the SASS holds it when no
     loop is unrolled or peeled): sum of 2 M N K over the kernel's ``tl.dot`` s. None for fp32 "ieee" (no tensor
     cores). The dot sites are read off the kernel bodies (nca_step.py, nca_step_bwd.py, utils.perceive_conv3x3,
-    rollout.py, small_grid.py). One exception to "each site once": the small-grid backward's state-gradient passes
-    over ``C_PAD / DS_BLOCK_N`` channels have a constant trip count and are unrolled by the compiler (read in the
-    SASS: one copy of the pass's dot per pass), so its sites count once per pass."""
+    rollout.py, small_grid.py, wgrad.py)."""
     c = spec.constexprs
     operand = next(spec.signature[p] for p in ("z_ptr", "dpre_ptr", "a_ptr") if p in spec.signature)
     if operand == "*fp32" and c["INPUT_PRECISION"] == "ieee":
@@ -190,20 +188,16 @@ def needed_flops(spec: KernelSpec) -> int | None:
     if spec.name in ("fwd", "small-fwd", "fwd-store", "small-fwd-store"):  # small-grid: the forward's step body
         m, k, hid = c["BLOCK_M"], c["BLOCK_K"], c["HID"]
         sites = [(m, hid, k)] + [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0) + [(m, c["BLOCK_N"], hid)]
-    elif spec.name in ("main", "small-bwd", "main-stored"):
+    elif spec.name in ("main", "main-stored"):
         m, k, cc, hid = c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_C"], c["HID"]
         blocks = [(m, k, hid), (m, hid, k)] * (c["N_BLOCKS"] > 0)
         sites = [(m, hid, cc), *blocks] if c.get("RECOMPUTE", True) else []  # recompute (not on kept activations)
         sites += [(m, hid, cc), *blocks]  # the backward
-        if spec.name == "small-bwd":  # + the state gradient, with and without doubling, per channel pass
-            passes = c["C_PAD"] // c["DS_BLOCK_N"]
-            sites += [(c["DS_BLOCK_M"], c["DS_BLOCK_N"], c["DS_BLOCK_K"])] * (2 * passes)
-    elif spec.name in ("post", "post-double", "small-wgrad"):  # the weight-gradient GEMMs (+ the post's dstate)
+    elif spec.name in ("post", "post-double"):  # the weight-gradient GEMMs + the post's dstate
         cells = c["BLOCK_CELLS"]
         sites = [(c["BA_P"], c["BB_P"], cells), (c["BA_O"], c["BB_O"], cells)]
         sites += [(c["BA_H"], c["BA_H"], cells)] * (2 * (c["N_BLOCKS"] > 0))
-        if spec.name != "small-wgrad":
-            sites.append((c["DS_BLOCK_M"], c["DS_BLOCK_N"], c["DS_BLOCK_K"]))
+        sites.append((c["DS_BLOCK_M"], c["DS_BLOCK_N"], c["DS_BLOCK_K"]))
     elif spec.name == "wgrad-batched":  # kernels/wgrad.py: the perception's, the output conv's, W1's and W2's tiles
         cells = c["BLOCK_CELLS"]
         sites = [(c["BA_P"], c["BB_P"], cells), (c["BA_O"], c["BB_O"], cells)]
@@ -660,8 +654,9 @@ def _fallback_chains(f: BwdFitSpec) -> list[tuple[str, list[KernelSpec]]]:
     from fastnca.kernels import rollout as ro
     from fastnca.kernels import small_grid as sg
     from fastnca.kernels.launch import fewer_stages
-    from fastnca.kernels.nca_step import fwd_candidates, fwd_kernel_spec, step_config
-    from fastnca.kernels.nca_step_bwd import bwd_config, bwd_kernel_specs, main_candidates
+    from fastnca.kernels.nca_step import fwd_candidates, fwd_kernel_spec
+    from fastnca.kernels.nca_step_bwd import bwd_kernel_specs, main_candidates
+    from fastnca.kernels.tiles import bwd_config, post_config, small_config, step_config
 
     dt = _torch_dtype(f.dtype)
     c, h, nb, ip = f.state_channels, f.hidden_channels, f.n_blocks, f.input_precision
@@ -672,7 +667,7 @@ def _fallback_chains(f: BwdFitSpec) -> list[tuple[str, list[KernelSpec]]]:
         out.append(("fwd-store" if store else "fwd", [
             fwd_kernel_spec(c, h, nb, dt, input_precision=ip, double=f.double, mask=f.mask, store_acts=store,
                             config=k) for k in fwd_candidates(cfg)]))
-        small = sg.small_config(c, h, dt, input_precision=ip, store_acts=store, interpret=False)
+        small = small_config(c, h, dt, input_precision=ip, store_acts=store, interpret=False)
         if small is not None:
             out.append(("small-fwd-store" if store else "small-fwd", [
                 sg.small_fwd_kernel_spec(c, h, nb, dt, input_precision=ip, mask=f.mask, store_acts=store, config=k)
@@ -690,7 +685,7 @@ def _fallback_chains(f: BwdFitSpec) -> list[tuple[str, list[KernelSpec]]]:
     wgrads = [bwd_kernel_specs(c, h, nb, dt, double=f.double, mask=f.mask, input_precision=ip, config=k)[2:]
               for k in fewer_stages("wg_stages")(cfg)]
     out += [(specs[0].name, list(specs)) for specs in zip(*wgrads)]
-    pcfg = ro.post_config(c, hp, dt, ip, n_blocks=nb, interpret=False)
+    pcfg = post_config(c, hp, dt, ip, n_blocks=nb, interpret=False)
     for d in (False, True):
         out.append(("post-double" if d else "post", [
             ro.post_kernel_spec(c, h, nb, dt, double=d, input_precision=ip, cfg=k)

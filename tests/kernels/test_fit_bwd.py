@@ -78,7 +78,7 @@ def test_backward_tensor_work_is_what_the_tiles_need(fit, shipped_rows):
 def known_narrow_copies(fit: BwdFitSpec, kernel: str) -> bool:
     """Where tf32 HGMMA, which takes fp32 operands K-major only, still reads MN-major ones (4-byte copies): the
     weight-gradient GEMMs (their operands are the per-cell buffers, read as a^T). The main kernels and every state
-    gradient read K-major weights (``main_weight_args``, ``_transposed_conv_weights``; at h = 256 the main kernel's
+    gradient read K-major weights (``main_weight_args``, ``transposed_conv_weights``; at h = 256 the main kernel's
     K-major weights spilled under Triton 3.6 until its chained dots were unchained, 2026-11-28). Issue 11, item 2."""
     return fit.input_precision == "tf32" and kernel.startswith("wgrad")
 

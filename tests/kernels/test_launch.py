@@ -15,6 +15,7 @@ from fastnca.kernels import nca_step as fwd_mod
 from fastnca.kernels import nca_step_bwd as bwd_mod
 from fastnca.kernels import rollout as ro
 from fastnca.kernels import small_grid as sg
+from fastnca.kernels import tiles
 from fastnca.kernels.launch import launch_fitting, smaller_tiles
 from fastnca.kernels.nca_step import StepConfig, fwd_candidates, nca_step
 from fastnca.kernels.nca_step_bwd import BwdConfig, main_candidates
@@ -101,18 +102,10 @@ class _SmallSharedMemory:
 def _two_stages(monkeypatch) -> None:
     """The interpreter's tiles with 2 pipeline stages everywhere (the interpreter ignores stages, so the results
     stay bitwise those of its 1-stage tiles): every launch site then has a smaller candidate to fall back to."""
-    real_step, real_bwd = fwd_mod.step_config, bwd_mod.bwd_config
-
-    def step_config(*args, **kwargs):
-        return real_step(*args, **kwargs)._replace(num_stages=2)
-
-    def bwd_config(*args, **kwargs):
-        return dataclasses.replace(real_bwd(*args, **kwargs), stages=2, ds_stages=2, wg_stages=2)
-
-    for mod in (fwd_mod, sg, ro):
-        monkeypatch.setattr(mod, "step_config", step_config, raising=False)
-    for mod in (bwd_mod, ro):
-        monkeypatch.setattr(mod, "bwd_config", bwd_config)
+    for kind in ("step", "small"):
+        monkeypatch.setitem(tiles.OVERRIDES, kind, {"num_stages": 2})
+    monkeypatch.setitem(tiles.OVERRIDES, "bwd", {"stages": 2, "ds_stages": 2, "wg_stages": 2})
+    monkeypatch.setitem(tiles.OVERRIDES, "post", {"wg_stages": 2})
 
 
 def _stand_ins(monkeypatch, sites, refuse) -> list[_SmallSharedMemory]:
@@ -193,7 +186,7 @@ def test_rollout_falls_back_to_tiles_the_gpu_can_run(monkeypatch):
     want = _rollout_grads(weights, state, masks, upstream, "none")
 
     _two_stages(monkeypatch)
-    sites = [(ro, "_nca_step_fwd_kernel"), (sg, "_rollout_fwd_small_kernel"), (ro, "_nca_step_bwd_kernel"),
+    sites = [(ro, "fwd_kernel"), (sg, "_rollout_fwd_small_kernel"), (ro, "main_kernel"),
              (ro, "_rollout_bwd_post_kernel")]
     fakes = _stand_ins(monkeypatch, sites, lambda kw: kw["num_stages"] > 1)
     got = _rollout_grads(weights, state, masks, upstream, "none")

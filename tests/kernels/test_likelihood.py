@@ -10,9 +10,8 @@ import re
 import pytest
 import torch
 
-from fastnca.kernels import likelihood
 from fastnca.kernels.likelihood import DMLLogProbFunction, dml_log_prob_fused
-from fastnca.likelihoods import DML_BINS, DML_LOG_SCALE_MIN, dml_log_prob, dml_split
+from fastnca.likelihoods import DML_LOG_SCALE_MIN, dml_log_prob, dml_split
 from tests.conftest import DEVICE
 from tests.utils import assert_close
 
@@ -170,12 +169,6 @@ def test_no_gradient_for_x_and_none_needed_for_params():
     leaf = params.clone().requires_grad_(True)
     dml_log_prob_fused(xg, leaf, 1).sum().backward()
     assert xg.grad is None and leaf.grad is not None, "expected a gradient for params only (x is data)"
-
-
-def test_kernel_constants_are_the_references():
-    assert (likelihood.LOG_SCALE_MIN, likelihood.BINS) == (DML_LOG_SCALE_MIN, DML_BINS), (
-        f"expected the reference's log-scale floor and bin count ({DML_LOG_SCALE_MIN}, {DML_BINS}), got "
-        f"({likelihood.LOG_SCALE_MIN}, {likelihood.BINS})")
 
 
 BAD = [

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastnca.kernels import nca_step_bwd as bwd_mod
+from fastnca.kernels import tiles
 from fastnca.kernels.nca_step_bwd import nca_step_bwd
 from fastnca.kernels.reference import UpdateWeights, nca_step_ref
 from tests.conftest import DEVICE
@@ -214,12 +215,13 @@ def test_bwd_bf16_within_twice_reference_error(case: Case, weight_dtype: torch.d
 # ------------------------------------------------------------------------------------------ splits, determinism
 def test_bwd_multi_split_matches_and_is_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
     """Several splits per weight-gradient GEMM (forced small) still match, and two runs agree bitwise."""
-    monkeypatch.setattr(bwd_mod, "_MIN_CELLS_PER_SPLIT", 32)
+    monkeypatch.setitem(tiles.OVERRIDES, "splits", {"step": 32})
     case = Case(2, 9, 11, 16, 32, 2, "bias", True, False)
     weights = make_weights(case.channels, case.hidden, case.n_blocks, case.bias, torch.float32)
     state, mask, grad_out = make_inputs(case, torch.float32)
     m = case.batch * case.height * case.width
-    per, splits = bwd_mod._splits(m, bwd_mod.bwd_config(case.channels, case.hidden, torch.float32).wg_block_cells)
+    per, splits = tiles.splits(m, tiles.bwd_config(case.channels, case.hidden, torch.float32).wg_block_cells,
+                               tiles.split_cells().step)
     assert splits > 1, f"expected several splits for {m} cells, got {splits} of {per}"
     ref = autograd_grads(state, weights, mask, case.double, grad_out, torch.float64)
 
@@ -264,7 +266,7 @@ def test_bwd_main_kernel_variants_are_bitwise_the_default(dtype: torch.dtype, mo
                                    out_stages=1)
 
     monkeypatch.setattr(bwd_mod, "bwd_config", variant)
-    assert bwd_mod._main_constexprs(16, 32, 2, double=True, has_mask=True, has_b3=True, has_b1=True, has_b2=True,
+    assert bwd_mod.main_constexprs(16, 32, 2, double=True, has_mask=True, has_b3=True, has_b1=True, has_b2=True,
                                     input_precision="ieee", interp_bf16=False, dtype=dtype,
                                     cfg=variant(16, 32, dtype),
                                     m=120)["IDX64"] is False, "expected int32 offsets for a small grid"
@@ -279,7 +281,7 @@ def test_main_kernel_offsets_widen_where_int32_overflows() -> None:
     """int32 offsets only where every offset fits: the largest buffer is (n_blocks + 1, m, max(h, |z|))."""
     cfg = dataclasses.replace(bwd_mod.bwd_config(256, 256, torch.bfloat16, n_blocks=4), int32_index=True)
     m_max = (2**31 - 1) // (5 * 256)
-    flags = [{k: bwd_mod._main_constexprs(256, 256, 4, double=False, has_mask=False, has_b3=True, has_b1=True,
+    flags = [{k: bwd_mod.main_constexprs(256, 256, 4, double=False, has_mask=False, has_b3=True, has_b1=True,
                                           has_b2=True, input_precision="ieee", interp_bf16=False,
                                           dtype=torch.bfloat16, cfg=c,
                                           m=m)[k] for k in ("IDX64", "WIDE")}
@@ -332,7 +334,7 @@ def test_bwd_rejects_bad_precision_and_channels() -> None:
         nca_step_bwd(state, weights, None, False, grad_out, input_precision="fp16")
     w24 = make_weights(24, 16, 0, "bias", torch.float32)
     s24 = torch.randn(1, 24, 3, 3, device=DEVICE)
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="multiples of 16"):
         nca_step_bwd(s24, w24, None, False, torch.randn(1, 24, 3, 3, device=DEVICE))
     with pytest.raises(ValueError, match="mask"):
         nca_step_bwd(state, weights, torch.ones(1, 1, 3, 4, dtype=torch.bool), False, grad_out)

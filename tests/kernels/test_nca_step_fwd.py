@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastnca.kernels import nca_step as ns
-from fastnca.kernels.nca_step import NCAStepFunction, nca_step, nca_step_fwd
+from fastnca.kernels import tiles
+from fastnca.kernels.nca_step import nca_step, nca_step_fwd
 from fastnca.kernels.reference import UpdateWeights, nca_step_ref
 from tests.conftest import DEVICE
 from tests.utils import assert_close, rel_err
@@ -244,9 +245,8 @@ def _leaves(state, weights, dtype):
     return s, flat
 
 
-@pytest.mark.parametrize("api", ["custom_op", "function"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[_step_id((*c, "fp32")) for c in GRAD_CASES])
-def test_grad_parity(case, api):
+def test_grad_parity(case):
     """Gradients of the state and of every weight and bias against float64 autograd of the reference."""
     b, h, w, c, hid, nb, bias, mask_kind, double = case
     weights = _weights(c, hid, nb, bias)
@@ -254,10 +254,7 @@ def test_grad_parity(case, api):
     mask = make_mask(b, 2 * h if double else h, 2 * w if double else w, mask_kind)
     s_tri, w_tri = _leaves(state, weights, torch.float32)
     s_ref, w_ref = _leaves(state, weights, torch.float64)
-    if api == "custom_op":
-        out = nca_step(s_tri, UpdateWeights.from_flat(w_tri), mask, double)
-    else:
-        out = NCAStepFunction.apply(s_tri, mask, double, "ieee", *w_tri)
+    out = nca_step(s_tri, UpdateWeights.from_flat(w_tri), mask, double)
     ref = nca_step_ref(s_ref, UpdateWeights.from_flat(w_ref), mask, double)
     grad_out = torch.randn_like(ref)
     out.backward(grad_out.float())
@@ -368,7 +365,7 @@ BAD = {
 }
 
 
-@pytest.mark.skipif(not ns._INTERPRET, reason="interpreter-mode messages")
+@pytest.mark.skipif(not tiles.INTERPRET, reason="interpreter-mode messages")
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input(name):
     make, err, match = BAD[name]
@@ -384,8 +381,8 @@ def test_bad_input_precision():
         nca_step_fwd(**_bad(), input_precision="fp16")
 
 
-@pytest.mark.skipif(not ns._INTERPRET, reason="checks the message a CPU tensor gets outside the interpreter")
+@pytest.mark.skipif(not tiles.INTERPRET, reason="checks the message a CPU tensor gets outside the interpreter")
 def test_cpu_tensor_outside_interpreter(monkeypatch):
-    monkeypatch.setattr(ns, "_INTERPRET", False)
+    monkeypatch.setattr(tiles, "INTERPRET", False)
     with pytest.raises(ValueError, match="state: expected a CUDA tensor"):
         nca_step_fwd(**_bad())

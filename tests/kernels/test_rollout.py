@@ -198,9 +198,7 @@ def test_post_kernel_state_gradient_split_over_channel_programs_is_the_same(monk
     to what fp32 rounding allows for sums in another order (the tile shapes' dots may sum differently): the chain
     bound of tests/kernels/fp32_bounds.py over the 7 steps forward and backward and the weight gradients' sums over
     every cell and step."""
-    import dataclasses
-
-    from fastnca.kernels import rollout
+    from fastnca.kernels import rollout, tiles
 
     b, c = 2, 32
     weights = make_weights(c, 32, 1, gain=0.4)
@@ -208,8 +206,7 @@ def test_post_kernel_state_gradient_split_over_channel_programs_is_the_same(monk
     masks = _masks(b)
     upstream = torch.randn(b, c, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
     whole = _fused_grads(state, weights, masks, upstream, "segments=3")[1]
-    real = rollout.post_config
-    monkeypatch.setattr(rollout, "post_config", lambda *a, **k: dataclasses.replace(real(*a, **k), ds_block_n=c // 2))
+    monkeypatch.setitem(tiles.OVERRIDES, "post", {"ds_block_n": c // 2})
     assert rollout.post_config(c, 32, torch.float32).ds_block_n == c // 2
     split = _fused_grads(state, weights, masks, upstream, "segments=3")[1]
     steps = len(FLAGS)

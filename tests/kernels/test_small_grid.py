@@ -1,7 +1,7 @@
-"""The small-grid kernels (kernels/small_grid.py): the leading steps of a rollout on grids of <= 8x8 cells per sample in
-one forward launch and two backward launches. Parity of the output and of every gradient against float64 (fp32 and
-bf16, masks and doublings, odd batches and odd seed grids, the switch to per-step launches mid-rollout), bitwise
-reruns, NaN-poisoned buffers, the launch counts, and the cut-off rules."""
+"""The small-grid kernel (kernels/small_grid.py): the leading steps of a rollout on grids of <= 8x8 cells per sample in
+one forward launch, their backward per step from the states it stored. Parity of the output and of every gradient
+against float64 (fp32 and bf16, masks and doublings, odd batches and odd seed grids, the switch to per-step launches
+mid-rollout), bitwise reruns, NaN-poisoned buffers, the launch counts, and the cut-off rules."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastnca.kernels.reference import UpdateWeights, nca_step_ref
-from fastnca.kernels.rollout import nca_rollout, small_bwd_config
+from fastnca.kernels.rollout import nca_rollout
 from fastnca.kernels.schedule import draw_masks, plan_rollout
 from fastnca.kernels.small_grid import SMALL_GRID_CELLS, samples_per_program, small_config, small_grid_steps
 from tests.conftest import DEVICE
@@ -28,10 +28,9 @@ def _reference(state, weights, flags, masks, dtype):
     return x
 
 
-def _fused(state, weights, flags, masks, *, small_grid=True, small_grid_backward=True, policy="auto"):
-    """The rollout op; this module tests the small-grid kernels, so their backward is on unless said otherwise."""
+def _fused(state, weights, flags, masks, *, small_grid=True, policy="auto"):
     plan = plan_rollout(flags, policy, doubling=True)
-    return nca_rollout(state, weights, plan, masks, small_grid=small_grid, small_grid_backward=small_grid_backward)
+    return nca_rollout(state, weights, plan, masks, small_grid=small_grid)
 
 
 def _masks(flags, b, h, w, p):
@@ -63,10 +62,7 @@ def test_samples_per_program_gives_a_program_per_sample_up_to_the_sms():
 
 def test_shapes_without_a_fitting_tile_stay_on_the_per_step_path():
     assert small_config(256, 256, torch.float32, input_precision="tf32", interpret=False) is None
-    assert small_bwd_config(256, 256, torch.float32, "tf32", n_blocks=4, interpret=False) is None
     assert small_config(256, 256, torch.bfloat16, interpret=False).block_m == 64
-    cfg, ds_block_n = small_bwd_config(256, 256, torch.bfloat16, n_blocks=4, interpret=False)
-    assert (cfg.block_m, cfg.block_k, ds_block_n) == (64, 16, 32)
 
 
 def test_tf32_rollout_forward_reads_k_major_weights_as_ieee_reads_its_own():
@@ -84,7 +80,7 @@ def test_tf32_rollout_forward_reads_k_major_weights_as_ieee_reads_its_own():
 
 
 def test_tf32_rollout_gradients_equal_ieee_with_k_major_weights():
-    """Forward and backward of a tf32 rollout (small-grid kernels, then per step; K-major weights) against "ieee":
+    """Forward and backward of a tf32 rollout (small-grid kernel, then per step; K-major weights) against "ieee":
     bitwise in the interpreter, which computes tf32 dots in fp32."""
     weights = make_weights(32, 48, 2, gain=0.4)
     state0 = make_state(3, 32, 1, 3)
@@ -94,7 +90,7 @@ def test_tf32_rollout_gradients_equal_ieee_with_k_major_weights():
         w = UpdateWeights.from_flat([None if t is None else t.clone().requires_grad_(True) for t in weights.flat()])
         state = state0.clone().requires_grad_(True)
         plan = plan_rollout(GRAD_FLAGS, "auto", doubling=True)
-        out = nca_rollout(state, w, plan, masks, input_precision=prec, small_grid=True, small_grid_backward=True)
+        out = nca_rollout(state, w, plan, masks, input_precision=prec, small_grid=True)
         out.backward(torch.ones_like(out))
         grads[prec] = [out.detach(), state.grad] + [t.grad for t in w.flat() if t is not None]
     for i, (a, b) in enumerate(zip(grads["ieee"], grads["tf32"], strict=True)):
@@ -149,7 +145,7 @@ def _ref_grads(state, weights, flags, masks, upstream, dtype):
 @pytest.mark.parametrize("c, n_blocks, p_update", [(16, 1, 0.5), (32, 2, 1.0), (16, 0, 0.5)],
                          ids=["c16-nb1-mask", "c32-nb2", "c16-nb0-mask"])
 def test_fp32_gradients_match_float64(c, n_blocks, p_update, nan_poison):
-    """Five small steps (one kernel each way; |z| = 32: two passes of the state gradient), then one per step."""
+    """Five small steps (one forward kernel; the backward per step from its stored states), then one per step."""
     b = 3 if c == 16 else 2
     weights = make_weights(c, 32, n_blocks, gain=0.4)
     state = make_state(b, c, 1, 3)
@@ -188,22 +184,17 @@ def test_bf16_gradients_within_twice_the_reference_bf16_error(nan_poison):
                                           f"got {err:.3g}"
 
 
-def test_one_launch_forward_and_two_backward_replace_the_small_steps():
+def test_one_launch_forward_replaces_the_small_steps():
     weights = make_weights(16, 16, 1)
     launches = {}
-    for small, small_bwd in ((True, True), (False, True), (True, False)):
+    for small in (True, False):
         state = make_state(2, 16, 1, 3).requires_grad_(True)
         counts: Counter = Counter()
         with interpreter_launches(counts, execute=False):
-            _fused(state, weights, ODD_FLAGS, [None] * len(ODD_FLAGS), small_grid=small,
-                   small_grid_backward=small_bwd).sum().backward()
-        launches[small if small_bwd else "forward only"] = dict(counts)
-    assert launches["forward only"] == {"triton::_rollout_fwd_small_kernel": 1, "triton::_nca_step_fwd_kernel": 2,
-                                        "triton::_nca_step_bwd_kernel": 7, "triton::_rollout_bwd_post_kernel": 7}, \
-        launches
+            _fused(state, weights, ODD_FLAGS, [None] * len(ODD_FLAGS), small_grid=small).sum().backward()
+        launches[small] = dict(counts)
     assert launches[True] == {"triton::_rollout_fwd_small_kernel": 1, "triton::_nca_step_fwd_kernel": 2,
-                              "triton::_rollout_bwd_small_kernel": 1, "triton::_rollout_wgrad_small_kernel": 1,
-                              "triton::_nca_step_bwd_kernel": 2, "triton::_rollout_bwd_post_kernel": 2}, launches
+                              "triton::_nca_step_bwd_kernel": 7, "triton::_rollout_bwd_post_kernel": 7}, launches
     assert launches[False] == {"triton::_nca_step_fwd_kernel": 7, "triton::_nca_step_bwd_kernel": 7,
                                "triton::_rollout_bwd_post_kernel": 7}, launches
 

@@ -40,6 +40,18 @@ def test_a_runs_config_json_round_trips(tmp_path):
     assert preset is None and Config().replace(**overrides) == cfg
 
 
+def test_a_config_of_an_earlier_release_with_a_retired_key_loads(tmp_path):
+    """``small_grid_backward`` (the removed small-grid backward kernels) in a run's config.json or a checkpoint's
+    config is ignored: the run loads with every other setting as saved."""
+    cfg = get_preset("mnist-doubling", iterations=12)
+    old = {**cfg.to_dict(), "small_grid_backward": True}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    preset, overrides = load_config_file(tmp_path / "config.json")
+    assert "small_grid_backward" not in overrides, f"the retired key was kept: {sorted(overrides)}"
+    assert preset is None and Config().replace(**overrides) == cfg
+    assert Config.from_dict(old) == cfg, "a checkpoint's config with the retired key loads as saved"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -24,8 +24,7 @@ def test_mnist_doubling_iteration_stays_within_300_launches():
     res = count_training_launches("mnist-doubling", overrides=SMALL, execute=False)  # the preset's grids: 2x2 .. 32x32
     assert res["steps"] == 40, f"expected the preset's 40 steps, got {res['steps']}"
     # forward: the 24 steps on 2x2 .. 8x8 in one small-grid launch, the 16 steps on 16x16 and 32x32 one launch each;
-    # backward: two launches per step (main + state/weight-gradient post kernel), the small-grid backward being off
-    # by default (measured slower on an H100, kernels.rollout.nca_rollout)
+    # backward: two launches per step (main + state/weight-gradient post kernel)
     assert res["triton"] == (1 + 16) + 2 * 40, f"expected 97 Triton launches, got {res['triton']}: {res['by_op']}"
     assert res["total"] <= 300, f"expected <= 300 launches per iteration, got {res['total']}: {res['by_op']}"
 
