@@ -50,8 +50,8 @@ QUICK_PLAN: list[tuple[str, list[str]]] = [
     # the fused rollout keeping every step's activations (the doubling presets' 'auto' since 2026-11-28) against
     # recomputing each step in the backward main kernel ('step', the default before)
     ("train-mnist-doubling", ["triton-bf16@step"]),
-    # the small-grid kernels (issue 11) against the per-step path (the early forward alone; the rollout forward +
-    # backward, whose small-grid backward runs only under later steps): milliseconds a row
+    # the small-grid forward against the per-step path (the early forward alone; inside a whole rollout forward +
+    # backward): milliseconds a row
     ("rollout-mnist-doubling-early", ["triton-bf16", "triton-bf16-perstep"]),
     ("train-mnist-doubling", ["triton-bf16-graph", "torch-bf16-cl"]),
     ("rollout-bwd-mnist-doubling", ["triton-bf16-perstep"]),
