@@ -201,8 +201,9 @@ def predict_peak_memory(
         autocast: the reference under ``torch.autocast(bfloat16)`` with an fp32 state (the benchmarks'
             ``torch-bf16-cl``): convolutions keep bf16 copies of their inputs, bf16 activations, and one bf16 copy
             of every weight (autocast's cache).
-        optimizer: 'fused' (the trainer's ``Adam(fused=True)``: step counts on the device, no temporaries) or
-            'foreach' (``Adam()``'s default on CUDA, as the benchmarks run it: one parameter-sized temporary).
+        optimizer: 'fused' (the trainer's ``Adam(fused=True)``: step counts on the device, no temporaries),
+            'foreach' (``Adam()``'s default on CUDA, as the benchmarks run it: one parameter-sized temporary) or
+            'single' (one tensor at a time, ``Adam()``'s default on the CPU: temporaries of one parameter).
         capability: the GPU's compute capability (the cuBLAS workspace's size).
         warmup_calls: under ``graphs``, the eager calls before the capture (each on a new side stream).
 
@@ -231,9 +232,12 @@ def predict_peak_memory(
     params = sum(params_t)
     enc_grads_t = [4 * n for n in enc_numels]
     optimiser_t = params_t + params_t  # Adam's exp_avg and exp_avg_sq
-    # Adam's step counts: fused (and capturable) Adam keeps one fp32 scalar per parameter on the parameter's device;
-    # foreach Adam keeps them on the host, and computes one parameter-sized temporary (the sqrt of exp_avg_sq)
-    steps_t = [4] * len(params_t) if optimizer == "fused" else []
+    # Adam's step counts: fused and capturable Adam (CUDA graphs make it capturable) keep one fp32 scalar per
+    # parameter on the parameter's device, the others on the host; foreach Adam computes one parameter-sized
+    # temporary (the sqrt of exp_avg_sq), one tensor at a time ('single') a parameter's at a time
+    if optimizer not in ("fused", "foreach", "single"):
+        raise ValueError(f"optimizer: expected 'fused', 'foreach' or 'single', got {optimizer!r}")
+    steps_t = [4] * len(params_t) if optimizer == "fused" or graphs else []
     opt_temp_t = list(params_t) if optimizer == "foreach" else []
 
     # The batch and the encoder's saved activations: the input, then each conv's output (the ELU's input) and its

@@ -105,14 +105,18 @@ def test_prediction_is_within_10_percent_of_the_measured_peak(preset, batch, kwa
         trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    predicted = predict_peak_memory(cfg, num_steps=kwargs.get("num_steps"), batch_size=batch)
+    predicted = predict_peak_memory(cfg, num_steps=kwargs.get("num_steps"), batch_size=batch, device="cuda",
+                                    optimizer="fused", capability=torch.cuda.get_device_capability())
     ratio = predicted["total"] / measured
+    moments = ", ".join(f"{k} {v / GIB:.3f}" for k, v in predicted["moments"].items())
+    print(f"memory {preset} B={batch} {over}: predicted {predicted['total'] / GIB:.3f} GiB ({moments} GiB), "
+          f"measured {measured / GIB:.3f} GiB, predicted / measured {ratio:.3f}")
     if not 0.9 < ratio < 1.1:
         _, where = live_at_peak(trace)
         parts = "\n".join(f"  {b / 2**20:9.1f} MiB  {w}" for b, w in where)
         model_parts = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in predicted.items()
                                 if isinstance(v, int | float) and k not in ("total_gib", "pool_gib", "num_steps"))
-        pytest.fail(f"predicted {predicted['total'] / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB\n"
+        pytest.fail(f"predicted {predicted['total'] / GIB:.2f} GiB ({moments} GiB), measured {measured / GIB:.2f} GiB\n"
                     f"model: {model_parts}\nlive at the measured peak (recorded trace):\n{parts}")
 
 
