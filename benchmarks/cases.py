@@ -559,7 +559,7 @@ class CaseContext:
             ckpt = _ckpt_words(policy, seg, b.model_backend)
             extra["predicted_memory"] = _predicted_memory(
                 cfg.replace(backend=b.model_backend, precision=b.model_precision, wgrad=b.wgrad), policy,
-                self.num_steps, b.model_backend)
+                self.num_steps, b.model_backend, batch=self.batch, device=dev, graphs=b.graph, autocast=ac)
         point = (b.model_backend, b.model_precision, policy, b.small_grid, b.wgrad)
 
         def run_fn() -> Any:
@@ -624,17 +624,24 @@ def early_steps(cfg, num_steps: int | None = None) -> int:
     return n
 
 
-def _predicted_memory(cfg, policy: str, num_steps: int | None, backend: str) -> dict[str, Any] | str:
-    """fastnca.memory's prediction for this row (it models the fused and the reference backends, not autocast)."""
+def _predicted_memory(cfg, policy: str, num_steps: int | None, backend: str, *, batch: int,
+                      device: torch.device, graphs: bool = False, autocast: bool = False) -> dict[str, Any] | str:
+    """fastnca.memory's prediction for this row, with the settings the row runs: its backend, precision, policy,
+    batch, device (CUDA: the allocator's blocks and the cuBLAS workspace of the GPU's capability), CUDA graph
+    (``TrainGraph`` with one warm-up call), autocast, and the optimizer the row builds (``Adam()``: foreach on CUDA,
+    one tensor at a time on the CPU; capturable, i.e. step counts on the device, under a graph)."""
     try:
         from fastnca.memory import predict_peak_memory
     except Exception as err:
         return f"unavailable: fastnca.memory.predict_peak_memory not importable ({type(err).__name__})"
+    cuda = device.type == "cuda"
     try:
-        try:
-            pred = predict_peak_memory(cfg, checkpoint=policy, num_steps=num_steps, backend=backend)
-        except TypeError:  # an older signature without backend
-            pred = predict_peak_memory(cfg, checkpoint=policy, num_steps=num_steps)
-        return {k: v if isinstance(v, (int, float, str)) else repr(v) for k, v in dict(pred).items()}
+        pred = predict_peak_memory(
+            cfg, checkpoint=policy, num_steps=num_steps, backend=backend, batch_size=batch,
+            device="cuda" if cuda else "cpu", graphs=graphs, autocast=autocast,
+            optimizer="foreach" if cuda else "single", warmup_calls=1,
+            capability=torch.cuda.get_device_capability(device) if cuda else (9, 0))
+        return {k: v if isinstance(v, (int, float, str, bool)) else repr(v) if not isinstance(v, dict) else v
+                for k, v in dict(pred).items()}
     except Exception as err:
         return f"error: {type(err).__name__}: {err}"

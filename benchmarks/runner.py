@@ -347,7 +347,8 @@ def to_markdown(result: dict[str, Any]) -> str:
               "% peak is of the matmul peak of the row's dtype measured above; floor = max(FLOPs/peak, bytes "
               "floor/copy bandwidth). Peak memory: torch.cuda.max_memory_allocated, NVML's device-wide used "
               "memory (includes the caching allocator's reserve and the CUDA context) and "
-              "fastnca.memory.predict_peak_memory's total (training rows; it does not model autocast)."]
+              "fastnca.memory.predict_peak_memory's total (training rows, with the row's backend, precision, policy, "
+              "batch, CUDA graph, autocast and optimizer; the allocator's blocks and the cuBLAS workspace included)."]
     return "\n".join(lines) + "\n"
 
 

@@ -452,13 +452,9 @@ def _headline(check: dict[str, Any]) -> list[str]:
             rows.append((f"{r['case']} {r['backend']} throughput",
                          f"{r['samples_per_s']:.4g} importance samples/s: the 10,000-image test set at k = 128 "
                          f"would take {test_min:.1f} min (extrapolated)"))
-        pred, mem = r.get("predicted_memory"), r.get("mem") or {}
-        if claim and r.get("case", "").startswith("train") and isinstance(pred, dict) and mem.get("torch_peak_bytes"):
-            measured = mem["torch_peak_bytes"]
-            rows.append((f"memory: {r['case']} {r['backend']}",
-                         f"predicted {pred['total'] / 2**30:.2f} GiB, measured peak {measured / 2**30:.2f} GiB "
-                         f"(torch.cuda.max_memory_allocated; {mem.get('torch_before_bytes', 0) / 2**30:.2f} GiB "
-                         f"allocated before the row; predicted / measured {pred['total'] / max(measured, 1):.2f})"))
+    for r in bench.get("rows", []):
+        if r.get("case", "").startswith("train") and "predicted_memory" in r:
+            rows.append((f"memory: {r['case']} {r['backend']}", memory_line(r)))
     launches = check.get("launches")
     rows.append(("launches / training iteration",
                  launches_note_from(launches) if launches else stages.get("launches", {}).get("note", "not run")))
@@ -494,6 +490,21 @@ def _headline(check: dict[str, Any]) -> list[str]:
     tests = stages.get("tests")
     rows.append(("kernel tests (compiled)", f"{tests['note']} (rc {tests['rc']})" if tests else "not run"))
     return ["| | |", "|---|---|"] + [f"| {k} | {_md(v)} |" for k, v in rows]
+
+
+def memory_line(r: dict[str, Any]) -> str:
+    """A training row's peak memory: fastnca.memory's prediction (its peak moment) against
+    torch.cuda.max_memory_allocated, and their ratio; without a CUDA measurement the prediction alone."""
+    pred, mem = r.get("predicted_memory"), r.get("mem") or {}
+    if not isinstance(pred, dict) or "total" not in pred:
+        return f"no prediction ({pred})"
+    s = f"predicted {pred['total'] / 2**30:.2f} GiB (at the {pred.get('peak_moment', '?')} moment)"
+    measured = mem.get("torch_peak_bytes")
+    if not measured:
+        return s + ", not measured (no CUDA device)"
+    return (s + f", measured peak {measured / 2**30:.2f} GiB (torch.cuda.max_memory_allocated; "
+            f"{mem.get('torch_before_bytes', 0) / 2**30:.2f} GiB allocated before the row; predicted / measured "
+            f"{pred['total'] / max(measured, 1):.2f})")
 
 
 def launches_note_from(d: dict[str, Any]) -> str:

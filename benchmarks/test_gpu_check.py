@@ -346,9 +346,20 @@ def test_the_summary_extrapolates_iwae_and_holds_memory_against_the_model(tmp_pa
     rows = [{"case": "iwae-mnist-doubling", "backend": "triton-bf16", "impl": "triton", "status": "ok",
              "time_ms": {"median": 10.0}, "samples_per_s": 1e5},  # 1.28e6 samples: 12.8 s
             {"case": "train-celeba-nondoubling-256-T128", "backend": "triton-bf16", "impl": "triton", "status": "ok",
-             "time_ms": {"median": 100.0}, "predicted_memory": {"total": 3 * 2**30},
-             "mem": {"torch_peak_bytes": 4 * 2**30, "torch_before_bytes": 2**29}}]
+             "time_ms": {"median": 100.0}, "predicted_memory": {"total": 3 * 2**30, "peak_moment": "backward"},
+             "mem": {"torch_peak_bytes": 4 * 2**30, "torch_before_bytes": 2**29}},
+            {"case": "train-mnist-doubling", "backend": "torch-bf16-cl", "impl": "torch", "status": "ok",
+             "time_ms": {"median": 50.0}, "predicted_memory": {"total": 2**30, "peak_moment": "forward"},
+             "mem": {"torch_peak_bytes": 2**30}},
+            {"case": "train-mnist-doubling", "backend": "triton-bf16", "impl": "triton", "status": "ok",
+             "time_ms": {"median": 50.0}, "predicted_memory": {"total": 2**29, "peak_moment": "backward"}}]
     (tmp_path / "bench.json").write_text(json.dumps({"meta": {"speed_claim": True}, "peaks": {}, "rows": rows}))
     text = summarize.summarize(tmp_path, tmp_path)
     assert "the 10,000-image test set at k = 128 would take 0.2 min (extrapolated)" in text, text
-    assert "predicted 3.00 GiB, measured peak 4.00 GiB" in text and "predicted / measured 0.75" in text
+    assert "predicted 3.00 GiB (at the backward moment), measured peak 4.00 GiB" in text
+    assert "predicted / measured 0.75" in text
+    # every training row, the reference's too; a row without a CUDA measurement says so
+    assert "memory: train-mnist-doubling torch-bf16-cl | predicted 1.00 GiB (at the forward moment), measured " \
+        "peak 1.00 GiB" in text and "predicted / measured 1.00" in text, text
+    assert "memory: train-mnist-doubling triton-bf16 | predicted 0.50 GiB (at the backward moment), not measured " \
+        "(no CUDA device)" in text, text

@@ -39,6 +39,10 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, subpro
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), proc
 
 
+def train_policy(backend: str) -> str:
+    return backend.partition("@")[2] or "auto"
+
+
 @pytest.mark.slow
 def test_cli_writes_json_with_expected_fields(cli_run) -> None:
     result, _, _ = cli_run
@@ -61,7 +65,13 @@ def test_cli_writes_json_with_expected_fields(cli_run) -> None:
     train = rows[("train-mnist-doubling", "torch-fp32@step")]
     assert train["checkpoint"] == "step" and train["cost"]["flops_executed"] > train["cost"]["flops_model"]
     assert rows[("train-mnist-doubling", "torch-fp32")]["checkpoint"] == "auto -> none"
-    assert "predicted_memory" in train
+    # the row's prediction is made with the settings it ran: its backend, batch, device and optimizer
+    for backend in ("torch-fp32", "torch-bf16-cl", "torch-fp32@step"):
+        pred = rows[("train-mnist-doubling", backend)]["predicted_memory"]
+        assert isinstance(pred, dict) and pred["total"] > 0, (backend, pred)
+        assert (pred["backend"], pred["batch_size"], pred["device"], pred["optimizer"]) == ("torch", 2, "cpu",
+                                                                                           "single"), pred
+        assert pred["autocast"] is (backend == "torch-bf16-cl") and pred["policy"] == train_policy(backend), pred
 
 
 @pytest.mark.slow
