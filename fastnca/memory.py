@@ -453,6 +453,12 @@ class LiveStorage(TorchDispatchMode):
     launches) are not seen. ``peak`` is the largest sum; :meth:`mark` starts a named phase, and ``phases`` holds
     each phase's peak.
 
+    The fused backend on the CPU runs in Triton's interpreter, whose every launch leaves its arguments' storages in
+    a reference cycle (``GridExecutor``'s self-recursive argument-copying closures hold them), alive until Python's
+    cyclic collector runs; compiled launches on a GPU hold nothing. Measuring that backend here, call
+    ``gc.collect()`` after the backward, or the backward's buffers count into the step
+    (``tests/kernels/test_refcycles.py`` checks that the rollout forms no cycle of its own).
+
     Example::
 
         with LiveStorage() as live:
