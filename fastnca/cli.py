@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,28 +61,27 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _argument(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Any:
+    """``convert(text)`` where it parses and ``ok`` accepts it, else argparse's error saying ``expected``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     """An argparse type: a seed in 0..MAX_SEED (torch's generators take 64 bits; offsets are added to it)."""
     from fastnca.config import MAX_SEED
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text}")
-    return value
+    return _argument(text, int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}")
 
 
 def _seconds(text: str) -> float:
     """An argparse type: a positive number of seconds (inf: no limit; NaN, 0 and negative numbers refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
+    return _argument(text, float, lambda v: v > 0, "a positive number of seconds")
 
 
 def _add_common(p: argparse.ArgumentParser, *, data: bool = True, device: bool = True) -> None:
