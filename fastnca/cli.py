@@ -84,6 +84,11 @@ def _seconds(text: str) -> float:
     return _argument(text, float, lambda v: v > 0, "a positive number of seconds")
 
 
+def _add_backend(p: argparse.ArgumentParser, help: str) -> None:
+    """``--backend auto | triton | torch`` (default None: the config's), explained by ``help``."""
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None, help=help)
+
+
 def _add_common(p: argparse.ArgumentParser, *, data: bool = True, device: bool = True) -> None:
     if data:
         p.add_argument("--data-dir", default=None, help="data directory (default: $FASTNCA_DATA, else ./data)")
@@ -123,11 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="run directory (default: runs/PRESET-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument(
-        "--backend",
-        choices=("auto", "triton", "torch"),
-        default=None,
-        help="the NCA's backend, as --set backend=...: auto (the default) times both on a GPU and keeps the faster "
+    _add_backend(
+        p,
+        "the NCA's backend, as --set backend=...: auto (the default) times both on a GPU and keeps the faster "
         "(cached), triton / torch skip that",
     )
     p.add_argument(
@@ -172,11 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", default=None, metavar="PATH", help="also write the result as JSON (not onto the run's own files)"
     )
-    p.add_argument(
-        "--backend",
-        choices=("auto", "triton", "torch"),
-        default=None,
-        help="the NCA's backend (default: the checkpoint's config); auto on a GPU times both on the IWAE and keeps "
+    _add_backend(
+        p,
+        "the NCA's backend (default: the checkpoint's config); auto on a GPU times both on the IWAE and keeps "
         "the faster (cached)",
     )
     _add_common(p)
