@@ -20,18 +20,6 @@ __all__ = ["acc_wgrad_1x1_tile", "colsum_tile", "dstate_tile", "main_cells", "st
 
 
 @triton.jit
-def cell_coords(offs_m, H, W, SHIFT):
-    """The batch index, row and column of cells ``offs_m`` of an (H, W) grid, and the input grid's height and width
-    (``H >> SHIFT``, ``W >> SHIFT``: half when the step doubles its input first)."""
-    hw = H * W
-    bat = offs_m // hw
-    rem = offs_m % hw
-    row = rem // W
-    col = rem % W
-    return bat, row, col, H >> SHIFT, W >> SHIFT
-
-
-@triton.jit
 def step_cells(
     z_ptr, out_ptr, mask_ptr, w3_ptr, b3_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr,  # as the kernel's
     acts_ptr,  # out, STORE_ACTS only: the step's (2 N_BLOCKS + 1) planes of (M, HID), y_0 .. y_nb then u_0 ..
@@ -68,7 +56,13 @@ def step_cells(
     inputs y_i and the output conv's input y_nb (planes 0 .. N_BLOCKS; with no blocks y_0 = ELU(pre)), then the
     activations u_i = ELU(a_i) (planes N_BLOCKS + 1 ..), one plane per (M, HID) buffer in the state's dtype, row =
     cell id: ``nca_step_bwd``'s y and a buffers, so its main kernel runs without recomputing (``RECOMPUTE``)."""
-    bat, row, col, H_in, W_in = cell_coords(offs_m, H, W, SHIFT)
+    H_in = H >> SHIFT
+    W_in = W >> SHIFT
+    hw = H * W
+    bat = offs_m // hw
+    rem = offs_m % hw
+    row = rem // W
+    col = rem % W
     offs_k = tl.arange(0, BLOCK_K)
     offs_h = tl.arange(0, HID)
     # strides of the blocks' (HID, HID) weights: [k, n] at k * SK + n * SN (K-major: k contiguous)
@@ -187,8 +181,14 @@ def main_cells(
     rollout's forward (``step_cells`` with ``STORE_ACTS``, the same layout), so the kernel does only the
     backward (at |z| = h = 256 with 4 blocks 9 h^2 of its 26 h^2 multiply-adds per cell), and with no blocks takes
     elu'(pre) = y_0 + 1 where y_0 = ELU(pre) <= 0."""
-    bat, row, col, H_in, W_in = cell_coords(offs_m, H, W, SHIFT)
+    H_in = H >> SHIFT
+    W_in = W >> SHIFT
     dt = z_ptr.dtype.element_ty
+    hw = H * W
+    bat = offs_m // hw
+    rem = offs_m % hw
+    row = rem // W
+    col = rem % W
     offs_k = tl.arange(0, BLOCK_K)
     offs_c = tl.arange(0, BLOCK_C)
     offs_h = tl.arange(0, HID)
@@ -407,7 +407,8 @@ def wgrad_tile_ids(pid_a, pid_tb, pid_sm, S, NB: tl.constexpr, BLOCK_A: tl.const
                    BLOCK_CELLS: tl.constexpr):
     """What a weight-gradient program of the grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)`` owns: its tap,
     column tile, split and matrix, and the row, column and cell offsets of its tile (``pid_tb`` is
-    ``tap * NB / BLOCK_B + pid_b``, ``pid_sm`` is ``mat * S + s``). Shared by every weight-gradient kernel."""
+    ``tap * NB / BLOCK_B + pid_b``, ``pid_sm`` is ``mat * S + s``): :func:`wgrad_tile`'s and
+    ``nca_step_bwd``'s weight-gradient kernel's."""
     B_TILES: tl.constexpr = NB // BLOCK_B
     tap = pid_tb // B_TILES
     pid_b = pid_tb % B_TILES

@@ -44,7 +44,7 @@ from torch import Tensor
 from .checks import TL_DTYPE
 from .schedule import batch_cell_elems
 from .spec import KernelSpec
-from .stages import colsum_tile, wgrad_tile_ids
+from .stages import colsum_tile
 from .tiles import WgradConfig, chunk, split_cells, splits, wgrad_config
 from .utils import mma, udiv, udiv_magic
 
@@ -92,8 +92,14 @@ def _batched_tile(
     With GATHER, ``b_tap[cell] = z_t[row + ky - 1, col + kx - 1]`` on step t's output grid (zero outside), read at
     ``(r >> shift, c >> shift)`` of the step's input, shift its doubling bit.
     """
-    tap, pid_b, s, mat, offs_a, offs_b, offs_l = wgrad_tile_ids(pid_a, pid_tb, pid_sm, S, NB, BLOCK_A, BLOCK_B,
-                                                                 BLOCK_CELLS)
+    B_TILES: tl.constexpr = NB // BLOCK_B
+    tap = pid_tb // B_TILES
+    pid_b = pid_tb % B_TILES
+    s = pid_sm % S
+    mat = pid_sm // S
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_l = tl.arange(0, BLOCK_CELLS)
     lo = s * cells_per_split  # int64: pid_sm is
     hi = tl.minimum(lo + cells_per_split, K)
     dw_tile = dw_ptr + s * SLOT + ((mat * T + tap) * NA + offs_a[:, None]) * NB + offs_b[None, :]
