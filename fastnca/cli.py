@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,28 +61,32 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _argument(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Any:
+    """``convert(text)`` where it parses and ``ok`` accepts it, else argparse's error saying ``expected``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     """An argparse type: a seed in 0..MAX_SEED (torch's generators take 64 bits; offsets are added to it)."""
     from fastnca.config import MAX_SEED
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text}")
-    return value
+    return _argument(text, int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}")
 
 
 def _seconds(text: str) -> float:
     """An argparse type: a positive number of seconds (inf: no limit; NaN, 0 and negative numbers refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
+    return _argument(text, float, lambda v: v > 0, "a positive number of seconds")
+
+
+def _add_backend(p: argparse.ArgumentParser, help: str) -> None:
+    """``--backend auto | triton | torch`` (default None: the config's), explained by ``help``."""
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None, help=help)
 
 
 def _add_common(p: argparse.ArgumentParser, *, data: bool = True, device: bool = True) -> None:
@@ -124,11 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="run directory (default: runs/PRESET-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument(
-        "--backend",
-        choices=("auto", "triton", "torch"),
-        default=None,
-        help="the NCA's backend, as --set backend=...: auto (the default) times both on a GPU and keeps the faster "
+    _add_backend(
+        p,
+        "the NCA's backend, as --set backend=...: auto (the default) times both on a GPU and keeps the faster "
         "(cached), triton / torch skip that",
     )
     p.add_argument(
@@ -173,11 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", default=None, metavar="PATH", help="also write the result as JSON (not onto the run's own files)"
     )
-    p.add_argument(
-        "--backend",
-        choices=("auto", "triton", "torch"),
-        default=None,
-        help="the NCA's backend (default: the checkpoint's config); auto on a GPU times both on the IWAE and keeps "
+    _add_backend(
+        p,
+        "the NCA's backend (default: the checkpoint's config); auto on a GPU times both on the IWAE and keeps "
         "the faster (cached)",
     )
     _add_common(p)

@@ -40,7 +40,7 @@ from .checks import TL_DTYPE, check_inputs
 from .launch import fewer_stages, launch_fitting, on_input_device, smaller_tiles
 from .reference import UpdateWeights
 from .spec import KernelSpec
-from .stages import colsum_tile, dstate_tile, main_cells
+from .stages import colsum_tile, dstate_tile, main_cells, wgrad_tile_ids
 from .tiles import BwdConfig, bwd_config, chunk, interpreting, split_cells, splits
 from .utils import (
     k_major,
@@ -198,15 +198,8 @@ def _nca_step_bwd_wgrad_kernel(
     pid_a = tl.program_id(0)
     pid_tb = tl.program_id(1)
     pid_sm = tl.program_id(2).to(tl.int64)
-    B_TILES: tl.constexpr = NB // BLOCK_B
-    tap = pid_tb // B_TILES
-    pid_b = pid_tb % B_TILES
-    s = pid_sm % S
-    mat = pid_sm // S
-
-    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_l = tl.arange(0, BLOCK_CELLS)
+    tap, pid_b, s, mat, offs_a, offs_b, offs_l = wgrad_tile_ids(pid_a, pid_tb, pid_sm, S, NB, BLOCK_A, BLOCK_B,
+                                                                 BLOCK_CELLS)
     a_base = a_ptr + mat * M * NA
     b_base = b_ptr + mat * M * NB
     if GATHER:

@@ -403,6 +403,24 @@ def colsum_tile(a_base, offs_a, start, end, colsum, NA: tl.constexpr, BLOCK_A: t
 
 
 @triton.jit
+def wgrad_tile_ids(pid_a, pid_tb, pid_sm, S, NB: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_CELLS: tl.constexpr):
+    """What a weight-gradient program of the grid ``(NA / BLOCK_A, T * NB / BLOCK_B, N_MAT * S)`` owns: its tap,
+    column tile, split and matrix, and the row, column and cell offsets of its tile (``pid_tb`` is
+    ``tap * NB / BLOCK_B + pid_b``, ``pid_sm`` is ``mat * S + s``): :func:`wgrad_tile`'s and
+    ``nca_step_bwd``'s weight-gradient kernel's."""
+    B_TILES: tl.constexpr = NB // BLOCK_B
+    tap = pid_tb // B_TILES
+    pid_b = pid_tb % B_TILES
+    s = pid_sm % S
+    mat = pid_sm // S
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_l = tl.arange(0, BLOCK_CELLS)
+    return tap, pid_b, s, mat, offs_a, offs_b, offs_l
+
+
+@triton.jit
 def wgrad_tile(
     pid_a,  # tile index over NA
     pid_tb,  # tap * (NB / BLOCK_B) + tile index over NB
@@ -444,15 +462,8 @@ def wgrad_tile(
     ``b_tap[cell] = z[row + ky - 1, col + kx - 1]`` (tap = 3 ky + kx, zero outside the grid), so the partials of
     the perception weight are ``dWp[o, c, ky, kx] = sum_cells dpre[cell, o] z[cell + (ky - 1, kx - 1), c]``.
     """
-    B_TILES: tl.constexpr = NB // BLOCK_B
-    tap = pid_tb // B_TILES
-    pid_b = pid_tb % B_TILES
-    s = pid_sm % S
-    mat = pid_sm // S
-
-    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_l = tl.arange(0, BLOCK_CELLS)
+    tap, pid_b, s, mat, offs_a, offs_b, offs_l = wgrad_tile_ids(pid_a, pid_tb, pid_sm, S, NB, BLOCK_A, BLOCK_B,
+                                                                 BLOCK_CELLS)
     a_base = a_ptr + mat * M * NA
     b_base = b_ptr + mat * M * NB
     if GATHER:
