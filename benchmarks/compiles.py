@@ -77,7 +77,7 @@ def compile_once(python: str, launches_file: Path, cache: Path, workers: int, ar
     it and its workers (what the wall time would be on one otherwise idle core)."""
     from fastnca.kernels import env_without_interpreter
 
-    env = dict(env_without_interpreter())
+    env = env_without_interpreter()
     env["TRITON_CACHE_DIR"] = str(cache)
     cmd = [python, "-m", "fastnca.kernels.warmup", "--compile", str(launches_file), "--workers", str(workers),
            "--arch", str(arch)]

@@ -197,9 +197,9 @@ def small_config(state_channels: int, hidden_channels: int, dtype: torch.dtype, 
     interpret = _interpret(interpret)
     hid = padded_hidden(hidden_channels)
     cfg = _step_tiles(state_channels, hidden_channels, dtype, input_precision, num_cells, store_acts, interpret)
-    if interpret:
-        pass
-    elif dtype == torch.bfloat16 and hid >= 256:
+    if interpret:  # the interpreter's tile, as step_config's
+        return _apply("small", cfg)
+    if dtype == torch.bfloat16 and hid >= 256:
         cfg = StepConfig(64, 32 if state_channels % 32 == 0 else 16, cfg.block_n, 8, 3)
     elif store_acts and dtype == torch.bfloat16 and cfg.block_m > 64:
         cfg = StepConfig(64, min(32, cfg.block_k), cfg.block_n, 8, 2)
